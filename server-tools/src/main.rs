@@ -1,0 +1,78 @@
+//! `idhal`: the server-side tools. This file only parses arguments and dispatches; each
+//! subcommand lives in its own module with its own `Args` and `run`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod dns;
+mod hook;
+mod keygen;
+mod reconcile;
+mod serve;
+mod sign;
+mod verify;
+
+/// Options every server-side command accepts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// Server state (CA, node database, locks).
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/idhal-server"
+    )]
+    pub state_dir: PathBuf,
+    /// Server configuration (TOML, see docs/server-config.md). Optional: defaults apply without it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "idhal",
+    version,
+    about = "idhal server tools: sign manifests, serve them, run the OpenVPN hooks",
+    long_about = "idhal server tools.\n\n\
+        Typical flow: `idhal keygen --dir keys` once, bake keys/idhal.pub into the node image, then \
+        from CI `idhal sign --key keys/idhal.key --out /srv/idhal scriptlets/` and serve /srv/idhal \
+        with `idhal serve --root /srv/idhal` (or any static web server)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Keygen(keygen::Args),
+    Sign(sign::Args),
+    Verify(verify::Args),
+    Serve(serve::Args),
+    Hook(hook::Args),
+    Dns(dns::Args),
+    Reconcile(reconcile::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen(a) => keygen::run(a, &cli.global),
+        Command::Sign(a) => sign::run(a, &cli.global),
+        Command::Verify(a) => verify::run(a, &cli.global),
+        Command::Serve(a) => serve::run(a, &cli.global),
+        Command::Hook(a) => hook::run(a, &cli.global),
+        Command::Dns(a) => dns::run(a, &cli.global),
+        Command::Reconcile(a) => reconcile::run(a, &cli.global),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("idhal: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
