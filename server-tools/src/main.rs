@@ -9,6 +9,7 @@ mod dns;
 mod hook;
 mod keygen;
 mod reconcile;
+mod scriptlet;
 mod serve;
 mod sign;
 mod verify;
@@ -55,6 +56,7 @@ pub enum Command {
     Hook(hook::Args),
     Dns(dns::Args),
     Reconcile(reconcile::Args),
+    Scriptlet(scriptlet::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Hook(a) => hook::run(a, &cli.global),
         Command::Dns(a) => dns::run(a, &cli.global),
         Command::Reconcile(a) => reconcile::run(a, &cli.global),
+        Command::Scriptlet(a) => scriptlet::run(a, &cli.global),
     };
     match result {
         Ok(code) => code,
