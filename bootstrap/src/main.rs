@@ -1,1 +1,94 @@
-fn main() {}
+//! `idhal-bootstrap`: parses arguments, builds the configuration and dispatches. The boot path
+//! itself reads top to bottom in run.rs.
+
+mod cli;
+mod config;
+mod error;
+mod fetch;
+mod http;
+mod pin;
+mod run;
+mod state;
+mod status;
+
+use cli::{Cli, Common};
+use config::Config;
+use error::{AgentError, Exit};
+use std::process::ExitCode;
+
+/// One line on stderr per event; journald/syslog add the timestamps.
+pub fn log(msg: &str) {
+    eprintln!("idhal-bootstrap: {msg}");
+}
+
+fn config(common: &Common, proc: &run::Proc) -> Result<Config, AgentError> {
+    let mut cfg = Config::default();
+    cfg.load_file(&common.config, common.config_required)?;
+    cfg.load_cmdline(&proc.cmdline())?;
+    for (k, v) in &common.overrides {
+        cfg.set(k, v, &format!("--{}", k.replace('_', "-")))?;
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli) => cli,
+        Err(e) => {
+            log(&e.to_string());
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
+    let exit = match cli {
+        Cli::Help => {
+            print!("{}", cli::HELP);
+            Exit::Ok
+        }
+        Cli::Version => {
+            println!("idhal-bootstrap {}", env!("CARGO_PKG_VERSION"));
+            Exit::Ok
+        }
+        Cli::Run(common) => {
+            let proc = run::Proc {
+                root: &common.proc_root,
+            };
+            match config(&common, &proc) {
+                Err(e) => {
+                    log(&e.to_string());
+                    e.exit()
+                }
+                Ok(cfg) => match run::run(&cfg, &proc) {
+                    Ok(s) => {
+                        let msg = format!(
+                            "ok: serial {}, ran {}, {} not due",
+                            s.serial, s.ran, s.skipped
+                        );
+                        log(&msg);
+                        run::report(&cfg.state_dir, 0, &msg);
+                        Exit::Ok
+                    }
+                    Err(e) => {
+                        log(&e.to_string());
+                        if !matches!(e, AgentError::Busy(_)) {
+                            run::report(&cfg.state_dir, e.exit() as u8, &e.to_string());
+                        }
+                        e.exit()
+                    }
+                },
+            }
+        }
+        Cli::Status { common, json } => {
+            let proc = run::Proc {
+                root: &common.proc_root,
+            };
+            match config(&common, &proc).and_then(|c| status::status(&c.state_dir, json, &proc)) {
+                Ok(exit) => exit,
+                Err(e) => {
+                    log(&e.to_string());
+                    e.exit()
+                }
+            }
+        }
+    };
+    ExitCode::from(exit as u8)
+}

@@ -1,0 +1,69 @@
+//! The agent's errors and the one place they become exit codes (documented in docs/agent.md and
+//! in `idhal-bootstrap --help`).
+
+use idhal_manifest::VerifyError;
+use std::path::PathBuf;
+
+/// Exit codes of `idhal-bootstrap`. Stable: admins and monitoring key on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    Ok = 0,
+    Usage = 2,
+    Config = 3,
+    Fetch = 4,
+    Refused = 5,
+    ScriptletFailed = 6,
+    Busy = 7,
+    State = 8,
+    /// `status` only: nothing failed, but some scriptlets have not run yet.
+    Pending = 9,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("usage: {0}")]
+    Usage(String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("fetch {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("refused: {0}")]
+    Refused(#[from] VerifyError),
+    #[error("refused: {0}")]
+    Pin(String),
+    #[error("scriptlet {id} failed with {outcome}; see {}", log.display())]
+    Scriptlet {
+        id: String,
+        outcome: String,
+        log: PathBuf,
+    },
+    #[error("another idhal-bootstrap run holds {}; not running twice", .0.display())]
+    Busy(PathBuf),
+    #[error("state {}: {source}", path.display())]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            AgentError::Usage(_) => Exit::Usage,
+            AgentError::Config(_) => Exit::Config,
+            AgentError::Fetch { .. } => Exit::Fetch,
+            AgentError::Refused(_) | AgentError::Pin(_) => Exit::Refused,
+            AgentError::Scriptlet { .. } => Exit::ScriptletFailed,
+            AgentError::Busy(_) => Exit::Busy,
+            AgentError::State { .. } => Exit::State,
+        }
+    }
+
+    pub fn state(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        AgentError::State {
+            path: path.into(),
+            source,
+        }
+    }
+}

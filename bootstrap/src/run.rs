@@ -1,0 +1,228 @@
+//! `idhal-bootstrap run`, top to bottom: config → pin → fetch → verify → run → record.
+//! Nothing is executed and no state changes unless the manifest verified; a scriptlet's marker
+//! is written only after it succeeded, so a crash or kill mid-scriptlet leaves it pending.
+
+use crate::config::Config;
+use crate::error::AgentError;
+use crate::fetch::{random_u64, Fetcher};
+use crate::http::{Tls, Url};
+use crate::state::{write_atomic, Record, StateDir};
+use crate::{log, pin};
+use idhal_manifest::time::{now, rfc3339};
+use idhal_manifest::{verify, Expiry, Frequency, Manifest, Policy, Scriptlet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the kernel tells us things; a flag can point elsewhere (tests, containers).
+pub struct Proc<'a> {
+    pub root: &'a Path,
+}
+
+impl Proc<'_> {
+    pub fn cmdline(&self) -> String {
+        fs::read_to_string(self.root.join("cmdline")).unwrap_or_default()
+    }
+
+    /// The kernel's boot id: `boot` scriptlets run once per value.
+    pub fn boot_id(&self) -> String {
+        fs::read_to_string(self.root.join("sys/kernel/random/boot_id"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub serial: u64,
+    pub ran: usize,
+    pub skipped: usize,
+}
+
+fn tls(cfg: &Config) -> Result<Tls, AgentError> {
+    match &cfg.ca_bundle {
+        #[cfg(feature = "https")]
+        Some(bundle) => Tls::from_bundle(bundle).map_err(AgentError::Config),
+        #[cfg(not(feature = "https"))]
+        Some(_) => Err(AgentError::Config(
+            "ca_bundle is set but this idhal-bootstrap was built without the https feature".into(),
+        )),
+        None => Ok(Tls::default()),
+    }
+}
+
+pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
+    let server = cfg.server.as_deref().ok_or_else(|| {
+        AgentError::Config(
+            "no server: set server = in bootstrap.conf, idhal.server= on the kernel command \
+             line, or --server"
+                .into(),
+        )
+    })?;
+    let fetcher = Fetcher {
+        base: Url::parse(server).map_err(AgentError::Config)?,
+        limits: cfg.limits.clone(),
+        tls: tls(cfg)?,
+    };
+    let state = StateDir::new(&cfg.state_dir);
+    state.create()?;
+    let _lock = state.lock()?;
+    if cfg.splay > 0 {
+        std::thread::sleep(Duration::from_secs(random_u64() % (cfg.splay + 1)));
+    }
+
+    let key = pin::pinned_key(cfg, &state, &fetcher)?;
+    let (bytes, sig) = fetcher.manifest()?;
+    let policy = Policy {
+        now: now(),
+        expiry: Expiry::Enforce,
+        last_serial: state.last_serial()?,
+    };
+    let manifest = verify(&key, &bytes, &sig, &policy)?;
+    accept(&state, &manifest, &bytes, &sig, policy.last_serial)?;
+
+    let boot_id = proc.boot_id();
+    let mut summary = Summary {
+        serial: manifest.serial,
+        ..Summary::default()
+    };
+    for s in &manifest.scriptlets {
+        if is_due(&state, s, &boot_id)? {
+            execute(cfg, &state, &manifest, s, &boot_id)?;
+            summary.ran += 1;
+        } else {
+            summary.skipped += 1;
+        }
+    }
+    Ok(summary)
+}
+
+/// Records the verified manifest as accepted: copies first, the serial last.
+fn accept(
+    state: &StateDir,
+    m: &Manifest,
+    bytes: &[u8],
+    sig: &str,
+    last: Option<u64>,
+) -> Result<(), AgentError> {
+    let sig_path = state.path("manifest.minisig");
+    if last == Some(m.serial) && state.read(&sig_path)?.as_deref() == Some(sig) {
+        return Ok(());
+    }
+    write_atomic(&state.path("manifest"), bytes, 0o600)?;
+    write_atomic(&sig_path, sig.as_bytes(), 0o600)?;
+    write_atomic(&state.path("serial"), format!("{}\n", m.serial).as_bytes(), 0o600)?;
+    log(&format!(
+        "accepted manifest serial {} (expires {}, {} scriptlets)",
+        m.serial,
+        rfc3339(m.expires),
+        m.scriptlets.len()
+    ));
+    Ok(())
+}
+
+pub fn is_due(state: &StateDir, s: &Scriptlet, boot_id: &str) -> Result<bool, AgentError> {
+    Ok(match s.frequency {
+        Frequency::Always => true,
+        Frequency::Once => state.record(s.id.as_str(), "done")?.is_none(),
+        Frequency::Boot => state
+            .record(s.id.as_str(), "done")?
+            .is_none_or(|r| r.boot_id != boot_id),
+    })
+}
+
+fn execute(
+    cfg: &Config,
+    state: &StateDir,
+    m: &Manifest,
+    s: &Scriptlet,
+    boot_id: &str,
+) -> Result<(), AgentError> {
+    let id = s.id.as_str();
+    let dir = state.scriptlet_dir(id);
+    fs::create_dir_all(&dir).map_err(|e| AgentError::state(&dir, e))?;
+    let script = dir.join("script");
+    write_atomic(&script, s.body, 0o700)?;
+    let log_path = dir.join("log");
+    let log_file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| AgentError::state(&log_path, e))?;
+    let stderr = log_file
+        .try_clone()
+        .map_err(|e| AgentError::state(&log_path, e))?;
+
+    log(&format!("running {id} ({})", s.frequency));
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg(&script)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(stderr)
+        .env("IDHAL_SCRIPTLET", id)
+        .env("IDHAL_SERIAL", m.serial.to_string())
+        .env("IDHAL_STATE_DIR", &cfg.state_dir)
+        .env("IDHAL_SERVER", cfg.server.as_deref().unwrap_or_default());
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    }
+    for p in &m.params {
+        cmd.env(p.name.env_var(), p.value);
+    }
+    let started = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| AgentError::state("/bin/sh", e))?;
+    let record = Record {
+        finished: now(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        outcome: match (status.code(), status.signal()) {
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            _ => "unknown".into(),
+        },
+        boot_id: boot_id.to_owned(),
+        serial: m.serial,
+    };
+    if status.success() {
+        write_atomic(&dir.join("done"), record.encode().as_bytes(), 0o600)?;
+        remove_if_exists(&dir.join("failed"))?;
+        log(&format!("{id} done in {} ms", record.duration_ms));
+        Ok(())
+    } else {
+        write_atomic(&dir.join("failed"), record.encode().as_bytes(), 0o600)?;
+        Err(AgentError::Scriptlet {
+            id: id.to_owned(),
+            outcome: record.outcome,
+            log: log_path,
+        })
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), AgentError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AgentError::state(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the outcome of this run for `status` (a report, not state: a refused manifest
+/// changes nothing else).
+pub fn report(state_dir: &Path, exit: u8, message: &str) {
+    let state = StateDir::new(state_dir);
+    if File::open(state_dir).is_err() {
+        return;
+    }
+    let text = format!(
+        "finished={}\nexit={exit}\nmessage={}\n",
+        now(),
+        message.replace('\n', " ")
+    );
+    let _ = write_atomic(&state.path("last-run"), text.as_bytes(), 0o600);
+}

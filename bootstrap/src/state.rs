@@ -1,0 +1,179 @@
+//! The node's state directory: the pinned key, the last accepted serial and manifest, and one
+//! record directory per scriptlet. Everything that matters is written atomically and durably.
+//!
+//! Layout (docs/agent.md): `server.pub`, `serial`, `manifest`, `manifest.minisig`, `last-run`,
+//! `lock`, `scriptlets/<id>/{script,log,done,failed}`.
+
+use crate::error::AgentError;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new content, never a
+/// mix: temp file in the same directory, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let io = |e| AgentError::state(path, e);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// Parsed `key=value` record (a marker or a failure record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    pub finished: u64,
+    pub duration_ms: u64,
+    /// Exit code, or `signal N`.
+    pub outcome: String,
+    pub boot_id: String,
+    pub serial: u64,
+}
+
+impl Record {
+    pub fn encode(&self) -> String {
+        format!(
+            "finished={}\nduration_ms={}\noutcome={}\nboot_id={}\nserial={}\n",
+            self.finished, self.duration_ms, self.outcome, self.boot_id, self.serial
+        )
+    }
+
+    pub fn parse(text: &str) -> Record {
+        let mut r = Record::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            match k {
+                "finished" => r.finished = v.parse().unwrap_or(0),
+                "duration_ms" => r.duration_ms = v.parse().unwrap_or(0),
+                "outcome" => r.outcome = v.to_owned(),
+                "boot_id" => r.boot_id = v.to_owned(),
+                "serial" => r.serial = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: &Path) -> Self {
+        StateDir { root: root.into() }
+    }
+
+    pub fn create(&self) -> Result<(), AgentError> {
+        fs::create_dir_all(self.root.join("scriptlets"))
+            .and_then(|_| fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)))
+            .map_err(|e| AgentError::state(&self.root, e))
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn scriptlet_dir(&self, id: &str) -> PathBuf {
+        self.root.join("scriptlets").join(id)
+    }
+
+    /// Reads a small file; `None` if it does not exist.
+    pub fn read(&self, path: &Path) -> Result<Option<String>, AgentError> {
+        match fs::read_to_string(path) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::state(path, e)),
+        }
+    }
+
+    pub fn last_serial(&self) -> Result<Option<u64>, AgentError> {
+        let path = self.path("serial");
+        match self.read(&path)? {
+            None => Ok(None),
+            Some(t) => t.trim().parse().map(Some).map_err(|_| {
+                AgentError::state(
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not a serial number"),
+                )
+            }),
+        }
+    }
+
+    pub fn record(&self, id: &str, kind: &str) -> Result<Option<Record>, AgentError> {
+        Ok(self
+            .read(&self.scriptlet_dir(id).join(kind))?
+            .map(|t| Record::parse(&t)))
+    }
+
+    /// Takes the run lock without waiting: the boot run and the periodic run never overlap.
+    /// The lock is released when the returned file is dropped (or the process dies).
+    pub fn lock(&self) -> Result<File, AgentError> {
+        let path = self.path("lock");
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| AgentError::state(&path, e))?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(fs::TryLockError::WouldBlock) => Err(AgentError::Busy(path)),
+            Err(fs::TryLockError::Error(e)) => Err(AgentError::state(&path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_and_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        write_atomic(&p, b"one", 0o600).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+        let r = Record {
+            finished: 5,
+            duration_ms: 7,
+            outcome: "exit 0".into(),
+            boot_id: "b".into(),
+            serial: 3,
+        };
+        assert_eq!(Record::parse(&r.encode()), r);
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        let held = s.lock().unwrap();
+        assert!(matches!(s.lock(), Err(AgentError::Busy(_))));
+        drop(held);
+        s.lock().unwrap();
+    }
+}
