@@ -1,12 +1,598 @@
-//! `idhal sign` (not built yet).
+//! `idhal sign`: turns a directory of `*.sh` scriptlets into a signed manifest and publishes it
+//! into PUBDIR atomically, in the order agents rely on (versioned pair first, `manifest.minisig` last).
 
+use crate::keys::{PassphraseSource, SigningKey, ENV_SIGNING_KEY};
+use crate::publish::{self, DirLock, PublishError};
 use crate::Global;
+use anyhow::{bail, Context};
+use idhal_manifest::time::{now, parse_duration, rfc3339};
+use idhal_manifest::{
+    paths, verify, Expiry, Frequency, Manifest, Param, ParamName, Policy, Scriptlet, ScriptletId,
+    SignatureFile, TrustedMeta,
+};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// (not built yet)
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+/// Sizes and counts for signing, with their defaults in one place.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Largest encoded manifest; matches the agent's default download cap (4 MiB), so a manifest
+    /// that signs also downloads.
+    pub(crate) max_manifest: usize,
+    /// Versioned manifests kept in PUBDIR/manifests (the newest, including the one just signed).
+    pub(crate) keep_versions: usize,
+    /// How far into a scriptlet the `# idhal: frequency=` header is looked for.
+    pub(crate) header_lines: usize,
+}
 
-pub fn run(_args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`idhal sign` is not built yet")
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest: 4 << 20,
+            keep_versions: 10,
+            header_lines: 10,
+        }
+    }
+}
+
+/// The lock file every `idhal sign` into a PUBDIR takes (hidden: `idhal serve` never serves it).
+pub(crate) const LOCK_FILE: &str = ".idhal-sign.lock";
+const PUBLISHED_MODE: u32 = 0o644;
+
+/// Sign a directory of scriptlets and publish the manifest into PUBDIR.
+#[derive(Debug, clap::Args)]
+#[command(
+    long_about = "Sign every *.sh file in SCRIPTLETDIR into one manifest and publish it into \
+        PUBDIR, ready to be served by `idhal serve` or any static web server.\n\n\
+        Scriptlets run in file-name order; the id is the file name without .sh (e.g. \
+        000-setup-tunnel.sh -> 000-setup-tunnel). A header line `# idhal: frequency=once|boot|always` \
+        in the first 10 lines sets when it runs (default once: once per node, ever). Hidden files \
+        are ignored; other files are skipped with a warning.\n\n\
+        The serial is one more than the one PUBDIR currently holds (after checking that signature \
+        with this key; a PUBDIR signed by another key is refused). --serial N must be higher than \
+        the current one: nodes refuse any serial lower than one they accepted (rollback protection).\n\n\
+        The key is --key FILE, else the key file's text in $IDHAL_SIGNING_KEY (for CI secrets). An \
+        encrypted key's passphrase comes from --passphrase-file, else $IDHAL_KEY_PASSPHRASE, else a \
+        terminal prompt. Keys from `minisign -G` work too.\n\n\
+        PUBDIR layout: idhal.pub, manifest + manifest.minisig (latest; check with \
+        `minisign -Vm PUBDIR/manifest -p idhal.pub`), manifests/<serial> + manifests/<serial>.minisig \
+        (immutable; the newest 10 are kept). Each file is replaced atomically, the versioned pair \
+        first and manifest.minisig last, so agents (which fetch manifest.minisig, then the \
+        manifests/<serial> it names) never see a mismatched pair. A lock file serializes \
+        concurrent signers.",
+    after_help = "Examples:\n  \
+        idhal sign --key keys/idhal.key --out /srv/idhal scriptlets/\n  \
+        idhal sign --key keys/idhal.key --out /srv/idhal --expires 7d \\\n      \
+        --param enroll-url=http://10.0.2.100:8080/enroll scriptlets/\n  \
+        IDHAL_SIGNING_KEY=\"$(cat idhal.key)\" IDHAL_KEY_PASSPHRASE=... idhal sign --out /srv/idhal scriptlets/\n\n\
+        Scriptlet header example (000-setup-tunnel.sh):\n  \
+        #!/bin/sh\n  \
+        # idhal: frequency=boot\n  \
+        ..."
+)]
+pub struct Args {
+    /// Secret key file (minisign format). Default: the key text in $IDHAL_SIGNING_KEY.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Read the key's passphrase from the first line of FILE (else $IDHAL_KEY_PASSPHRASE, else a prompt).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Publication directory (created if missing).
+    #[arg(long, value_name = "PUBDIR")]
+    pub out: PathBuf,
+    /// Serial to sign; must be higher than PUBDIR's current one. Default: current + 1.
+    #[arg(long, value_name = "N")]
+    pub serial: Option<u64>,
+    /// How long the manifest stays valid (s, m, h, d, w). Nodes refuse it afterwards: re-sign
+    /// regularly (e.g. from a weekly CI job).
+    #[arg(long, value_name = "DURATION", default_value = "30d")]
+    pub expires: String,
+    /// A signed parameter scriptlets receive as $IDHAL_PARAM_<NAME> (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// Largest manifest to sign, in bytes (suffixes KiB, MiB accepted). Keep it at or below the
+    /// agents' cap (default 4 MiB) or they will refuse to download it.
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size)]
+    pub max_size: usize,
+    /// Directory of *.sh scriptlets.
+    #[arg(value_name = "SCRIPTLETDIR")]
+    pub scriptlets: PathBuf,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let bad = || format!("invalid size {s:?}: use bytes, or a number with KiB or MiB (e.g. 4MiB)");
+    let (num, mult) = if let Some(n) = s.strip_suffix("MiB") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("KiB") {
+        (n, 1 << 10)
+    } else {
+        (s, 1)
+    };
+    let n: usize = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(mult).filter(|&n| n > 0).ok_or_else(bad)
+}
+
+/// One scriptlet file, read and checked.
+#[derive(Debug)]
+pub(crate) struct SourceFile {
+    pub(crate) id: ScriptletId,
+    pub(crate) frequency: Frequency,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Reads the `# idhal: frequency=...` header from the first `max_lines` lines, if any.
+fn frequency_header(
+    body: &[u8],
+    max_lines: usize,
+    file: &Path,
+) -> anyhow::Result<Option<Frequency>> {
+    let mut found: Option<Frequency> = None;
+    for (n, line) in body.split(|&b| b == b'\n').take(max_lines).enumerate() {
+        let line = String::from_utf8_lossy(line);
+        let Some(rest) = line.trim().strip_prefix('#') else {
+            continue;
+        };
+        let Some(rest) = rest.trim_start().strip_prefix("idhal:") else {
+            continue;
+        };
+        let Some(value) = rest.trim().strip_prefix("frequency=") else {
+            bail!(
+                "{}:{}: unknown idhal header {:?} (expected `# idhal: frequency=once|boot|always`)",
+                file.display(),
+                n + 1,
+                line.trim()
+            );
+        };
+        let freq: Frequency = value
+            .trim()
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{}:{}: {e}", file.display(), n + 1))?;
+        if found.is_some_and(|f| f != freq) {
+            bail!(
+                "{}:{}: second, different frequency header",
+                file.display(),
+                n + 1
+            );
+        }
+        found = Some(freq);
+    }
+    Ok(found)
+}
+
+/// Every `*.sh` regular file in `dir`, in file-name order. Warnings go to stderr.
+pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<Vec<SourceFile>> {
+    let entries = fs::read_dir(dir)
+        .with_context(|| format!("cannot read scriptlet dir {}", dir.display()))?;
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            bail!(
+                "{}: file name is not UTF-8; rename it (scriptlet ids are ASCII)",
+                path.display()
+            );
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let meta =
+            fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+        if !name.ends_with(".sh") || !meta.is_file() {
+            eprintln!(
+                "idhal: warning: ignoring {}: not a *.sh regular file",
+                path.display()
+            );
+            continue;
+        }
+        files.push((name, path));
+    }
+    files.sort();
+    let mut out = Vec::with_capacity(files.len());
+    for (name, path) in files {
+        let stem = &name[..name.len() - ".sh".len()];
+        let id: ScriptletId = stem.parse().with_context(|| {
+            format!(
+                "{}: file name does not make a valid scriptlet id; nothing was signed",
+                path.display()
+            )
+        })?;
+        let body = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let frequency = frequency_header(&body, limits.header_lines, &path)?.unwrap_or_default();
+        out.push(SourceFile {
+            id,
+            frequency,
+            body,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses `--param NAME=VALUE`, checking the value against the manifest format itself.
+fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(ParamName, String)>> {
+    let mut out: Vec<(ParamName, String)> = Vec::new();
+    for p in raw {
+        let (name, value) = p
+            .split_once('=')
+            .with_context(|| format!("--param {p:?}: expected NAME=VALUE"))?;
+        let name: ParamName = name.parse().with_context(|| format!("--param {p:?}"))?;
+        if out.iter().any(|(n, _)| *n == name) {
+            bail!("--param {name} given twice");
+        }
+        // Let the format's own parser judge the value, so the signer cannot drift from it.
+        let probe = Manifest {
+            serial: 1,
+            expires: 1,
+            params: vec![Param {
+                name: name.clone(),
+                value,
+            }],
+            scriptlets: vec![],
+        }
+        .encode();
+        if Manifest::parse(&probe).is_err() {
+            bail!("--param {name}: invalid value {value:?} (printable ASCII, not empty, no leading or trailing space)");
+        }
+        out.push((name, value.to_owned()));
+    }
+    Ok(out)
+}
+
+/// What PUBDIR holds now, after checking its signature with our key.
+#[derive(Debug, Default)]
+struct Current {
+    /// Serial of the verified `manifest.minisig`.
+    signed: Option<u64>,
+    /// Highest serial in manifests/ (a publish that died before `manifest.minisig` leaves one).
+    highest_version: Option<u64>,
+}
+
+impl Current {
+    fn floor(&self) -> Option<u64> {
+        self.signed.max(self.highest_version)
+    }
+}
+
+/// Serials present in PUBDIR/manifests, from names `<serial>` and `<serial>.minisig`.
+fn version_serials(versions: &Path) -> anyhow::Result<Vec<u64>> {
+    let mut serials = Vec::new();
+    let entries = match fs::read_dir(versions) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serials),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", versions.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", versions.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stem = name.strip_suffix(".minisig").unwrap_or(&name);
+        if let Ok(n) = stem.parse::<u64>() {
+            if n.to_string() == stem && !serials.contains(&n) {
+                serials.push(n);
+            }
+        }
+    }
+    serials.sort_unstable();
+    Ok(serials)
+}
+
+fn read_current(pubdir: &Path, key: &SigningKey) -> anyhow::Result<Current> {
+    let mut current = Current {
+        highest_version: version_serials(&pubdir.join(paths::VERSIONS_DIR))?
+            .last()
+            .copied(),
+        ..Current::default()
+    };
+    let sig_path = pubdir.join(paths::SIGNATURE);
+    let sig_text = match fs::read_to_string(&sig_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(current),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", sig_path.display())),
+    };
+    let sig = SignatureFile::parse(&sig_text)
+        .with_context(|| format!("{} is not a valid signature", sig_path.display()))?;
+    if sig.key_id != key.public.id() {
+        bail!(
+            "{} is signed by key {}, but you are signing with key {}: nodes pinned to {} would refuse \
+             this manifest. Use the right key, or publish to a new directory if you are rotating keys",
+            sig_path.display(),
+            sig.key_id,
+            key.public.id(),
+            sig.key_id
+        );
+    }
+    // The versioned copy is immutable and always matches its signature; `manifest` may lag
+    // behind `manifest.minisig` if a publish died between the two renames.
+    let claimed = TrustedMeta::parse(&sig.trusted_comment)
+        .with_context(|| format!("{}", sig_path.display()))?
+        .serial;
+    let versioned = pubdir.join(paths::versioned_manifest(claimed));
+    let manifest_path = if versioned.exists() {
+        versioned
+    } else {
+        pubdir.join(paths::MANIFEST)
+    };
+    let body = fs::read(&manifest_path)
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let policy = Policy {
+        now: now(),
+        expiry: Expiry::Ignore,
+        last_serial: None,
+    };
+    let m = verify(&key.public, &body, &sig_text, &policy).with_context(|| {
+        format!(
+            "the current {} does not verify with this key ({}); refusing to publish over a \
+             directory that may have been tampered with. Inspect it with `idhal verify`",
+            sig_path.display(),
+            manifest_path.display()
+        )
+    })?;
+    current.signed = Some(m.serial);
+    Ok(current)
+}
+
+/// Removes versions older than the newest `keep`. Returns the removed paths.
+fn prune(versions: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf>> {
+    let serials = version_serials(versions)?;
+    let mut removed = Vec::new();
+    let drop_count = serials.len().saturating_sub(keep);
+    for serial in &serials[..drop_count] {
+        let name = serial.to_string();
+        for p in [
+            versions.join(&name),
+            versions.join(format!("{name}.minisig")),
+        ] {
+            if p.exists() {
+                publish::remove_durably(&p)?;
+                removed.push(p);
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn load_key(args: &Args) -> anyhow::Result<SigningKey> {
+    let passphrase = PassphraseSource::resolve(args.passphrase_file.as_deref(), false);
+    let (text, origin) = match &args.key {
+        Some(path) => {
+            let text = fs::read_to_string(path)
+                .with_context(|| format!("cannot read key file {}", path.display()))?;
+            if let Ok(meta) = fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    eprintln!(
+                        "idhal: warning: {} is readable by other users; chmod 600 it",
+                        path.display()
+                    );
+                }
+            }
+            (text, path.display().to_string())
+        }
+        None => match std::env::var(ENV_SIGNING_KEY) {
+            Ok(text) => (text, format!("${ENV_SIGNING_KEY}")),
+            Err(_) => bail!(
+                "no signing key: pass --key FILE, or set {ENV_SIGNING_KEY} to the key file's text"
+            ),
+        },
+    };
+    Ok(SigningKey::load(&text, &origin, &passphrase)?)
+}
+
+pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
+    let limits = Limits {
+        max_manifest: args.max_size,
+        ..Limits::default()
+    };
+    let lifetime = parse_duration(&args.expires).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+    if lifetime == 0 {
+        bail!("--expires 0 would publish an already expired manifest");
+    }
+    let params = parse_params(&args.params)?;
+    // Everything that can be wrong with the input is found before asking for a passphrase.
+    let sources = collect_scriptlets(&args.scriptlets, &limits)?;
+    if sources.is_empty() {
+        eprintln!(
+            "idhal: warning: {} holds no *.sh scriptlets; signing an empty manifest",
+            args.scriptlets.display()
+        );
+    }
+    let key = load_key(&args)?;
+
+    let pubdir = &args.out;
+    let versions = pubdir.join(paths::VERSIONS_DIR);
+    fs::create_dir_all(&versions)
+        .with_context(|| format!("cannot create {}", versions.display()))?;
+    let lock_path = pubdir.join(LOCK_FILE);
+    let _lock = match DirLock::try_acquire(&lock_path) {
+        Err(PublishError::Locked { .. }) => {
+            eprintln!(
+                "idhal: waiting for another `idhal sign` to finish ({})",
+                lock_path.display()
+            );
+            DirLock::acquire(&lock_path)?
+        }
+        other => other?,
+    };
+    // We hold the lock: temp files are leftovers of a killed signer.
+    publish::remove_stale_temp_files(pubdir)?;
+    publish::remove_stale_temp_files(&versions)?;
+
+    let current = read_current(pubdir, &key)?;
+    let serial = match (args.serial, current.floor()) {
+        (Some(n), Some(cur)) if n <= cur => bail!(
+            "--serial {n} is not above the serial {cur} already in {}: nodes that accepted {cur} \
+             refuse any lower serial as a rollback, and a serial is never reused. Omit --serial \
+             (next is {}) or pass a higher one",
+            pubdir.display(),
+            cur + 1
+        ),
+        (Some(n), _) => n,
+        (None, Some(cur)) => cur
+            .checked_add(1)
+            .context("the current serial is at the maximum")?,
+        (None, None) => 1,
+    };
+    let signed_at = now();
+    let expires = signed_at
+        .checked_add(lifetime)
+        .context("--expires is too far in the future")?;
+
+    let manifest = Manifest {
+        serial,
+        expires,
+        params: params
+            .iter()
+            .map(|(name, value)| Param {
+                name: name.clone(),
+                value,
+            })
+            .collect(),
+        scriptlets: sources
+            .iter()
+            .map(|s| Scriptlet {
+                id: s.id.clone(),
+                frequency: s.frequency,
+                body: &s.body,
+            })
+            .collect(),
+    };
+    let bytes = manifest.encode();
+    if bytes.len() > limits.max_manifest {
+        let mut biggest: Vec<&SourceFile> = sources.iter().collect();
+        biggest.sort_by_key(|s| std::cmp::Reverse(s.body.len()));
+        let top: Vec<String> = biggest
+            .iter()
+            .take(3)
+            .map(|s| format!("{} ({} bytes)", s.id, s.body.len()))
+            .collect();
+        bail!(
+            "the manifest would be {} bytes, over the {}-byte cap (--max-size; agents refuse \
+             anything over theirs, default 4 MiB). Largest scriptlets: {}",
+            bytes.len(),
+            limits.max_manifest,
+            top.join(", ")
+        );
+    }
+
+    let comment = TrustedMeta { serial, expires }.to_comment();
+    let untrusted = format!(
+        "idhal manifest serial {serial}, signed by key {}",
+        key.public.id()
+    );
+    let sig_text = minisign::sign(
+        Some(&key.minisign_public),
+        &key.secret,
+        std::io::Cursor::new(&bytes),
+        Some(&comment),
+        Some(&untrusted),
+    )
+    .map_err(|e| anyhow::anyhow!("signing failed: {e}"))?
+    .into_string();
+    // Never publish what an agent would refuse: check it exactly as an agent does.
+    verify(
+        &key.public,
+        &bytes,
+        &sig_text,
+        &Policy {
+            now: signed_at,
+            expiry: Expiry::Enforce,
+            last_serial: current.signed,
+        },
+    )
+    .context("internal error: the new signature does not verify; nothing was published")?;
+
+    // Publication order matters; see the module docs and docs/server-tools.md.
+    let pub_text = key.public.to_file_text();
+    let pub_path = pubdir.join(paths::PUBLIC_KEY);
+    let mut written = Vec::new();
+    if fs::read_to_string(&pub_path).ok().as_deref() != Some(pub_text.as_str()) {
+        publish::write_atomic(&pub_path, pub_text.as_bytes(), PUBLISHED_MODE)?;
+        written.push(pub_path);
+    }
+    for (rel, data) in [
+        (paths::versioned_manifest(serial), bytes.as_slice()),
+        (paths::versioned_signature(serial), sig_text.as_bytes()),
+        (paths::MANIFEST.to_owned(), bytes.as_slice()),
+        (paths::SIGNATURE.to_owned(), sig_text.as_bytes()),
+    ] {
+        let path = pubdir.join(rel);
+        publish::write_atomic(&path, data, PUBLISHED_MODE)?;
+        written.push(path);
+    }
+    let pruned = prune(&versions, limits.keep_versions)?;
+
+    println!(
+        "signed serial {serial} with key {}, expires {} ({} from now)",
+        key.public.id(),
+        rfc3339(expires),
+        args.expires
+    );
+    for (name, value) in &params {
+        println!("param {name}={value}");
+    }
+    println!("{} scriptlets:", sources.len());
+    for s in &sources {
+        println!(
+            "  {:<40} {:<6} {} bytes",
+            s.id.as_str(),
+            s.frequency.as_str(),
+            s.body.len()
+        );
+    }
+    println!("manifest: {} bytes; wrote:", bytes.len());
+    for p in &written {
+        println!("  {}", p.display());
+    }
+    for p in &pruned {
+        println!("  pruned {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("4MB").is_err());
+    }
+
+    #[test]
+    fn frequency_headers() {
+        let f = |body: &str| frequency_header(body.as_bytes(), 10, Path::new("x.sh"));
+        assert_eq!(f("#!/bin/sh\necho\n").unwrap(), None);
+        assert_eq!(
+            f("#!/bin/sh\n# idhal: frequency=boot\n").unwrap(),
+            Some(Frequency::Boot)
+        );
+        assert_eq!(
+            f("#!/bin/sh\n#idhal:frequency=always\n").unwrap(),
+            Some(Frequency::Always)
+        );
+        let late = format!("{}# idhal: frequency=boot\n", "\n".repeat(10));
+        assert_eq!(f(&late).unwrap(), None);
+        assert!(f("# idhal: frequency=weekly\n")
+            .unwrap_err()
+            .to_string()
+            .contains("x.sh:1: unknown frequency \"weekly\""));
+        assert!(f("# idhal: freq=boot\n").is_err());
+        assert!(f("# idhal: frequency=boot\n# idhal: frequency=once\n").is_err());
+    }
+
+    #[test]
+    fn params() {
+        let p = parse_params(&["enroll-url=http://x/y z".into()]).unwrap();
+        assert_eq!(p[0].1, "http://x/y z");
+        assert!(parse_params(&["novalue".into()]).is_err());
+        assert!(parse_params(&["Bad=x".into()]).is_err());
+        assert!(parse_params(&["a= x".into()]).is_err());
+        assert!(parse_params(&["a=x\ty".into()]).is_err());
+        assert!(parse_params(&["a=1".into(), "a=2".into()]).is_err());
+    }
 }
