@@ -1,0 +1,486 @@
+//! The agent end to end against a real HTTP server on 127.0.0.1: each failure mode with its
+//! exact refusal, once-only semantics, retries, crash safety and status.
+
+mod common;
+use common::*;
+use idhal_manifest::sig::TrustedMeta;
+use idhal_manifest::Frequency::{Always, Boot, Once};
+use std::path::Path;
+
+fn append(out: &Path, word: &str) -> String {
+    format!("#!/bin/sh\necho {word} >> '{}'\n", out.display())
+}
+
+fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+struct Setup {
+    pubdir: tempfile::TempDir,
+    server: TestServer,
+    key: Key,
+    node: Node,
+}
+
+fn setup() -> Setup {
+    let pubdir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(pubdir.path());
+    let key = Key::new();
+    let node = Node::new(&server.url);
+    node.bake(&key);
+    Setup {
+        pubdir,
+        server,
+        key,
+        node,
+    }
+}
+
+impl Setup {
+    fn out(&self) -> std::path::PathBuf {
+        self.node.path("out")
+    }
+    fn publish(&self, serial: u64, specs: &[Spec]) {
+        publish(self.pubdir.path(), &self.key, serial, now() + NOW_PLUS_DAY, specs);
+    }
+    fn three(&self) -> Vec<Spec<'static>> {
+        let out = self.out();
+        vec![
+            ("000-a", Once, append(&out, "a")),
+            ("010-b", Once, append(&out, "b")),
+            ("020-c", Once, append(&out, "c")),
+        ]
+    }
+    /// Asserts nothing ran and no state was written besides the report.
+    #[track_caller]
+    fn assert_untouched(&self, serial_before: Option<&str>) {
+        assert!(lines(&self.out()).is_empty(), "a scriptlet ran");
+        assert_eq!(self.node.read("state/serial").as_deref(), serial_before);
+    }
+}
+
+#[test]
+fn once_scriptlets_run_once() {
+    let s = setup();
+    s.publish(1, &s.three());
+    s.node.run(&[]).expect(0, "ok: serial 1, ran 3, 0 not due");
+    assert_eq!(lines(&s.out()), ["a", "b", "c"]);
+    s.node.run(&[]).expect(0, "ran 0, 3 not due");
+    assert_eq!(lines(&s.out()), ["a", "b", "c"]);
+    assert_eq!(s.node.read("state/serial").as_deref(), Some("1\n"));
+    // The agent fetched the signature, then the versioned manifest it names.
+    let reqs = s.server.requests.lock().unwrap().clone();
+    assert_eq!(reqs[..2], ["/manifest.minisig", "/manifests/1"]);
+    // A new serial adding one scriptlet runs only the new one.
+    let mut specs = s.three();
+    specs.push(("030-d", Once, append(&s.out(), "d")));
+    s.publish(2, &specs);
+    s.node.run(&[]).expect(0, "ok: serial 2, ran 1, 3 not due");
+    assert_eq!(lines(&s.out()), ["a", "b", "c", "d"]);
+    let (code, json) = s.node.status_json();
+    assert_eq!(code, 0, "{json}");
+    assert!(json.contains("\"serial\":2,"), "{json}");
+    assert_eq!(json.matches("\"state\":\"done\"").count(), 4, "{json}");
+}
+
+#[test]
+fn boot_and_always_frequencies() {
+    let s = setup();
+    let out = s.out();
+    s.publish(
+        1,
+        &[
+            ("b", Boot, append(&out, "boot")),
+            ("w", Always, append(&out, "always")),
+        ],
+    );
+    s.node.run(&[]).expect(0, "ran 2");
+    s.node.run(&[]).expect(0, "ran 1, 1 not due");
+    s.node.set_boot_id("boot-2");
+    s.node.run(&[]).expect(0, "ran 2");
+    assert_eq!(lines(&out), ["boot", "always", "always", "boot", "always"]);
+}
+
+#[test]
+fn scriptlets_get_params_and_context() {
+    let s = setup();
+    let out = s.out();
+    let m = encode(
+        4,
+        now() + NOW_PLUS_DAY,
+        &[("enroll-url", "http://10.0.2.100:8080/enroll")],
+        &[(
+            "env",
+            Once,
+            format!(
+                "echo \"$IDHAL_PARAM_ENROLL_URL $IDHAL_SERIAL $IDHAL_SCRIPTLET $PWD\" > '{}'\n",
+                out.display()
+            ),
+        )],
+    );
+    let sig = s.key.sign(&m, &TrustedMeta { serial: 4, expires: now() + NOW_PLUS_DAY }.to_comment());
+    publish_raw(s.pubdir.path(), &s.key, 4, &m, &sig);
+    s.node.run(&[]).expect(0, "ran 1");
+    assert_eq!(lines(&out), ["http://10.0.2.100:8080/enroll 4 env /"]);
+}
+
+#[test]
+fn tampered_manifest_byte_is_refused() {
+    let s = setup();
+    s.publish(1, &s.three());
+    let p = s.pubdir.path().join("manifests/1");
+    let mut m = std::fs::read(&p).unwrap();
+    let i = m.len() - 10;
+    m[i] ^= 0x20;
+    std::fs::write(&p, m).unwrap();
+    s.node.run(&[]).expect(5, "refused: signature does not match the manifest");
+    s.assert_untouched(None);
+    let (code, json) = s.node.status_json();
+    assert_eq!(code, 9);
+    assert!(json.contains("signature does not match"), "{json}");
+}
+
+#[test]
+fn tampered_signature_is_refused() {
+    let s = setup();
+    s.publish(1, &s.three());
+    let p = s.pubdir.path().join("manifest.minisig");
+    let sig = std::fs::read_to_string(&p).unwrap();
+    // Flip one bit in the Ed25519 signature (bytes 10.. of the second line).
+    let mut lines: Vec<String> = sig.lines().map(str::to_owned).collect();
+    let mut chars: Vec<char> = lines[1].chars().collect();
+    chars[40] = if chars[40] == 'A' { 'B' } else { 'A' };
+    lines[1] = chars.into_iter().collect();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    s.node.run(&[]).expect(5, "refused: signature does not match the manifest");
+    s.assert_untouched(None);
+    // A forged trusted comment (claiming a later expiry) fails the global signature.
+    s.publish(1, &s.three());
+    let sig = std::fs::read_to_string(&p).unwrap();
+    let forged = sig.replace("expires=", "expires=9");
+    std::fs::write(&p, forged).unwrap();
+    s.node
+        .run(&[])
+        .expect(5, "refused: trusted comment signature is invalid");
+    s.assert_untouched(None);
+}
+
+#[test]
+fn wrong_key_is_refused() {
+    let s = setup();
+    let other = Key::new();
+    publish(s.pubdir.path(), &other, 1, now() + NOW_PLUS_DAY, &s.three());
+    s.node.run(&[]).expect(
+        5,
+        &format!(
+            "refused: manifest is signed by key {}, but this node pinned key {}",
+            other.public().id(),
+            s.key.public().id()
+        ),
+    );
+    s.assert_untouched(None);
+}
+
+#[test]
+fn pinned_key_never_changes() {
+    let s = setup();
+    s.publish(1, &s.three());
+    s.node.run(&[]).expect(0, "pinning the image's key");
+    // A different key baked in later (or an attacker's) is refused even if it signed.
+    let other = Key::new();
+    s.node.bake(&other);
+    publish(s.pubdir.path(), &other, 2, now() + NOW_PLUS_DAY, &s.three());
+    s.node
+        .run(&[])
+        .expect(5, "differs from the key")
+        .expect(5, "pinned in");
+    assert_eq!(s.node.read("state/serial").as_deref(), Some("1\n"));
+}
+
+#[test]
+fn fetched_key_needs_matching_pin() {
+    let s = setup();
+    std::fs::remove_file(s.node.baked_key()).unwrap();
+    s.publish(1, &s.three());
+    // No baked key, no pin: refused, nothing fetched but the key.
+    s.node.run(&[]).expect(5, "refusing to trust the first key offered");
+    s.assert_untouched(None);
+    assert!(s.node.read("state/server.pub").is_none());
+    // A pin for another key: refused, names both fingerprints.
+    let other = Key::new();
+    let wrong = other.public().fingerprint().to_string();
+    s.node
+        .run(&["--pin", &wrong])
+        .expect(5, "the server offered key")
+        .expect(5, &format!("but idhal.pin is {wrong}"));
+    assert!(s.node.read("state/server.pub").is_none());
+    // The right pin, from the kernel command line.
+    let right = s.key.public().fingerprint().to_string();
+    s.node.set_cmdline(&format!("ro idhal.pin={right}\n"));
+    s.node.run(&[]).expect(0, "matches idhal.pin");
+    assert_eq!(s.node.read("state/server.pub"), Some(s.key.pub_text()));
+    // Once pinned the key is never fetched again.
+    s.server.requests.lock().unwrap().clear();
+    s.node.run(&[]).expect(0, "ran 0");
+    assert!(!s.server.requests.lock().unwrap().contains(&"/idhal.pub".to_owned()));
+}
+
+#[test]
+fn trust_first_use_only_when_asked_and_loudly() {
+    let s = setup();
+    std::fs::remove_file(s.node.baked_key()).unwrap();
+    s.publish(1, &s.three());
+    let r = s.node.run(&["--insecure-trust-first-use"]);
+    r.expect(0, "WARNING: INSECURE trust-on-first-use");
+    assert_eq!(s.node.read("state/server.pub"), Some(s.key.pub_text()));
+}
+
+#[test]
+fn rollback_is_refused() {
+    let s = setup();
+    s.publish(5, &s.three());
+    s.node.run(&[]).expect(0, "serial 5");
+    let before = lines(&s.out());
+    s.publish(4, &[("zzz", Once, append(&s.out(), "evil"))]);
+    s.node
+        .run(&[])
+        .expect(5, "rollback refused: manifest serial 4 is older than serial 5");
+    assert_eq!(lines(&s.out()), before);
+    assert_eq!(s.node.read("state/serial").as_deref(), Some("5\n"));
+}
+
+#[test]
+fn expired_manifest_is_refused() {
+    let s = setup();
+    publish(s.pubdir.path(), &s.key, 1, now() - 10, &s.three());
+    s.node.run(&[]).expect(5, "manifest serial 1 expired at");
+    s.assert_untouched(None);
+}
+
+#[test]
+fn legacy_signature_from_stock_minisign_is_refused_and_prehashed_accepted() {
+    let minisign = Path::new("/usr/bin/minisign");
+    if !minisign.exists() {
+        assert!(std::env::var_os("CI").is_none(), "stock minisign missing in CI");
+        eprintln!("SKIP: /usr/bin/minisign not installed");
+        return;
+    }
+    let s = setup();
+    let keys = tempfile::tempdir().unwrap();
+    let (pk, sk) = (keys.path().join("k.pub"), keys.path().join("k.key"));
+    let ok = std::process::Command::new(minisign)
+        .args(["-G", "-W", "-p"])
+        .arg(&pk)
+        .arg("-s")
+        .arg(&sk)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    std::fs::copy(&pk, s.node.baked_key()).unwrap();
+    let stock_key = idhal_manifest::PublicKey::parse(&std::fs::read_to_string(&pk).unwrap()).unwrap();
+    let expires = now() + NOW_PLUS_DAY;
+    let m = encode(3, expires, &[], &s.three());
+    let mfile = keys.path().join("manifest");
+    std::fs::write(&mfile, &m).unwrap();
+    let comment = TrustedMeta { serial: 3, expires }.to_comment();
+    let sign = |legacy: bool| {
+        let mut c = std::process::Command::new(minisign);
+        c.args(["-S", "-s"]).arg(&sk).arg("-m").arg(&mfile).args(["-t", &comment]);
+        if legacy {
+            c.arg("-l");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+        std::fs::read_to_string(keys.path().join("manifest.minisig")).unwrap()
+    };
+    let pubdir = s.pubdir.path();
+    std::fs::create_dir_all(pubdir.join("manifests")).unwrap();
+    let put = |sig: &str| {
+        std::fs::write(pubdir.join("manifests/3"), &m).unwrap();
+        std::fs::write(pubdir.join("manifest.minisig"), sig).unwrap();
+    };
+    put(&sign(true));
+    s.node.run(&[]).expect(5, "legacy (non-prehashed) minisign signature refused");
+    s.assert_untouched(None);
+    put(&sign(false));
+    s.node.run(&[]).expect(0, "ran 3");
+    assert_eq!(
+        s.node.read("state/server.pub").unwrap(),
+        stock_key.to_file_text()
+    );
+}
+
+#[test]
+fn oversized_responses_are_cut_off() {
+    let s = setup();
+    // Declared too large: refused before reading the body.
+    let out = s.out();
+    let big = format!("# {}\n{}", "x".repeat(3000), append(&out, "big"));
+    s.publish(1, &[("big", Once, big)]);
+    std::fs::write(s.node.config(), "retries = 0\nmax_manifest_size = 2048\n").unwrap();
+    s.node
+        .run(&[])
+        .expect(4, "/manifests/1: response larger than the 2048-byte limit");
+    s.assert_untouched(None);
+    // No Content-Length and an endless body: cut off at the cap, not at memory exhaustion.
+    s.server.set_fault(Fault::Endless);
+    s.node
+        .run(&[])
+        .expect(4, "/manifest.minisig: response larger than the 8192-byte limit");
+    s.assert_untouched(None);
+}
+
+#[test]
+fn hanging_and_trickling_servers_time_out() {
+    let s = setup();
+    s.publish(1, &s.three());
+    for fault in [Fault::Hang, Fault::Trickle] {
+        s.server.set_fault(fault);
+        let t = std::time::Instant::now();
+        s.node
+            .run(&["--timeout", "2s"])
+            .expect(4, "timed out");
+        // Bounded by the deadline (generous margin: this is a safety check, not a benchmark).
+        assert!(t.elapsed().as_secs() < 30, "{fault:?} took {:?}", t.elapsed());
+        s.assert_untouched(None);
+    }
+}
+
+#[test]
+fn transient_failures_are_retried() {
+    let s = setup();
+    s.publish(1, &s.three());
+    s.server.set_fault(Fault::Unavailable(2));
+    std::fs::write(s.node.config(), "").unwrap();
+    let r = s.node.run(&["--retries", "3"]);
+    r.expect(0, "ran 3").expect(0, "HTTP 503; retry 1/3");
+    assert!(r.stderr().contains("retry 2/3"));
+    // Out of retries: a fetch failure, exit 4.
+    s.server.set_fault(Fault::Unavailable(5));
+    s.node.run(&["--retries", "1"]).expect(4, "server answered HTTP 503");
+    // Nothing listening at all.
+    let dead = Node::new("http://127.0.0.1:1/");
+    dead.bake(&s.key);
+    dead.run(&[]).expect(4, "cannot connect");
+}
+
+#[test]
+fn failing_scriptlet_is_retried_and_blocks_later_ones() {
+    let s = setup();
+    let out = s.out();
+    let flag = s.node.path("fixed");
+    s.publish(
+        1,
+        &[
+            ("000-a", Once, append(&out, "a")),
+            (
+                "010-flaky",
+                Once,
+                format!(
+                    "echo flaky >> '{}'\necho to-the-log\n[ -e '{}' ] || exit 3\n",
+                    out.display(),
+                    flag.display()
+                ),
+            ),
+            ("020-c", Once, append(&out, "c")),
+        ],
+    );
+    s.node
+        .run(&[])
+        .expect(6, "scriptlet 010-flaky failed with exit 3; see");
+    assert_eq!(lines(&out), ["a", "flaky"]);
+    let log = s.node.read("state/scriptlets/010-flaky/log").unwrap();
+    assert_eq!(log, "to-the-log\n");
+    let (code, json) = s.node.status_json();
+    assert_eq!(code, 6, "{json}");
+    assert!(json.contains("\"id\":\"010-flaky\",\"frequency\":\"once\",\"state\":\"failed\""), "{json}");
+    assert!(json.contains("\"id\":\"020-c\",\"frequency\":\"once\",\"state\":\"pending\""), "{json}");
+    s.node.run(&[]).expect(6, "010-flaky failed");
+    std::fs::write(&flag, "").unwrap();
+    s.node.run(&[]).expect(0, "ran 2, 1 not due");
+    assert_eq!(lines(&out), ["a", "flaky", "flaky", "flaky", "c"]);
+    assert!(s.node.read("state/scriptlets/010-flaky/failed").is_none());
+    assert_eq!(s.node.status_json().0, 0);
+}
+
+#[test]
+fn kill_during_scriptlet_leaves_it_pending() {
+    use std::os::unix::process::CommandExt;
+    let s = setup();
+    let out = s.out();
+    let (started, killed) = (s.node.path("started"), s.node.path("killed-once"));
+    s.publish(
+        1,
+        &[(
+            "slow",
+            Once,
+            format!(
+                "echo run >> '{}'\nif [ ! -e '{}' ]; then touch '{}'; sleep 60; fi\n",
+                out.display(),
+                killed.display(),
+                started.display()
+            ),
+        )],
+    );
+    let mut child = s.node.command("run", &[]).process_group(0).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !started.exists() {
+        assert!(std::time::Instant::now() < deadline, "scriptlet never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Power loss: the agent and its scriptlet die together.
+    let pgid = child.id();
+    let k = std::process::Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .status()
+        .unwrap();
+    assert!(k.success());
+    child.wait().unwrap();
+    std::fs::write(&killed, "").unwrap();
+    assert!(s.node.read("state/scriptlets/slow/done").is_none());
+    let (code, json) = s.node.status_json();
+    assert_eq!(code, 9);
+    assert!(json.contains("\"state\":\"pending\""), "{json}");
+    s.node.run(&[]).expect(0, "ran 1");
+    s.node.run(&[]).expect(0, "ran 0");
+    assert_eq!(lines(&out), ["run", "run"]);
+}
+
+#[test]
+fn concurrent_runs_never_overlap() {
+    let s = setup();
+    let started = s.node.path("started");
+    s.publish(
+        1,
+        &[(
+            "slow",
+            Once,
+            format!("touch '{}'\nsleep 2\n", started.display()),
+        )],
+    );
+    let mut first = s.node.command("run", &[]).spawn().unwrap();
+    while !started.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s.node.run(&[]).expect(7, "another idhal-bootstrap run holds");
+    assert!(first.wait().unwrap().success());
+}
+
+#[test]
+fn usage_and_config_errors_have_their_own_codes() {
+    let s = setup();
+    Run(s.node.command("run", &["--frobnicate"]).output().unwrap()).expect(2, "usage:");
+    std::fs::write(s.node.config(), "sever = http://x/\n").unwrap();
+    s.node.run(&[]).expect(3, "bootstrap.conf:1: sever = \"http://x/\": unknown setting");
+    let none = Node::new("");
+    none.run(&[]).expect(3, "no server: set server =");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_idhal-bootstrap"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("EXIT CODES"));
+}
