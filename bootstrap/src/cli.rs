@@ -74,7 +74,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         Some(Long("help") | Short('h')) => return Ok(Cli::Help),
         Some(Long("version") | Short('V')) => return Ok(Cli::Version),
         Some(other) => return Err(usage(other.unexpected())),
-        None => return Err(AgentError::Usage("missing command: run or status (see --help)".into())),
+        None => {
+            return Err(AgentError::Usage(
+                "missing command: run or status (see --help)".into(),
+            ))
+        }
     };
     let mut common = Common {
         config: DEFAULT_CONFIG.into(),
@@ -136,7 +140,10 @@ mod tests {
 
     #[test]
     fn parses_run_and_status() {
-        let Cli::Run(c) = parse(args("run --server http://a/ --state-dir /s --insecure-trust-first-use")).unwrap() else {
+        let Cli::Run(c) = parse(args(
+            "run --server http://a/ --state-dir /s --insecure-trust-first-use",
+        ))
+        .unwrap() else {
             panic!()
         };
         assert_eq!(
@@ -157,8 +164,18 @@ mod tests {
 
     #[test]
     fn refuses_bad_usage() {
-        for bad in ["", "frobnicate", "run --bogus", "status --server x", "run --server", "run --json"] {
-            assert!(matches!(parse(args(bad)), Err(AgentError::Usage(_))), "{bad:?}");
+        for bad in [
+            "",
+            "frobnicate",
+            "run --bogus",
+            "status --server x",
+            "run --server",
+            "run --json",
+        ] {
+            assert!(
+                matches!(parse(args(bad)), Err(AgentError::Usage(_))),
+                "{bad:?}"
+            );
         }
     }
 }

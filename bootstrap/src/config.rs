@@ -190,8 +190,10 @@ mod tests {
         assert_eq!(c.server.as_deref(), Some("http://a:1/"));
         assert_eq!(c.limits.request_timeout, Duration::from_secs(120));
         let pin = format!("sha256:{}", "ab".repeat(32));
-        c.load_cmdline(&format!("ro quiet idhal.server=http://b:2/ idhal.pin={pin} idhal.token=xyz"))
-            .unwrap();
+        c.load_cmdline(&format!(
+            "ro quiet idhal.server=http://b:2/ idhal.pin={pin} idhal.token=xyz"
+        ))
+        .unwrap();
         assert_eq!(c.server.as_deref(), Some("http://b:2/"));
         assert_eq!(c.pin.unwrap().to_string(), pin);
         c.set("server", "http://c:3/", "--server").unwrap();

@@ -59,7 +59,11 @@ impl Url {
             scheme,
             host: host.to_owned(),
             port,
-            path: if path.is_empty() { "/".into() } else { path.into() },
+            path: if path.is_empty() {
+                "/".into()
+            } else {
+                path.into()
+            },
         })
     }
 
@@ -281,7 +285,9 @@ fn exchange<S: Read + Write>(
     let (status, content_length, head_len) = loop {
         let n = s.read(&mut chunk).map_err(|e| tls_or_io(e, t))?;
         if n == 0 {
-            return Err(HttpError::BadResponse("connection closed before the response head".into()));
+            return Err(HttpError::BadResponse(
+                "connection closed before the response head".into(),
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -367,14 +373,23 @@ mod tests {
     #[test]
     fn urls() {
         let u = Url::parse("http://10.0.2.100:8080/idhal").unwrap();
-        assert_eq!(u.join("manifest").to_string(), "http://10.0.2.100:8080/idhal/manifest");
+        assert_eq!(
+            u.join("manifest").to_string(),
+            "http://10.0.2.100:8080/idhal/manifest"
+        );
         let u = Url::parse("https://srv.example").unwrap();
         assert_eq!((u.port, u.path.as_str()), (443, "/"));
         assert_eq!(u.join("manifests/3").path, "/manifests/3");
         let u = Url::parse("http://[::1]:81/").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 81));
         assert_eq!(u.to_string(), "http://[::1]:81/");
-        for bad in ["ftp://x", "http://", "http://a b/", "http://h:99999/", "http://h/\r\nX: y"] {
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http://a b/",
+            "http://h:99999/",
+            "http://h/\r\nX: y",
+        ] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
     }

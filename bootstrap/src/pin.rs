@@ -84,7 +84,10 @@ pub fn pinned_key(
                 })?;
             match (cfg.pin, cfg.trust) {
                 (Some(pin), _) if pin == key.fingerprint() => {
-                    log(&format!("pinning server key {} (matches idhal.pin)", key.id()));
+                    log(&format!(
+                        "pinning server key {} (matches idhal.pin)",
+                        key.id()
+                    ));
                 }
                 (Some(pin), _) => {
                     return Err(AgentError::Pin(format!(

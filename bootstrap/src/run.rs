@@ -114,7 +114,11 @@ fn accept(
     }
     write_atomic(&state.path("manifest"), bytes, 0o600)?;
     write_atomic(&sig_path, sig.as_bytes(), 0o600)?;
-    write_atomic(&state.path("serial"), format!("{}\n", m.serial).as_bytes(), 0o600)?;
+    write_atomic(
+        &state.path("serial"),
+        format!("{}\n", m.serial).as_bytes(),
+        0o600,
+    )?;
     log(&format!(
         "accepted manifest serial {} (expires {}, {} scriptlets)",
         m.serial,
@@ -170,15 +174,16 @@ fn execute(
         .env("IDHAL_STATE_DIR", &cfg.state_dir)
         .env("IDHAL_SERVER", cfg.server.as_deref().unwrap_or_default());
     if std::env::var_os("PATH").is_none() {
-        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
     }
     for p in &m.params {
         cmd.env(p.name.env_var(), p.value);
     }
     let started = Instant::now();
-    let status = cmd
-        .status()
-        .map_err(|e| AgentError::state("/bin/sh", e))?;
+    let status = cmd.status().map_err(|e| AgentError::state("/bin/sh", e))?;
     let record = Record {
         finished: now(),
         duration_ms: started.elapsed().as_millis() as u64,

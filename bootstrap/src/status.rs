@@ -78,13 +78,21 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
                 .unwrap_or("")
                 .to_owned()
         };
-        (get("finished").parse::<u64>().unwrap_or(0), get("exit"), get("message"))
+        (
+            get("finished").parse::<u64>().unwrap_or(0),
+            get("exit"),
+            get("message"),
+        )
     });
 
     let mut out = String::new();
     if json {
         out.push('{');
-        let _ = write!(out, "\"state_dir\":{},", json_str(&state_dir.display().to_string()));
+        let _ = write!(
+            out,
+            "\"state_dir\":{},",
+            json_str(&state_dir.display().to_string())
+        );
         match &key {
             Some(k) => {
                 let _ = write!(
@@ -96,7 +104,12 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
             }
             None => out.push_str("\"pinned_key\":null,"),
         }
-        let _ = write!(out, "\"serial\":{},\"expires\":{},", opt_num(serial), opt_num(expires));
+        let _ = write!(
+            out,
+            "\"serial\":{},\"expires\":{},",
+            opt_num(serial),
+            opt_num(expires)
+        );
         match &last {
             Some((t, code, msg)) => {
                 let _ = write!(

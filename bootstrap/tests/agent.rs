@@ -45,7 +45,13 @@ impl Setup {
         self.node.path("out")
     }
     fn publish(&self, serial: u64, specs: &[Spec]) {
-        publish(self.pubdir.path(), &self.key, serial, now() + NOW_PLUS_DAY, specs);
+        publish(
+            self.pubdir.path(),
+            &self.key,
+            serial,
+            now() + NOW_PLUS_DAY,
+            specs,
+        );
     }
     fn three(&self) -> Vec<Spec<'static>> {
         let out = self.out();
@@ -122,7 +128,14 @@ fn scriptlets_get_params_and_context() {
             ),
         )],
     );
-    let sig = s.key.sign(&m, &TrustedMeta { serial: 4, expires: now() + NOW_PLUS_DAY }.to_comment());
+    let sig = s.key.sign(
+        &m,
+        &TrustedMeta {
+            serial: 4,
+            expires: now() + NOW_PLUS_DAY,
+        }
+        .to_comment(),
+    );
     publish_raw(s.pubdir.path(), &s.key, 4, &m, &sig);
     s.node.run(&[]).expect(0, "ran 1");
     assert_eq!(lines(&out), ["http://10.0.2.100:8080/enroll 4 env /"]);
@@ -137,7 +150,9 @@ fn tampered_manifest_byte_is_refused() {
     let i = m.len() - 10;
     m[i] ^= 0x20;
     std::fs::write(&p, m).unwrap();
-    s.node.run(&[]).expect(5, "refused: signature does not match the manifest");
+    s.node
+        .run(&[])
+        .expect(5, "refused: signature does not match the manifest");
     s.assert_untouched(None);
     let (code, json) = s.node.status_json();
     assert_eq!(code, 9);
@@ -156,7 +171,9 @@ fn tampered_signature_is_refused() {
     chars[40] = if chars[40] == 'A' { 'B' } else { 'A' };
     lines[1] = chars.into_iter().collect();
     std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    s.node.run(&[]).expect(5, "refused: signature does not match the manifest");
+    s.node
+        .run(&[])
+        .expect(5, "refused: signature does not match the manifest");
     s.assert_untouched(None);
     // A forged trusted comment (claiming a later expiry) fails the global signature.
     s.publish(1, &s.three());
@@ -207,7 +224,9 @@ fn fetched_key_needs_matching_pin() {
     std::fs::remove_file(s.node.baked_key()).unwrap();
     s.publish(1, &s.three());
     // No baked key, no pin: refused, nothing fetched but the key.
-    s.node.run(&[]).expect(5, "refusing to trust the first key offered");
+    s.node
+        .run(&[])
+        .expect(5, "refusing to trust the first key offered");
     s.assert_untouched(None);
     assert!(s.node.read("state/server.pub").is_none());
     // A pin for another key: refused, names both fingerprints.
@@ -226,7 +245,12 @@ fn fetched_key_needs_matching_pin() {
     // Once pinned the key is never fetched again.
     s.server.requests.lock().unwrap().clear();
     s.node.run(&[]).expect(0, "ran 0");
-    assert!(!s.server.requests.lock().unwrap().contains(&"/idhal.pub".to_owned()));
+    assert!(!s
+        .server
+        .requests
+        .lock()
+        .unwrap()
+        .contains(&"/idhal.pub".to_owned()));
 }
 
 #[test]
@@ -246,9 +270,10 @@ fn rollback_is_refused() {
     s.node.run(&[]).expect(0, "serial 5");
     let before = lines(&s.out());
     s.publish(4, &[("zzz", Once, append(&s.out(), "evil"))]);
-    s.node
-        .run(&[])
-        .expect(5, "rollback refused: manifest serial 4 is older than serial 5");
+    s.node.run(&[]).expect(
+        5,
+        "rollback refused: manifest serial 4 is older than serial 5",
+    );
     assert_eq!(lines(&s.out()), before);
     assert_eq!(s.node.read("state/serial").as_deref(), Some("5\n"));
 }
@@ -265,7 +290,10 @@ fn expired_manifest_is_refused() {
 fn legacy_signature_from_stock_minisign_is_refused_and_prehashed_accepted() {
     let minisign = Path::new("/usr/bin/minisign");
     if !minisign.exists() {
-        assert!(std::env::var_os("CI").is_none(), "stock minisign missing in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "stock minisign missing in CI"
+        );
         eprintln!("SKIP: /usr/bin/minisign not installed");
         return;
     }
@@ -281,7 +309,8 @@ fn legacy_signature_from_stock_minisign_is_refused_and_prehashed_accepted() {
         .unwrap();
     assert!(ok.status.success(), "{ok:?}");
     std::fs::copy(&pk, s.node.baked_key()).unwrap();
-    let stock_key = idhal_manifest::PublicKey::parse(&std::fs::read_to_string(&pk).unwrap()).unwrap();
+    let stock_key =
+        idhal_manifest::PublicKey::parse(&std::fs::read_to_string(&pk).unwrap()).unwrap();
     let expires = now() + NOW_PLUS_DAY;
     let m = encode(3, expires, &[], &s.three());
     let mfile = keys.path().join("manifest");
@@ -289,7 +318,11 @@ fn legacy_signature_from_stock_minisign_is_refused_and_prehashed_accepted() {
     let comment = TrustedMeta { serial: 3, expires }.to_comment();
     let sign = |legacy: bool| {
         let mut c = std::process::Command::new(minisign);
-        c.args(["-S", "-s"]).arg(&sk).arg("-m").arg(&mfile).args(["-t", &comment]);
+        c.args(["-S", "-s"])
+            .arg(&sk)
+            .arg("-m")
+            .arg(&mfile)
+            .args(["-t", &comment]);
         if legacy {
             c.arg("-l");
         }
@@ -304,7 +337,9 @@ fn legacy_signature_from_stock_minisign_is_refused_and_prehashed_accepted() {
         std::fs::write(pubdir.join("manifest.minisig"), sig).unwrap();
     };
     put(&sign(true));
-    s.node.run(&[]).expect(5, "legacy (non-prehashed) minisign signature refused");
+    s.node
+        .run(&[])
+        .expect(5, "legacy (non-prehashed) minisign signature refused");
     s.assert_untouched(None);
     put(&sign(false));
     s.node.run(&[]).expect(0, "ran 3");
@@ -328,9 +363,10 @@ fn oversized_responses_are_cut_off() {
     s.assert_untouched(None);
     // No Content-Length and an endless body: cut off at the cap, not at memory exhaustion.
     s.server.set_fault(Fault::Endless);
-    s.node
-        .run(&[])
-        .expect(4, "/manifest.minisig: response larger than the 8192-byte limit");
+    s.node.run(&[]).expect(
+        4,
+        "/manifest.minisig: response larger than the 8192-byte limit",
+    );
     s.assert_untouched(None);
 }
 
@@ -341,11 +377,13 @@ fn hanging_and_trickling_servers_time_out() {
     for fault in [Fault::Hang, Fault::Trickle] {
         s.server.set_fault(fault);
         let t = std::time::Instant::now();
-        s.node
-            .run(&["--timeout", "2s"])
-            .expect(4, "timed out");
+        s.node.run(&["--timeout", "2s"]).expect(4, "timed out");
         // Bounded by the deadline (generous margin: this is a safety check, not a benchmark).
-        assert!(t.elapsed().as_secs() < 30, "{fault:?} took {:?}", t.elapsed());
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "{fault:?} took {:?}",
+            t.elapsed()
+        );
         s.assert_untouched(None);
     }
 }
@@ -361,7 +399,9 @@ fn transient_failures_are_retried() {
     assert!(r.stderr().contains("retry 2/3"));
     // Out of retries: a fetch failure, exit 4.
     s.server.set_fault(Fault::Unavailable(5));
-    s.node.run(&["--retries", "1"]).expect(4, "server answered HTTP 503");
+    s.node
+        .run(&["--retries", "1"])
+        .expect(4, "server answered HTTP 503");
     // Nothing listening at all.
     let dead = Node::new("http://127.0.0.1:1/");
     dead.bake(&s.key);
@@ -397,8 +437,14 @@ fn failing_scriptlet_is_retried_and_blocks_later_ones() {
     assert_eq!(log, "to-the-log\n");
     let (code, json) = s.node.status_json();
     assert_eq!(code, 6, "{json}");
-    assert!(json.contains("\"id\":\"010-flaky\",\"frequency\":\"once\",\"state\":\"failed\""), "{json}");
-    assert!(json.contains("\"id\":\"020-c\",\"frequency\":\"once\",\"state\":\"pending\""), "{json}");
+    assert!(
+        json.contains("\"id\":\"010-flaky\",\"frequency\":\"once\",\"state\":\"failed\""),
+        "{json}"
+    );
+    assert!(
+        json.contains("\"id\":\"020-c\",\"frequency\":\"once\",\"state\":\"pending\""),
+        "{json}"
+    );
     s.node.run(&[]).expect(6, "010-flaky failed");
     std::fs::write(&flag, "").unwrap();
     s.node.run(&[]).expect(0, "ran 2, 1 not due");
@@ -429,7 +475,10 @@ fn kill_during_scriptlet_leaves_it_pending() {
     let mut child = s.node.command("run", &[]).process_group(0).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !started.exists() {
-        assert!(std::time::Instant::now() < deadline, "scriptlet never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "scriptlet never started"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // Power loss: the agent and its scriptlet die together.
@@ -466,7 +515,9 @@ fn concurrent_runs_never_overlap() {
     while !started.exists() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    s.node.run(&[]).expect(7, "another idhal-bootstrap run holds");
+    s.node
+        .run(&[])
+        .expect(7, "another idhal-bootstrap run holds");
     assert!(first.wait().unwrap().success());
 }
 
@@ -475,7 +526,10 @@ fn usage_and_config_errors_have_their_own_codes() {
     let s = setup();
     Run(s.node.command("run", &["--frobnicate"]).output().unwrap()).expect(2, "usage:");
     std::fs::write(s.node.config(), "sever = http://x/\n").unwrap();
-    s.node.run(&[]).expect(3, "bootstrap.conf:1: sever = \"http://x/\": unknown setting");
+    s.node.run(&[]).expect(
+        3,
+        "bootstrap.conf:1: sever = \"http://x/\": unknown setting",
+    );
     let none = Node::new("");
     none.run(&[]).expect(3, "no server: set server =");
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_idhal-bootstrap"))

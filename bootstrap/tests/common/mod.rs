@@ -82,14 +82,19 @@ fn serve(mut conn: TcpStream, root: &Path, fault: &Mutex<Fault>, log: &Mutex<Vec
         let mut f = fault.lock().unwrap();
         let mode = *f;
         if let Fault::Unavailable(n) = *f {
-            *f = if n > 1 { Fault::Unavailable(n - 1) } else { Fault::None };
+            *f = if n > 1 {
+                Fault::Unavailable(n - 1)
+            } else {
+                Fault::None
+            };
         }
         mode
     };
     match mode {
         Fault::Hang => thread::sleep(Duration::from_secs(60)),
         Fault::Unavailable(_) => {
-            let _ = conn.write_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+            let _ =
+                conn.write_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
         }
         Fault::Endless => {
             let _ = conn.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
@@ -132,7 +137,10 @@ pub struct Key {
 impl Key {
     pub fn new() -> Key {
         let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
-        Key { pk: kp.pk, sk: kp.sk }
+        Key {
+            pk: kp.pk,
+            sk: kp.sk,
+        }
     }
 
     pub fn public(&self) -> idhal_manifest::PublicKey {
@@ -229,7 +237,11 @@ impl Node {
         std::fs::write(self.baked_key(), key.pub_text()).unwrap();
     }
     pub fn set_boot_id(&self, id: &str) {
-        std::fs::write(self.path("proc/sys/kernel/random/boot_id"), format!("{id}\n")).unwrap();
+        std::fs::write(
+            self.path("proc/sys/kernel/random/boot_id"),
+            format!("{id}\n"),
+        )
+        .unwrap();
     }
     pub fn set_cmdline(&self, line: &str) {
         std::fs::write(self.path("proc/cmdline"), line).unwrap();
@@ -260,7 +272,10 @@ impl Node {
 
     pub fn status_json(&self) -> (i32, String) {
         let o = self.command("status", &["--json"]).output().unwrap();
-        (o.status.code().unwrap(), String::from_utf8_lossy(&o.stdout).into_owned())
+        (
+            o.status.code().unwrap(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
     }
 
     pub fn read(&self, p: &str) -> Option<String> {
