@@ -112,14 +112,16 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot read {}", served_key.display()))?;
         match PublicKey::parse(&text) {
             Ok(k) if k == key => {}
-            Ok(k) => return Ok(inconsistent(format!(
+            Ok(k) => {
+                return Ok(inconsistent(format!(
                 "{} is key {} ({}), not the key {} given with --pub: first-boot nodes pinned by \
                      fingerprint would refuse it",
                 served_key.display(),
                 k.id(),
                 k.fingerprint(),
                 key.id()
-            ))),
+            )))
+            }
             Err(e) => {
                 return Ok(inconsistent(format!("{}: {e}", served_key.display())));
             }
