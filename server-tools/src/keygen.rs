@@ -6,6 +6,7 @@ use crate::publish::{self, PublishError};
 use crate::Global;
 use anyhow::Context;
 use idhal_manifest::paths;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,7 +60,11 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     }
     let pair = keys::generate(&source).context("cannot generate the key pair")?;
 
-    std::fs::create_dir_all(&args.dir)
+    // A directory made for the key is private too (existing ones are left as they are).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     publish::write_new(&secret_path, pair.secret_file.as_bytes(), 0o600).map_err(|e| match e {
         PublishError::Exists { path } => anyhow::anyhow!(
