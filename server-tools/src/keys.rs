@@ -40,7 +40,7 @@ pub(crate) enum KeyError {
     NeedPassphrase { origin: String },
     #[error("no passphrase option given and stdin is not a terminal: pass --passphrase-file FILE, set {ENV_PASSPHRASE}, or --no-passphrase for an unencrypted key (like minisign -W)")]
     NoPassphraseOption,
-    #[error("the passphrase from {0} is empty; use --no-passphrase for an unencrypted key")]
+    #[error("the passphrase from {0} is empty (an unencrypted key is made with `idhal keygen --no-passphrase`)")]
     EmptyPassphrase(String),
     #[error("the passphrase from {0} is longer than {MAX_PASSPHRASE} bytes")]
     LongPassphrase(String),

@@ -379,6 +379,52 @@ fn load_key(args: &Args) -> anyhow::Result<SigningKey> {
     Ok(SigningKey::load(&text, &origin, &passphrase)?)
 }
 
+fn build<'a>(
+    serial: u64,
+    expires: u64,
+    params: &'a [(ParamName, String)],
+    sources: &'a [SourceFile],
+) -> Manifest<'a> {
+    Manifest {
+        serial,
+        expires,
+        params: params
+            .iter()
+            .map(|(name, value)| Param {
+                name: name.clone(),
+                value,
+            })
+            .collect(),
+        scriptlets: sources
+            .iter()
+            .map(|s| Scriptlet {
+                id: s.id.clone(),
+                frequency: s.frequency,
+                body: &s.body,
+            })
+            .collect(),
+    }
+}
+
+fn check_size(size: usize, sources: &[SourceFile], limits: &Limits) -> anyhow::Result<()> {
+    if size <= limits.max_manifest {
+        return Ok(());
+    }
+    let mut biggest: Vec<&SourceFile> = sources.iter().collect();
+    biggest.sort_by_key(|s| std::cmp::Reverse(s.body.len()));
+    let top: Vec<String> = biggest
+        .iter()
+        .take(3)
+        .map(|s| format!("{} ({} bytes)", s.id, s.body.len()))
+        .collect();
+    bail!(
+        "the manifest would be {size} bytes, over the {}-byte cap (--max-size; agents refuse \
+         anything over theirs, default 4 MiB). Largest scriptlets: {}",
+        limits.max_manifest,
+        top.join(", ")
+    );
+}
+
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     let limits = Limits {
         max_manifest: args.max_size,
@@ -397,6 +443,13 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
             args.scriptlets.display()
         );
     }
+    // A lower bound of the final size (serial and expiry as one digit each), to refuse an
+    // oversized input before asking for a passphrase; the exact check follows signing's encode.
+    check_size(
+        build(0, 0, &params, &sources).encode().len(),
+        &sources,
+        &limits,
+    )?;
     let key = load_key(&args)?;
 
     let pubdir = &args.out;
@@ -438,42 +491,8 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
         .checked_add(lifetime)
         .context("--expires is too far in the future")?;
 
-    let manifest = Manifest {
-        serial,
-        expires,
-        params: params
-            .iter()
-            .map(|(name, value)| Param {
-                name: name.clone(),
-                value,
-            })
-            .collect(),
-        scriptlets: sources
-            .iter()
-            .map(|s| Scriptlet {
-                id: s.id.clone(),
-                frequency: s.frequency,
-                body: &s.body,
-            })
-            .collect(),
-    };
-    let bytes = manifest.encode();
-    if bytes.len() > limits.max_manifest {
-        let mut biggest: Vec<&SourceFile> = sources.iter().collect();
-        biggest.sort_by_key(|s| std::cmp::Reverse(s.body.len()));
-        let top: Vec<String> = biggest
-            .iter()
-            .take(3)
-            .map(|s| format!("{} ({} bytes)", s.id, s.body.len()))
-            .collect();
-        bail!(
-            "the manifest would be {} bytes, over the {}-byte cap (--max-size; agents refuse \
-             anything over theirs, default 4 MiB). Largest scriptlets: {}",
-            bytes.len(),
-            limits.max_manifest,
-            top.join(", ")
-        );
-    }
+    let bytes = build(serial, expires, &params, &sources).encode();
+    check_size(bytes.len(), &sources, &limits)?;
 
     let comment = TrustedMeta { serial, expires }.to_comment();
     let untrusted = format!(

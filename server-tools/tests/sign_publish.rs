@@ -330,3 +330,32 @@ fn verify_refuses_with_exact_errors_and_exit_codes() {
     assert!(help.stdout.contains("3  refused"));
     assert!(help.stdout.contains("4  PUBDIR is inconsistent"));
 }
+
+#[test]
+fn concurrent_signers_take_turns_and_stale_temp_files_are_cleaned() {
+    let f = Fixture::published();
+    // What a signer killed mid-write leaves behind.
+    let stale = f.pubdir.join(".idhal-tmp.manifest.999999.0");
+    std::fs::write(&stale, b"half").unwrap();
+    let signers: Vec<_> = (0..4)
+        .map(|_| {
+            f.sign_command()
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in signers {
+        assert!(c.wait().unwrap().success());
+    }
+    // Four more serials, none reused, every version intact.
+    let key = public_key(&f.pk);
+    assert_eq!(verified_serial(&f.pubdir, &key).0, 5);
+    for n in 1..=5u64 {
+        let body = read(&f.pubdir.join(paths::versioned_manifest(n)));
+        let sig = std::fs::read_to_string(f.pubdir.join(paths::versioned_signature(n))).unwrap();
+        assert_eq!(verify(&key, &body, &sig, &policy()).unwrap().serial, n);
+    }
+    assert!(!stale.exists());
+}

@@ -138,16 +138,23 @@ impl Fixture {
         sign(&self.sk, &self.pubdir, &self.scripts, extra)
     }
 
-    /// `idhal sign` with `IDHAL_KEY_PASSPHRASE` set to `passphrase`.
-    pub fn sign_with_env_passphrase(&self, passphrase: &str) -> Run {
-        run(idhal().env("IDHAL_KEY_PASSPHRASE", passphrase).args([
+    /// The `idhal sign --key SK --out PUBDIR SCRIPTS` command, not yet run.
+    pub fn sign_command(&self) -> Command {
+        let mut c = idhal();
+        c.args([
             "sign",
             "--key",
             s(&self.sk),
             "--out",
             s(&self.pubdir),
             s(&self.scripts),
-        ]))
+        ]);
+        c
+    }
+
+    /// `idhal sign` with `IDHAL_KEY_PASSPHRASE` set to `passphrase`.
+    pub fn sign_with_env_passphrase(&self, passphrase: &str) -> Run {
+        run(self.sign_command().env("IDHAL_KEY_PASSPHRASE", passphrase))
     }
 }
 
@@ -196,9 +203,11 @@ pub fn publish_by_hand(pubdir: &Path, serial: u64, body: &[u8], sig: &str) {
     std::fs::write(pubdir.join(paths::versioned_signature(serial)), sig).unwrap();
 }
 
-/// A running `idhal serve`, killed on drop.
+/// A running `idhal serve`, killed on drop. Its stderr (the access log) is drained by a thread so
+/// a long run cannot fill the pipe and stall the server.
 pub struct Server {
     child: Child,
+    log: Option<std::thread::JoinHandle<String>>,
     pub addr: SocketAddr,
 }
 
@@ -221,9 +230,16 @@ impl Server {
             child.stderr.take().unwrap().read_to_string(&mut err).ok();
             panic!("idhal serve did not start: {line:?}\n{err}");
         };
+        let mut stderr = child.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            let mut log = String::new();
+            stderr.read_to_string(&mut log).ok();
+            log
+        });
         Server {
             addr: addr.parse().unwrap(),
             child,
+            log: Some(log),
         }
     }
 
@@ -231,11 +247,10 @@ impl Server {
     pub fn stop(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let mut log = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            e.read_to_string(&mut log).ok();
-        }
-        log
+        self.log
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
     }
 }
 
