@@ -203,6 +203,17 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bootstrap.conf");
+        std::fs::write(&file, include_str!("../dist/bootstrap.conf.example")).unwrap();
+        let mut c = Config::default();
+        c.load_file(&file, true).unwrap();
+        assert_eq!(c.server.as_deref(), Some("http://10.0.2.100:8080/"));
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
     fn errors_name_the_origin() {
         let mut c = Config::default();
         let e = c.set("sever", "x", "f:3").unwrap_err().to_string();

@@ -281,7 +281,7 @@ fn exchange<S: Read + Write>(
 
     // Read the head (bounded), then parse it.
     let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
+    let mut chunk = [0u8; 64 << 10];
     let (status, content_length, head_len) = loop {
         let n = s.read(&mut chunk).map_err(|e| tls_or_io(e, t))?;
         if n == 0 {

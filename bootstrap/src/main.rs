@@ -28,6 +28,9 @@ fn config(common: &Common, proc: &run::Proc) -> Result<Config, AgentError> {
     for (k, v) in &common.overrides {
         cfg.set(k, v, &format!("--{}", k.replace('_', "-")))?;
     }
+    // Scriptlets run in `/`: a relative state directory must not change meaning for them.
+    cfg.state_dir = std::path::absolute(&cfg.state_dir)
+        .map_err(|e| AgentError::Config(format!("{}: {e}", cfg.state_dir.display())))?;
     Ok(cfg)
 }
 
@@ -60,8 +63,11 @@ fn main() -> ExitCode {
                 Ok(cfg) => match run::run(&cfg, &proc) {
                     Ok(s) => {
                         let msg = format!(
-                            "ok: serial {}, ran {}, {} not due",
-                            s.serial, s.ran, s.skipped
+                            "ok: serial {}, ran {}, {} not due ({:.2} ms after download)",
+                            s.serial,
+                            s.ran,
+                            s.skipped,
+                            s.local.as_secs_f64() * 1e3
                         );
                         log(&msg);
                         run::report(&cfg.state_dir, 0, &msg);

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::error::AgentError;
 use crate::fetch::{random_u64, Fetcher};
 use crate::http::{Tls, Url};
-use crate::state::{write_atomic, Record, StateDir};
+use crate::state::{write_atomic, write_file, Durability, Record, StateDir};
 use crate::{log, pin};
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::{verify, Expiry, Frequency, Manifest, Policy, Scriptlet};
@@ -40,6 +40,8 @@ pub struct Summary {
     pub serial: u64,
     pub ran: usize,
     pub skipped: usize,
+    /// Time from the end of the download to the end of the run (verify, record, scriptlets).
+    pub local: Duration,
 }
 
 fn tls(cfg: &Config) -> Result<Tls, AgentError> {
@@ -76,6 +78,7 @@ pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
 
     let key = pin::pinned_key(cfg, &state, &fetcher)?;
     let (bytes, sig) = fetcher.manifest()?;
+    let fetched = Instant::now();
     let policy = Policy {
         now: now(),
         expiry: Expiry::Enforce,
@@ -97,6 +100,7 @@ pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
             summary.skipped += 1;
         }
     }
+    summary.local = fetched.elapsed();
     Ok(summary)
 }
 
@@ -131,7 +135,7 @@ fn accept(
 pub fn is_due(state: &StateDir, s: &Scriptlet, boot_id: &str) -> Result<bool, AgentError> {
     Ok(match s.frequency {
         Frequency::Always => true,
-        Frequency::Once => state.record(s.id.as_str(), "done")?.is_none(),
+        Frequency::Once => !state.is_done(s.id.as_str())?,
         Frequency::Boot => state
             .record(s.id.as_str(), "done")?
             .is_none_or(|r| r.boot_id != boot_id),
@@ -229,5 +233,10 @@ pub fn report(state_dir: &Path, exit: u8, message: &str) {
         now(),
         message.replace('\n', " ")
     );
-    let _ = write_atomic(&state.path("last-run"), text.as_bytes(), 0o600);
+    let _ = write_file(
+        &state.path("last-run"),
+        text.as_bytes(),
+        0o600,
+        Durability::Relaxed,
+    );
 }

@@ -10,9 +10,27 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// Whether a write must survive power loss once it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file and its directory: markers, the pinned key, the accepted serial.
+    Durable,
+    /// Atomic but not synced: reports that the next run rewrites anyway.
+    Relaxed,
+}
+
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content, never a
 /// mix: temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentError> {
+    write_file(path, bytes, mode, Durability::Durable)
+}
+
+pub fn write_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> Result<(), AgentError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
@@ -26,6 +44,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AgentErr
             .open(&tmp)?;
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
+        if durability == Durability::Relaxed {
+            return fs::rename(&tmp, path);
+        }
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
@@ -117,6 +138,12 @@ impl StateDir {
                 )
             }),
         }
+    }
+
+    /// Whether a `done` marker exists (one syscall: the no-op run checks hundreds).
+    pub fn is_done(&self, id: &str) -> Result<bool, AgentError> {
+        let path = self.scriptlet_dir(id).join("done");
+        path.try_exists().map_err(|e| AgentError::state(&path, e))
     }
 
     pub fn record(&self, id: &str, kind: &str) -> Result<Option<Record>, AgentError> {

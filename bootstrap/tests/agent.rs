@@ -538,3 +538,13 @@ fn usage_and_config_errors_have_their_own_codes() {
         .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("EXIT CODES"));
 }
+
+#[test]
+fn relative_state_dir_works_for_scriptlets() {
+    let s = setup();
+    s.publish(1, &s.three());
+    let mut c = s.node.command("run", &["--state-dir", "rel-state"]);
+    c.current_dir(s.node.dir.path());
+    Run(c.output().unwrap()).expect(0, "ran 3");
+    assert!(s.node.path("rel-state/scriptlets/020-c/done").exists());
+}
