@@ -66,7 +66,8 @@ const PUBLISHED_MODE: u32 = 0o644;
         idhal sign --key keys/idhal.key --out /srv/idhal scriptlets/\n  \
         idhal sign --key keys/idhal.key --out /srv/idhal --expires 7d \\\n      \
         --param enroll-url=http://10.0.2.100:8080/enroll scriptlets/\n  \
-        IDHAL_SIGNING_KEY=\"$(cat idhal.key)\" IDHAL_KEY_PASSPHRASE=... idhal sign --out /srv/idhal scriptlets/\n\n\
+        export IDHAL_SIGNING_KEY=\"$(cat idhal.key)\" IDHAL_KEY_PASSPHRASE=...   # CI secrets\n  \
+        idhal sign --out /srv/idhal scriptlets/\n\n\
         Scriptlet header example (000-setup-tunnel.sh):\n  \
         #!/bin/sh\n  \
         # idhal: frequency=boot\n  \

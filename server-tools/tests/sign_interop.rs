@@ -72,11 +72,15 @@ fn idhal_keys_sign_with_stock_minisign() {
     let v = minisign(&["-Vm", s(&file), "-p", s(&pk)]).ok();
     assert!(v.stdout.contains("Trusted comment: plain"));
 
-    // Encrypted: minisign reads the password from stdin when it is not a terminal.
+    // Encrypted, the passphrase from the environment this time (sign_keygen.rs covers
+    // --passphrase-file): minisign reads the password from stdin when it is not a terminal.
     let keys = dir.path().join("enc");
-    let pass = dir.path().join("pass");
-    std::fs::write(&pass, "s3cret\n").unwrap();
-    idhal_run(&["keygen", "--dir", s(&keys), "--passphrase-file", s(&pass)]).ok();
+    let out =
+        run(idhal()
+            .env("IDHAL_KEY_PASSPHRASE", "s3cret")
+            .args(["keygen", "--dir", s(&keys)]))
+        .ok();
+    assert!(out.stdout.contains("(encrypted)"));
     let mut child = Command::new(MINISIGN)
         .args([
             "-S",
