@@ -83,3 +83,62 @@ fn encrypted_key_from_passphrase_file_and_env() {
     // Refusals published nothing.
     assert_eq!(verified_serial(&f.pubdir, &key).0, 2);
 }
+
+/// Runs `idhal ARGS` on a pseudo-terminal (util-linux `script`), typing `input`.
+fn on_a_terminal(args: &[&str], input: &str) -> Run {
+    let command = std::iter::once(BIN)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("IDHAL_KEY_PASSPHRASE")
+        .env_remove("IDHAL_SIGNING_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("util-linux `script`");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    // On a terminal stdout and stderr arrive mixed in `stdout`.
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stdout).into_owned(),
+    }
+}
+
+#[test]
+fn on_a_terminal_the_passphrase_is_prompted_for() {
+    let f = Fixture::new();
+    let keys = f.dir.path().join("tty");
+    let keys_arg = s(&keys).to_owned();
+    on_a_terminal(&["keygen", "--dir", &keys_arg], "pw one\npw two\n")
+        .fails(1, "the two passphrases typed differ");
+    assert!(!keys.join("idhal.key").exists());
+    let out = on_a_terminal(&["keygen", "--dir", &keys_arg], "pw one\npw one\n").ok();
+    assert!(out.stdout.contains("Passphrase (again): "));
+    assert!(out.stdout.contains("(encrypted)"));
+
+    let key = keys.join("idhal.key");
+    let args = [
+        "sign",
+        "--key",
+        s(&key),
+        "--out",
+        s(&f.pubdir),
+        s(&f.scripts),
+    ];
+    on_a_terminal(&args, "pw one\n").ok();
+    assert_eq!(
+        verified_serial(&f.pubdir, &public_key(&keys.join("idhal.pub"))).0,
+        1
+    );
+}
