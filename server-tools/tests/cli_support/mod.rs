@@ -220,10 +220,18 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start idhal serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        // The announcement line, with a deadline: a server that neither starts nor dies must
+        // not hang the test.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).ok();
+            tx.send(line).ok();
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| "(nothing within 30 s)".to_owned());
         let Some(addr) = line.trim().strip_prefix("listening on http://") else {
             let _ = child.kill();
             let mut err = String::new();
