@@ -5,7 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${1:-20}
 export RUSTC_BOOTSTRAP=1
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for t in manifest_parse signature_verify; do
     mkdir -p "corpus/$t"
-    cargo fuzz run --release "$t" -- -max_total_time="$seconds" -max_len=65536 2>&1 | tail -n 3
+    if cargo fuzz run --release "$t" -- -max_total_time="$seconds" -max_len=65536 >"$log" 2>&1; then
+        echo "fuzz $t: $(grep -E '^Done' "$log")"
+    else
+        tail -n 40 "$log"
+        echo "fuzz target $t FAILED (crash input under fuzz/artifacts/$t)" >&2
+        exit 1
+    fi
 done
