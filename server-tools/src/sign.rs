@@ -49,7 +49,8 @@ const PUBLISHED_MODE: u32 = 0o644;
         Scriptlets run in file-name order; the id is the file name without .sh (e.g. \
         000-setup-tunnel.sh -> 000-setup-tunnel). A header line `# idhal: frequency=once|boot|always` \
         in the first 10 lines sets when it runs (default once: once per node, ever). Hidden files \
-        are ignored; other files are skipped with a warning.\n\n\
+        are ignored; other files are skipped with a warning; a symlinked *.sh is refused (it could \
+        publish any file the signer can read).\n\n\
         The serial is one more than the one PUBDIR currently holds (after checking that signature \
         with this key; a PUBDIR signed by another key is refused). --serial N must be higher than \
         the current one: nodes refuse any serial lower than one they accepted (rollback protection).\n\n\
@@ -162,6 +163,26 @@ fn frequency_header(
     Ok(found)
 }
 
+/// Reads a scriptlet, refusing it as soon as the scriptlets read so far (`before` bytes) and this
+/// one exceed the manifest cap, so a huge or endless file is never read whole.
+fn read_capped(path: &Path, before: u64, cap: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let room = cap.saturating_sub(before);
+    let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut body = Vec::new();
+    file.take(room + 1)
+        .read_to_end(&mut body)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if body.len() as u64 > room {
+        bail!(
+            "{}: with it the scriptlets are over the {cap}-byte cap (--max-size; agents refuse \
+             anything over theirs, default 4 MiB); nothing was signed",
+            path.display()
+        );
+    }
+    Ok(body)
+}
+
 /// Every `*.sh` regular file in `dir`, in file-name order. Warnings go to stderr.
 pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<Vec<SourceFile>> {
     let entries = fs::read_dir(dir)
@@ -179,8 +200,17 @@ pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<
         if name.starts_with('.') {
             continue;
         }
-        let meta =
-            fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+        let meta = fs::symlink_metadata(&path)
+            .with_context(|| format!("cannot stat {}", path.display()))?;
+        // A link could point at any file the signer can read (its own key, say) and publish it
+        // to every node and every HTTP client: scriptlets must be the files themselves.
+        if name.ends_with(".sh") && meta.file_type().is_symlink() {
+            bail!(
+                "{} is a symbolic link; scriptlets must be regular files (a link could publish any \
+                 file the signer can read). Copy the target in instead; nothing was signed",
+                path.display()
+            );
+        }
         if !name.ends_with(".sh") || !meta.is_file() {
             eprintln!(
                 "idhal: warning: ignoring {}: not a *.sh regular file",
@@ -192,6 +222,7 @@ pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<
     }
     files.sort();
     let mut out = Vec::with_capacity(files.len());
+    let mut total: u64 = 0;
     for (name, path) in files {
         let stem = &name[..name.len() - ".sh".len()];
         let id: ScriptletId = stem.parse().with_context(|| {
@@ -200,7 +231,8 @@ pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<
                 path.display()
             )
         })?;
-        let body = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let body = read_capped(&path, total, limits.max_manifest as u64)?;
+        total += body.len() as u64;
         let frequency = frequency_header(&body, limits.header_lines, &path)?.unwrap_or_default();
         out.push(SourceFile {
             id,

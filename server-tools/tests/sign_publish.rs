@@ -202,16 +202,36 @@ fn the_size_cap_refuses_before_publishing() {
     write(&scripts, "000-small.sh", "echo\n");
     write(&scripts, "010-big.sh", &"x".repeat(5000));
     let pubdir = dir.path().join("pub");
-    sign(&sk, &pubdir, &scripts, &["--max-size", "4KiB"])
+    // The raw bodies alone are over: refused while reading, naming the file.
+    sign(&sk, &pubdir, &scripts, &["--max-size", "4KiB"]).fails(
+        1,
+        "010-big.sh: with it the scriptlets are over the 4096-byte cap (--max-size",
+    );
+    // The bodies fit, the encoded manifest (headers, lengths) does not.
+    write(&scripts, "010-big.sh", &"x".repeat(4050));
+    let out = sign(&sk, &pubdir, &scripts, &["--max-size", "4KiB"])
         .fails(1, "over the 4096-byte cap (--max-size");
-    let out = sign(&sk, &pubdir, &scripts, &["--max-size", "4KiB"]);
-    assert!(out.stderr.contains("010-big (5000 bytes)"));
+    assert!(out
+        .stderr
+        .contains("Largest scriptlets: 010-big (4050 bytes)"));
     assert!(!pubdir.join(paths::MANIFEST).exists());
     // The default cap is the agents' default, 4 MiB.
     write(&scripts, "010-big.sh", &"x".repeat(4 << 20));
     sign(&sk, &pubdir, &scripts, &[]).fails(1, "over the 4194304-byte cap");
     write(&scripts, "010-big.sh", &"x".repeat((4 << 20) - 200));
     sign(&sk, &pubdir, &scripts, &[]).ok();
+}
+
+#[test]
+fn a_symlinked_scriptlet_is_refused() {
+    // A link could publish any file the signer can read, such as its own secret key.
+    let f = Fixture::new();
+    std::os::unix::fs::symlink(&f.sk, f.scripts.join("010-key.sh")).unwrap();
+    f.sign(&[]).fails(
+        1,
+        "010-key.sh is a symbolic link; scriptlets must be regular files",
+    );
+    assert!(!f.pubdir.join(paths::MANIFEST).exists());
 }
 
 #[test]
