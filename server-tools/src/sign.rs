@@ -7,8 +7,8 @@ use crate::Global;
 use anyhow::{bail, Context};
 use idhal_manifest::time::{now, parse_duration, rfc3339};
 use idhal_manifest::{
-    paths, verify, Expiry, Frequency, Manifest, Param, ParamName, Policy, Scriptlet, ScriptletId,
-    SignatureFile, TrustedMeta,
+    paths, verify, Expiry, Frequency, Manifest, Param, ParamName, Policy, PublicKey, Scriptlet,
+    ScriptletId, SignatureFile, TrustedMeta,
 };
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -458,6 +458,101 @@ fn check_size(size: usize, sources: &[SourceFile], limits: &Limits) -> anyhow::R
     );
 }
 
+/// Takes PUBDIR's signer lock, waiting (and saying so) if another `idhal sign` holds it.
+fn lock_pubdir(pubdir: &Path) -> anyhow::Result<DirLock> {
+    let lock_path = pubdir.join(LOCK_FILE);
+    Ok(match DirLock::try_acquire(&lock_path) {
+        Err(PublishError::Locked { .. }) => {
+            eprintln!(
+                "idhal: waiting for another `idhal sign` to finish ({})",
+                lock_path.display()
+            );
+            DirLock::acquire(&lock_path)?
+        }
+        other => other?,
+    })
+}
+
+/// The serial to sign: `requested` if it is above everything PUBDIR holds, else current + 1.
+fn next_serial(requested: Option<u64>, current: &Current, pubdir: &Path) -> anyhow::Result<u64> {
+    Ok(match (requested, current.floor()) {
+        (Some(n), Some(cur)) if n <= cur => bail!(
+            "--serial {n} is not above the serial {cur} already in {}: nodes that accepted {cur} \
+             refuse any lower serial as a rollback, and a serial is never reused. Omit --serial \
+             (next is {}) or pass a higher one",
+            pubdir.display(),
+            cur.saturating_add(1)
+        ),
+        (Some(n), _) => n,
+        (None, Some(cur)) => cur
+            .checked_add(1)
+            .context("the current serial is at the maximum")?,
+        (None, None) => 1,
+    })
+}
+
+/// Signs `bytes` with `meta` as the trusted comment and checks the result exactly as an agent
+/// would: nothing an agent would refuse is ever published.
+fn sign_manifest(
+    key: &SigningKey,
+    bytes: &[u8],
+    meta: TrustedMeta,
+    now: u64,
+    last_serial: Option<u64>,
+) -> anyhow::Result<String> {
+    let untrusted = format!(
+        "idhal manifest serial {}, signed by key {}",
+        meta.serial,
+        key.public.id()
+    );
+    let sig_text = minisign::sign(
+        Some(&key.minisign_public),
+        &key.secret,
+        std::io::Cursor::new(bytes),
+        Some(&meta.to_comment()),
+        Some(&untrusted),
+    )
+    .map_err(|e| anyhow::anyhow!("signing failed: {e}"))?
+    .into_string();
+    let policy = Policy {
+        now,
+        expiry: Expiry::Enforce,
+        last_serial,
+    };
+    verify(&key.public, bytes, &sig_text, &policy)
+        .context("internal error: the new signature does not verify; nothing was published")?;
+    Ok(sig_text)
+}
+
+/// Writes the publication in the order agents rely on: the key (if changed), the immutable
+/// versioned pair, then `manifest`, and `manifest.minisig` last. Returns the paths written.
+fn publish_files(
+    pubdir: &Path,
+    key: &PublicKey,
+    serial: u64,
+    bytes: &[u8],
+    sig_text: &str,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let pub_text = key.to_file_text();
+    let pub_path = pubdir.join(paths::PUBLIC_KEY);
+    let mut written = Vec::new();
+    if fs::read_to_string(&pub_path).ok().as_deref() != Some(pub_text.as_str()) {
+        publish::write_atomic(&pub_path, pub_text.as_bytes(), PUBLISHED_MODE)?;
+        written.push(pub_path);
+    }
+    for (rel, data) in [
+        (paths::versioned_manifest(serial), bytes),
+        (paths::versioned_signature(serial), sig_text.as_bytes()),
+        (paths::MANIFEST.to_owned(), bytes),
+        (paths::SIGNATURE.to_owned(), sig_text.as_bytes()),
+    ] {
+        let path = pubdir.join(rel);
+        publish::write_atomic(&path, data, PUBLISHED_MODE)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     let limits = Limits {
         max_manifest: args.max_size,
@@ -476,8 +571,8 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
             args.scriptlets.display()
         );
     }
-    // A lower bound of the final size (serial and expiry as one digit each), to refuse an
-    // oversized input before asking for a passphrase; the exact check follows signing's encode.
+    // A lower bound of the final size (serial and expiry as one digit each); the exact check
+    // follows the final encode.
     check_size(
         build(0, 0, &params, &sources).encode().len(),
         &sources,
@@ -489,89 +584,22 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     let versions = pubdir.join(paths::VERSIONS_DIR);
     fs::create_dir_all(&versions)
         .with_context(|| format!("cannot create {}", versions.display()))?;
-    let lock_path = pubdir.join(LOCK_FILE);
-    let _lock = match DirLock::try_acquire(&lock_path) {
-        Err(PublishError::Locked { .. }) => {
-            eprintln!(
-                "idhal: waiting for another `idhal sign` to finish ({})",
-                lock_path.display()
-            );
-            DirLock::acquire(&lock_path)?
-        }
-        other => other?,
-    };
+    let _lock = lock_pubdir(pubdir)?;
     // We hold the lock: temp files are leftovers of a killed signer.
     publish::remove_stale_temp_files(pubdir)?;
     publish::remove_stale_temp_files(&versions)?;
 
     let current = read_current(pubdir, &key)?;
-    let serial = match (args.serial, current.floor()) {
-        (Some(n), Some(cur)) if n <= cur => bail!(
-            "--serial {n} is not above the serial {cur} already in {}: nodes that accepted {cur} \
-             refuse any lower serial as a rollback, and a serial is never reused. Omit --serial \
-             (next is {}) or pass a higher one",
-            pubdir.display(),
-            cur + 1
-        ),
-        (Some(n), _) => n,
-        (None, Some(cur)) => cur
-            .checked_add(1)
-            .context("the current serial is at the maximum")?,
-        (None, None) => 1,
-    };
+    let serial = next_serial(args.serial, &current, pubdir)?;
     let signed_at = now();
     let expires = signed_at
         .checked_add(lifetime)
         .context("--expires is too far in the future")?;
-
     let bytes = build(serial, expires, &params, &sources).encode();
     check_size(bytes.len(), &sources, &limits)?;
-
-    let comment = TrustedMeta { serial, expires }.to_comment();
-    let untrusted = format!(
-        "idhal manifest serial {serial}, signed by key {}",
-        key.public.id()
-    );
-    let sig_text = minisign::sign(
-        Some(&key.minisign_public),
-        &key.secret,
-        std::io::Cursor::new(&bytes),
-        Some(&comment),
-        Some(&untrusted),
-    )
-    .map_err(|e| anyhow::anyhow!("signing failed: {e}"))?
-    .into_string();
-    // Never publish what an agent would refuse: check it exactly as an agent does.
-    verify(
-        &key.public,
-        &bytes,
-        &sig_text,
-        &Policy {
-            now: signed_at,
-            expiry: Expiry::Enforce,
-            last_serial: current.signed,
-        },
-    )
-    .context("internal error: the new signature does not verify; nothing was published")?;
-
-    // Publication order matters; see the module docs and docs/server-tools.md.
-    let pub_text = key.public.to_file_text();
-    let pub_path = pubdir.join(paths::PUBLIC_KEY);
-    let mut written = Vec::new();
-    if fs::read_to_string(&pub_path).ok().as_deref() != Some(pub_text.as_str()) {
-        publish::write_atomic(&pub_path, pub_text.as_bytes(), PUBLISHED_MODE)?;
-        written.push(pub_path);
-    }
-    for (rel, data) in [
-        (paths::versioned_manifest(serial), bytes.as_slice()),
-        (paths::versioned_signature(serial), sig_text.as_bytes()),
-        (paths::MANIFEST.to_owned(), bytes.as_slice()),
-        (paths::SIGNATURE.to_owned(), sig_text.as_bytes()),
-    ] {
-        let path = pubdir.join(rel);
-        publish::write_atomic(&path, data, PUBLISHED_MODE)?;
-        written.push(path);
-    }
+    let meta = TrustedMeta { serial, expires };
+    let sig_text = sign_manifest(&key, &bytes, meta, signed_at, current.signed)?;
+    let written = publish_files(pubdir, &key.public, serial, &bytes, &sig_text)?;
     let pruned = prune(&versions, limits.keep_versions)?;
 
     println!(
@@ -605,6 +633,26 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials() {
+        let dir = Path::new("/pub");
+        let cur = |signed, highest_version| Current {
+            signed,
+            highest_version,
+        };
+        assert_eq!(next_serial(None, &cur(None, None), dir).unwrap(), 1);
+        assert_eq!(next_serial(None, &cur(Some(4), None), dir).unwrap(), 5);
+        // A publish that died after writing manifests/7 but before manifest.minisig.
+        assert_eq!(next_serial(None, &cur(Some(6), Some(7)), dir).unwrap(), 8);
+        assert_eq!(
+            next_serial(Some(9), &cur(Some(6), Some(7)), dir).unwrap(),
+            9
+        );
+        let err = next_serial(Some(7), &cur(Some(6), Some(7)), dir).unwrap_err();
+        assert!(err.to_string().contains("(next is 8)"));
+        assert!(next_serial(None, &cur(Some(u64::MAX), None), dir).is_err());
+    }
 
     #[test]
     fn sizes() {
