@@ -59,9 +59,9 @@ impl Fetcher {
                     let wait = backoff(n, &self.limits);
                     n += 1;
                     log(&format!(
-                        "fetch {url}: {e}; retry {n}/{} in {:.1}s",
+                        "fetch {url}: {e}; retry {n}/{} in {} ms",
                         self.limits.retries,
-                        wait.as_secs_f32()
+                        wait.as_millis()
                     ));
                     std::thread::sleep(wait);
                 }
