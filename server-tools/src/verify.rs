@@ -133,7 +133,12 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     } else {
         ""
     };
-    println!("verified {} with key {}", dir.display(), key.id());
+    println!(
+        "verified {} with key {} ({})",
+        dir.display(),
+        key.id(),
+        key.fingerprint()
+    );
     println!("serial {}", m.serial);
     println!("expires {}{expired}", rfc3339(m.expires));
     for p in &m.params {
