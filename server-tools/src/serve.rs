@@ -4,6 +4,7 @@
 use crate::router::{Router, StaticFiles};
 use crate::Global;
 use anyhow::Context;
+use idhal_manifest::paths;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +41,14 @@ pub struct Args {
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     let files = StaticFiles::new(&args.root)
         .with_context(|| format!("cannot serve {}", args.root.display()))?;
+    if !args.root.join(paths::SIGNATURE).is_file() {
+        eprintln!(
+            "idhal serve: warning: {} has no {} yet: agents will get 404 until `idhal sign --out {}` runs",
+            args.root.display(),
+            paths::SIGNATURE,
+            args.root.display()
+        );
+    }
     let router = Arc::new(Router::default().mount("/", files));
     let server = tiny_http::Server::http(args.listen.as_str())
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
