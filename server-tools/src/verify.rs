@@ -4,7 +4,7 @@
 use crate::Global;
 use anyhow::Context;
 use idhal_manifest::time::{now, rfc3339};
-use idhal_manifest::{paths, verify, Expiry, Policy, PublicKey};
+use idhal_manifest::{paths, verify, Expiry, Manifest, Policy, PublicKey, VerifyError};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -26,8 +26,8 @@ pub(crate) const EXIT_INCONSISTENT: u8 = 4;
         2  usage error\n  \
         3  refused: the manifest or its signature fails verification (tampered, wrong key, \
         expired, legacy signature, ...)\n  \
-        4  PUBDIR is inconsistent (manifest differs from manifests/<serial>, or idhal.pub is \
-        another key)\n\n\
+        4  PUBDIR is inconsistent (manifest differs from manifests/<serial>, a publish was \
+        interrupted, or idhal.pub is another key)\n\n\
         Examples:\n  \
         idhal verify --pub keys/idhal.pub /srv/idhal\n  \
         idhal verify --pub /etc/idhal/server.pub --ignore-expiry /srv/idhal   # forensic look at an expired one\n\n\
@@ -59,6 +59,15 @@ fn inconsistent(what: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_INCONSISTENT)
 }
 
+/// If `body` is byte for byte a version in PUBDIR/manifests whose own signature verifies,
+/// its serial. The serial is read from unverified bytes only to pick the file to check.
+fn signed_version_of(key: &PublicKey, body: &[u8], dir: &Path, policy: &Policy) -> Option<u64> {
+    let serial = Manifest::parse(body).ok()?.serial;
+    let copy = std::fs::read(dir.join(paths::versioned_manifest(serial))).ok()?;
+    let sig = std::fs::read_to_string(dir.join(paths::versioned_signature(serial))).ok()?;
+    (copy == body && verify(key, &copy, &sig, policy).is_ok()).then_some(serial)
+}
+
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     let key_text = std::fs::read_to_string(&args.public)
         .with_context(|| format!("cannot read public key {}", args.public.display()))?;
@@ -84,6 +93,20 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     };
     let m = match verify(&key, &body, sig_text, &policy) {
         Ok(m) => m,
+        Err(e @ VerifyError::BadSignature) => {
+            // A publish interrupted between its last two renames leaves `manifest` one version
+            // ahead of `manifest.minisig`. Agents are unaffected (they read manifests/<serial>);
+            // say so instead of "tampered" when `manifest` is a newer, validly signed version.
+            if let Some(newer) = signed_version_of(&key, &body, dir, &policy) {
+                return Ok(inconsistent(format!(
+                    "{} is already serial {newer} but {} still signs an older one: an interrupted \
+                     publish? Re-run `idhal sign`",
+                    manifest_path.display(),
+                    sig_path.display()
+                )));
+            }
+            return Ok(refused(format!("{}: {e}", manifest_path.display())));
+        }
         Err(e) => return Ok(refused(format!("{}: {e}", manifest_path.display()))),
     };
 

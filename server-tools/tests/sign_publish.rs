@@ -323,6 +323,18 @@ fn verify_refuses_with_exact_errors_and_exit_codes() {
         "signature does not match the manifest: manifest or signature was tampered with or truncated",
     );
 
+    // `manifest` one version ahead of `manifest.minisig` (a publish interrupted between its
+    // last two renames): inconsistent, not "tampered", since that version is validly signed.
+    std::fs::write(pubdir.join(paths::MANIFEST), &good).unwrap();
+    let old_sig = std::fs::read(pubdir.join(paths::SIGNATURE)).unwrap();
+    sign(&sk, &pubdir, &scripts, &[]).ok();
+    std::fs::write(pubdir.join(paths::SIGNATURE), &old_sig).unwrap();
+    verify_cmd(&pk, &[]).fails(4, "manifest is already serial 2 but");
+    let o = verify_cmd(&pk, &[]);
+    assert!(o
+        .stderr
+        .contains("an interrupted publish? Re-run `idhal sign`"));
+
     // Expired (a fixture `idhal sign` cannot make): refused, shown with --ignore-expiry.
     let m = Manifest {
         serial: 5,
