@@ -1,12 +1,309 @@
-//! `idhal hook` (not built yet).
+//! `idhal hook client-connect|client-disconnect`: OpenVPN's scripts. They turn OpenVPN's
+//! environment into a validated session, then register the node with the scheduler and DNS under
+//! a per-node lock, within one time budget, and map the outcome to an exit code by policy.
 
+use crate::config::{DnsUpdate, OnDisconnect, OnFailure, ServerConfig};
+use crate::dnsupdate::{TsigKey, Updater};
+use crate::names::HostName;
+use crate::openvpn_env::Session;
+use crate::process::{Deadline, NodeLock};
+use crate::scheduler::{self, DownOutcome, NodeUp};
 use crate::Global;
+use anyhow::Context as _;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// (not built yet)
+const HOOK_HELP: &str = "\
+Used directly as OpenVPN's client-connect / client-disconnect scripts:
+
+  script-security 2
+  client-connect    \"/usr/local/bin/idhal hook client-connect --config /etc/idhal/server.toml\"
+  client-disconnect \"/usr/local/bin/idhal hook client-disconnect --config /etc/idhal/server.toml\"
+
+They read OpenVPN's environment (common_name, ifconfig_pool_remote_ip, trusted_ip, time_unix) and
+refuse any value that is not a valid node id or address. The node's name comes from its VPN
+address through [names] template (vnode-{3}-{4} → vnode-7-38 for 10.134.7.38).
+
+On connect: OAR resource created once, properties set, state Alive (read back to confirm); DNS A
+and PTR replaced ([dns] update = \"rfc2136\"). On disconnect: OAR state Absent (never removed);
+DNS records removed when [dns] on_disconnect = \"remove\".
+
+Exit codes: 0 done (or failed with [hook] on_failure = \"admit\"); 1 refused: invalid input, or a
+backend failed with on_failure = \"refuse\" (OpenVPN then refuses the client); 2 usage or config
+error. Every backend call has a timeout and the whole hook is capped by [limits] hook_budget_ms.
+See docs/hooks.md.";
+
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(about = "OpenVPN client-connect / client-disconnect hooks (OAR + DNS)", long_about = HOOK_HELP)]
+pub struct Args {
+    #[command(subcommand)]
+    pub event: Event,
+}
 
-pub fn run(_args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`idhal hook` is not built yet")
+#[derive(Debug, clap::Subcommand)]
+pub enum Event {
+    /// A client connected: register it in the scheduler and DNS.
+    ClientConnect {
+        /// The file OpenVPN passes for dynamic client options; idhal adds none and leaves it.
+        #[arg(value_name = "OPENVPN_TMPFILE")]
+        options_file: Option<PathBuf>,
+    },
+    /// A client disconnected: mark it Absent in the scheduler (and drop DNS if configured).
+    ClientDisconnect,
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let cfg = ServerConfig::load(global.config.as_deref())?;
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let (name, result) = match args.event {
+        Event::ClientConnect { .. } => ("client-connect", connect(&cfg, &global.state_dir, &env)),
+        Event::ClientDisconnect => (
+            "client-disconnect",
+            disconnect(&cfg, &global.state_dir, &env),
+        ),
+    };
+    Ok(exit_code(name, &cfg, result))
+}
+
+/// Why a hook did not complete.
+#[derive(Debug)]
+pub enum HookFailure {
+    /// The environment held a value that is not acceptable: always refused.
+    Refused(anyhow::Error),
+    /// A backend failed or timed out: `on_failure` decides.
+    Backend(Vec<anyhow::Error>),
+}
+
+fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, HookFailure>) -> ExitCode {
+    match result {
+        Ok(line) => {
+            eprintln!("idhal hook {name}: {line}");
+            ExitCode::SUCCESS
+        }
+        Err(HookFailure::Refused(e)) => {
+            eprintln!("idhal hook {name}: REFUSED: {e:#}");
+            ExitCode::from(1)
+        }
+        Err(HookFailure::Backend(errors)) => {
+            for e in &errors {
+                eprintln!("idhal hook {name}: error: {e:#}");
+            }
+            match cfg.hook.on_failure {
+                OnFailure::Refuse => {
+                    eprintln!("idhal hook {name}: failing (on_failure = \"refuse\"); `idhal reconcile` repairs missed events");
+                    ExitCode::from(1)
+                }
+                OnFailure::Admit => {
+                    eprintln!("idhal hook {name}: admitting anyway (on_failure = \"admit\"); `idhal reconcile` will repair it");
+                    ExitCode::SUCCESS
+                }
+            }
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn session_and_host(
+    cfg: &ServerConfig,
+    env: &HashMap<String, String>,
+) -> Result<(Session, HostName), HookFailure> {
+    let session = Session::from_env(env, &cfg.names.pool, now_unix())
+        .map_err(|e| HookFailure::Refused(e.into()))?;
+    let label = cfg
+        .names
+        .template
+        .render(session.vpn_ip)
+        .map_err(|e| HookFailure::Refused(e.into()))?;
+    let host = HostName {
+        label,
+        domain: cfg.names.domain.clone(),
+    };
+    Ok((session, host))
+}
+
+fn dns_updater(cfg: &ServerConfig, deadline: Deadline) -> anyhow::Result<Option<Updater>> {
+    if cfg.dns.update == DnsUpdate::Off {
+        return Ok(None);
+    }
+    let path = cfg
+        .dns
+        .tsig_key_file
+        .as_deref()
+        .context("[dns] tsig_key_file is not set")?;
+    Ok(Some(Updater {
+        server: cfg.dns.server,
+        key: TsigKey::load(path)?,
+        timeout: deadline.cap(cfg.limits.dns_timeout()),
+    }))
+}
+
+/// Registers one connected node. Shared by the hook and `idhal reconcile`.
+pub fn connect_session(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    session: &Session,
+    host: &HostName,
+    deadline: Deadline,
+) -> Result<String, HookFailure> {
+    let started = Instant::now();
+    let _lock = NodeLock::acquire(
+        state_dir,
+        host.label.as_str(),
+        deadline.cap(cfg.limits.lock_wait()),
+    )
+    .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    if let Some(sched) = scheduler::open(cfg, state_dir) {
+        let up = NodeUp {
+            node: session.node.clone(),
+            host: host.clone(),
+            vpn_ip: session.vpn_ip,
+            client_ip: session.client_ip,
+            since: session.since,
+            node_type: scheduler::node_type(cfg, state_dir, &session.node),
+        };
+        match sched.node_up(&up, deadline) {
+            Ok(o) => done.push(format!(
+                "{} resource {:?} Alive{}",
+                sched.name(),
+                o.resource_ids,
+                if o.created { " (created)" } else { "" }
+            )),
+            Err(e) => errors.push(
+                anyhow::Error::new(e).context(format!("{}: registering {host}", sched.name())),
+            ),
+        }
+    }
+    match dns_updater(cfg, deadline) {
+        Ok(None) => {}
+        Ok(Some(u)) => match u.upsert(
+            host,
+            session.vpn_ip,
+            &cfg.forward_zone(),
+            &cfg.reverse_zone()
+                .map_err(|e| HookFailure::Backend(vec![e.into()]))?,
+            cfg.dns.ttl,
+        ) {
+            Ok(()) => done.push("DNS A+PTR set".into()),
+            Err(e) => errors.push(e.into()),
+        },
+        Err(e) => errors.push(e),
+    }
+    if !errors.is_empty() {
+        return Err(HookFailure::Backend(errors));
+    }
+    Ok(format!(
+        "{} → {host} ({}): {} in {:.2} s",
+        session.node,
+        session.vpn_ip,
+        if done.is_empty() {
+            "nothing to do (no backend configured)".into()
+        } else {
+            done.join(", ")
+        },
+        started.elapsed().as_secs_f64()
+    ))
+}
+
+/// Takes one node down. Shared by the hook and `idhal reconcile` (which passes no session time).
+pub fn disconnect_host(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    host: &HostName,
+    vpn_ip: std::net::Ipv4Addr,
+    since: Option<u64>,
+    deadline: Deadline,
+) -> Result<String, HookFailure> {
+    let started = Instant::now();
+    let _lock = NodeLock::acquire(
+        state_dir,
+        host.label.as_str(),
+        deadline.cap(cfg.limits.lock_wait()),
+    )
+    .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    let mut stale = false;
+    if let Some(sched) = scheduler::open(cfg, state_dir) {
+        match sched.node_down(host, since, deadline) {
+            Ok(DownOutcome::MarkedDown) => done.push(format!("{} Absent", sched.name())),
+            Ok(DownOutcome::AlreadyDown) => done.push(format!("{} already Absent", sched.name())),
+            Ok(DownOutcome::Unknown) => done.push(format!("unknown to {}", sched.name())),
+            Ok(DownOutcome::NewerSession) => {
+                stale = true;
+                done.push(format!(
+                    "ignored: {} holds a newer session for this node",
+                    sched.name()
+                ));
+            }
+            Err(e) => errors.push(
+                anyhow::Error::new(e).context(format!("{}: taking {host} down", sched.name())),
+            ),
+        }
+    }
+    if cfg.dns.on_disconnect == OnDisconnect::Remove && !stale {
+        match dns_updater(cfg, deadline) {
+            Ok(None) => {}
+            Ok(Some(u)) => match u.remove(
+                host,
+                vpn_ip,
+                &cfg.forward_zone(),
+                &cfg.reverse_zone()
+                    .map_err(|e| HookFailure::Backend(vec![e.into()]))?,
+            ) {
+                Ok(()) => done.push("DNS A+PTR removed".into()),
+                Err(e) => errors.push(e.into()),
+            },
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(HookFailure::Backend(errors));
+    }
+    Ok(format!(
+        "{host} ({vpn_ip}): {} in {:.2} s",
+        if done.is_empty() {
+            "nothing to do (no backend configured)".into()
+        } else {
+            done.join(", ")
+        },
+        started.elapsed().as_secs_f64()
+    ))
+}
+
+fn connect(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<String, HookFailure> {
+    let deadline = Deadline::after(cfg.limits.hook_budget());
+    let (session, host) = session_and_host(cfg, env)?;
+    connect_session(cfg, state_dir, &session, &host, deadline)
+}
+
+fn disconnect(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<String, HookFailure> {
+    let deadline = Deadline::after(cfg.limits.hook_budget());
+    let (session, host) = session_and_host(cfg, env)?;
+    disconnect_host(
+        cfg,
+        state_dir,
+        &host,
+        session.vpn_ip,
+        Some(session.since),
+        deadline,
+    )
+    .map(|line| format!("{}: {line}", session.node))
 }

@@ -1,12 +1,321 @@
-//! `idhal reconcile` (not built yet).
+//! `idhal reconcile`: compares who OpenVPN says is connected (its status file) with what the
+//! scheduler holds, and replays the missed connect/disconnect events. Idempotent, for a timer.
 
+use crate::config::ServerConfig;
+use crate::hook::{connect_session, disconnect_host, HookFailure};
+use crate::names::HostName;
+use crate::openvpn_env::Session;
+use crate::process::{Deadline, NodeLock};
+use crate::scheduler;
 use crate::Global;
+use anyhow::Context as _;
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// (not built yet)
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(
+    about = "Repair scheduler/DNS state from OpenVPN's status file (safe from a timer)",
+    long_about = "Reads OpenVPN's status file ([reconcile] status_file; OpenVPN needs \
+        `status FILE 10` and `status-version 2` or 3) and compares the connected clients with the \
+        scheduler:\n\
+        - a connected node that is missing, not Alive, or registered with another CN or address \
+          is registered again (exactly as `idhal hook client-connect` does, DNS included);\n\
+        - a node idhal manages that is Alive but no longer connected is set Absent (never \
+          removed), unless it registered after the status file was written.\n\n\
+        A status file older than [reconcile] max_status_age_secs is refused (OpenVPN is not \
+        writing it: acting on it could take every node down). Runs hold the same per-node locks \
+        as the hooks, and a second concurrent reconcile exits at once.\n\n\
+        Exit codes: 0 all consistent (or repaired); 1 some repair failed or an entry was \
+        invalid; 2 usage or config error.\n\n\
+        Example systemd timer: OnBootSec=1min, OnUnitActiveSec=1min running\n  \
+        idhal --config /etc/idhal/server.toml reconcile"
+)]
+pub struct Args {
+    /// Print what would change without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Status file to read instead of [reconcile] status_file.
+    #[arg(long, value_name = "FILE")]
+    pub status_file: Option<std::path::PathBuf>,
+}
 
-pub fn run(_args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`idhal reconcile` is not built yet")
+/// One `CLIENT_LIST` entry, still unvalidated.
+#[derive(Debug, Clone)]
+struct StatusEntry {
+    line: usize,
+    fields: HashMap<&'static str, String>,
+}
+
+/// Parsed status file: its write time and client entries.
+#[derive(Debug)]
+struct Status {
+    written: u64,
+    clients: Vec<StatusEntry>,
+}
+
+fn parse_status(text: &str) -> anyhow::Result<Status> {
+    let mut written = None;
+    let mut columns: Option<Vec<String>> = None;
+    let mut clients = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        // Version 2 separates with commas, version 3 with tabs.
+        let sep = if line.contains('\t') { '\t' } else { ',' };
+        let f: Vec<&str> = line.split(sep).collect();
+        match f.first().copied() {
+            Some("TIME") => written = f.get(2).and_then(|t| t.parse::<u64>().ok()),
+            Some("HEADER") if f.get(1) == Some(&"CLIENT_LIST") => {
+                columns = Some(f[2..].iter().map(|s| s.to_string()).collect());
+            }
+            Some("CLIENT_LIST") => {
+                let cols = columns
+                    .as_ref()
+                    .context("CLIENT_LIST before its HEADER line (status-version 2 or 3 needed)")?;
+                let get = |name: &str| {
+                    cols.iter()
+                        .position(|c| c == name)
+                        .and_then(|p| f.get(p + 1))
+                        .map(|s| s.to_string())
+                };
+                let mut fields = HashMap::new();
+                for (key, col) in [
+                    ("common_name", "Common Name"),
+                    ("real", "Real Address"),
+                    ("ifconfig_pool_remote_ip", "Virtual Address"),
+                    ("time_unix", "Connected Since (time_t)"),
+                ] {
+                    if let Some(v) = get(col) {
+                        fields.insert(key, v);
+                    }
+                }
+                clients.push(StatusEntry {
+                    line: i + 1,
+                    fields,
+                });
+            }
+            _ => {}
+        }
+    }
+    let written = written.context("no TIME line (status-version 2 or 3 needed)")?;
+    Ok(Status { written, clients })
+}
+
+/// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address.
+fn real_ip(s: &str) -> Option<String> {
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once(']').map(|(a, _)| a.to_owned());
+    }
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return Some(s.to_owned());
+    }
+    s.rsplit_once(':').map(|(a, _)| a.to_owned())
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let cfg = ServerConfig::load(global.config.as_deref())?;
+    let state_dir = &global.state_dir;
+    let Ok(_running) = NodeLock::acquire(state_dir, "reconcile", Duration::ZERO) else {
+        eprintln!("idhal reconcile: another reconcile is running; nothing done");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = args
+        .status_file
+        .as_deref()
+        .unwrap_or(&cfg.reconcile.status_file);
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading OpenVPN status file {}", path.display()))?;
+    let status = parse_status(&text).with_context(|| format!("status file {}", path.display()))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let age = now.saturating_sub(status.written);
+    if age > cfg.reconcile.max_status_age_secs {
+        anyhow::bail!(
+            "status file {} was written {age} s ago (limit {} s): is OpenVPN running and writing it? Nothing changed",
+            path.display(),
+            cfg.reconcile.max_status_age_secs
+        );
+    }
+    reconcile(&cfg, state_dir, &status, args.dry_run)
+}
+
+fn reconcile(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    status: &Status,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut failures = 0usize;
+    let mut connected: BTreeMap<String, (Session, HostName)> = BTreeMap::new();
+    for entry in &status.clients {
+        let mut env: HashMap<String, String> = entry
+            .fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        if let Some(ip) = entry.fields.get("real").and_then(|r| real_ip(r)) {
+            let key = if ip.contains(':') {
+                "trusted_ip6"
+            } else {
+                "trusted_ip"
+            };
+            env.insert(key.into(), ip);
+        }
+        // The same validation as the hook: a status file is input too.
+        let parsed = Session::from_env(&env, &cfg.names.pool, status.written)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| {
+                let label = cfg.names.template.render(s.vpn_ip)?;
+                let host = HostName {
+                    label,
+                    domain: cfg.names.domain.clone(),
+                };
+                Ok((s, host))
+            });
+        match parsed {
+            Ok((s, host)) => {
+                connected.insert(host.to_string(), (s, host));
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!(
+                    "idhal reconcile: status line {}: skipped: {e:#}",
+                    entry.line
+                );
+            }
+        }
+    }
+
+    let sched = scheduler::open(cfg, state_dir);
+    let managed = match &sched {
+        Some(s) => s
+            .managed_nodes(Deadline::after(cfg.limits.hook_budget()))
+            .with_context(|| format!("{}: listing nodes", s.name()))?,
+        None => Vec::new(),
+    };
+    let by_host: HashMap<&str, &scheduler::ManagedNode> =
+        managed.iter().map(|m| (m.host.as_str(), m)).collect();
+
+    let (mut repaired, mut downed) = (0usize, 0usize);
+    for (name, (session, host)) in &connected {
+        let ok = match (&sched, by_host.get(name.as_str())) {
+            (Some(s), Some(m)) => {
+                s.is_up_state(&m.state)
+                    && m.node.as_deref() == Some(session.node.as_str())
+                    && m.vpn_ip.as_deref() == Some(session.vpn_ip.to_string().as_str())
+            }
+            (Some(_), None) => false,
+            // Without a scheduler only DNS is left to assert, which is idempotent.
+            (None, _) => false,
+        };
+        if ok {
+            continue;
+        }
+        if dry_run {
+            println!(
+                "would register {} → {host} ({})",
+                session.node, session.vpn_ip
+            );
+            continue;
+        }
+        let deadline = Deadline::after(cfg.limits.hook_budget());
+        match connect_session(cfg, state_dir, session, host, deadline) {
+            Ok(line) => {
+                repaired += 1;
+                println!("idhal reconcile: registered {line}");
+            }
+            Err(e) => {
+                failures += 1;
+                report(&e, host);
+            }
+        }
+    }
+    for m in &managed {
+        let is_up = sched.as_ref().is_some_and(|s| s.is_up_state(&m.state));
+        if !is_up || connected.contains_key(&m.host) {
+            continue;
+        }
+        let Ok(host) = HostName::parse_in(&m.host, &cfg.names.domain) else {
+            eprintln!(
+                "idhal reconcile: {}: not in domain {}, left alone",
+                m.host, cfg.names.domain
+            );
+            continue;
+        };
+        let Some(vpn_ip) = m.vpn_ip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
+            eprintln!(
+                "idhal reconcile: {}: no valid ip property, left alone",
+                m.host
+            );
+            continue;
+        };
+        if dry_run {
+            println!("would take down {host} ({vpn_ip})");
+            continue;
+        }
+        let deadline = Deadline::after(cfg.limits.hook_budget());
+        // `since` = the status file's time: a node that registered after it was written is
+        // simply not in it yet, and must stay up.
+        match disconnect_host(
+            cfg,
+            state_dir,
+            &host,
+            vpn_ip,
+            Some(status.written),
+            deadline,
+        ) {
+            Ok(line) => {
+                downed += 1;
+                println!("idhal reconcile: took down {line}");
+            }
+            Err(e) => {
+                failures += 1;
+                report(&e, &host);
+            }
+        }
+    }
+    println!(
+        "idhal reconcile: {} connected, {repaired} registered again, {downed} taken down, {failures} failures",
+        connected.len()
+    );
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn report(e: &HookFailure, host: &HostName) {
+    match e {
+        HookFailure::Refused(e) => eprintln!("idhal reconcile: {host}: refused: {e:#}"),
+        HookFailure::Backend(errors) => {
+            for e in errors {
+                eprintln!("idhal reconcile: {host}: error: {e:#}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_v2_and_v3() {
+        let v2 = "TITLE,OpenVPN 2.6\nTIME,2026-11-22 23:00:00,1795000000\n\
+            HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n\
+            CLIENT_LIST,client317,192.0.2.7:1194,10.134.7.38,,1,2,2026-11-22 22:59:00,1794999940,UNDEF,0,0,AES-256-GCM\nEND\n";
+        let s = parse_status(v2).unwrap();
+        assert_eq!(s.written, 1_795_000_000);
+        assert_eq!(s.clients[0].fields["common_name"], "client317");
+        assert_eq!(s.clients[0].fields["time_unix"], "1794999940");
+        let v3 = v2.replace(',', "\t");
+        assert_eq!(parse_status(&v3).unwrap().clients.len(), 1);
+        assert!(parse_status("CLIENT_LIST,a\n").is_err());
+        assert_eq!(real_ip("192.0.2.7:1194").unwrap(), "192.0.2.7");
+        assert_eq!(real_ip("[2001:db8::1]:5").unwrap(), "2001:db8::1");
+    }
 }

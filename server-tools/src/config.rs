@@ -1,0 +1,368 @@
+//! The server's TOML configuration (`--config FILE`): one struct per section, every key optional
+//! with a documented default (docs/server-config.md). Values are validated while parsing, so a
+//! bad name template or domain stops every command at start, not a node at connect time.
+
+use crate::names::{Domain, Ipv4Net, Label, NameError, NameTemplate};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config {path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub names: NamesSection,
+    pub hook: HookSection,
+    pub scheduler: SchedulerSection,
+    pub oar: OarSection,
+    pub dns: DnsSection,
+    pub reconcile: ReconcileSection,
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    /// Reads `path`, or returns the defaults when no file was given.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        let invalid = |msg: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            msg,
+        };
+        if cfg.dns.update == DnsUpdate::Rfc2136 && cfg.dns.tsig_key_file.is_none() {
+            return Err(invalid(
+                "[dns] update = \"rfc2136\" needs tsig_key_file (unsigned updates are not sent)"
+                    .into(),
+            ));
+        }
+        if cfg.dns.update == DnsUpdate::Rfc2136 {
+            cfg.reverse_zone().map_err(|e| invalid(e.to_string()))?;
+        }
+        Ok(cfg)
+    }
+
+    /// The zone forward records go to: `[dns] forward_zone`, else `[names] domain`.
+    pub fn forward_zone(&self) -> Domain {
+        self.dns
+            .forward_zone
+            .clone()
+            .unwrap_or_else(|| self.names.domain.clone())
+    }
+
+    /// The reverse zone: `[dns] reverse_zone`, else derived from the pool when its prefix is
+    /// 8, 16 or 24 bits (10.134.0.0/16 → 134.10.in-addr.arpa).
+    pub fn reverse_zone(&self) -> Result<Domain, NameError> {
+        if let Some(z) = &self.dns.reverse_zone {
+            return Ok(z.clone());
+        }
+        let pool = self.names.pool;
+        let o = pool.addr.octets();
+        let n = match pool.prefix {
+            8 => 1,
+            16 => 2,
+            24 => 3,
+            _ => {
+                return Err(NameError::Invalid {
+                    what: "[dns] reverse_zone",
+                    value: String::new(),
+                    why: "must be set when the pool's prefix is not 8, 16 or 24",
+                })
+            }
+        };
+        let labels: Vec<String> = o[..n].iter().rev().map(u8::to_string).collect();
+        Domain::parse(&format!("{}.in-addr.arpa", labels.join(".")))
+    }
+}
+
+macro_rules! try_from_string {
+    ($t:ty) => {
+        impl TryFrom<String> for $t {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, NameError> {
+                <$t>::parse(&s)
+            }
+        }
+    };
+}
+try_from_string!(Domain);
+try_from_string!(Label);
+try_from_string!(NameTemplate);
+try_from_string!(Ipv4Net);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamesSection {
+    #[serde(deserialize_with = "de_try")]
+    pub domain: Domain,
+    #[serde(deserialize_with = "de_try")]
+    pub template: NameTemplate,
+    #[serde(deserialize_with = "de_try")]
+    pub pool: Ipv4Net,
+    /// The node type (OAR `cluster` and `idhaltype`) when no node record says otherwise.
+    #[serde(deserialize_with = "de_try")]
+    pub default_type: Label,
+}
+
+impl Default for NamesSection {
+    fn default() -> Self {
+        Self {
+            domain: Domain::parse("idhal.internal").expect("valid default"),
+            template: NameTemplate::parse("vnode-{3}-{4}").expect("valid default"),
+            pool: Ipv4Net::parse("10.134.0.0/16").expect("valid default"),
+            default_type: Label::parse("vnode").expect("valid default"),
+        }
+    }
+}
+
+fn de_try<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<String, Error = NameError>,
+{
+    let s = String::deserialize(d)?;
+    T::try_from(s).map_err(serde::de::Error::custom)
+}
+
+fn de_try_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<String, Error = NameError>,
+{
+    let s = String::deserialize(d)?;
+    T::try_from(s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// What the hook's exit code says when a backend fails. OpenVPN refuses the client on a
+/// non-zero client-connect exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Exit 1: OpenVPN refuses the connection; the node retries and the event is not lost.
+    #[default]
+    Refuse,
+    /// Exit 0: the node gets its tunnel; the error is logged and `idhal reconcile` repairs it.
+    Admit,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HookSection {
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedulerBackend {
+    #[default]
+    Oar,
+    /// No scheduler registration (DNS only).
+    None,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    pub backend: SchedulerBackend,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OarSection {
+    pub oarnodes: PathBuf,
+    pub oarnodesetting: PathBuf,
+    pub oarproperty: PathBuf,
+    /// Extra environment for the OAR commands. OAR's setuid wrappers reset it; it matters when
+    /// the Perl tools in /usr/lib/oar are run directly as root with another `OARCONFFILE`.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for OarSection {
+    fn default() -> Self {
+        Self {
+            oarnodes: "/usr/bin/oarnodes".into(),
+            oarnodesetting: "/usr/sbin/oarnodesetting".into(),
+            oarproperty: "/usr/sbin/oarproperty".into(),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsUpdate {
+    /// No live updates (static zones from `idhal dns zone`, or no DNS at all).
+    #[default]
+    Off,
+    /// RFC 2136 dynamic updates signed with TSIG.
+    Rfc2136,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDisconnect {
+    /// Leave the records: the address stays the node's while the pool is static.
+    #[default]
+    Keep,
+    /// Delete the node's A and PTR records.
+    Remove,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsSection {
+    pub update: DnsUpdate,
+    /// The primary server's address (IP:port); updates go over UDP.
+    pub server: SocketAddr,
+    /// BIND-style key file (`tsig-keygen` output): `key "NAME" { algorithm hmac-sha256; secret "…"; };`
+    pub tsig_key_file: Option<PathBuf>,
+    #[serde(deserialize_with = "de_try_opt")]
+    pub forward_zone: Option<Domain>,
+    #[serde(deserialize_with = "de_try_opt")]
+    pub reverse_zone: Option<Domain>,
+    pub ttl: u32,
+    pub on_disconnect: OnDisconnect,
+    /// `idhal dns zone`: the primary name server (SOA MNAME and NS), a full name.
+    pub zone_ns: String,
+    /// `idhal dns zone`: the contact mailbox in SOA form (`hostmaster.example.org`).
+    pub zone_contact: String,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        Self {
+            update: DnsUpdate::Off,
+            server: "127.0.0.1:53".parse().expect("valid default"),
+            tsig_key_file: None,
+            forward_zone: None,
+            reverse_zone: None,
+            ttl: 300,
+            on_disconnect: OnDisconnect::Keep,
+            zone_ns: "ns.idhal.internal".into(),
+            zone_contact: "hostmaster.idhal.internal".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcileSection {
+    /// OpenVPN's `status` file (written with `status FILE 10` and `status-version 2` or 3).
+    pub status_file: PathBuf,
+    /// A status file older than this means OpenVPN is not writing it: reconcile refuses to act.
+    pub max_status_age_secs: u64,
+}
+
+impl Default for ReconcileSection {
+    fn default() -> Self {
+        Self {
+            status_file: "/run/openvpn-server/status-server.log".into(),
+            max_status_age_secs: 120,
+        }
+    }
+}
+
+/// Every time limit in one place. OpenVPN waits for a client-connect script before serving
+/// anyone else, so a hook's total time is capped by `hook_budget_ms` whatever the backends do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub hook_budget_ms: u64,
+    pub command_timeout_ms: u64,
+    pub state_confirm_ms: u64,
+    pub dns_timeout_ms: u64,
+    pub lock_wait_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            hook_budget_ms: 15_000,
+            command_timeout_ms: 5_000,
+            state_confirm_ms: 3_000,
+            dns_timeout_ms: 2_000,
+            lock_wait_ms: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    pub fn hook_budget(&self) -> Duration {
+        Duration::from_millis(self.hook_budget_ms)
+    }
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+    pub fn state_confirm(&self) -> Duration {
+        Duration::from_millis(self.state_confirm_ms)
+    }
+    pub fn dns_timeout(&self) -> Duration {
+        Duration::from_millis(self.dns_timeout_ms)
+    }
+    pub fn lock_wait(&self) -> Duration {
+        Duration::from_millis(self.lock_wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ServerConfig, ConfigError> {
+        ServerConfig::parse(s, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn defaults_and_derived_zones() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            c.names.template,
+            NameTemplate::parse("vnode-{3}-{4}").unwrap()
+        );
+        assert_eq!(c.reverse_zone().unwrap().as_str(), "134.10.in-addr.arpa");
+        assert_eq!(c.forward_zone().as_str(), "idhal.internal");
+        assert_eq!(c.hook.on_failure, OnFailure::Refuse);
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(parse("[names]\ntemplate = \"x'{4}\"").is_err());
+        assert!(parse("[names]\ndomain = \"a b\"").is_err());
+        assert!(parse("[hook]\non_failure = \"maybe\"").is_err());
+        assert!(parse("[bogus]\n").is_err());
+        assert!(parse("[dns]\nupdate = \"rfc2136\"").is_err());
+        assert!(parse(
+            "[names]\npool = \"10.0.0.0/20\"\n[dns]\nupdate = \"rfc2136\"\ntsig_key_file = \"k\""
+        )
+        .is_err());
+    }
+}

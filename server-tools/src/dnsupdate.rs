@@ -1,0 +1,387 @@
+//! Live DNS: RFC 2136 updates signed with TSIG (hmac-sha256/384/512), sent with hickory-proto
+//! to the zone's primary. One update message per zone replaces the node's A (forward) or PTR
+//! (reverse) RRset atomically; removal deletes both RRsets.
+
+use crate::names::{Domain, HostName};
+use hickory_proto::dnssec::rdata::tsig::TsigAlgorithm;
+use hickory_proto::dnssec::tsig::TSigner;
+use hickory_proto::op::{update_message, MessageFinalizer, ResponseCode, UpdateMessage};
+use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::runtime::TokioRuntimeProvider;
+use hickory_proto::udp::UdpClientStream;
+use hickory_proto::xfer::{DnsHandle, FirstAnswer};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("TSIG key file {path}: {msg}")]
+    KeyFile { path: PathBuf, msg: String },
+    #[error("DNS update to {server} for {name}: TSIG key {key:?} rejected (wrong secret, name or algorithm; the server's key must match {path})")]
+    TsigRejected {
+        server: SocketAddr,
+        name: String,
+        key: String,
+        path: PathBuf,
+    },
+    #[error("DNS update to {server} for {name} in zone {zone}: refused with {rcode} (is key {key:?} allowed to update this zone, and is the server its primary?)")]
+    Refused {
+        server: SocketAddr,
+        name: String,
+        zone: String,
+        key: String,
+        rcode: String,
+    },
+    #[error("DNS update to {server} for {name}: no answer within {after:?}")]
+    Timeout {
+        server: SocketAddr,
+        name: String,
+        after: Duration,
+    },
+    #[error("DNS update to {server} for {name}: {msg}")]
+    Protocol {
+        server: SocketAddr,
+        name: String,
+        msg: String,
+    },
+    #[error("DNS: {name} is not inside zone {zone}")]
+    OutOfZone { name: String, zone: String },
+}
+
+/// A TSIG key as `tsig-keygen` / `ddns-confgen` write it:
+/// `key "NAME" { algorithm hmac-sha256; secret "BASE64"; };`
+#[derive(Clone)]
+pub struct TsigKey {
+    pub name: String,
+    pub algorithm: TsigAlgorithm,
+    secret: Vec<u8>,
+    pub path: PathBuf,
+}
+
+impl std::fmt::Debug for TsigKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("TsigKey")
+            .field("name", &self.name)
+            .field("algorithm", &self.algorithm)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TsigKey {
+    pub fn load(path: &Path) -> Result<Self, DnsError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DnsError::KeyFile {
+            path: path.to_owned(),
+            msg: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, DnsError> {
+        let err = |msg: &str| DnsError::KeyFile {
+            path: path.to_owned(),
+            msg: msg.to_owned(),
+        };
+        // Tokens: words, quoted strings, and the punctuation `{ } ;`. Comments are dropped.
+        let mut tokens = Vec::new();
+        for line in text.lines() {
+            let line = line.split(['#']).next().unwrap_or("");
+            let line = line.split("//").next().unwrap_or("");
+            let mut rest = line;
+            while let Some(c) = rest.chars().next() {
+                if c.is_whitespace() {
+                    rest = &rest[c.len_utf8()..];
+                } else if c == '"' {
+                    let end = rest[1..]
+                        .find('"')
+                        .ok_or_else(|| err("unterminated quote"))?;
+                    tokens.push(rest[1..=end].to_owned());
+                    rest = &rest[end + 2..];
+                } else if matches!(c, '{' | '}' | ';') {
+                    tokens.push(c.to_string());
+                    rest = &rest[1..];
+                } else {
+                    let end = rest
+                        .find(|c: char| c.is_whitespace() || matches!(c, '{' | '}' | ';' | '"'))
+                        .unwrap_or(rest.len());
+                    tokens.push(rest[..end].to_owned());
+                    rest = &rest[end..];
+                }
+            }
+        }
+        let expected = "expected `key \"NAME\" { algorithm hmac-sha256; secret \"BASE64\"; };`";
+        let mut it = tokens.iter().map(String::as_str);
+        if it.next() != Some("key") {
+            return Err(err(expected));
+        }
+        let name = it.next().ok_or_else(|| err(expected))?.to_owned();
+        if it.next() != Some("{") {
+            return Err(err(expected));
+        }
+        let (mut algorithm, mut secret) = (None, None);
+        loop {
+            match it.next() {
+                Some("algorithm") => algorithm = it.next(),
+                Some("secret") => secret = it.next(),
+                Some("}") => break,
+                _ => return Err(err(expected)),
+            }
+            if it.next() != Some(";") {
+                return Err(err(expected));
+            }
+        }
+        let algorithm = match algorithm.ok_or_else(|| err("no algorithm"))? {
+            "hmac-sha256" => TsigAlgorithm::HmacSha256,
+            "hmac-sha384" => TsigAlgorithm::HmacSha384,
+            "hmac-sha512" => TsigAlgorithm::HmacSha512,
+            _ => {
+                return Err(err(
+                    "algorithm must be hmac-sha256, hmac-sha384 or hmac-sha512",
+                ))
+            }
+        };
+        let secret =
+            ct_codecs::Base64::decode_to_vec(secret.ok_or_else(|| err("no secret"))?, None)
+                .map_err(|_| err("secret is not base64"))?;
+        if secret.len() < 16 {
+            return Err(err("secret is shorter than 16 bytes"));
+        }
+        Name::from_ascii(&name).map_err(|_| err("key name is not a DNS name"))?;
+        Ok(Self {
+            name,
+            algorithm,
+            secret,
+            path: path.to_owned(),
+        })
+    }
+}
+
+use ct_codecs::Decoder as _;
+
+/// Sends signed updates to one server.
+#[derive(Debug, Clone)]
+pub struct Updater {
+    pub server: SocketAddr,
+    pub key: TsigKey,
+    pub timeout: Duration,
+}
+
+/// What one update does to one zone.
+enum Change {
+    Replace(RData),
+    Delete,
+}
+
+/// `38.7.134.10.in-addr.arpa` for 10.134.7.38.
+pub fn reverse_name(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+}
+
+impl Updater {
+    /// A and PTR for `host` → `ip`, replacing whatever was there.
+    pub fn upsert(
+        &self,
+        host: &HostName,
+        ip: Ipv4Addr,
+        forward: &Domain,
+        reverse: &Domain,
+        ttl: u32,
+    ) -> Result<(), DnsError> {
+        let fqdn = fqdn(&host.to_string())?;
+        self.send_all(
+            &[
+                (
+                    host.to_string(),
+                    forward,
+                    RecordType::A,
+                    Change::Replace(RData::A(A(ip))),
+                ),
+                (
+                    reverse_name(ip),
+                    reverse,
+                    RecordType::PTR,
+                    Change::Replace(RData::PTR(PTR(fqdn))),
+                ),
+            ],
+            ttl,
+        )
+    }
+
+    /// Deletes the A and PTR RRsets of `host` / `ip`.
+    pub fn remove(
+        &self,
+        host: &HostName,
+        ip: Ipv4Addr,
+        forward: &Domain,
+        reverse: &Domain,
+    ) -> Result<(), DnsError> {
+        self.send_all(
+            &[
+                (host.to_string(), forward, RecordType::A, Change::Delete),
+                (reverse_name(ip), reverse, RecordType::PTR, Change::Delete),
+            ],
+            0,
+        )
+    }
+
+    fn send_all(
+        &self,
+        changes: &[(String, &Domain, RecordType, Change)],
+        ttl: u32,
+    ) -> Result<(), DnsError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| self.protocol(&changes[0].0, e.to_string()))?;
+        runtime.block_on(async {
+            for (name, zone, rtype, change) in changes {
+                let result = tokio::time::timeout(
+                    self.timeout,
+                    self.send_one(name, zone, *rtype, change, ttl),
+                )
+                .await;
+                match result {
+                    Err(_) => {
+                        return Err(DnsError::Timeout {
+                            server: self.server,
+                            name: name.clone(),
+                            after: self.timeout,
+                        })
+                    }
+                    Ok(r) => r?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn protocol(&self, name: &str, msg: String) -> DnsError {
+        DnsError::Protocol {
+            server: self.server,
+            name: name.to_owned(),
+            msg,
+        }
+    }
+
+    async fn send_one(
+        &self,
+        name: &str,
+        zone: &Domain,
+        rtype: RecordType,
+        change: &Change,
+        ttl: u32,
+    ) -> Result<(), DnsError> {
+        let owner = fqdn(name)?;
+        let origin = fqdn(zone.as_str())?;
+        if !origin.zone_of(&owner) {
+            return Err(DnsError::OutOfZone {
+                name: name.to_owned(),
+                zone: zone.to_string(),
+            });
+        }
+        // Delete the RRset, then (for a replace) add the new record: one message, one
+        // transaction on the server.
+        let mut msg =
+            update_message::delete_rrset(Record::update0(owner.clone(), 0, rtype), origin, false);
+        if let Change::Replace(rdata) = change {
+            let mut add = Record::from_rdata(owner, ttl, rdata.clone());
+            add.set_dns_class(DNSClass::IN);
+            msg.add_update(add);
+        }
+        let signer = TSigner::new(
+            self.key.secret.clone(),
+            self.key.algorithm.clone(),
+            Name::from_ascii(&self.key.name).map_err(|e| self.protocol(name, e.to_string()))?,
+            300,
+        )
+        .map_err(|e| self.protocol(name, e.to_string()))?;
+        let signer: Arc<dyn MessageFinalizer> = Arc::new(signer);
+        let stream = UdpClientStream::builder(self.server, TokioRuntimeProvider::default())
+            .with_timeout(Some(self.timeout))
+            .with_signer(Some(signer))
+            .build();
+        let (client, background) = hickory_client::client::Client::connect(stream)
+            .await
+            .map_err(|e| self.protocol(name, e.to_string()))?;
+        let bg = tokio::spawn(background);
+        let answer = client.send(msg).first_answer().await;
+        bg.abort();
+        let response = match answer {
+            Ok(r) => r,
+            Err(e) => {
+                let text = e.to_string();
+                // hickory reports the server's unsigned BADSIG/BADKEY answer as a complaint
+                // about "truncated HMACs": that is a rejected key, say so.
+                if text.contains("truncated HMAC") || text.contains("TSIG") || text.contains("tsig")
+                {
+                    return Err(DnsError::TsigRejected {
+                        server: self.server,
+                        name: name.to_owned(),
+                        key: self.key.name.clone(),
+                        path: self.key.path.clone(),
+                    });
+                }
+                return Err(self.protocol(name, text));
+            }
+        };
+        match response.response_code() {
+            ResponseCode::NoError => Ok(()),
+            ResponseCode::NotAuth
+            | ResponseCode::BADSIG
+            | ResponseCode::BADKEY
+            | ResponseCode::BADTIME => Err(DnsError::TsigRejected {
+                server: self.server,
+                name: name.to_owned(),
+                key: self.key.name.clone(),
+                path: self.key.path.clone(),
+            }),
+            rcode => Err(DnsError::Refused {
+                server: self.server,
+                name: name.to_owned(),
+                zone: zone.to_string(),
+                key: self.key.name.clone(),
+                rcode: rcode.to_string(),
+            }),
+        }
+    }
+}
+
+fn fqdn(s: &str) -> Result<Name, DnsError> {
+    let mut n = Name::from_ascii(s).map_err(|_| DnsError::OutOfZone {
+        name: s.to_owned(),
+        zone: "(not a DNS name)".into(),
+    })?;
+    n.set_fqdn(true);
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file() {
+        let k = TsigKey::parse(
+            "# made by tsig-keygen\nkey \"idhal-update\" {\n\talgorithm hmac-sha256;\n\tsecret \"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0\";\n};\n",
+            Path::new("k"),
+        )
+        .unwrap();
+        assert_eq!(k.name, "idhal-update");
+        assert!(!format!("{k:?}").contains("c2Vj"));
+        assert!(TsigKey::parse(
+            "key x { algorithm hmac-md5; secret \"c2VjcmV0c2VjcmV0c2VjcmV0\"; };",
+            Path::new("k")
+        )
+        .is_err());
+        assert!(TsigKey::parse("nonsense", Path::new("k")).is_err());
+        assert_eq!(
+            reverse_name("10.134.7.38".parse().unwrap()),
+            "38.7.134.10.in-addr.arpa"
+        );
+    }
+}

@@ -1,0 +1,361 @@
+//! Validated values the hooks act on: node ids (certificate CNs), DNS labels and domains, the
+//! name template, and OAR property values. OAR pastes host names and values into SQL unescaped,
+//! so only these types, whose charsets hold no quote, space or backslash, ever reach a backend.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{what} {value:?} is not valid: {why}")]
+    Invalid {
+        what: &'static str,
+        /// Shortened and Debug-escaped when shown, so a hostile value cannot forge log lines.
+        value: String,
+        why: &'static str,
+    },
+}
+
+fn invalid(what: &'static str, value: &str, why: &'static str) -> NameError {
+    let mut short: String = value.chars().take(80).collect();
+    if value.chars().count() > 80 {
+        short.push('…');
+    }
+    NameError::Invalid {
+        what,
+        value: short,
+        why,
+    }
+}
+
+/// A node's identity: the CN of its client certificate, e.g. `client317`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub const RULE: &'static str =
+        "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no \"..\"";
+
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        let first_ok = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        if s.is_empty() || s.len() > 64 || !first_ok || !s.chars().all(ok_char) || s.contains("..")
+        {
+            return Err(invalid("node id (certificate CN)", s, Self::RULE));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One DNS label (RFC 1123 host name rules), lower case: `vnode-7-38`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Label(String);
+
+impl Label {
+    pub const RULE: &'static str =
+        "1-63 of a-z 0-9 -, not starting or ending with - (upper case is folded)";
+
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        Self::parse_as("DNS label", s)
+    }
+
+    fn parse_as(what: &'static str, s: &str) -> Result<Self, NameError> {
+        let lower = s.to_ascii_lowercase();
+        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        if lower.is_empty()
+            || lower.len() > 63
+            || lower.starts_with('-')
+            || lower.ends_with('-')
+            || !lower.chars().all(ok_char)
+        {
+            return Err(invalid(what, s, Self::RULE));
+        }
+        Ok(Self(lower))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A DNS domain of one or more labels, without the trailing dot: `idhal.internal`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Domain(String);
+
+impl Domain {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let s = s.strip_suffix('.').unwrap_or(s);
+        if s.is_empty() || s.len() > 190 {
+            return Err(invalid(
+                "domain",
+                s,
+                "1-190 characters (room is kept for the node label)",
+            ));
+        }
+        let labels = s
+            .split('.')
+            .map(|l| Label::parse_as("domain label", l).map(|l| l.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self(labels.join(".")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A node's full host name: its label in the configured domain. This is OAR's `network_address`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostName {
+    pub label: Label,
+    pub domain: Domain,
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.label, self.domain)
+    }
+}
+
+impl HostName {
+    /// Parses a full name back (as read from OAR) and checks it is in `domain`.
+    pub fn parse_in(s: &str, domain: &Domain) -> Result<Self, NameError> {
+        let Some(label) = s
+            .strip_suffix(domain.as_str())
+            .and_then(|l| l.strip_suffix('.'))
+        else {
+            return Err(invalid("host name", s, "not in the configured domain"));
+        };
+        Ok(Self {
+            label: Label::parse(label)?,
+            domain: domain.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Octet(usize),
+}
+
+/// Turns a VPN address into a node label: `vnode-{3}-{4}` makes `vnode-7-38` of 10.134.7.38.
+/// `{1}`..`{4}` are the address's octets; everything else is literal and must be label text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameTemplate {
+    source: String,
+    parts: Vec<Part>,
+}
+
+impl NameTemplate {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        const RULE: &str =
+            "literal a-z 0-9 - and {1}..{4} for the address octets, at least one octet";
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('{') {
+                let (n, tail) = after
+                    .split_once('}')
+                    .ok_or_else(|| invalid("name template", s, RULE))?;
+                let octet = match n {
+                    "1" => 0,
+                    "2" => 1,
+                    "3" => 2,
+                    "4" => 3,
+                    _ => return Err(invalid("name template", s, RULE)),
+                };
+                parts.push(Part::Octet(octet));
+                rest = tail;
+            } else {
+                let end = rest.find('{').unwrap_or(rest.len());
+                let lit = &rest[..end];
+                if !lit
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                {
+                    return Err(invalid("name template", s, RULE));
+                }
+                parts.push(Part::Literal(lit.to_owned()));
+                rest = &rest[end..];
+            }
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Octet(_))) {
+            return Err(invalid("name template", s, RULE));
+        }
+        let t = Self {
+            source: s.to_owned(),
+            parts,
+        };
+        // A template that cannot make a valid label for some address is a config error now,
+        // not a refused node at 3 a.m.
+        t.render(Ipv4Addr::new(255, 255, 255, 255))?;
+        t.render(Ipv4Addr::new(0, 0, 0, 0))?;
+        Ok(t)
+    }
+
+    pub fn render(&self, addr: Ipv4Addr) -> Result<Label, NameError> {
+        let o = addr.octets();
+        let mut s = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Literal(l) => s.push_str(l),
+                Part::Octet(i) => s.push_str(&o[*i].to_string()),
+            }
+        }
+        Label::parse(&s)
+    }
+}
+
+/// A value written into an OAR property column. Restricted to what addresses, names, ids and
+/// timestamps need: no quote, space, backslash, comma, `=` or `;` can reach OAR's SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropValue(String);
+
+impl PropValue {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':');
+        if s.is_empty() || s.len() > 200 || !s.chars().all(ok) {
+            return Err(invalid("property value", s, "1-200 of A-Z a-z 0-9 . _ - :"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for PropValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An IPv4 network in CIDR form: the VPN address pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Ipv4Net {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        const RULE: &str = "an IPv4 network like 10.134.0.0/16 with no host bits set, prefix 8-30";
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| invalid("address pool", s, RULE))?;
+        let addr: Ipv4Addr = a.parse().map_err(|_| invalid("address pool", s, RULE))?;
+        let prefix: u8 = p.parse().map_err(|_| invalid("address pool", s, RULE))?;
+        if !(8..=30).contains(&prefix) || u32::from(addr) & !Self::mask(prefix) != 0 {
+            return Err(invalid("address pool", s, RULE));
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    fn mask(prefix: u8) -> u32 {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+
+    pub fn contains(&self, a: Ipv4Addr) -> bool {
+        u32::from(a) & Self::mask(self.prefix) == u32::from(self.addr)
+    }
+
+    /// Usable host addresses (network and broadcast addresses left out).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let first = u32::from(self.addr) + 1;
+        let last = u32::from(self.addr) | !Self::mask(self.prefix);
+        (first..last).map(Ipv4Addr::from)
+    }
+}
+
+impl fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids() {
+        assert!(NodeId::parse("client317").is_ok());
+        assert!(NodeId::parse("node-1.a_b").is_ok());
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a..b",
+            "a b",
+            "x'; DROP TABLE resources; --",
+            "a\nb",
+            "a/b",
+            &"a".repeat(65),
+        ] {
+            assert!(NodeId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn labels_and_domains() {
+        assert_eq!(Label::parse("VNode-1").unwrap().as_str(), "vnode-1");
+        assert!(Label::parse("-a").is_err());
+        assert!(Label::parse("a_b").is_err());
+        assert_eq!(
+            Domain::parse("Idhal.Internal.").unwrap().as_str(),
+            "idhal.internal"
+        );
+        assert!(Domain::parse("a..b").is_err());
+        assert!(Domain::parse("a'b").is_err());
+        let d = Domain::parse("idhal.internal").unwrap();
+        let h = HostName::parse_in("vnode-7-38.idhal.internal", &d).unwrap();
+        assert_eq!(h.to_string(), "vnode-7-38.idhal.internal");
+        assert!(HostName::parse_in("x.other.internal", &d).is_err());
+    }
+
+    #[test]
+    fn template() {
+        let t = NameTemplate::parse("vnode-{3}-{4}").unwrap();
+        assert_eq!(
+            t.render("10.134.7.38".parse().unwrap()).unwrap().as_str(),
+            "vnode-7-38"
+        );
+        assert!(NameTemplate::parse("vnode").is_err());
+        assert!(NameTemplate::parse("v_{4}").is_err());
+        assert!(NameTemplate::parse("{5}").is_err());
+        assert!(NameTemplate::parse("-{4}").is_err());
+        assert!(NameTemplate::parse("{4").is_err());
+    }
+
+    #[test]
+    fn prop_values_and_pools() {
+        assert!(PropValue::parse("2001:db8::1").is_ok());
+        assert!(PropValue::parse("a'b").is_err());
+        assert!(PropValue::parse("a b").is_err());
+        let p = Ipv4Net::parse("10.134.0.0/16").unwrap();
+        assert!(p.contains("10.134.7.38".parse().unwrap()));
+        assert!(!p.contains("10.135.0.1".parse().unwrap()));
+        assert!(Ipv4Net::parse("10.134.0.1/16").is_err());
+        assert_eq!(Ipv4Net::parse("10.0.0.0/30").unwrap().hosts().count(), 2);
+    }
+}

@@ -1,0 +1,433 @@
+//! The OAR 2.5 backend, through OAR's own CLI (oarnodes, oarnodesetting, oarproperty) run as
+//! plain argument vectors. OAR pastes host names and `--sql` text into SQL unescaped: only
+//! validated `HostName`s and `PropValue`s are ever formatted into an argument here.
+
+use crate::config::ServerConfig;
+use crate::names::{HostName, PropValue};
+use crate::process::{self, Deadline, Finished, NodeLock, RunError};
+use crate::scheduler::{DownOutcome, ManagedNode, NodeUp, Scheduler, SchedulerError, UpOutcome};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The property columns idhal writes. `cluster` is the name OAR sites already use for the type.
+pub const PROPERTIES: [&str; 7] = [
+    "ip",
+    "cluster",
+    "idhaltype",
+    "idhalcn",
+    "idhalclientip",
+    "idhalconnectedsince",
+    "idhalclientname",
+];
+
+/// Bumped when `PROPERTIES` changes, so an old marker file makes the hook look again.
+const PROPERTIES_MARKER: &str = "oar-properties-v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OarError {
+    #[error("OAR: {0}")]
+    Run(#[from] RunError),
+    #[error("OAR: `{cmd}` failed (exit {code:?}): {line}")]
+    Failed {
+        cmd: String,
+        code: Option<i32>,
+        line: String,
+    },
+    #[error("OAR: cannot parse `oarnodes -J` output for {what}: {msg}")]
+    Output { what: String, msg: String },
+    #[error("OAR: {host}: the properties were not stored ({line}); is a property column missing?")]
+    PropertiesRejected { host: String, line: String },
+    #[error("OAR: {host} did not reach state {wanted} within {after:?} (still {seen}); is OAR's server (Almighty) running?")]
+    NotApplied {
+        host: String,
+        wanted: &'static str,
+        seen: String,
+        after: Duration,
+    },
+    #[error("OAR: {host}: no resource exists after creating it")]
+    Vanished { host: String },
+    #[error("OAR: {0}")]
+    Lock(#[from] process::LockError),
+    #[error("OAR: the hook's time budget ran out before {step}")]
+    OutOfTime { step: &'static str },
+}
+
+/// One resource as `oarnodes -J` reports it.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub id: u64,
+    pub state: String,
+    pub props: BTreeMap<String, String>,
+}
+
+pub struct Oar {
+    oarnodes: PathBuf,
+    oarnodesetting: PathBuf,
+    oarproperty: PathBuf,
+    env: BTreeMap<String, String>,
+    state_dir: PathBuf,
+    command_timeout: Duration,
+    state_confirm: Duration,
+    lock_wait: Duration,
+}
+
+impl Oar {
+    pub fn new(cfg: &ServerConfig, state_dir: &Path) -> Self {
+        Self {
+            oarnodes: cfg.oar.oarnodes.clone(),
+            oarnodesetting: cfg.oar.oarnodesetting.clone(),
+            oarproperty: cfg.oar.oarproperty.clone(),
+            env: cfg.oar.env.clone(),
+            state_dir: state_dir.to_owned(),
+            command_timeout: cfg.limits.command_timeout(),
+            state_confirm: cfg.limits.state_confirm(),
+            lock_wait: cfg.limits.lock_wait(),
+        }
+    }
+
+    fn run(
+        &self,
+        program: &Path,
+        args: &[String],
+        deadline: Deadline,
+    ) -> Result<Finished, OarError> {
+        if deadline.passed() {
+            return Err(OarError::OutOfTime {
+                step: "an OAR command",
+            });
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(args).envs(&self.env);
+        let done = process::run(&mut cmd, deadline.cap(self.command_timeout))?;
+        if !done.success() {
+            return Err(OarError::Failed {
+                cmd: format!(
+                    "{} {}",
+                    program.file_name().unwrap_or_default().to_string_lossy(),
+                    args.join(" ")
+                ),
+                code: done.code,
+                line: done.last_line().to_owned(),
+            });
+        }
+        Ok(done)
+    }
+
+    /// The resources whose network_address is `host` (usually none or one).
+    pub fn resources(
+        &self,
+        host: &HostName,
+        deadline: Deadline,
+    ) -> Result<Vec<Resource>, OarError> {
+        // Safe to paste: HostName is labels of [a-z0-9-] joined by dots.
+        let sql = format!("network_address='{host}'");
+        let out = self.run(
+            &self.oarnodes,
+            &["-J".into(), "--sql".into(), sql],
+            deadline,
+        )?;
+        parse_oarnodes(&out.stdout, &host.to_string())
+    }
+
+    /// Every resource (for reconcile).
+    pub fn all_resources(&self, deadline: Deadline) -> Result<Vec<Resource>, OarError> {
+        let out = self.run(&self.oarnodes, &["-J".into()], deadline)?;
+        parse_oarnodes(&out.stdout, "all resources")
+    }
+
+    /// Creates idhal's property columns once. A marker under --state-dir saves the listing on
+    /// every later hook; `set_properties` drops the marker if OAR ever rejects a property.
+    fn ensure_properties(&self, deadline: Deadline, force: bool) -> Result<(), OarError> {
+        let marker = self.state_dir.join(PROPERTIES_MARKER);
+        if !force && marker.exists() {
+            return Ok(());
+        }
+        // Serialised: two hooks adding the same column would make one fail.
+        let _lock = NodeLock::acquire(
+            &self.state_dir,
+            "oar-properties",
+            deadline.cap(self.lock_wait),
+        )?;
+        if !force && marker.exists() {
+            return Ok(());
+        }
+        let listed = self.run(&self.oarproperty, &["-l".into()], deadline)?;
+        let have: BTreeSet<&str> = listed.stdout.lines().map(str::trim).collect();
+        for p in PROPERTIES.iter().filter(|p| !have.contains(**p)) {
+            match self.run(
+                &self.oarproperty,
+                &["-a".into(), (*p).into(), "-c".into()],
+                deadline,
+            ) {
+                Ok(_) => {}
+                // Someone (an admin, another server) added it meanwhile: that is the goal.
+                Err(OarError::Failed { line, .. }) if line.contains("already exists") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = std::fs::write(&marker, PROPERTIES.join("\n") + "\n");
+        Ok(())
+    }
+
+    fn set_properties(
+        &self,
+        host: &HostName,
+        props: &[(&str, PropValue)],
+        deadline: Deadline,
+    ) -> Result<(), OarError> {
+        // All in ONE call: OAR rolls back the whole call if one property is unknown, so the node
+        // never ends up half-described.
+        let mut args = vec!["-h".to_string(), host.to_string()];
+        for (k, v) in props {
+            args.push("-p".into());
+            args.push(format!("{k}={v}"));
+        }
+        let out = self.run(&self.oarnodesetting, &args, deadline)?;
+        // OAR exits 0 even when it rolled the call back; its per-property lines tell.
+        if let Some(line) = out
+            .stdout
+            .lines()
+            .find(|l| l.contains(" 0 resource(s) updated"))
+        {
+            return Err(OarError::PropertiesRejected {
+                host: host.to_string(),
+                line: line.trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn set_state(
+        &self,
+        host: &HostName,
+        state: &'static str,
+        deadline: Deadline,
+    ) -> Result<(), OarError> {
+        // -n: never wait for running jobs (Absent would otherwise block up to 30 s per job).
+        self.run(
+            &self.oarnodesetting,
+            &[
+                "-s".into(),
+                state.into(),
+                "-n".into(),
+                "-h".into(),
+                host.to_string(),
+            ],
+            deadline,
+        )?;
+        Ok(())
+    }
+
+    /// oarnodesetting -s only queues the change for Almighty (and exits 0 even when Almighty is
+    /// down): read the state back until it is applied.
+    fn confirm_state(
+        &self,
+        host: &HostName,
+        wanted: &'static str,
+        deadline: Deadline,
+    ) -> Result<Vec<Resource>, OarError> {
+        let limit = deadline.cap(self.state_confirm);
+        let until = Deadline::after(limit);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let found = self.resources(host, deadline)?;
+            if found.is_empty() {
+                return Err(OarError::Vanished {
+                    host: host.to_string(),
+                });
+            }
+            if found.iter().all(|r| r.state == wanted) {
+                return Ok(found);
+            }
+            if until.remaining() <= pause {
+                return Err(OarError::NotApplied {
+                    host: host.to_string(),
+                    wanted,
+                    seen: found
+                        .iter()
+                        .map(|r| r.state.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    after: limit,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    fn up(&self, up: &NodeUp, deadline: Deadline) -> Result<UpOutcome, OarError> {
+        let host = &up.host;
+        self.ensure_properties(deadline, false)?;
+        let existing = self.resources(host, deadline)?;
+        let created = existing.is_empty();
+        if created {
+            // -a is not idempotent: the caller holds the node's lock, and we looked first.
+            self.run(
+                &self.oarnodesetting,
+                &["-a".into(), "-h".into(), host.to_string()],
+                deadline,
+            )?;
+        }
+        let props = node_properties(up);
+        match self.set_properties(host, &props, deadline) {
+            Err(OarError::PropertiesRejected { .. }) => {
+                // A column vanished or the marker lies: look again, create, retry once.
+                self.ensure_properties(deadline, true)?;
+                self.set_properties(host, &props, deadline)?;
+            }
+            other => other?,
+        }
+        let confirmed = if created {
+            // -a writes the state directly (Alive): one read-back also yields the new id.
+            self.confirm_state(host, "Alive", deadline)?
+        } else if existing.iter().all(|r| r.state == "Alive") {
+            existing
+        } else {
+            self.set_state(host, "Alive", deadline)?;
+            self.confirm_state(host, "Alive", deadline)?
+        };
+        Ok(UpOutcome {
+            created,
+            resource_ids: confirmed.iter().map(|r| r.id).collect(),
+        })
+    }
+
+    fn down(
+        &self,
+        host: &HostName,
+        since: Option<u64>,
+        deadline: Deadline,
+    ) -> Result<DownOutcome, OarError> {
+        let existing = self.resources(host, deadline)?;
+        if existing.is_empty() {
+            return Ok(DownOutcome::Unknown);
+        }
+        let registered = existing
+            .iter()
+            .filter_map(|r| r.props.get("idhalconnectedsince")?.parse::<u64>().ok())
+            .max();
+        if let (Some(ours), Some(registered)) = (since, registered) {
+            if registered > ours {
+                return Ok(DownOutcome::NewerSession);
+            }
+        }
+        if existing.iter().all(|r| r.state == "Absent") {
+            return Ok(DownOutcome::AlreadyDown);
+        }
+        self.set_state(host, "Absent", deadline)?;
+        self.confirm_state(host, "Absent", deadline)?;
+        Ok(DownOutcome::MarkedDown)
+    }
+}
+
+/// The properties written for a connected node, all validated values.
+pub fn node_properties(up: &NodeUp) -> Vec<(&'static str, PropValue)> {
+    let v = |s: String| PropValue::parse(&s).expect("validated types make valid property values");
+    vec![
+        ("ip", v(up.vpn_ip.to_string())),
+        ("cluster", v(up.node_type.to_string())),
+        ("idhaltype", v(up.node_type.to_string())),
+        ("idhalcn", v(up.node.to_string())),
+        ("idhalclientip", v(up.client_ip.to_string())),
+        ("idhalconnectedsince", v(up.since.to_string())),
+        ("idhalclientname", v(up.host.label.to_string())),
+    ]
+}
+
+fn parse_oarnodes(json: &str, what: &str) -> Result<Vec<Resource>, OarError> {
+    let bad = |msg: String| OarError::Output {
+        what: what.to_owned(),
+        msg,
+    };
+    let trimmed = json.trim();
+    if trimmed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_str(trimmed).map_err(|e| bad(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let mut out = Vec::new();
+    for (id, r) in obj {
+        let id: u64 = id.parse().map_err(|_| bad(format!("resource id {id:?}")))?;
+        let r = r
+            .as_object()
+            .ok_or_else(|| bad(format!("resource {id} is not an object")))?;
+        let props: BTreeMap<String, String> = r
+            .iter()
+            .filter_map(|(k, v)| match v {
+                serde_json::Value::String(s) => Some((k.clone(), s.clone())),
+                serde_json::Value::Number(n) => Some((k.clone(), n.to_string())),
+                _ => None,
+            })
+            .collect();
+        let state = props
+            .get("state")
+            .cloned()
+            .ok_or_else(|| bad(format!("resource {id} has no state")))?;
+        out.push(Resource { id, state, props });
+    }
+    out.sort_by_key(|r| r.id);
+    Ok(out)
+}
+
+impl Scheduler for Oar {
+    fn node_up(&self, up: &NodeUp, deadline: Deadline) -> Result<UpOutcome, SchedulerError> {
+        Ok(self.up(up, deadline)?)
+    }
+
+    fn node_down(
+        &self,
+        host: &HostName,
+        session_since: Option<u64>,
+        deadline: Deadline,
+    ) -> Result<DownOutcome, SchedulerError> {
+        Ok(self.down(host, session_since, deadline)?)
+    }
+
+    fn managed_nodes(&self, deadline: Deadline) -> Result<Vec<ManagedNode>, SchedulerError> {
+        Ok(self
+            .all_resources(deadline)?
+            .into_iter()
+            .filter(|r| r.props.contains_key("idhalcn"))
+            .filter_map(|r| {
+                Some(ManagedNode {
+                    host: r.props.get("network_address")?.clone(),
+                    node: r.props.get("idhalcn").cloned(),
+                    vpn_ip: r.props.get("ip").cloned(),
+                    state: r.state,
+                })
+            })
+            .collect())
+    }
+
+    fn is_up_state(&self, state: &str) -> bool {
+        state == "Alive"
+    }
+
+    fn name(&self) -> &'static str {
+        "OAR"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_oarnodes_json() {
+        assert!(parse_oarnodes("{}\n", "x").unwrap().is_empty());
+        let r = parse_oarnodes(
+            r#"{"3":{"state":"Alive","resource_id":3,"network_address":"a.b","idhalcn":null}}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(r[0].id, 3);
+        assert_eq!(r[0].state, "Alive");
+        assert!(!r[0].props.contains_key("idhalcn"));
+        assert!(parse_oarnodes("DB error", "x").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! What OpenVPN tells a client-connect/client-disconnect script, parsed into validated types.
+//! Raw environment strings never leave this module: a value that does not parse is refused here.
+
+use crate::names::{Ipv4Net, NameError, NodeId};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error("OpenVPN variable {var} is missing (is this running as an OpenVPN client-connect/client-disconnect script?)")]
+    Missing { var: &'static str },
+    #[error("OpenVPN variable {var}: {source}")]
+    Name {
+        var: &'static str,
+        source: NameError,
+    },
+    #[error("OpenVPN variable {var}={value:?} is not {expected}")]
+    Bad {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+/// One client's session as OpenVPN describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Certificate CN: the node's identity.
+    pub node: NodeId,
+    /// The VPN address OpenVPN gave the node (inside the pool).
+    pub vpn_ip: Ipv4Addr,
+    /// The node's real (outer) address, as OpenVPN saw it.
+    pub client_ip: IpAddr,
+    /// When the session started (unix seconds).
+    pub since: u64,
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+impl Session {
+    /// Parses the variables of `env` (normally `std::env::vars()`). `now` fills in `time_unix`
+    /// when OpenVPN did not set it (older versions).
+    pub fn from_env(
+        env: &HashMap<String, String>,
+        pool: &Ipv4Net,
+        now: u64,
+    ) -> Result<Self, EnvError> {
+        let get = |var: &'static str| env.get(var).map(String::as_str);
+        let need = |var: &'static str| get(var).ok_or(EnvError::Missing { var });
+
+        let node = NodeId::parse(need("common_name")?).map_err(|source| EnvError::Name {
+            var: "common_name",
+            source,
+        })?;
+        // When OpenVPN passes the certificate's own CN too, it must agree: a CN that differs
+        // from X509_0_CN means something rewrote common_name (username-as-common-name).
+        if let Some(x509) = get("X509_0_CN") {
+            if x509 != node.as_str() {
+                return Err(EnvError::Bad {
+                    var: "X509_0_CN",
+                    value: shorten(x509),
+                    expected: "equal to common_name",
+                });
+            }
+        }
+        let raw_ip = need("ifconfig_pool_remote_ip")?;
+        let vpn_ip: Ipv4Addr = raw_ip.parse().map_err(|_| EnvError::Bad {
+            var: "ifconfig_pool_remote_ip",
+            value: shorten(raw_ip),
+            expected: "an IPv4 address",
+        })?;
+        if !pool.contains(vpn_ip) {
+            return Err(EnvError::Bad {
+                var: "ifconfig_pool_remote_ip",
+                value: vpn_ip.to_string(),
+                expected: "inside the configured pool ([names] pool)",
+            });
+        }
+        let client_ip = match (get("trusted_ip"), get("trusted_ip6")) {
+            (Some(v4), _) => v4
+                .parse::<Ipv4Addr>()
+                .map(IpAddr::V4)
+                .map_err(|_| EnvError::Bad {
+                    var: "trusted_ip",
+                    value: shorten(v4),
+                    expected: "an IPv4 address",
+                })?,
+            (None, Some(v6)) => v6.parse().map_err(|_| EnvError::Bad {
+                var: "trusted_ip6",
+                value: shorten(v6),
+                expected: "an IP address",
+            })?,
+            (None, None) => return Err(EnvError::Missing { var: "trusted_ip" }),
+        };
+        let since = match get("time_unix") {
+            None => now,
+            // Digits only: `u64::from_str` would also take a leading `+`.
+            Some(t) => Some(t)
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| EnvError::Bad {
+                    var: "time_unix",
+                    value: shorten(t),
+                    expected: "a unix time in seconds",
+                })?,
+        };
+        Ok(Self {
+            node,
+            vpn_ip,
+            client_ip,
+            since,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pool() -> Ipv4Net {
+        Ipv4Net::parse("10.134.0.0/16").unwrap()
+    }
+
+    #[test]
+    fn good_session() {
+        let e = env(&[
+            ("common_name", "client317"),
+            ("ifconfig_pool_remote_ip", "10.134.7.38"),
+            ("trusted_ip", "192.0.2.7"),
+            ("time_unix", "1700000000"),
+        ]);
+        let s = Session::from_env(&e, &pool(), 5).unwrap();
+        assert_eq!(s.node.as_str(), "client317");
+        assert_eq!(s.since, 1_700_000_000);
+    }
+
+    #[test]
+    fn hostile_values_refused() {
+        let base = [
+            ("common_name", "client317"),
+            ("ifconfig_pool_remote_ip", "10.134.7.38"),
+            ("trusted_ip", "192.0.2.7"),
+            ("time_unix", "1700000000"),
+        ];
+        for (k, bad) in [
+            ("common_name", "x' OR '1'='1"),
+            ("ifconfig_pool_remote_ip", "10.134.7.38'; --"),
+            ("ifconfig_pool_remote_ip", "10.135.0.1"),
+            ("trusted_ip", "1.2.3.4 OR 1=1"),
+            ("time_unix", "+17"),
+            ("time_unix", "17;"),
+        ] {
+            let mut e = env(&base);
+            e.insert(k.into(), bad.into());
+            assert!(Session::from_env(&e, &pool(), 5).is_err(), "{k}={bad:?}");
+        }
+        let mut e = env(&base);
+        e.remove("common_name");
+        assert!(matches!(
+            Session::from_env(&e, &pool(), 5),
+            Err(EnvError::Missing { var: "common_name" })
+        ));
+    }
+}
