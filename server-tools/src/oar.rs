@@ -27,7 +27,7 @@ const PROPERTIES_MARKER: &str = "oar-properties-v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OarError {
-    #[error("OAR: {0}")]
+    #[error(transparent)]
     Run(#[from] RunError),
     #[error("OAR: `{cmd}` failed (exit {code:?}): {line}")]
     Failed {
@@ -48,7 +48,7 @@ pub enum OarError {
     },
     #[error("OAR: {host}: no resource exists after creating it")]
     Vanished { host: String },
-    #[error("OAR: {0}")]
+    #[error(transparent)]
     Lock(#[from] process::LockError),
     #[error("OAR: the hook's time budget ran out before {step}")]
     OutOfTime { step: &'static str },
@@ -184,18 +184,9 @@ impl Oar {
             args.push("-p".into());
             args.push(format!("{k}={v}"));
         }
-        let out = self.run(&self.oarnodesetting, &args, deadline)?;
-        // OAR exits 0 even when it rolled the call back; its per-property lines tell.
-        if let Some(line) = out
-            .stdout
-            .lines()
-            .find(|l| l.contains(" 0 resource(s) updated"))
-        {
-            return Err(OarError::PropertiesRejected {
-                host: host.to_string(),
-                line: line.trim().to_owned(),
-            });
-        }
+        // OAR exits 0 even when it rolled the call back, and prints "0 resource(s) updated"
+        // both for a rejected and for an unchanged value: the read-back in `confirm` decides.
+        self.run(&self.oarnodesetting, &args, deadline)?;
         Ok(())
     }
 
@@ -226,6 +217,7 @@ impl Oar {
         &self,
         host: &HostName,
         wanted: &'static str,
+        props: &[(&str, PropValue)],
         deadline: Deadline,
     ) -> Result<Vec<Resource>, OarError> {
         let limit = deadline.cap(self.state_confirm);
@@ -237,6 +229,19 @@ impl Oar {
                 return Err(OarError::Vanished {
                     host: host.to_string(),
                 });
+            }
+            // Properties are written synchronously by oarnodesetting: a mismatch now means
+            // OAR rolled the call back.
+            for r in &found {
+                for (k, v) in props {
+                    let have = r.props.get(*k).map(String::as_str).unwrap_or("(unset)");
+                    if have != v.to_string() {
+                        return Err(OarError::PropertiesRejected {
+                            host: host.to_string(),
+                            line: format!("resource {}: {k} is {have}, expected {v}", r.id),
+                        });
+                    }
+                }
             }
             if found.iter().all(|r| r.state == wanted) {
                 return Ok(found);
@@ -272,22 +277,19 @@ impl Oar {
             )?;
         }
         let props = node_properties(up);
-        match self.set_properties(host, &props, deadline) {
+        self.set_properties(host, &props, deadline)?;
+        // -a writes the state directly (Alive); a known node may need Almighty to revive it.
+        if !created && existing.iter().any(|r| r.state != "Alive") {
+            self.set_state(host, "Alive", deadline)?;
+        }
+        let confirmed = match self.confirm_state(host, "Alive", &props, deadline) {
             Err(OarError::PropertiesRejected { .. }) => {
                 // A column vanished or the marker lies: look again, create, retry once.
                 self.ensure_properties(deadline, true)?;
                 self.set_properties(host, &props, deadline)?;
+                self.confirm_state(host, "Alive", &props, deadline)?
             }
             other => other?,
-        }
-        let confirmed = if created {
-            // -a writes the state directly (Alive): one read-back also yields the new id.
-            self.confirm_state(host, "Alive", deadline)?
-        } else if existing.iter().all(|r| r.state == "Alive") {
-            existing
-        } else {
-            self.set_state(host, "Alive", deadline)?;
-            self.confirm_state(host, "Alive", deadline)?
         };
         Ok(UpOutcome {
             created,
@@ -318,7 +320,7 @@ impl Oar {
             return Ok(DownOutcome::AlreadyDown);
         }
         self.set_state(host, "Absent", deadline)?;
-        self.confirm_state(host, "Absent", deadline)?;
+        self.confirm_state(host, "Absent", &[], deadline)?;
         Ok(DownOutcome::MarkedDown)
     }
 }

@@ -1,0 +1,355 @@
+//! `idhal hook` and `idhal reconcile` against a real OAR 2.5 (PostgreSQL + Almighty) started by
+//! the tests on 127.0.0.1. Tests share one OAR and keep apart by using distinct nodes (the third
+//! octet of the VPN address is the test's own).
+
+mod hook_support;
+
+use hook_support::*;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+fn oar() -> Option<&'static Oar> {
+    static OAR: OnceLock<Option<Oar>> = OnceLock::new();
+    OAR.get_or_init(|| {
+        require(&[
+            "/usr/sbin/oar-database",
+            "/usr/lib/oar/Almighty",
+            "/usr/lib/oar/oarnodesetting",
+            &pg_available(),
+        ])
+        .then(Oar::start)
+    })
+    .as_ref()
+}
+
+/// Generous limits: 50 hooks at once on 2 cores queue behind each other's Perl start-ups.
+fn config(oar: &Oar, domain: &str, extra: &str) -> String {
+    format!(
+        "[names]\ndomain = \"{domain}\"\npool = \"10.134.0.0/16\"\n\
+         [limits]\nhook_budget_ms = 120000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 30000\nlock_wait_ms = 120000\n\
+         {extra}\n{}",
+        oar.config_section()
+    )
+}
+
+fn prop<'a>(r: &'a serde_json::Value, k: &str) -> String {
+    match &r[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        other => panic!("{k} = {other}"),
+    }
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "hook failed: {}", stderr(o));
+}
+
+#[test]
+fn connect_disconnect_reconnect() {
+    let Some(oar) = oar() else { return };
+    let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
+    let since = now() - 100;
+    let env = node_env("client101", "10.134.1.1", since);
+
+    let o = hook(&cfg, &state, "client-connect", &env);
+    ok(&o);
+    assert!(stderr(&o).contains("(created)"), "{}", stderr(&o));
+    let r = oar.host("vnode-1-1.idhal.test");
+    assert_eq!(r.len(), 1, "{r:?}");
+    let r = &r[0];
+    assert_eq!(prop(r, "state"), "Alive");
+    assert_eq!(prop(r, "ip"), "10.134.1.1");
+    assert_eq!(prop(r, "cluster"), "vnode");
+    assert_eq!(prop(r, "idhaltype"), "vnode");
+    assert_eq!(prop(r, "idhalcn"), "client101");
+    assert_eq!(prop(r, "idhalclientip"), "127.0.0.1");
+    assert_eq!(prop(r, "idhalconnectedsince"), since.to_string());
+    assert_eq!(prop(r, "idhalclientname"), "vnode-1-1");
+    let id = prop(r, "resource_id");
+
+    ok(&hook(&cfg, &state, "client-disconnect", &env));
+    let r = oar.host("vnode-1-1.idhal.test");
+    assert_eq!((r.len(), prop(&r[0], "state")), (1, "Absent".to_string()));
+
+    let env2 = node_env("client101", "10.134.1.1", since + 50);
+    ok(&hook(&cfg, &state, "client-connect", &env2));
+    let r = oar.host("vnode-1-1.idhal.test");
+    assert_eq!(r.len(), 1);
+    assert_eq!(prop(&r[0], "state"), "Alive");
+    assert_eq!(
+        prop(&r[0], "resource_id"),
+        id,
+        "reconnect must keep the resource id"
+    );
+    assert_eq!(prop(&r[0], "idhalconnectedsince"), (since + 50).to_string());
+
+    // The old session's disconnect arriving late must not take the new session down.
+    let o = hook(&cfg, &state, "client-disconnect", &env);
+    ok(&o);
+    assert!(stderr(&o).contains("newer session"), "{}", stderr(&o));
+    assert_eq!(prop(&oar.host("vnode-1-1.idhal.test")[0], "state"), "Alive");
+}
+
+fn run_parallel(
+    cfg: &Path,
+    state: &Path,
+    envs: Vec<Vec<(String, String)>>,
+) -> Vec<std::process::Output> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = envs
+            .iter()
+            .map(|env| s.spawn(move || hook(cfg, state, "client-connect", env)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn fifty_concurrent_connects_make_fifty_resources() {
+    let Some(oar) = oar() else { return };
+    let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
+    let envs = (1..=50)
+        .map(|i| node_env(&format!("c2-{i}"), &format!("10.134.2.{i}"), now()))
+        .collect();
+    let t = Instant::now();
+    for o in run_parallel(&cfg, &state, envs) {
+        ok(&o);
+    }
+    eprintln!("50 concurrent connects: {:.1} s", t.elapsed().as_secs_f64());
+    let r = oar.resources(Some("network_address LIKE 'vnode-2-%'"));
+    let mut hosts: Vec<String> = r.iter().map(|r| prop(r, "network_address")).collect();
+    assert_eq!(hosts.len(), 50, "{hosts:?}");
+    hosts.sort();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 50, "duplicates");
+    assert!(r.iter().all(|r| prop(r, "state") == "Alive"));
+}
+
+#[test]
+fn ten_concurrent_connects_of_one_node_make_one_resource() {
+    let Some(oar) = oar() else { return };
+    let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
+    let since = now();
+    let envs = (0..10)
+        .map(|_| node_env("client301", "10.134.3.1", since))
+        .collect();
+    for o in run_parallel(&cfg, &state, envs) {
+        ok(&o);
+    }
+    let r = oar.host("vnode-3-1.idhal.test");
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(prop(&r[0], "state"), "Alive");
+}
+
+#[test]
+fn hostile_environment_is_refused_and_oar_unchanged() {
+    let Some(oar) = oar() else { return };
+    let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
+    let payloads = [
+        "x' OR '1'='1",
+        "'; DELETE FROM resources; --",
+        "10.134.4.1'--",
+        "$(touch /tmp/idhal-pwned)",
+        "`id`",
+        "a\nb",
+        "10.134.4.1 ",
+        "../../etc/passwd",
+        "",
+        "10.134.4.1\0",
+    ];
+    let vars = [
+        "common_name",
+        "X509_0_CN",
+        "ifconfig_pool_remote_ip",
+        "trusted_ip",
+        "time_unix",
+    ];
+    let before = oar
+        .resources(Some("network_address LIKE 'vnode-4-%'"))
+        .len();
+    assert_eq!(before, 0);
+    let mut runs = 0;
+    for var in vars {
+        for p in payloads {
+            if p.contains('\0') {
+                continue; // cannot be put into an environment at all
+            }
+            for event in ["client-connect", "client-disconnect"] {
+                let mut env = node_env("client401", "10.134.4.1", now());
+                for (k, v) in env.iter_mut() {
+                    if k == var {
+                        *v = p.to_string();
+                    }
+                }
+                let o = hook(&cfg, &state, event, &env);
+                assert_eq!(
+                    o.status.code(),
+                    Some(1),
+                    "{var}={p:?} {event}: {}",
+                    stderr(&o)
+                );
+                let e = stderr(&o);
+                assert!(e.contains("REFUSED") && e.contains(var), "{var}={p:?}: {e}");
+                // One line per refusal: a hostile value cannot forge log lines.
+                assert_eq!(e.lines().count(), 1, "{e}");
+                runs += 1;
+            }
+        }
+    }
+    // Outside the pool is refused too.
+    let o = hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client401", "10.135.4.1", now()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("pool"), "{}", stderr(&o));
+    assert!(runs > 80);
+    assert!(oar
+        .resources(Some("network_address LIKE 'vnode-4-%'"))
+        .is_empty());
+    assert!(oar.resources(Some("idhalcn = 'client401'")).is_empty());
+    assert!(!Path::new("/tmp/idhal-pwned").exists());
+}
+
+fn status_file(dir: &Path, written: u64, clients: &[(&str, &str, u64)]) -> PathBuf {
+    let mut s = format!(
+        "TITLE,OpenVPN 2.6.3 x86_64-pc-linux-gnu\nTIME,2026-01-01 00:00:00,{written}\n\
+         HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n"
+    );
+    for (cn, ip, since) in clients {
+        s.push_str(&format!(
+            "CLIENT_LIST,{cn},127.0.0.1:40000,{ip},,100,200,2026-01-01 00:00:00,{since},UNDEF,1,0,AES-256-GCM\n"
+        ));
+    }
+    s.push_str("HEADER,ROUTING_TABLE,Virtual Address,Common Name,Real Address,Last Ref,Last Ref (time_t)\nGLOBAL_STATS,Max bcast/mcast queue length,0\nEND\n");
+    let p = dir.join("status.log");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn reconcile(cfg: &Path, state: &Path, status: &Path) -> std::process::Output {
+    std::process::Command::new(IDHAL)
+        .arg("--config")
+        .arg(cfg)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("reconcile")
+        .arg("--status-file")
+        .arg(status)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn reconcile_replays_missed_events() {
+    let Some(oar) = oar() else { return };
+    // Its own domain: reconcile leaves other tests' nodes (other domain) alone.
+    let (d, cfg, state) = setup(&config(oar, "rec.test", ""));
+    let t0 = now() - 1000;
+    // 502 connected and then its disconnect was seen; 503 is Alive but gone.
+    ok(&hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client502", "10.134.5.2", t0),
+    ));
+    ok(&hook(
+        &cfg,
+        &state,
+        "client-disconnect",
+        &node_env("client502", "10.134.5.2", t0),
+    ));
+    ok(&hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client503", "10.134.5.3", t0),
+    ));
+    // OpenVPN says: 501 (never registered: the server crashed) and 502 (reconnected) are here.
+    let status = status_file(
+        d.path(),
+        now(),
+        &[
+            ("client501", "10.134.5.1", t0 + 10),
+            ("client502", "10.134.5.2", t0 + 20),
+        ],
+    );
+    let o = reconcile(&cfg, &state, &status);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("2 registered again, 1 taken down, 0 failures"),
+        "{out}"
+    );
+    let state_of = |h: &str| {
+        let r = oar.host(h);
+        assert_eq!(r.len(), 1, "{h}: {r:?}");
+        prop(&r[0], "state")
+    };
+    assert_eq!(state_of("vnode-5-1.rec.test"), "Alive");
+    assert_eq!(state_of("vnode-5-2.rec.test"), "Alive");
+    assert_eq!(state_of("vnode-5-3.rec.test"), "Absent");
+
+    // Idempotent: a second run changes nothing.
+    let o = reconcile(&cfg, &state, &status);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("0 registered again, 0 taken down, 0 failures"),
+        "{out}"
+    );
+
+    // A stale status file is refused and changes nothing.
+    let stale = status_file(d.path(), now() - 3600, &[]);
+    let o = reconcile(&cfg, &state, &stale);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is OpenVPN running"), "{}", stderr(&o));
+    assert_eq!(state_of("vnode-5-1.rec.test"), "Alive");
+}
+
+/// Connect-hook latency with real OAR: `cargo test -p idhal-server-tools --test hook_oar --
+/// --ignored --nocapture bench_connect_hook_latency`. Prints figures, asserts none.
+#[test]
+#[ignore]
+fn bench_connect_hook_latency() {
+    let Some(oar) = oar() else { return };
+    let (_d, cfg, state) = setup(&config(oar, "bench.test", ""));
+    let n = 60;
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    let run = |label: &str, since: u64, disconnect_first: bool| {
+        let mut ms = Vec::new();
+        for i in 1..=n {
+            let env = node_env(&format!("b-{i}"), &format!("10.134.200.{i}"), since);
+            if disconnect_first {
+                ok(&hook(
+                    &cfg,
+                    &state,
+                    "client-disconnect",
+                    &node_env(&format!("b-{i}"), &format!("10.134.200.{i}"), since - 1),
+                ));
+            }
+            let t = Instant::now();
+            ok(&hook(&cfg, &state, "client-connect", &env));
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        println!(
+            "bench_connect_hook_latency: {label}: n={n} p50={:.0} ms p99={:.0} ms max={:.0} ms",
+            pct(&mut ms, 0.50),
+            pct(&mut ms, 0.99),
+            ms.iter().cloned().fold(0.0, f64::max)
+        );
+    };
+    let t = now();
+    run("new node (create + properties)", t, false);
+    run("reconnect of an Alive node (properties)", t + 1, false);
+    run(
+        "reconnect after disconnect (properties + Absent→Alive via Almighty)",
+        t + 2,
+        true,
+    );
+}
