@@ -11,12 +11,12 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config {path}: {source}")]
+    #[error("config {path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,

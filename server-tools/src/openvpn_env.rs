@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 pub enum EnvError {
     #[error("OpenVPN variable {var} is missing (is this running as an OpenVPN client-connect/client-disconnect script?)")]
     Missing { var: &'static str },
-    #[error("OpenVPN variable {var}: {source}")]
+    #[error("OpenVPN variable {var}")]
     Name {
         var: &'static str,
         source: NameError,

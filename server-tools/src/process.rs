@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}")]
     Spawn {
         program: String,
         source: std::io::Error,
     },
     #[error("{program} did not finish within {after:?} and was killed")]
     Timeout { program: String, after: Duration },
-    #[error("waiting for {program}: {source}")]
+    #[error("waiting for {program}")]
     Wait {
         program: String,
         source: std::io::Error,
@@ -137,14 +137,14 @@ impl Deadline {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("cannot open lock file {path}: {source}")]
+    #[error("cannot open lock file {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("another hook held {path} for more than {after:?}")]
     Busy { path: PathBuf, after: Duration },
-    #[error("locking {path}: {source}")]
+    #[error("locking {path}")]
     Lock {
         path: PathBuf,
         source: std::io::Error,
