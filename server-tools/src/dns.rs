@@ -59,6 +59,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
                     }
                 }
                 Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
                     for (zone, text) in &zones {
                         let path = dir.join(format!("{zone}.zone"));
                         write_atomic(&path, text.as_bytes())

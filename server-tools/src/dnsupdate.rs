@@ -331,15 +331,16 @@ impl Updater {
         };
         match response.response_code() {
             ResponseCode::NoError => Ok(()),
-            ResponseCode::NotAuth
-            | ResponseCode::BADSIG
-            | ResponseCode::BADKEY
-            | ResponseCode::BADTIME => Err(DnsError::TsigRejected {
-                server: self.server,
-                name: name.to_owned(),
-                key: self.key.name.clone(),
-                path: self.key.path.clone(),
-            }),
+            // NOTAUTH on a verified answer means "not authoritative for this zone"; a failed
+            // TSIG check never gets here (its answer is unsigned and fails above).
+            ResponseCode::BADSIG | ResponseCode::BADKEY | ResponseCode::BADTIME => {
+                Err(DnsError::TsigRejected {
+                    server: self.server,
+                    name: name.to_owned(),
+                    key: self.key.name.clone(),
+                    path: self.key.path.clone(),
+                })
+            }
             rcode => Err(DnsError::Refused {
                 server: self.server,
                 name: name.to_owned(),

@@ -29,10 +29,10 @@ const PROPERTIES_MARKER: &str = "oar-properties-v1";
 pub enum OarError {
     #[error(transparent)]
     Run(#[from] RunError),
-    #[error("OAR: `{cmd}` failed (exit {code:?}): {line}")]
+    #[error("OAR: `{cmd}` failed ({status}): {line}")]
     Failed {
         cmd: String,
-        code: Option<i32>,
+        status: String,
         line: String,
     },
     #[error("OAR: cannot parse `oarnodes -J` output for {what}: {msg}")]
@@ -108,7 +108,10 @@ impl Oar {
                     program.file_name().unwrap_or_default().to_string_lossy(),
                     args.join(" ")
                 ),
-                code: done.code,
+                status: match done.code {
+                    Some(c) => format!("exit {c}"),
+                    None => "killed by a signal".into(),
+                },
                 line: done.last_line().to_owned(),
             });
         }

@@ -345,6 +345,18 @@ fn bench_connect_hook_latency() {
         );
     };
     let t = now();
+    // The very first connect also creates idhal's property columns (once per OAR database).
+    let first = Instant::now();
+    ok(&hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("b-0", "10.134.201.1", t),
+    ));
+    println!(
+        "bench_connect_hook_latency: first connect ever (creates 7 property columns): {:.0} ms",
+        first.elapsed().as_secs_f64() * 1000.0
+    );
     run("new node (create + properties)", t, false);
     run("reconnect of an Alive node (properties)", t + 1, false);
     run(

@@ -63,9 +63,9 @@ impl Reaper {
     pub fn new(dir: &Path) -> Self {
         let script = r#"dir=$1; pgs=""
 while read -r g; do pgs="$pgs $g"; done
-for g in $pgs; do kill -TERM -- "-$g" 2>/dev/null; done
+for g in $pgs; do kill -TERM "-$g" 2>/dev/null; done
 sleep 2
-for g in $pgs; do kill -KILL -- "-$g" 2>/dev/null; done
+for g in $pgs; do kill -KILL "-$g" 2>/dev/null; done
 rm -rf -- "$dir""#;
         let mut child = Command::new("sh")
             .arg("-c")
