@@ -27,12 +27,11 @@ pub enum DnsError {
         key: String,
         path: PathBuf,
     },
-    #[error("DNS update to {server} for {name} in zone {zone}: refused with {rcode} (is key {key:?} allowed to update this zone, and is the server its primary?)")]
+    #[error("DNS update to {server} for {name} in zone {zone}: refused with {rcode} (is the TSIG key allowed to update this zone, and is the server its primary?)")]
     Refused {
         server: SocketAddr,
         name: String,
         zone: String,
-        key: String,
         rcode: String,
     },
     #[error("DNS update to {server} for {name}: no answer within {after:?}")]
@@ -345,7 +344,6 @@ impl Updater {
                 server: self.server,
                 name: name.to_owned(),
                 zone: zone.to_string(),
-                key: self.key.name.clone(),
                 rcode: rcode.to_string(),
             }),
         }

@@ -33,7 +33,7 @@ fn config(oar: &Oar, domain: &str, extra: &str) -> String {
     )
 }
 
-fn prop<'a>(r: &'a serde_json::Value, k: &str) -> String {
+fn prop(r: &serde_json::Value, k: &str) -> String {
     match &r[k] {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Number(n) => n.to_string(),

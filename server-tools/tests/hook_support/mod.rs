@@ -57,6 +57,8 @@ pub fn free_port() -> u16 {
 /// stdin is a pipe that only closes then.
 pub struct Reaper {
     stdin: Mutex<ChildStdin>,
+    /// Never waited for: it must outlive this process to do its job.
+    _child: Child,
 }
 
 impl Reaper {
@@ -78,6 +80,7 @@ rm -rf -- "$dir""#;
             .expect("start the reaper");
         Self {
             stdin: Mutex::new(child.stdin.take().unwrap()),
+            _child: child,
         }
     }
 
@@ -457,7 +460,7 @@ impl Knot {
     /// `kdig +short` answer lines.
     pub fn dig(&self, name: &str, rtype: &str) -> Vec<String> {
         let out = Command::new("kdig")
-            .arg(format!("@127.0.0.1"))
+            .arg("@127.0.0.1")
             .args([
                 "-p",
                 &self.port.to_string(),
