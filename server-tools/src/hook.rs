@@ -55,7 +55,14 @@ pub enum Event {
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = ServerConfig::load(global.config.as_deref())?;
+    // Exit 2, not 1: a broken config is the admin's to fix, not a refused client.
+    let cfg = match ServerConfig::load(global.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("idhal: error: {:#}", anyhow::Error::new(e));
+            return Ok(ExitCode::from(2));
+        }
+    };
     let env: HashMap<String, String> = std::env::vars().collect();
     let (name, result) = match args.event {
         Event::ClientConnect { .. } => ("client-connect", connect(&cfg, &global.state_dir, &env)),
