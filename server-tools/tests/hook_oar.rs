@@ -6,7 +6,7 @@ mod hook_support;
 
 use hook_support::*;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 fn oar() -> Option<&'static Oar> {
@@ -21,6 +21,18 @@ fn oar() -> Option<&'static Oar> {
         .then(Oar::start)
     })
     .as_ref()
+}
+
+/// Tests share OAR; the one that proves "OAR unchanged" compares the whole resource table, so
+/// it runs alone (write) while the others run side by side (read).
+static GATE: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    GATE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    GATE.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Generous limits: 50 hooks at once on 2 cores queue behind each other's Perl start-ups.
@@ -48,6 +60,7 @@ fn ok(o: &std::process::Output) {
 #[test]
 fn connect_disconnect_reconnect() {
     let Some(oar) = oar() else { return };
+    let _shared = shared();
     let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
     let since = now() - 100;
     let env = node_env("client101", "10.134.1.1", since);
@@ -108,6 +121,7 @@ fn run_parallel(
 #[test]
 fn fifty_concurrent_connects_make_fifty_resources() {
     let Some(oar) = oar() else { return };
+    let _shared = shared();
     let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
     let envs = (1..=50)
         .map(|i| node_env(&format!("c2-{i}"), &format!("10.134.2.{i}"), now()))
@@ -129,6 +143,7 @@ fn fifty_concurrent_connects_make_fifty_resources() {
 #[test]
 fn ten_concurrent_connects_of_one_node_make_one_resource() {
     let Some(oar) = oar() else { return };
+    let _shared = shared();
     let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
     let since = now();
     let envs = (0..10)
@@ -145,7 +160,14 @@ fn ten_concurrent_connects_of_one_node_make_one_resource() {
 #[test]
 fn hostile_environment_is_refused_and_oar_unchanged() {
     let Some(oar) = oar() else { return };
+    let _alone = alone();
     let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
+    let table = || {
+        let mut all: Vec<String> = oar.resources(None).iter().map(|r| r.to_string()).collect();
+        all.sort();
+        all
+    };
+    let snapshot = table();
     let payloads = [
         "x' OR '1'='1",
         "'; DELETE FROM resources; --",
@@ -211,6 +233,7 @@ fn hostile_environment_is_refused_and_oar_unchanged() {
         .resources(Some("network_address LIKE 'vnode-4-%'"))
         .is_empty());
     assert!(oar.resources(Some("idhalcn = 'client401'")).is_empty());
+    assert_eq!(table(), snapshot, "OAR's resource table changed");
     assert!(!Path::new("/tmp/idhal-pwned").exists());
 }
 
@@ -246,6 +269,7 @@ fn reconcile(cfg: &Path, state: &Path, status: &Path) -> std::process::Output {
 #[test]
 fn reconcile_replays_missed_events() {
     let Some(oar) = oar() else { return };
+    let _shared = shared();
     // Its own domain: reconcile leaves other tests' nodes (other domain) alone.
     let (d, cfg, state) = setup(&config(oar, "rec.test", ""));
     let t0 = now() - 1000;
@@ -315,6 +339,7 @@ fn reconcile_replays_missed_events() {
 #[ignore]
 fn bench_connect_hook_latency() {
     let Some(oar) = oar() else { return };
+    let _shared = shared();
     let (_d, cfg, state) = setup(&config(oar, "bench.test", ""));
     let n = 60;
     let pct = |v: &mut Vec<f64>, p: f64| {

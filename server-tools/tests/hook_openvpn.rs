@@ -1,0 +1,355 @@
+//! End to end with a real OpenVPN 2.6 server and client on 127.0.0.1: OpenVPN itself runs
+//! `idhal hook` with its real environment, against a real OAR and a real Knot. The tun devices
+//! are created without any address or route (--ifconfig-noexec/--route-noexec), so no traffic
+//! can leave the loopback connection between the two OpenVPN processes.
+
+mod hook_support;
+
+use hook_support::*;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A throwaway CA, a server certificate and one client certificate with CN `cn`.
+fn pki(dir: &Path, cn: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=idhal-test-ca",
+            "-days",
+            "2",
+        ],
+    );
+    std::fs::write(
+        dir.join("server.ext"),
+        "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
+    )
+    .unwrap();
+    for (name, subject, ext) in [
+        ("server", "server", "server.ext"),
+        ("client", cn, "client.ext"),
+    ] {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={subject}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+            ],
+        );
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn wait_until(what: &str, limit: Duration, logs: &[&Path], mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        if t.elapsed() > limit {
+            for l in logs {
+                eprintln!(
+                    "---- {}\n{}",
+                    l.display(),
+                    std::fs::read_to_string(l).unwrap_or_default()
+                );
+            }
+            panic!("{what}: not within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+#[test]
+fn openvpn_runs_the_hooks_for_real() {
+    if !require(&[
+        "/usr/sbin/openvpn",
+        "/usr/bin/openssl",
+        "/dev/net/tun",
+        "/usr/sbin/oar-database",
+        "/usr/lib/oar/Almighty",
+        "/usr/sbin/knotd",
+        &pg_available(),
+    ]) {
+        return;
+    }
+    let oar = Oar::start();
+    let knot = Knot::start(&[
+        ("idhal.test", empty_zone("idhal.test")),
+        ("134.10.in-addr.arpa", empty_zone("134.10.in-addr.arpa")),
+    ]);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    pki(dir, "client801");
+    let key = dir.join("tsig.key");
+    knot.write_key(&key, TSIG_SECRET);
+    let status = dir.join("status.log");
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[names]\ndomain = \"idhal.test\"\n\
+             [dns]\nupdate = \"rfc2136\"\nserver = \"127.0.0.1:{}\"\ntsig_key_file = \"{}\"\non_disconnect = \"remove\"\n\
+             [reconcile]\nstatus_file = \"{}\"\n{}",
+            knot.port,
+            key.display(),
+            status.display(),
+            oar.config_section()
+        ),
+    )
+    .unwrap();
+    let state = dir.join("state");
+    // Kills both OpenVPN processes even when an assertion fails half-way.
+    let reaper = Reaper::new(&dir.join("nothing-to-remove"));
+    let hook_cmd = |event: &str| {
+        format!(
+            "{IDHAL} --config {} --state-dir {} hook {event}",
+            cfg.display(),
+            state.display()
+        )
+    };
+    let port = free_port().to_string();
+    // Interface names: short (IFNAMSIZ) and unique to this process.
+    let tag = std::process::id() % 100_000;
+    let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
+    let mut server = spawn(
+        Command::new("openvpn")
+            .current_dir(dir)
+            .args([
+                "--mode",
+                "server",
+                "--tls-server",
+                "--proto",
+                "tcp-server",
+                "--local",
+                "127.0.0.1",
+                "--port",
+                &port,
+            ])
+            .args([
+                "--dev",
+                &format!("idhs{tag}"),
+                "--dev-type",
+                "tun",
+                "--ifconfig-noexec",
+                "--route-noexec",
+                "--disable-dco",
+            ])
+            .args([
+                "--topology",
+                "subnet",
+                "--ifconfig",
+                "10.134.0.1",
+                "255.255.0.0",
+            ])
+            .args([
+                "--ifconfig-pool",
+                "10.134.8.10",
+                "10.134.8.50",
+                "255.255.0.0",
+            ])
+            .args([
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "server.crt",
+                "--key",
+                "server.key",
+                "--dh",
+                "none",
+            ])
+            .args([
+                "--script-security",
+                "2",
+                "--client-connect",
+                &hook_cmd("client-connect"),
+            ])
+            .args(["--client-disconnect", &hook_cmd("client-disconnect")])
+            .args([
+                "--status",
+                &status.display().to_string(),
+                "1",
+                "--status-version",
+                "2",
+                "--verb",
+                "3",
+            ]),
+        &server_log,
+    );
+    reaper.watch(server.id());
+    wait_until(
+        "OpenVPN server listening",
+        Duration::from_secs(20),
+        &[&server_log],
+        || listening(port.parse().unwrap()).0,
+    );
+    let mut client = spawn(
+        Command::new("openvpn")
+            .current_dir(dir)
+            .args([
+                "--client",
+                "--proto",
+                "tcp-client",
+                "--remote",
+                "127.0.0.1",
+                &port,
+            ])
+            .args([
+                "--dev",
+                &format!("idhc{tag}"),
+                "--dev-type",
+                "tun",
+                "--ifconfig-noexec",
+                "--route-noexec",
+                "--disable-dco",
+            ])
+            .args([
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "client.crt",
+                "--key",
+                "client.key",
+                "--verb",
+                "3",
+            ]),
+        &client_log,
+    );
+    reaper.watch(client.id());
+    let host = "vnode-8-10.idhal.test";
+    let logs = [server_log.as_path(), client_log.as_path()];
+    // The hook does OAR first, then DNS: wait for its log line, which comes last.
+    wait_until(
+        "client-connect hook done",
+        Duration::from_secs(60),
+        &logs,
+        || {
+            std::fs::read_to_string(&server_log)
+                .is_ok_and(|l| l.contains("idhal hook client-connect:"))
+        },
+    );
+    let r = &oar.host(host)[0];
+    assert_eq!(r["idhalcn"], "client801");
+    assert_eq!(r["ip"], "10.134.8.10");
+    assert_eq!(r["idhalclientip"], "127.0.0.1");
+    assert_eq!(knot.dig(host, "A"), ["10.134.8.10"]);
+    assert_eq!(
+        knot.dig("10.8.134.10.in-addr.arpa", "PTR"),
+        [format!("{host}.")]
+    );
+
+    // OpenVPN's own status file, read by reconcile: everything already consistent.
+    wait_until(
+        "status file lists the client",
+        Duration::from_secs(20),
+        &logs,
+        || std::fs::read_to_string(&status).is_ok_and(|s| s.contains("CLIENT_LIST,client801")),
+    );
+    let o = Command::new(IDHAL)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("reconcile")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("1 connected, 0 registered again, 0 taken down, 0 failures"),
+        "{out}"
+    );
+
+    stop(&mut client);
+    wait_until(
+        "client-disconnect hook done",
+        Duration::from_secs(60),
+        &logs,
+        || {
+            std::fs::read_to_string(&server_log)
+                .is_ok_and(|l| l.contains("idhal hook client-disconnect:"))
+        },
+    );
+    assert_eq!(oar.host(host)[0]["state"], "Absent");
+    assert!(knot.dig(host, "A").is_empty());
+    stop(&mut server);
+    let log = std::fs::read_to_string(&server_log).unwrap();
+    assert!(
+        log.contains("idhal hook client-connect: client801 → vnode-8-10.idhal.test"),
+        "{log}"
+    );
+}
