@@ -3,14 +3,15 @@
 //! a per-node lock, within one time budget, and map the outcome to an exit code by policy.
 
 use crate::config::{DnsUpdate, OnDisconnect, OnFailure, ServerConfig};
-use crate::dnsupdate::{TsigKey, Updater};
-use crate::names::HostName;
+use crate::dnsupdate::{DnsError, TsigKey, Updater};
+use crate::names::{Domain, HostName};
 use crate::openvpn_env::Session;
 use crate::process::{Deadline, NodeLock};
 use crate::scheduler::{self, DownOutcome, NodeUp};
 use crate::Global;
 use anyhow::Context as _;
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -55,13 +56,9 @@ pub enum Event {
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    // Exit 2, not 1: a broken config is the admin's to fix, not a refused client.
-    let cfg = match ServerConfig::load(global.config.as_deref()) {
+    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("idhal: error: {:#}", anyhow::Error::new(e));
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let env: HashMap<String, String> = std::env::vars().collect();
     let (name, result) = match args.event {
@@ -136,20 +133,81 @@ fn session_and_host(
     Ok((session, host))
 }
 
-fn dns_updater(cfg: &ServerConfig, deadline: Deadline) -> anyhow::Result<Option<Updater>> {
+/// The DNS step, when live updates are on: `f` gets the updater and both zones.
+fn dns_step(
+    cfg: &ServerConfig,
+    deadline: Deadline,
+    f: impl FnOnce(&Updater, &Domain, &Domain) -> Result<(), DnsError>,
+) -> anyhow::Result<bool> {
     if cfg.dns.update == DnsUpdate::Off {
-        return Ok(None);
+        return Ok(false);
     }
     let path = cfg
         .dns
         .tsig_key_file
         .as_deref()
         .context("[dns] tsig_key_file is not set")?;
-    Ok(Some(Updater {
+    let updater = Updater {
         server: cfg.dns.server,
         key: TsigKey::load(path)?,
         timeout: deadline.cap(cfg.limits.dns_timeout()),
-    }))
+    };
+    f(&updater, &cfg.forward_zone(), &cfg.reverse_zone()?)?;
+    Ok(true)
+}
+
+/// What one node's event did: one line for the log, or every error (all backends are tried).
+struct Steps {
+    started: Instant,
+    done: Vec<String>,
+    errors: Vec<anyhow::Error>,
+    _lock: NodeLock,
+}
+
+impl Steps {
+    /// Takes the node's lock: every change to one node happens under it.
+    fn lock(
+        cfg: &ServerConfig,
+        state_dir: &Path,
+        host: &HostName,
+        deadline: Deadline,
+    ) -> Result<Self, HookFailure> {
+        let lock = NodeLock::acquire(
+            state_dir,
+            host.label.as_str(),
+            deadline.cap(cfg.limits.lock_wait()),
+        )
+        .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
+        Ok(Self {
+            started: Instant::now(),
+            done: Vec::new(),
+            errors: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    fn record(&mut self, r: anyhow::Result<Option<String>>) {
+        match r {
+            Ok(Some(line)) => self.done.push(line),
+            Ok(None) => {}
+            Err(e) => self.errors.push(e),
+        }
+    }
+
+    fn finish(self, subject: String) -> Result<String, HookFailure> {
+        if !self.errors.is_empty() {
+            return Err(HookFailure::Backend(self.errors));
+        }
+        let what = if self.done.is_empty() {
+            "nothing to do (no backend configured)".to_owned()
+        } else {
+            self.done.join(", ")
+        };
+        Ok(format!(
+            "{subject}: {what} in {:.2} s",
+            self.started.elapsed().as_secs_f64()
+        ))
+    }
 }
 
 /// Registers one connected node. Shared by the hook and `idhal reconcile`.
@@ -160,15 +218,7 @@ pub fn connect_session(
     host: &HostName,
     deadline: Deadline,
 ) -> Result<String, HookFailure> {
-    let started = Instant::now();
-    let _lock = NodeLock::acquire(
-        state_dir,
-        host.label.as_str(),
-        deadline.cap(cfg.limits.lock_wait()),
-    )
-    .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
-    let mut done = Vec::new();
-    let mut errors = Vec::new();
+    let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     if let Some(sched) = scheduler::open(cfg, state_dir) {
         let up = NodeUp {
             node: session.node.clone(),
@@ -178,113 +228,67 @@ pub fn connect_session(
             since: session.since,
             node_type: scheduler::node_type(cfg, state_dir, &session.node),
         };
-        match sched.node_up(&up, deadline) {
-            Ok(o) => done.push(format!(
-                "{} resource {:?} Alive{}",
-                sched.name(),
-                o.resource_ids,
-                if o.created { " (created)" } else { "" }
-            )),
-            Err(e) => errors.push(
-                anyhow::Error::new(e).context(format!("{}: registering {host}", sched.name())),
-            ),
-        }
+        steps.record(
+            sched
+                .node_up(&up, deadline)
+                .map(|o| {
+                    let created = if o.created { " (created)" } else { "" };
+                    Some(format!(
+                        "{} resource {:?} Alive{created}",
+                        sched.name(),
+                        o.resource_ids
+                    ))
+                })
+                .with_context(|| format!("{}: registering {host}", sched.name())),
+        );
     }
-    match dns_updater(cfg, deadline) {
-        Ok(None) => {}
-        Ok(Some(u)) => match u.upsert(
-            host,
-            session.vpn_ip,
-            &cfg.forward_zone(),
-            &cfg.reverse_zone()
-                .map_err(|e| HookFailure::Backend(vec![e.into()]))?,
-            cfg.dns.ttl,
-        ) {
-            Ok(()) => done.push("DNS A+PTR set".into()),
-            Err(e) => errors.push(e.into()),
-        },
-        Err(e) => errors.push(e),
-    }
-    if !errors.is_empty() {
-        return Err(HookFailure::Backend(errors));
-    }
-    Ok(format!(
-        "{} → {host} ({}): {} in {:.2} s",
-        session.node,
-        session.vpn_ip,
-        if done.is_empty() {
-            "nothing to do (no backend configured)".into()
-        } else {
-            done.join(", ")
-        },
-        started.elapsed().as_secs_f64()
-    ))
+    steps.record(
+        dns_step(cfg, deadline, |u, fwd, rev| {
+            u.upsert(host, session.vpn_ip, fwd, rev, cfg.dns.ttl)
+        })
+        .map(|did| did.then(|| "DNS A+PTR set".to_owned())),
+    );
+    steps.finish(format!("{} → {host} ({})", session.node, session.vpn_ip))
 }
 
-/// Takes one node down. Shared by the hook and `idhal reconcile` (which passes no session time).
+/// Takes one node down. `since`: the session's start (hook) or the status file's time
+/// (reconcile); a node registered later than that is left up.
 pub fn disconnect_host(
     cfg: &ServerConfig,
     state_dir: &Path,
     host: &HostName,
-    vpn_ip: std::net::Ipv4Addr,
+    vpn_ip: Ipv4Addr,
     since: Option<u64>,
     deadline: Deadline,
 ) -> Result<String, HookFailure> {
-    let started = Instant::now();
-    let _lock = NodeLock::acquire(
-        state_dir,
-        host.label.as_str(),
-        deadline.cap(cfg.limits.lock_wait()),
-    )
-    .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
-    let mut done = Vec::new();
-    let mut errors = Vec::new();
+    let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     let mut stale = false;
     if let Some(sched) = scheduler::open(cfg, state_dir) {
-        match sched.node_down(host, since, deadline) {
-            Ok(DownOutcome::MarkedDown) => done.push(format!("{} Absent", sched.name())),
-            Ok(DownOutcome::AlreadyDown) => done.push(format!("{} already Absent", sched.name())),
-            Ok(DownOutcome::Unknown) => done.push(format!("unknown to {}", sched.name())),
-            Ok(DownOutcome::NewerSession) => {
-                stale = true;
-                done.push(format!(
-                    "ignored: {} holds a newer session for this node",
-                    sched.name()
-                ));
-            }
-            Err(e) => errors.push(
-                anyhow::Error::new(e).context(format!("{}: taking {host} down", sched.name())),
-            ),
-        }
+        let name = sched.name();
+        let outcome = sched
+            .node_down(host, since, deadline)
+            .with_context(|| format!("{name}: taking {host} down"));
+        stale = matches!(outcome, Ok(DownOutcome::NewerSession));
+        steps.record(outcome.map(|o| {
+            Some(match o {
+                DownOutcome::MarkedDown => format!("{name} Absent"),
+                DownOutcome::AlreadyDown => format!("{name} already Absent"),
+                DownOutcome::Unknown => format!("unknown to {name}"),
+                DownOutcome::NewerSession => {
+                    format!("ignored: {name} holds a newer session for this node")
+                }
+            })
+        }));
     }
     if cfg.dns.on_disconnect == OnDisconnect::Remove && !stale {
-        match dns_updater(cfg, deadline) {
-            Ok(None) => {}
-            Ok(Some(u)) => match u.remove(
-                host,
-                vpn_ip,
-                &cfg.forward_zone(),
-                &cfg.reverse_zone()
-                    .map_err(|e| HookFailure::Backend(vec![e.into()]))?,
-            ) {
-                Ok(()) => done.push("DNS A+PTR removed".into()),
-                Err(e) => errors.push(e.into()),
-            },
-            Err(e) => errors.push(e),
-        }
+        steps.record(
+            dns_step(cfg, deadline, |u, fwd, rev| {
+                u.remove(host, vpn_ip, fwd, rev)
+            })
+            .map(|did| did.then(|| "DNS A+PTR removed".to_owned())),
+        );
     }
-    if !errors.is_empty() {
-        return Err(HookFailure::Backend(errors));
-    }
-    Ok(format!(
-        "{host} ({vpn_ip}): {} in {:.2} s",
-        if done.is_empty() {
-            "nothing to do (no backend configured)".into()
-        } else {
-            done.join(", ")
-        },
-        started.elapsed().as_secs_f64()
-    ))
+    steps.finish(format!("{host} ({vpn_ip})"))
 }
 
 fn connect(

@@ -114,13 +114,9 @@ fn real_ip(s: &str) -> Option<String> {
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    // Exit 2, not 1: a broken config is the admin's to fix, not a refused client.
-    let cfg = match ServerConfig::load(global.config.as_deref()) {
+    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("idhal: error: {:#}", anyhow::Error::new(e));
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let state_dir = &global.state_dir;
     let Ok(_running) = NodeLock::acquire(state_dir, "reconcile", Duration::ZERO) else {
