@@ -187,7 +187,16 @@ fn static_zones_from_idhal_dns_zone_resolve() {
 fn broken_config_exits_2_and_names_the_file() {
     // No component needed: the hook stops before touching any backend.
     let (_d, cfg, state) = setup("[names]\ntemplate = \"node_{4}\"\n");
-    let o = hook(&cfg, &state, "client-connect", &node_env("client743", "10.134.7.43", now()));
+    let o = hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client743", "10.134.7.43", now()),
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("server.toml") && stderr(&o).contains("name template"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("server.toml") && stderr(&o).contains("name template"),
+        "{}",
+        stderr(&o)
+    );
 }
