@@ -156,6 +156,19 @@ fn dns_step(
     Ok(true)
 }
 
+/// Replaces the node's A and PTR, when live DNS is on.
+fn dns_upsert(
+    cfg: &ServerConfig,
+    session: &Session,
+    host: &HostName,
+    deadline: Deadline,
+) -> anyhow::Result<Option<String>> {
+    dns_step(cfg, deadline, |u, fwd, rev| {
+        u.upsert(host, session.vpn_ip, fwd, rev, cfg.dns.ttl)
+    })
+    .map(|did| did.then(|| "DNS A+PTR set".to_owned()))
+}
+
 /// What one node's event did: one line for the log, or every error (all backends are tried).
 struct Steps {
     started: Instant,
@@ -242,12 +255,20 @@ pub fn connect_session(
                 .with_context(|| format!("{}: registering {host}", sched.name())),
         );
     }
-    steps.record(
-        dns_step(cfg, deadline, |u, fwd, rev| {
-            u.upsert(host, session.vpn_ip, fwd, rev, cfg.dns.ttl)
-        })
-        .map(|did| did.then(|| "DNS A+PTR set".to_owned())),
-    );
+    steps.record(dns_upsert(cfg, session, host, deadline));
+    steps.finish(format!("{} → {host} ({})", session.node, session.vpn_ip))
+}
+
+/// Re-asserts one node's A and PTR records only (`idhal reconcile --refresh-dns`).
+pub fn refresh_node_dns(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    session: &Session,
+    host: &HostName,
+    deadline: Deadline,
+) -> Result<String, HookFailure> {
+    let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
+    steps.record(dns_upsert(cfg, session, host, deadline));
     steps.finish(format!("{} → {host} ({})", session.node, session.vpn_ip))
 }
 

@@ -1,8 +1,9 @@
 //! `idhal reconcile`: compares who OpenVPN says is connected (its status file) with what the
 //! scheduler holds, and replays the missed connect/disconnect events. Idempotent, for a timer.
 
+use crate::config::DnsUpdate;
 use crate::config::ServerConfig;
-use crate::hook::{connect_session, disconnect_host, HookFailure};
+use crate::hook::{connect_session, disconnect_host, refresh_node_dns, HookFailure};
 use crate::names::HostName;
 use crate::openvpn_env::Session;
 use crate::process::{Deadline, NodeLock};
@@ -37,6 +38,11 @@ pub struct Args {
     /// Print what would change without changing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also re-assert the A and PTR records of every connected node the scheduler already has
+    /// right (repairs a DNS update that failed under on_failure = "admit"). One signed update
+    /// per zone and node: meant for an hourly run rather than every minute.
+    #[arg(long)]
+    pub refresh_dns: bool,
     /// Status file to read instead of [reconcile] status_file.
     #[arg(long, value_name = "FILE")]
     pub status_file: Option<std::path::PathBuf>,
@@ -142,15 +148,16 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             cfg.reconcile.max_status_age_secs
         );
     }
-    reconcile(&cfg, state_dir, &status, args.dry_run)
+    reconcile(&cfg, state_dir, &status, &args)
 }
 
 fn reconcile(
     cfg: &ServerConfig,
     state_dir: &Path,
     status: &Status,
-    dry_run: bool,
+    args: &Args,
 ) -> anyhow::Result<ExitCode> {
+    let dry_run = args.dry_run;
     let mut failures = 0usize;
     let mut connected: BTreeMap<String, (Session, HostName)> = BTreeMap::new();
     for entry in &status.clients {
@@ -202,7 +209,8 @@ fn reconcile(
     let by_host: HashMap<&str, &scheduler::ManagedNode> =
         managed.iter().map(|m| (m.host.as_str(), m)).collect();
 
-    let (mut repaired, mut downed) = (0usize, 0usize);
+    let (mut repaired, mut downed, mut refreshed) = (0usize, 0usize, 0usize);
+    let refresh_dns = args.refresh_dns && cfg.dns.update == DnsUpdate::Rfc2136;
     for (name, (session, host)) in &connected {
         let ok = match (&sched, by_host.get(name.as_str())) {
             (Some(s), Some(m)) => {
@@ -214,6 +222,21 @@ fn reconcile(
             // Without a scheduler only DNS is left to assert, which is idempotent.
             (None, _) => false,
         };
+        if ok && refresh_dns && !dry_run {
+            match refresh_node_dns(
+                cfg,
+                state_dir,
+                session,
+                host,
+                Deadline::after(cfg.limits.hook_budget()),
+            ) {
+                Ok(_) => refreshed += 1,
+                Err(e) => {
+                    failures += 1;
+                    report(&e, host);
+                }
+            }
+        }
         if ok {
             continue;
         }
@@ -280,8 +303,13 @@ fn reconcile(
             }
         }
     }
+    let dns = if refresh_dns {
+        format!(", {refreshed} DNS refreshed")
+    } else {
+        String::new()
+    };
     println!(
-        "idhal reconcile: {} connected, {repaired} registered again, {downed} taken down, {failures} failures",
+        "idhal reconcile: {} connected, {repaired} registered again, {downed} taken down{dns}, {failures} failures",
         connected.len()
     );
     Ok(if failures == 0 {

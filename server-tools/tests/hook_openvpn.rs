@@ -334,6 +334,41 @@ fn openvpn_runs_the_hooks_for_real() {
         "{out}"
     );
 
+    // A DNS record lost behind idhal's back (or an update that failed under on_failure =
+    // "admit") comes back with --refresh-dns.
+    let mut nsupdate = Command::new("knsupdate")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = nsupdate.stdin.take().unwrap();
+        write!(
+            stdin,
+            "server 127.0.0.1 {}\nzone idhal.test.\nkey hmac-sha256:idhal-update {TSIG_SECRET}\ndel {host}. A\nsend\n",
+            knot.port
+        )
+        .unwrap();
+    }
+    assert!(nsupdate.wait().unwrap().success());
+    assert!(knot.dig(host, "A").is_empty());
+    let o = Command::new(IDHAL)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["reconcile", "--refresh-dns"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("0 registered again, 0 taken down, 1 DNS refreshed, 0 failures"),
+        "{out}"
+    );
+    assert_eq!(knot.dig(host, "A"), ["10.134.8.10"]);
+
     stop(&mut client);
     wait_until(
         "client-disconnect hook done",
