@@ -60,7 +60,16 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         Ok(cfg) => cfg,
         Err(code) => return Ok(code),
     };
-    let env: HashMap<String, String> = std::env::vars().collect();
+    // vars_os: `env::vars` panics on a non-UTF-8 value, and certificate fields can hold any
+    // bytes. Lossy text still fails validation, so such a value is refused, not trusted.
+    let env: HashMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
     let (name, result) = match args.event {
         Event::ClientConnect { .. } => ("client-connect", connect(&cfg, &global.state_dir, &env)),
         Event::ClientDisconnect => (

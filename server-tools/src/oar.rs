@@ -141,7 +141,7 @@ impl Oar {
     }
 
     /// Creates idhal's property columns once. A marker under --state-dir saves the listing on
-    /// every later hook; `set_properties` drops the marker if OAR ever rejects a property.
+    /// every later hook; `force` (after OAR rejected a property) looks again regardless.
     fn ensure_properties(&self, deadline: Deadline, force: bool) -> Result<(), OarError> {
         let marker = self.state_dir.join(PROPERTIES_MARKER);
         if !force && marker.exists() {
@@ -170,6 +170,7 @@ impl Oar {
                 Err(e) => return Err(e),
             }
         }
+        // Best effort: without the marker the next hook merely lists the columns again.
         let _ = std::fs::write(&marker, PROPERTIES.join("\n") + "\n");
         Ok(())
     }

@@ -5,6 +5,7 @@
 mod hook_support;
 
 use hook_support::*;
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
@@ -65,7 +66,18 @@ fn connect_disconnect_reconnect() {
     let since = now() - 100;
     let env = node_env("client101", "10.134.1.1", since);
 
-    let o = hook(&cfg, &state, "client-connect", &env);
+    // As OpenVPN runs it, with one certificate field that is not UTF-8 (used for nothing).
+    let o = std::process::Command::new(IDHAL)
+        .env_clear()
+        .envs(env.clone())
+        .env("X509_0_O", std::ffi::OsStr::from_bytes(b"Soci\xe9t\xe9"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["hook", "client-connect", "/tmp/openvpn_cc_unused.tmp"])
+        .output()
+        .unwrap();
     ok(&o);
     assert!(stderr(&o).contains("(created)"), "{}", stderr(&o));
     let r = oar.host("vnode-1-1.idhal.test");
@@ -219,6 +231,21 @@ fn hostile_environment_is_refused_and_oar_unchanged() {
             }
         }
     }
+    // Bytes that are not UTF-8 (certificate fields can hold any): refused, no panic.
+    let bad = std::ffi::OsStr::from_bytes(b"client\xff401");
+    let o = std::process::Command::new(IDHAL)
+        .env_clear()
+        .envs(node_env("client401", "10.134.4.1", now()))
+        .env("common_name", bad)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["hook", "client-connect"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("REFUSED"), "{}", stderr(&o));
     // Outside the pool is refused too.
     let o = hook(
         &cfg,
