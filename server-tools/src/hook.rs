@@ -196,7 +196,7 @@ impl Steps {
     ) -> Result<Self, HookFailure> {
         let lock = NodeLock::acquire(
             state_dir,
-            host.label.as_str(),
+            &format!("node-{}", host.label),
             deadline.cap(cfg.limits.lock_wait()),
         )
         .map_err(|e| HookFailure::Backend(vec![e.into()]))?;

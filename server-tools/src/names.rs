@@ -82,10 +82,6 @@ impl Label {
         }
         Ok(Self(lower))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl fmt::Display for Label {
@@ -318,7 +314,7 @@ mod tests {
 
     #[test]
     fn labels_and_domains() {
-        assert_eq!(Label::parse("VNode-1").unwrap().as_str(), "vnode-1");
+        assert_eq!(Label::parse("VNode-1").unwrap().to_string(), "vnode-1");
         assert!(Label::parse("-a").is_err());
         assert!(Label::parse("a_b").is_err());
         assert_eq!(
@@ -337,7 +333,9 @@ mod tests {
     fn template() {
         let t = NameTemplate::parse("vnode-{3}-{4}").unwrap();
         assert_eq!(
-            t.render("10.134.7.38".parse().unwrap()).unwrap().as_str(),
+            t.render("10.134.7.38".parse().unwrap())
+                .unwrap()
+                .to_string(),
             "vnode-7-38"
         );
         assert!(NameTemplate::parse("vnode").is_err());

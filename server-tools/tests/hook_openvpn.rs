@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
+    let o = Command::new("/usr/bin/openssl")
         .args(args)
         .current_dir(dir)
         .output()
@@ -128,9 +128,7 @@ fn wait_until(what: &str, limit: Duration, logs: &[&Path], mut ok: impl FnMut() 
 }
 
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    signal("TERM", &child.id().to_string());
     let _ = child.wait();
 }
 
@@ -143,6 +141,7 @@ fn openvpn_runs_the_hooks_for_real() {
         "/usr/sbin/oar-database",
         "/usr/lib/oar/Almighty",
         "/usr/sbin/knotd",
+        "/usr/bin/knsupdate",
         &pg_available(),
     ]) {
         return;
@@ -187,7 +186,7 @@ fn openvpn_runs_the_hooks_for_real() {
     let tag = std::process::id() % 100_000;
     let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
     let mut server = spawn(
-        Command::new("openvpn")
+        Command::new("/usr/sbin/openvpn")
             .current_dir(dir)
             .args([
                 "--mode",
@@ -258,7 +257,7 @@ fn openvpn_runs_the_hooks_for_real() {
         || listening(port.parse().unwrap()).0,
     );
     let mut client = spawn(
-        Command::new("openvpn")
+        Command::new("/usr/sbin/openvpn")
             .current_dir(dir)
             .args([
                 "--client",
@@ -336,7 +335,7 @@ fn openvpn_runs_the_hooks_for_real() {
 
     // A DNS record lost behind idhal's back (or an update that failed under on_failure =
     // "admit") comes back with --refresh-dns.
-    let mut nsupdate = Command::new("knsupdate")
+    let mut nsupdate = Command::new("/usr/bin/knsupdate")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

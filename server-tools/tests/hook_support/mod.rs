@@ -69,7 +69,7 @@ for g in $pgs; do kill -TERM "-$g" 2>/dev/null; done
 sleep 2
 for g in $pgs; do kill -KILL "-$g" 2>/dev/null; done
 rm -rf -- "$dir""#;
-        let mut child = Command::new("sh")
+        let mut child = Command::new("/bin/sh")
             .arg("-c")
             .arg(script)
             .arg("reaper")
@@ -87,6 +87,14 @@ rm -rf -- "$dir""#;
     pub fn watch(&self, pgid: u32) {
         let _ = writeln!(self.stdin.lock().unwrap(), "{pgid}");
     }
+}
+
+/// Sends SIG to `target` (a pid, or `-PGID` for a whole process group) with the shell's
+/// builtin kill: procps' /usr/bin/kill is not on every minimal system.
+pub fn signal(sig: &str, target: &str) {
+    let _ = Command::new("/bin/sh")
+        .args(["-c", "kill -\"$0\" \"$1\"", sig, target])
+        .status();
 }
 
 fn user_ids(name: &str) -> (u32, u32) {
@@ -293,9 +301,7 @@ impl Oar {
     /// Fast shutdown (SIGINT to the postmaster), waited for.
     pub fn stop_postgres(&self) {
         if let Some(mut c) = self.postgres.lock().unwrap().take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
+            signal("INT", &c.id().to_string());
             let _ = c.wait();
         }
     }
@@ -317,7 +323,7 @@ impl Oar {
         let bin = self.dir.join("Almighty");
         std::fs::write(&bin, patched).unwrap();
         let log = std::fs::File::create(self.dir.join("almighty.log")).unwrap();
-        let child = Command::new("perl")
+        let child = Command::new("/usr/bin/perl")
             .arg(&bin)
             .envs(self.env())
             .env("OARDO_USER", "oar")
@@ -338,9 +344,7 @@ impl Oar {
     /// SIGTERM to Almighty's whole process group, waited for.
     pub fn stop_almighty(&self) {
         if let Some(mut c) = self.almighty.lock().unwrap().take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", "--", &format!("-{}", c.id())])
-                .status();
+            signal("TERM", &format!("-{}", c.id()));
             let _ = c.wait();
             let port = self.server_port;
             wait_for("Almighty to stop", Duration::from_secs(15), || {
@@ -435,7 +439,7 @@ impl Knot {
         }
         std::fs::write(dir.join("knot.conf"), conf).unwrap();
         let log = std::fs::File::create(dir.join("knot.log")).unwrap();
-        let child = Command::new("knotd")
+        let child = Command::new("/usr/sbin/knotd")
             .arg("-c")
             .arg(dir.join("knot.conf"))
             .process_group(0)
@@ -459,7 +463,7 @@ impl Knot {
 
     /// `kdig +short` answer lines.
     pub fn dig(&self, name: &str, rtype: &str) -> Vec<String> {
-        let out = Command::new("kdig")
+        let out = Command::new("/usr/bin/kdig")
             .arg("@127.0.0.1")
             .args([
                 "-p",
