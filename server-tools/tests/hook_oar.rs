@@ -417,3 +417,34 @@ fn bench_connect_hook_latency() {
         true,
     );
 }
+
+#[test]
+fn dropped_property_column_is_recreated() {
+    let Some(oar) = oar() else { return };
+    // Alone: the other tests' hooks would meet the missing column too.
+    let _alone = alone();
+    let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
+    ok(&hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client901", "10.134.9.1", now()),
+    ));
+    // An admin drops a column; the hook's marker still says the columns exist.
+    let o = std::process::Command::new(format!("{OARDIR}/oarproperty"))
+        .envs(oar.env())
+        .args(["-d", "idhalclientname"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client902", "10.134.9.2", now()),
+    );
+    ok(&o);
+    let r = oar.host("vnode-9-2.idhal.test");
+    assert_eq!(prop(&r[0], "idhalclientname"), "vnode-9-2");
+    assert_eq!(prop(&r[0], "state"), "Alive");
+}
