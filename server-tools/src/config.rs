@@ -282,11 +282,28 @@ impl Default for DnsSection {
     }
 }
 
+/// Where `idhal reconcile` learns who is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StatusSource {
+    /// OpenVPN's status file (`status FILE 10`, `status-version 2` or 3).
+    #[default]
+    StatusFile,
+    /// OpenVPN's management interface (`status 2`), always current.
+    Management,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconcileSection {
+    pub source: StatusSource,
     /// OpenVPN's `status` file (written with `status FILE 10` and `status-version 2` or 3).
     pub status_file: PathBuf,
+    /// OpenVPN's management interface; keep it on 127.0.0.1 (anyone who reaches it controls
+    /// the VPN server).
+    pub management: SocketAddr,
+    /// The management password file given to OpenVPN's `management` option, if any.
+    pub management_password_file: Option<PathBuf>,
     /// A status file older than this means OpenVPN is not writing it: reconcile refuses to act.
     pub max_status_age_secs: u64,
 }
@@ -294,7 +311,10 @@ pub struct ReconcileSection {
 impl Default for ReconcileSection {
     fn default() -> Self {
         Self {
+            source: StatusSource::StatusFile,
             status_file: "/run/openvpn-server/status-server.log".into(),
+            management: "127.0.0.1:7505".parse().expect("valid default"),
+            management_password_file: None,
             max_status_age_secs: 120,
         }
     }

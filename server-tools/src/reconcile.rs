@@ -1,8 +1,8 @@
 //! `idhal reconcile`: compares who OpenVPN says is connected (its status file) with what the
 //! scheduler holds, and replays the missed connect/disconnect events. Idempotent, for a timer.
 
-use crate::config::DnsUpdate;
 use crate::config::ServerConfig;
+use crate::config::{DnsUpdate, StatusSource};
 use crate::hook::{connect_session, disconnect_host, refresh_node_dns, HookFailure};
 use crate::names::HostName;
 use crate::openvpn_env::Session;
@@ -11,7 +11,8 @@ use crate::scheduler;
 use crate::Global;
 use anyhow::Context as _;
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,9 +20,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Debug, clap::Args)]
 #[command(
     about = "Repair scheduler/DNS state from OpenVPN's status file (safe from a timer)",
-    long_about = "Reads OpenVPN's status file ([reconcile] status_file; OpenVPN needs \
-        `status FILE 10` and `status-version 2` or 3) and compares the connected clients with the \
-        scheduler:\n\
+    long_about = "Reads who is connected from OpenVPN's status file ([reconcile] status_file; \
+        OpenVPN needs `status FILE 10` and `status-version 2` or 3) or asks its management \
+        interface ([reconcile] source = \"management\", `management 127.0.0.1 7505` in OpenVPN's \
+        config), and compares the connected clients with the scheduler:\n\
         - a connected node that is missing, not Alive, or registered with another CN or address \
           is registered again (exactly as `idhal hook client-connect` does, DNS included);\n\
         - a node idhal manages that is Alive but no longer connected is set Absent (never \
@@ -43,9 +45,12 @@ pub struct Args {
     /// per zone and node: meant for an hourly run rather than every minute.
     #[arg(long)]
     pub refresh_dns: bool,
-    /// Status file to read instead of [reconcile] status_file.
-    #[arg(long, value_name = "FILE")]
+    /// Status file to read instead of [reconcile]'s source.
+    #[arg(long, value_name = "FILE", conflicts_with = "management")]
     pub status_file: Option<std::path::PathBuf>,
+    /// OpenVPN management interface (IP:port) to ask instead of [reconcile]'s source.
+    #[arg(long, value_name = "ADDR")]
+    pub management: Option<SocketAddr>,
 }
 
 /// One `CLIENT_LIST` entry, still unvalidated.
@@ -108,6 +113,54 @@ fn parse_status(text: &str) -> anyhow::Result<Status> {
     Ok(Status { written, clients })
 }
 
+fn read_status_file(path: &Path) -> anyhow::Result<Status> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading OpenVPN status file {}", path.display()))?;
+    parse_status(&text).with_context(|| format!("status file {}", path.display()))
+}
+
+/// Asks OpenVPN's management interface for `status 2` (the same text as a version-2 status
+/// file, but current). Every read and write has the command timeout.
+fn read_management(addr: SocketAddr, cfg: &ServerConfig) -> anyhow::Result<Status> {
+    let timeout = cfg.limits.command_timeout();
+    let what = || format!("OpenVPN management interface {addr}");
+    let stream = TcpStream::connect_timeout(&addr, timeout).with_context(what)?;
+    stream.set_read_timeout(Some(timeout)).with_context(what)?;
+    stream.set_write_timeout(Some(timeout)).with_context(what)?;
+    let mut request = String::new();
+    if let Some(path) = &cfg.reconcile.management_password_file {
+        let pw =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        request.push_str(pw.lines().next().unwrap_or(""));
+        request.push('\n');
+    }
+    request.push_str("status 2\n");
+    (&stream).write_all(request.as_bytes()).with_context(what)?;
+    let mut text = String::new();
+    let mut total = 0usize;
+    for line in BufReader::new(&stream).lines() {
+        let line = line.with_context(what)?;
+        total += line.len();
+        anyhow::ensure!(total < 16 << 20, "{}: answer larger than 16 MiB", what());
+        let line = line.trim_end_matches('\r');
+        if line.contains("ERROR:") {
+            anyhow::bail!("{}: {line}", what());
+        }
+        // Real-time notifications (`>INFO:` …) and the password dialogue are not status.
+        if line.starts_with('>') || line.contains("ENTER PASSWORD:") || line.starts_with("SUCCESS:")
+        {
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+        if line == "END" {
+            let _ = (&stream).write_all(b"quit\n");
+            return parse_status(&text).with_context(what);
+        }
+    }
+    anyhow::bail!("{}: connection closed before the status ended", what())
+}
+
 /// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address.
 fn real_ip(s: &str) -> Option<String> {
     if let Some(rest) = s.strip_prefix('[') {
@@ -129,13 +182,18 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         eprintln!("idhal reconcile: another reconcile is running; nothing done");
         return Ok(ExitCode::SUCCESS);
     };
-    let path = args
-        .status_file
-        .as_deref()
-        .unwrap_or(&cfg.reconcile.status_file);
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading OpenVPN status file {}", path.display()))?;
-    let status = parse_status(&text).with_context(|| format!("status file {}", path.display()))?;
+    let (status, source) = match (&args.status_file, &args.management, cfg.reconcile.source) {
+        (Some(path), _, _) => (read_status_file(path)?, path.display().to_string()),
+        (None, Some(addr), _) => (read_management(*addr, &cfg)?, format!("management {addr}")),
+        (None, None, StatusSource::Management) => (
+            read_management(cfg.reconcile.management, &cfg)?,
+            format!("management {}", cfg.reconcile.management),
+        ),
+        (None, None, StatusSource::StatusFile) => (
+            read_status_file(&cfg.reconcile.status_file)?,
+            cfg.reconcile.status_file.display().to_string(),
+        ),
+    };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -143,8 +201,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let age = now.saturating_sub(status.written);
     if age > cfg.reconcile.max_status_age_secs {
         anyhow::bail!(
-            "status file {} was written {age} s ago (limit {} s): is OpenVPN running and writing it? Nothing changed",
-            path.display(),
+            "OpenVPN status from {source} was written {age} s ago (limit {} s): is OpenVPN running and writing it? Nothing changed",
             cfg.reconcile.max_status_age_secs
         );
     }

@@ -182,6 +182,7 @@ fn openvpn_runs_the_hooks_for_real() {
         )
     };
     let port = free_port().to_string();
+    let mport = free_port().to_string();
     // Interface names: short (IFNAMSIZ) and unique to this process.
     let tag = std::process::id() % 100_000;
     let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
@@ -238,6 +239,7 @@ fn openvpn_runs_the_hooks_for_real() {
                 &hook_cmd("client-connect"),
             ])
             .args(["--client-disconnect", &hook_cmd("client-disconnect")])
+            .args(["--management", "127.0.0.1", &mport])
             .args([
                 "--status",
                 &status.display().to_string(),
@@ -357,13 +359,15 @@ fn openvpn_runs_the_hooks_for_real() {
         .arg(&cfg)
         .arg("--state-dir")
         .arg(&state)
-        .args(["reconcile", "--refresh-dns"])
+        // This time from the management interface: always current.
+        .args(["reconcile", "--refresh-dns", "--management"])
+        .arg(format!("127.0.0.1:{mport}"))
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{out}{}", stderr(&o));
     assert!(
-        out.contains("0 registered again, 0 taken down, 1 DNS refreshed, 0 failures"),
+        out.contains("1 connected, 0 registered again, 0 taken down, 1 DNS refreshed, 0 failures"),
         "{out}"
     );
     assert_eq!(knot.dig(host, "A"), ["10.134.8.10"]);
