@@ -31,7 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
         A status file older than [reconcile] max_status_age_secs is refused (OpenVPN is not \
         writing it: acting on it could take every node down). Runs hold the same per-node locks \
         as the hooks, and a second concurrent reconcile exits at once.\n\n\
-        Exit codes: 0 all consistent (or repaired); 1 some repair failed or an entry was \
+        Exit codes: 0 all consistent (or repaired); 1 the status was unreadable or stale, a \
+        repair failed or an entry was \
         invalid; 2 usage or config error.\n\n\
         Example systemd timer: OnBootSec=1min, OnUnitActiveSec=1min running\n  \
         idhal --config /etc/idhal/server.toml reconcile"
