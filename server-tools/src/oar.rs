@@ -156,23 +156,44 @@ impl Oar {
         if !force && marker.exists() {
             return Ok(());
         }
-        let listed = self.run(&self.oarproperty, &["-l".into()], deadline)?;
-        let have: BTreeSet<&str> = listed.stdout.lines().map(str::trim).collect();
-        for p in PROPERTIES.iter().filter(|p| !have.contains(**p)) {
-            match self.run(
-                &self.oarproperty,
-                &["-a".into(), (*p).into(), "-c".into()],
-                deadline,
-            ) {
-                Ok(_) => {}
-                // Someone (an admin, another server) added it meanwhile: that is the goal.
-                Err(OarError::Failed { line, .. }) if line.contains("already exists") => {}
-                Err(e) => return Err(e),
+        let missing = self.missing_properties(deadline)?;
+        if !missing.is_empty() {
+            // One call for all (oarproperty takes -a repeatedly): the first connect ever pays
+            // one Perl start-up instead of seven.
+            let mut args: Vec<String> = missing
+                .iter()
+                .flat_map(|p| ["-a".to_string(), p.to_string()])
+                .collect();
+            args.push("-c".into());
+            if self.run(&self.oarproperty, &args, deadline).is_err() {
+                // Someone else added one meanwhile (the call stops at the first existing
+                // column): look again and add the rest one by one.
+                for p in self.missing_properties(deadline)? {
+                    match self.run(
+                        &self.oarproperty,
+                        &["-a".into(), p.into(), "-c".into()],
+                        deadline,
+                    ) {
+                        Ok(_) => {}
+                        Err(OarError::Failed { line, .. }) if line.contains("already exists") => {}
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
         // Best effort: without the marker the next hook merely lists the columns again.
         let _ = std::fs::write(&marker, PROPERTIES.join("\n") + "\n");
         Ok(())
+    }
+
+    fn missing_properties(&self, deadline: Deadline) -> Result<Vec<&'static str>, OarError> {
+        let listed = self.run(&self.oarproperty, &["-l".into()], deadline)?;
+        let have: BTreeSet<&str> = listed.stdout.lines().map(str::trim).collect();
+        Ok(PROPERTIES
+            .iter()
+            .copied()
+            .filter(|p| !have.contains(p))
+            .collect())
     }
 
     fn set_properties(
