@@ -143,10 +143,20 @@ pub fn listening(port: u16) -> (bool, bool) {
     (loopback, any)
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+/// Polls `ok` until it holds; on timeout fails with the component's log, which says why.
+fn wait_for(what: &str, limit: Duration, log: &Path, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
-        assert!(t.elapsed() < limit, "{what} not ready after {limit:?}");
+        if t.elapsed() >= limit {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{what} not ready after {limit:?}; {}:\n{}",
+                log.display(),
+                tail.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -290,12 +300,17 @@ impl Oar {
         self.reaper.watch(child.id());
         *self.postgres.lock().unwrap() = Some(child);
         let port = self.pg_port;
-        wait_for("PostgreSQL", Duration::from_secs(30), || {
-            Command::new(pg_bin("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        wait_for(
+            "PostgreSQL",
+            Duration::from_secs(30),
+            &pg.join("postgres.log"),
+            || {
+                Command::new(pg_bin("pg_isready"))
+                    .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
     }
 
     /// Fast shutdown (SIGINT to the postmaster), waited for.
@@ -337,7 +352,10 @@ impl Oar {
         self.reaper.watch(child.id());
         *self.almighty.lock().unwrap() = Some(child);
         let port = self.server_port;
-        wait_for("Almighty", Duration::from_secs(30), || listening(port).0);
+        let log = self.dir.join("almighty.log");
+        wait_for("Almighty", Duration::from_secs(30), &log, || {
+            listening(port).0
+        });
         assert!(!listening(port).1, "Almighty listens beyond loopback");
     }
 
@@ -347,7 +365,8 @@ impl Oar {
             signal("TERM", &format!("-{}", c.id()));
             let _ = c.wait();
             let port = self.server_port;
-            wait_for("Almighty to stop", Duration::from_secs(15), || {
+            let log = self.dir.join("almighty.log");
+            wait_for("Almighty to stop", Duration::from_secs(15), &log, || {
                 !listening(port).0
             });
         }
@@ -455,7 +474,8 @@ impl Knot {
             child: Mutex::new(Some(child)),
         };
         let first = zones[0].0;
-        wait_for("Knot", Duration::from_secs(20), || {
+        let log = knot.dir.join("knot.log");
+        wait_for("Knot", Duration::from_secs(20), &log, || {
             !knot.dig(first, "SOA").is_empty()
         });
         knot
