@@ -202,16 +202,13 @@ impl Oar {
         props: &[(&str, PropValue)],
         deadline: Deadline,
     ) -> Result<(), OarError> {
-        // All in ONE call: OAR rolls back the whole call if one property is unknown, so the node
-        // never ends up half-described.
-        let mut args = vec!["-h".to_string(), host.to_string()];
-        for (k, v) in props {
-            args.push("-p".into());
-            args.push(format!("{k}={v}"));
-        }
         // OAR exits 0 even when it rolled the call back, and prints "0 resource(s) updated"
         // both for a rejected and for an unchanged value: the read-back in `confirm` decides.
-        self.run(&self.oarnodesetting, &args, deadline)?;
+        self.run(
+            &self.oarnodesetting,
+            &property_args(host, false, props),
+            deadline,
+        )?;
         Ok(())
     }
 
@@ -293,19 +290,21 @@ impl Oar {
         self.ensure_properties(deadline, false)?;
         let existing = self.resources(host, deadline)?;
         let created = existing.is_empty();
+        let props = node_properties(up);
         if created {
             // -a is not idempotent: the caller holds the node's lock, and we looked first.
+            // Properties ride along in the same call, so the new resource carries idhalcn (what
+            // makes it idhal's for `reconcile`) from the start; -a makes it Alive directly.
             self.run(
                 &self.oarnodesetting,
-                &["-a".into(), "-h".into(), host.to_string()],
+                &property_args(host, true, &props),
                 deadline,
             )?;
-        }
-        let props = node_properties(up);
-        self.set_properties(host, &props, deadline)?;
-        // -a writes the state directly (Alive); a known node may need Almighty to revive it.
-        if !created && existing.iter().any(|r| r.state != "Alive") {
-            self.set_state(host, "Alive", deadline)?;
+        } else {
+            self.set_properties(host, &props, deadline)?;
+            if existing.iter().any(|r| r.state != "Alive") {
+                self.set_state(host, "Alive", deadline)?;
+            }
         }
         let confirmed = match self.confirm_state(host, "Alive", &props, deadline) {
             Err(OarError::PropertiesRejected { .. }) => {
@@ -348,6 +347,21 @@ impl Oar {
         self.confirm_state(host, "Absent", &[], deadline)?;
         Ok(DownOutcome::MarkedDown)
     }
+}
+
+/// `[-a] -h HOST -p k=v -p k=v …`: all properties in ONE call, because OAR rolls back the
+/// whole call if one property is unknown, so a node is never half-described.
+fn property_args(host: &HostName, add: bool, props: &[(&str, PropValue)]) -> Vec<String> {
+    let mut args = Vec::new();
+    if add {
+        args.push("-a".to_string());
+    }
+    args.extend(["-h".to_string(), host.to_string()]);
+    for (k, v) in props {
+        args.push("-p".into());
+        args.push(format!("{k}={v}"));
+    }
+    args
 }
 
 /// The properties written for a connected node, all validated values.
