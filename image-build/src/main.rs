@@ -1,0 +1,188 @@
+//! `idhal-image`: command-line front end of the image builder (parsing and dispatch only).
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use idhal_image_build::{self as ib, lock::Lock};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "idhal-image",
+    version,
+    about = "Build idhal test vnodes (kernel + initramfs + state disk) from pinned Debian packages",
+    long_about = "Build a bootable idhal test vnode from pinned Debian 12 packages: the cloud kernel, a \
+small busybox initramfs holding the static agent, its config, OpenVPN with its libraries and the kernel \
+modules they need, and an ext4 state disk made without mounting anything.\n\n\
+Packages come from image-build/debian.lock (name, version, sha256), fetched with `apt-get download` \
+and refused if their hash differs. The result is reproducible (sorted archive, fixed timestamps) and \
+cached under --cache-dir by a hash of every input, so a second build takes milliseconds.",
+    after_help = "Examples:\n  \
+idhal-image build --agent target/x86_64-unknown-linux-musl/release/idhal-bootstrap \\\n      \
+--key keys/idhal.pub --out vnode/\n  \
+qemu-system-x86_64 -accel tcg -m 256 -nodefaults -display none -serial stdio \\\n      \
+-kernel vnode/vmlinuz -initrd vnode/initrd.img \\\n      \
+-append 'console=ttyS0 quiet idhal.server=http://10.0.2.100:8080/' \\\n      \
+-drive file=vnode/state.img,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0 \\\n      \
+-netdev 'user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8080-cmd:socat -lf /tmp/fwd.log - TCP:127.0.0.1:8080' \\\n      \
+-device virtio-net-pci,netdev=n0,romfile=\n  \
+idhal-image lock > image-build/debian.lock    # refresh the pins (then commit)\n\n\
+See docs/image-build.md."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build a vnode: OUT/vmlinuz, OUT/initrd.img (base + the baked key), OUT/state.img.
+    Build {
+        /// The static agent (x86_64 musl build of idhal-bootstrap).
+        #[arg(long)]
+        agent: PathBuf,
+        /// The server's public key to bake in (/etc/idhal/server.pub); without it the node
+        /// needs idhal.pin= on its kernel command line.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        common: Common,
+        /// Size of the state disk.
+        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        disk_size: u32,
+    },
+    /// Make an empty ext4 state disk (no mounting: mkfs.ext4 -d).
+    StateDisk {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        size: u32,
+        /// Files to put on it (default: none).
+        #[arg(long)]
+        seed: Option<PathBuf>,
+    },
+    /// Print a fresh lock for the same package names (the versions apt offers now), hashed.
+    Lock {
+        /// Replace the kernel package (e.g. linux-image-6.1.0-57-cloud-amd64).
+        #[arg(long)]
+        kernel: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// Lock file (default: the one compiled in from image-build/debian.lock).
+    #[arg(long)]
+    lock: Option<PathBuf>,
+    /// Downloaded packages and built images.
+    #[arg(long, env = "IDHAL_IMAGE_CACHE", default_value_os_t = ib::default_cache())]
+    cache_dir: PathBuf,
+    /// Timestamp of every initramfs entry.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    source_date_epoch: u32,
+}
+
+impl Common {
+    fn lock(&self) -> Result<Lock> {
+        let text = match &self.lock {
+            Some(p) => {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+            }
+            None => ib::lock::DEFAULT_LOCK.to_string(),
+        };
+        Ok(Lock::parse(&text)?)
+    }
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Build {
+            agent,
+            key,
+            out,
+            common,
+            disk_size,
+        } => {
+            let lock = common.lock()?;
+            let t = Instant::now();
+            let base = ib::build_base(&ib::BaseSpec {
+                lock: &lock,
+                agent: &agent,
+                cache: &common.cache_dir,
+                mtime: common.source_date_epoch,
+            })?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let overlay = match &key {
+                Some(k) => ib::key_overlay(
+                    &std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+                ),
+                None => ib::Overlay::default(),
+            };
+            std::fs::copy(&base.kernel, out.join("vmlinuz")).context("copying the kernel")?;
+            ib::node_initrd(
+                &base,
+                &overlay,
+                common.source_date_epoch,
+                &out.join("initrd.img"),
+            )?;
+            let seed = tempfile_dir(&out)?;
+            ib::disk::make_state_disk(&seed, &out.join("state.img"), disk_size)?;
+            let _ = std::fs::remove_dir(&seed);
+            let size = std::fs::metadata(out.join("initrd.img"))?.len();
+            println!(
+                "kernel {} · initrd {} KiB · base {} ({}) · {:.2}s",
+                base.kernel_version,
+                size / 1024,
+                base.key,
+                if base.built { "built" } else { "cached" },
+                t.elapsed().as_secs_f64()
+            );
+            println!(
+                "wrote {0}/vmlinuz {0}/initrd.img {0}/state.img",
+                out.display()
+            );
+        }
+        Cmd::StateDisk { out, size, seed } => {
+            let dir = match seed {
+                Some(s) => s,
+                None => tempfile_dir(out.parent().unwrap_or(std::path::Path::new(".")))?,
+            };
+            ib::disk::make_state_disk(&dir, &out, size)?;
+            println!("wrote {}", out.display());
+        }
+        Cmd::Lock { kernel, common } => {
+            let lock = common.lock()?;
+            let names: Vec<String> = lock
+                .pins
+                .iter()
+                .map(|p| match (&kernel, p.name.starts_with("linux-image-")) {
+                    (Some(k), true) => k.clone(),
+                    _ => p.name.clone(),
+                })
+                .collect();
+            let work = common
+                .cache_dir
+                .join(format!(".relock-{}", std::process::id()));
+            let text = ib::lock::relock(&names, &work);
+            let _ = std::fs::remove_dir_all(&work);
+            print!("{}", text?);
+        }
+    }
+    Ok(())
+}
+
+/// An empty seed directory (mode 0700: it becomes the state disk's root, the agent's state dir).
+fn tempfile_dir(parent: &std::path::Path) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let d = parent.join(format!(".seed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&d)?;
+    Ok(d)
+}
