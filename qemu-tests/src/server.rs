@@ -1,0 +1,139 @@
+//! The host side of a test: a project (keys, scriptlets, publication dir) driven through the real
+//! `idhal` binary, and `idhal serve` on 127.0.0.1 with an ephemeral port.
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+
+/// Keys and scriptlets of one test, signed with `idhal sign` into `pubdir`.
+pub struct Project {
+    idhal: PathBuf,
+    pub keys: PathBuf,
+    pub scriptlets: PathBuf,
+    pub pubdir: PathBuf,
+    /// `sha256:…` as printed by `idhal keygen`.
+    pub fingerprint: String,
+}
+
+impl Project {
+    pub fn new(idhal: &Path, dir: &Path) -> Project {
+        let keys = dir.join("keys");
+        let out = Command::new(idhal)
+            .args(["keygen", "--no-passphrase", "--dir"])
+            .arg(&keys)
+            .output()
+            .expect("idhal keygen");
+        assert!(
+            out.status.success(),
+            "idhal keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let fingerprint = text
+            .split_whitespace()
+            .find(|w| w.starts_with("sha256:"))
+            .unwrap_or_else(|| panic!("no fingerprint in keygen output: {text}"))
+            .trim_end_matches([')', ',', '.'])
+            .to_string();
+        let p = Project {
+            idhal: idhal.into(),
+            keys,
+            scriptlets: dir.join("scriptlets"),
+            pubdir: dir.join("pub"),
+            fingerprint,
+        };
+        std::fs::create_dir_all(&p.scriptlets).unwrap();
+        std::fs::create_dir_all(&p.pubdir).unwrap();
+        p
+    }
+
+    pub fn pubkey(&self) -> PathBuf {
+        self.keys.join("idhal.pub")
+    }
+
+    /// Adds (or replaces) scriptlet `ID.sh` with `body`.
+    pub fn scriptlet(&self, id: &str, body: &str) {
+        std::fs::write(self.scriptlets.join(format!("{id}.sh")), body).unwrap();
+    }
+
+    /// `idhal sign` the scriptlets into the publication dir; returns the new serial.
+    pub fn sign(&self, extra: &[&str]) -> u64 {
+        let out = Command::new(&self.idhal)
+            .arg("sign")
+            .arg("--key")
+            .arg(self.keys.join("idhal.key"))
+            .arg("--out")
+            .arg(&self.pubdir)
+            .args(extra)
+            .arg(&self.scriptlets)
+            .output()
+            .expect("idhal sign");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "idhal sign: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.published_serial()
+    }
+
+    /// The serial `manifest.minisig` names now (its trusted comment).
+    pub fn published_serial(&self) -> u64 {
+        let sig = std::fs::read_to_string(self.pubdir.join("manifest.minisig")).unwrap();
+        sig.split_whitespace()
+            .find_map(|w| w.strip_prefix("serial="))
+            .and_then(|s| s.parse().ok())
+            .expect("serial in trusted comment")
+    }
+}
+
+/// `idhal serve --listen 127.0.0.1:0`, killed (by pid) when dropped.
+pub struct Serve {
+    child: Child,
+    pub port: u16,
+}
+
+impl Serve {
+    pub fn start(idhal: &Path, root: &Path, log: &Path) -> Serve {
+        let mut child = Command::new(idhal)
+            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(root)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("idhal serve");
+        // The first stdout line, `listening on http://ADDR`, read with a deadline.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(crate::Limits::SERVER_START) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "idhal serve did not say where it listens within {:?}",
+                    crate::Limits::SERVER_START
+                )
+            }
+        };
+        let port = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .and_then(|a| a.trim_end_matches('/').rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from idhal serve: {line:?}"));
+        Serve { child, port }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
