@@ -169,3 +169,36 @@ fn vm_killed_during_a_scriptlet_runs_it_again_at_next_boot_and_completes_once() 
     vm.poweroff();
     assert_eq!(env.state_file("slow-attempts").as_deref(), Some("2\n"));
 }
+
+#[test]
+fn vm_guest_has_what_enrollment_and_the_tunnel_need() {
+    // The extension points of scenarios 1, 2, 4, 5: a one-time token over fw_cfg, OpenVPN with
+    // its libraries, and /dev/net/tun. Checked from a scriptlet, as enrollment will use them.
+    let mut env = env_or_skip!("guestkit");
+    env.project.scriptlet(
+        "000-probe",
+        "#!/bin/sh\n\
+         t=/sys/firmware/qemu_fw_cfg/by_name/opt/idhal/token/raw\n\
+         echo \"IDHAL-TEST token=$(cat $t)\" > /dev/console\n\
+         v=$(openvpn --version | head -n1 | cut -d' ' -f1,2)\n\
+         echo \"IDHAL-TEST openvpn=$v\" > /dev/console\n\
+         [ -c /dev/net/tun ] && echo \"IDHAL-TEST tun=yes\" > /dev/console\n",
+    );
+    env.project.sign(&[]);
+    let token = env.path().join("token");
+    std::fs::write(&token, "tok-123").unwrap();
+    let mut spec = env.spec();
+    spec.fw_cfg.push(("opt/idhal/token".into(), token));
+    let mut vm = env.boot_spec(spec);
+    let r = vm.wait_boot_run();
+    assert_eq!(r.exit, 0, "{}", r.last_message());
+    assert_eq!(r.count("IDHAL-TEST token=tok-123"), 1, "{:?}", r.lines);
+    assert_eq!(
+        r.count("IDHAL-TEST openvpn=OpenVPN 2.6"),
+        1,
+        "{:?}",
+        r.lines
+    );
+    assert_eq!(r.count("IDHAL-TEST tun=yes"), 1, "{:?}", r.lines);
+    vm.poweroff();
+}
