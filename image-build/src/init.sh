@@ -6,7 +6,11 @@
 #   IDHAL-STATUS <json>                      `idhal-bootstrap status --json`, one line
 # Then it serves requests, one per line, on the second serial port (ttyS1): `run`, `poweroff`.
 # Kernel command line: idhal.server=URL (read by the agent), idhal.period=SECONDS (run again
-# every SECONDS when no request comes; default: only on request).
+# every SECONDS when no request comes; default: only on request), idhal.mode=:
+#   (none)  the test vnode described above;
+#   bake    copy /bake/* into the image on the first virtio disk, then power off (idhal-image bake);
+#   root    mount the image on the first virtio disk and hand over to its /sbin/init (systemd):
+#           the helper initramfs a Debian image needs for virtio_blk, with the network already up.
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin /var/lib/idhal
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -27,6 +31,50 @@ ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
     || ev net-failed
 hostname "$(sed -n 's/.*idhal\.name=\([^ ]*\).*/\1/p' /proc/cmdline)" 2>/dev/null
+
+mode=$(sed -n 's/.*idhal\.mode=\([a-z]*\).*/\1/p' /proc/cmdline)
+
+# The first ext4 file system on the first virtio disk that looks like a root (has /etc). The disk
+# and its partitions appear asynchronously after the driver loads: retry, bounded (~5 s).
+mount_image() {
+    mkdir -p "$1"
+    i=0
+    while [ $i -lt 100 ]; do
+        for d in /dev/vda1 /dev/vda2 /dev/vda3 /dev/vda; do
+            [ -b $d ] || continue
+            if mount -t ext4 $d "$1" 2>/dev/null; then
+                [ -d "$1/etc" ] && { ev "image=$d"; return 0; }
+                umount "$1"
+            fi
+        done
+        sleep 0.05
+        i=$((i + 1))
+    done
+    ev image=not-found
+    return 1
+}
+
+case "$mode" in
+    bake)
+        # Copy as root, keep symlinks (unit enablement) and modes.
+        if mount_image /target && cp -a /bake/. /target/ && sync && umount /target; then
+            ev bake=ok
+        else
+            ev bake=failed
+        fi
+        poweroff -f
+        ;;
+    root)
+        if mount_image /newroot; then
+            ev switch-root
+            mount --move /dev /newroot/dev
+            umount /sys /proc
+            exec switch_root /newroot /sbin/init
+        fi
+        ev root=failed
+        poweroff -f
+        ;;
+esac
 
 # The state disk is the first virtio disk. Device probing is asynchronous: wait for it, bounded.
 i=0

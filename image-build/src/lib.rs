@@ -1,6 +1,7 @@
 //! idhal-image: builds the bootable test vnode (Debian cloud kernel + a small busybox initramfs
 //! with the agent, OpenVPN and the modules they need) from pinned Debian packages, reproducibly
 //! and cached, plus the ext4 state disk, without mounting anything on the host.
+pub mod bake;
 pub mod cpio;
 pub mod disk;
 pub mod elf;
@@ -75,6 +76,12 @@ pub enum Error {
     },
     #[error("{0}: not an x86_64 ELF file this builder can read")]
     Elf(String),
+    #[error("baking {image}: {why}\n--- helper console ---\n{console}")]
+    Bake {
+        image: PathBuf,
+        why: String,
+        console: String,
+    },
     #[error("{what} not found in the pinned packages: {detail}")]
     Missing { what: String, detail: String },
 }

@@ -53,6 +53,32 @@ enum Cmd {
         #[arg(long, default_value_t = 64, value_name = "MIB")]
         disk_size: u32,
     },
+    /// Bake the agent, its config, the key and the enabled systemd units into an existing
+    /// Debian-style disk image (raw or qcow2), without mounting it on the host: the image is
+    /// booted under QEMU with a helper initramfs that copies the files onto its root file system
+    /// (ext4 on the whole disk or on partition 1-3).
+    Bake {
+        /// The disk image, changed in place.
+        #[arg(long)]
+        image: PathBuf,
+        /// raw or qcow2 (default: from the file name, `.qcow2` or raw).
+        #[arg(long)]
+        format: Option<String>,
+        /// The static agent (x86_64 musl build of idhal-bootstrap).
+        #[arg(long)]
+        agent: PathBuf,
+        /// The server's public key, pinned by the node on first boot.
+        #[arg(long)]
+        key: PathBuf,
+        /// Base URL of the manifest server, written into /etc/idhal/bootstrap.conf.
+        #[arg(long, required_unless_present = "config")]
+        server: Option<String>,
+        /// A complete bootstrap.conf to install instead.
+        #[arg(long, conflicts_with = "server")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Make an empty ext4 state disk (no mounting: mkfs.ext4 -d).
     StateDisk {
         #[arg(long)]
@@ -144,6 +170,58 @@ fn main() -> Result<()> {
             println!(
                 "wrote {0}/vmlinuz {0}/initrd.img {0}/state.img",
                 out.display()
+            );
+        }
+        Cmd::Bake {
+            image,
+            format,
+            agent,
+            key,
+            server,
+            config,
+            common,
+        } => {
+            let format = match format.as_deref() {
+                None => ib::bake::ImageFormat::guess(&image),
+                Some("raw") => ib::bake::ImageFormat::Raw,
+                Some("qcow2") => ib::bake::ImageFormat::Qcow2,
+                Some(other) => anyhow::bail!("--format {other}: expected raw or qcow2"),
+            };
+            let lock = common.lock()?;
+            let t = Instant::now();
+            let base = ib::build_base(&ib::BaseSpec {
+                lock: &lock,
+                agent: &agent,
+                cache: &common.cache_dir,
+                mtime: common.source_date_epoch,
+            })?;
+            let config = match (config, server) {
+                (Some(c), _) => std::fs::read_to_string(&c)
+                    .with_context(|| format!("reading {}", c.display()))?,
+                (None, Some(s)) => ib::bake::baked_config(&s),
+                (None, None) => unreachable!("clap requires --server or --config"),
+            };
+            let overlay = ib::bake::bake_overlay(
+                &std::fs::read(&agent).with_context(|| format!("reading {}", agent.display()))?,
+                &std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?,
+                &config,
+            );
+            let work = common
+                .cache_dir
+                .join(format!(".bake-{}", std::process::id()));
+            ib::bake::bake(
+                &base,
+                &image,
+                format,
+                &overlay,
+                &work,
+                std::time::Duration::from_secs(300),
+            )?;
+            let _ = std::fs::remove_dir_all(&work);
+            println!(
+                "baked idhal-bootstrap, /etc/idhal/{{bootstrap.conf,server.pub}} and the enabled units into {} in {:.1}s",
+                image.display(),
+                t.elapsed().as_secs_f64()
             );
         }
         Cmd::StateDisk { out, size, seed } => {

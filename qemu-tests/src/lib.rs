@@ -7,6 +7,7 @@
 //! A [`Vm`] is killed when dropped, and its console log printed if the test is failing.
 pub mod bins;
 pub mod host;
+pub mod rootfs;
 pub mod server;
 pub mod vm;
 
@@ -156,6 +157,7 @@ impl Env {
             kernel: self.shared.base.kernel.clone(),
             initrd,
             disk: self.disk.clone(),
+            disk_format: "raw".into(),
             forwards: vec![Forward {
                 guest_port: GUEST_SERVE_PORT,
                 host_port: self.serve.port,

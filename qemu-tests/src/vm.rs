@@ -19,6 +19,8 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub disk: PathBuf,
+    /// `raw` or `qcow2`.
+    pub disk_format: String,
     pub forwards: Vec<Forward>,
     /// `-fw_cfg name=NAME,file=FILE` (e.g. `opt/idhal/token` for enrollment).
     pub fw_cfg: Vec<(String, PathBuf)>,
@@ -126,8 +128,9 @@ impl Vm {
             .arg(format!("unix:{},server=on,wait=off", ctl_path.display()))
             .arg("-drive")
             .arg(format!(
-                "file={},if=none,id=d0,format=raw",
-                spec.disk.display()
+                "file={},if=none,id=d0,format={}",
+                spec.disk.display(),
+                spec.disk_format
             ))
             .args(["-device", "virtio-blk-pci,drive=d0"])
             .arg("-netdev")
