@@ -68,3 +68,23 @@ pub fn ensure_tools() -> Result<(), String> {
         ))
     }
 }
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n")
+}
+
+/// For a prerequisite only some tests need: `None` (skip, with a message) outside CI, a panic
+/// in CI.
+pub fn or_skip<T>(r: Result<T, String>, what: &str) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if ci() => panic!("{what}: {e} (CI=true forbids skipping)"),
+        Err(e) => {
+            eprintln!("SKIPPING: {what}: {e}");
+            None
+        }
+    }
+}

@@ -13,6 +13,9 @@ pub fn debian_systemd_image(cache: &Path) -> Result<PathBuf, String> {
     if out.is_file() {
         return Ok(out);
     }
+    if !crate::host::is_root() {
+        return Err("debootstrap needs root (file ownership, chroot)".into());
+    }
     let work = cache.join(format!(".debootstrap-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
