@@ -7,6 +7,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
     ("/usr/bin/socat", "socat"),
     ("/usr/bin/qemu-img", "qemu-utils"),
+    ("/usr/sbin/openvpn", "openvpn"),
+    ("/usr/bin/openssl", "openssl"),
     ("/usr/sbin/debootstrap", "debootstrap"),
     ("/usr/sbin/mkfs.ext4", "e2fsprogs"),
     ("/usr/sbin/debugfs", "e2fsprogs"),

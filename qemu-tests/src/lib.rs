@@ -10,6 +10,7 @@ pub mod host;
 pub mod rootfs;
 pub mod server;
 pub mod vm;
+pub mod vpn;
 
 pub use server::{Project, Serve};
 pub use vm::{Forward, RunResult, Vm, VmSpec};
@@ -148,11 +149,15 @@ impl Env {
     /// The spec of a node booting this env's image and disk against this env's server. Tests
     /// add forwards, fw_cfg files or kernel arguments before [`Env::boot_spec`].
     pub fn spec(&self) -> VmSpec {
-        let initrd = self.path().join("initrd.img");
-        if !initrd.exists() {
-            let overlay = ib::key_overlay(&std::fs::read(self.project.pubkey()).unwrap());
-            ib::node_initrd(&self.shared.base, &overlay, 0, &initrd).expect("node initrd");
-        }
+        self.spec_with(ib::Overlay::default())
+    }
+
+    /// Like [`Env::spec`], with more files in the node's initrd (certificates, configs).
+    pub fn spec_with(&self, extra: ib::Overlay) -> VmSpec {
+        let mut overlay = ib::key_overlay(&std::fs::read(self.project.pubkey()).unwrap());
+        overlay.nodes.extend(extra.nodes);
+        let initrd = self.path().join(format!("initrd-{}.img", self.boots + 1));
+        ib::node_initrd(&self.shared.base, &overlay, 0, &initrd).expect("node initrd");
         VmSpec {
             kernel: self.shared.base.kernel.clone(),
             initrd,
