@@ -109,6 +109,7 @@ pub struct Env {
     pub serve: Serve,
     pub disk: PathBuf,
     boots: u32,
+    initrds: std::cell::Cell<u32>,
     _slot: MutexGuard<'static, ()>,
 }
 
@@ -138,6 +139,7 @@ impl Env {
             serve,
             disk,
             boots: 0,
+            initrds: std::cell::Cell::new(0),
             _slot: slot,
         })
     }
@@ -156,7 +158,10 @@ impl Env {
     pub fn spec_with(&self, extra: ib::Overlay) -> VmSpec {
         let mut overlay = ib::key_overlay(&std::fs::read(self.project.pubkey()).unwrap());
         overlay.nodes.extend(extra.nodes);
-        let initrd = self.path().join(format!("initrd-{}.img", self.boots + 1));
+        self.initrds.set(self.initrds.get() + 1);
+        let initrd = self
+            .path()
+            .join(format!("initrd-{}.img", self.initrds.get()));
         ib::node_initrd(&self.shared.base, &overlay, 0, &initrd).expect("node initrd");
         VmSpec {
             kernel: self.shared.base.kernel.clone(),
@@ -185,6 +190,15 @@ impl Env {
         self.boots += 1;
         let name = format!("{}-boot{}", self.name, self.boots);
         Vm::start(&name, self.dir.path(), spec)
+    }
+
+    /// Another empty state disk in this env's dir (for a second node).
+    pub fn new_disk(&self, name: &str) -> PathBuf {
+        let disk = self.path().join(name);
+        let seed = self.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        ib::disk::make_state_disk(&seed, &disk, 64).expect("state disk");
+        disk
     }
 
     /// Reads a file of the state disk (path relative to the agent's state dir) from the host,

@@ -1,106 +1,152 @@
-//! The tunnel path of scenarios 1, 2 and 4, ahead of enrollment: a scriptlet of a signed manifest
-//! brings up OpenVPN in the guest to a real OpenVPN 2.6 server on 127.0.0.1 (through guestfwd),
-//! whose client-connect/-disconnect command runs. Certificates are baked into the node's initrd
-//! here; enrollment (issue 3) will fetch them instead, and `idhal hook` (issue 4) will replace
-//! the recording hook.
+//! The tunnel path of scenarios 1, 2, 4 and 5, ahead of enrollment: a scriptlet of a signed
+//! manifest brings up OpenVPN in the guest to a real OpenVPN 2.6 server on 127.0.0.1 (through
+//! guestfwd), whose client-connect/-disconnect command runs. Certificates are baked into the
+//! node's initrd here; enrollment (issue 3) will fetch them instead, and `idhal hook` (issue 4)
+//! will replace the recording hook.
 use idhal_image_build::cpio::Tree;
 use idhal_qemu_tests::vpn::{OpenVpnServer, Pki};
-use idhal_qemu_tests::{env_or_skip, Forward};
+use idhal_qemu_tests::{env_or_skip, Env, Forward, RunResult, VmSpec};
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The guest-side OpenVPN port; TUNNEL_SCRIPTLET connects to 10.0.2.100:1194.
 const GUEST_VPN_PORT: u16 = 1194;
 
-#[test]
-fn vm_scriptlet_brings_up_the_tunnel_and_the_server_hook_sees_the_node() {
-    let mut env = env_or_skip!("tunnel");
-    let pki = Pki::new(&env.path().join("pki"), &["vnode-1"]);
-    let events = env.path().join("hook-events");
-    let hook = env.path().join("hook.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\necho \"$script_type cn=$common_name ip=$ifconfig_pool_remote_ip\" >> {}\n",
-            events.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let server = OpenVpnServer::start(&pki, Some(hook.to_str().unwrap()));
+/// Starts OpenVPN with the node's certificate (its name is in /etc/idhal/test-vpn/name) and
+/// waits, bounded, until the tunnel has an address; prints `IDHAL-TEST tunnel-up addr=…`.
+const TUNNEL_SCRIPTLET: &str = r#"#!/bin/sh
+d=/etc/idhal/test-vpn
+n=$(cat $d/name)
+openvpn --client --proto tcp-client --remote 10.0.2.100 1194 --connect-retry 1 2 \
+  --dev tun --disable-dco --ca $d/ca.crt --cert $d/$n.crt --key $d/$n.key \
+  --daemon --log /tmp/openvpn.log --verb 3
+i=0
+while [ $i -lt 300 ]; do
+  a=$(ip -4 addr show tun0 2>/dev/null | sed -n 's/.*inet \([0-9.]*\).*/\1/p')
+  [ -n "$a" ] && { echo "IDHAL-TEST tunnel-up addr=$a" > /dev/console; exit 0; }
+  sleep 0.1; i=$((i + 1))
+done
+cat /tmp/openvpn.log > /dev/console
+exit 1
+"#;
 
-    env.project.scriptlet(
-        "000-tunnel",
-        &format!(
-            "#!/bin/sh\n\
-             d=/etc/idhal/test-vpn\n\
-             openvpn --client --proto tcp-client --remote 10.0.2.100 {GUEST_VPN_PORT} --connect-retry 1 2 \\\n\
-             \x20 --dev tun --disable-dco --ca $d/ca.crt --cert $d/vnode-1.crt --key $d/vnode-1.key \\\n\
-             \x20 --daemon --log /tmp/openvpn.log --verb 3\n\
-             i=0\n\
-             while [ $i -lt 300 ]; do\n\
-             \x20 a=$(ip -4 addr show tun0 2>/dev/null | sed -n 's/.*inet \\([0-9.]*\\).*/\\1/p')\n\
-             \x20 [ -n \"$a\" ] && {{ echo \"IDHAL-TEST tunnel-up addr=$a\" > /dev/console; exit 0; }}\n\
-             \x20 sleep 0.1; i=$((i + 1))\n\
-             done\n\
-             cat /tmp/openvpn.log > /dev/console\n\
-             exit 1\n"
-        ),
-    );
-    env.project.sign(&[]);
-
+/// What enrollment will give a node: its name, the CA and its own certificate and key.
+fn node_files(pki: &Pki, cn: &str) -> Tree {
     let mut files = Tree::default();
-    for f in ["ca.crt", "vnode-1.crt", "vnode-1.key"] {
-        files.file(&format!("etc/idhal/test-vpn/{f}"), 0o600, pki.file(f));
+    files.file(
+        "etc/idhal/test-vpn/name",
+        0o644,
+        format!("{cn}\n").into_bytes(),
+    );
+    for f in [
+        "ca.crt".to_string(),
+        format!("{cn}.crt"),
+        format!("{cn}.key"),
+    ] {
+        files.file(&format!("etc/idhal/test-vpn/{f}"), 0o600, pki.file(&f));
     }
-    let mut spec = env.spec_with(files);
+    files
+}
+
+/// A hook that appends `script_type cn=… ip=…` to `events`.
+fn recording_hook(dir: &Path, events: &Path) -> PathBuf {
+    let hook = dir.join("hook.sh");
+    let body = format!(
+        "#!/bin/sh\necho \"$script_type cn=$common_name ip=$ifconfig_pool_remote_ip\" >> {}\n",
+        events.display()
+    );
+    std::fs::write(&hook, body).unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    hook
+}
+
+/// Waits (bounded) for a hook event line starting with `prefix`.
+fn wait_event(events: &Path, server: &OpenVpnServer, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(events).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no hook event {prefix:?}:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tunnel_addr(r: &RunResult) -> String {
+    assert_eq!(r.exit, 0, "{}: {:?}", r.last_message(), r.lines);
+    r.lines
+        .iter()
+        .find_map(|l| l.strip_prefix("IDHAL-TEST tunnel-up addr="))
+        .unwrap_or_else(|| panic!("no tunnel: {:?}", r.lines))
+        .trim()
+        .to_string()
+}
+
+/// Env + PKI + OpenVPN server with the recording hook + the signed tunnel scriptlet.
+fn setup(env: &mut Env, cns: &[&str]) -> (Pki, OpenVpnServer, PathBuf) {
+    let pki = Pki::new(&env.path().join("pki"), cns);
+    let events = env.path().join("hook-events");
+    let hook = recording_hook(env.path(), &events);
+    let server = OpenVpnServer::start(&pki, Some(hook.to_str().unwrap()));
+    env.project.scriptlet("000-tunnel", TUNNEL_SCRIPTLET);
+    env.project.sign(&[]);
+    (pki, server, events)
+}
+
+fn node_spec(env: &Env, pki: &Pki, server: &OpenVpnServer, cn: &str) -> VmSpec {
+    let mut spec = env.spec_with(node_files(pki, cn));
     spec.forwards.push(Forward {
         guest_port: GUEST_VPN_PORT,
         host_port: server.port,
     });
+    spec
+}
+
+#[test]
+fn vm_scriptlet_brings_up_the_tunnel_and_the_server_hook_sees_the_node() {
+    let mut env = env_or_skip!("tunnel");
+    let (pki, server, events) = setup(&mut env, &["vnode-1"]);
+    let spec = node_spec(&env, &pki, &server, "vnode-1");
     let mut vm = env.boot_spec(spec);
-    let r = vm.wait_boot_run();
-    assert_eq!(r.exit, 0, "{}", r.last_message());
-    let up = r
-        .lines
-        .iter()
-        .find(|l| l.starts_with("IDHAL-TEST tunnel-up addr=10.134.8."))
-        .unwrap_or_else(|| panic!("no tunnel: {:?}", r.lines))
-        .clone();
-    // The hook ran on the host for this certificate.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let connect = loop {
-        let text = std::fs::read_to_string(&events).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with("client-connect")) {
-            break l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no client-connect hook:\n{}",
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let addr = up
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = tunnel_addr(&vm.wait_boot_run());
+    assert!(addr.starts_with("10.134.8."), "{addr}");
+    // The hook ran on the host for this certificate, with the address the node got.
+    let connect = wait_event(&events, &server, "client-connect cn=vnode-1 ");
     assert_eq!(connect, format!("client-connect cn=vnode-1 ip={addr}"));
     // Power-off: the server notices the node leaving (scenario 2's Absent comes from this hook).
     vm.poweroff();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&events)
-        .unwrap_or_default()
-        .contains("client-disconnect cn=vnode-1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no client-disconnect hook:\n{}",
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_event(&events, &server, "client-disconnect cn=vnode-1 ");
+}
+
+#[test]
+fn vm_two_nodes_at_once_get_distinct_tunnel_addresses() {
+    // Scenario 5's network half: two guests at once, each with its own disk and certificate.
+    let mut env = env_or_skip!("twonodes");
+    let (pki, server, events) = setup(&mut env, &["vnode-1", "vnode-2"]);
+    let spec1 = node_spec(&env, &pki, &server, "vnode-1");
+    let mut spec2 = node_spec(&env, &pki, &server, "vnode-2");
+    spec2.disk = env.new_disk("state2.img");
+    let mut vm1 = env.boot_spec(spec1);
+    let mut vm2 = env.boot_spec(spec2);
+    let (a1, a2) = (
+        tunnel_addr(&vm1.wait_boot_run()),
+        tunnel_addr(&vm2.wait_boot_run()),
+    );
+    assert_ne!(a1, a2);
+    assert_eq!(
+        wait_event(&events, &server, "client-connect cn=vnode-1 "),
+        format!("client-connect cn=vnode-1 ip={a1}")
+    );
+    assert_eq!(
+        wait_event(&events, &server, "client-connect cn=vnode-2 "),
+        format!("client-connect cn=vnode-2 ip={a2}")
+    );
+    vm1.poweroff();
+    vm2.poweroff();
 }
