@@ -36,11 +36,7 @@ pub fn ensure_tools() -> Result<(), String> {
     }
     let mut pkgs: Vec<&str> = m.iter().map(|(_, p)| *p).collect();
     pkgs.dedup();
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
-    if root && Path::new("/usr/bin/apt-get").exists() {
+    if is_root() && Path::new("/usr/bin/apt-get").exists() {
         eprintln!(
             "installing Debian packages for the VM tests: {}",
             pkgs.join(" ")

@@ -1,7 +1,7 @@
 //! An OpenVPN 2.6 server on 127.0.0.1 for guests to tunnel to, and a throwaway PKI for it.
 //! The server's tun device gets no address or route (--ifconfig-noexec/--route-noexec): the
 //! host's network is untouched and nothing can leave the tunnel on the host side. Its
-//! client-connect/-disconnect command is the extension point for `idhal hook …`.
+//! client-connect/-disconnect command is `idhal … hook` (or any command taking the event name).
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -121,8 +121,8 @@ pub struct OpenVpnServer {
 }
 
 impl OpenVpnServer {
-    /// `hook`: a command OpenVPN runs on client-connect and client-disconnect (the script type
-    /// is in `$script_type`), e.g. `idhal hook …` once the hooks are wired in.
+    /// `hook`: a command prefix; OpenVPN runs `HOOK client-connect` and `HOOK client-disconnect`
+    /// (e.g. `idhal --config server.toml --state-dir DIR hook`).
     pub fn start(pki: &Pki, hook: Option<&str>) -> OpenVpnServer {
         let port = free_port();
         let log = pki.dir.join("openvpn-server.log");
@@ -174,14 +174,9 @@ impl OpenVpnServer {
             ])
             .args(["--verb", "3"]);
         if let Some(h) = hook {
-            cmd.args([
-                "--script-security",
-                "2",
-                "--client-connect",
-                h,
-                "--client-disconnect",
-                h,
-            ]);
+            cmd.args(["--script-security", "2"])
+                .args(["--client-connect", &format!("{h} client-connect")])
+                .args(["--client-disconnect", &format!("{h} client-disconnect")]);
         }
         let f = std::fs::File::create(&log).unwrap();
         let child = cmd

@@ -1,13 +1,11 @@
 //! The tunnel path of scenarios 1, 2, 4 and 5, ahead of enrollment: a scriptlet of a signed
 //! manifest brings up OpenVPN in the guest to a real OpenVPN 2.6 server on 127.0.0.1 (through
-//! guestfwd), whose client-connect/-disconnect command runs. Certificates are baked into the
-//! node's initrd here; enrollment (issue 3) will fetch them instead, and `idhal hook` (issue 4)
-//! will replace the recording hook.
+//! guestfwd), which runs the real `idhal hook client-connect/-disconnect` (with no scheduler and
+//! no DNS backend yet: OAR and Knot join with scenarios 1 and 2). Certificates are baked into the
+//! node's initrd here; enrollment (issue 3) will fetch them instead.
 use idhal_image_build::cpio::Tree;
 use idhal_qemu_tests::vpn::{OpenVpnServer, Pki};
 use idhal_qemu_tests::{env_or_skip, Env, Forward, RunResult, VmSpec};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The guest-side OpenVPN port; TUNNEL_SCRIPTLET connects to 10.0.2.100:1194.
@@ -49,29 +47,38 @@ fn node_files(pki: &Pki, cn: &str) -> Tree {
     files
 }
 
-/// A hook that appends `script_type cn=… ip=…` to `events`.
-fn recording_hook(dir: &Path, events: &Path) -> PathBuf {
-    let hook = dir.join("hook.sh");
-    let body = format!(
-        "#!/bin/sh\necho \"$script_type cn=$common_name ip=$ifconfig_pool_remote_ip\" >> {}\n",
-        events.display()
-    );
-    std::fs::write(&hook, body).unwrap();
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    hook
+/// `idhal hook` as OpenVPN runs it, with a config without backends (scheduler none, DNS off):
+/// the hook validates OpenVPN's environment, takes the node's lock and logs one line.
+fn idhal_hook(env: &Env) -> String {
+    let cfg = env.path().join("server.toml");
+    std::fs::write(
+        &cfg,
+        "[scheduler]\nbackend = \"none\"\n[dns]\nupdate = \"off\"\n",
+    )
+    .unwrap();
+    format!(
+        "{} --config {} --state-dir {} hook",
+        env.shared.idhal.display(),
+        cfg.display(),
+        env.path().join("server-state").display()
+    )
 }
 
-/// Waits (bounded) for a hook event line starting with `prefix`.
-fn wait_event(events: &Path, server: &OpenVpnServer, prefix: &str) -> String {
+/// Waits (bounded) for a line of the OpenVPN server's log (where the hook's stderr goes)
+/// containing every one of `parts`.
+fn wait_log(server: &OpenVpnServer, parts: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let text = std::fs::read_to_string(events).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+        if let Some(l) = server
+            .log_text()
+            .lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+        {
             return l.to_string();
         }
         assert!(
             Instant::now() < deadline,
-            "no hook event {prefix:?}:\n{}",
+            "no log line with {parts:?}:\n{}",
             server.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -88,15 +95,13 @@ fn tunnel_addr(r: &RunResult) -> String {
         .to_string()
 }
 
-/// Env + PKI + OpenVPN server with the recording hook + the signed tunnel scriptlet.
-fn setup(env: &mut Env, cns: &[&str]) -> (Pki, OpenVpnServer, PathBuf) {
+/// Env + PKI + OpenVPN server running `idhal hook` + the signed tunnel scriptlet.
+fn setup(env: &mut Env, cns: &[&str]) -> (Pki, OpenVpnServer) {
     let pki = Pki::new(&env.path().join("pki"), cns);
-    let events = env.path().join("hook-events");
-    let hook = recording_hook(env.path(), &events);
-    let server = OpenVpnServer::start(&pki, Some(hook.to_str().unwrap()));
+    let server = OpenVpnServer::start(&pki, Some(&idhal_hook(env)));
     env.project.scriptlet("000-tunnel", TUNNEL_SCRIPTLET);
     env.project.sign(&[]);
-    (pki, server, events)
+    (pki, server)
 }
 
 fn node_spec(env: &Env, pki: &Pki, server: &OpenVpnServer, cn: &str) -> VmSpec {
@@ -109,26 +114,40 @@ fn node_spec(env: &Env, pki: &Pki, server: &OpenVpnServer, cn: &str) -> VmSpec {
 }
 
 #[test]
-fn vm_scriptlet_brings_up_the_tunnel_and_the_server_hook_sees_the_node() {
+fn vm_scriptlet_brings_up_the_tunnel_and_idhal_hook_sees_the_node() {
     let mut env = env_or_skip!("tunnel");
-    let (pki, server, events) = setup(&mut env, &["vnode-1"]);
+    let (pki, server) = setup(&mut env, &["vnode-1"]);
     let spec = node_spec(&env, &pki, &server, "vnode-1");
     let mut vm = env.boot_spec(spec);
     let addr = tunnel_addr(&vm.wait_boot_run());
     assert!(addr.starts_with("10.134.8."), "{addr}");
-    // The hook ran on the host for this certificate, with the address the node got.
-    let connect = wait_event(&events, &server, "client-connect cn=vnode-1 ");
-    assert_eq!(connect, format!("client-connect cn=vnode-1 ip={addr}"));
+    // OpenVPN ran `idhal hook client-connect` for this certificate and the address it got; the
+    // node's name comes from the address (`vnode-{3}-{4}`).
+    let label = format!(
+        "vnode-{}",
+        addr.splitn(3, '.').nth(2).unwrap().replace('.', "-")
+    );
+    wait_log(
+        &server,
+        &[
+            "idhal hook client-connect: vnode-1 ",
+            &label,
+            &format!("({addr})"),
+        ],
+    );
     // Power-off: the server notices the node leaving (scenario 2's Absent comes from this hook).
     vm.poweroff();
-    wait_event(&events, &server, "client-disconnect cn=vnode-1 ");
+    wait_log(
+        &server,
+        &["idhal hook client-disconnect: vnode-1: ", &label],
+    );
 }
 
 #[test]
 fn vm_two_nodes_at_once_get_distinct_tunnel_addresses() {
     // Scenario 5's network half: two guests at once, each with its own disk and certificate.
     let mut env = env_or_skip!("twonodes");
-    let (pki, server, events) = setup(&mut env, &["vnode-1", "vnode-2"]);
+    let (pki, server) = setup(&mut env, &["vnode-1", "vnode-2"]);
     let spec1 = node_spec(&env, &pki, &server, "vnode-1");
     let mut spec2 = node_spec(&env, &pki, &server, "vnode-2");
     spec2.disk = env.new_disk("state2.img");
@@ -139,13 +158,13 @@ fn vm_two_nodes_at_once_get_distinct_tunnel_addresses() {
         tunnel_addr(&vm2.wait_boot_run()),
     );
     assert_ne!(a1, a2);
-    assert_eq!(
-        wait_event(&events, &server, "client-connect cn=vnode-1 "),
-        format!("client-connect cn=vnode-1 ip={a1}")
+    wait_log(
+        &server,
+        &["idhal hook client-connect: vnode-1 ", &format!("({a1})")],
     );
-    assert_eq!(
-        wait_event(&events, &server, "client-connect cn=vnode-2 "),
-        format!("client-connect cn=vnode-2 ip={a2}")
+    wait_log(
+        &server,
+        &["idhal hook client-connect: vnode-2 ", &format!("({a2})")],
     );
     vm1.poweroff();
     vm2.poweroff();
