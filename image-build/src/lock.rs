@@ -89,47 +89,59 @@ impl Lock {
             let tmp = dir.join(format!(".download-{}", std::process::id()));
             let _ = fs::remove_dir_all(&tmp);
             fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            let args: Vec<String> = missing
-                .iter()
-                .map(|p| format!("{}={}", p.name, p.version))
-                .collect();
-            let download = || {
-                run_cmd(
-                    Command::new("apt-get")
-                        // apt drops to the _apt user for downloads; it cannot write our cache.
-                        .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
-                        .args(&args)
-                        .current_dir(&tmp),
-                )
-            };
-            if download().is_err() {
-                run_cmd(Command::new("apt-get").args(["-q", "update"]))?;
-                download()?;
-            }
-            for p in &missing {
-                let got = fs::read_dir(&tmp)
-                    .map_err(|e| Error::io(&tmp, e))?
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .find(|f| {
-                        f.file_name()
-                            .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.starts_with(&format!("{}_", p.name)))
-                    })
-                    .ok_or_else(|| {
-                        Error::Lock(format!("apt-get download gave no .deb for {}", p.name))
-                    })?;
-                if !check(&got, p)? {
-                    return Err(Error::Hash {
-                        package: format!("{}={}", p.name, p.version),
-                        expected: p.sha256.clone(),
-                        got: sha256_hex(&fs::read(&got).map_err(|e| Error::io(&got, e))?),
-                    });
+            // Always remove the download dir, also when a download or a hash check fails.
+            let r = (|| -> Result<(), Error> {
+                let args: Vec<String> = missing
+                    .iter()
+                    .map(|p| format!("{}={}", p.name, p.version))
+                    .collect();
+                let download = || {
+                    run_cmd(
+                        Command::new("apt-get")
+                            // apt drops to the _apt user for downloads; it cannot write our cache.
+                            .args(["-q", "-o", "APT::Sandbox::User=root", "download"])
+                            .args(&args)
+                            .current_dir(&tmp),
+                    )
+                };
+                if download().is_err() {
+                    run_cmd(Command::new("apt-get").args(["-q", "update"]))?;
+                    download().map_err(|e| {
+                    Error::Lock(format!(
+                        "apt cannot download the pinned {}: {e}\nDebian removes superseded versions \
+                         (kernel ABIs first) from its mirror: refresh the pins with \
+                         `idhal-image lock > image-build/debian.lock` and commit them",
+                        args.join(" ")
+                    ))
+                })?;
                 }
-                let dest = dir.join(p.file_name());
-                fs::rename(&got, &dest).map_err(|e| Error::io(&dest, e))?;
-            }
+                for p in &missing {
+                    let got = fs::read_dir(&tmp)
+                        .map_err(|e| Error::io(&tmp, e))?
+                        .filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .find(|f| {
+                            f.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| n.starts_with(&format!("{}_", p.name)))
+                        })
+                        .ok_or_else(|| {
+                            Error::Lock(format!("apt-get download gave no .deb for {}", p.name))
+                        })?;
+                    if !check(&got, p)? {
+                        return Err(Error::Hash {
+                            package: format!("{}={}", p.name, p.version),
+                            expected: p.sha256.clone(),
+                            got: sha256_hex(&fs::read(&got).map_err(|e| Error::io(&got, e))?),
+                        });
+                    }
+                    let dest = dir.join(p.file_name());
+                    fs::rename(&got, &dest).map_err(|e| Error::io(&dest, e))?;
+                }
+                Ok(())
+            })();
             let _ = fs::remove_dir_all(&tmp);
+            r?;
         }
         Ok(self.pins.iter().map(|p| dir.join(p.file_name())).collect())
     }
