@@ -29,7 +29,7 @@ impl Limits {
     pub const RUN: Duration = Duration::from_secs(60);
     /// `poweroff` request to QEMU's exit.
     pub const POWEROFF: Duration = Duration::from_secs(30);
-    /// Building the binaries and the base image from cold (cargo, apt downloads).
+    /// A host server (idhal serve, OpenVPN) from spawn to listening.
     pub const SERVER_START: Duration = Duration::from_secs(20);
 }
 
