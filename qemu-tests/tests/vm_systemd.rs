@@ -62,6 +62,8 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_runs_the_unit() {
     // server URL comes from the baked config, not the command line.
     spec.cmdline = vec!["idhal.mode=root".into(), "systemd.show_status=1".into()];
     let mut vm = env.boot_spec(spec);
+    // The root is on partition 1, as in Debian's cloud images.
+    vm.wait_for("IDHAL-EVENT image=/dev/vda1", Limits::BOOT);
     vm.wait_for("IDHAL-EVENT switch-root", Limits::BOOT);
     vm.wait_for("IDHAL-TEST smoke-ran serial=1", Limits::BOOT);
     let ran = vm.started.elapsed();
