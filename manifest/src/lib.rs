@@ -5,6 +5,8 @@
 //! types, so they cannot drift. Signing itself lives in the server tools (the `minisign` crate), so
 //! the agent's dependency tree holds only what it needs to verify.
 
+pub mod der;
+pub mod enroll;
 pub mod format;
 pub mod id;
 pub mod key;
