@@ -66,6 +66,25 @@ pub fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     ])
 }
 
+/// The seed back out of `ed25519_pkcs8`'s output; `None` for anything of another shape.
+pub fn ed25519_seed_from_pkcs8(der: &[u8]) -> Option<[u8; 32]> {
+    let prefix = &ed25519_pkcs8(&[0; 32])[..16];
+    if der.len() != 48 || &der[..16] != prefix {
+        return None;
+    }
+    der[16..].try_into().ok()
+}
+
+/// The DER inside the first PEM block labelled `label`.
+pub fn pem_decode(label: &str, text: &str) -> Option<Vec<u8>> {
+    use ct_codecs::Decoder;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let body = text.split_once(&begin)?.1.split_once(&end)?.0;
+    let b64: String = body.split_ascii_whitespace().collect();
+    Base64::decode_to_vec(b64, None).ok()
+}
+
 /// PEM armour with 64-column lines.
 pub fn pem(label: &str, der: &[u8]) -> String {
     let b64 = Base64::encode_to_string(der).expect("base64 of a small buffer");
@@ -106,7 +125,11 @@ mod tests {
         kp.pk
             .verify(info, &ed25519_compact::Signature::from_slice(sig).unwrap())
             .unwrap();
+        assert_eq!(ed25519_seed_from_pkcs8(&der), Some([7; 32]));
+        assert_eq!(ed25519_seed_from_pkcs8(&der[1..]), None);
         let p = pem("PRIVATE KEY", &der);
+        assert_eq!(pem_decode("PRIVATE KEY", &p), Some(der.clone()));
+        assert_eq!(pem_decode("CERTIFICATE", &p), None);
         assert!(p.starts_with("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI"));
     }
 }

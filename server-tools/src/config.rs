@@ -35,6 +35,10 @@ pub struct ServerConfig {
     pub dns: DnsSection,
     pub reconcile: ReconcileSection,
     pub limits: Limits,
+    pub ca: CaSection,
+    pub openvpn: OpenVpnSection,
+    /// Per-project overrides of `[openvpn]`, keyed by project name.
+    pub projects: BTreeMap<String, ProjectSection>,
 }
 
 impl ServerConfig {
@@ -76,6 +80,33 @@ impl ServerConfig {
         }
         if cfg.dns.update == DnsUpdate::Rfc2136 {
             cfg.reverse_zone().map_err(|e| invalid(e.to_string()))?;
+        }
+        for name in cfg.projects.keys() {
+            if !idhal_manifest::enroll::is_safe_name(name) {
+                return Err(invalid(format!(
+                    "[projects.{name:?}]: a project name is 1-64 of A-Z a-z 0-9 . _ -, starting \
+                     with a letter or digit"
+                )));
+            }
+        }
+        for (what, d) in [
+            ("[ca] node_cert_validity", &cfg.ca.node_cert_validity),
+            ("[ca] server_cert_validity", &cfg.ca.server_cert_validity),
+            ("[ca] crl_validity", &cfg.ca.crl_validity),
+        ] {
+            match idhal_manifest::time::parse_duration(d) {
+                Ok(secs) if secs >= 10 => {}
+                Ok(_) => return Err(invalid(format!("{what} = {d:?} is too short"))),
+                Err(e) => return Err(invalid(format!("{what}: {e}"))),
+            }
+        }
+        for p in cfg.projects.values() {
+            for r in p.remotes.iter().flatten() {
+                Remote::parse(r).map_err(|e| invalid(format!("[projects] remotes: {e}")))?;
+            }
+        }
+        for r in &cfg.openvpn.remotes {
+            Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
         }
         Ok(cfg)
     }
@@ -317,6 +348,134 @@ impl Default for ReconcileSection {
             management_password_file: None,
             max_status_age_secs: 120,
         }
+    }
+}
+
+/// The project CA (`idhal ca`, enrollment, revocation).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaSection {
+    /// The project commands act on when `--project` is not given.
+    pub project: String,
+    /// Validity of node certificates (`idhal-bootstrap enroll`).
+    pub node_cert_validity: String,
+    /// Validity of VPN server certificates (`idhal ca issue-server`).
+    pub server_cert_validity: String,
+    /// Validity of each CRL; `idhal serve` and `idhal crl refresh` re-sign it when less than
+    /// half is left.
+    pub crl_validity: String,
+    /// Enrollment requests whose time is further than this from the server's are refused.
+    pub max_clock_skew_secs: u64,
+}
+
+impl Default for CaSection {
+    fn default() -> Self {
+        Self {
+            project: "default".into(),
+            node_cert_validity: "1825d".into(),
+            server_cert_validity: "825d".into(),
+            crl_validity: "30d".into(),
+            max_clock_skew_secs: 600,
+        }
+    }
+}
+
+impl CaSection {
+    /// A validated duration field in seconds (checked at load time).
+    pub fn secs(field: &str) -> u64 {
+        idhal_manifest::time::parse_duration(field).unwrap_or(0)
+    }
+}
+
+/// A `remote` line of client configs: `HOST PORT` or `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Remote {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not HOST:PORT");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-');
+        if host.is_empty() || host.len() > 253 || !host.chars().all(ok) || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// OpenVPN servers of the project: what `idhal openvpn server-config` renders and what
+/// enrolled nodes' client configs point at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenVpnSection {
+    /// Where nodes connect (`HOST:PORT`), in order; every one becomes a `remote` line.
+    pub remotes: Vec<String>,
+    /// The server's `local` address and `port`.
+    pub listen: SocketAddr,
+    /// Management interfaces of the project's OpenVPN servers (loopback): `idhal revoke` drops
+    /// a revoked node from each at once; server-config renders the first.
+    pub management: Vec<SocketAddr>,
+    pub management_password_file: Option<PathBuf>,
+    /// Networks pushed to nodes as routes (`10.0.0.0/8`).
+    pub push_routes: Vec<String>,
+    /// DNS servers pushed to nodes (`dhcp-option DNS`).
+    pub push_dns: Vec<std::net::Ipv4Addr>,
+    /// `keepalive PING RESTART` seconds.
+    pub keepalive: (u32, u32),
+    /// The `idhal` binary OpenVPN runs as its hook (default: this one).
+    pub idhal: Option<PathBuf>,
+    /// OpenVPN's status file (`status FILE 10`), read by `idhal reconcile`.
+    pub status_file: PathBuf,
+}
+
+impl Default for OpenVpnSection {
+    fn default() -> Self {
+        Self {
+            remotes: vec!["10.0.2.100:1194".into()],
+            listen: "0.0.0.0:1194".parse().expect("valid default"),
+            management: vec!["127.0.0.1:7505".parse().expect("valid default")],
+            management_password_file: None,
+            push_routes: Vec::new(),
+            push_dns: Vec::new(),
+            keepalive: (10, 60),
+            idhal: None,
+            status_file: "/run/openvpn-server/status-server.log".into(),
+        }
+    }
+}
+
+/// `[projects.NAME]`: a project's own OpenVPN servers, when it has some.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectSection {
+    pub remotes: Option<Vec<String>>,
+    pub listen: Option<SocketAddr>,
+    pub management: Option<Vec<SocketAddr>>,
+}
+
+impl ServerConfig {
+    /// `[openvpn]` with the project's overrides applied.
+    pub fn openvpn_for(&self, project: &str) -> OpenVpnSection {
+        let mut o = self.openvpn.clone();
+        if let Some(p) = self.projects.get(project) {
+            if let Some(r) = &p.remotes {
+                o.remotes = r.clone();
+            }
+            if let Some(l) = p.listen {
+                o.listen = l;
+            }
+            if let Some(m) = &p.management {
+                o.management = m.clone();
+            }
+        }
+        o
     }
 }
 

@@ -3,6 +3,7 @@
 //! a per-node lock, within one time budget, and map the outcome to an exit code by policy.
 
 use crate::config::{DnsUpdate, OnDisconnect, OnFailure, ServerConfig};
+use crate::db::lookup_node;
 use crate::dnsupdate::{DnsError, TsigKey, Updater};
 use crate::names::{Domain, HostName};
 use crate::openvpn_env::Session;
@@ -240,6 +241,17 @@ pub fn connect_session(
     host: &HostName,
     deadline: Deadline,
 ) -> Result<String, HookFailure> {
+    // Defence in depth behind OpenVPN's crl-verify and ccd-exclusive: a node revoked in the
+    // database is refused even if OpenVPN let it through (a stale CRL on another server).
+    let record = lookup_node(state_dir, session.node.as_str())
+        .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
+    if let Some(at) = record.as_ref().and_then(|r| r.revoked_at) {
+        return Err(HookFailure::Refused(anyhow::anyhow!(
+            "node {} was revoked at {}",
+            session.node,
+            idhal_manifest::time::rfc3339(at)
+        )));
+    }
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     if let Some(sched) = scheduler::open(cfg, state_dir) {
         let up = NodeUp {
@@ -248,7 +260,7 @@ pub fn connect_session(
             vpn_ip: session.vpn_ip,
             client_ip: session.client_ip,
             since: session.since,
-            node_type: scheduler::node_type(cfg, state_dir, &session.node),
+            node_type: scheduler::node_type(cfg, record.as_ref()),
         };
         steps.record(
             sched

@@ -5,23 +5,33 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod ca;
 mod config;
+mod crl;
+mod db;
 mod dns;
 mod dnsupdate;
+mod enroll;
 mod hook;
 mod keygen;
 mod keys;
+mod management;
 mod names;
+mod nodes;
 mod oar;
+mod openvpn;
 mod openvpn_env;
+mod pki;
 mod process;
 mod publish;
 mod reconcile;
+mod revoke;
 mod router;
 mod scheduler;
 mod scriptlet;
 mod serve;
 mod sign;
+mod token;
 mod verify;
 
 /// Options every server-side command accepts.
@@ -44,11 +54,16 @@ pub struct Global {
 #[command(
     name = "idhal",
     version,
-    about = "idhal server tools: sign manifests, serve them, run the OpenVPN hooks",
+    about = "idhal server tools: sign and serve manifests, run the project CA and enrollment, the OpenVPN hooks",
     long_about = "idhal server tools.\n\n\
         Typical flow: `idhal keygen --dir keys` once, bake keys/idhal.pub into the node image, then \
         from CI `idhal sign --key keys/idhal.key --out /srv/idhal scriptlets/` and serve /srv/idhal \
-        with `idhal serve --root /srv/idhal` (or any static web server)."
+        with `idhal serve --root /srv/idhal` (or any static web server).\n\n\
+        Enrollment: `idhal ca init` once per project, `idhal ca issue-server vpn1`, \
+        `idhal openvpn server-config --name vpn1`, then `idhal token create --type vnode` per \
+        node (or batch); sign manifests with `--param enroll-key=$(idhal ca enroll-key)`; \
+        `idhal serve --root /srv/idhal` then also answers POST /enroll. `idhal nodes` lists \
+        nodes, `idhal revoke NODE` cuts one off."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -67,6 +82,12 @@ pub enum Command {
     Dns(dns::Args),
     Reconcile(reconcile::Args),
     Scriptlet(scriptlet::Args),
+    Ca(ca::Args),
+    Token(token::Args),
+    Nodes(nodes::Args),
+    Revoke(revoke::Args),
+    Crl(crl::Args),
+    Openvpn(openvpn::Args),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +101,12 @@ fn main() -> ExitCode {
         Command::Dns(a) => dns::run(a, &cli.global),
         Command::Reconcile(a) => reconcile::run(a, &cli.global),
         Command::Scriptlet(a) => scriptlet::run(a, &cli.global),
+        Command::Ca(a) => ca::run(a, &cli.global),
+        Command::Token(a) => token::run(a, &cli.global),
+        Command::Nodes(a) => nodes::run(a, &cli.global),
+        Command::Revoke(a) => revoke::run(a, &cli.global),
+        Command::Crl(a) => crl::run(a, &cli.global),
+        Command::Openvpn(a) => openvpn::run(a, &cli.global),
     };
     match result {
         Ok(code) => code,

@@ -275,6 +275,22 @@ impl Ipv4Net {
         u32::from(a) & Self::mask(self.prefix) == u32::from(self.addr)
     }
 
+    /// The dotted netmask (`255.255.0.0` for a /16), as OpenVPN wants it.
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(Self::mask(self.prefix))
+    }
+
+    /// The `n`th address of the network (0 is the network address); `None` for the broadcast
+    /// address and beyond.
+    pub fn host(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.prefix));
+        (u64::from(n) + 1 < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
+    }
+
+    pub fn overlaps(&self, other: &Ipv4Net) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+
     /// Usable host addresses (network and broadcast addresses left out).
     pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let first = u32::from(self.addr) + 1;

@@ -4,6 +4,7 @@
 use crate::config::ServerConfig;
 use crate::config::{DnsUpdate, StatusSource};
 use crate::hook::{connect_session, disconnect_host, refresh_node_dns, HookFailure};
+use crate::management::{Answer, Management};
 use crate::names::HostName;
 use crate::openvpn_env::Session;
 use crate::process::{Deadline, NodeLock};
@@ -11,8 +12,7 @@ use crate::scheduler;
 use crate::Global;
 use anyhow::Context as _;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -123,43 +123,13 @@ fn read_status_file(path: &Path) -> anyhow::Result<Status> {
 /// Asks OpenVPN's management interface for `status 2` (the same text as a version-2 status
 /// file, but current). Every read and write has the command timeout.
 fn read_management(addr: SocketAddr, cfg: &ServerConfig) -> anyhow::Result<Status> {
-    let timeout = cfg.limits.command_timeout();
-    let what = || format!("OpenVPN management interface {addr}");
-    let stream = TcpStream::connect_timeout(&addr, timeout).with_context(what)?;
-    stream.set_read_timeout(Some(timeout)).with_context(what)?;
-    stream.set_write_timeout(Some(timeout)).with_context(what)?;
-    let mut request = String::new();
-    if let Some(path) = &cfg.reconcile.management_password_file {
-        let pw =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        request.push_str(pw.lines().next().unwrap_or(""));
-        request.push('\n');
-    }
-    request.push_str("status 2\n");
-    (&stream).write_all(request.as_bytes()).with_context(what)?;
-    let mut text = String::new();
-    let mut total = 0usize;
-    for line in BufReader::new(&stream).lines() {
-        let line = line.with_context(what)?;
-        total += line.len();
-        anyhow::ensure!(total < 16 << 20, "{}: answer larger than 16 MiB", what());
-        let line = line.trim_end_matches('\r');
-        if line.contains("ERROR:") {
-            anyhow::bail!("{}: {line}", what());
-        }
-        // Real-time notifications (`>INFO:` …) and the password dialogue are not status.
-        if line.starts_with('>') || line.contains("ENTER PASSWORD:") || line.starts_with("SUCCESS:")
-        {
-            continue;
-        }
-        text.push_str(line);
-        text.push('\n');
-        if line == "END" {
-            let _ = (&stream).write_all(b"quit\n");
-            return parse_status(&text).with_context(what);
-        }
-    }
-    anyhow::bail!("{}: connection closed before the status ended", what())
+    let m = Management {
+        addr,
+        password_file: cfg.reconcile.management_password_file.as_deref(),
+        timeout: cfg.limits.command_timeout(),
+    };
+    let text = m.command("status 2", Answer::UntilEnd)?;
+    parse_status(&text).with_context(|| format!("OpenVPN management interface {addr}"))
 }
 
 /// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address.

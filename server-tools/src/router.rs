@@ -19,6 +19,9 @@ pub(crate) enum HttpError {
     BadRequest(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A handler's own refusal (enrollment): its status and the one line the client sees.
+    #[error("{message}")]
+    Refused { status: u16, message: String },
 }
 
 impl HttpError {
@@ -28,6 +31,7 @@ impl HttpError {
             HttpError::MethodNotAllowed { .. } => 405,
             HttpError::BadRequest(_) => 400,
             HttpError::Internal(_) => 500,
+            HttpError::Refused { status, .. } => *status,
         }
     }
 

@@ -2,6 +2,7 @@
 //! OAR; `open` is the one place that picks the backend from the configuration.
 
 use crate::config::{SchedulerBackend, ServerConfig};
+use crate::db::NodeRow;
 use crate::names::{HostName, Label, NodeId};
 use crate::oar::{Oar, OarError};
 use crate::process::Deadline;
@@ -80,8 +81,10 @@ pub fn open(cfg: &ServerConfig, state_dir: &Path) -> Option<Box<dyn Scheduler>> 
     }
 }
 
-/// The node's type. The VPN environment does not carry it: a node record (issue 3's node
-/// database under --state-dir) will say, and until one exists the configured default applies.
-pub fn node_type(cfg: &ServerConfig, _state_dir: &Path, _node: &NodeId) -> Label {
-    cfg.names.default_type.clone()
+/// The node's type: from its enrollment record (the token it enrolled with decided it), else
+/// the configured default (nodes certified outside idhal's CA).
+pub fn node_type(cfg: &ServerConfig, record: Option<&NodeRow>) -> Label {
+    record
+        .and_then(|n| Label::parse(&n.node_type).ok())
+        .unwrap_or_else(|| cfg.names.default_type.clone())
 }

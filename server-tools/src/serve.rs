@@ -1,9 +1,13 @@
 //! `idhal serve`: the embedded HTTP server. Binds, announces the real address on stdout, then runs
-//! a few worker threads over the router (static PUBDIR files today; enrollment joins it later).
+//! a few worker threads over the router (PUBDIR's files, and `POST /enroll` when --state-dir holds a CA).
 
+use crate::config::{CaSection, ServerConfig};
+use crate::db::{Db, Open};
+use crate::enroll::{EnrollHandler, Enroller};
 use crate::router::{Router, StaticFiles};
 use crate::Global;
 use anyhow::Context;
+use idhal_manifest::enroll;
 use idhal_manifest::paths;
 use std::io::Write;
 use std::path::PathBuf;
@@ -39,7 +43,11 @@ pub struct Args {
     pub threads: u16,
 }
 
-pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
     let files = StaticFiles::new(&args.root)
         .with_context(|| format!("cannot serve {}", args.root.display()))?;
     if !args.root.join(paths::SIGNATURE).is_file() {
@@ -50,7 +58,29 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
             args.root.display()
         );
     }
-    let router = Arc::new(Router::default().mount("/", files));
+    let mut router = Router::default().mount("/", files);
+    if Db::exists(&global.state_dir) {
+        let projects: Vec<String> = Db::open(&global.state_dir, Open::Existing)?
+            .projects()?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        eprintln!(
+            "idhal serve: enrollment on POST /{} for project(s) {} (state {})",
+            enroll::PATH,
+            projects.join(", "),
+            global.state_dir.display()
+        );
+        let enroller = Arc::new(Enroller::new(&global.state_dir, cfg.clone()));
+        router = router.mount(&format!("/{}", enroll::PATH), EnrollHandler(enroller));
+        spawn_crl_refresher(global.state_dir.clone(), cfg)?;
+    } else {
+        eprintln!(
+            "idhal serve: no state database in {}: enrollment is off (`idhal ca init` turns it on)",
+            global.state_dir.display()
+        );
+    }
+    let router = Arc::new(router);
     let server = tiny_http::Server::http(args.listen.as_str())
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let addr = server
@@ -84,4 +114,41 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
         let _ = w.join();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Re-signs due CRLs in the background, checking every tenth of their validity (at most
+/// hourly), so a server left running never lets a CRL expire.
+fn spawn_crl_refresher(state_dir: PathBuf, cfg: ServerConfig) -> anyhow::Result<()> {
+    let every = (CaSection::secs(&cfg.ca.crl_validity) / 10).clamp(1, 3600);
+    std::thread::Builder::new()
+        .name("crl-refresh".into())
+        .spawn(move || loop {
+            let result = Db::open(&state_dir, Open::Existing)
+                .map_err(anyhow::Error::from)
+                .and_then(|mut db| {
+                    crate::crl::refresh_due(
+                        &mut db,
+                        &state_dir,
+                        &cfg,
+                        idhal_manifest::time::now(),
+                        false,
+                    )
+                });
+            match result {
+                Ok(done) => {
+                    for (project, next) in done {
+                        if let Some(next) = next {
+                            eprintln!(
+                                "idhal serve: CRL of project {project} re-signed, valid until {}",
+                                idhal_manifest::time::rfc3339(next)
+                            );
+                        }
+                    }
+                }
+                Err(e) => eprintln!("idhal serve: error: CRL refresh: {e:#}"),
+            }
+            std::thread::sleep(std::time::Duration::from_secs(every));
+        })
+        .context("cannot start the CRL refresh thread")?;
+    Ok(())
 }

@@ -1,0 +1,345 @@
+//! The server's state: one SQLite file (`STATE/idhal.sqlite`) holding projects, tokens, node ids,
+//! addresses and certificate serials. Every multi-step change is one `BEGIN IMMEDIATE`
+//! transaction, so concurrent enrollments (threads of `idhal serve`, or several processes) never
+//! hand out an id, an address, a serial or a token use twice. WAL mode with `synchronous=FULL`:
+//! a committed enrollment survives power loss.
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const FILE: &str = "idhal.sqlite";
+const SCHEMA_VERSION: i64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database {path} has schema version {found}; this idhal knows {SCHEMA_VERSION} (upgrade idhal)")]
+    Version { path: PathBuf, found: i64 },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no state database in {0}: run `idhal ca init` first (or pass the right --state-dir)")]
+    Missing(PathBuf),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
+CREATE TABLE projects (
+    name TEXT PRIMARY KEY,
+    created INTEGER NOT NULL,
+    pool TEXT NOT NULL,
+    next_host INTEGER NOT NULL,
+    next_serial INTEGER NOT NULL,
+    crl_number INTEGER NOT NULL,
+    crl_next_update INTEGER NOT NULL
+) STRICT;
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL REFERENCES projects(name),
+    node_type TEXT NOT NULL,
+    verifier BLOB NOT NULL,
+    uses INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    comment TEXT NOT NULL DEFAULT ''
+) STRICT;
+CREATE TABLE certs (
+    project TEXT NOT NULL REFERENCES projects(name),
+    serial INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('node', 'server')),
+    subject TEXT NOT NULL,
+    issued INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER,
+    pem TEXT NOT NULL,
+    PRIMARY KEY (project, serial)
+) STRICT;
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    project TEXT NOT NULL REFERENCES projects(name),
+    node_type TEXT NOT NULL,
+    address TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    cert_serial INTEGER NOT NULL,
+    public_key BLOB NOT NULL UNIQUE,
+    token TEXT NOT NULL REFERENCES tokens(id),
+    revoked_at INTEGER,
+    UNIQUE (project, address)
+) STRICT;
+INSERT INTO meta (key, value) VALUES ('schema_version', 1), ('next_node', 1);
+";
+
+/// One connection to the state database.
+pub struct Db {
+    pub conn: Connection,
+    pub path: PathBuf,
+}
+
+/// Whether opening may create the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// `idhal ca init`: create the file and schema if missing.
+    Create,
+    /// Everything else: the database must exist.
+    Existing,
+}
+
+impl Db {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(FILE)
+    }
+
+    pub fn exists(state_dir: &Path) -> bool {
+        Self::path(state_dir).is_file()
+    }
+
+    pub fn open(state_dir: &Path, mode: Open) -> Result<Db, DbError> {
+        let path = Self::path(state_dir);
+        if mode == Open::Existing && !path.is_file() {
+            return Err(DbError::Missing(state_dir.to_owned()));
+        }
+        let err = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        if mode == Open::Create {
+            std::fs::create_dir_all(state_dir).map_err(|source| DbError::Io {
+                path: state_dir.to_owned(),
+                source,
+            })?;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | if mode == Open::Create {
+                OpenFlags::SQLITE_OPEN_CREATE
+            } else {
+                OpenFlags::empty()
+            };
+        if mode == Open::Create {
+            // Token verifiers and the address plan: owner only, from creation on. SQLite gives
+            // its -wal and -shm files the database file's mode.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|source| DbError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        let conn = Connection::open_with_flags(&path, flags).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(err)?;
+        let mut db = Db { conn, path };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn migrate(&mut self) -> Result<(), DbError> {
+        let path = self.path.clone();
+        let err = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let version = |conn: &Connection| {
+            conn.query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        };
+        // Read first: hooks open the database on every connect and must not take the write
+        // lock for nothing.
+        let found = match version(&self.conn) {
+            Ok(v) => v,
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => None,
+            Err(e) => return Err(err(e)),
+        };
+        let found = match found {
+            Some(v) => v,
+            None => {
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(err)?;
+                let exists: i64 = tx
+                    .query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(err)?;
+                if exists == 0 {
+                    tx.execute_batch(SCHEMA).map_err(err)?;
+                }
+                tx.commit().map_err(err)?;
+                version(&self.conn).map_err(err)?.unwrap_or(0)
+            }
+        };
+        if found != SCHEMA_VERSION {
+            return Err(DbError::Version { path, found });
+        }
+        Ok(())
+    }
+
+    /// Wraps a rusqlite error with this database's path.
+    pub fn err(&self, source: rusqlite::Error) -> DbError {
+        DbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn project(&self, name: &str) -> Result<Option<ProjectRow>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT name, created, pool, next_host, next_serial, crl_number, crl_next_update
+                 FROM projects WHERE name = ?1",
+                [name],
+                ProjectRow::from_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn projects(&self) -> Result<Vec<ProjectRow>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, created, pool, next_host, next_serial, crl_number, crl_next_update
+                 FROM projects ORDER BY name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], ProjectRow::from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn nodes(&self, project: Option<&str>) -> Result<Vec<NodeRow>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, project, node_type, address, enrolled_at, cert_serial, revoked_at
+                 FROM nodes WHERE ?1 IS NULL OR project = ?1 ORDER BY num",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![project], NodeRow::from_row)
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    pub fn node(&self, id: &str) -> Result<Option<NodeRow>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT id, project, node_type, address, enrolled_at, cert_serial, revoked_at
+                 FROM nodes WHERE id = ?1",
+                [id],
+                NodeRow::from_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// The enrolled node `id`, when `state_dir` has a database: hooks work without one (nodes
+/// certified some other way), and then nothing is known about the node.
+pub fn lookup_node(state_dir: &Path, id: &str) -> Result<Option<NodeRow>, DbError> {
+    if !Db::exists(state_dir) {
+        return Ok(None);
+    }
+    Db::open(state_dir, Open::Existing)?.node(id)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRow {
+    pub name: String,
+    pub created: u64,
+    pub pool: String,
+    pub next_host: u32,
+    pub next_serial: u64,
+    pub crl_number: u64,
+    pub crl_next_update: u64,
+}
+
+impl ProjectRow {
+    fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
+        Ok(ProjectRow {
+            name: r.get(0)?,
+            created: r.get::<_, i64>(1)? as u64,
+            pool: r.get(2)?,
+            next_host: r.get::<_, i64>(3)? as u32,
+            next_serial: r.get::<_, i64>(4)? as u64,
+            crl_number: r.get::<_, i64>(5)? as u64,
+            crl_next_update: r.get::<_, i64>(6)? as u64,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRow {
+    pub id: String,
+    pub project: String,
+    #[serde(rename = "type")]
+    pub node_type: String,
+    pub address: String,
+    pub enrolled_at: u64,
+    pub cert_serial: u64,
+    pub revoked_at: Option<u64>,
+}
+
+impl NodeRow {
+    fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
+        Ok(NodeRow {
+            id: r.get(0)?,
+            project: r.get(1)?,
+            node_type: r.get(2)?,
+            address: r.get(3)?,
+            enrolled_at: r.get::<_, i64>(4)? as u64,
+            cert_serial: r.get::<_, i64>(5)? as u64,
+            revoked_at: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_and_refuses_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Db::open(dir.path(), Open::Existing),
+            Err(DbError::Missing(_))
+        ));
+        Db::open(dir.path(), Open::Create).unwrap();
+        let db = Db::open(dir.path(), Open::Existing).unwrap();
+        assert!(db.projects().unwrap().is_empty());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(Db::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "database readable by others: {mode:o}");
+    }
+}

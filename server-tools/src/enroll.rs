@@ -1,0 +1,416 @@
+//! The enrollment service behind `POST /enroll` (mounted by `idhal serve`): checks the token
+//! signature, the clock and the CSR, then in ONE transaction spends a token use, allocates the
+//! node id, the address and the certificate serial, issues the certificate and writes the
+//! node's client-config-dir entry. The answer is signed with the project's enrollment key.
+//!
+//! Retrying is safe: a request for a public key already enrolled with the same token gets the
+//! same node back without spending another use (a node that crashed before saving the answer
+//! is not locked out).
+
+use crate::config::{CaSection, ServerConfig};
+use crate::db::{Db, DbError, Open};
+use crate::names::Ipv4Net;
+use crate::openvpn::client_config;
+use crate::pki::{Leaf, NodePublicKey, ProjectCa, Role};
+use crate::publish::write_atomic;
+use crate::router::{Body, Handler, HttpError, Reply};
+use idhal_manifest::enroll::{self, EnrollError, Request, Response};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Why an enrollment was refused. `status` and the Display text are what the node sees (one
+/// line); the one mapping to HTTP is here and in docs/enrollment.md.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("unknown token")]
+    UnknownToken,
+    #[error("bad token signature (wrong token secret?)")]
+    BadSignature,
+    #[error("request time is {0} s away from the server's clock (more than the allowed skew): fix the node's clock")]
+    ClockSkew(i64),
+    #[error("token expired")]
+    Expired,
+    #[error("token used up")]
+    UsedUp,
+    #[error(
+        "this node key is already enrolled with another token, or was revoked: make a new key"
+    )]
+    KeyInUse,
+    #[error("bad CSR: {0}")]
+    BadCsr(String),
+    #[error("address pool {0} of this project is exhausted")]
+    PoolExhausted(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Malformed(_) | Refusal::BadCsr(_) => 400,
+            Refusal::BadSignature => 401,
+            Refusal::UnknownToken => 403,
+            Refusal::UsedUp | Refusal::KeyInUse => 409,
+            Refusal::Expired => 410,
+            Refusal::ClockSkew(_) => 422,
+            Refusal::Internal(_) => 500,
+            Refusal::PoolExhausted(_) => 503,
+        }
+    }
+}
+
+impl From<DbError> for Refusal {
+    fn from(e: DbError) -> Self {
+        Refusal::Internal(format!("{e:#}"))
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    Refusal::Internal(e.to_string())
+}
+
+/// What one enrollment gave.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub response: Vec<u8>,
+    pub project: String,
+    pub node: String,
+    pub address: Ipv4Addr,
+    /// False when a retry got an existing node back.
+    pub fresh: bool,
+}
+
+pub struct Enroller {
+    state_dir: PathBuf,
+    cfg: ServerConfig,
+    /// Idle connections: one per worker thread in use.
+    conns: Mutex<Vec<Db>>,
+    cas: RwLock<HashMap<String, Arc<ProjectCa>>>,
+    /// One writer at a time in this process: SQLite would serialise the transactions anyway,
+    /// but its busy handler sleeps in steps of milliseconds; other processes still wait on it.
+    writer: Mutex<()>,
+}
+
+/// Extracts the 32-byte Ed25519 key from a CSR after checking its self-signature (proof that
+/// the node holds the private key). Subject, extensions and anything else asked for are
+/// ignored: the certificate is built from scratch.
+pub fn csr_public_key(der: &[u8]) -> Result<NodePublicKey, Refusal> {
+    let parsed = rcgen::CertificateSigningRequestParams::from_der(&der.to_vec().into())
+        .map_err(|e| Refusal::BadCsr(e.to_string()))?;
+    if parsed.public_key.algorithm() != &rcgen::PKCS_ED25519 {
+        return Err(Refusal::BadCsr("only Ed25519 keys are accepted".into()));
+    }
+    use rcgen::PublicKeyData;
+    let raw: [u8; 32] = parsed
+        .public_key
+        .der_bytes()
+        .try_into()
+        .map_err(|_| Refusal::BadCsr("Ed25519 key of the wrong length".into()))?;
+    Ok(NodePublicKey(raw))
+}
+
+impl Enroller {
+    pub fn new(state_dir: &Path, cfg: ServerConfig) -> Self {
+        Self {
+            state_dir: state_dir.to_owned(),
+            cfg,
+            conns: Mutex::new(Vec::new()),
+            cas: RwLock::new(HashMap::new()),
+            writer: Mutex::new(()),
+        }
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, Refusal>) -> Result<T, Refusal> {
+        let pooled = self.conns.lock().expect("pool lock").pop();
+        let mut db = match pooled {
+            Some(db) => db,
+            None => Db::open(&self.state_dir, Open::Existing)?,
+        };
+        let out = f(&mut db);
+        self.conns.lock().expect("pool lock").push(db);
+        out
+    }
+
+    fn ca(&self, project: &str) -> Result<Arc<ProjectCa>, Refusal> {
+        if let Some(ca) = self.cas.read().expect("ca lock").get(project) {
+            return Ok(ca.clone());
+        }
+        let ca = Arc::new(ProjectCa::load(&self.state_dir, project).map_err(internal)?);
+        self.cas
+            .write()
+            .expect("ca lock")
+            .insert(project.to_owned(), ca.clone());
+        Ok(ca)
+    }
+
+    /// Handles one encoded request at time `now`.
+    pub fn enroll(&self, body: &[u8], now: u64) -> Result<Enrolled, Refusal> {
+        let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let req = &signed.request;
+        let token_id = req.token.to_string();
+        let (project, node_type, verifier) = self
+            .with_db(|db| {
+                db.conn
+                    .query_row(
+                        "SELECT project, node_type, verifier FROM tokens WHERE id = ?1",
+                        [&token_id],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, Vec<u8>>(2)?,
+                            ))
+                        },
+                    )
+                    .optional()
+                    .map_err(|e| db.err(e).into())
+            })?
+            .ok_or(Refusal::UnknownToken)?;
+        let verifier: [u8; 32] = verifier
+            .try_into()
+            .map_err(|_| internal("stored token verifier is not 32 bytes"))?;
+        signed.verify(&verifier).map_err(|e| match e {
+            EnrollError::RequestSignature => Refusal::BadSignature,
+            other => Refusal::Malformed(other.to_string()),
+        })?;
+        let skew = req.time as i64 - now as i64;
+        if skew.unsigned_abs() > self.cfg.ca.max_clock_skew_secs {
+            return Err(Refusal::ClockSkew(skew));
+        }
+        let public_key = csr_public_key(&req.csr)?;
+        let ca = self.ca(&project)?;
+
+        let (node, address, cert_pem, fresh) = self.with_db(|db| {
+            let _one_writer = self.writer.lock().expect("writer lock");
+            self.allocate(db, &ca, &token_id, &node_type, &public_key, now)
+        })?;
+        let response = Response {
+            request: signed.digest,
+            project: project.clone(),
+            node: node.clone(),
+            address,
+            certificate: cert_pem,
+            ca: ca.cert_pem.clone(),
+            openvpn: client_config(&project, &node, &self.cfg.openvpn_for(&project).remotes),
+        }
+        .sign(&ca.enroll);
+        Ok(Enrolled {
+            response,
+            project,
+            node,
+            address,
+            fresh,
+        })
+    }
+
+    /// The one transaction: token use, node id, address, serial, certificate, ccd entry.
+    fn allocate(
+        &self,
+        db: &mut Db,
+        ca: &ProjectCa,
+        token_id: &str,
+        node_type: &str,
+        key: &NodePublicKey,
+        now: u64,
+    ) -> Result<(String, Ipv4Addr, String, bool), Refusal> {
+        let path = db.path.clone();
+        let err = |e| {
+            Refusal::from(DbError::Sqlite {
+                path: path.clone(),
+                source: e,
+            })
+        };
+        let tx = db
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let existing = tx
+            .query_row(
+                "SELECT n.id, n.address, n.token, n.revoked_at, c.pem FROM nodes n
+                 JOIN certs c ON c.project = n.project AND c.serial = n.cert_serial
+                 WHERE n.public_key = ?1",
+                [&key.0[..]],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Option<i64>>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(err)?;
+        if let Some((id, address, token, revoked, pem)) = existing {
+            if token != token_id || revoked.is_some() {
+                return Err(Refusal::KeyInUse);
+            }
+            let address = address.parse().map_err(internal)?;
+            return Ok((id, address, pem, false));
+        }
+        // The claim itself: one conditional UPDATE. Only when it changed nothing is the reason
+        // looked up.
+        let claimed = tx
+            .execute(
+                "UPDATE tokens SET used = used + 1 WHERE id = ?1 AND used < uses AND expires > ?2",
+                params![token_id, now as i64],
+            )
+            .map_err(err)?;
+        if claimed != 1 {
+            let expires: i64 = tx
+                .query_row(
+                    "SELECT expires FROM tokens WHERE id = ?1",
+                    [token_id],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            return Err(if expires as u64 <= now {
+                Refusal::Expired
+            } else {
+                Refusal::UsedUp
+            });
+        }
+        let num: i64 = tx
+            .query_row(
+                "UPDATE meta SET value = value + 1 WHERE key = 'next_node' RETURNING value - 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let (host, serial, pool): (i64, i64, String) = tx
+            .query_row(
+                "UPDATE projects SET next_host = next_host + 1, next_serial = next_serial + 1
+                 WHERE name = ?1 RETURNING next_host - 1, next_serial - 1, pool",
+                [&ca.project],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(err)?;
+        let pool = Ipv4Net::parse(&pool).map_err(internal)?;
+        let address = u32::try_from(host)
+            .ok()
+            .and_then(|h| pool.host(h))
+            .ok_or_else(|| Refusal::PoolExhausted(pool.to_string()))?;
+        let node = format!("client{num}");
+        let validity = CaSection::secs(&self.cfg.ca.node_cert_validity);
+        let pem = ca
+            .issue(
+                &Leaf {
+                    role: Role::Node,
+                    cn: &node,
+                    serial: serial as u64,
+                    not_before: now.saturating_sub(300),
+                    not_after: now + validity,
+                },
+                key,
+            )
+            .map_err(internal)?;
+        tx.execute(
+            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES (?1, ?2, 'node', ?3, ?4, ?5, ?6)",
+            params![
+                ca.project,
+                serial,
+                node,
+                now as i64,
+                (now + validity) as i64,
+                pem
+            ],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO nodes (id, num, project, node_type, address, enrolled_at, cert_serial,
+                                public_key, token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                node,
+                num,
+                ca.project,
+                node_type,
+                address.to_string(),
+                now as i64,
+                serial,
+                &key.0[..],
+                token_id
+            ],
+        )
+        .map_err(err)?;
+        // Before the commit: a crash in between leaves an entry for an id the next enrollment
+        // reuses (and overwrites), never an enrolled node without its address.
+        write_ccd(ca, &node, address, &pool).map_err(internal)?;
+        tx.commit().map_err(err)?;
+        Ok((node, address, pem, true))
+    }
+}
+
+/// The node's fixed address for OpenVPN (`client-config-dir`, `ccd-exclusive`).
+pub fn write_ccd(
+    ca: &ProjectCa,
+    node: &str,
+    address: Ipv4Addr,
+    pool: &Ipv4Net,
+) -> Result<(), crate::publish::PublishError> {
+    write_atomic(
+        &ca.paths.ccd().join(node),
+        format!("ifconfig-push {address} {}\n", pool.netmask()).as_bytes(),
+        0o644,
+    )
+}
+
+/// `POST /enroll` on `idhal serve`'s router.
+pub struct EnrollHandler(pub Arc<Enroller>);
+
+impl Handler for EnrollHandler {
+    fn handle(&self, request: &mut tiny_http::Request, path: &str) -> Result<Reply, HttpError> {
+        if path != format!("/{}", enroll::PATH) {
+            return Err(HttpError::NotFound);
+        }
+        if *request.method() != tiny_http::Method::Post {
+            return Err(HttpError::MethodNotAllowed { allow: "POST" });
+        }
+        let mut body = Vec::new();
+        request
+            .as_reader()
+            .take(enroll::MAX_REQUEST as u64 + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| HttpError::BadRequest(format!("reading the body: {e}")))?;
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "-".to_owned(), |a| a.to_string());
+        match self.0.enroll(&body, idhal_manifest::time::now()) {
+            Ok(e) => {
+                eprintln!(
+                    "idhal serve: {} {} ({}, project {}) for {remote}",
+                    if e.fresh {
+                        "enrolled"
+                    } else {
+                        "re-sent enrollment of"
+                    },
+                    e.node,
+                    e.address,
+                    e.project
+                );
+                Ok(Reply::ok(enroll::CONTENT_TYPE, Body::Bytes(e.response)))
+            }
+            Err(r) => {
+                let token = Request::parse(&body)
+                    .map(|s| s.request.token.to_string())
+                    .unwrap_or_else(|_| "-".into());
+                eprintln!("idhal serve: enrollment refused for {remote} (token {token}): {r}");
+                if let Refusal::Internal(detail) = &r {
+                    return Err(HttpError::Internal(detail.clone()));
+                }
+                Err(HttpError::Refused {
+                    status: r.status(),
+                    message: r.to_string(),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! `idhal nodes`: every enrolled node with its id, type, address, enrollment time, certificate
+//! serial and revocation.
+
+use crate::db::{Db, Open};
+use crate::Global;
+use idhal_manifest::time::rfc3339;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    about = "List enrolled nodes",
+    long_about = "Lists every enrolled node: id (its certificate's CN), type, VPN address, \
+        enrollment time, certificate serial and whether it is revoked. Read-only."
+)]
+pub struct Args {
+    /// Machine-readable output (an array of objects; times in unix seconds).
+    #[arg(long)]
+    pub json: bool,
+    /// Only this project's nodes.
+    #[arg(long)]
+    pub project: Option<String>,
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let db = Db::open(&global.state_dir, Open::Existing)?;
+    let nodes = db.nodes(args.project.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  REVOKED",
+        "NODE", "PROJECT", "TYPE", "ADDRESS", "ENROLLED", "SERIAL"
+    );
+    for n in nodes {
+        println!(
+            "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  {}",
+            n.id,
+            n.project,
+            n.node_type,
+            n.address,
+            rfc3339(n.enrolled_at),
+            n.cert_serial,
+            n.revoked_at.map_or_else(|| "no".to_owned(), rfc3339)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,223 @@
+//! OpenVPN configurations: `idhal openvpn server-config` renders a project's server config in
+//! the classic shape (TCP, tun, fixed addresses from the client-config-dir, CRL, hooks), and
+//! `client_config` is what every enrolled node receives.
+
+use crate::config::{OpenVpnSection, Remote, ServerConfig};
+use crate::db::{Db, Open};
+use crate::names::Ipv4Net;
+use crate::pki::ProjectDir;
+use crate::Global;
+use anyhow::Context as _;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    about = "Render OpenVPN configurations for a project",
+    long_about = "Renders OpenVPN 2.6 configurations from the project's state and [openvpn] \
+        in --config (see docs/enrollment.md)."
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a server config: TCP, dev tun, the project's address pool with every node's fixed
+    /// address in the client-config-dir (ccd-exclusive: only enrolled nodes get in),
+    /// crl-verify, keepalive, pushed routes and DNS, a management interface on loopback, and
+    /// `idhal hook` as client-connect / client-disconnect.
+    #[command(after_help = "Example:\n  \
+        idhal ca issue-server vpn1\n  \
+        idhal --config /etc/idhal/server.toml openvpn server-config --name vpn1 \\\n      \
+        > /etc/openvpn/server/idhal.conf\n  \
+        systemctl enable --now openvpn-server@idhal")]
+    ServerConfig {
+        /// The server certificate to use (made by `idhal ca issue-server NAME`).
+        #[arg(long)]
+        name: String,
+        /// Project (default: [ca] project).
+        #[arg(long)]
+        project: Option<String>,
+    },
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Command::ServerConfig { name, project } = args.command;
+    let project = project.unwrap_or_else(|| cfg.ca.project.clone());
+    let db = Db::open(&global.state_dir, Open::Existing)?;
+    let row = crate::ca::require_project(&db, &project)?;
+    let pool = Ipv4Net::parse(&row.pool)?;
+    let paths = ProjectDir::new(&global.state_dir, &project);
+    let cert = paths.servers().join(format!("{name}.crt"));
+    anyhow::ensure!(
+        cert.is_file(),
+        "no server certificate {}: run `idhal ca issue-server {name} --project {project}`",
+        cert.display()
+    );
+    let idhal = match &cfg.openvpn.idhal {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating this idhal binary")?,
+    };
+    let server = ServerSetup {
+        project: &project,
+        name: &name,
+        pool,
+        paths: &paths,
+        openvpn: &cfg.openvpn_for(&project),
+        idhal: &idhal,
+        config: global
+            .config
+            .as_deref()
+            .map(std::path::absolute)
+            .transpose()?,
+        state_dir: &std::path::absolute(&global.state_dir)?,
+    };
+    print!("{}", server.render()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A path OpenVPN can take on its command lines: it splits script commands on whitespace and
+/// has no quoting that survives, so such paths are refused rather than mangled.
+fn plain(path: &Path) -> anyhow::Result<String> {
+    let s = path
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))?;
+    anyhow::ensure!(
+        !s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\')),
+        "{s:?}: OpenVPN configs cannot hold paths with spaces, quotes or backslashes"
+    );
+    Ok(s.to_owned())
+}
+
+pub struct ServerSetup<'a> {
+    pub project: &'a str,
+    pub name: &'a str,
+    pub pool: Ipv4Net,
+    pub paths: &'a ProjectDir,
+    pub openvpn: &'a OpenVpnSection,
+    pub idhal: &'a Path,
+    pub config: Option<PathBuf>,
+    pub state_dir: &'a Path,
+}
+
+impl ServerSetup<'_> {
+    pub fn render(&self) -> anyhow::Result<String> {
+        let o = self.openvpn;
+        let servers = self.paths.servers();
+        let mut hook = plain(self.idhal)?;
+        if let Some(c) = &self.config {
+            hook.push_str(&format!(" --config {}", plain(c)?));
+        }
+        hook.push_str(&format!(" --state-dir {} hook", plain(self.state_dir)?));
+        let mut s = String::new();
+        let w = &mut s;
+        writeln!(w, "# OpenVPN 2.6 server {} of idhal project {}, rendered by `idhal openvpn server-config`.", self.name, self.project)?;
+        writeln!(w, "# Nodes get fixed addresses from the client-config-dir (written at enrollment): no dynamic pool.")?;
+        writeln!(w, "proto tcp-server")?;
+        writeln!(w, "local {}", o.listen.ip())?;
+        writeln!(w, "port {}", o.listen.port())?;
+        writeln!(w, "dev tun")?;
+        writeln!(w, "topology subnet")?;
+        writeln!(
+            w,
+            "server {} {} nopool",
+            self.pool.addr,
+            self.pool.netmask()
+        )?;
+        writeln!(w, "client-config-dir {}", plain(&self.paths.ccd())?)?;
+        writeln!(w, "ccd-exclusive")?;
+        writeln!(w, "ca {}", plain(&self.paths.ca_cert())?)?;
+        writeln!(
+            w,
+            "cert {}",
+            plain(&servers.join(format!("{}.crt", self.name)))?
+        )?;
+        writeln!(
+            w,
+            "key {}",
+            plain(&servers.join(format!("{}.key", self.name)))?
+        )?;
+        writeln!(w, "crl-verify {}", plain(&self.paths.crl())?)?;
+        writeln!(w, "dh none")?;
+        writeln!(w, "tls-version-min 1.2")?;
+        writeln!(w, "remote-cert-tls client")?;
+        writeln!(w, "keepalive {} {}", o.keepalive.0, o.keepalive.1)?;
+        for r in &o.push_routes {
+            let net = Ipv4Net::parse(r).with_context(|| format!("[openvpn] push_routes: {r}"))?;
+            writeln!(w, "push \"route {} {}\"", net.addr, net.netmask())?;
+        }
+        for d in &o.push_dns {
+            writeln!(w, "push \"dhcp-option DNS {d}\"")?;
+        }
+        if let Some(m) = o.management.first() {
+            anyhow::ensure!(
+                m.ip().is_loopback(),
+                "[openvpn] management {m}: keep the management interface on loopback"
+            );
+            match &o.management_password_file {
+                Some(pw) => writeln!(w, "management {} {} {}", m.ip(), m.port(), plain(pw)?)?,
+                None => writeln!(w, "management {} {}", m.ip(), m.port())?,
+            }
+        }
+        writeln!(w, "script-security 2")?;
+        writeln!(w, "client-connect \"{hook} client-connect\"")?;
+        writeln!(w, "client-disconnect \"{hook} client-disconnect\"")?;
+        writeln!(w, "status {} 10", plain(&o.status_file)?)?;
+        writeln!(w, "status-version 2")?;
+        writeln!(w, "persist-key")?;
+        writeln!(w, "verb 3")?;
+        Ok(s)
+    }
+}
+
+/// The client configuration an enrolled node receives. It names its files relative to its own
+/// directory (`openvpn --cd DIR --config openvpn.conf`).
+pub fn client_config(project: &str, node: &str, remotes: &[String]) -> String {
+    let mut s = format!(
+        "# idhal node {node} (project {project}): OpenVPN client configuration from enrollment.\n\
+         # Run: openvpn --cd DIR --config openvpn.conf (DIR holds ca.crt, node.crt, node.key)\n\
+         client\ndev tun\nproto tcp-client\n"
+    );
+    for r in remotes {
+        // Validated when the config was loaded.
+        if let Ok(r) = Remote::parse(r) {
+            s.push_str(&format!("remote {} {}\n", r.host, r.port));
+        }
+    }
+    s.push_str(
+        "connect-retry 1 10\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\
+         tls-version-min 1.2\nca ca.crt\ncert node.crt\nkey node.key\npersist-key\nverb 3\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_config_lists_every_remote() {
+        let c = client_config(
+            "p",
+            "client7",
+            &["vpn1.example.org:1194".into(), "10.0.2.100:443".into()],
+        );
+        assert!(c.contains("remote vpn1.example.org 1194\nremote 10.0.2.100 443\n"));
+        assert!(c.contains("remote-cert-tls server"));
+    }
+
+    #[test]
+    fn paths_openvpn_would_split_are_refused() {
+        assert!(plain(Path::new("/a b/idhal")).is_err());
+        assert!(plain(Path::new("/a\"b")).is_err());
+        assert!(plain(Path::new("/usr/local/bin/idhal")).is_ok());
+    }
+}

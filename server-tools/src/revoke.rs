@@ -1,0 +1,113 @@
+//! `idhal revoke NODE`: marks the node and its certificate revoked, re-signs the project's CRL
+//! at once, removes its client-config-dir entry, and drops its live session from every
+//! configured OpenVPN management interface (not at the next renegotiation).
+
+use crate::config::ServerConfig;
+use crate::crl;
+use crate::db::{Db, DbError, Open};
+use crate::management::{Answer, Management};
+use crate::names::NodeId;
+use crate::pki::ProjectCa;
+use crate::publish::remove_durably;
+use crate::Global;
+use anyhow::Context as _;
+use idhal_manifest::time::{now, rfc3339};
+use rusqlite::{params, TransactionBehavior};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    about = "Revoke a node: CRL re-signed now, session dropped now",
+    long_about = "Revokes NODE's certificate: the node is marked revoked, the project's CRL is \
+        re-signed at once (OpenVPN's crl-verify re-reads it on the next handshake), the node's \
+        client-config-dir entry is removed (ccd-exclusive refuses it even before that), and its \
+        session is killed through each OpenVPN management interface in [openvpn] management, so \
+        a connected node is dropped within seconds and cannot come back. The node stays in \
+        `idhal nodes` (revoked) and its id and address are never reused.\n\n\
+        Exit codes: 0 revoked (and dropped, or not connected); 1 error (nothing changed, or \
+        see the message); 2 usage or config error; 4 revoked, but a management interface did \
+        not answer: the node may stay connected until its next renegotiation.",
+    after_help = "Example: idhal revoke client317"
+)]
+pub struct Args {
+    /// The node id (`idhal nodes` lists them).
+    pub node: String,
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let id = NodeId::parse(&args.node)?;
+    let mut db = Db::open(&global.state_dir, Open::Existing)?;
+    let node = db
+        .node(id.as_str())?
+        .with_context(|| format!("no node {id} (see `idhal nodes`); nothing changed"))?;
+    let now = now();
+    match node.revoked_at {
+        Some(at) => println!(
+            "{id}: already revoked at {}; re-checking CRL and sessions",
+            rfc3339(at)
+        ),
+        None => {
+            let path = db.path.clone();
+            let err = |e| DbError::Sqlite {
+                path: path.clone(),
+                source: e,
+            };
+            let tx = db
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(err)?;
+            tx.execute(
+                "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id.as_str(), now as i64],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
+                params![node.project, node.cert_serial as i64, now as i64],
+            )
+            .map_err(err)?;
+            tx.commit().map_err(err)?;
+            println!(
+                "{id}: revoked (project {}, certificate serial {})",
+                node.project, node.cert_serial
+            );
+        }
+    }
+    let ca = ProjectCa::load(&global.state_dir, &node.project)?;
+    let until = crl::regenerate(&mut db, &ca, &cfg, now)?;
+    println!(
+        "{id}: CRL {} re-signed (valid until {})",
+        ca.paths.crl().display(),
+        rfc3339(until)
+    );
+    remove_durably(&ca.paths.ccd().join(id.as_str()))?;
+
+    let openvpn = cfg.openvpn_for(&node.project);
+    let mut unreachable = 0;
+    for addr in &openvpn.management {
+        let m = Management {
+            addr: *addr,
+            password_file: openvpn.management_password_file.as_deref(),
+            timeout: cfg.limits.command_timeout(),
+        };
+        match m.command(&format!("kill {id}"), Answer::OneLine) {
+            Ok(line) if line.starts_with("SUCCESS:") => {
+                println!("{id}: dropped by the OpenVPN server at {addr} ({line})")
+            }
+            Ok(line) => println!("{id}: not connected to the OpenVPN server at {addr} ({line})"),
+            Err(e) => {
+                unreachable += 1;
+                eprintln!("idhal revoke: warning: {e:#}: {id} may stay connected there until its next renegotiation");
+            }
+        }
+    }
+    Ok(if unreachable > 0 {
+        ExitCode::from(4)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,183 @@
+//! `idhal token create | list`: one-time enrollment tokens. The token is printed once; the
+//! database keeps only its verifier (the public half of the key derived from it).
+
+use crate::ca::{project_name, require_project};
+use crate::config::ServerConfig;
+use crate::db::{Db, Open};
+use crate::names::Label;
+use crate::pki::random_40;
+use crate::Global;
+use idhal_manifest::enroll::Token;
+use idhal_manifest::time::{now, parse_duration, rfc3339};
+use rusqlite::params;
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    about = "One-time enrollment tokens",
+    long_about = "A token lets a node enroll (get a node id, an address and a certificate) at \
+        most --uses times before --ttl runs out. Give it to the VM on the kernel command line \
+        (idhal.token=...), through QEMU fw_cfg (-fw_cfg name=opt/idhal/token,file=FILE) or a \
+        file. The node's type comes from the token, never from the node. The token is printed \
+        once, alone on stdout; the server stores only a verifier that can check a request but \
+        not make one."
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a token and print it (once).
+    #[command(after_help = "Examples:\n  \
+        idhal token create --type vnode\n  \
+        idhal token create --type gpu --uses 50 --ttl 2d --comment 'batch of 50 cloud VMs'")]
+    Create {
+        /// The node type (OAR `cluster` and `idhaltype`) of nodes enrolled with it.
+        #[arg(long = "type", value_name = "TYPE")]
+        node_type: String,
+        /// How many nodes may enroll with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        uses: u32,
+        /// How long it stays valid: 90s, 15m, 12h, 30d, 2w.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long)]
+        project: Option<String>,
+        /// Free text shown by `token list`.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let db = Db::open(&global.state_dir, Open::Existing)?;
+    match args.command {
+        Command::Create {
+            node_type,
+            uses,
+            ttl,
+            project,
+            comment,
+        } => {
+            let project = project_name(project, &cfg)?;
+            require_project(&db, &project)?;
+            let node_type = Label::parse(&node_type)?;
+            let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(ttl > 0, "--ttl must be positive");
+            anyhow::ensure!(
+                !comment.chars().any(char::is_control),
+                "--comment must be one line"
+            );
+            let token = Token::from_random(random_40()?);
+            let now = now();
+            db.conn
+                .execute(
+                    "INSERT INTO tokens (id, project, node_type, verifier, uses, created, expires,
+                                         comment)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        token.id.to_string(),
+                        project,
+                        node_type.to_string(),
+                        &token.verifier()[..],
+                        uses,
+                        now as i64,
+                        (now + ttl) as i64,
+                        comment
+                    ],
+                )
+                .map_err(|e| db.err(e))?;
+            eprintln!(
+                "token {} (project {project}): type {node_type}, {uses} use{}, expires {}; \
+                 shown once, only its verifier is stored",
+                token.id,
+                if uses == 1 { "" } else { "s" },
+                rfc3339(now + ttl)
+            );
+            println!("{token}");
+        }
+        Command::List { json } => list(&db, json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct TokenRow {
+    id: String,
+    project: String,
+    #[serde(rename = "type")]
+    node_type: String,
+    uses: u32,
+    used: u32,
+    created: u64,
+    expires: u64,
+    state: &'static str,
+    comment: String,
+}
+
+fn list(db: &Db, json: bool) -> anyhow::Result<()> {
+    let now = now();
+    let mut stmt = db
+        .conn
+        .prepare(
+            "SELECT id, project, node_type, uses, used, created, expires, comment FROM tokens
+             ORDER BY created, id",
+        )
+        .map_err(|e| db.err(e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            let (uses, used, expires) = (r.get(3)?, r.get(4)?, r.get::<_, i64>(6)? as u64);
+            Ok(TokenRow {
+                id: r.get(0)?,
+                project: r.get(1)?,
+                node_type: r.get(2)?,
+                uses,
+                used,
+                created: r.get::<_, i64>(5)? as u64,
+                expires,
+                state: if used >= uses {
+                    "used-up"
+                } else if expires <= now {
+                    "expired"
+                } else {
+                    "active"
+                },
+                comment: r.get(7)?,
+            })
+        })
+        .map_err(|e| db.err(e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| db.err(e))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16}  {:<12} {:<10} {:>9}  {:<8} {:<20}  COMMENT",
+        "TOKEN", "PROJECT", "TYPE", "USED", "STATE", "EXPIRES"
+    );
+    for t in rows {
+        println!(
+            "{:<16}  {:<12} {:<10} {:>9}  {:<8} {:<20}  {}",
+            t.id,
+            t.project,
+            t.node_type,
+            format!("{}/{}", t.used, t.uses),
+            t.state,
+            rfc3339(t.expires),
+            t.comment
+        );
+    }
+    Ok(())
+}

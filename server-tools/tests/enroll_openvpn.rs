@@ -1,0 +1,174 @@
+//! Enrolled nodes against a real OpenVPN 2.6 server whose configuration is exactly what
+//! `idhal openvpn server-config` renders (hooks included), with real OpenVPN clients using the
+//! configuration and certificates from enrollment, all on 127.0.0.1. The server's tun device
+//! gets no address or route (--ifconfig-noexec/--route-noexec), clients use --dev null.
+
+mod enroll_support;
+mod hook_support;
+
+use enroll_support::{enroll, ok, wait_until, NodeKey, Project};
+use hook_support::{free_port, require, signal};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Proc { child, log }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        signal("TERM", &self.child.id().to_string());
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- {}\n{}", self.log.display(), self.log());
+        }
+    }
+}
+
+/// An OpenVPN client with the files and config a node got from enrollment.
+fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, text) in [
+        ("ca.crt", &r.ca),
+        ("node.crt", &r.certificate),
+        ("openvpn.conf", &r.openvpn),
+        ("node.key", &key.pem()),
+    ] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    Proc::spawn(
+        Command::new("/usr/sbin/openvpn")
+            .arg("--cd")
+            .arg(dir)
+            .args(["--config", "openvpn.conf", "--dev", "null"])
+            .args(["--ifconfig-noexec", "--route-noexec", "--verb", "3"]),
+        dir.join("client.log"),
+    )
+}
+
+#[test]
+fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
+    if !require(&["/usr/sbin/openvpn", "/usr/bin/openssl", "/dev/net/tun"]) {
+        return;
+    }
+    let (port, mgmt) = (free_port(), free_port());
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[scheduler]\nbackend = \"none\"\n\
+         [openvpn]\nremotes = [\"127.0.0.1:{port}\"]\nlisten = \"127.0.0.1:{port}\"\n\
+         management = [\"127.0.0.1:{mgmt}\"]\nkeepalive = [1, 5]\nstatus_file = \"{}\"\n",
+        tmp.path().join("status.log").display()
+    );
+    let p = Project::new(&config);
+    ok(p.idhal(&["ca", "issue-server", "vpn1"]));
+    let rendered = ok(p.idhal(&["openvpn", "server-config", "--name", "vpn1"]));
+    for line in [
+        "proto tcp-server\n",
+        "dev tun\n",
+        "server 10.134.0.0 255.255.0.0 nopool\n",
+        "ccd-exclusive\n",
+        &format!("management 127.0.0.1 {mgmt}\n"),
+        "hook client-connect\"\n",
+        "crl-verify ",
+    ] {
+        assert!(rendered.contains(line), "no {line:?} in:\n{rendered}");
+    }
+    let conf = p.dir.path().join("server.conf");
+    std::fs::write(&conf, &rendered).unwrap();
+    let server = Proc::spawn(
+        Command::new("/usr/sbin/openvpn")
+            .arg("--config")
+            .arg(&conf)
+            .args(["--ifconfig-noexec", "--route-noexec"]),
+        p.dir.path().join("openvpn-server.log"),
+    );
+    wait_until("OpenVPN server up", Duration::from_secs(20), || {
+        server.log().contains("Initialization Sequence Completed")
+    });
+
+    let web = p.serve();
+    let token = p.token(&["--uses", "2"]);
+    let (ka, kb) = (NodeKey::random(), NodeKey::random());
+    let a = enroll(&web.addr, &p.enroll_key, &token, &ka).unwrap();
+    let b = enroll(&web.addr, &p.enroll_key, &token, &kb).unwrap();
+    let ca = client(&p.dir.path().join("a"), &a, &ka);
+    let cb = client(&p.dir.path().join("b"), &b, &kb);
+    for (c, r) in [(&ca, &a), (&cb, &b)] {
+        wait_until(
+            &format!("{} tunnel up", r.node),
+            Duration::from_secs(30),
+            || c.log().contains("Initialization Sequence Completed"),
+        );
+        // The fixed address from the client-config-dir, and the hook saw the node.
+        assert!(
+            c.log()
+                .contains(&format!("ifconfig {} 255.255.0.0", r.address)),
+            "{}",
+            c.log()
+        );
+    }
+    let connects = |cn: &str| {
+        server
+            .log()
+            .matches(&format!("idhal hook client-connect: {cn} "))
+            .count()
+    };
+    wait_until("hooks ran", Duration::from_secs(10), || {
+        connects(&a.node) == 1 && connects(&b.node) == 1
+    });
+
+    // Revoke a: dropped through the management interface at once, then refused by the CRL.
+    let out = p.idhal(&["revoke", &a.node]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("dropped by the OpenVPN server"), "{said}");
+    wait_until("a is disconnected", Duration::from_secs(10), || {
+        server
+            .log()
+            .contains(&format!("idhal hook client-disconnect: {}", a.node))
+    });
+    wait_until(
+        "a's reconnection is refused",
+        Duration::from_secs(20),
+        || server.log().contains("certificate revoked"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        connects(&a.node),
+        1,
+        "the revoked node came back:\n{}",
+        server.log()
+    );
+    // b was never disturbed.
+    assert_eq!(connects(&b.node), 1);
+    assert!(!server
+        .log()
+        .contains(&format!("idhal hook client-disconnect: {}", b.node)));
+    drop(cb);
+    drop(ca);
+}

@@ -1,0 +1,232 @@
+//! Test support for enrollment: a project created by the real `idhal ca init`, the real
+//! `idhal serve` on 127.0.0.1:0, and a node-side client built from the shared wire format
+//! (idhal-manifest's `enroll` and `der`), speaking HTTP/1.0 like the agent.
+#![allow(dead_code)]
+
+use ed25519_compact::{KeyPair, Seed};
+use idhal_manifest::der;
+use idhal_manifest::enroll::{request_digest, EnrollKey, Request, Response, Token};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const IDHAL: &str = env!("CARGO_BIN_EXE_idhal");
+
+pub fn idhal(state: &Path, config: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(IDHAL);
+    cmd.arg("--state-dir").arg(state);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.args(args).output().expect("run idhal")
+}
+
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "idhal failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// A state dir with one project (`idhal ca init`), plus a publication dir to serve.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    pub enroll_key: EnrollKey,
+}
+
+impl Project {
+    pub fn new(config_toml: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, config_toml).unwrap();
+        std::fs::create_dir_all(dir.path().join("pub")).unwrap();
+        ok(idhal(&state, Some(&config), &["ca", "init"]));
+        let key = ok(idhal(&state, Some(&config), &["ca", "enroll-key"]));
+        Project {
+            enroll_key: key.trim().parse().unwrap(),
+            dir,
+            state,
+            config,
+        }
+    }
+
+    pub fn idhal(&self, args: &[&str]) -> Output {
+        idhal(&self.state, Some(&self.config), args)
+    }
+
+    pub fn token(&self, args: &[&str]) -> Token {
+        let mut all = vec!["token", "create", "--type", "vnode"];
+        all.extend_from_slice(args);
+        ok(self.idhal(&all)).trim().parse().unwrap()
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state.join("projects/default")
+    }
+
+    pub fn serve(&self) -> Server {
+        Server::start(&self.state, &self.config, &self.dir.path().join("pub"))
+    }
+}
+
+/// `idhal serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(state: &Path, config: &Path, root: &Path) -> Server {
+        let log = state.with_file_name(format!(
+            "serve-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut child = Command::new(IDHAL)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--config")
+            .arg(config)
+            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(root)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("idhal serve said {line:?}"))
+            .to_owned();
+        Server { child, addr, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.0 exchange: (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/x-idhal-enroll\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, raw[split + 4..].to_vec())
+}
+
+/// A node's key, as the agent makes it.
+pub struct NodeKey {
+    pub seed: [u8; 32],
+    pub kp: KeyPair,
+}
+
+impl NodeKey {
+    pub fn random() -> NodeKey {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).unwrap();
+        NodeKey {
+            seed,
+            kp: KeyPair::from_seed(Seed::new(seed)),
+        }
+    }
+
+    pub fn csr(&self) -> Vec<u8> {
+        der::ed25519_csr(&self.kp, "idhal-node")
+    }
+
+    pub fn pem(&self) -> String {
+        der::pem("PRIVATE KEY", &der::ed25519_pkcs8(&self.seed))
+    }
+}
+
+pub fn request(token: &Token, csr: Vec<u8>, time: u64) -> Vec<u8> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).unwrap();
+    Request {
+        token: token.id,
+        time,
+        nonce,
+        csr,
+    }
+    .sign(token)
+}
+
+pub fn now() -> u64 {
+    idhal_manifest::time::now()
+}
+
+/// Enrolls `key` with `token`: Ok(verified response) or Err((status, server's message)).
+pub fn enroll(
+    addr: &str,
+    enroll_key: &EnrollKey,
+    token: &Token,
+    key: &NodeKey,
+) -> Result<Response, (u16, String)> {
+    let req = request(token, key.csr(), now());
+    let (status, body) = http(addr, "POST", "/enroll", &req);
+    if status != 200 {
+        return Err((status, String::from_utf8_lossy(&body).trim().to_owned()));
+    }
+    Ok(Response::verify(&body, enroll_key, &request_digest(&req)).expect("a verified response"))
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+/// Polls `ok` until it holds or `limit` passes (then panics with `what`).
+pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
