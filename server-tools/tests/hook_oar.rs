@@ -2,6 +2,7 @@
 //! the tests on 127.0.0.1. Tests share one OAR and keep apart by using distinct nodes (the third
 //! octet of the VPN address is the test's own).
 
+mod enroll_support;
 mod hook_support;
 
 use hook_support::*;
@@ -447,4 +448,32 @@ fn dropped_property_column_is_recreated() {
     let r = oar.host("vnode-9-2.idhal.test");
     assert_eq!(prop(&r[0], "idhalclientname"), "vnode-9-2");
     assert_eq!(prop(&r[0], "state"), "Alive");
+}
+
+#[test]
+fn an_enrolled_nodes_type_comes_from_its_token() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let p = enroll_support::Project::new(&config(oar, "idhal.test", ""));
+    let server = p.serve();
+    let token = p.token(&["--type", "gpu"]);
+    let r = enroll_support::enroll(
+        &server.addr,
+        &p.enroll_key,
+        &token,
+        &enroll_support::NodeKey::random(),
+    )
+    .unwrap();
+    let env = node_env(&r.node, &r.address.to_string(), now());
+    ok(&hook(&p.config, &p.state, "client-connect", &env));
+    let host = format!(
+        "vnode-{}-{}.idhal.test",
+        r.address.octets()[2],
+        r.address.octets()[3]
+    );
+    let res = oar.host(&host);
+    assert_eq!(res.len(), 1, "{res:?}");
+    assert_eq!(prop(&res[0], "cluster"), "gpu");
+    assert_eq!(prop(&res[0], "idhaltype"), "gpu");
+    assert_eq!(prop(&res[0], "idhalcn"), r.node);
 }

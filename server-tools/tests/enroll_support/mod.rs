@@ -64,8 +64,12 @@ impl Project {
         idhal(&self.state, Some(&self.config), args)
     }
 
+    /// `idhal token create` (type vnode unless `args` name one).
     pub fn token(&self, args: &[&str]) -> Token {
-        let mut all = vec!["token", "create", "--type", "vnode"];
+        let mut all = vec!["token", "create"];
+        if !args.contains(&"--type") {
+            all.extend(["--type", "vnode"]);
+        }
         all.extend_from_slice(args);
         ok(self.idhal(&all)).trim().parse().unwrap()
     }
