@@ -36,7 +36,7 @@ pub enum Command {
         after_help = "Example:\n  idhal --state-dir /var/lib/idhal-server ca init --project default --pool 10.134.0.0/16"
     )]
     Init {
-        /// Project name (default: [ca] project, \"default\").
+        /// Project (default: [ca] project, "default").
         #[arg(long)]
         project: Option<String>,
         /// The project's VPN address pool. Its first address is the VPN server's; nodes get
@@ -48,6 +48,7 @@ pub enum Command {
     IssueServer {
         /// Server name: its certificate's CN and file names.
         name: String,
+        /// Project (default: [ca] project, "default").
         #[arg(long)]
         project: Option<String>,
     },
@@ -56,6 +57,7 @@ pub enum Command {
         after_help = "Example:\n  idhal sign --key keys/idhal.key --param enroll-key=$(idhal ca enroll-key) --out /srv/idhal scriptlets/"
     )]
     EnrollKey {
+        /// Project (default: [ca] project, "default").
         #[arg(long)]
         project: Option<String>,
     },

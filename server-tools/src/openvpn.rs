@@ -50,7 +50,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let Command::ServerConfig { name, project } = args.command;
-    let project = project.unwrap_or_else(|| cfg.ca.project.clone());
+    let project = crate::ca::project_name(project, &cfg)?;
     let db = Db::open(&global.state_dir, Open::Existing)?;
     let row = crate::ca::require_project(&db, &project)?;
     let pool = Ipv4Net::parse(&row.pool)?;

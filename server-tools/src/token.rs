@@ -43,6 +43,7 @@ pub enum Command {
         /// How long it stays valid: 90s, 15m, 12h, 30d, 2w.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// Project (default: [ca] project, "default").
         #[arg(long)]
         project: Option<String>,
         /// Free text shown by `token list`.
