@@ -2,6 +2,7 @@
 //! the config file uses, applied last.
 
 use crate::config::DEFAULT_CONFIG;
+use crate::enroll::{self, Args as EnrollArgs};
 use crate::error::AgentError;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -15,28 +16,46 @@ marker only after success. Meant to run at boot and periodically (systemd timer 
 
 USAGE:
     idhal-bootstrap run [OPTIONS]      fetch, verify, run pending scriptlets
-    idhal-bootstrap status [--json]    show what was pinned, accepted and run (no network)
+    idhal-bootstrap enroll [OPTIONS]   get this node's identity, certificate and OpenVPN config
+                                       with a one-time token (from the first scriptlet)
+    idhal-bootstrap status [--json]    show what was pinned, accepted, run, enrolled (no network)
     idhal-bootstrap --help | --version
 
-OPTIONS (run and status):
+OPTIONS (all commands):
     --config FILE       settings file [default: /etc/idhal/bootstrap.conf]
     --state-dir DIR     node state [default: /var/lib/idhal]
     --proc DIR          where to read cmdline and boot_id [default: /proc]
-OPTIONS (run only; each overrides bootstrap.conf and the kernel command line):
+OPTIONS (run and enroll; each overrides bootstrap.conf and the kernel command line):
     --server URL        manifest server, e.g. http://10.0.2.100:8080/ (kernel: idhal.server=)
+    --retries N         retries after a transient failure, exponential backoff with jitter
+                        [default: 5]
+    --timeout DURATION  deadline for one request, e.g. 60s [default: 60s]
+OPTIONS (run only):
     --key FILE          server key baked into the image [default: /etc/idhal/server.pub]
     --pin FINGERPRINT   sha256:... of the server key, checked when it must be fetched
                         (kernel: idhal.pin=)
     --insecure-trust-first-use
                         with no baked key and no pin, accept the first key offered (unsafe)
-    --retries N         fetch retries, exponential backoff with jitter [default: 5]
-    --timeout DURATION  deadline for one request, e.g. 60s [default: 60s]
     --splay DURATION    sleep a random time up to DURATION first (for cron) [default: 0]
+OPTIONS (enroll only):
+    --token-file FILE   the one-time token (`idhal token create`). Else, first found:
+                        kernel command line idhal.token=, then QEMU fw_cfg opt/idhal/token
+    --fw-cfg DIR        where fw_cfg is in sysfs [default: /sys/firmware/qemu_fw_cfg]
+
+ENROLL:
+    Runs after `run` accepted a manifest, typically from its first scriptlet:
+        idhal-bootstrap enroll --state-dir \"$IDHAL_STATE_DIR\" &&
+        openvpn --daemon --cd \"$IDHAL_STATE_DIR/enroll\" --config openvpn.conf
+    The manifest must be signed with --param enroll-key=$(idhal ca enroll-key); it is
+    verified again first. The node makes its own key, proves it holds the token without
+    sending it, and accepts only an answer signed by that enrollment key. Enrolls once:
+    later calls say \"already enrolled\" and exit 0 without any network.
 
 EXIT CODES:
     0 ok    2 usage    3 configuration    4 fetch failed (after retries)
-    5 refused (signature, key, pin, rollback, expiry)    6 a scriptlet failed
-    7 another run holds the lock    8 state directory error
+    5 refused (signature, key, pin, rollback, expiry; enroll: token refused by the server,
+      answer not signed by the enrollment key)    6 a scriptlet failed
+    7 another run (or enroll) holds the lock    8 state directory error
     9 (status) nothing failed but scriptlets are pending or no manifest was accepted yet
 
 FILES:
@@ -44,7 +63,8 @@ FILES:
                                 trust_first_use, ca_bundle, timeout, connect_timeout,
                                 retries, max_manifest_size, splay
     /var/lib/idhal/             server.pub (pinned key), serial, manifest, manifest.minisig,
-                                last-run, scriptlets/<id>/{script,log,done,failed}
+                                last-run, scriptlets/<id>/{script,log,done,failed},
+                                enroll/{node.key,node.crt,ca.crt,openvpn.conf,address,node-id}
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -60,6 +80,7 @@ pub struct Common {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cli {
     Run(Common),
+    Enroll { common: Common, args: EnrollArgs },
     Status { common: Common, json: bool },
     Help,
     Version,
@@ -76,7 +97,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         Some(other) => return Err(usage(other.unexpected())),
         None => {
             return Err(AgentError::Usage(
-                "missing command: run or status (see --help)".into(),
+                "missing command: run, enroll or status (see --help)".into(),
             ))
         }
     };
@@ -87,6 +108,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         overrides: Vec::new(),
     };
     let mut json = false;
+    let mut args = EnrollArgs {
+        token_file: None,
+        fw_cfg: enroll::FW_CFG.into(),
+    };
+    let (run, net) = (cmd == "run", cmd == "run" || cmd == "enroll");
     while let Some(arg) = p.next().map_err(usage)? {
         let setting = match arg {
             Long("help") | Short('h') => return Ok(Cli::Help),
@@ -103,14 +129,22 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
                 json = true;
                 continue;
             }
+            Long("token-file") if cmd == "enroll" => {
+                args.token_file = Some(p.value().map_err(usage)?.into());
+                continue;
+            }
+            Long("fw-cfg") if cmd == "enroll" => {
+                args.fw_cfg = p.value().map_err(usage)?.into();
+                continue;
+            }
             Long("state-dir") => "state_dir",
-            Long("server") if cmd == "run" => "server",
-            Long("key") if cmd == "run" => "key",
-            Long("pin") if cmd == "run" => "pin",
-            Long("retries") if cmd == "run" => "retries",
-            Long("timeout") if cmd == "run" => "timeout",
-            Long("splay") if cmd == "run" => "splay",
-            Long("insecure-trust-first-use") if cmd == "run" => {
+            Long("server") if net => "server",
+            Long("retries") if net => "retries",
+            Long("timeout") if net => "timeout",
+            Long("key") if run => "key",
+            Long("pin") if run => "pin",
+            Long("splay") if run => "splay",
+            Long("insecure-trust-first-use") if run => {
                 common
                     .overrides
                     .push(("trust_first_use".into(), "yes".into()));
@@ -123,9 +157,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
     }
     match cmd.as_str() {
         "run" => Ok(Cli::Run(common)),
+        "enroll" => Ok(Cli::Enroll { common, args }),
         "status" => Ok(Cli::Status { common, json }),
         other => Err(AgentError::Usage(format!(
-            "unknown command {other:?}: expected run or status (see --help)"
+            "unknown command {other:?}: expected run, enroll or status (see --help)"
         ))),
     }
 }
@@ -163,6 +198,35 @@ mod tests {
     }
 
     #[test]
+    fn parses_enroll() {
+        let Cli::Enroll { common, args: a } = parse(args(
+            "enroll --state-dir /s --server http://a/ --token-file /t --retries 1 --timeout 5s",
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            common.overrides,
+            vec![
+                ("state_dir".into(), "/s".into()),
+                ("server".into(), "http://a/".into()),
+                ("retries".into(), "1".into()),
+                ("timeout".into(), "5s".into()),
+            ]
+        );
+        assert_eq!(a.token_file, Some("/t".into()));
+        assert_eq!(a.fw_cfg, PathBuf::from(enroll::FW_CFG));
+        let Cli::Enroll { args: a, common } =
+            parse(args("enroll --fw-cfg /f --proc /p --config /c")).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((a.token_file, a.fw_cfg), (None, "/f".into()));
+        assert_eq!(common.proc_root, PathBuf::from("/p"));
+        assert!(common.config_required && common.overrides.is_empty());
+    }
+
+    #[test]
     fn refuses_bad_usage() {
         for bad in [
             "",
@@ -171,6 +235,14 @@ mod tests {
             "status --server x",
             "run --server",
             "run --json",
+            "run --token-file /t",
+            "status --fw-cfg /f",
+            "enroll --key /k",
+            "enroll --pin sha256:x",
+            "enroll --splay 1m",
+            "enroll --insecure-trust-first-use",
+            "enroll --json",
+            "enroll --token-file",
         ] {
             assert!(
                 matches!(parse(args(bad)), Err(AgentError::Usage(_))),

@@ -32,6 +32,10 @@ pub enum AgentError {
     Refused(#[from] VerifyError),
     #[error("refused: {0}")]
     Pin(String),
+    /// The enrollment server said no (bad, unknown, used-up or expired token; clock skew), or
+    /// its answer did not verify.
+    #[error("refused: {0}")]
+    EnrollRefused(String),
     #[error("scriptlet {id} failed with {outcome}; see {}", log.display())]
     Scriptlet {
         id: String,
@@ -53,7 +57,9 @@ impl AgentError {
             AgentError::Usage(_) => Exit::Usage,
             AgentError::Config(_) => Exit::Config,
             AgentError::Fetch { .. } => Exit::Fetch,
-            AgentError::Refused(_) | AgentError::Pin(_) => Exit::Refused,
+            AgentError::Refused(_) | AgentError::Pin(_) | AgentError::EnrollRefused(_) => {
+                Exit::Refused
+            }
             AgentError::Scriptlet { .. } => Exit::ScriptletFailed,
             AgentError::Busy(_) => Exit::Busy,
             AgentError::State { .. } => Exit::State,

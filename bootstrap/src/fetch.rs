@@ -1,10 +1,10 @@
 //! Fetching from the manifest server: retries with exponential backoff and full jitter (so a
 //! thousand nodes booting together spread out), and the publish-safe order: signature first,
-//! then the immutable versioned manifest it names.
+//! then the immutable versioned manifest it names. Also the one POST of `enroll`.
 
 use crate::config::Limits;
 use crate::error::AgentError;
-use crate::http::{self, HttpError, Tls, Url};
+use crate::http::{self, HttpError, Method, Tls, Url};
 use crate::log;
 use idhal_manifest::paths;
 use std::time::Duration;
@@ -15,11 +15,16 @@ pub struct Fetcher {
     pub tls: Tls,
 }
 
+/// Fills `buf` from the kernel's CSPRNG (keys and nonces: failure is an error, never a fallback).
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf))
+}
+
 /// A random u64 from the kernel (for jitter; not security-relevant).
 pub fn random_u64() -> u64 {
-    use std::io::Read;
     let mut b = [0u8; 8];
-    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+    match fill_random(&mut b) {
         Ok(()) => u64::from_le_bytes(b),
         Err(_) => u64::from(
             std::time::SystemTime::now()
@@ -46,55 +51,86 @@ impl Fetcher {
         http::get(&url, limit, &self.limits, &self.tls).map_err(|e| (url, e))
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or retries run out.
-    fn with_retries<T>(
+    /// Runs `attempt` until it succeeds, fails for good (`transient` says which errors are
+    /// worth another try), or retries run out. One copy for every caller (`dyn`, not generic):
+    /// the agent's size is budgeted.
+    fn with_retries(
         &self,
-        mut attempt: impl FnMut() -> Result<T, (Url, HttpError)>,
-    ) -> Result<T, AgentError> {
+        transient: fn(&HttpError) -> bool,
+        attempt: &mut dyn FnMut() -> Result<Vec<u8>, (Url, HttpError)>,
+    ) -> Result<Vec<u8>, (Url, HttpError)> {
         let mut n = 0;
         loop {
             match attempt() {
                 Ok(v) => return Ok(v),
-                Err((url, e)) if e.is_transient() && n < self.limits.retries => {
+                Err((url, e)) if transient(&e) && n < self.limits.retries => {
                     let wait = backoff(n, &self.limits);
                     n += 1;
                     log(&format!(
                         "fetch {url}: {e}; retry {n}/{} in {} ms",
                         self.limits.retries,
-                        wait.as_millis()
+                        wait.as_millis() as u64
                     ));
                     std::thread::sleep(wait);
                 }
-                Err((url, e)) => {
-                    return Err(AgentError::Fetch {
-                        url: url.to_string(),
-                        reason: e.to_string(),
-                    })
-                }
+                Err(failed) => return Err(failed),
             }
         }
     }
 
     /// The server's public key, for first boot without a baked-in key.
     pub fn public_key(&self) -> Result<Vec<u8>, AgentError> {
-        self.with_retries(|| self.get(paths::PUBLIC_KEY, self.limits.max_key))
+        self.with_retries(HttpError::is_transient, &mut || {
+            self.get(paths::PUBLIC_KEY, self.limits.max_key)
+        })
+        .map_err(fetch_error)
+    }
+
+    /// POSTs the body `make` returns to the base URL itself and returns the 200's body. `make`
+    /// runs for each attempt: a retry may need a fresh request.
+    pub fn post(
+        &self,
+        content_type: &str,
+        limit: usize,
+        make: &mut dyn FnMut() -> Vec<u8>,
+    ) -> Result<Vec<u8>, (Url, HttpError)> {
+        self.with_retries(HttpError::is_transient_post, &mut || {
+            let body = make();
+            let method = Method::Post {
+                content_type,
+                body: &body,
+            };
+            http::request(&self.base, method, limit, &self.limits, &self.tls)
+                .map_err(|e| (self.base.clone(), e))
+        })
     }
 
     /// The latest signature and the manifest it signs.
     pub fn manifest(&self) -> Result<(Vec<u8>, String), AgentError> {
-        self.with_retries(|| {
-            let sig = self.get(paths::SIGNATURE, self.limits.max_signature)?;
-            let sig = String::from_utf8_lossy(&sig).into_owned();
-            // The serial is read before verification only to pick the file; verification of
-            // the pair decides everything. An unparsable one falls back to the latest copy and
-            // lets the verifier name the problem.
-            let rel = match idhal_manifest::verify::unverified_serial(&sig) {
-                Some(serial) => paths::versioned_manifest(serial),
-                None => paths::MANIFEST.to_owned(),
-            };
-            let manifest = self.get(&rel, self.limits.max_manifest)?;
-            Ok((manifest, sig))
-        })
+        let mut sig = String::new();
+        let manifest = self
+            .with_retries(HttpError::is_transient, &mut || {
+                let fetched = self.get(paths::SIGNATURE, self.limits.max_signature)?;
+                sig = String::from_utf8_lossy(&fetched).into_owned();
+                // The serial is read before verification only to pick the file; verification
+                // of the pair decides everything. An unparsable one falls back to the latest
+                // copy and lets the verifier name the problem.
+                let rel = match idhal_manifest::verify::unverified_serial(&sig) {
+                    Some(serial) => paths::versioned_manifest(serial),
+                    None => paths::MANIFEST.to_owned(),
+                };
+                self.get(&rel, self.limits.max_manifest)
+            })
+            .map_err(fetch_error)?;
+        Ok((manifest, sig))
+    }
+}
+
+/// A fetch that failed for good, as the agent reports it (exit 4).
+pub fn fetch_error((url, e): (Url, HttpError)) -> AgentError {
+    AgentError::Fetch {
+        url: url.to_string(),
+        reason: e.to_string(),
     }
 }
 

@@ -1,8 +1,8 @@
-//! A deliberately small HTTP client for one job: GET a static file with a hard deadline and a
-//! size cap enforced while reading. It speaks HTTP/1.0 (`Connection: close`), so servers answer
-//! with Content-Length or close-delimited bodies and never chunked encoding; httparse parses the
-//! response head. With the `https` feature the same code runs over rustls, trusting only the
-//! configured CA bundle.
+//! A deliberately small HTTP client for two jobs: GET a static file, and POST one enrollment
+//! request, each with a hard deadline and a size cap enforced while reading. It speaks HTTP/1.0
+//! (`Connection: close`), so servers answer with Content-Length or close-delimited bodies and
+//! never chunked encoding; httparse parses the response head. With the `https` feature the same
+//! code runs over rustls, trusting only the configured CA bundle.
 
 use crate::config::Limits;
 use std::io::{self, Read, Write};
@@ -97,12 +97,13 @@ impl std::fmt::Display for Url {
 pub enum HttpError {
     #[error("cannot connect: {0}")]
     Connect(io::Error),
-    #[error("timed out (deadline {0:?})")]
+    #[error("timed out (deadline {}s)", .0.as_secs())]
     Timeout(Duration),
     #[error("I/O error: {0}")]
     Io(io::Error),
-    #[error("server answered HTTP {0}")]
-    Status(u16),
+    /// The status and the first line of the body (servers explain refusals there).
+    #[error("server answered HTTP {code}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    Status { code: u16, reason: String },
     #[error("response larger than the {limit}-byte limit")]
     TooLarge { limit: usize },
     #[error("response truncated: got {got} of {expected} bytes")]
@@ -122,10 +123,41 @@ impl HttpError {
             | HttpError::Timeout(_)
             | HttpError::Io(_)
             | HttpError::Truncated { .. } => true,
-            HttpError::Status(s) => *s >= 500 || *s == 404 || *s == 429 || *s == 408,
+            HttpError::Status { code, .. } => *code >= 500 || matches!(code, 404 | 408 | 429),
             _ => false,
         }
     }
+
+    /// For a POST: a 404 is final too (a missing endpoint does not appear by waiting, unlike a
+    /// manifest being published).
+    pub fn is_transient_post(&self) -> bool {
+        !matches!(self, HttpError::Status { code: 404, .. }) && self.is_transient()
+    }
+}
+
+/// What to send: a GET, or a POST with its content type and body.
+#[derive(Clone, Copy)]
+pub enum Method<'a> {
+    Get,
+    Post {
+        content_type: &'a str,
+        body: &'a [u8],
+    },
+}
+
+/// How much of an error response's body is read for its first line.
+const ERROR_BODY: usize = 1024;
+
+/// The first line of an error body, printable ASCII only and bounded: it ends up in one log line.
+fn reason_line(body: &[u8]) -> String {
+    let line = body.split(|&b| b == b'\n').next().unwrap_or_default();
+    line.iter()
+        .filter(|b| (0x20..0x7f).contains(*b))
+        .take(200)
+        .map(|&b| b as char)
+        .collect::<String>()
+        .trim()
+        .to_owned()
 }
 
 /// A TCP stream whose every read and write is bounded by one overall deadline.
@@ -232,10 +264,21 @@ fn connect(url: &Url, limits: &Limits, deadline: Instant) -> Result<DeadlineStre
 
 /// GETs `url` and returns its body, refusing anything over `limit` bytes.
 pub fn get(url: &Url, limit: usize, limits: &Limits, tls: &Tls) -> Result<Vec<u8>, HttpError> {
+    request(url, Method::Get, limit, limits, tls)
+}
+
+/// Sends `method` to `url` and returns the body of a 200, refusing anything over `limit` bytes.
+pub fn request(
+    url: &Url,
+    method: Method,
+    limit: usize,
+    limits: &Limits,
+    tls: &Tls,
+) -> Result<Vec<u8>, HttpError> {
     let deadline = Instant::now() + limits.request_timeout;
     let stream = connect(url, limits, deadline)?;
     match url.scheme {
-        Scheme::Http => exchange(stream, url, limit, limits),
+        Scheme::Http => exchange(stream, url, method, limit, limits),
         #[cfg(feature = "https")]
         Scheme::Https => {
             let config = tls.config.clone().ok_or_else(|| {
@@ -245,7 +288,13 @@ pub fn get(url: &Url, limit: usize, limits: &Limits, tls: &Tls) -> Result<Vec<u8
                 .map_err(|e| HttpError::Tls(e.to_string()))?;
             let conn = rustls::ClientConnection::new(config, name)
                 .map_err(|e| HttpError::Tls(e.to_string()))?;
-            exchange(rustls::StreamOwned::new(conn, stream), url, limit, limits)
+            exchange(
+                rustls::StreamOwned::new(conn, stream),
+                url,
+                method,
+                limit,
+                limits,
+            )
         }
         #[cfg(not(feature = "https"))]
         Scheme::Https => {
@@ -260,6 +309,7 @@ pub fn get(url: &Url, limit: usize, limits: &Limits, tls: &Tls) -> Result<Vec<u8
 fn exchange<S: Read + Write>(
     mut s: S,
     url: &Url,
+    method: Method,
     limit: usize,
     limits: &Limits,
 ) -> Result<Vec<u8>, HttpError> {
@@ -269,13 +319,26 @@ fn exchange<S: Read + Write>(
     } else {
         url.host.clone()
     };
-    let request = format!(
-        "GET {} HTTP/1.0\r\nHost: {host}:{}\r\nUser-Agent: idhal-bootstrap/{}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    let (verb, extra, body) = match method {
+        Method::Get => ("GET", String::new(), &[][..]),
+        Method::Post { content_type, body } => (
+            "POST",
+            format!(
+                "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+                body.len()
+            ),
+            body,
+        ),
+    };
+    let mut request = format!(
+        "{verb} {} HTTP/1.0\r\nHost: {host}:{}\r\nUser-Agent: idhal-bootstrap/{}\r\nAccept: */*\r\nConnection: close\r\n{extra}\r\n",
         url.path,
         url.port,
         env!("CARGO_PKG_VERSION")
-    );
-    s.write_all(request.as_bytes())
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    s.write_all(&request)
         .and_then(|_| s.flush())
         .map_err(|e| tls_or_io(e, t))?;
 
@@ -317,25 +380,29 @@ fn exchange<S: Read + Write>(
             Err(e) => return Err(HttpError::BadResponse(e.to_string())),
         }
     };
-    if status != 200 {
-        return Err(HttpError::Status(status));
-    }
-    if content_length.is_some_and(|n| n > limit) {
+    // An error's body is read only for its first line: bounded, and best effort.
+    let ok = status == 200;
+    let cap = if ok { limit } else { ERROR_BODY };
+    if ok && content_length.is_some_and(|n| n > limit) {
         return Err(HttpError::TooLarge { limit });
     }
     let mut body = Vec::new();
-    body.reserve_exact(content_length.unwrap_or(buf.len() - head_len));
+    body.reserve_exact(content_length.unwrap_or(buf.len() - head_len).min(cap));
     body.extend_from_slice(&buf[head_len..]);
     drop(buf);
     loop {
-        if body.len() > limit {
-            return Err(HttpError::TooLarge { limit });
+        if body.len() > cap {
+            if ok {
+                return Err(HttpError::TooLarge { limit });
+            }
+            break;
         }
         if content_length.is_some_and(|n| body.len() >= n) {
             break;
         }
         let n = match s.read(&mut chunk) {
             Ok(n) => n,
+            Err(_) if !ok => break,
             // A TLS peer that closes without close_notify after a complete Content-Length
             // body is handled by the `>= n` check above; anything else is an error.
             Err(e) => return Err(tls_or_io(e, t)),
@@ -344,6 +411,12 @@ fn exchange<S: Read + Write>(
             break;
         }
         body.extend_from_slice(&chunk[..n]);
+    }
+    if !ok {
+        return Err(HttpError::Status {
+            code: status,
+            reason: reason_line(&body),
+        });
     }
     match content_length {
         Some(n) if body.len() < n => Err(HttpError::Truncated {
@@ -392,5 +465,31 @@ mod tests {
         ] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn what_is_retried_and_what_is_shown() {
+        let status = |code| HttpError::Status {
+            code,
+            reason: String::new(),
+        };
+        for (code, get, post) in [(404, true, false), (503, true, true), (429, true, true)] {
+            assert_eq!(status(code).is_transient(), get, "{code}");
+            assert_eq!(status(code).is_transient_post(), post, "{code}");
+        }
+        for code in [400, 401, 403, 409, 410, 422] {
+            assert!(!status(code).is_transient_post(), "{code}");
+        }
+        assert_eq!(status(503).to_string(), "server answered HTTP 503");
+        let refused = HttpError::Status {
+            code: 409,
+            reason: "token used up".into(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "server answered HTTP 409: token used up"
+        );
+        assert_eq!(reason_line(b"token used up\nmore"), "token used up");
+        assert_eq!(reason_line(b"\x1b[31mred\r\n"), "[31mred");
     }
 }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod enroll;
 mod error;
 mod fetch;
 mod http;
@@ -62,14 +63,15 @@ fn main() -> ExitCode {
                 }
                 Ok(cfg) => match run::run(&cfg, &proc) {
                     Ok(s) => {
+                        // u64, not u128, not floats: their formatting costs the agent KiBs.
+                        let us = s.local.as_micros() as u64;
                         let msg = format!(
-                            // Integer formatting: float formatting costs the agent 8 KiB.
                             "ok: serial {}, ran {}, {} not due ({}.{:02} ms after download)",
                             s.serial,
                             s.ran,
                             s.skipped,
-                            s.local.as_micros() / 1000,
-                            s.local.as_micros() % 1000 / 10
+                            us / 1000,
+                            us % 1000 / 10
                         );
                         log(&msg);
                         run::report(&cfg.state_dir, 0, &msg);
@@ -83,6 +85,18 @@ fn main() -> ExitCode {
                         e.exit()
                     }
                 },
+            }
+        }
+        Cli::Enroll { common, args } => {
+            let proc = run::Proc {
+                root: &common.proc_root,
+            };
+            match config(&common, &proc).and_then(|c| enroll::enroll(&c, &proc, &args)) {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    log(&e.to_string());
+                    e.exit()
+                }
             }
         }
         Cli::Status { common, json } => {

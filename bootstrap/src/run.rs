@@ -44,7 +44,7 @@ pub struct Summary {
     pub local: Duration,
 }
 
-fn tls(cfg: &Config) -> Result<Tls, AgentError> {
+pub fn tls(cfg: &Config) -> Result<Tls, AgentError> {
     match &cfg.ca_bundle {
         #[cfg(feature = "https")]
         Some(bundle) => Tls::from_bundle(bundle).map_err(AgentError::Config),
@@ -56,7 +56,8 @@ fn tls(cfg: &Config) -> Result<Tls, AgentError> {
     }
 }
 
-pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
+/// The configured server's base URL.
+pub fn server_url(cfg: &Config) -> Result<Url, AgentError> {
     let server = cfg.server.as_deref().ok_or_else(|| {
         AgentError::Config(
             "no server: set server = in bootstrap.conf, idhal.server= on the kernel command \
@@ -64,14 +65,20 @@ pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
                 .into(),
         )
     })?;
+    Url::parse(server).map_err(AgentError::Config)
+}
+
+// Not inlined into main: at opt-level z that grew the agent by 2 KiB (scripts/agent-size.sh).
+#[inline(never)]
+pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
     let fetcher = Fetcher {
-        base: Url::parse(server).map_err(AgentError::Config)?,
+        base: server_url(cfg)?,
         limits: cfg.limits.clone(),
         tls: tls(cfg)?,
     };
     let state = StateDir::new(&cfg.state_dir);
     state.create()?;
-    let _lock = state.lock()?;
+    let _lock = state.lock("lock")?;
     if cfg.splay > 0 {
         std::thread::sleep(Duration::from_secs(random_u64() % (cfg.splay + 1)));
     }

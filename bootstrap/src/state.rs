@@ -2,7 +2,7 @@
 //! record directory per scriptlet. Everything that matters is written atomically and durably.
 //!
 //! Layout (docs/agent.md): `server.pub`, `serial`, `manifest`, `manifest.minisig`, `last-run`,
-//! `lock`, `scriptlets/<id>/{script,log,done,failed}`.
+//! `lock`, `scriptlets/<id>/{script,log,done,failed}`, `enroll.lock`, `enroll/` (enroll.rs).
 
 use crate::error::AgentError;
 use std::fs::{self, File, OpenOptions};
@@ -152,10 +152,12 @@ impl StateDir {
             .map(|t| Record::parse(&t)))
     }
 
-    /// Takes the run lock without waiting: the boot run and the periodic run never overlap.
-    /// The lock is released when the returned file is dropped (or the process dies).
-    pub fn lock(&self) -> Result<File, AgentError> {
-        let path = self.path("lock");
+    /// Takes the lock file `name` without waiting: the boot run and the periodic run never
+    /// overlap (`lock`), nor do two enrollments (`enroll.lock`: `enroll` runs inside a run's
+    /// scriptlet, which holds `lock`). Released when the returned file is dropped (or the
+    /// process dies).
+    pub fn lock(&self, name: &str) -> Result<File, AgentError> {
+        let path = self.path(name);
         let f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -205,9 +207,11 @@ mod tests {
     fn lock_is_exclusive() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDir::new(dir.path());
-        let held = s.lock().unwrap();
-        assert!(matches!(s.lock(), Err(AgentError::Busy(_))));
+        let held = s.lock("lock").unwrap();
+        assert!(matches!(s.lock("lock"), Err(AgentError::Busy(_))));
+        let other = s.lock("enroll.lock").unwrap();
         drop(held);
-        s.lock().unwrap();
+        s.lock("lock").unwrap();
+        drop(other);
     }
 }

@@ -11,11 +11,14 @@
 
 use crate::der;
 use ct_codecs::{Base64, Base64UrlSafeNoPadding, Decoder, Encoder, Hex};
-use ed25519_compact::{KeyPair, PublicKey as EdKey, Seed, Signature};
-use sha2::{Digest, Sha256};
+use ed25519_compact::{PublicKey as EdKey, Signature};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
+
+/// The key types `der::ed25519_csr` and `Response::sign` take, for crates (the agent) that do
+/// not depend on ed25519-compact themselves.
+pub use ed25519_compact::{KeyPair, Seed};
 
 pub const REQUEST_FORMAT: &str = "idhal-enroll-request 1";
 pub const RESPONSE_FORMAT: &str = "idhal-enroll-response 1";
@@ -137,10 +140,10 @@ impl Token {
 
     /// The key requests are signed with, derived from the secret (domain-separated).
     pub fn signing_key(&self) -> KeyPair {
-        let mut h = Sha256::new();
+        let mut h = hmac_sha256::Hash::new();
         h.update(b"idhal-enroll-token-v1\0");
         h.update(self.secret);
-        KeyPair::from_seed(Seed::new(h.finalize().into()))
+        KeyPair::from_seed(Seed::new(h.finalize()))
     }
 
     /// What the server stores: checks a request's signature, cannot make one.
@@ -300,7 +303,7 @@ impl Request {
         }
         Ok(SignedRequest {
             request,
-            digest: Sha256::digest(buf).into(),
+            digest: hmac_sha256::Hash::hash(buf),
             signed,
             signature,
         })
@@ -318,7 +321,7 @@ impl SignedRequest {
 
 /// SHA-256 of an encoded request, as a response names it.
 pub fn request_digest(encoded: &[u8]) -> [u8; 32] {
-    Sha256::digest(encoded).into()
+    hmac_sha256::Hash::hash(encoded)
 }
 
 /// A name that is safe as a file name and in logs: 1-64 of `A-Z a-z 0-9 . _ -`, starting with a

@@ -2,7 +2,6 @@
 //! on the kernel command line (`idhal.pin=sha256:…`).
 
 use ct_codecs::{Base64, Decoder, Encoder};
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::str::FromStr;
 
@@ -105,7 +104,7 @@ impl PublicKey {
 
     /// SHA-256 over the 42 encoded bytes: binds both the key and its id.
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint(Sha256::digest(self.to_bytes()).into())
+        Fingerprint(hmac_sha256::Hash::hash(&self.to_bytes()))
     }
 }
 
@@ -150,6 +149,11 @@ mod tests {
         assert!(text.starts_with("untrusted comment: minisign public key 0807060504030201\n"));
         assert_eq!(PublicKey::parse(&text).unwrap(), pk);
         let fp = pk.fingerprint();
+        // SHA-256 of b"Ed" ‖ id ‖ key, as Python's hashlib computes it.
+        assert_eq!(
+            fp.to_string(),
+            "sha256:199df25f0a50af0a155ab75961b53a6480b7ed3341ca63eb3796b6a56e1095c2"
+        );
         assert_eq!(fp.to_string().parse::<Fingerprint>().unwrap(), fp);
         assert_eq!(
             fp.to_string().to_uppercase()[7..]

@@ -1,0 +1,506 @@
+//! `idhal-bootstrap enroll` end to end against the real server: `idhal ca init`, `idhal token
+//! create`, `idhal sign --param enroll-key=...` and `idhal serve` on 127.0.0.1:0. What a node
+//! gets (checked with openssl), each refusal with the server's own reason, and a man in the
+//! middle who flips one byte of the answer.
+//!
+//! The `idhal` binary is $IDHAL_BIN, else the one next to the agent in the target dir (built by
+//! `cargo test --workspace`, or `cargo build -p idhal-server-tools`).
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const SERVER_CONFIG: &str = "[openvpn]\nremotes = [\"vpn1.example.org:1194\"]\n";
+const ENROLLED: [&str; 6] = [
+    "address",
+    "ca.crt",
+    "node-id",
+    "node.crt",
+    "node.key",
+    "openvpn.conf",
+];
+
+fn idhal_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("IDHAL_BIN") {
+        return p.into();
+    }
+    let p = Path::new(env!("CARGO_BIN_EXE_idhal-bootstrap")).with_file_name("idhal");
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build -p idhal-server-tools` first (cargo test --workspace \
+         does), or set IDHAL_BIN",
+        p.display()
+    );
+    p
+}
+
+#[track_caller]
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "idhal failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// `idhal serve`, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server state dir with the default project (`idhal ca init`), a manifest signing key and a
+/// publication dir.
+struct Project {
+    dir: tempfile::TempDir,
+    enroll_key: String,
+}
+
+impl Project {
+    fn new() -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("server.toml"), SERVER_CONFIG).unwrap();
+        let p = Project {
+            dir,
+            enroll_key: String::new(),
+        };
+        ok(p.idhal(&["ca", "init"]));
+        let enroll_key = ok(p.idhal(&["ca", "enroll-key"])).trim().to_owned();
+        let keys = p.path("keys");
+        ok(p.idhal(&["keygen", "--no-passphrase", "--dir", keys.to_str().unwrap()]));
+        Project { enroll_key, ..p }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(idhal_bin());
+        c.arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--config")
+            .arg(self.path("server.toml"))
+            .args(args);
+        c
+    }
+
+    fn idhal(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// `idhal token create --type vnode ...`: the token, printed alone on stdout.
+    fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create", "--type", "vnode"];
+        args.extend_from_slice(extra);
+        ok(self.idhal(&args)).trim().to_owned()
+    }
+
+    /// Signs one trivial scriptlet (or `body`) into `pub/` with `params`.
+    fn sign(&self, params: &[String], body: &str) {
+        let dir = tempfile::tempdir_in(self.dir.path()).unwrap();
+        std::fs::write(dir.path().join("000-first.sh"), body).unwrap();
+        let key = self.path("keys/idhal.key");
+        let out = self.path("pub");
+        let mut args = vec!["sign", "--key", key.to_str().unwrap()];
+        for p in params {
+            args.extend(["--param", p]);
+        }
+        args.extend(["--out", out.to_str().unwrap(), dir.path().to_str().unwrap()]);
+        ok(self.idhal(&args));
+    }
+
+    fn sign_with_enroll_key(&self) {
+        self.sign(
+            &[format!("enroll-key={}", self.enroll_key)],
+            "#!/bin/sh\ntrue\n",
+        );
+    }
+
+    fn serve(&self) -> Server {
+        std::fs::create_dir_all(self.path("pub")).unwrap();
+        let mut child = self
+            .command(&["serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(self.path("pub"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.path("serve.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("idhal serve said {line:?}"))
+            .to_owned();
+        Server { child, url }
+    }
+
+    /// A node with the project's manifest key baked in, which has run once (so it holds an
+    /// accepted manifest, as a node calling `enroll` from a scriptlet does).
+    fn node(&self, server: &Server) -> Node {
+        let node = Node::new(&server.url);
+        std::fs::copy(self.path("keys/idhal.pub"), node.baked_key()).unwrap();
+        node.run(&[]).expect(0, "ok: serial");
+        node
+    }
+}
+
+fn enroll(node: &Node, server: &str, extra: &[&str]) -> Run {
+    let mut c = node.command("enroll", &["--server", server]);
+    c.args(extra);
+    Run(c.output().unwrap())
+}
+
+fn token_file(node: &Node, token: &str) -> String {
+    let p = node.path("token");
+    std::fs::write(&p, format!("{token}\n")).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+/// The files in STATE/enroll, sorted (empty if it does not exist).
+fn enroll_files(node: &Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.state().join("enroll"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn enrolls_from_the_first_scriptlet_then_never_again() {
+    let project = Project::new();
+    let server = project.serve();
+    let node = Node::new(&server.url);
+    std::fs::copy(project.path("keys/idhal.pub"), node.baked_key()).unwrap();
+    // As an image would have it: the server in bootstrap.conf, the token from elsewhere.
+    std::fs::write(
+        node.config(),
+        format!("server = {}\nretries = 0\ntimeout = 5s\n", server.url),
+    )
+    .unwrap();
+    let token = project.token(&["--uses", "1", "--ttl", "1h"]);
+    let tok = token_file(&node, &token);
+    // `run` holds its lock while this scriptlet runs: enroll must not need it.
+    let scriptlet = format!(
+        "#!/bin/sh\nexec '{}' enroll --config '{}' --proc '{}' --state-dir \"$IDHAL_STATE_DIR\" \
+         --token-file '{tok}'\n",
+        env!("CARGO_BIN_EXE_idhal-bootstrap"),
+        node.config().display(),
+        node.path("proc").display()
+    );
+    project.sign(&[format!("enroll-key={}", project.enroll_key)], &scriptlet);
+    node.run(&[]).expect(0, "000-first done");
+    let log = node.read("state/scriptlets/000-first/log").unwrap();
+    assert!(
+        log.contains("enrolled as client1, address 10.134.0.2 (project default)"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&token[17..]),
+        "the token's secret was logged:\n{log}"
+    );
+
+    let dir = node.state().join("enroll");
+    assert_eq!(enroll_files(&node), ENROLLED);
+    assert_eq!(node.read("state/enroll/node-id").unwrap(), "client1\n");
+    assert_eq!(node.read("state/enroll/address").unwrap(), "10.134.0.2\n");
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("node.key")), 0o600);
+    assert_eq!(mode(&dir.join("openvpn.conf")), 0o600);
+    let conf = node.read("state/enroll/openvpn.conf").unwrap();
+    for line in [
+        "ca ca.crt",
+        "cert node.crt",
+        "key node.key",
+        "remote vpn1.example.org 1194",
+    ] {
+        assert!(
+            conf.lines().any(|l| l == line),
+            "openvpn.conf lacks {line:?}:\n{conf}"
+        );
+    }
+
+    // The certificate: made by the CA it came with, for this node's own key, named client1.
+    assert_eq!(
+        openssl(&dir, &["verify", "-CAfile", "ca.crt", "node.crt"]),
+        "node.crt: OK\n"
+    );
+    assert_eq!(
+        openssl(&dir, &["x509", "-in", "node.crt", "-noout", "-pubkey"]),
+        openssl(&dir, &["pkey", "-in", "node.key", "-pubout"])
+    );
+    let subject = openssl(&dir, &["x509", "-in", "node.crt", "-noout", "-subject"]);
+    assert!(
+        subject.contains("CN=client1") || subject.contains("CN = client1"),
+        "{subject}"
+    );
+    // And the CA is the project's, not just any.
+    assert_eq!(
+        std::fs::read(dir.join("ca.crt")).unwrap(),
+        std::fs::read(project.path("state/projects/default/ca.crt")).unwrap()
+    );
+
+    let text = node.command("status", &[]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("enrolled:   client1, address 10.134.0.2"),
+        "{text}"
+    );
+    let (_, json) = node.status_json();
+    assert!(
+        json.contains(r#""enrollment":{"node":"client1","address":"10.134.0.2"}"#),
+        "{json}"
+    );
+
+    // Enrolled once: no network any more (the server is gone), nothing rewritten.
+    let cert = node.read("state/enroll/node.crt");
+    drop(server);
+    let again = enroll(&node, "http://127.0.0.1:9/", &["--token-file", &tok]);
+    again.expect(0, "already enrolled as client1 (10.134.0.2)");
+    assert!(!again.stderr().contains("enrolling"), "{}", again.stderr());
+    assert_eq!(node.read("state/enroll/node.crt"), cert);
+}
+
+#[test]
+fn refusals_name_the_servers_reason_and_write_nothing() {
+    let project = Project::new();
+    project.sign_with_enroll_key();
+    let server = project.serve();
+
+    let refused = |node: &Node, run: Run, reason: &str| {
+        run.expect(
+            5,
+            &format!("refused: enroll {}/enroll: {reason}", server.url),
+        );
+        assert_eq!(enroll_files(node), ["node.key"], "only the node's own key");
+        let text = node.command("status", &[]).output().unwrap();
+        assert!(String::from_utf8_lossy(&text.stdout).contains("enrolled:   not enrolled"));
+    };
+
+    // A well-formed token the server never made.
+    let node = project.node(&server);
+    let unknown = format!("0123456789abcdef.{}", "A".repeat(43));
+    let run = enroll(
+        &node,
+        &server.url,
+        &["--token-file", &token_file(&node, &unknown)],
+    );
+    refused(&node, run, "server answered HTTP 403: unknown token");
+
+    // The right id with another secret: the request's signature does not match its verifier.
+    let node = project.node(&server);
+    let token = project.token(&[]);
+    let (id, secret) = token.split_once('.').unwrap();
+    let first = if secret.starts_with('A') { 'B' } else { 'A' };
+    let forged = format!("{id}.{first}{}", &secret[1..]);
+    let run = enroll(
+        &node,
+        &server.url,
+        &["--token-file", &token_file(&node, &forged)],
+    );
+    refused(&node, run, "server answered HTTP 401: bad token signature");
+
+    // One use: the first node gets it; the next (token via QEMU fw_cfg) is refused.
+    let token = project.token(&["--uses", "1"]);
+    let node = project.node(&server);
+    enroll(
+        &node,
+        &server.url,
+        &["--token-file", &token_file(&node, &token)],
+    )
+    .expect(0, "enrolled as client1");
+    let node = project.node(&server);
+    let fw = node.path("fw_cfg");
+    let raw = fw.join("by_name/opt/idhal/token/raw");
+    std::fs::create_dir_all(raw.parent().unwrap()).unwrap();
+    std::fs::write(&raw, &token).unwrap();
+    let run = enroll(&node, &server.url, &["--fw-cfg", fw.to_str().unwrap()]);
+    assert!(run.stderr().contains("(fw_cfg "), "{}", run.stderr());
+    refused(&node, run, "server answered HTTP 409: token used up");
+
+    // Expired: time has to pass, there is nothing to wait for.
+    let token = project.token(&["--ttl", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let node = project.node(&server);
+    let run = enroll(
+        &node,
+        &server.url,
+        &["--token-file", &token_file(&node, &token)],
+    );
+    refused(&node, run, "server answered HTTP 410: token expired");
+}
+
+#[test]
+fn configuration_errors_come_before_any_network() {
+    let project = Project::new();
+    project.sign(&[], "#!/bin/sh\ntrue\n");
+    let server = project.serve();
+    let token = project.token(&[]);
+
+    // Before `run` accepted a manifest, there is no enrollment key to trust.
+    let fresh = Node::new(&server.url);
+    let tok = token_file(&fresh, &token);
+    enroll(&fresh, &server.url, &["--token-file", &tok]).expect(
+        3,
+        "`enroll` runs after `idhal-bootstrap run` accepted a signed manifest",
+    );
+
+    // A manifest signed without the enrollment key.
+    let node = project.node(&server);
+    let tok = token_file(&node, &token);
+    enroll(&node, &server.url, &["--token-file", &tok]).expect(
+        3,
+        "the signed manifest (serial 1) has no param enroll-key: sign it with \
+         `idhal sign --param enroll-key=$(idhal ca enroll-key) ...`",
+    );
+    assert_eq!(enroll_files(&node), Vec::<String>::new());
+
+    // With it, but no token anywhere.
+    project.sign_with_enroll_key();
+    node.run(&[]).expect(0, "accepted manifest serial 2");
+    let empty = node.path("no-fw-cfg");
+    let run = enroll(&node, &server.url, &["--fw-cfg", empty.to_str().unwrap()]);
+    run.expect(
+        3,
+        "no enrollment token: give --token-file FILE, idhal.token=",
+    );
+    assert_eq!(enroll_files(&node), Vec::<String>::new());
+
+    // One enrollment at a time (but `run`'s lock is not in the way: see the scriptlet test).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(node.state().join("enroll.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    enroll(&node, &server.url, &["--token-file", &tok]).expect(7, "enroll.lock");
+    drop(lock);
+    enroll(&node, &server.url, &["--token-file", &tok]).expect(0, "enrolled as client1");
+}
+
+/// A man in the middle: forwards each exchange to `upstream` and flips one byte in the middle
+/// of the response body. Returns its base URL.
+fn tampering_proxy(upstream: &str) -> String {
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let upstream = upstream.clone();
+            std::thread::spawn(move || relay(client, &upstream));
+        }
+    });
+    url
+}
+
+fn relay(mut client: TcpStream, upstream: &str) {
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "client closed mid-request");
+        req.extend_from_slice(&buf[..n]);
+        if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&req[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while req.len() < head_end + len {
+        let n = client.read(&mut buf).unwrap();
+        assert!(n > 0, "client closed mid-body");
+        req.extend_from_slice(&buf[..n]);
+    }
+    let mut server = TcpStream::connect(upstream).unwrap();
+    server.write_all(&req).unwrap();
+    let mut resp = Vec::new();
+    server.read_to_end(&mut resp).unwrap();
+    let body = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let middle = body + (resp.len() - body) / 2;
+    resp[middle] ^= 0x01;
+    client.write_all(&resp).unwrap();
+}
+
+#[test]
+fn a_tampered_answer_is_refused_and_a_retry_gets_the_same_node() {
+    let project = Project::new();
+    project.sign_with_enroll_key();
+    let server = project.serve();
+    let proxy = tampering_proxy(&server.url);
+    let node = project.node(&server);
+    let token = project.token(&["--uses", "1"]);
+    // Given on the kernel command line this time.
+    node.set_cmdline(&format!("ro quiet idhal.token={token}\n"));
+
+    enroll(&node, &proxy, &[]).expect(
+        5,
+        "refused: enrollment response: the response is not signed by the enrollment key the \
+         signed manifest names",
+    );
+    assert_eq!(enroll_files(&node), ["node.key"]);
+    let key = node.read("state/enroll/node.key");
+
+    // The server did enroll the node and spent the token's only use; asking again with the
+    // same key (kept from the first attempt) gets the same node back.
+    let run = enroll(&node, &server.url, &[]);
+    run.expect(
+        0,
+        "enrolled as client1, address 10.134.0.2 (project default)",
+    );
+    assert!(
+        run.stderr().contains("(kernel command line idhal.token=)"),
+        "{}",
+        run.stderr()
+    );
+    assert!(
+        !run.stderr().contains(&token[17..]),
+        "the token's secret was logged"
+    );
+    assert_eq!(enroll_files(&node), ENROLLED);
+    assert_eq!(node.read("state/enroll/node.key"), key);
+}
