@@ -1,7 +1,8 @@
-//! The cluster VM tests reuse server-tools' test components (OAR on PostgreSQL, Knot) from
-//! server-tools/tests/hook_support, which names the `idhal` binary at compile time through
-//! CARGO_BIN_EXE_idhal (set by cargo only for server-tools' own tests). Point it at the release
-//! build the harness makes (src/bins.rs); the VM tests themselves use `Shared::idhal`.
+//! The harness library includes server-tools' test components (OAR on PostgreSQL, Knot) from
+//! server-tools/tests/hook_support (src/cluster.rs; the cluster tests and `idhal-demo` use
+//! them), which names the `idhal` binary at compile time through CARGO_BIN_EXE_idhal (set by
+//! cargo only for server-tools' own tests). Point it at the release build the harness makes
+//! (src/bins.rs); the VM tests themselves use `Shared::idhal`.
 use std::path::PathBuf;
 
 fn main() {

@@ -19,7 +19,7 @@ cached under --cache-dir by a hash of every input, so a second build takes milli
     after_help = "Examples:\n  \
 idhal-image build --agent target/x86_64-unknown-linux-musl/release/idhal-bootstrap \\\n      \
 --key keys/idhal.pub --out vnode/\n  \
-qemu-system-x86_64 -accel tcg -m 256 -nodefaults -display none -serial stdio \\\n      \
+qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -m 256 -nodefaults -display none -serial stdio \\\n      \
 -kernel vnode/vmlinuz -initrd vnode/initrd.img \\\n      \
 -append 'console=ttyS0 quiet idhal.server=http://10.0.2.100:8080/' \\\n      \
 -drive file=vnode/state.img,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0 \\\n      \

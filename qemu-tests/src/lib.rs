@@ -2,18 +2,31 @@
 //! with ephemeral ports, and vnodes built by idhal-image booted under QEMU TCG with user
 //! networking (`restrict=on`) whose only way out is a guestfwd to a host port we chose.
 //!
-//! Every test gets its own [`Env`] (temp dir, keys, publication dir, server, disk copy); guests
-//! report progress with console markers and the harness waits for them with explicit deadlines.
-//! A [`Vm`] is killed when dropped, and its console log printed if the test is failing.
+//! Every test gets its own [`Env`] (temp dir, keys, publication dir, the project's CA made by
+//! `idhal ca init`, `idhal serve` answering manifests and enrollment, optionally the OpenVPN
+//! server `idhal openvpn server-config` renders, disk copy); guests report progress with console
+//! markers and the harness waits for them with explicit deadlines. A [`Vm`] is killed when
+//! dropped, and its console log printed if the test is failing.
 pub mod bins;
+pub mod ca;
+pub mod cluster;
+pub mod enroll;
 pub mod host;
 pub mod rootfs;
 pub mod server;
 pub mod vm;
 pub mod vpn;
 
+/// server-tools' own test components (OAR on PostgreSQL, Knot), included by path: one
+/// definition. `build.rs` gives it the `idhal` path it expects.
+#[path = "../../server-tools/tests/hook_support/mod.rs"]
+pub mod hook_support;
+
+pub use ca::Ca;
+pub use cluster::Cluster;
 pub use server::{Project, Serve};
 pub use vm::{Forward, RunResult, Vm, VmSpec};
+pub use vpn::OpenVpnServer;
 
 use idhal_image_build as ib;
 use std::path::{Path, PathBuf};
@@ -31,11 +44,35 @@ impl Limits {
     pub const POWEROFF: Duration = Duration::from_secs(30);
     /// A host server (idhal serve, OpenVPN) from spawn to listening.
     pub const SERVER_START: Duration = Duration::from_secs(20);
+    /// Tunnel up to Alive in OAR (the hook itself is bounded by `[limits] hook_budget_ms`).
+    pub const ALIVE: Duration = Duration::from_secs(30);
+    /// Power-off or revocation to Absent in OAR (client-disconnect hook).
+    pub const ABSENT: Duration = Duration::from_secs(20);
+    /// A revoked node is watched this long after its first refused reconnection: it must stay
+    /// out (its client retries every 1-10 s: `connect-retry 1 10`).
+    pub const REVOKED_WATCH: Duration = Duration::from_secs(8);
 }
 
 /// The port the guest sees the manifest server on (10.0.2.100:PORT inside every guest).
 pub const GUEST_SERVE_PORT: u16 = 8080;
+/// The port the guest sees the OpenVPN server on: `[openvpn] remotes`' default, 10.0.2.100:1194.
+pub const GUEST_VPN_PORT: u16 = 1194;
 pub const GUEST_HOST_IP: &str = "10.0.2.100";
+
+/// Polls `f` (every 100 ms) until it returns `Some`, within `limit`; panics naming `what`.
+pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// One VM at a time per test process: TCG is CPU-bound, and two guests on 2 cores make every
 /// deadline and every printed timing meaningless. Held for the life of an [`Env`].
@@ -99,14 +136,38 @@ macro_rules! env_or_skip {
     };
 }
 
-/// One test's world: temp dir, project (keys, scriptlets, publication dir), a running
-/// `idhal serve`, and the node's state disk (its own copy).
+/// How an [`Env`]'s server side is set up.
+pub struct EnvOptions {
+    /// The server config (`--config`) without `[openvpn]`, which the harness writes (see
+    /// [`Ca::init`]). Default: no scheduler, no DNS.
+    pub server_toml: String,
+    /// `idhal ca init --pool`; default `[names] pool` (10.134.0.0/16).
+    pub pool: Option<String>,
+    /// Start the rendered OpenVPN server, and forward the guests' 10.0.2.100:1194 to it.
+    pub vpn: bool,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            server_toml: "[scheduler]\nbackend = \"none\"\n[dns]\nupdate = \"off\"\n".into(),
+            pool: None,
+            vpn: false,
+        }
+    }
+}
+
+/// One test's world: temp dir, project (keys, scriptlets, publication dir), the project's CA,
+/// a running `idhal serve` (manifests + `POST /enroll`), the OpenVPN server if asked for, and
+/// the node's state disk (its own copy).
 pub struct Env {
     pub name: String,
     pub dir: tempfile::TempDir,
     pub shared: &'static Shared,
     pub project: Project,
+    pub ca: Ca,
     pub serve: Serve,
+    pub vpn: Option<OpenVpnServer>,
     pub disk: PathBuf,
     boots: u32,
     initrds: std::cell::Cell<u32>,
@@ -114,19 +175,34 @@ pub struct Env {
 }
 
 impl Env {
+    /// An env with a CA and `idhal serve`, no OpenVPN, no scheduler or DNS backends.
     pub fn new(name: &str) -> Option<Env> {
+        Env::with(name, EnvOptions::default())
+    }
+
+    pub fn with(name: &str, opts: EnvOptions) -> Option<Env> {
         let shared = shared()?;
         let slot = vm_slot();
         let dir = tempfile::Builder::new()
             .prefix(&format!("idhal-vm-{name}-"))
             .tempdir()
             .expect("temp dir");
-        let project = Project::new(&shared.idhal, dir.path());
+        let mut project = Project::new(&shared.idhal, dir.path());
+        let ca = Ca::init(
+            &shared.idhal,
+            &dir.path().join("server"),
+            &opts.server_toml,
+            opts.pool.as_deref(),
+        );
+        // Nodes learn the enrollment key only from their signed manifest.
+        project.params.push(format!("enroll-key={}", ca.enroll_key));
         let serve = Serve::start(
             &shared.idhal,
             &project.pubdir,
             &dir.path().join("serve.log"),
+            Some((&ca.state, &ca.config)),
         );
+        let vpn = opts.vpn.then(|| OpenVpnServer::start(&ca));
         let disk = dir.path().join("state.img");
         let seed = dir.path().join("seed");
         std::fs::create_dir_all(&seed).unwrap();
@@ -136,12 +212,31 @@ impl Env {
             dir,
             shared,
             project,
+            ca,
             serve,
+            vpn,
             disk,
             boots: 0,
             initrds: std::cell::Cell::new(0),
             _slot: slot,
         })
+    }
+
+    /// `idhal token create --type TYPE ARGS…` into a file of this env's dir, for
+    /// `spec.fw_cfg.push((enroll::FW_CFG_TOKEN.into(), file))`. Returns (token id, file).
+    pub fn token(&self, node_type: &str, args: &[&str]) -> (String, PathBuf) {
+        let token = self.ca.token(node_type, args);
+        let id = token.split('.').next().unwrap().to_string();
+        let file = self.path().join(format!("token-{id}"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        (id, file)
+    }
+
+    /// The OpenVPN server; panics when the env was made without `vpn`.
+    pub fn vpn(&self) -> &OpenVpnServer {
+        self.vpn.as_ref().expect("EnvOptions { vpn: true, .. }")
     }
 
     pub fn path(&self) -> &Path {
@@ -168,10 +263,15 @@ impl Env {
             initrd,
             disk: self.disk.clone(),
             disk_format: "raw".into(),
-            forwards: vec![Forward {
+            forwards: std::iter::once(Forward {
                 guest_port: GUEST_SERVE_PORT,
                 host_port: self.serve.port,
-            }],
+            })
+            .chain(self.vpn.as_ref().map(|v| Forward {
+                guest_port: GUEST_VPN_PORT,
+                host_port: v.port,
+            }))
+            .collect(),
             fw_cfg: vec![],
             cmdline: vec![format!(
                 "idhal.server=http://{GUEST_HOST_IP}:{GUEST_SERVE_PORT}/"
@@ -212,15 +312,18 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        let keep = std::env::var("IDHAL_KEEP_VM_DIR").ok();
         if std::thread::panicking() {
-            if let Ok(log) = std::fs::read_to_string(self.path().join("serve.log")) {
-                eprintln!("----- idhal serve log ({}) -----\n{log}", self.name);
-            }
-            // Keep the evidence when asked to.
-            if std::env::var_os("IDHAL_KEEP_VM_DIR").is_some() {
-                self.dir.disable_cleanup(true);
-                eprintln!("IDHAL_KEEP_VM_DIR: kept {}", self.dir.path().display());
-            }
+            eprintln!(
+                "----- idhal serve log ({}) -----\n{}",
+                self.name,
+                self.serve.log_text()
+            );
+        }
+        // Keep the evidence when asked to: a failing test's dir, or every dir with `all`.
+        if keep.as_deref() == Some("all") || (keep.is_some() && std::thread::panicking()) {
+            self.dir.disable_cleanup(true);
+            eprintln!("IDHAL_KEEP_VM_DIR: kept {}", self.dir.path().display());
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The host side of a test: a project (keys, scriptlets, publication dir) driven through the real
-//! `idhal` binary, and `idhal serve` on 127.0.0.1 with an ephemeral port.
+//! `idhal` binary, and `idhal serve` on 127.0.0.1 with an ephemeral port (manifests, and
+//! `POST /enroll` when it is given the CA's state dir).
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +14,8 @@ pub struct Project {
     pub pubdir: PathBuf,
     /// `sha256:…` as printed by `idhal keygen`.
     pub fingerprint: String,
+    /// `NAME=VALUE` signed into every manifest (`--param`); the env adds `enroll-key=…`.
+    pub params: Vec<String>,
 }
 
 impl Project {
@@ -42,6 +45,7 @@ impl Project {
             scriptlets: dir.join("scriptlets"),
             pubdir: dir.join("pub"),
             fingerprint,
+            params: Vec::new(),
         };
         std::fs::create_dir_all(&p.scriptlets).unwrap();
         std::fs::create_dir_all(&p.pubdir).unwrap();
@@ -65,6 +69,7 @@ impl Project {
             .arg(self.keys.join("idhal.key"))
             .arg("--out")
             .arg(&self.pubdir)
+            .args(self.params.iter().flat_map(|p| ["--param", p]))
             .args(extra)
             .arg(&self.scriptlets)
             .output()
@@ -92,13 +97,24 @@ impl Project {
 pub struct Serve {
     child: Child,
     pub port: u16,
+    pub log: PathBuf,
 }
 
 impl Serve {
-    pub fn start(idhal: &Path, root: &Path, log: &Path) -> Serve {
-        let mut child = Command::new(idhal)
+    /// `ca`: `(state dir, config)` of a CA made by `idhal ca init`: then the same port answers
+    /// `POST /enroll` too. Without it, only the publication dir is served.
+    pub fn start(idhal: &Path, root: &Path, log: &Path, ca: Option<(&Path, &Path)>) -> Serve {
+        let mut cmd = Command::new(idhal);
+        if let Some((state, config)) = ca {
+            cmd.arg("--state-dir")
+                .arg(state)
+                .arg("--config")
+                .arg(config);
+        }
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--root"])
             .arg(root)
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -127,7 +143,15 @@ impl Serve {
             .and_then(|a| a.trim_end_matches('/').rsplit(':').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line from idhal serve: {line:?}"));
-        Serve { child, port }
+        Serve {
+            child,
+            port,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

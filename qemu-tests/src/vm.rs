@@ -102,12 +102,15 @@ impl Vm {
             "loglevel=3".into(),
             // A crashed init ends QEMU (with -no-reboot) instead of hanging until the deadline.
             "panic=1".into(),
+            // The kernel's crypto self-tests cost ~0.5 s of every boot under TCG
+            // (crypto_algapi_init, measured with initcall_debug); they test the kernel, not us.
+            "cryptomgr.notests".into(),
             format!("idhal.name={name}"),
         ];
         append.extend(spec.cmdline.iter().cloned());
         let mut cmd = Command::new(qemu_path());
         // KVM is broken on these machines (hangs, MSR assertions): TCG always. -smp 1 beat 2.
-        cmd.args(["-accel", "tcg", "-smp", "1", "-m"])
+        cmd.args(["-accel", "tcg", "-cpu", "qemu64,+rdrand", "-smp", "1", "-m"])
             .arg(spec.memory_mib.to_string())
             .args([
                 "-nodefaults",
@@ -164,6 +167,27 @@ impl Vm {
             .unwrap_or_default()
     }
 
+    /// The next whole console line after the cursor, if the guest has written one; the cursor
+    /// moves past it. Never waits.
+    pub fn try_line(&mut self) -> Option<String> {
+        let bytes = std::fs::read(&self.console).unwrap_or_default();
+        // Only whole lines: the guest may be mid-line.
+        let rest = &bytes[self.cursor.min(bytes.len())..];
+        let nl = rest.iter().position(|&b| b == b'\n')?;
+        let line = String::from_utf8_lossy(&rest[..nl])
+            .trim_end_matches('\r')
+            .to_string();
+        self.cursor += nl + 1;
+        Some(line)
+    }
+
+    /// Panics (the caller's `what` in the message) when QEMU has exited.
+    pub fn check_running(&mut self, what: &str) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!("{}: QEMU exited ({st}) while waiting for {what}", self.name);
+        }
+    }
+
     /// The next console line (after the cursor) for which `pred` holds; the cursor moves past
     /// it. Panics (printing the console) at the deadline or when QEMU exits first.
     pub fn next_line(
@@ -175,24 +199,13 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         let mut skipped = Vec::new();
         loop {
-            let bytes = std::fs::read(&self.console).unwrap_or_default();
-            // Only whole lines: the guest may be mid-line.
-            while let Some(nl) = bytes[self.cursor.min(bytes.len())..]
-                .iter()
-                .position(|&b| b == b'\n')
-            {
-                let line = String::from_utf8_lossy(&bytes[self.cursor..self.cursor + nl])
-                    .trim_end_matches('\r')
-                    .to_string();
-                self.cursor += nl + 1;
+            while let Some(line) = self.try_line() {
                 if pred(&line) {
                     return (line, skipped);
                 }
                 skipped.push(line);
             }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("{}: QEMU exited ({st}) while waiting for {what}", self.name);
-            }
+            self.check_running(what);
             if Instant::now() > deadline {
                 panic!("{}: no {what} on the console within {timeout:?}", self.name);
             }

@@ -41,7 +41,12 @@ fn main() -> Result<()> {
         bail!("this host cannot run the vnode (see above)")
     };
     let work = tempfile::Builder::new().prefix("idhal-vnode-").tempdir()?;
-    let serve = Serve::start(&shared.idhal, &cli.pubdir, &work.path().join("serve.log"));
+    let serve = Serve::start(
+        &shared.idhal,
+        &cli.pubdir,
+        &work.path().join("serve.log"),
+        None,
+    );
     println!(
         "server: idhal serve --root {} on 127.0.0.1:{} (the guest's http://{GUEST_HOST_IP}:{GUEST_SERVE_PORT}/)",
         cli.pubdir.display(),
