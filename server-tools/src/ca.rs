@@ -4,7 +4,7 @@
 
 use crate::config::{CaSection, ServerConfig};
 use crate::crl;
-use crate::db::{Db, DbError, Open};
+use crate::db::{Db, Open};
 use crate::names::Ipv4Net;
 use crate::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
 use crate::publish::{write_atomic, write_new};
@@ -12,7 +12,7 @@ use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::enroll::is_safe_name;
 use idhal_manifest::time::{now, rfc3339};
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::params;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -186,49 +186,43 @@ fn issue_server(
     let (key_pem, key) = new_key()?;
     let now = now();
     let validity = CaSection::secs(&cfg.ca.server_cert_validity);
-    let path = db.path.clone();
-    let err = |e| DbError::Sqlite {
-        path: path.clone(),
-        source: e,
-    };
-    let tx = db
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(err)?;
-    let serial: i64 = tx
-        .query_row(
-            "UPDATE projects SET next_serial = next_serial + 1 WHERE name = ?1
-             RETURNING next_serial - 1",
-            [project],
-            |r| r.get(0),
+    let serial = db.immediate(|tx, err| {
+        let serial: i64 = tx
+            .query_row(
+                "UPDATE projects SET next_serial = next_serial + 1 WHERE name = ?1
+                 RETURNING next_serial - 1",
+                [project],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let pem = ca.issue(
+            &Leaf {
+                role: Role::Server,
+                cn: name,
+                serial: serial as u64,
+                not_before: now.saturating_sub(300),
+                not_after: now + validity,
+            },
+            &key,
+        )?;
+        tx.execute(
+            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES (?1, ?2, 'server', ?3, ?4, ?5, ?6)",
+            params![
+                project,
+                serial,
+                name,
+                now as i64,
+                (now + validity) as i64,
+                pem
+            ],
         )
         .map_err(err)?;
-    let pem = ca.issue(
-        &Leaf {
-            role: Role::Server,
-            cn: name,
-            serial: serial as u64,
-            not_before: now.saturating_sub(300),
-            not_after: now + validity,
-        },
-        &key,
-    )?;
-    tx.execute(
-        "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
-         VALUES (?1, ?2, 'server', ?3, ?4, ?5, ?6)",
-        params![
-            project,
-            serial,
-            name,
-            now as i64,
-            (now + validity) as i64,
-            pem
-        ],
-    )
-    .map_err(err)?;
-    write_new(&key_path, key_pem.as_bytes(), 0o600)?;
-    write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
-    tx.commit().map_err(err)?;
+        // Files before the commit: a failure leaves no certificate row without its files.
+        write_new(&key_path, key_pem.as_bytes(), 0o600)?;
+        write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
+        Ok::<_, anyhow::Error>(serial)
+    })?;
     println!(
         "server {name} (project {project}): certificate serial {serial}, valid until {}",
         rfc3339(now + validity)

@@ -3,13 +3,13 @@
 //! expired CRL never locks every node out of OpenVPN's `crl-verify`.
 
 use crate::config::{CaSection, ServerConfig};
-use crate::db::{Db, DbError, Open};
+use crate::db::{Db, Open};
 use crate::pki::ProjectCa;
 use crate::publish::write_atomic;
 use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::params;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -87,41 +87,33 @@ pub fn regenerate(
     now: u64,
 ) -> anyhow::Result<u64> {
     let validity = CaSection::secs(&cfg.ca.crl_validity);
-    let path = db.path.clone();
-    let err = |e| DbError::Sqlite {
-        path: path.clone(),
-        source: e,
-    };
-    let tx = db
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(err)?;
-    let number: i64 = tx
-        .query_row(
-            "UPDATE projects SET crl_number = crl_number + 1, crl_next_update = ?2
-             WHERE name = ?1 RETURNING crl_number",
-            params![ca.project, (now + validity) as i64],
-            |r| r.get(0),
-        )
-        .map_err(err)?;
-    let revoked = {
+    db.immediate(|tx, err| {
+        let number: i64 = tx
+            .query_row(
+                "UPDATE projects SET crl_number = crl_number + 1, crl_next_update = ?2
+                 WHERE name = ?1 RETURNING crl_number",
+                params![ca.project, (now + validity) as i64],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
         let mut stmt = tx
             .prepare(
                 "SELECT serial, revoked_at FROM certs
                  WHERE project = ?1 AND revoked_at IS NOT NULL AND not_after > ?2 ORDER BY serial",
             )
             .map_err(err)?;
-        let rows = stmt
+        let revoked = stmt
             .query_map(params![ca.project, now as i64], |r| {
                 Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
             })
+            .map_err(err)?
+            .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(err)?
-    };
-    let pem = ca.crl(&revoked, number as u64, now, validity)?;
-    // Published before the commit: if the commit fails, the next run signs a newer number.
-    write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644)
-        .with_context(|| format!("publishing the CRL of project {}", ca.project))?;
-    tx.commit().map_err(err)?;
+        let pem = ca.crl(&revoked, number as u64, now, validity)?;
+        // Published before the commit: if the commit fails, the next run signs a newer number.
+        write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644)
+            .with_context(|| format!("publishing the CRL of project {}", ca.project))?;
+        Ok::<_, anyhow::Error>(())
+    })?;
     Ok(now + validity)
 }

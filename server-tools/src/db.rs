@@ -200,6 +200,27 @@ impl Db {
         Ok(())
     }
 
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction (the write lock taken up front, so two
+    /// writers never deadlock upgrading), committed only when `f` succeeds. `f` gets the
+    /// transaction and the mapping of rusqlite errors to this database's `DbError`.
+    pub fn immediate<T, E: From<DbError>>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction, &dyn Fn(rusqlite::Error) -> DbError) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let path = self.path.clone();
+        let err = move |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let out = f(&tx, &err)?;
+        tx.commit().map_err(&err)?;
+        Ok(out)
+    }
+
     /// Wraps a rusqlite error with this database's path.
     pub fn err(&self, source: rusqlite::Error) -> DbError {
         DbError::Sqlite {

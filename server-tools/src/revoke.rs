@@ -12,7 +12,7 @@ use crate::publish::remove_durably;
 use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::params;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -51,26 +51,19 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             rfc3339(at)
         ),
         None => {
-            let path = db.path.clone();
-            let err = |e| DbError::Sqlite {
-                path: path.clone(),
-                source: e,
-            };
-            let tx = db
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
+            db.immediate(|tx, err| {
+                tx.execute(
+                    "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                    params![id.as_str(), now as i64],
+                )
                 .map_err(err)?;
-            tx.execute(
-                "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id.as_str(), now as i64],
-            )
-            .map_err(err)?;
-            tx.execute(
-                "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
-                params![node.project, node.cert_serial as i64, now as i64],
-            )
-            .map_err(err)?;
-            tx.commit().map_err(err)?;
+                tx.execute(
+                    "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
+                    params![node.project, node.cert_serial as i64, now as i64],
+                )
+                .map_err(err)?;
+                Ok::<_, DbError>(())
+            })?;
             println!(
                 "{id}: revoked (project {}, certificate serial {})",
                 node.project, node.cert_serial
