@@ -8,19 +8,6 @@ use idhal_manifest::Frequency::Once;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// A CA (`NAME.pem`, `NAME.key`) and, when `server`, a certificate for IP 127.0.0.1 signed by it.
 fn make_ca(dir: &Path, name: &str) {
     openssl(

@@ -301,3 +301,18 @@ impl Run {
         self
     }
 }
+
+/// Runs the real `openssl` in `dir`, failing the test on an error; returns its stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
