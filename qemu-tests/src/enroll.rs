@@ -10,8 +10,9 @@ pub const FW_CFG_TOKEN: &str = "opt/idhal/token";
 /// `boot` frequency, like the shipped example: the first boot enrolls, later boots' `enroll`
 /// says "already enrolled" without any network, and every boot starts the tunnel. Differences
 /// from the example: the agent's enroll lines go to the console (the harness and the demo show
-/// them), OpenVPN logs to a file and runs without kernel DCO (the test kernel has none), and
-/// the scriptlet waits, bounded (30 s), for the tunnel's address and prints it, or OpenVPN's
+/// them), OpenVPN logs to a file and runs without kernel DCO (the test kernel has none) and, as
+/// in the example, under systemd in a unit of its own; and the scriptlet waits, bounded (30 s),
+/// for the tunnel's address and prints it, or OpenVPN's
 /// log on failure.
 pub const SCRIPTLET: &str = r#"#!/bin/sh
 # idhal: frequency=boot
@@ -20,7 +21,14 @@ up() { cut -d' ' -f1 /proc/uptime; }
 echo "IDHAL-TEST enroll-start uptime=$(up)" > /dev/console
 idhal-bootstrap enroll --state-dir "$IDHAL_STATE_DIR" 2>/dev/console || exit $?
 echo "IDHAL-TEST enrolled node=$(cat "$d/node-id") addr=$(cat "$d/address") uptime=$(up)" > /dev/console
-openvpn --daemon --cd "$d" --config openvpn.conf --disable-dco --log /tmp/openvpn.log || exit $?
+if [ -d /run/systemd/system ]; then
+  # As the shipped example: under systemd, a unit of its own (idhal-bootstrap.service would
+  # kill a daemon left in it when the run ends).
+  systemd-run --unit=idhal-openvpn --property=Restart=on-failure \
+    openvpn --cd "$d" --config openvpn.conf --disable-dco --log /tmp/openvpn.log || exit $?
+else
+  openvpn --daemon --cd "$d" --config openvpn.conf --disable-dco --log /tmp/openvpn.log || exit $?
+fi
 i=0
 while [ $i -lt 300 ]; do
   a=$(ip -4 addr show tun0 2>/dev/null | sed -n 's/.*inet \([0-9.]*\).*/\1/p')

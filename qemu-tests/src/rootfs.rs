@@ -1,4 +1,4 @@
-//! A minimal Debian 12 root file system with systemd as init (debootstrap), as a raw ext4 disk
+//! A minimal Debian 12 root file system with systemd as init and OpenVPN (debootstrap), as a raw ext4 disk
 //! image made with `mkfs.ext4 -d`: the stand-in for a user's Debian image in the real-init smoke
 //! test. Cached (it takes ~40 s); not pinned like the vnode (it is a smoke test of baking).
 //! Partitioned like Debian's cloud images (root on partition 1), so baking has to find it there.
@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const MIRROR: &str = "http://deb.debian.org/debian";
-const NAME: &str = "debootstrap-bookworm-minbase-systemd-v2.img";
+const NAME: &str = "debootstrap-bookworm-minbase-systemd-openvpn-v3.img";
 
 /// Returns the cached image, building it first if needed.
 pub fn debian_systemd_image(cache: &Path) -> Result<PathBuf, String> {
@@ -35,7 +35,11 @@ pub fn debian_systemd_image(cache: &Path) -> Result<PathBuf, String> {
         }
     };
     let r = run(Command::new("/usr/sbin/debootstrap")
-        .args(["--variant=minbase", "--include=systemd-sysv", "bookworm"])
+        .args([
+            "--variant=minbase",
+            "--include=systemd-sysv,openvpn,iproute2",
+            "bookworm",
+        ])
         .arg(&root)
         .arg(MIRROR))
     .and_then(|_| {

@@ -1,13 +1,30 @@
-//! Issue 5, scenario 7: the real-init smoke test. A debootstrap'd Debian 12 image with systemd
-//! gets the agent, its config, the key and the enabled units baked in by idhal-image (qcow2, not
-//! mounted on the host); booted, its systemd runs idhal-bootstrap.service, which verifies the
-//! manifest and runs the scriptlet.
+//! Issue 5, scenario 7: the real-init test. A debootstrap'd Debian 12 image with systemd and
+//! OpenVPN gets the agent, its config, the key and the enabled units baked in by idhal-image
+//! (qcow2, not mounted on the host); booted, its systemd runs idhal-bootstrap.service, which
+//! verifies the manifest and runs scriptlet 000: enrollment with a fw_cfg token, then the
+//! tunnel in a unit of its own; the node becomes Alive in the real OAR and stays Alive after the
+//! agent's unit has finished (a daemon left inside it would be killed by systemd).
 use idhal_image_build::bake;
-use idhal_qemu_tests::{bins, env_or_skip, host, rootfs, Limits};
+use idhal_qemu_tests::cluster::Cluster;
+use idhal_qemu_tests::enroll;
+use idhal_qemu_tests::{bins, host, rootfs, Env, EnvOptions, Limits};
+use std::time::Duration;
 
 #[test]
-fn vm_debootstrap_systemd_image_with_the_agent_baked_in_runs_the_unit() {
-    let mut env = env_or_skip!("systemd");
+fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_alive() {
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let Some(mut env) = Env::with(
+        "systemd",
+        EnvOptions {
+            server_toml: cluster.server_toml(),
+            pool: Some("10.134.7.0/24".into()),
+            vpn: true,
+        },
+    ) else {
+        return;
+    };
     let cache = bins::target_dir().join("idhal-image-cache");
     let Some(raw) = host::or_skip(rootfs::debian_systemd_image(&cache), "debootstrap image") else {
         return;
@@ -49,12 +66,12 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_runs_the_unit() {
         t.elapsed().as_secs_f64()
     );
 
-    env.project.scriptlet(
-        "000-smoke",
-        "#!/bin/sh\necho \"IDHAL-TEST smoke-ran serial=$IDHAL_SERIAL\" > /dev/console\n",
-    );
+    env.project.scriptlet("000-enroll", enroll::SCRIPTLET);
     env.project.sign(&[]);
+    let (_, token) = env.token("vnode", &[]);
     let mut spec = env.spec();
+    spec.fw_cfg
+        .push((enroll::FW_CFG_TOKEN.into(), token.to_path_buf()));
     spec.disk = image;
     spec.disk_format = "qcow2".into();
     spec.memory_mib = 512;
@@ -65,14 +82,43 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_runs_the_unit() {
     // The root is on partition 1, as in Debian's cloud images.
     vm.wait_for("IDHAL-EVENT image=/dev/vda1", Limits::BOOT);
     vm.wait_for("IDHAL-EVENT switch-root", Limits::BOOT);
-    vm.wait_for("IDHAL-TEST smoke-ran serial=1", Limits::BOOT);
-    let ran = vm.started.elapsed();
-    vm.next_line("the unit finishing", Limits::RUN, |l| {
+    let enrolled = vm.wait_for("IDHAL-TEST enrolled ", Limits::BOOT);
+    let up = vm.wait_for("IDHAL-TEST tunnel-up ", Limits::RUN);
+    let field = |line: &str, key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            .to_string()
+    };
+    let (node, address) = (field(&enrolled, "node="), field(&enrolled, "addr="));
+    assert_eq!(
+        field(&up, "addr="),
+        address,
+        "tun0 has the enrolled address"
+    );
+    let host = Cluster::host(&address);
+    let resource = cluster.wait_state(&host, "Alive", Limits::ALIVE);
+    let alive = vm.started.elapsed();
+    assert_eq!(resource["idhalcn"], node.as_str(), "{resource}");
+    assert_eq!(resource["ip"], address.as_str(), "{resource}");
+    vm.next_line("the agent's unit finishing", Limits::RUN, |l| {
         l.contains("Finished") && l.contains("idhal-bootstrap.s")
     });
+    let finished = vm.started.elapsed();
+    // The tunnel outlives the oneshot unit that started it: no disconnect, still Alive.
+    std::thread::sleep(Duration::from_secs(3));
+    let disconnect = format!("idhal hook client-disconnect: {node}:");
+    assert!(
+        env.vpn()
+            .seen(vm.started, |l| l.contains(&disconnect))
+            .is_none(),
+        "the tunnel died with idhal-bootstrap.service"
+    );
+    assert_eq!(cluster.resources(&host)[0]["state"], "Alive");
     eprintln!(
-        "FIGURE systemd-boot1: QEMU start to scriptlet run by idhal-bootstrap.service {:.2} s wall, unit finished {:.2} s",
-        ran.as_secs_f64(),
-        vm.started.elapsed().as_secs_f64()
+        "FIGURE systemd-boot1: QEMU start to Alive in OAR {:.2} s wall ({node} {address} {host}), \
+         idhal-bootstrap.service finished {:.2} s",
+        alive.as_secs_f64(),
+        finished.as_secs_f64()
     );
 }
