@@ -4,14 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=x86_64-unknown-linux-musl
-bin=target/$target/release/idhal-bootstrap
+dir=${CARGO_TARGET_DIR:-target}
+bin=$dir/$target/release/idhal-bootstrap
 status=0
 for variant in plain https; do
     features=(); budget=$((640 * 1024))
     if [ $variant = https ]; then features=(--features https); budget=$((1536 * 1024)); fi
     cargo build -q --locked --release --target $target -p idhal-bootstrap "${features[@]}"
     size=$(stat -c %s "$bin")
-    cp "$bin" "target/idhal-bootstrap-$variant"
+    cp "$bin" "$dir/idhal-bootstrap-$variant"
     printf 'agent %-5s %8d bytes (%4d KiB), budget %4d KiB, %s\n' $variant "$size" $((size / 1024)) \
         $((budget / 1024)) "$(file -b "$bin" | cut -d, -f1-2)"
     if [ "${1:-}" = --check ] && [ "$size" -gt "$budget" ]; then

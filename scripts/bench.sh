@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/agent-size.sh
-agent=$PWD/target/idhal-bootstrap-plain
+dir=${CARGO_TARGET_DIR:-$PWD/target}
+agent=$dir/idhal-bootstrap-plain
 cargo build -q --locked --release -p idhal-server-tools
-idhal=$PWD/target/release/idhal
+idhal=$dir/release/idhal
 
 work=$(mktemp -d)
 server_pid=""
