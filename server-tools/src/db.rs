@@ -229,54 +229,46 @@ impl Db {
         }
     }
 
+    /// Every row of `sql`, mapped by `f`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: fn(&rusqlite::Row) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, DbError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params, f).map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
     pub fn project(&self, name: &str) -> Result<Option<ProjectRow>, DbError> {
+        let sql = format!(
+            "SELECT {} FROM projects WHERE name = ?1",
+            ProjectRow::COLUMNS
+        );
         self.conn
-            .query_row(
-                "SELECT name, created, pool, next_host, next_serial, crl_number, crl_next_update
-                 FROM projects WHERE name = ?1",
-                [name],
-                ProjectRow::from_row,
-            )
+            .query_row(&sql, [name], ProjectRow::from_row)
             .optional()
             .map_err(|e| self.err(e))
     }
 
     pub fn projects(&self) -> Result<Vec<ProjectRow>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT name, created, pool, next_host, next_serial, crl_number, crl_next_update
-                 FROM projects ORDER BY name",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], ProjectRow::from_row)
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+        let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
+        self.rows(&sql, [], ProjectRow::from_row)
     }
 
     pub fn nodes(&self, project: Option<&str>) -> Result<Vec<NodeRow>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT id, project, node_type, address, enrolled_at, cert_serial, revoked_at
-                 FROM nodes WHERE ?1 IS NULL OR project = ?1 ORDER BY num",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![project], NodeRow::from_row)
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+        let sql = format!(
+            "SELECT {} FROM nodes WHERE ?1 IS NULL OR project = ?1 ORDER BY num",
+            NodeRow::COLUMNS
+        );
+        self.rows(&sql, params![project], NodeRow::from_row)
     }
 
     pub fn node(&self, id: &str) -> Result<Option<NodeRow>, DbError> {
+        let sql = format!("SELECT {} FROM nodes WHERE id = ?1", NodeRow::COLUMNS);
         self.conn
-            .query_row(
-                "SELECT id, project, node_type, address, enrolled_at, cert_serial, revoked_at
-                 FROM nodes WHERE id = ?1",
-                [id],
-                NodeRow::from_row,
-            )
+            .query_row(&sql, [id], NodeRow::from_row)
             .optional()
             .map_err(|e| self.err(e))
     }
@@ -303,6 +295,10 @@ pub struct ProjectRow {
 }
 
 impl ProjectRow {
+    /// The columns `from_row` reads, in its order.
+    const COLUMNS: &'static str =
+        "name, created, pool, next_host, next_serial, crl_number, crl_next_update";
+
     fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
         Ok(ProjectRow {
             name: r.get(0)?,
@@ -329,6 +325,10 @@ pub struct NodeRow {
 }
 
 impl NodeRow {
+    /// The columns `from_row` reads, in its order.
+    const COLUMNS: &'static str =
+        "id, project, node_type, address, enrolled_at, cert_serial, revoked_at";
+
     fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
         Ok(NodeRow {
             id: r.get(0)?,
