@@ -81,6 +81,7 @@ impl ServerConfig {
         if cfg.dns.update == DnsUpdate::Rfc2136 {
             cfg.reverse_zone().map_err(|e| invalid(e.to_string()))?;
         }
+        cfg.limits.http.check().map_err(invalid)?;
         for name in cfg.projects.keys() {
             if !idhal_manifest::enroll::is_safe_name(name) {
                 return Err(invalid(format!(
@@ -489,6 +490,8 @@ pub struct Limits {
     pub state_confirm_ms: u64,
     pub dns_timeout_ms: u64,
     pub lock_wait_ms: u64,
+    /// `[limits.http]`: `idhal serve`'s front.
+    pub http: HttpLimits,
 }
 
 impl Default for Limits {
@@ -499,6 +502,7 @@ impl Default for Limits {
             state_confirm_ms: 3_000,
             dns_timeout_ms: 2_000,
             lock_wait_ms: 10_000,
+            http: HttpLimits::default(),
         }
     }
 }
@@ -521,6 +525,82 @@ impl Limits {
     }
 }
 
+/// `idhal serve`'s limits (`[limits.http]`). Every connection costs a task, a socket and hyper's
+/// buffers (a few KiB idle, at most `max_header_bytes` + one 64 KiB file chunk busy), so
+/// `max_connections` bounds the server's memory; the timeouts bound how long any client can hold
+/// one of them without making progress.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Connections served at once. Past it a new connection waits up to `connection_wait_ms`
+    /// for a free slot, then gets 503.
+    pub max_connections: u32,
+    pub connection_wait_ms: u64,
+    /// From the moment the server waits for a request (a new connection, or the end of the
+    /// previous response on a kept-alive one) until the request's whole head has arrived.
+    pub header_timeout_ms: u64,
+    /// The whole request body (only `POST /enroll` has one).
+    pub body_timeout_ms: u64,
+    /// A connection that sends nothing: after accept, or after a response on a kept-alive one.
+    pub idle_timeout_ms: u64,
+    /// A response write that makes no progress this long (a client that stopped reading).
+    pub write_timeout_ms: u64,
+    /// Largest request body; a larger Content-Length gets 413 before anything is read, and a
+    /// chunked body is cut there. At most the enrollment format's own maximum.
+    pub max_body_bytes: u64,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_header_bytes: u64,
+    /// After SIGTERM or SIGINT: how long requests in flight may take to finish.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            connection_wait_ms: 1_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 10_000,
+            idle_timeout_ms: 5_000,
+            write_timeout_ms: 30_000,
+            max_body_bytes: idhal_manifest::enroll::MAX_REQUEST as u64,
+            max_header_bytes: 16 << 10,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl HttpLimits {
+    fn check(&self) -> Result<(), String> {
+        let max_body = idhal_manifest::enroll::MAX_REQUEST as u64;
+        if self.max_connections == 0 {
+            return Err("[limits.http] max_connections must be at least 1".into());
+        }
+        if !(1..=max_body).contains(&self.max_body_bytes) {
+            return Err(format!(
+                "[limits.http] max_body_bytes must be 1..={max_body} (the enrollment request's own maximum)"
+            ));
+        }
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            return Err("[limits.http] max_header_bytes must be 1024..=1048576".into());
+        }
+        for (key, ms) in [
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("write_timeout_ms", self.write_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(format!("[limits.http] {key} must be at least 1 (ms)"));
+            }
+        }
+        Ok(())
+    }
+    pub fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,6 +619,33 @@ mod tests {
         assert_eq!(c.reverse_zone().unwrap().as_str(), "134.10.in-addr.arpa");
         assert_eq!(c.forward_zone().as_str(), "idhal.internal");
         assert_eq!(c.hook.on_failure, OnFailure::Refuse);
+    }
+
+    #[test]
+    fn http_limits() {
+        let c = parse("[limits.http]\nmax_connections = 10\nidle_timeout_ms = 250").unwrap();
+        assert_eq!(c.limits.http.max_connections, 10);
+        assert_eq!(c.limits.http.idle_timeout_ms, 250);
+        assert_eq!(c.limits.http.max_body_bytes, 8192);
+        for (bad, says) in [
+            ("max_connections = 0", "max_connections must be at least 1"),
+            ("max_body_bytes = 0", "max_body_bytes must be 1..=8192"),
+            ("max_body_bytes = 8193", "max_body_bytes must be 1..=8192"),
+            (
+                "max_header_bytes = 100",
+                "max_header_bytes must be 1024..=1048576",
+            ),
+            (
+                "write_timeout_ms = 0",
+                "write_timeout_ms must be at least 1",
+            ),
+            ("max_connections = -1", "invalid value"),
+            ("max_connection = 5", "unknown field `max_connection`"),
+        ] {
+            let err = parse(&format!("[limits.http]\n{bad}")).unwrap_err();
+            let text = format!("{:#}", anyhow::Error::new(err));
+            assert!(text.contains(says), "{bad}: {text}");
+        }
     }
 
     #[test]

@@ -13,11 +13,9 @@ use crate::names::Ipv4Net;
 use crate::openvpn::client_config;
 use crate::pki::{Leaf, NodePublicKey, ProjectCa, Role};
 use crate::publish::write_atomic;
-use crate::router::{Body, Handler, HttpError, Reply};
-use idhal_manifest::enroll::{self, EnrollError, Request, Response};
+use idhal_manifest::enroll::{EnrollError, Request, Response};
 use rusqlite::{params, OptionalExtension};
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -89,7 +87,7 @@ pub struct Enrolled {
 pub struct Enroller {
     state_dir: PathBuf,
     cfg: ServerConfig,
-    /// Idle connections: one per worker thread in use.
+    /// Idle connections: one per enrollment running at once (blocking threads).
     conns: Mutex<Vec<Db>>,
     cas: RwLock<HashMap<String, Arc<ProjectCa>>>,
     /// One writer at a time in this process: SQLite would serialise the transactions anyway,
@@ -351,56 +349,4 @@ pub fn write_ccd(
         format!("ifconfig-push {address} {}\n", pool.netmask()).as_bytes(),
         0o644,
     )
-}
-
-/// `POST /enroll` on `idhal serve`'s router.
-pub struct EnrollHandler(pub Arc<Enroller>);
-
-impl Handler for EnrollHandler {
-    fn handle(&self, request: &mut tiny_http::Request, path: &str) -> Result<Reply, HttpError> {
-        if path != format!("/{}", enroll::PATH) {
-            return Err(HttpError::NotFound);
-        }
-        if *request.method() != tiny_http::Method::Post {
-            return Err(HttpError::MethodNotAllowed { allow: "POST" });
-        }
-        let mut body = Vec::new();
-        request
-            .as_reader()
-            .take(enroll::MAX_REQUEST as u64 + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| HttpError::BadRequest(format!("reading the body: {e}")))?;
-        let remote = request
-            .remote_addr()
-            .map_or_else(|| "-".to_owned(), |a| a.to_string());
-        match self.0.enroll(&body, idhal_manifest::time::now()) {
-            Ok(e) => {
-                eprintln!(
-                    "idhal serve: {} {} ({}, project {}) for {remote}",
-                    if e.fresh {
-                        "enrolled"
-                    } else {
-                        "re-sent enrollment of"
-                    },
-                    e.node,
-                    e.address,
-                    e.project
-                );
-                Ok(Reply::ok(enroll::CONTENT_TYPE, Body::Bytes(e.response)))
-            }
-            Err(r) => {
-                let token = Request::parse(&body)
-                    .map(|s| s.request.token.to_string())
-                    .unwrap_or_else(|_| "-".into());
-                eprintln!("idhal serve: enrollment refused for {remote} (token {token}): {r}");
-                if let Refusal::Internal(detail) = &r {
-                    return Err(HttpError::Internal(detail.clone()));
-                }
-                Err(HttpError::Refused {
-                    status: r.status(),
-                    message: r.to_string(),
-                })
-            }
-        }
-    }
 }

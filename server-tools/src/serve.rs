@@ -1,10 +1,12 @@
-//! `idhal serve`: the embedded HTTP server. Binds, announces the real address on stdout, then runs
-//! a few worker threads over the router (PUBDIR's files, and `POST /enroll` when --state-dir holds a CA).
+//! `idhal serve`: the embedded HTTP server. Binds, announces the real address on stdout, then
+//! runs the HTTP front (`crate::http`) over PUBDIR's files and, when --state-dir holds a CA,
+//! `POST /enroll`, until SIGTERM or SIGINT.
 
 use crate::config::{CaSection, ServerConfig};
 use crate::db::{Db, Open};
-use crate::enroll::{EnrollHandler, Enroller};
-use crate::router::{Router, StaticFiles};
+use crate::enroll::Enroller;
+use crate::http::routes::App;
+use crate::http::{StaticFiles, Stopped};
 use crate::Global;
 use anyhow::Context;
 use idhal_manifest::enroll;
@@ -22,13 +24,22 @@ use std::sync::Arc;
         Only GET and HEAD; only regular files under PUBDIR; no directory listings, no hidden files \
         (lock and temp files), nothing outside PUBDIR (`..`, encoded dots and symlinks pointing out \
         are all 404). Every response has Content-Length and Cache-Control: no-cache.\n\n\
+        With a CA in --state-dir (`idhal ca init`), `POST /enroll` (exactly that path) answers \
+        enrollment requests.\n\n\
         On start it prints one line, `listening on http://ADDR`, with the address actually bound \
         (useful with port 0). One access log line per request goes to stderr.\n\n\
+        Limits ([limits.http] in --config, defaults in docs/server-config.md): at most 4096 \
+        connections (then a short wait, then 503), request bodies of at most 8 KiB (a larger \
+        Content-Length gets 413 before anything is read), 10 s for a request head or body, 5 s \
+        for a connection that sends nothing, 30 s for a client that stops reading. SIGTERM or \
+        SIGINT stops accepting, lets requests in flight (enrollments) finish within \
+        shutdown_grace_ms, and exits 0.\n\n\
         Put a TLS reverse proxy in front, or rely on the signatures: agents verify everything they \
         fetch, so plain HTTP cannot make them run anything unsigned.",
     after_help = "Examples:\n  \
         idhal serve --root /srv/idhal\n  \
-        idhal serve --root /srv/idhal --listen 10.0.2.100:8080 --threads 8"
+        idhal serve --root /srv/idhal --listen 10.0.2.100:8080\n  \
+        idhal --state-dir /var/lib/idhal-server --config /etc/idhal/server.toml serve --root /srv/idhal"
 )]
 pub struct Args {
     /// Directory to serve (the --out of `idhal sign`).
@@ -37,9 +48,9 @@ pub struct Args {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Worker threads answering requests. Each sends one response at a time, so this bounds how
-    /// many slow clients can be served at once.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Threads of the async runtime that answers requests (enrollments run on extra blocking
+    /// threads). Connections are not tied to threads: see [limits.http] for their limits.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: u16,
 }
 
@@ -58,8 +69,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             args.root.display()
         );
     }
-    let mut router = Router::default().mount("/", files);
-    if Db::exists(&global.state_dir) {
+    let enroller = if Db::exists(&global.state_dir) {
         let projects: Vec<String> = Db::open(&global.state_dir, Open::Existing)?
             .projects()?
             .into_iter()
@@ -71,49 +81,85 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             projects.join(", "),
             global.state_dir.display()
         );
-        let enroller = Arc::new(Enroller::new(&global.state_dir, cfg.clone()));
-        router = router.mount(&format!("/{}", enroll::PATH), EnrollHandler(enroller));
-        spawn_crl_refresher(global.state_dir.clone(), cfg)?;
+        spawn_crl_refresher(global.state_dir.clone(), cfg.clone())?;
+        Some(Arc::new(Enroller::new(&global.state_dir, cfg.clone())))
     } else {
         eprintln!(
             "idhal serve: no state database in {}: enrollment is off (`idhal ca init` turns it on)",
             global.state_dir.display()
         );
+        None
+    };
+    let mut limits = cfg.limits.http.clone();
+    limits.max_connections = fit_open_files(limits.max_connections);
+    let app = Arc::new(App {
+        files,
+        enroller,
+        limits,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.threads))
+        .thread_name("http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    let stopped = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr().context("the listening address")?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}").context("cannot write to stdout")?;
+        out.flush().context("cannot write to stdout")?;
+        drop(out);
+        crate::http::serve(listener, app)
+            .await
+            .context("cannot install the SIGTERM/SIGINT handlers")
+    })?;
+    // Dropping the runtime waits for enrollments still running on blocking threads: each ends
+    // with its transaction committed or rolled back, never half written.
+    drop(runtime);
+    match stopped {
+        Stopped::Signal => {
+            eprintln!("idhal serve: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Stopped::GraceExpired { unfinished } => {
+            eprintln!(
+                "idhal serve: stopped; {unfinished} connection(s) still busy after [limits.http] \
+                 shutdown_grace_ms were cut"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
-    let router = Arc::new(router);
-    let server = tiny_http::Server::http(args.listen.as_str())
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .context("the server is not bound to an IP address")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "listening on http://{addr}").context("cannot write to stdout")?;
-    out.flush().context("cannot write to stdout")?;
-    drop(out);
+}
 
-    let server = Arc::new(server);
-    let workers: Vec<_> = (0..args.threads)
-        .map(|n| {
-            let (server, router) = (Arc::clone(&server), Arc::clone(&router));
-            std::thread::Builder::new()
-                .name(format!("http-{n}"))
-                .spawn(move || loop {
-                    match server.recv() {
-                        Ok(request) => router.dispatch(request),
-                        Err(e) => {
-                            eprintln!("idhal serve: stopped accepting: {e}");
-                            break;
-                        }
-                    }
-                })
-                .context("cannot start a worker thread")
-        })
-        .collect::<anyhow::Result<_>>()?;
-    for w in workers {
-        let _ = w.join();
+/// Raises the soft open-file limit so `max_connections` sockets fit (plus files and the state
+/// database); when the hard limit is lower, serves fewer connections and says so.
+fn fit_open_files(max_connections: u32) -> u32 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    const RESERVED: u64 = 64;
+    let want = u64::from(max_connections) + RESERVED;
+    let mut limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return max_connections;
     }
-    Ok(ExitCode::SUCCESS)
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    limit.current = Some(want.min(hard));
+    let soft = match setrlimit(Resource::Nofile, limit) {
+        Ok(()) => want.min(hard),
+        Err(_) => soft,
+    };
+    if soft >= want {
+        return max_connections;
+    }
+    let fits = u32::try_from(soft.saturating_sub(RESERVED).max(1)).unwrap_or(u32::MAX);
+    eprintln!(
+        "idhal serve: warning: the open-file limit is {soft}: serving at most {fits} connections \
+         instead of [limits.http] max_connections = {max_connections} (raise LimitNOFILE)"
+    );
+    fits
 }
 
 /// Re-signs due CRLs in the background, checking every tenth of their validity (at most
