@@ -345,9 +345,11 @@ fn refusals_name_the_servers_reason_and_write_nothing() {
     assert!(run.stderr().contains("(fw_cfg "), "{}", run.stderr());
     refused(&node, run, "server answered HTTP 409: token used up");
 
-    // Expired: time has to pass, there is nothing to wait for.
+    // Expired: the server counts whole seconds (expires = its now + 1, refused once expires <=
+    // now). Its now was at most `made`, so the token is expired once the clock passes `made`.
     let token = project.token(&["--ttl", "1s"]);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let made = now();
+    wait_until("the token's second to pass", DEADLINE, || now() > made);
     let node = project.node(&server);
     let run = enroll(
         &node,

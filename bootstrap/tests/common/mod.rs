@@ -11,9 +11,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const NOW_PLUS_DAY: u64 = 86_400;
+/// How long a test waits for something that takes milliseconds when all is well: generous,
+/// because these machines are shared and noisy; a failure is a hang, not a slow machine.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits until `cond` holds, checking every 20 ms; panics naming `what` after `limit`.
+#[track_caller]
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {limit:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
 
 pub fn now() -> u64 {
     idhal_manifest::time::now()
@@ -268,6 +284,39 @@ impl Node {
 
     pub fn run(&self, extra: &[&str]) -> Run {
         Run(self.command("run", extra).output().unwrap())
+    }
+
+    /// `run`, killed (and the test failed) if it has not ended within `limit`; also returns
+    /// how long it took.
+    #[track_caller]
+    pub fn run_within(&self, extra: &[&str], limit: Duration) -> (Run, Duration) {
+        let (out, err) = (self.path("run.stdout"), self.path("run.stderr"));
+        let started = Instant::now();
+        let mut child = self
+            .command("run", extra)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut status = None;
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_until("the agent to end", limit, || {
+                status = child.try_wait().unwrap();
+                status.is_some()
+            })
+        }));
+        if let Err(panic) = ended {
+            let _ = child.kill();
+            let _ = child.wait();
+            std::panic::resume_unwind(panic);
+        }
+        let took = started.elapsed();
+        let output = Output {
+            status: status.unwrap(),
+            stdout: std::fs::read(out).unwrap(),
+            stderr: std::fs::read(err).unwrap(),
+        };
+        (Run(output), took)
     }
 
     pub fn status_json(&self) -> (i32, String) {
