@@ -43,19 +43,17 @@ OPTIONS (enroll only):
     --fw-cfg DIR        where fw_cfg is in sysfs [default: /sys/firmware/qemu_fw_cfg]
 
 ENROLL:
-    Runs after `run` accepted a manifest, typically from its first scriptlet:
-        idhal-bootstrap enroll --state-dir \"$IDHAL_STATE_DIR\" &&
-        openvpn --daemon --cd \"$IDHAL_STATE_DIR/enroll\" --config openvpn.conf
-    The manifest must be signed with --param enroll-key=$(idhal ca enroll-key); it is
-    verified again first. The node makes its own key, proves it holds the token without
-    sending it, and accepts only an answer signed by that enrollment key. Enrolls once:
-    later calls say \"already enrolled\" and exit 0 without any network.
+    Runs from a scriptlet (see 000-enroll.sh.example) of a manifest signed with
+    --param enroll-key=$(idhal ca enroll-key). The node makes its own key, proves it holds
+    the token without sending it, accepts only an answer signed by that key, and enrolls
+    once (later: \"already enrolled\", exit 0, no network).
 
 EXIT CODES:
     0 ok    2 usage    3 configuration    4 fetch failed (after retries)
     5 refused (signature, key, pin, rollback, expiry; enroll: token refused by the server,
       answer not signed by the enrollment key)    6 a scriptlet failed
-    7 another run (or enroll) holds the lock    8 state directory error
+    7 a lock is held: another run or enroll, or a scriptlet an earlier run started
+    8 state directory error
     9 (status) nothing failed but scriptlets are pending or no manifest was accepted yet
 
 FILES:
@@ -63,7 +61,7 @@ FILES:
                                 trust_first_use, ca_bundle, timeout, connect_timeout,
                                 retries, max_manifest_size, splay
     /var/lib/idhal/             server.pub (pinned key), serial, manifest, manifest.minisig,
-                                last-run, scriptlets/<id>/{script,log,done,failed},
+                                last-run, scriptlets/<id>/{script,log,done,failed,lock},
                                 enroll/{node.key,node.crt,ca.crt,openvpn.conf,address,node-id}
 ";
 

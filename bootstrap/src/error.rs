@@ -42,7 +42,10 @@ pub enum AgentError {
         outcome: String,
         log: PathBuf,
     },
-    #[error("another idhal-bootstrap run holds {}; not running twice", .0.display())]
+    /// `lock` (another run), `enroll.lock` (another enroll), or `scriptlets/<id>/lock`: that
+    /// scriptlet, started by an earlier run, is still alive (that agent was killed, what the
+    /// scriptlet ran was not), or a process that kept its standard input is.
+    #[error("{} is held by another idhal-bootstrap run or a scriptlet one started; not running twice", .0.display())]
     Busy(PathBuf),
     #[error("state {}: {source}", path.display())]
     State {

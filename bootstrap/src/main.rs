@@ -1,6 +1,7 @@
 //! `idhal-bootstrap`: parses arguments, builds the configuration and dispatches. The boot path
 //! itself reads top to bottom in run.rs.
 
+mod child;
 mod cli;
 mod config;
 mod enroll;

@@ -7,14 +7,14 @@ use crate::error::AgentError;
 use crate::fetch::{random_u64, Fetcher};
 use crate::http::{Tls, Url};
 use crate::state::{write_atomic, write_file, Durability, Record, StateDir};
-use crate::{log, pin};
+use crate::{child, log, pin};
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::{verify, Expiry, Frequency, Manifest, Policy, Scriptlet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Where the kernel tells us things; a flag can point elsewhere (tests, containers).
@@ -159,6 +159,10 @@ fn execute(
     let id = s.id.as_str();
     let dir = state.scriptlet_dir(id);
     fs::create_dir_all(&dir).map_err(|e| AgentError::state(&dir, e))?;
+    // Taken before its script or log is touched, and given to the scriptlet as its standard
+    // input: held as long as the shell or anything that kept its stdin lives, even if this
+    // agent is killed. Daemons and `cmd &` get /dev/null instead: they let go.
+    let lock = state.lock(&format!("scriptlets/{id}/lock"))?;
     let script = dir.join("script");
     write_atomic(&script, s.body, 0o700)?;
     let log_path = dir.join("log");
@@ -177,13 +181,14 @@ fn execute(
     let mut cmd = Command::new("/bin/sh");
     cmd.arg(&script)
         .current_dir("/")
-        .stdin(Stdio::null())
+        .stdin(lock)
         .stdout(log_file)
         .stderr(stderr)
         .env("IDHAL_SCRIPTLET", id)
         .env("IDHAL_SERIAL", m.serial.to_string())
         .env("IDHAL_STATE_DIR", &cfg.state_dir)
         .env("IDHAL_SERVER", cfg.server.as_deref().unwrap_or_default());
+    child::die_with_agent(&mut cmd);
     if std::env::var_os("PATH").is_none() {
         cmd.env(
             "PATH",

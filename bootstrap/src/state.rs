@@ -154,16 +154,18 @@ impl StateDir {
 
     /// Takes the lock file `name` without waiting: the boot run and the periodic run never
     /// overlap (`lock`), nor do two enrollments (`enroll.lock`: `enroll` runs inside a run's
-    /// scriptlet, which holds `lock`). Released when the returned file is dropped (or the
-    /// process dies).
+    /// scriptlet, which holds `lock`), nor two instances of a scriptlet
+    /// (`scriptlets/<id>/lock`). Released when every copy of the returned file is closed:
+    /// when it is dropped, or the process dies, and the same in every child that inherited it.
+    /// Read-only and empty: a scriptlet gets its lock as standard input.
     pub fn lock(&self, name: &str) -> Result<File, AgentError> {
         let path = self.path(name);
         let f = OpenOptions::new()
-            .write(true)
+            .append(true)
             .create(true)
-            .truncate(false)
             .mode(0o600)
             .open(&path)
+            .and_then(|_| File::open(&path))
             .map_err(|e| AgentError::state(&path, e))?;
         match f.try_lock() {
             Ok(()) => Ok(f),

@@ -518,9 +518,118 @@ fn concurrent_runs_never_overlap() {
     });
     s.node
         .run(&[])
-        .expect(7, "another idhal-bootstrap run holds");
+        .expect(7, "state/lock is held by another idhal-bootstrap run");
     std::fs::write(&go, "").unwrap();
     assert!(first.wait().unwrap().success());
+}
+
+/// Runs the agent until it exits 0, allowing only exit 7 (locked) before that.
+fn run_once_unlocked(node: &Node) -> Run {
+    let mut last = None;
+    wait_until("a run that is not locked out", DEADLINE, || {
+        let r = node.run(&[]);
+        assert!(matches!(r.code(), 0 | 7), "{}", r.stderr());
+        let ok = r.code() == 0;
+        last = Some(r);
+        ok
+    });
+    last.unwrap()
+}
+
+#[test]
+fn a_killed_agents_scriptlet_never_overlaps_the_next_run() {
+    let s = setup();
+    let out = s.out();
+    let [shell, worker, inside, first, go] =
+        ["shell.pid", "worker.pid", "inside", "first", "go"].map(|p| s.node.path(p));
+    // The work runs in a child of the scriptlet's shell, as most work does, so it outlives the
+    // shell. `mkdir` detects an overlap: it fails while another instance is inside. The first
+    // instance waits for `go`, the later ones do not.
+    s.publish(
+        1,
+        &[(
+            "slow",
+            Once,
+            format!(
+                "echo $$ > '{shell}'\nsh -c '\necho $$ > \"$1\"\n\
+                 mkdir \"$2\" || {{ echo overlap >> \"$3\"; exit 1; }}\necho start >> \"$3\"\n\
+                 [ -e \"$4\" ] || {{ touch \"$4\"; {wait}}}\necho end >> \"$3\"\nrmdir \"$2\"\n\
+                 ' worker '{worker}' '{inside}' '{out}' '{first}'\n",
+                shell = shell.display(),
+                worker = worker.display(),
+                inside = inside.display(),
+                out = out.display(),
+                first = first.display(),
+                wait = wait_for(&go).replace('\'', "'\\''"),
+            ),
+        )],
+    );
+    let mut agent = s.node.command("run", &[]).spawn().unwrap();
+    wait_until("the scriptlet to start its work", DEADLINE, || {
+        first.exists()
+    });
+    let pid = |p: &Path| -> u32 { std::fs::read_to_string(p).unwrap().trim().parse().unwrap() };
+    let (shell_pid, worker_pid) = (pid(&shell), pid(&worker));
+
+    // kill -9 of the agent alone: its scriptlet's work goes on.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    s.node.run(&[]).expect(
+        7,
+        "scriptlets/slow/lock is held by another idhal-bootstrap run or a scriptlet one started",
+    );
+    assert!(alive(worker_pid), "the worker should still be waiting");
+    assert_eq!(lines(&out), ["start"]);
+    // The shell itself died with the agent (PR_SET_PDEATHSIG); its worker holds the lock.
+    wait_until(
+        "the scriptlet's shell to die with the agent",
+        DEADLINE,
+        || !alive(shell_pid),
+    );
+    s.node.run(&[]).expect(7, "scriptlets/slow/lock is held");
+
+    std::fs::write(&go, "").unwrap();
+    run_once_unlocked(&s.node).expect(0, "ok: serial 1, ran 1");
+    assert!(!alive(worker_pid));
+    assert_eq!(lines(&out), ["start", "end", "start", "end"]);
+    assert!(s.node.read("state/scriptlets/slow/done").is_some());
+}
+
+#[test]
+fn a_process_a_scriptlet_leaves_running_keeps_its_lock_only_with_its_stdin() {
+    let s = setup();
+    let (go, out) = (s.node.path("go"), s.out());
+    let waiter = format!("( {} )", wait_for(&go).trim_end());
+    // A process left running with the scriptlet's standard input (its lock): the scriptlet
+    // cannot run again while it lives (`always` is due every run).
+    s.publish(
+        1,
+        &[(
+            "keeps",
+            Always,
+            format!("{}exec 3<&0\n{waiter} <&3 &\n", append(&out, "keeps")),
+        )],
+    );
+    s.node.run(&[]).expect(0, "ran 1");
+    s.node.run(&[]).expect(7, "scriptlets/keeps/lock is held");
+    std::fs::write(&go, "").unwrap();
+    run_once_unlocked(&s.node).expect(0, "ran 1");
+    std::fs::remove_file(&go).unwrap();
+
+    // `cmd &` (the shell gives it /dev/null), and daemons, which do the same: the next run
+    // goes on.
+    s.publish(
+        2,
+        &[(
+            "lets-go",
+            Always,
+            format!("{}{waiter} &\n", append(&out, "lets-go")),
+        )],
+    );
+    s.node.run(&[]).expect(0, "ran 1");
+    s.node.run(&[]).expect(0, "ran 1");
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(lines(&out), ["keeps", "keeps", "lets-go", "lets-go"]);
 }
 
 #[test]
