@@ -35,6 +35,8 @@ const CSR_CN: &str = "idhal-node";
 /// How the server refuses a token or a request (bad signature, unknown, used up, expired,
 /// clock skew): exit 5, never retried. Any other failed exchange is a fetch failure (exit 4).
 const REFUSALS: [u16; 5] = [401, 403, 409, 410, 422];
+/// `find_token`'s name for a token from `idhal.token=` (readable by every local user).
+const CMDLINE: &str = "kernel command line idhal.token=";
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Args {
@@ -126,8 +128,16 @@ pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> 
         .map_err(|e| AgentError::state(&dir, e))?;
     let kp = node_key(&dir.join(NODE_KEY))?;
 
+    // The kernel command line is readable by every local user, and a token's text does not
+    // say how many uses it has: warn for every token found there.
+    let warning = if source == CMDLINE {
+        "; WARNING: every local user can read the kernel command line: put only 1-use tokens \
+         there (uses are unknown here), else use fw_cfg or --token-file"
+    } else {
+        ""
+    };
     log(&format!(
-        "enrolling at {} with token {} ({source})",
+        "enrolling at {} with token {} ({source}){warning}",
         fetcher.base, token.id
     ));
     let csr = der::ed25519_csr(&kp, CSR_CN);
@@ -198,7 +208,7 @@ pub fn find_token(
         .filter_map(|w| w.strip_prefix("idhal.token="))
         .next_back();
     if let Some(t) = on_cmdline {
-        return parse(t, "kernel command line idhal.token=".into());
+        return parse(t, CMDLINE.into());
     }
     let raw = fw_cfg.join(FW_CFG_TOKEN);
     match fs::read_to_string(&raw) {

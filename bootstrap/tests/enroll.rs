@@ -226,6 +226,8 @@ fn enrolls_from_the_first_scriptlet_then_never_again() {
         !log.contains(&token[17..]),
         "the token's secret was logged:\n{log}"
     );
+    // A token file can be private (0600): no warning, unlike a token on the kernel command line.
+    assert!(!log.contains("WARNING"), "{log}");
 
     let dir = node.state().join("enroll");
     assert_eq!(enroll_files(&node), ENROLLED);
@@ -343,6 +345,7 @@ fn refusals_name_the_servers_reason_and_write_nothing() {
     std::fs::write(&raw, &token).unwrap();
     let run = enroll(&node, &server.url, &["--fw-cfg", fw.to_str().unwrap()]);
     assert!(run.stderr().contains("(fw_cfg "), "{}", run.stderr());
+    assert!(!run.stderr().contains("WARNING"), "{}", run.stderr());
     refused(&node, run, "server answered HTTP 409: token used up");
 
     // Expired: the server counts whole seconds (expires = its now + 1, refused once expires <=
@@ -485,6 +488,15 @@ fn a_tampered_answer_is_refused_and_a_retry_gets_the_same_node() {
         "{}",
         run.stderr()
     );
+    // Every local user can read /proc/cmdline, and the agent cannot tell a 1-use token from a
+    // 50-use one: it warns for each.
+    let id = &token[..16];
+    let warning = format!(
+        "with token {id} (kernel command line idhal.token=); WARNING: every local user can \
+         read the kernel command line: put only 1-use tokens there (uses are unknown here), \
+         else use fw_cfg or --token-file\n"
+    );
+    assert!(run.stderr().contains(&warning), "{}", run.stderr());
     assert!(
         !run.stderr().contains(&token[17..]),
         "the token's secret was logged"
