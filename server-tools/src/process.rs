@@ -198,10 +198,13 @@ mod tests {
 
     #[test]
     fn timeout_kills() {
+        // `sleep 600`: only a kill ends it within the generous bound below, however loaded
+        // the machine is; the figure is printed, not asserted.
         let t = Instant::now();
-        let e = run(Command::new("sleep").arg("5"), Duration::from_millis(200)).unwrap_err();
+        let e = run(Command::new("sleep").arg("600"), Duration::from_millis(200)).unwrap_err();
         assert!(matches!(e, RunError::Timeout { .. }), "{e}");
-        assert!(t.elapsed() < Duration::from_secs(2));
+        eprintln!("timeout_kills: returned after {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(120), "{:?}", t.elapsed());
     }
 
     #[test]
