@@ -102,6 +102,7 @@ fn init(
         Some(p) => Ipv4Net::parse(&p)?,
         None => cfg.names.pool,
     };
+    require_inside_names_pool(cfg, &project, &pool)?;
     let mut db = Db::open(&global.state_dir, Open::Create)?;
     if db.project(&project)?.is_some() {
         anyhow::bail!(
@@ -231,6 +232,21 @@ fn issue_server(
     println!("  certificate  {}", cert_path.display());
     println!("next: idhal openvpn server-config --name {name} --project {project}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A project's pool must lie inside `[names] pool`: the hooks refuse any other address, and
+/// the name template is only one-to-one over that pool.
+pub fn require_inside_names_pool(
+    cfg: &ServerConfig,
+    project: &str,
+    pool: &Ipv4Net,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.names.pool.contains_net(pool),
+        "project {project:?}'s pool {pool} is not inside [names] pool {}: the hooks would refuse its nodes; widen [names] pool (and its template) or pick a pool inside it",
+        cfg.names.pool
+    );
+    Ok(())
 }
 
 /// Used by token/nodes/revoke: the project row, or a clear error.

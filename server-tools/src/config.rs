@@ -2,7 +2,7 @@
 //! with a documented default (docs/server-config.md). Values are validated while parsing, so a
 //! bad name template or domain stops every command at start, not a node at connect time.
 
-use crate::names::{Domain, Ipv4Net, Label, NameError, NameTemplate};
+use crate::names::{Domain, Ipv4Net, Label, NameError, NameTemplate, ServerName};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -72,6 +72,12 @@ impl ServerConfig {
             path: path.to_owned(),
             msg,
         };
+        cfg.names
+            .template
+            .check_one_to_one(&cfg.names.pool)
+            .map_err(|e| invalid(format!("[names] template: {e}")))?;
+        cfg.server_name()
+            .map_err(|e| invalid(format!("[openvpn] name: {e}")))?;
         if cfg.dns.update == DnsUpdate::Rfc2136 && cfg.dns.tsig_key_file.is_none() {
             return Err(invalid(
                 "[dns] update = \"rfc2136\" needs tsig_key_file (unsigned updates are not sent)"
@@ -110,6 +116,22 @@ impl ServerConfig {
             Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
         }
         Ok(cfg)
+    }
+
+    /// This VPN server's name, recorded with every node it registers (OAR `idhalserver`) so
+    /// that its `idhal reconcile` takes down only its own nodes: `[openvpn] name`, else the
+    /// host's name (its first label).
+    pub fn server_name(&self) -> Result<ServerName, NameError> {
+        if let Some(n) = &self.openvpn.name {
+            return Ok(n.clone());
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let first = host.trim().split('.').next().unwrap_or("");
+        ServerName::parse(first).map_err(|_| NameError::Invalid {
+            what: "[openvpn] name",
+            value: first.to_owned(),
+            why: "not set, and the host name is not usable as one: set it (1-64 of A-Z a-z 0-9 . _ -)",
+        })
     }
 
     /// The zone forward records go to: `[dns] forward_zone`, else `[names] domain`.
@@ -159,6 +181,7 @@ try_from_string!(Domain);
 try_from_string!(Label);
 try_from_string!(NameTemplate);
 try_from_string!(Ipv4Net);
+try_from_string!(ServerName);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -334,7 +357,7 @@ pub struct ReconcileSection {
     /// OpenVPN's management interface; keep it on 127.0.0.1 (anyone who reaches it controls
     /// the VPN server).
     pub management: SocketAddr,
-    /// The management password file given to OpenVPN's `management` option, if any.
+    /// The management password file; default: the one `[openvpn]` uses for `[ca] project`.
     pub management_password_file: Option<PathBuf>,
     /// A status file older than this means OpenVPN is not writing it: reconcile refuses to act.
     pub max_status_age_secs: u64,
@@ -411,6 +434,18 @@ impl Remote {
     }
 }
 
+/// Who may use an OpenVPN management interface. Anyone who reaches it controls the server
+/// (kill clients, read every session), and loopback is shared by every local user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ManagementAuth {
+    /// `management IP PORT FILE`: OpenVPN asks for the password in FILE.
+    #[default]
+    Password,
+    /// No password: only on a host where every local user may control the VPN server.
+    None,
+}
+
 /// OpenVPN servers of the project: what `idhal openvpn server-config` renders and what
 /// enrolled nodes' client configs point at.
 #[derive(Debug, Clone, Deserialize)]
@@ -423,7 +458,15 @@ pub struct OpenVpnSection {
     /// Management interfaces of the project's OpenVPN servers (loopback): `idhal revoke` drops
     /// a revoked node from each at once; server-config renders the first.
     pub management: Vec<SocketAddr>,
+    /// Whether the management interfaces ask for a password (default) or not.
+    pub management_auth: ManagementAuth,
+    /// The management password (its first line); default `STATE/projects/NAME/management.pw`.
+    /// `idhal ca issue-server` and `openvpn server-config` create it (0600) when missing and
+    /// never overwrite it.
     pub management_password_file: Option<PathBuf>,
+    /// This server's name, recorded with the nodes it registers (default: the host name).
+    #[serde(deserialize_with = "de_try_opt")]
+    pub name: Option<ServerName>,
     /// Networks pushed to nodes as routes (`10.0.0.0/8`).
     pub push_routes: Vec<String>,
     /// DNS servers pushed to nodes (`dhcp-option DNS`).
@@ -442,7 +485,9 @@ impl Default for OpenVpnSection {
             remotes: vec!["10.0.2.100:1194".into()],
             listen: "0.0.0.0:1194".parse().expect("valid default"),
             management: vec!["127.0.0.1:7505".parse().expect("valid default")],
+            management_auth: ManagementAuth::Password,
             management_password_file: None,
+            name: None,
             push_routes: Vec::new(),
             push_dns: Vec::new(),
             keepalive: (10, 60),
@@ -646,6 +691,49 @@ mod tests {
             let text = format!("{:#}", anyhow::Error::new(err));
             assert!(text.contains(says), "{bad}: {text}");
         }
+    }
+
+    #[test]
+    fn a_template_must_give_every_node_its_own_name() {
+        let e = parse("[names]\npool = \"10.0.0.0/8\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lacks {2}"), "{e}");
+        assert!(
+            e.contains("10.0.0.1 and 10.1.0.1 would both be \"vnode-0-1\""),
+            "{e}"
+        );
+        let e = parse("[names]\npool = \"10.134.0.0/16\"\ntemplate = \"n{3}{4}\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("{3} and {4} run together"), "{e}");
+        let e = parse("[names]\npool = \"10.134.0.0/16\"\ntemplate = \"n{3}1{4}\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("run together"), "{e}");
+        let e = parse("[names]\npool = \"10.134.0.0/20\"\ntemplate = \"n-{4}\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lacks {3}"), "{e}");
+        for ok in [
+            "[names]\npool = \"10.0.0.0/8\"\ntemplate = \"vnode-{2}-{3}-{4}\"",
+            "[names]\npool = \"10.134.9.0/24\"\ntemplate = \"n{4}\"",
+            "[names]\npool = \"10.134.0.0/16\"\ntemplate = \"n{3}x{4}\"",
+            "[names]\npool = \"10.134.0.0/16\"\ntemplate = \"{1}-{2}-{3}-{4}\"",
+        ] {
+            parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn management_auth_is_explicit() {
+        let c = parse("").unwrap();
+        assert_eq!(c.openvpn.management_auth, ManagementAuth::Password);
+        let c = parse("[openvpn]\nmanagement_auth = \"none\"\nname = \"vpn2\"").unwrap();
+        assert_eq!(c.openvpn.management_auth, ManagementAuth::None);
+        assert_eq!(c.server_name().unwrap().as_str(), "vpn2");
+        assert!(parse("[openvpn]\nmanagement_auth = false").is_err());
+        assert!(parse("[openvpn]\nname = \"a b\"").is_err());
     }
 
     #[test]

@@ -283,6 +283,14 @@ pub fn lookup_node(state_dir: &Path, id: &str) -> Result<Option<NodeRow>, DbErro
     Db::open(state_dir, Open::Existing)?.node(id)
 }
 
+/// Every project, when `state_dir` has a database (none: no projects, as for `lookup_node`).
+pub fn lookup_projects(state_dir: &Path) -> Result<Vec<ProjectRow>, DbError> {
+    if !Db::exists(state_dir) {
+        return Ok(Vec::new());
+    }
+    Db::open(state_dir, Open::Existing)?.projects()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectRow {
     pub name: String,

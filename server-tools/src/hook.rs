@@ -3,12 +3,12 @@
 //! a per-node lock, within one time budget, and map the outcome to an exit code by policy.
 
 use crate::config::{DnsUpdate, OnDisconnect, OnFailure, ServerConfig};
-use crate::db::lookup_node;
+use crate::db::{lookup_node, lookup_projects};
 use crate::dnsupdate::{DnsError, TsigKey, Updater};
-use crate::names::{Domain, HostName};
-use crate::openvpn_env::Session;
+use crate::names::{Domain, HostName, Ipv4Net};
+use crate::openvpn_env::{NodeAddresses, Session};
 use crate::process::{Deadline, NodeLock};
-use crate::scheduler::{self, DownOutcome, NodeUp};
+use crate::scheduler::{self, DownGuard, DownOutcome, NodeUp};
 use crate::Global;
 use anyhow::Context as _;
 use std::collections::HashMap;
@@ -125,11 +125,25 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// The addresses nodes may hold: `[names] pool` without the network, broadcast and VPN
+/// server addresses of it and of every project's pool in the state database.
+pub fn node_addresses(cfg: &ServerConfig, state_dir: &Path) -> anyhow::Result<NodeAddresses> {
+    let projects = lookup_projects(state_dir)?;
+    let pools = projects
+        .iter()
+        .map(|p| Ok((p.name.as_str(), Ipv4Net::parse(&p.pool)?)))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("a project pool in the state database")?;
+    Ok(NodeAddresses::new(cfg.names.pool, pools))
+}
+
 fn session_and_host(
     cfg: &ServerConfig,
+    state_dir: &Path,
     env: &HashMap<String, String>,
 ) -> Result<(Session, HostName), HookFailure> {
-    let session = Session::from_env(env, &cfg.names.pool, now_unix())
+    let addresses = node_addresses(cfg, state_dir).map_err(|e| HookFailure::Backend(vec![e]))?;
+    let session = Session::from_env(env, &addresses, now_unix())
         .map_err(|e| HookFailure::Refused(e.into()))?;
     let label = cfg
         .names
@@ -252,6 +266,9 @@ pub fn connect_session(
             idhal_manifest::time::rfc3339(at)
         )));
     }
+    let server = cfg
+        .server_name()
+        .map_err(|e| HookFailure::Backend(vec![e.into()]))?;
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     if let Some(sched) = scheduler::open(cfg, state_dir) {
         let up = NodeUp {
@@ -259,8 +276,10 @@ pub fn connect_session(
             host: host.clone(),
             vpn_ip: session.vpn_ip,
             client_ip: session.client_ip,
+            client_port: session.client_port,
             since: session.since,
             node_type: scheduler::node_type(cfg, record.as_ref()),
+            server,
         };
         steps.record(
             sched
@@ -293,22 +312,27 @@ pub fn refresh_node_dns(
     steps.finish(format!("{} → {host} ({})", session.node, session.vpn_ip))
 }
 
-/// Takes one node down. `since`: the session's start (hook) or the status file's time
-/// (reconcile); a node registered later than that is left up.
+/// What `disconnect_host` did: its log line, and whether a newer session was left up.
+pub struct Disconnected {
+    pub line: String,
+    pub spared: bool,
+}
+
+/// Takes one node down, unless the scheduler holds a session `guard` spares (a newer one).
 pub fn disconnect_host(
     cfg: &ServerConfig,
     state_dir: &Path,
     host: &HostName,
     vpn_ip: Ipv4Addr,
-    since: Option<u64>,
+    guard: DownGuard,
     deadline: Deadline,
-) -> Result<String, HookFailure> {
+) -> Result<Disconnected, HookFailure> {
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     let mut stale = false;
     if let Some(sched) = scheduler::open(cfg, state_dir) {
         let name = sched.name();
         let outcome = sched
-            .node_down(host, since, deadline)
+            .node_down(host, guard, deadline)
             .with_context(|| format!("{name}: taking {host} down"));
         stale = matches!(outcome, Ok(DownOutcome::NewerSession));
         steps.record(outcome.map(|o| {
@@ -330,7 +354,12 @@ pub fn disconnect_host(
             .map(|did| did.then(|| "DNS A+PTR removed".to_owned())),
         );
     }
-    steps.finish(format!("{host} ({vpn_ip})"))
+    steps
+        .finish(format!("{host} ({vpn_ip})"))
+        .map(|line| Disconnected {
+            line,
+            spared: stale,
+        })
 }
 
 fn connect(
@@ -339,7 +368,7 @@ fn connect(
     env: &HashMap<String, String>,
 ) -> Result<String, HookFailure> {
     let deadline = Deadline::after(cfg.limits.hook_budget());
-    let (session, host) = session_and_host(cfg, env)?;
+    let (session, host) = session_and_host(cfg, state_dir, env)?;
     connect_session(cfg, state_dir, &session, &host, deadline)
 }
 
@@ -349,14 +378,11 @@ fn disconnect(
     env: &HashMap<String, String>,
 ) -> Result<String, HookFailure> {
     let deadline = Deadline::after(cfg.limits.hook_budget());
-    let (session, host) = session_and_host(cfg, env)?;
-    disconnect_host(
-        cfg,
-        state_dir,
-        &host,
-        session.vpn_ip,
-        Some(session.since),
-        deadline,
-    )
-    .map(|line| format!("{}: {line}", session.node))
+    let (session, host) = session_and_host(cfg, state_dir, env)?;
+    let guard = DownGuard::Session {
+        since: session.since,
+        client: (session.client_ip, session.client_port),
+    };
+    disconnect_host(cfg, state_dir, &host, session.vpn_ip, guard, deadline)
+        .map(|d| format!("{}: {}", session.node, d.line))
 }

@@ -14,6 +14,17 @@ pub enum NameError {
         value: String,
         why: &'static str,
     },
+    /// Two addresses of the pool would get one name (and so one OAR resource and one set of
+    /// DNS records): the template must use every octet the pool's prefix leaves free.
+    #[error("name template {template:?} gives two nodes of pool {pool} one name: {why} ({a} and {b} would both be {name:?})")]
+    NotOneToOne {
+        template: String,
+        pool: Ipv4Net,
+        why: String,
+        a: Ipv4Addr,
+        b: Ipv4Addr,
+        name: String,
+    },
 }
 
 fn invalid(what: &'static str, value: &str, why: &'static str) -> NameError {
@@ -52,6 +63,33 @@ impl NodeId {
 }
 
 impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A VPN server's name (`[openvpn] name`, the host name by default), recorded with each node
+/// it registers: the charset of node ids, so it is also a valid OAR property value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerName(String);
+
+impl ServerName {
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        NodeId::parse(s).map(|n| Self(n.0)).map_err(|_| {
+            invalid(
+                "server name",
+                s,
+                "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no \"..\"",
+            )
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServerName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
@@ -212,6 +250,88 @@ impl NameTemplate {
         Ok(t)
     }
 
+    /// Refuses a template that could give two addresses of `pool` one name: it must hold
+    /// every octet the prefix leaves (even partly) free, and two free octets must not run
+    /// together (`{3}{4}` makes 10.134.1.11 and 10.134.11.1 both `111`). A config error at
+    /// load, not a node taking over another's OAR resource and DNS records at 3 a.m.
+    pub fn check_one_to_one(&self, pool: &Ipv4Net) -> Result<(), NameError> {
+        let free = |i: usize| u32::from(pool.prefix) < (i as u32 + 1) * 8;
+        // `pool.addr` with octet values `set` (last octet 1 unless set: not the network).
+        let sample = |set: &[(usize, u8)]| {
+            let mut o = pool.addr.octets();
+            o[3] |= 1;
+            for &(i, v) in set {
+                o[i] = pool.addr.octets()[i] | v;
+            }
+            Ipv4Addr::from(o)
+        };
+        let fail = |why: String, a: Ipv4Addr, b: Ipv4Addr| NameError::NotOneToOne {
+            template: self.source.clone(),
+            pool: *pool,
+            why,
+            name: self.render(a).map(|l| l.0).unwrap_or_default(),
+            a,
+            b,
+        };
+        for i in (0..4).filter(|&i| free(i)) {
+            if !self.parts.contains(&Part::Octet(i)) {
+                // The lowest bits are the free ones: these two differ only in octet i.
+                let (x, y) = if i == 3 { (1, 2) } else { (0, 1) };
+                return Err(fail(
+                    format!(
+                        "it lacks {{{}}}, an octet the prefix /{} leaves free",
+                        i + 1,
+                        pool.prefix
+                    ),
+                    sample(&[(i, x)]),
+                    sample(&[(i, y)]),
+                ));
+            }
+        }
+        // Free octets next to each other, or with only digits between: look for a collision
+        // over both octets' values (at most 65,536 renders, once, at config load).
+        let mut pairs = Vec::new();
+        for (k, p) in self.parts.iter().enumerate() {
+            let Part::Octet(x) = p else { continue };
+            let y = match (self.parts.get(k + 1), self.parts.get(k + 2)) {
+                (Some(Part::Octet(y)), _) => *y,
+                (Some(Part::Literal(l)), Some(Part::Octet(y)))
+                    if l.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    *y
+                }
+                _ => continue,
+            };
+            if x != &y && free(*x) && free(y) {
+                pairs.push((*x, y));
+            }
+        }
+        for (x, y) in pairs {
+            let mut seen = std::collections::HashMap::new();
+            for vx in 0..=255u8 {
+                for vy in 0..=255u8 {
+                    let a = sample(&[(x, vx), (y, vy)]);
+                    if !pool.contains(a) || a == pool.broadcast() {
+                        continue;
+                    }
+                    let Ok(l) = self.render(a) else { continue };
+                    if let Some(b) = seen.insert(l.0, a) {
+                        return Err(fail(
+                            format!(
+                                "{{{}}} and {{{}}} run together: put a letter or - between them",
+                                x + 1,
+                                y + 1
+                            ),
+                            b,
+                            a,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn render(&self, addr: Ipv4Addr) -> Result<Label, NameError> {
         let o = addr.octets();
         let mut s = String::new();
@@ -285,6 +405,16 @@ impl Ipv4Net {
     pub fn host(&self, n: u32) -> Option<Ipv4Addr> {
         let size = 1u64 << (32 - u32::from(self.prefix));
         (u64::from(n) + 1 < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
+    }
+
+    /// The last address of the network (all host bits set).
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !Self::mask(self.prefix))
+    }
+
+    /// Whether all of `inner` lies inside this network.
+    pub fn contains_net(&self, inner: &Ipv4Net) -> bool {
+        inner.prefix >= self.prefix && self.contains(inner.addr)
     }
 
     pub fn overlaps(&self, other: &Ipv4Net) -> bool {
@@ -362,6 +492,54 @@ mod tests {
     }
 
     #[test]
+    fn templates_are_one_to_one_over_the_pool() {
+        let t = |s: &str| NameTemplate::parse(s).unwrap();
+        let p = |s: &str| Ipv4Net::parse(s).unwrap();
+        t("vnode-{3}-{4}")
+            .check_one_to_one(&p("10.134.0.0/16"))
+            .unwrap();
+        t("vnode-{3}-{4}")
+            .check_one_to_one(&p("10.134.0.0/17"))
+            .unwrap();
+        t("n{4}").check_one_to_one(&p("10.134.7.0/24")).unwrap();
+        // The case: two projects in 10.0.0.0/8, 10.134.0.2 and 10.135.0.2 one name.
+        let e = t("vnode-{3}-{4}")
+            .check_one_to_one(&p("10.0.0.0/8"))
+            .unwrap_err();
+        let NameError::NotOneToOne { a, b, name, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_ne!(a, b);
+        let tt = t("vnode-{3}-{4}");
+        assert_eq!(tt.render(*a).unwrap().0, *name);
+        assert_eq!(tt.render(*b).unwrap().0, *name);
+        assert!(e.to_string().contains("lacks {2}"), "{e}");
+        // /23: octet 3 is only one bit free, still needed.
+        let e = t("n-{4}")
+            .check_one_to_one(&p("10.134.6.0/23"))
+            .unwrap_err();
+        let NameError::NotOneToOne { a, b, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(
+            (a.to_string(), b.to_string()),
+            ("10.134.6.1".into(), "10.134.7.1".into())
+        );
+        // Octets that run together: a real colliding pair is shown.
+        for bad in ["n{3}{4}", "n{3}0{4}", "n{3}12{4}"] {
+            let e = t(bad).check_one_to_one(&p("10.134.0.0/16")).unwrap_err();
+            let NameError::NotOneToOne { a, b, name, .. } = &e else {
+                panic!("{e}")
+            };
+            assert_ne!(a, b, "{bad}");
+            assert_eq!(t(bad).render(*a).unwrap().0, *name, "{bad}");
+            assert_eq!(t(bad).render(*b).unwrap().0, *name, "{bad}");
+        }
+        // A fixed octet next to a free one is harmless.
+        t("n{2}{4}").check_one_to_one(&p("10.134.9.0/24")).unwrap();
+    }
+
+    #[test]
     fn prop_values_and_pools() {
         assert!(PropValue::parse("2001:db8::1").is_ok());
         assert!(PropValue::parse("a'b").is_err());
@@ -371,5 +549,10 @@ mod tests {
         assert!(!p.contains("10.135.0.1".parse().unwrap()));
         assert!(Ipv4Net::parse("10.134.0.1/16").is_err());
         assert_eq!(Ipv4Net::parse("10.0.0.0/30").unwrap().hosts().count(), 2);
+        assert_eq!(p.broadcast().to_string(), "10.134.255.255");
+        let eight = Ipv4Net::parse("10.0.0.0/8").unwrap();
+        assert!(eight.contains_net(&p));
+        assert!(!p.contains_net(&eight));
+        assert!(!p.contains_net(&Ipv4Net::parse("10.135.0.0/16").unwrap()));
     }
 }

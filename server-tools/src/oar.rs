@@ -5,25 +5,29 @@
 use crate::config::ServerConfig;
 use crate::names::{HostName, PropValue};
 use crate::process::{self, Deadline, Finished, NodeLock, RunError};
-use crate::scheduler::{DownOutcome, ManagedNode, NodeUp, Scheduler, SchedulerError, UpOutcome};
+use crate::scheduler::{
+    DownGuard, DownOutcome, ManagedNode, NodeUp, Registered, Scheduler, SchedulerError, UpOutcome,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 /// The property columns idhal writes. `cluster` is the name OAR sites already use for the type.
-pub const PROPERTIES: [&str; 7] = [
+pub const PROPERTIES: [&str; 9] = [
     "ip",
     "cluster",
     "idhaltype",
     "idhalcn",
     "idhalclientip",
+    "idhalclientport",
     "idhalconnectedsince",
     "idhalclientname",
+    "idhalserver",
 ];
 
 /// Bumped when `PROPERTIES` changes, so an old marker file makes the hook look again.
-const PROPERTIES_MARKER: &str = "oar-properties-v1";
+const PROPERTIES_MARKER: &str = "oar-properties-v2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OarError {
@@ -324,21 +328,19 @@ impl Oar {
     fn down(
         &self,
         host: &HostName,
-        since: Option<u64>,
+        guard: DownGuard,
         deadline: Deadline,
     ) -> Result<DownOutcome, OarError> {
         let existing = self.resources(host, deadline)?;
         if existing.is_empty() {
             return Ok(DownOutcome::Unknown);
         }
-        let registered = existing
+        if existing
             .iter()
-            .filter_map(|r| r.props.get("idhalconnectedsince")?.parse::<u64>().ok())
-            .max();
-        if let (Some(ours), Some(registered)) = (since, registered) {
-            if registered > ours {
-                return Ok(DownOutcome::NewerSession);
-            }
+            .filter_map(registered)
+            .any(|r| guard.spares(&r))
+        {
+            return Ok(DownOutcome::NewerSession);
         }
         if existing.iter().all(|r| r.state == "Absent") {
             return Ok(DownOutcome::AlreadyDown);
@@ -347,6 +349,24 @@ impl Oar {
         self.confirm_state(host, "Absent", &[], deadline)?;
         Ok(DownOutcome::MarkedDown)
     }
+}
+
+/// The session a resource records (`None` before its first registration by idhal).
+fn registered(r: &Resource) -> Option<Registered> {
+    let since = r.props.get("idhalconnectedsince")?.parse().ok()?;
+    let ip = r.props.get("idhalclientip").and_then(|v| v.parse().ok());
+    // "0": the hook had no trusted_port.
+    let port = r
+        .props
+        .get("idhalclientport")
+        .and_then(|v| v.parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    // Written before ports were recorded: only the time can tell sessions apart.
+    let client = ip.filter(|_| r.props.contains_key("idhalclientport"));
+    Some(Registered {
+        since,
+        client: client.map(|ip| (ip, port)),
+    })
 }
 
 /// `[-a] -h HOST -p k=v -p k=v …`: all properties in ONE call, because OAR rolls back the
@@ -373,8 +393,13 @@ pub fn node_properties(up: &NodeUp) -> Vec<(&'static str, PropValue)> {
         ("idhaltype", v(up.node_type.to_string())),
         ("idhalcn", v(up.node.to_string())),
         ("idhalclientip", v(up.client_ip.to_string())),
+        (
+            "idhalclientport",
+            v(up.client_port.unwrap_or(0).to_string()),
+        ),
         ("idhalconnectedsince", v(up.since.to_string())),
         ("idhalclientname", v(up.host.label.to_string())),
+        ("idhalserver", v(up.server.to_string())),
     ]
 }
 
@@ -423,10 +448,10 @@ impl Scheduler for Oar {
     fn node_down(
         &self,
         host: &HostName,
-        session_since: Option<u64>,
+        guard: DownGuard,
         deadline: Deadline,
     ) -> Result<DownOutcome, SchedulerError> {
-        Ok(self.down(host, session_since, deadline)?)
+        Ok(self.down(host, guard, deadline)?)
     }
 
     fn managed_nodes(&self, deadline: Deadline) -> Result<Vec<ManagedNode>, SchedulerError> {
@@ -439,6 +464,8 @@ impl Scheduler for Oar {
                     host: r.props.get("network_address")?.clone(),
                     node: r.props.get("idhalcn").cloned(),
                     vpn_ip: r.props.get("ip").cloned(),
+                    server: r.props.get("idhalserver").cloned(),
+                    since: registered(&r).map(|s| s.since),
                     state: r.state,
                 })
             })

@@ -54,6 +54,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let db = Db::open(&global.state_dir, Open::Existing)?;
     let row = crate::ca::require_project(&db, &project)?;
     let pool = Ipv4Net::parse(&row.pool)?;
+    crate::ca::require_inside_names_pool(&cfg, &project, &pool)?;
     let paths = ProjectDir::new(&global.state_dir, &project);
     let cert = paths.servers().join(format!("{name}.crt"));
     anyhow::ensure!(

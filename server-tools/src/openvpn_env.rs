@@ -2,7 +2,7 @@
 //! Raw environment strings never leave this module: a value that does not parse is refused here.
 
 use crate::names::{Ipv4Net, NameError, NodeId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,42 @@ pub enum EnvError {
         value: String,
         expected: &'static str,
     },
+    #[error("OpenVPN variable ifconfig_pool_remote_ip={addr} is no node's address: it is {what}")]
+    Reserved { addr: Ipv4Addr, what: String },
+}
+
+/// The addresses a node may be given: inside `pool` ([names] pool), and none of `reserved`
+/// (every pool's network and broadcast address and its VPN server's own, with what it is).
+#[derive(Debug, Clone)]
+pub struct NodeAddresses {
+    pub pool: Ipv4Net,
+    pub reserved: BTreeMap<Ipv4Addr, String>,
+}
+
+impl NodeAddresses {
+    /// `[names] pool` and the project pools inside it. A VPN server takes its pool's first
+    /// host (`server NET MASK` in the rendered config), so that is reserved too.
+    pub fn new<'a>(pool: Ipv4Net, projects: impl IntoIterator<Item = (&'a str, Ipv4Net)>) -> Self {
+        let mut reserved = BTreeMap::new();
+        let mut add = |p: &Ipv4Net, whose: &str| {
+            reserved.insert(p.addr, format!("the network address of {whose} {p}"));
+            reserved.insert(
+                p.broadcast(),
+                format!("the broadcast address of {whose} {p}"),
+            );
+            if let Some(server) = p.host(1) {
+                reserved.insert(
+                    server,
+                    format!("the VPN server's own address in {whose} {p}"),
+                );
+            }
+        };
+        for (name, p) in projects {
+            add(&p, &format!("project {name:?}'s pool"));
+        }
+        add(&pool, "[names] pool");
+        Self { pool, reserved }
+    }
 }
 
 /// One client's session as OpenVPN describes it.
@@ -31,6 +67,9 @@ pub struct Session {
     pub vpn_ip: Ipv4Addr,
     /// The node's real (outer) address, as OpenVPN saw it.
     pub client_ip: IpAddr,
+    /// Its real port (`trusted_port`): with `since`, what tells two sessions of one node
+    /// apart when both started within the same second.
+    pub client_port: Option<u16>,
     /// When the session started (unix seconds).
     pub since: u64,
 }
@@ -44,9 +83,10 @@ impl Session {
     /// when OpenVPN did not set it (older versions).
     pub fn from_env(
         env: &HashMap<String, String>,
-        pool: &Ipv4Net,
+        addresses: &NodeAddresses,
         now: u64,
     ) -> Result<Self, EnvError> {
+        let pool = &addresses.pool;
         let get = |var: &'static str| env.get(var).map(String::as_str);
         let need = |var: &'static str| get(var).ok_or(EnvError::Missing { var });
 
@@ -78,6 +118,12 @@ impl Session {
                 expected: "inside the configured pool ([names] pool)",
             });
         }
+        if let Some(what) = addresses.reserved.get(&vpn_ip) {
+            return Err(EnvError::Reserved {
+                addr: vpn_ip,
+                what: what.clone(),
+            });
+        }
         let client_ip = match (get("trusted_ip"), get("trusted_ip6")) {
             (Some(v4), _) => v4
                 .parse::<Ipv4Addr>()
@@ -93,6 +139,19 @@ impl Session {
                 expected: "an IP address",
             })?,
             (None, None) => return Err(EnvError::Missing { var: "trusted_ip" }),
+        };
+        let client_port = match get("trusted_port") {
+            None => None,
+            Some(p) => Some(
+                Some(p)
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(|| EnvError::Bad {
+                        var: "trusted_port",
+                        value: shorten(p),
+                        expected: "a port number",
+                    })?,
+            ),
         };
         let since = match get("time_unix") {
             None => now,
@@ -110,6 +169,7 @@ impl Session {
             node,
             vpn_ip,
             client_ip,
+            client_port,
             since,
         })
     }
@@ -126,8 +186,8 @@ mod tests {
             .collect()
     }
 
-    fn pool() -> Ipv4Net {
-        Ipv4Net::parse("10.134.0.0/16").unwrap()
+    fn pool() -> NodeAddresses {
+        NodeAddresses::new(Ipv4Net::parse("10.134.0.0/16").unwrap(), [])
     }
 
     #[test]
@@ -158,6 +218,8 @@ mod tests {
             ("trusted_ip", "1.2.3.4 OR 1=1"),
             ("time_unix", "+17"),
             ("time_unix", "17;"),
+            ("trusted_port", "70000"),
+            ("trusted_port", "+1"),
         ] {
             let mut e = env(&base);
             e.insert(k.into(), bad.into());
@@ -169,5 +231,40 @@ mod tests {
             Session::from_env(&e, &pool(), 5),
             Err(EnvError::Missing { var: "common_name" })
         ));
+    }
+
+    #[test]
+    fn network_broadcast_and_server_addresses_are_no_nodes() {
+        let a = NodeAddresses::new(
+            Ipv4Net::parse("10.0.0.0/8").unwrap(),
+            [("p", Ipv4Net::parse("10.134.0.0/16").unwrap())],
+        );
+        let with = |ip: &str| {
+            env(&[
+                ("common_name", "client317"),
+                ("ifconfig_pool_remote_ip", ip),
+                ("trusted_ip", "192.0.2.7"),
+            ])
+        };
+        for (ip, what) in [
+            ("10.134.0.0", "network address of project \"p\""),
+            ("10.134.255.255", "broadcast address of project \"p\""),
+            ("10.134.0.1", "VPN server's own address in project \"p\""),
+            ("10.0.0.0", "network address of [names] pool"),
+            ("10.255.255.255", "broadcast address of [names] pool"),
+            ("10.0.0.1", "VPN server's own address in [names] pool"),
+        ] {
+            let e = Session::from_env(&with(ip), &a, 5).unwrap_err();
+            assert!(matches!(e, EnvError::Reserved { .. }), "{ip}: {e}");
+            assert!(e.to_string().contains(what), "{ip}: {e}");
+        }
+        let s = Session::from_env(&with("10.134.0.2"), &a, 5).unwrap();
+        assert_eq!((s.vpn_ip.octets()[3], s.client_port), (2, None));
+        let mut e = with("10.134.255.254");
+        e.insert("trusted_port".into(), "40001".into());
+        assert_eq!(
+            Session::from_env(&e, &a, 5).unwrap().client_port,
+            Some(40001)
+        );
     }
 }

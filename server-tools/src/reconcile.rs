@@ -3,15 +3,17 @@
 
 use crate::config::ServerConfig;
 use crate::config::{DnsUpdate, StatusSource};
-use crate::hook::{connect_session, disconnect_host, refresh_node_dns, HookFailure};
+use crate::hook::{
+    connect_session, disconnect_host, node_addresses, refresh_node_dns, HookFailure,
+};
 use crate::management::{Answer, Management};
 use crate::names::HostName;
 use crate::openvpn_env::Session;
 use crate::process::{Deadline, NodeLock};
-use crate::scheduler;
+use crate::scheduler::{self, DownGuard};
 use crate::Global;
 use anyhow::Context as _;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
@@ -132,15 +134,17 @@ fn read_management(addr: SocketAddr, cfg: &ServerConfig) -> anyhow::Result<Statu
     parse_status(&text).with_context(|| format!("OpenVPN management interface {addr}"))
 }
 
-/// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address.
-fn real_ip(s: &str) -> Option<String> {
+/// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address and the port.
+fn real_ip(s: &str) -> Option<(String, Option<String>)> {
     if let Some(rest) = s.strip_prefix('[') {
-        return rest.split_once(']').map(|(a, _)| a.to_owned());
+        let (a, p) = rest.split_once(']')?;
+        return Some((a.to_owned(), p.strip_prefix(':').map(str::to_owned)));
     }
     if s.parse::<std::net::IpAddr>().is_ok() {
-        return Some(s.to_owned());
+        return Some((s.to_owned(), None));
     }
-    s.rsplit_once(':').map(|(a, _)| a.to_owned())
+    s.rsplit_once(':')
+        .map(|(a, p)| (a.to_owned(), Some(p.to_owned())))
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
@@ -186,24 +190,48 @@ fn reconcile(
     args: &Args,
 ) -> anyhow::Result<ExitCode> {
     let dry_run = args.dry_run;
+    let server = cfg.server_name()?;
+    let addresses = node_addresses(cfg, state_dir)?;
     let mut failures = 0usize;
     let mut connected: BTreeMap<String, (Session, HostName)> = BTreeMap::new();
+    // Every CN the status lists, valid or not: a listed client is connected (or connecting),
+    // and its node is never taken down on this status.
+    let mut listed: BTreeSet<String> = BTreeSet::new();
+    let mut connecting = 0usize;
     for entry in &status.clients {
+        let cn = entry.fields.get("common_name").filter(|c| !c.is_empty());
+        if let Some(cn) = cn {
+            listed.insert(cn.clone());
+        }
+        let vaddr = entry.fields.get("ifconfig_pool_remote_ip");
+        if let (Some(cn), None | Some("")) = (cn, vaddr.map(String::as_str)) {
+            // OpenVPN lists a client before its client-connect hook gave it an address.
+            connecting += 1;
+            let shown: String = cn.chars().take(64).collect();
+            println!(
+                "idhal reconcile: {shown:?} is still connecting (status line {}, no VPN address yet): its node is left alone",
+                entry.line
+            );
+            continue;
+        }
         let mut env: HashMap<String, String> = entry
             .fields
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        if let Some(ip) = entry.fields.get("real").and_then(|r| real_ip(r)) {
+        if let Some((ip, port)) = entry.fields.get("real").and_then(|r| real_ip(r)) {
             let key = if ip.contains(':') {
                 "trusted_ip6"
             } else {
                 "trusted_ip"
             };
             env.insert(key.into(), ip);
+            if let Some(port) = port {
+                env.insert("trusted_port".into(), port);
+            }
         }
         // The same validation as the hook: a status file is input too.
-        let parsed = Session::from_env(&env, &cfg.names.pool, status.written)
+        let parsed = Session::from_env(&env, &addresses, status.written)
             .map_err(anyhow::Error::from)
             .and_then(|s| {
                 let label = cfg.names.template.render(s.vpn_ip)?;
@@ -237,14 +265,23 @@ fn reconcile(
     let by_host: HashMap<&str, &scheduler::ManagedNode> =
         managed.iter().map(|m| (m.host.as_str(), m)).collect();
 
-    let (mut repaired, mut downed, mut refreshed) = (0usize, 0usize, 0usize);
+    let (mut repaired, mut downed, mut refreshed, mut others) = (0usize, 0usize, 0usize, 0usize);
     let refresh_dns = args.refresh_dns && cfg.dns.update == DnsUpdate::Rfc2136;
     for (name, (session, host)) in &connected {
         let ok = match (&sched, by_host.get(name.as_str())) {
+            (Some(_), Some(m)) if m.since.is_some_and(|since| since > session.since) => {
+                // Registered from a newer session than this listing shows (the node moved
+                // to another server, or reconnected since): the newer registration stands.
+                println!(
+                    "idhal reconcile: {host}: registered from a newer session than listed here, left alone"
+                );
+                continue;
+            }
             (Some(s), Some(m)) => {
                 s.is_up_state(&m.state)
                     && m.node.as_deref() == Some(session.node.as_str())
                     && m.vpn_ip.as_deref() == Some(session.vpn_ip.to_string().as_str())
+                    && m.server.as_deref() == Some(server.as_str())
             }
             (Some(_), None) => false,
             // Without a scheduler only DNS is left to assert, which is idempotent.
@@ -292,6 +329,13 @@ fn reconcile(
         if !is_up || connected.contains_key(&m.host) {
             continue;
         }
+        if m.node.as_ref().is_some_and(|n| listed.contains(n)) {
+            println!(
+                "idhal reconcile: {}: its node id is listed as connected, left alone",
+                m.host
+            );
+            continue;
+        }
         let Ok(host) = HostName::parse_in(&m.host, &cfg.names.domain) else {
             eprintln!(
                 "idhal reconcile: {}: not in domain {}, left alone",
@@ -299,6 +343,21 @@ fn reconcile(
             );
             continue;
         };
+        match m.server.as_deref() {
+            Some(s) if s == server.as_str() => {}
+            Some(_) => {
+                // Another VPN server's node: its own reconcile reads its own status.
+                others += 1;
+                continue;
+            }
+            None => {
+                println!(
+                    "idhal reconcile: {}: no idhalserver recorded (registered by an older idhal), left alone",
+                    m.host
+                );
+                continue;
+            }
+        }
         let Some(vpn_ip) = m.vpn_ip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
             eprintln!(
                 "idhal reconcile: {}: no valid ip property, left alone",
@@ -311,19 +370,16 @@ fn reconcile(
             continue;
         }
         let deadline = Deadline::after(cfg.limits.hook_budget());
-        // `since` = the status file's time: a node that registered after it was written is
-        // simply not in it yet, and must stay up.
-        match disconnect_host(
-            cfg,
-            state_dir,
-            &host,
-            vpn_ip,
-            Some(status.written),
-            deadline,
-        ) {
-            Ok(line) => {
+        // A node that registered in or after the second the status was written is simply
+        // not in it yet, and must stay up.
+        let guard = DownGuard::ListedAt {
+            written: status.written,
+        };
+        match disconnect_host(cfg, state_dir, &host, vpn_ip, guard, deadline) {
+            Ok(d) if d.spared => println!("idhal reconcile: left up {}", d.line),
+            Ok(d) => {
                 downed += 1;
-                println!("idhal reconcile: took down {line}");
+                println!("idhal reconcile: took down {}", d.line);
             }
             Err(e) => {
                 failures += 1;
@@ -331,13 +387,19 @@ fn reconcile(
             }
         }
     }
-    let dns = if refresh_dns {
-        format!(", {refreshed} DNS refreshed")
-    } else {
-        String::new()
-    };
+    let mut tail = String::new();
+    if refresh_dns {
+        tail.push_str(&format!(", {refreshed} DNS refreshed"));
+    }
+    tail.push_str(&format!(", {failures} failures"));
+    if connecting > 0 {
+        tail.push_str(&format!(", {connecting} still connecting"));
+    }
+    if others > 0 {
+        tail.push_str(&format!(", {others} left to other servers"));
+    }
     println!(
-        "idhal reconcile: {} connected, {repaired} registered again, {downed} taken down{dns}, {failures} failures",
+        "idhal reconcile ({server}): {} connected, {repaired} registered again, {downed} taken down{tail}",
         connected.len()
     );
     Ok(if failures == 0 {
@@ -374,7 +436,17 @@ mod tests {
         let v3 = v2.replace(',', "\t");
         assert_eq!(parse_status(&v3).unwrap().clients.len(), 1);
         assert!(parse_status("CLIENT_LIST,a\n").is_err());
-        assert_eq!(real_ip("192.0.2.7:1194").unwrap(), "192.0.2.7");
-        assert_eq!(real_ip("[2001:db8::1]:5").unwrap(), "2001:db8::1");
+        assert_eq!(
+            real_ip("192.0.2.7:1194").unwrap(),
+            ("192.0.2.7".into(), Some("1194".into()))
+        );
+        assert_eq!(
+            real_ip("[2001:db8::1]:5").unwrap(),
+            ("2001:db8::1".into(), Some("5".into()))
+        );
+        assert_eq!(
+            real_ip("2001:db8::1").unwrap(),
+            ("2001:db8::1".into(), None)
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::config::{SchedulerBackend, ServerConfig};
 use crate::db::NodeRow;
-use crate::names::{HostName, Label, NodeId};
+use crate::names::{HostName, Label, NodeId, ServerName};
 use crate::oar::{Oar, OarError};
 use crate::process::Deadline;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,9 +16,12 @@ pub struct NodeUp {
     pub host: HostName,
     pub vpn_ip: Ipv4Addr,
     pub client_ip: IpAddr,
+    pub client_port: Option<u16>,
     pub since: u64,
     /// The node's type: OAR's `cluster` and `idhaltype`.
     pub node_type: Label,
+    /// The VPN server that registers it: only that server's reconcile takes it down.
+    pub server: ServerName,
 }
 
 /// A node the scheduler knows and idhal manages (it carries an idhal node id).
@@ -28,6 +31,46 @@ pub struct ManagedNode {
     pub node: Option<String>,
     pub vpn_ip: Option<String>,
     pub state: String,
+    /// The VPN server that registered it (`None`: registered before idhal recorded it).
+    pub server: Option<String>,
+    /// When its registered session started.
+    pub since: Option<u64>,
+}
+
+/// Which session a take-down is about, so that it never ends a newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownGuard {
+    /// The disconnect hook of the session that started at `since` from `client`. A session
+    /// registered later, or in the same second from another client address or port (a
+    /// reconnect within one second), is not this one: it is left up.
+    Session {
+        since: u64,
+        client: (IpAddr, Option<u16>),
+    },
+    /// `idhal reconcile`, from a listing written at `written` that does not hold the node:
+    /// a session registered at or after that second may simply be too new for the listing,
+    /// and is left up (the next run decides).
+    ListedAt { written: u64 },
+}
+
+/// The session a scheduler holds for a node, as recorded at registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    pub since: u64,
+    pub client: Option<(IpAddr, Option<u16>)>,
+}
+
+impl DownGuard {
+    /// Whether `registered` is another, newer (or not older) session than the one ending.
+    pub fn spares(&self, registered: &Registered) -> bool {
+        match *self {
+            DownGuard::Session { since, client } => {
+                registered.since > since
+                    || (registered.since == since && registered.client.is_some_and(|c| c != client))
+            }
+            DownGuard::ListedAt { written } => registered.since >= written,
+        }
+    }
 }
 
 /// What `node_up` did, for the log line.
@@ -52,12 +95,12 @@ pub trait Scheduler {
     /// only once the scheduler confirms the state, or fails before `deadline`.
     fn node_up(&self, up: &NodeUp, deadline: Deadline) -> Result<UpOutcome, SchedulerError>;
     /// Takes the node out of scheduling without forgetting it (jobs on it are killed). When
-    /// `session_since` is given and the scheduler holds a newer session for the node (a late
-    /// disconnect of an old tunnel after the node reconnected), nothing is changed.
+    /// the scheduler holds a session `guard` spares (a late disconnect of an old tunnel after
+    /// the node reconnected), nothing is changed.
     fn node_down(
         &self,
         host: &HostName,
-        session_since: Option<u64>,
+        guard: DownGuard,
         deadline: Deadline,
     ) -> Result<DownOutcome, SchedulerError>;
     /// Nodes that carry idhal's properties, for `idhal reconcile`.
@@ -87,4 +130,36 @@ pub fn node_type(cfg: &ServerConfig, record: Option<&NodeRow>) -> Label {
     record
         .and_then(|n| Label::parse(&n.node_type).ok())
         .unwrap_or_else(|| cfg.names.default_type.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_take_down_never_ends_a_newer_session() {
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let reg = |since, port| Registered {
+            since,
+            client: Some((ip, port)),
+        };
+        let ending = DownGuard::Session {
+            since: 100,
+            client: (ip, Some(40000)),
+        };
+        // Its own session: taken down.
+        assert!(!ending.spares(&reg(100, Some(40000))));
+        assert!(!ending.spares(&reg(99, Some(1))));
+        // A reconnect in the same second (another port) or later: left up.
+        assert!(ending.spares(&reg(100, Some(40001))));
+        assert!(ending.spares(&reg(101, Some(40000))));
+        // Recorded before ports were: only the time can tell.
+        assert!(!ending.spares(&Registered {
+            since: 100,
+            client: None
+        }));
+        let listed = DownGuard::ListedAt { written: 100 };
+        assert!(listed.spares(&reg(100, None)));
+        assert!(!listed.spares(&reg(99, None)));
+    }
 }

@@ -477,3 +477,204 @@ fn an_enrolled_nodes_type_comes_from_its_token() {
     assert_eq!(prop(&res[0], "idhaltype"), "gpu");
     assert_eq!(prop(&res[0], "idhalcn"), r.node);
 }
+
+/// A status file (version 2) with the given `CLIENT_LIST` rows: (CN, real address, virtual
+/// address, connected since). An empty virtual address is what OpenVPN writes while the
+/// client is still connecting.
+fn status_rows(dir: &Path, name: &str, written: u64, rows: &[(&str, &str, &str, u64)]) -> PathBuf {
+    let mut s = format!(
+        "TITLE,OpenVPN 2.6.14 x86_64-pc-linux-gnu\nTIME,2026-01-01 00:00:00,{written}\n\
+         HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n"
+    );
+    for (i, (cn, real, vaddr, since)) in rows.iter().enumerate() {
+        s.push_str(&format!(
+            "CLIENT_LIST,{cn},{real},{vaddr},,100,200,2026-01-01 00:00:00,{since},UNDEF,{i},{i},AES-256-GCM\n"
+        ));
+    }
+    s.push_str("HEADER,ROUTING_TABLE,Virtual Address,Common Name,Real Address,Last Ref,Last Ref (time_t)\nGLOBAL_STATS,Max bcast/mcast queue length,0\nEND\n");
+    let p = dir.join(name);
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn state_of(oar: &Oar, host: &str) -> String {
+    let r = oar.host(host);
+    assert_eq!(r.len(), 1, "{host}: {r:?}");
+    prop(&r[0], "state")
+}
+
+#[test]
+fn reconcile_never_takes_down_a_client_that_is_still_connecting() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let (d, cfg, state) = setup(&config(oar, "connecting.test", ""));
+    let t0 = now() - 1000;
+    for (cn, ip) in [("client1101", "10.134.11.1"), ("client1102", "10.134.11.2")] {
+        ok(&hook(&cfg, &state, "client-connect", &node_env(cn, ip, t0)));
+    }
+    // OpenVPN lists 1101 before its client-connect gave it an address (a reconnect in
+    // progress), and 1102 on a line that does not validate (address outside the pool).
+    let status = status_rows(
+        d.path(),
+        "status.log",
+        now(),
+        &[
+            ("client1101", "127.0.0.1:40001", "", t0 + 10),
+            ("client1102", "127.0.0.1:40002", "10.135.11.2", t0 + 10),
+        ],
+    );
+    let o = reconcile(&cfg, &state, &status);
+    let text = out(&o);
+    assert!(
+        text.contains("\"client1101\" is still connecting (status line 4, no VPN address yet)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vnode-11-2.connecting.test: its node id is listed as connected, left alone"),
+        "{text}"
+    );
+    // The bad line is a failure (exit 1), the connecting one is not.
+    assert!(
+        text.contains(
+            "0 connected, 0 registered again, 0 taken down, 1 failures, 1 still connecting"
+        ),
+        "{text}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert_eq!(state_of(oar, "vnode-11-1.connecting.test"), "Alive");
+    assert_eq!(state_of(oar, "vnode-11-2.connecting.test"), "Alive");
+
+    // Once neither is listed, both go.
+    let status = status_rows(d.path(), "status.log", now(), &[]);
+    let o = reconcile(&cfg, &state, &status);
+    assert!(out(&o).contains("2 taken down, 0 failures"), "{}", out(&o));
+    assert_eq!(state_of(oar, "vnode-11-1.connecting.test"), "Absent");
+}
+
+#[test]
+fn each_servers_reconcile_leaves_the_other_servers_nodes_alone() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let (d, cfg1, state1) = setup(&config(oar, "two.test", "[openvpn]\nname = \"vpn1\""));
+    let cfg2 = d.path().join("vpn2.toml");
+    std::fs::write(&cfg2, config(oar, "two.test", "[openvpn]\nname = \"vpn2\"")).unwrap();
+    let state2 = d.path().join("state2");
+    let t0 = now() - 1000;
+    ok(&hook(
+        &cfg1,
+        &state1,
+        "client-connect",
+        &node_env("client1201", "10.134.12.1", t0),
+    ));
+    ok(&hook(
+        &cfg2,
+        &state2,
+        "client-connect",
+        &node_env("client1202", "10.134.12.2", t0),
+    ));
+    assert_eq!(
+        prop(&oar.host("vnode-12-1.two.test")[0], "idhalserver"),
+        "vpn1"
+    );
+    assert_eq!(
+        prop(&oar.host("vnode-12-2.two.test")[0], "idhalserver"),
+        "vpn2"
+    );
+    let s1 = status_rows(
+        d.path(),
+        "s1.log",
+        now(),
+        &[("client1201", "127.0.0.1:40000", "10.134.12.1", t0)],
+    );
+    let s2 = status_rows(
+        d.path(),
+        "s2.log",
+        now(),
+        &[("client1202", "127.0.0.1:40000", "10.134.12.2", t0)],
+    );
+    for (cfg, state, status, name) in [(&cfg1, &state1, &s1, "vpn1"), (&cfg2, &state2, &s2, "vpn2")]
+    {
+        let o = reconcile(cfg, state, status);
+        let text = out(&o);
+        assert!(o.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("idhal reconcile ({name}): 1 connected, 0 registered again, 0 taken down, 0 failures, 1 left to other servers")),
+            "{text}"
+        );
+    }
+    assert_eq!(state_of(oar, "vnode-12-1.two.test"), "Alive");
+    assert_eq!(state_of(oar, "vnode-12-2.two.test"), "Alive");
+    // vpn1's node leaves vpn1: vpn1's reconcile takes it down, and only it.
+    let s1 = status_rows(d.path(), "s1.log", now(), &[]);
+    let o = reconcile(&cfg1, &state1, &s1);
+    assert!(out(&o).contains("1 taken down, 0 failures"), "{}", out(&o));
+    assert_eq!(state_of(oar, "vnode-12-1.two.test"), "Absent");
+    assert_eq!(state_of(oar, "vnode-12-2.two.test"), "Alive");
+}
+
+#[test]
+fn a_reconnect_within_one_second_stays_alive() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let (d, cfg, state) = setup(&config(oar, "second.test", ""));
+    let t = now();
+    let host = "vnode-13-1.second.test";
+    let session = |port: &str| {
+        let mut env = node_env("client1301", "10.134.13.1", t);
+        for (k, v) in env.iter_mut() {
+            if k == "trusted_port" {
+                *v = port.into();
+            }
+        }
+        env
+    };
+    // Session A, then session B in the same second (new TCP connection: another port),
+    // then A's disconnect, late.
+    ok(&hook(&cfg, &state, "client-connect", &session("40000")));
+    ok(&hook(&cfg, &state, "client-connect", &session("40001")));
+    assert_eq!(prop(&oar.host(host)[0], "idhalclientport"), "40001");
+    let o = hook(&cfg, &state, "client-disconnect", &session("40000"));
+    ok(&o);
+    assert!(stderr(&o).contains("newer session"), "{}", stderr(&o));
+    assert_eq!(state_of(oar, host), "Alive");
+
+    // A status written in the second the node registered, before it was listed: too new
+    // to judge, left up.
+    let status = status_rows(d.path(), "status.log", t, &[]);
+    let o = reconcile(&cfg, &state, &status);
+    assert!(out(&o).contains("0 taken down, 0 failures"), "{}", out(&o));
+    assert_eq!(state_of(oar, host), "Alive");
+
+    // B's own disconnect takes it down.
+    let o = hook(&cfg, &state, "client-disconnect", &session("40001"));
+    ok(&o);
+    assert_eq!(state_of(oar, host), "Absent");
+}
+
+#[test]
+fn network_broadcast_and_server_addresses_are_refused() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let (_d, cfg, state) = setup(&config(oar, "reserved.test", ""));
+    for (ip, what) in [
+        ("10.134.0.0", "network address"),
+        ("10.134.255.255", "broadcast address"),
+        ("10.134.0.1", "VPN server's own address"),
+    ] {
+        for event in ["client-connect", "client-disconnect"] {
+            let o = hook(&cfg, &state, event, &node_env("client1401", ip, now()));
+            assert_eq!(o.status.code(), Some(1), "{ip}: {}", stderr(&o));
+            let e = stderr(&o);
+            assert!(e.contains("REFUSED") && e.contains(what), "{ip}: {e}");
+        }
+    }
+    assert!(oar.resources(Some("idhalcn = 'client1401'")).is_empty());
+}

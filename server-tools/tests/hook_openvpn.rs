@@ -313,12 +313,19 @@ fn openvpn_runs_the_hooks_for_real() {
         [format!("{host}.")]
     );
 
-    // OpenVPN's own status file, read by reconcile: everything already consistent.
+    // OpenVPN's own status file, read by reconcile: everything already consistent. Wait for
+    // the client's line with its address: before that (still connecting) reconcile leaves the
+    // node alone and counts it as connecting, not connected.
     wait_until(
-        "status file lists the client",
+        "status file lists the client with its address",
         Duration::from_secs(20),
         &logs,
-        || std::fs::read_to_string(&status).is_ok_and(|s| s.contains("CLIENT_LIST,client801")),
+        || {
+            std::fs::read_to_string(&status).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("CLIENT_LIST,client801,") && l.contains(",10.134.8.10,"))
+            })
+        },
     );
     let o = Command::new(IDHAL)
         .arg("--config")
