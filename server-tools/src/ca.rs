@@ -5,6 +5,7 @@
 use crate::config::{CaSection, ServerConfig};
 use crate::crl;
 use crate::db::{Db, Open};
+use crate::management::{ensure_password_file, password_file};
 use crate::names::Ipv4Net;
 use crate::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
 use crate::publish::{write_atomic, write_new};
@@ -44,7 +45,9 @@ pub enum Command {
         #[arg(long, value_name = "CIDR")]
         pool: Option<String>,
     },
-    /// Issue a certificate for an OpenVPN server (key made here, 0600): servers/NAME.{key,crt}.
+    /// Issue a certificate for an OpenVPN server (key made here, 0600): servers/NAME.{key,crt};
+    /// also the project's management password file (0600) when missing, unless
+    /// [openvpn] management_auth = "none".
     IssueServer {
         /// Server name: its certificate's CN and file names.
         name: String,
@@ -230,6 +233,14 @@ fn issue_server(
     );
     println!("  key          {} (0600)", key_path.display());
     println!("  certificate  {}", cert_path.display());
+    if let Some(pw) = password_file(cfg, &global.state_dir, project) {
+        let made = ensure_password_file(&pw)?;
+        println!(
+            "  management   password in {} (0600{})",
+            pw.display(),
+            if made { ", new" } else { ", kept" }
+        );
+    }
     println!("next: idhal openvpn server-config --name {name} --project {project}");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,12 +1,41 @@
 //! A client for OpenVPN's management interface (always on loopback): one command per
-//! connection, every connect, read and write bounded by a timeout. `idhal reconcile` asks it
-//! for `status 2`; `idhal revoke` tells it to `kill` a revoked node's session.
+//! connection, every connect, read and write bounded by a timeout, the password dialogue done
+//! first. `idhal reconcile` asks it for `status 2`; `idhal revoke` tells it to `kill` a revoked
+//! node's session. Also where the management password file lives and how it is made.
 
-use anyhow::Context as _;
+use crate::config::{ManagementAuth, ServerConfig};
+use crate::publish::{write_new, PublishError};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Answers larger than this are refused (a status of ~100,000 clients fits).
+const MAX_ANSWER: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagementError {
+    // `err`, not `source`: the cause is shown in the one line, not repeated by `{:#}`.
+    #[error("OpenVPN management interface {addr}: {err}")]
+    Io {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error("reading the management password file {path}: {err}")]
+    PasswordFile { path: PathBuf, err: std::io::Error },
+    #[error("OpenVPN management interface {addr} refused the password in {path} (wrong password: it must be the first line of the file OpenVPN's `management` option names)")]
+    WrongPassword { addr: SocketAddr, path: PathBuf },
+    #[error("OpenVPN management interface {addr} asks for a password and none is configured: set [openvpn] management_password_file (or [reconcile] management_password_file) to the file OpenVPN's `management` option names")]
+    PasswordRequired { addr: SocketAddr },
+    #[error("OpenVPN management interface {addr}: {line}")]
+    Refused { addr: SocketAddr, line: String },
+    #[error("OpenVPN management interface {addr}: answer larger than {MAX_ANSWER} bytes")]
+    TooLarge { addr: SocketAddr },
+    #[error("OpenVPN management interface {addr}: connection closed before the answer ended")]
+    Closed { addr: SocketAddr },
+    #[error("OpenVPN management interface {addr}: unexpected greeting {line:?}")]
+    Greeting { addr: SocketAddr, line: String },
+}
 
 pub struct Management<'a> {
     pub addr: SocketAddr,
@@ -23,42 +52,56 @@ pub enum Answer {
     UntilEnd,
 }
 
+const PROMPT: &str = "ENTER PASSWORD:";
+
 impl Management<'_> {
     /// Sends `command` and returns its answer: the `SUCCESS:`/`ERROR:` line, or the lines
-    /// before `END`. Real-time notifications (`>INFO:` …) and the password prompt are skipped.
-    pub fn command(&self, command: &str, answer: Answer) -> anyhow::Result<String> {
-        let what = || format!("OpenVPN management interface {}", self.addr);
-        let stream = TcpStream::connect_timeout(&self.addr, self.timeout).with_context(what)?;
-        stream
-            .set_read_timeout(Some(self.timeout))
-            .with_context(what)?;
-        stream
-            .set_write_timeout(Some(self.timeout))
-            .with_context(what)?;
-        let mut request = String::new();
-        if let Some(path) = self.password_file {
-            let pw = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            request.push_str(pw.lines().next().unwrap_or(""));
-            request.push('\n');
-        }
-        request.push_str(command);
-        request.push('\n');
-        (&stream).write_all(request.as_bytes()).with_context(what)?;
-        let mut text = String::new();
-        for line in BufReader::new(&stream).lines() {
-            let line = line.with_context(what)?;
-            anyhow::ensure!(
-                text.len() < 16 << 20,
-                "{}: answer larger than 16 MiB",
-                what()
-            );
-            let line = line.trim_end_matches('\r');
-            if line.starts_with('>') || line.contains("ENTER PASSWORD:") {
-                continue;
+    /// before `END`. Real-time notifications (`>INFO:` …) are skipped.
+    pub fn command(&self, command: &str, answer: Answer) -> Result<String, ManagementError> {
+        let addr = self.addr;
+        let io = |err| ManagementError::Io { addr, err };
+        let stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(io)?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let mut reader = BufReader::new(&stream);
+        // OpenVPN greets with a password prompt (no newline after it) when it has a password,
+        // else with its `>INFO:` banner. Read up to either before sending anything, so a
+        // password is never taken for a command, nor a command for a password.
+        if let Said::Prompt = next(&mut reader, addr)? {
+            let Some(path) = self.password_file else {
+                return Err(ManagementError::PasswordRequired { addr });
+            };
+            let pw =
+                std::fs::read_to_string(path).map_err(|err| ManagementError::PasswordFile {
+                    path: path.to_owned(),
+                    err,
+                })?;
+            let pw = pw.lines().next().unwrap_or("");
+            (&stream)
+                .write_all(format!("{pw}\n").as_bytes())
+                .map_err(io)?;
+            // A wrong password gets the prompt again (OpenVPN 2.6 prints no error line).
+            match next(&mut reader, addr)? {
+                Said::Line(l) if l.starts_with("SUCCESS: password is correct") => {}
+                _ => {
+                    return Err(ManagementError::WrongPassword {
+                        addr,
+                        path: path.to_owned(),
+                    })
+                }
             }
-            // The password dialogue ends with its own SUCCESS line.
-            if line.starts_with("SUCCESS: password") {
+        }
+        (&stream)
+            .write_all(format!("{command}\n").as_bytes())
+            .map_err(io)?;
+        let mut text = String::new();
+        for line in reader.lines() {
+            let line = line.map_err(io)?;
+            if text.len() >= MAX_ANSWER {
+                return Err(ManagementError::TooLarge { addr });
+            }
+            let line = line.trim_end_matches('\r');
+            if line.starts_with('>') {
                 continue;
             }
             match answer {
@@ -66,8 +109,11 @@ impl Management<'_> {
                     let _ = (&stream).write_all(b"quit\n");
                     return Ok(line.to_owned());
                 }
-                Answer::UntilEnd if line.contains("ERROR:") => {
-                    anyhow::bail!("{}: {line}", what())
+                Answer::UntilEnd if line.starts_with("ERROR:") => {
+                    return Err(ManagementError::Refused {
+                        addr,
+                        line: line.to_owned(),
+                    })
                 }
                 Answer::UntilEnd if line == "END" => {
                     let _ = (&stream).write_all(b"quit\n");
@@ -80,6 +126,116 @@ impl Management<'_> {
                 _ => {}
             }
         }
-        anyhow::bail!("{}: connection closed before the answer ended", what())
+        Err(ManagementError::Closed { addr })
+    }
+}
+
+/// What OpenVPN said next: a password prompt, or one line.
+enum Said {
+    Prompt,
+    Line(String),
+}
+
+/// Reads up to the password prompt (which ends without a newline) or the end of a line.
+fn next(reader: &mut impl std::io::BufRead, addr: SocketAddr) -> Result<Said, ManagementError> {
+    let mut got = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        let n = reader
+            .read(&mut b)
+            .map_err(|err| ManagementError::Io { addr, err })?;
+        if n == 0 {
+            return Err(ManagementError::Closed { addr });
+        }
+        got.push(b[0]);
+        if got.ends_with(PROMPT.as_bytes()) {
+            return Ok(Said::Prompt);
+        }
+        if b[0] == b'\n' {
+            return Ok(Said::Line(String::from_utf8_lossy(&got).into_owned()));
+        }
+        if got.len() > 4096 {
+            return Err(ManagementError::Greeting {
+                addr,
+                line: String::from_utf8_lossy(&got[..80]).into_owned(),
+            });
+        }
+    }
+}
+
+/// The management password file of `project`'s OpenVPN servers, or `None` when
+/// `[openvpn] management_auth = "none"`: `[openvpn] management_password_file`, else
+/// `STATE/projects/PROJECT/management.pw`.
+pub fn password_file(cfg: &ServerConfig, state_dir: &Path, project: &str) -> Option<PathBuf> {
+    let o = cfg.openvpn_for(project);
+    match o.management_auth {
+        ManagementAuth::None => None,
+        ManagementAuth::Password => Some(o.management_password_file.unwrap_or_else(|| {
+            state_dir
+                .join("projects")
+                .join(project)
+                .join("management.pw")
+        })),
+    }
+}
+
+/// Creates the password file (0600, a random password) unless it exists: an existing one is
+/// never overwritten (running servers use it). Returns whether it was created.
+pub fn ensure_password_file(path: &Path) -> Result<bool, PublishError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| PublishError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let pw: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match write_new(path, format!("{pw}\n").as_bytes(), 0o600) {
+        Ok(()) => Ok(true),
+        // Made by someone else meanwhile: theirs stands.
+        Err(PublishError::Exists { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn the_password_file_is_made_once_0600_and_never_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("management.pw");
+        assert!(ensure_password_file(&p).unwrap());
+        let first = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(first.trim().len(), 48, "{first:?}");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!ensure_password_file(&p).unwrap());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), first);
+    }
+
+    #[test]
+    fn the_password_follows_the_config() {
+        let state = Path::new("/s");
+        let parse = |t: &str| ServerConfig::parse(t, Path::new("t.toml")).unwrap();
+        assert_eq!(
+            password_file(&parse(""), state, "p"),
+            Some(PathBuf::from("/s/projects/p/management.pw"))
+        );
+        assert_eq!(
+            password_file(
+                &parse("[openvpn]\nmanagement_password_file = \"/etc/pw\""),
+                state,
+                "p"
+            ),
+            Some(PathBuf::from("/etc/pw"))
+        );
+        assert_eq!(
+            password_file(&parse("[openvpn]\nmanagement_auth = \"none\""), state, "p"),
+            None
+        );
     }
 }

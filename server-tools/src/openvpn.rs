@@ -4,6 +4,7 @@
 
 use crate::config::{OpenVpnSection, Remote, ServerConfig};
 use crate::db::{Db, Open};
+use crate::management::{ensure_password_file, password_file};
 use crate::names::Ipv4Net;
 use crate::pki::ProjectDir;
 use crate::Global;
@@ -27,8 +28,10 @@ pub struct Args {
 pub enum Command {
     /// Print a server config: TCP, dev tun, the project's address pool with every node's fixed
     /// address in the client-config-dir (ccd-exclusive: only enrolled nodes get in),
-    /// crl-verify, keepalive, pushed routes and DNS, a management interface on loopback, and
-    /// `idhal hook` as client-connect / client-disconnect.
+    /// crl-verify, keepalive, pushed routes and DNS, a management interface on loopback with a
+    /// password (the file is created 0600 when missing, never overwritten; none only with
+    /// [openvpn] management_auth = "none"), and `idhal hook` as client-connect /
+    /// client-disconnect.
     #[command(after_help = "Example:\n  \
         idhal ca issue-server vpn1\n  \
         idhal --config /etc/idhal/server.toml openvpn server-config --name vpn1 \\\n      \
@@ -66,8 +69,21 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating this idhal binary")?,
     };
+    let management_password = match password_file(&cfg, &global.state_dir, &project) {
+        Some(pw) => {
+            if ensure_password_file(&pw)? {
+                eprintln!(
+                    "idhal openvpn server-config: management password created in {} (0600)",
+                    pw.display()
+                );
+            }
+            Some(pw)
+        }
+        None => None,
+    };
     let server = ServerSetup {
         project: &project,
+        management_password,
         name: &name,
         pool,
         paths: &paths,
@@ -100,6 +116,8 @@ fn plain(path: &Path) -> anyhow::Result<String> {
 
 pub struct ServerSetup<'a> {
     pub project: &'a str,
+    /// The management password file; `None` only with `management_auth = "none"`.
+    pub management_password: Option<PathBuf>,
     pub name: &'a str,
     pub pool: Ipv4Net,
     pub paths: &'a ProjectDir,
@@ -163,9 +181,15 @@ impl ServerSetup<'_> {
                 m.ip().is_loopback(),
                 "[openvpn] management {m}: keep the management interface on loopback"
             );
-            match &o.management_password_file {
+            match &self.management_password {
                 Some(pw) => writeln!(w, "management {} {} {}", m.ip(), m.port(), plain(pw)?)?,
-                None => writeln!(w, "management {} {}", m.ip(), m.port())?,
+                None => {
+                    writeln!(
+                        w,
+                        "# No management password: [openvpn] management_auth = \"none\"."
+                    )?;
+                    writeln!(w, "management {} {}", m.ip(), m.port())?
+                }
             }
         }
         writeln!(w, "script-security 2")?;
@@ -213,6 +237,37 @@ mod tests {
         );
         assert!(c.contains("remote vpn1.example.org 1194\nremote 10.0.2.100 443\n"));
         assert!(c.contains("remote-cert-tls server"));
+    }
+
+    #[test]
+    fn the_management_interface_gets_a_password_unless_told_otherwise() {
+        let paths = ProjectDir::new(Path::new("/s"), "p");
+        let o = OpenVpnSection {
+            management: vec!["127.0.0.1:7505".parse().unwrap()],
+            ..OpenVpnSection::default()
+        };
+        let setup = |pw: Option<&str>| ServerSetup {
+            project: "p",
+            management_password: pw.map(PathBuf::from),
+            name: "vpn1",
+            pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
+            paths: &paths,
+            openvpn: &o,
+            idhal: Path::new("/usr/bin/idhal"),
+            config: None,
+            state_dir: Path::new("/s"),
+        };
+        let with = setup(Some("/s/projects/p/management.pw")).render().unwrap();
+        assert!(
+            with.contains("\nmanagement 127.0.0.1 7505 /s/projects/p/management.pw\n"),
+            "{with}"
+        );
+        let without = setup(None).render().unwrap();
+        assert!(without.contains("management_auth = \"none\""), "{without}");
+        assert!(
+            without.contains("\nmanagement 127.0.0.1 7505\n"),
+            "{without}"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::config::{DnsUpdate, StatusSource};
 use crate::hook::{
     connect_session, disconnect_host, node_addresses, refresh_node_dns, HookFailure,
 };
-use crate::management::{Answer, Management};
+use crate::management::{password_file, Answer, Management};
 use crate::names::HostName;
 use crate::openvpn_env::Session;
 use crate::process::{Deadline, NodeLock};
@@ -24,8 +24,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
     about = "Repair scheduler/DNS state from OpenVPN's status file (safe from a timer)",
     long_about = "Reads who is connected from OpenVPN's status file ([reconcile] status_file; \
         OpenVPN needs `status FILE 10` and `status-version 2` or 3) or asks its management \
-        interface ([reconcile] source = \"management\", `management 127.0.0.1 7505` in OpenVPN's \
-        config), and compares the connected clients with the scheduler:\n\
+        interface ([reconcile] source = \"management\", `management 127.0.0.1 7505 PWFILE` in \
+        OpenVPN's config; the password from [reconcile] management_password_file, else the \
+        [ca] project's, as `idhal openvpn server-config` renders it), and compares the connected clients with the scheduler:\n\
         - a connected node that is missing, not Alive, or registered with another CN or address \
           is registered again (exactly as `idhal hook client-connect` does, DNS included);\n\
         - a node idhal manages that is Alive but no longer connected is set Absent (never \
@@ -124,10 +125,18 @@ fn read_status_file(path: &Path) -> anyhow::Result<Status> {
 
 /// Asks OpenVPN's management interface for `status 2` (the same text as a version-2 status
 /// file, but current). Every read and write has the command timeout.
-fn read_management(addr: SocketAddr, cfg: &ServerConfig) -> anyhow::Result<Status> {
+fn read_management(
+    addr: SocketAddr,
+    cfg: &ServerConfig,
+    state_dir: &Path,
+) -> anyhow::Result<Status> {
+    let password = match &cfg.reconcile.management_password_file {
+        Some(p) => Some(p.clone()),
+        None => password_file(cfg, state_dir, &cfg.ca.project),
+    };
     let m = Management {
         addr,
-        password_file: cfg.reconcile.management_password_file.as_deref(),
+        password_file: password.as_deref(),
         timeout: cfg.limits.command_timeout(),
     };
     let text = m.command("status 2", Answer::UntilEnd)?;
@@ -159,9 +168,12 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     };
     let (status, source) = match (&args.status_file, &args.management, cfg.reconcile.source) {
         (Some(path), _, _) => (read_status_file(path)?, path.display().to_string()),
-        (None, Some(addr), _) => (read_management(*addr, &cfg)?, format!("management {addr}")),
+        (None, Some(addr), _) => (
+            read_management(*addr, &cfg, state_dir)?,
+            format!("management {addr}"),
+        ),
         (None, None, StatusSource::Management) => (
-            read_management(cfg.reconcile.management, &cfg)?,
+            read_management(cfg.reconcile.management, &cfg, state_dir)?,
             format!("management {}", cfg.reconcile.management),
         ),
         (None, None, StatusSource::StatusFile) => (

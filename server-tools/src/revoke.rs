@@ -5,7 +5,7 @@
 use crate::config::ServerConfig;
 use crate::crl;
 use crate::db::{Db, DbError, Open};
-use crate::management::{Answer, Management};
+use crate::management::{password_file, Answer, Management};
 use crate::names::NodeId;
 use crate::pki::ProjectCa;
 use crate::publish::remove_durably;
@@ -21,8 +21,10 @@ use std::process::ExitCode;
     long_about = "Revokes NODE's certificate: the node is marked revoked, the project's CRL is \
         re-signed at once (OpenVPN's crl-verify re-reads it on the next handshake), the node's \
         client-config-dir entry is removed (ccd-exclusive refuses it even before that), and its \
-        session is killed through each OpenVPN management interface in [openvpn] management, so \
-        a connected node is dropped within seconds and cannot come back. The node stays in \
+        session is killed through each OpenVPN management interface in [openvpn] management \
+        (with the password in [openvpn] management_password_file, default \
+        STATE/projects/PROJECT/management.pw), so a connected node is dropped within seconds \
+        and cannot come back. The node stays in \
         `idhal nodes` (revoked) and its id and address are never reused.\n\n\
         Exit codes: 0 revoked (and dropped, or not connected); 1 error (nothing changed, or \
         see the message); 2 usage or config error; 4 revoked, but a management interface did \
@@ -80,11 +82,12 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     remove_durably(&ca.paths.ccd().join(id.as_str()))?;
 
     let openvpn = cfg.openvpn_for(&node.project);
+    let password = password_file(&cfg, &global.state_dir, &node.project);
     let mut unreachable = 0;
     for addr in &openvpn.management {
         let m = Management {
             addr: *addr,
-            password_file: openvpn.management_password_file.as_deref(),
+            password_file: password.as_deref(),
             timeout: cfg.limits.command_timeout(),
         };
         match m.command(&format!("kill {id}"), Answer::OneLine) {
@@ -94,7 +97,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             Ok(line) => println!("{id}: not connected to the OpenVPN server at {addr} ({line})"),
             Err(e) => {
                 unreachable += 1;
-                eprintln!("idhal revoke: warning: {e:#}: {id} may stay connected there until its next renegotiation");
+                eprintln!("idhal revoke: warning: {}: {id} may stay connected there until its next renegotiation", anyhow::Error::new(e));
             }
         }
     }

@@ -8,6 +8,7 @@ mod hook_support;
 
 use enroll_support::{enroll, ok, wait_until, NodeKey, Project};
 use hook_support::{free_port, require, signal};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -80,14 +81,29 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
         tmp.path().join("status.log").display()
     );
     let p = Project::new(&config);
-    ok(p.idhal(&["ca", "issue-server", "vpn1"]));
+    let issued = ok(p.idhal(&["ca", "issue-server", "vpn1"]));
+    // The management password: made by issue-server, 0600, never overwritten afterwards.
+    let pw = p.ca_dir().join("management.pw");
+    assert!(
+        issued.contains(&format!(
+            "management   password in {} (0600, new)",
+            pw.display()
+        )),
+        "{issued}"
+    );
+    let password = std::fs::read_to_string(&pw).unwrap();
+    assert_eq!(
+        std::fs::metadata(&pw).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let rendered = ok(p.idhal(&["openvpn", "server-config", "--name", "vpn1"]));
+    assert_eq!(std::fs::read_to_string(&pw).unwrap(), password);
     for line in [
         "proto tcp-server\n",
         "dev tun\n",
         "server 10.134.0.0 255.255.0.0 nopool\n",
         "ccd-exclusive\n",
-        &format!("management 127.0.0.1 {mgmt}\n"),
+        &format!("management 127.0.0.1 {mgmt} {}\n", pw.display()),
         "hook client-connect\"\n",
         "crl-verify ",
     ] {
@@ -136,6 +152,61 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
     wait_until("hooks ran", Duration::from_secs(10), || {
         connects(&a.node) == 1 && connects(&b.node) == 1
     });
+
+    // Configs that get the management password wrong, or have none.
+    let variant = |name: &str, extra: &str| {
+        let path = p.dir.path().join(name);
+        std::fs::write(&path, format!("{config}{extra}")).unwrap();
+        path
+    };
+    let wrong_pw = p.dir.path().join("wrong.pw");
+    std::fs::write(&wrong_pw, "not-the-password\n").unwrap();
+    let wrong = variant(
+        "wrong.toml",
+        &format!("management_password_file = \"{}\"\n", wrong_pw.display()),
+    );
+    let none = variant("none.toml", "management_auth = \"none\"\n");
+    let mgmt_addr = format!("127.0.0.1:{mgmt}");
+
+    // Reconcile reads the status from the management interface with the password.
+    let out = p.idhal(&["reconcile", "--management", &mgmt_addr]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(": 2 connected,"), "{said}");
+    for (cfg, why) in [
+        (&wrong, "refused the password in"),
+        (&none, "asks for a password and none is configured"),
+    ] {
+        let out = enroll_support::idhal(
+            &p.state,
+            Some(cfg),
+            &["reconcile", "--management", &mgmt_addr],
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+
+    // Revoke a with the wrong password: revoked, but the server refuses the kill (exit 4),
+    // clearly; a stays connected until the right password drops it.
+    let out = enroll_support::idhal(&p.state, Some(&wrong), &["revoke", &a.node]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(&format!(
+            "refused the password in {} (wrong password",
+            wrong_pw.display()
+        )),
+        "{err}"
+    );
+    assert!(!server
+        .log()
+        .contains(&format!("idhal hook client-disconnect: {}", a.node)));
 
     // Revoke a: dropped through the management interface at once, then refused by the CRL.
     let out = p.idhal(&["revoke", &a.node]);

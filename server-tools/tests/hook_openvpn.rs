@@ -157,16 +157,19 @@ fn openvpn_runs_the_hooks_for_real() {
     let key = dir.join("tsig.key");
     knot.write_key(&key, TSIG_SECRET);
     let status = dir.join("status.log");
+    let mgmt_pw = dir.join("management.pw");
+    std::fs::write(&mgmt_pw, "hook-test-management-password\n").unwrap();
     let cfg = dir.join("server.toml");
     std::fs::write(
         &cfg,
         format!(
             "[names]\ndomain = \"idhal.test\"\n\
              [dns]\nupdate = \"rfc2136\"\nserver = \"127.0.0.1:{}\"\ntsig_key_file = \"{}\"\non_disconnect = \"remove\"\n\
-             [reconcile]\nstatus_file = \"{}\"\n{}",
+             [reconcile]\nstatus_file = \"{}\"\nmanagement_password_file = \"{}\"\n{}",
             knot.port,
             key.display(),
             status.display(),
+            mgmt_pw.display(),
             oar.config_section()
         ),
     )
@@ -240,6 +243,7 @@ fn openvpn_runs_the_hooks_for_real() {
             ])
             .args(["--client-disconnect", &hook_cmd("client-disconnect")])
             .args(["--management", "127.0.0.1", &mport])
+            .arg(&mgmt_pw)
             .args([
                 "--status",
                 &status.display().to_string(),
