@@ -76,8 +76,6 @@ impl ServerConfig {
             .template
             .check_one_to_one(&cfg.names.pool)
             .map_err(|e| invalid(format!("[names] template: {e}")))?;
-        cfg.server_name()
-            .map_err(|e| invalid(format!("[openvpn] name: {e}")))?;
         if cfg.dns.update == DnsUpdate::Rfc2136 && cfg.dns.tsig_key_file.is_none() {
             return Err(invalid(
                 "[dns] update = \"rfc2136\" needs tsig_key_file (unsigned updates are not sent)"
@@ -361,6 +359,8 @@ pub struct ReconcileSection {
     pub management_password_file: Option<PathBuf>,
     /// A status file older than this means OpenVPN is not writing it: reconcile refuses to act.
     pub max_status_age_secs: u64,
+    /// A status file larger than this is refused unread (about 200 bytes a client).
+    pub max_status_bytes: u64,
 }
 
 impl Default for ReconcileSection {
@@ -371,6 +371,7 @@ impl Default for ReconcileSection {
             management: "127.0.0.1:7505".parse().expect("valid default"),
             management_password_file: None,
             max_status_age_secs: 120,
+            max_status_bytes: 64 << 20,
         }
     }
 }

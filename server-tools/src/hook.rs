@@ -24,13 +24,16 @@ Used directly as OpenVPN's client-connect / client-disconnect scripts:
   client-connect    \"/usr/local/bin/idhal hook client-connect --config /etc/idhal/server.toml\"
   client-disconnect \"/usr/local/bin/idhal hook client-disconnect --config /etc/idhal/server.toml\"
 
-They read OpenVPN's environment (common_name, ifconfig_pool_remote_ip, trusted_ip, time_unix) and
-refuse any value that is not a valid node id or address. The node's name comes from its VPN
+They read OpenVPN's environment (common_name, ifconfig_pool_remote_ip, trusted_ip, trusted_port,
+time_unix) and refuse any value that is not a valid node id or address (the pools' network,
+broadcast and VPN server addresses included). The node's name comes from its VPN
 address through [names] template (vnode-{3}-{4} → vnode-7-38 for 10.134.7.38).
 
-On connect: OAR resource created once, properties set, state Alive (read back to confirm); DNS A
-and PTR replaced ([dns] update = \"rfc2136\"). On disconnect: OAR state Absent (never removed);
-DNS records removed when [dns] on_disconnect = \"remove\".
+On connect: OAR resource created once, properties set (idhalserver: this server's [openvpn]
+name), state Alive (read back to confirm); DNS A and PTR replaced ([dns] update = \"rfc2136\").
+On disconnect: OAR state Absent (never removed), unless a newer session of the node is
+registered (later, or the same second from another client port); DNS records removed when
+[dns] on_disconnect = \"remove\".
 
 Exit codes: 0 done (or failed with [hook] on_failure = \"admit\"); 1 refused: invalid input, or a
 backend failed with on_failure = \"refuse\" (OpenVPN then refuses the client); 2 usage or config

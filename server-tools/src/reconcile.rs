@@ -29,8 +29,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
         [ca] project's, as `idhal openvpn server-config` renders it), and compares the connected clients with the scheduler:\n\
         - a connected node that is missing, not Alive, or registered with another CN or address \
           is registered again (exactly as `idhal hook client-connect` does, DNS included);\n\
-        - a node idhal manages that is Alive but no longer connected is set Absent (never \
-          removed), unless it registered after the status file was written.\n\n\
+        - a node idhal manages that this server registered ([openvpn] name, default the host \
+          name; OAR property idhalserver) and that is Alive but no longer connected is set \
+          Absent (never removed), unless it registered in or after the second the status was \
+          written. A node whose id is listed at all (a client still connecting has no address \
+          yet) is left alone, and so are other servers' nodes.\n\n\
         A status file older than [reconcile] max_status_age_secs is refused (OpenVPN is not \
         writing it: acting on it could take every node down). Runs hold the same per-node locks \
         as the hooks, and a second concurrent reconcile exits at once.\n\n\
@@ -117,9 +120,21 @@ fn parse_status(text: &str) -> anyhow::Result<Status> {
     Ok(Status { written, clients })
 }
 
-fn read_status_file(path: &Path) -> anyhow::Result<Status> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading OpenVPN status file {}", path.display()))?;
+fn read_status_file(path: &Path, limit: u64) -> anyhow::Result<Status> {
+    use std::io::Read as _;
+    let what = || format!("reading OpenVPN status file {}", path.display());
+    let mut text = String::new();
+    // Bounded read: the size is checked on what is read, not on what metadata says.
+    std::fs::File::open(path)
+        .with_context(what)?
+        .take(limit + 1)
+        .read_to_string(&mut text)
+        .with_context(what)?;
+    anyhow::ensure!(
+        text.len() as u64 <= limit,
+        "OpenVPN status file {} is larger than [reconcile] max_status_bytes ({limit}); nothing changed",
+        path.display()
+    );
     parse_status(&text).with_context(|| format!("status file {}", path.display()))
 }
 
@@ -167,7 +182,10 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let (status, source) = match (&args.status_file, &args.management, cfg.reconcile.source) {
-        (Some(path), _, _) => (read_status_file(path)?, path.display().to_string()),
+        (Some(path), _, _) => (
+            read_status_file(path, cfg.reconcile.max_status_bytes)?,
+            path.display().to_string(),
+        ),
         (None, Some(addr), _) => (
             read_management(*addr, &cfg, state_dir)?,
             format!("management {addr}"),
@@ -177,7 +195,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             format!("management {}", cfg.reconcile.management),
         ),
         (None, None, StatusSource::StatusFile) => (
-            read_status_file(&cfg.reconcile.status_file)?,
+            read_status_file(&cfg.reconcile.status_file, cfg.reconcile.max_status_bytes)?,
             cfg.reconcile.status_file.display().to_string(),
         ),
     };

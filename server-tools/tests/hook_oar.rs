@@ -678,3 +678,81 @@ fn network_broadcast_and_server_addresses_are_refused() {
     }
     assert!(oar.resources(Some("idhalcn = 'client1401'")).is_empty());
 }
+
+#[test]
+fn hostile_status_files_change_nothing() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let (d, cfg, state) = setup(&config(
+        oar,
+        "hostile-status.test",
+        "[reconcile]\nmax_status_bytes = 100000",
+    ));
+    let t0 = now() - 1000;
+    ok(&hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client1501", "10.134.15.1", t0),
+    ));
+    let host = "vnode-15-1.hostile-status.test";
+    let write = |name: &str, bytes: &[u8]| {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let valid = status_rows(d.path(), "valid.log", now(), &[]);
+    let header = std::fs::read_to_string(&valid).unwrap();
+    let huge = format!("{header}{}", "#".repeat(200_000));
+    for (name, bytes, why) in [
+        (
+            "huge.log",
+            huge.as_bytes(),
+            "larger than [reconcile] max_status_bytes",
+        ),
+        ("empty.log", &b""[..], "no TIME line"),
+        (
+            "binary.log",
+            &[0xff, 0xfe, 0, 1, 2][..],
+            "reading OpenVPN status file",
+        ),
+        (
+            "order.log",
+            &b"TIME,x,1\nCLIENT_LIST,client1501,127.0.0.1:1,10.134.15.1\n"[..],
+            "CLIENT_LIST before its HEADER",
+        ),
+    ] {
+        let o = reconcile(&cfg, &state, &write(name, bytes));
+        assert_eq!(o.status.code(), Some(1), "{name}: {}", out(&o));
+        assert!(out(&o).contains(why), "{name}: {}", out(&o));
+        assert_eq!(state_of(oar, host), "Alive", "{name}");
+    }
+    // Hostile common names and addresses next to the node's own line: each skipped as
+    // invalid, nothing of theirs reaches OAR, the node stays up.
+    let mut rows = vec![("client1501", "127.0.0.1:40000", "10.134.15.1", t0)];
+    let bad = [
+        ("x' OR '1'='1", "10.134.15.2"),
+        ("client1502", "10.134.15.2'; --"),
+        ("$(touch /tmp/idhal-pwned)", "10.134.15.3"),
+        ("client1504", "10.134.255.255"),
+    ];
+    for (cn, ip) in bad {
+        rows.push((cn, "127.0.0.1:40001", ip, t0));
+    }
+    let o = reconcile(
+        &cfg,
+        &state,
+        &status_rows(d.path(), "bad.log", now(), &rows),
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("1 connected, 0 registered again, 0 taken down, 4 failures"),
+        "{text}"
+    );
+    assert_eq!(state_of(oar, host), "Alive");
+    assert!(oar
+        .resources(Some("network_address LIKE 'vnode-15-%' AND network_address != 'vnode-15-1.hostile-status.test'"))
+        .is_empty());
+    assert!(!Path::new("/tmp/idhal-pwned").exists());
+}
