@@ -407,7 +407,7 @@ fn bench_connect_hook_latency() {
         &node_env("b-0", "10.134.201.1", t),
     ));
     println!(
-        "bench_connect_hook_latency: first connect ever (creates 7 property columns): {:.0} ms",
+        "bench_connect_hook_latency: first connect ever (creates the 9 property columns): {:.0} ms",
         first.elapsed().as_secs_f64() * 1000.0
     );
     run("new node (create + properties)", t, false);
