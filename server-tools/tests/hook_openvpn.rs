@@ -402,3 +402,208 @@ fn openvpn_runs_the_hooks_for_real() {
         "{log}"
     );
 }
+
+/// The bug that made `openvpn_runs_the_hooks_for_real` flaky, reproduced on purpose: while a
+/// client's connect is pending, OpenVPN's status file lists it by CN with an empty Virtual
+/// Address. The connect hook is deferred (OpenVPN 2.6's `client_connect_deferred_file`) until
+/// the test opens a gate, so the pending state lasts as long as the test needs. Reconcile must
+/// leave the node (registered by an earlier session) Alive and say so.
+#[test]
+fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
+    if !require(&[
+        "/usr/sbin/openvpn",
+        "/usr/bin/openssl",
+        "/dev/net/tun",
+        "/usr/sbin/oar-database",
+        "/usr/lib/oar/Almighty",
+        &pg_available(),
+    ]) {
+        return;
+    }
+    let oar = Oar::start();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    pki(dir, "client802");
+    let status = dir.join("status.log");
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[names]\ndomain = \"pending.test\"\n[openvpn]\nname = \"vpn-pending\"\n\
+             [reconcile]\nstatus_file = \"{}\"\n{}",
+            status.display(),
+            oar.config_section()
+        ),
+    )
+    .unwrap();
+    let state = dir.join("state");
+    let host = "vnode-9-10.pending.test";
+    // An earlier session of the node registered it; its disconnect was missed.
+    let o = hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client802", "10.134.9.10", now() - 600),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let gate = dir.join("gate");
+    let deferred_log = dir.join("deferred-hook.log");
+    let wrapper = dir.join("connect.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             hook=\"{IDHAL} --config {cfg} --state-dir {state} hook client-connect\"\n\
+             echo 2 > \"$client_connect_deferred_file\"\n\
+             (\n  i=0\n  while [ ! -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n  \
+             if $hook \"$@\"; then echo 1; else echo 0; fi > \"$client_connect_deferred_file\"\n\
+             ) >>{log} 2>&1 &\nexit 0\n",
+            cfg = cfg.display(),
+            state = state.display(),
+            gate = gate.display(),
+            log = deferred_log.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let reaper = Reaper::new(&dir.join("nothing-to-remove"));
+    let port = free_port().to_string();
+    let tag = std::process::id() % 100_000;
+    let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
+    let mut server = spawn(
+        Command::new("/usr/sbin/openvpn")
+            .current_dir(dir)
+            .args(["--mode", "server", "--tls-server", "--proto", "tcp-server"])
+            .args(["--local", "127.0.0.1", "--port", &port])
+            .args(["--dev", &format!("idps{tag}"), "--dev-type", "tun"])
+            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
+            .args([
+                "--topology",
+                "subnet",
+                "--ifconfig",
+                "10.134.0.1",
+                "255.255.0.0",
+            ])
+            .args([
+                "--ifconfig-pool",
+                "10.134.9.10",
+                "10.134.9.50",
+                "255.255.0.0",
+            ])
+            .args([
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "server.crt",
+                "--key",
+                "server.key",
+            ])
+            .args(["--dh", "none", "--script-security", "2"])
+            .arg("--client-connect")
+            .arg(&wrapper)
+            .args(["--status", &status.display().to_string(), "1"])
+            .args(["--status-version", "2", "--verb", "3"]),
+        &server_log,
+    );
+    reaper.watch(server.id());
+    wait_until(
+        "OpenVPN server listening",
+        Duration::from_secs(20),
+        &[&server_log],
+        || listening(port.parse().unwrap()).0,
+    );
+    let mut client = spawn(
+        Command::new("/usr/sbin/openvpn")
+            .current_dir(dir)
+            .args([
+                "--client",
+                "--proto",
+                "tcp-client",
+                "--remote",
+                "127.0.0.1",
+                &port,
+            ])
+            .args(["--dev", &format!("idpc{tag}"), "--dev-type", "tun"])
+            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
+            .args([
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "client.crt",
+                "--key",
+                "client.key",
+            ])
+            .args(["--verb", "3"]),
+        &client_log,
+    );
+    reaper.watch(client.id());
+    let logs = [server_log.as_path(), client_log.as_path()];
+    let line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("CLIENT_LIST,client802,"))
+            .map(str::to_owned)
+    };
+    wait_until(
+        "status file lists the pending client",
+        Duration::from_secs(30),
+        &logs,
+        || std::fs::read_to_string(&status).is_ok_and(|s| line(&s).is_some()),
+    );
+    let listed = line(&std::fs::read_to_string(&status).unwrap()).unwrap();
+    assert_eq!(
+        listed.split(',').nth(3),
+        Some(""),
+        "OpenVPN gave the pending client an address already: {listed}"
+    );
+    let reconcile = || {
+        Command::new(IDHAL)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("reconcile")
+            .output()
+            .unwrap()
+    };
+    let o = reconcile();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("\"client802\" is still connecting") && out.contains("its node is left alone"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "0 connected, 0 registered again, 0 taken down, 0 failures, 1 still connecting"
+        ),
+        "{out}"
+    );
+    assert_eq!(oar.host(host)[0]["state"], "Alive");
+
+    // The connect goes through: the client gets its address, and reconcile agrees.
+    std::fs::write(&gate, "").unwrap();
+    wait_until(
+        "status file lists the client with its address",
+        Duration::from_secs(30),
+        &logs,
+        || {
+            std::fs::read_to_string(&status)
+                .is_ok_and(|s| line(&s).is_some_and(|l| l.contains(",10.134.9.10,")))
+        },
+    );
+    let o = reconcile();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("1 connected, 0 registered again, 0 taken down, 0 failures"),
+        "{out}\n{}",
+        std::fs::read_to_string(&deferred_log).unwrap_or_default()
+    );
+    assert_eq!(oar.host(host)[0]["state"], "Alive");
+    stop(&mut client);
+    stop(&mut server);
+}
