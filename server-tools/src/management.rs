@@ -217,6 +217,86 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), first);
     }
 
+    /// A hostile or broken peer on 127.0.0.1 (a real OpenVPN cannot be made to misbehave):
+    /// it sends `greeting` and then whatever `then` writes, and keeps the socket open.
+    fn peer(greeting: &'static [u8], then: fn(&mut TcpStream)) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let _ = s.write_all(greeting);
+                then(&mut s);
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        });
+        addr
+    }
+
+    fn ask(addr: SocketAddr, pw: Option<&Path>, answer: Answer) -> ManagementError {
+        Management {
+            addr,
+            password_file: pw,
+            timeout: Duration::from_millis(500),
+        }
+        .command("status 2", answer)
+        .unwrap_err()
+    }
+
+    #[test]
+    fn hostile_or_broken_peers_get_clear_errors_within_the_timeout() {
+        let d = tempfile::tempdir().unwrap();
+        let pw = d.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        // Silent after accepting: the read timeout ends it.
+        let e = ask(peer(b"", |_| {}), Some(&pw), Answer::UntilEnd);
+        assert!(matches!(e, ManagementError::Io { .. }), "{e}");
+        // Endless bytes without a newline: refused after 4 KiB, not buffered forever.
+        let e = ask(
+            peer(b"", |s| {
+                let _ = s.write_all(&[b'x'; 8192]);
+            }),
+            Some(&pw),
+            Answer::UntilEnd,
+        );
+        assert!(matches!(e, ManagementError::Greeting { .. }), "{e}");
+        // A password prompt and no password configured.
+        let e = ask(peer(b"ENTER PASSWORD:", |_| {}), None, Answer::OneLine);
+        assert!(matches!(e, ManagementError::PasswordRequired { .. }), "{e}");
+        // The prompt again after the password: wrong password (OpenVPN 2.6 says nothing else).
+        let e = ask(
+            peer(b"ENTER PASSWORD:", |s| {
+                let mut b = [0u8; 64];
+                let _ = std::io::Read::read(s, &mut b);
+                let _ = s.write_all(b"ENTER PASSWORD:");
+            }),
+            Some(&pw),
+            Answer::OneLine,
+        );
+        assert!(matches!(e, ManagementError::WrongPassword { .. }), "{e}");
+        assert!(e.to_string().contains("wrong password"), "{e}");
+        // An answer without END past the size limit.
+        let e = ask(
+            peer(b">INFO:banner\r\n", |s| {
+                let line = [b"CLIENT_LIST,".as_slice(), &[b'a'; 1000], b"\n"].concat();
+                for _ in 0..(MAX_ANSWER / 1000 + 10) {
+                    if s.write_all(&line).is_err() {
+                        return;
+                    }
+                }
+            }),
+            Some(&pw),
+            Answer::UntilEnd,
+        );
+        assert!(matches!(e, ManagementError::TooLarge { .. }), "{e}");
+        // Closed at once.
+        let e = ask(
+            peer(b"", |s| drop(s.shutdown(std::net::Shutdown::Both))),
+            None,
+            Answer::OneLine,
+        );
+        assert!(matches!(e, ManagementError::Closed { .. }), "{e}");
+    }
+
     #[test]
     fn the_password_follows_the_config() {
         let state = Path::new("/s");
