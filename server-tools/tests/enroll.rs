@@ -454,6 +454,27 @@ fn crls_are_re_signed_before_they_expire() {
 #[test]
 fn projects_are_separate_cas_with_separate_pools() {
     let p = Project::new(CONFIG);
+    // A second project's pool must lie inside [names] pool (10.134.0.0/16 by default) ...
+    let out = p.idhal(&[
+        "ca",
+        "init",
+        "--project",
+        "other",
+        "--pool",
+        "10.135.0.0/16",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("10.135.0.0/16") && err.contains("[names] pool"),
+        "{err}"
+    );
+    // ... so two projects need a wider one, with a template that names all of it apart.
+    std::fs::write(
+        &p.config,
+        format!("[names]\npool = \"10.0.0.0/8\"\ntemplate = \"vnode-{{2}}-{{3}}-{{4}}\"\n{CONFIG}"),
+    )
+    .unwrap();
     let out = p.idhal(&["ca", "init", "--project", "other"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("overlaps project \"default\""));
