@@ -9,14 +9,13 @@ use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use idhal_manifest::enroll;
-use std::io;
+use std::io::{self, Read as _};
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::io::{AsyncRead, ReadBuf};
 
 /// Why a request failed. `status` and `public_message` are the one mapping from errors to HTTP;
 /// details that could help an attacker stay in the server's log.
@@ -119,10 +118,11 @@ pub(crate) struct ReplyBody {
 
 enum Source {
     Bytes(Option<Bytes>),
-    File {
-        file: tokio::fs::File,
-        buf: Box<[u8]>,
-    },
+    /// Read on the runtime thread, a chunk per frame: PUBDIR is local and its files are in the
+    /// page cache, so a read costs microseconds — less than handing it to a blocking thread
+    /// (measured: that made 1 MiB GETs ~25% slower). On a network file system use a static web
+    /// server instead.
+    File(std::fs::File),
 }
 
 impl ReplyBody {
@@ -137,10 +137,7 @@ impl ReplyBody {
     fn file(file: std::fs::File, len: u64) -> ReplyBody {
         ReplyBody {
             remaining: len,
-            source: Source::File {
-                file: tokio::fs::File::from_std(file),
-                buf: vec![0; FILE_CHUNK].into_boxed_slice(),
-            },
+            source: Source::File(file),
             busy: None,
         }
     }
@@ -156,7 +153,7 @@ impl hyper::body::Body for ReplyBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
+        _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
         if this.remaining == 0 {
@@ -167,13 +164,12 @@ impl hyper::body::Body for ReplyBody {
                 this.remaining = 0;
                 Poll::Ready(b.take().map(|b| Ok(Frame::data(b))))
             }
-            Source::File { file, buf } => {
+            Source::File(file) => {
                 let want = usize::try_from(this.remaining)
                     .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let mut rb = ReadBuf::new(&mut buf[..want]);
-                ready!(Pin::new(file).poll_read(cx, &mut rb))?;
-                let n = rb.filled().len();
+                    .min(FILE_CHUNK);
+                let mut chunk = Vec::with_capacity(want);
+                let n = file.by_ref().take(want as u64).read_to_end(&mut chunk)?;
                 if n == 0 {
                     // Content-Length is already sent: the client must see a short body.
                     return Poll::Ready(Some(Err(io::Error::new(
@@ -182,7 +178,7 @@ impl hyper::body::Body for ReplyBody {
                     ))));
                 }
                 this.remaining -= n as u64;
-                Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(rb.filled())))))
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
             }
         }
     }
@@ -288,7 +284,7 @@ impl App {
                 if !matches!(*request.method(), Method::GET | Method::HEAD) {
                     return Err(HttpError::MethodNotAllowed { allow: "GET, HEAD" });
                 }
-                self.files.serve(&path).await
+                self.files.serve(&path)
             }
         }
     }
@@ -432,35 +428,32 @@ impl StaticFiles {
 }
 
 impl StaticFiles {
-    /// Opens the file for `path` on a blocking thread (path checks and open are file system
-    /// calls) and answers with it.
-    async fn serve(&self, path: &str) -> Result<Reply, HttpError> {
+    /// Finds and opens the file for `path` and answers with it. Path checks, open and a small
+    /// file's read run on the runtime thread: see [`Source::File`] for why.
+    fn serve(&self, path: &str) -> Result<Reply, HttpError> {
         let real = self.resolve(path)?;
-        let opened = tokio::task::spawn_blocking(move || open_regular(&real))
-            .await
-            .map_err(|e| HttpError::Internal(format!("open task: {e}")))??;
-        let (file, len, name) = opened;
+        let (body, name) = open_regular(&real)?;
         let content_type = if name.ends_with(".minisig") || name.ends_with(".pub") {
             "text/plain; charset=utf-8"
         } else {
             "application/octet-stream"
         };
-        Ok(Reply::ok(content_type, ReplyBody::file(file, len)))
+        Ok(Reply::ok(content_type, body))
     }
 }
 
 /// Opens a resolved path; length and type come from the opened file, not the path: they
-/// describe what is sent.
-fn open_regular(real: &Path) -> Result<(std::fs::File, u64, String), HttpError> {
-    let file = match std::fs::File::open(real) {
+/// describe what is sent. A file of at most one chunk (signatures, keys, most manifests) is read
+/// at once; a larger one is streamed from the open file.
+fn open_regular(real: &Path) -> Result<(ReplyBody, String), HttpError> {
+    let internal = |e: io::Error| HttpError::Internal(format!("{}: {e}", real.display()));
+    let mut file = match std::fs::File::open(real) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(HttpError::NotFound),
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(HttpError::NotFound),
-        Err(e) => return Err(HttpError::Internal(format!("{}: {e}", real.display()))),
+        Err(e) => return Err(internal(e)),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| HttpError::Internal(format!("{}: {e}", real.display())))?;
+    let meta = file.metadata().map_err(internal)?;
     if !meta.is_file() {
         return Err(HttpError::NotFound);
     }
@@ -468,7 +461,22 @@ fn open_regular(real: &Path) -> Result<(std::fs::File, u64, String), HttpError> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok((file, meta.len(), name))
+    let len = meta.len();
+    if len > FILE_CHUNK as u64 {
+        return Ok((ReplyBody::file(file, len), name));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    io::Read::by_ref(&mut file)
+        .take(len)
+        .read_to_end(&mut bytes)
+        .map_err(internal)?;
+    if bytes.len() as u64 != len {
+        return Err(internal(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the file shrank while being read",
+        )));
+    }
+    Ok((ReplyBody::bytes(bytes), name))
 }
 
 #[cfg(test)]
