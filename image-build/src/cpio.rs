@@ -140,12 +140,7 @@ mod tests {
             .output()
             .is_err()
         {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "CI=true: cpio missing"
-            );
-            eprintln!("cpio not installed: skipping the interop check");
+            idhal_test_support::skip_or_fail("GNU cpio (the interop check's reader) not installed");
             return;
         }
         let mut t = Tree::default();

@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -17,32 +16,25 @@ use std::time::{Duration, Instant};
 pub const IDHAL: &str = env!("CARGO_BIN_EXE_idhal");
 pub const OARDIR: &str = "/usr/lib/oar";
 
-/// True when every component is present. A missing one skips the test with a loud message on a
-/// developer machine, and FAILS it under CI (CI=true), where scripts/setup-debian.sh installs them.
+/// True when every component is present and we are root. Otherwise the one rule of
+/// `idhal_test_support::skip_or_fail`: a failure under scripts/test.sh and CI, a loud SKIPPED
+/// line in a plain `cargo test`.
 pub fn require(paths: &[&str]) -> bool {
     let mut missing: Vec<String> = paths
         .iter()
         .filter(|p| !Path::new(p).exists())
         .map(|p| p.to_string())
         .collect();
-    if std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(1)
-        != 0
-    {
+    if !idhal_test_support::is_root() {
         missing.push("root (PostgreSQL and OAR are started as their own users)".into());
     }
     if missing.is_empty() {
         return true;
     }
-    let msg = format!(
+    idhal_test_support::skip_or_fail(&format!(
         "hook tests need {} — install scripts/apt-packages.txt (scripts/setup-debian.sh) and run as root",
         missing.join(", ")
-    );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}");
-    }
-    eprintln!("\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n");
+    ));
     false
 }
 
