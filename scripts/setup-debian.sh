@@ -14,10 +14,18 @@ for p in "${pkgs[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # Quietly: apt's and debconf's chatter goes to a log, shown only when something fails.
+    log=$(mktemp /tmp/idhal-setup-apt.XXXXXX)
     # Services started by postinst scripts are not wanted (the tests start their own, on 127.0.0.1).
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "setup: installing ${missing[*]} failed (apt-get's output above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -5,11 +5,13 @@
 //! Every test gets its own [`Env`] (temp dir, keys, publication dir, the project's CA made by
 //! `idhal ca init`, `idhal serve` answering manifests and enrollment, optionally the OpenVPN
 //! server `idhal openvpn server-config` renders, disk copy); guests report progress with console
-//! markers and the harness waits for them with explicit deadlines. A [`Vm`] is killed when
+//! markers and the harness waits for them with explicit deadlines, as state ("was it printed in
+//! this boot", [`console::Console`]), never as the next line of a stream. A [`Vm`] is killed when
 //! dropped, and its console log printed if the test is failing.
 pub mod bins;
 pub mod ca;
 pub mod cluster;
+pub mod console;
 pub mod enroll;
 pub mod host;
 pub mod rootfs;

@@ -1,6 +1,8 @@
-//! One QEMU guest: started from a [`VmSpec`], console (ttyS0) to a file the harness reads with a
-//! cursor, requests (`run`, `poweroff`) on the second serial port (a unix socket). Killed with
-//! SIGKILL by pid when dropped; its console log is printed when the test is failing.
+//! One QEMU guest: started from a [`VmSpec`], console (ttyS0) to a file the harness reads as
+//! state ([`Console`]: waits ask "was this printed in this boot", never "what comes next"),
+//! requests (`run`, `poweroff`) on the second serial port (a unix socket). Killed with SIGKILL
+//! by pid when dropped; its console log is printed when the test is failing.
+use crate::console::{Console, READY};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -68,10 +70,7 @@ pub struct Vm {
     pub console: PathBuf,
     ctl_path: PathBuf,
     ctl: Option<UnixStream>,
-    /// The init prints `ready` once, when it starts serving requests.
-    ready: bool,
-    /// Byte offset in the console log up to which lines were consumed.
-    cursor: usize,
+    log: Console,
     pub started: Instant,
 }
 
@@ -163,33 +162,27 @@ impl Vm {
         Vm {
             name: name.into(),
             child,
+            log: Console::new(&console),
             console,
             ctl_path,
             ctl: None,
-            ready: false,
-            cursor: 0,
             started: Instant::now(),
         }
     }
 
     pub fn console_text(&self) -> String {
-        std::fs::read(&self.console)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        self.log.text()
     }
 
-    /// The next whole console line after the cursor, if the guest has written one; the cursor
-    /// moves past it. Never waits.
-    pub fn try_line(&mut self) -> Option<String> {
-        let bytes = std::fs::read(&self.console).unwrap_or_default();
-        // Only whole lines: the guest may be mid-line.
-        let rest = &bytes[self.cursor.min(bytes.len())..];
-        let nl = rest.iter().position(|&b| b == b'\n')?;
-        let line = String::from_utf8_lossy(&rest[..nl])
-            .trim_end_matches('\r')
-            .to_string();
-        self.cursor += nl + 1;
-        Some(line)
+    /// The console as state: `find`, `run(k)`, `runs_started`.
+    pub fn log(&self) -> &Console {
+        &self.log
+    }
+
+    /// For a live view only (the demo, `idhal-vnode`): the next whole console line not shown
+    /// yet. Never waits; no wait depends on it.
+    pub fn next_new_line(&mut self) -> Option<String> {
+        self.log.next_new_line()
     }
 
     /// Panics (the caller's `what` in the message) when QEMU has exited.
@@ -199,22 +192,18 @@ impl Vm {
         }
     }
 
-    /// The next console line (after the cursor) for which `pred` holds; the cursor moves past
-    /// it. Panics (printing the console) at the deadline or when QEMU exits first.
-    pub fn next_line(
+    /// Polls `cond` on the console until it gives `Some`. Panics (the console is printed by
+    /// `Drop`) at the deadline or when QEMU exits first.
+    pub fn wait<T>(
         &mut self,
         what: &str,
         timeout: Duration,
-        pred: impl Fn(&str) -> bool,
-    ) -> (String, Vec<String>) {
+        mut cond: impl FnMut(&Console) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
-        let mut skipped = Vec::new();
         loop {
-            while let Some(line) = self.try_line() {
-                if pred(&line) {
-                    return (line, skipped);
-                }
-                skipped.push(line);
+            if let Some(v) = cond(&self.log) {
+                return v;
             }
             self.check_running(what);
             if Instant::now() > deadline {
@@ -225,41 +214,43 @@ impl Vm {
         }
     }
 
-    /// Waits for a console line starting with `prefix`.
-    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
-        self.next_line(prefix, timeout, |l| l.starts_with(prefix)).0
+    /// The first console line of this boot for which `pred` holds, printed already or within
+    /// `timeout`.
+    pub fn wait_line(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        self.wait(what, timeout, |c| c.find(&pred))
     }
 
-    /// Waits for the end of the next agent run and collects what it reported.
-    pub fn wait_run(&mut self, timeout: Duration) -> RunResult {
-        self.wait_for("IDHAL-EVENT run-start", timeout);
-        let (exit_line, lines) = self.next_line("IDHAL-EVENT run-exit=", timeout, |l| {
-            l.starts_with("IDHAL-EVENT run-exit=")
-        });
+    /// The first console line of this boot starting with `prefix` (printed already or within
+    /// `timeout`).
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> String {
+        self.wait_line(prefix, timeout, |l| l.starts_with(prefix))
+    }
+
+    /// Waits for the end of the `k`-th agent run of this boot (1: the boot run) and collects
+    /// what it reported.
+    pub fn wait_run(&mut self, k: usize, timeout: Duration) -> RunResult {
+        let r = self.wait(&format!("the end of agent run {k}"), timeout, |c| c.run(k));
         let since_start = self.started.elapsed();
-        let exit = exit_line
-            .strip_prefix("IDHAL-EVENT run-exit=")
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|c| c.parse().ok())
-            .expect("run-exit code");
-        let status_line = self.wait_for("IDHAL-STATUS ", timeout);
-        let status = serde_json::from_str(status_line.trim_start_matches("IDHAL-STATUS "))
-            .unwrap_or_else(|e| panic!("{}: status is not JSON ({e}): {status_line}", self.name));
+        let r = r.unwrap_or_else(|e| panic!("{}: {e}", self.name));
         RunResult {
-            exit,
-            status,
-            lines,
+            exit: r.exit,
+            status: r.status,
+            lines: r.lines,
             since_start,
         }
     }
 
     /// The first run after boot; prints the boot-to-agent-done figure (not asserted).
     pub fn wait_boot_run(&mut self) -> RunResult {
-        let r = self.wait_run(crate::Limits::BOOT);
+        let r = self.wait_run(1, crate::Limits::BOOT);
         let uptime = self
-            .console_text()
-            .lines()
-            .find(|l| l.starts_with("IDHAL-EVENT run-exit="))
+            .log
+            .find(|l| l.starts_with(crate::console::RUN_EXIT))
             .and_then(|l| l.rsplit("uptime=").next().map(String::from))
             .unwrap_or_default();
         eprintln!(
@@ -271,12 +262,10 @@ impl Vm {
         r
     }
 
-    /// Sends one request line to the guest's init (`run`, `poweroff`).
+    /// Sends one request line to the guest's init (`run`, `poweroff`), once it has said it
+    /// serves them (`IDHAL-EVENT ready`, printed once per boot, whoever saw it first).
     pub fn request(&mut self, line: &str) {
-        if !self.ready {
-            self.wait_for("IDHAL-EVENT ready", crate::Limits::RUN);
-            self.ready = true;
-        }
+        self.wait_for(READY, crate::Limits::RUN);
         if self.ctl.is_none() {
             self.ctl = Some(
                 UnixStream::connect(&self.ctl_path).expect("connecting to the VM's control port"),
@@ -287,10 +276,15 @@ impl Vm {
             .expect("writing a request");
     }
 
-    /// Asks for another agent run and waits for its result.
+    /// Asks for another agent run and returns its result. The init serves one request at a
+    /// time after its boot run and runs nothing by itself (no `idhal.period`): the run asked for
+    /// is the next one to start.
     pub fn run_again(&mut self) -> RunResult {
+        // Counted before asking: once asked, the run may start before we look.
+        self.wait_for(READY, crate::Limits::RUN);
+        let k = self.log.runs_started() + 1;
         self.request("run");
-        self.wait_run(crate::Limits::RUN)
+        self.wait_run(k, crate::Limits::RUN)
     }
 
     /// Clean power-off (sync, unmount, poweroff -f) and waits for QEMU to exit.

@@ -101,12 +101,38 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
     let alive = vm.started.elapsed();
     assert_eq!(resource["idhalcn"], node.as_str(), "{resource}");
     assert_eq!(resource["ip"], address.as_str(), "{resource}");
-    vm.next_line("the agent's unit finishing", Limits::RUN, |l| {
+    vm.wait_line("the agent's unit finishing", Limits::RUN, |l| {
         l.contains("Finished") && l.contains("idhal-bootstrap.s")
     });
     let finished = vm.started.elapsed();
-    // The tunnel outlives the oneshot unit that started it: no disconnect, still Alive.
-    std::thread::sleep(Duration::from_secs(3));
+    // The tunnel outlives the oneshot unit that started it. A daemon left in the unit is killed
+    // as the unit ends, and OpenVPN drops a client whose TCP connection closed at once: so the
+    // server's next status snapshot (written every 10 s) taken strictly after the unit finished
+    // must still list the node, and no disconnect hook may have run.
+    let finished_unix = unix_now();
+    let status = &env.ca.status_file;
+    let snapshot = idhal_qemu_tests::wait_until(
+        "an OpenVPN status snapshot taken after the unit finished",
+        Duration::from_secs(40),
+        || {
+            let text = std::fs::read_to_string(status).ok()?;
+            let at: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("TIME,"))?
+                .rsplit(',')
+                .next()?
+                .parse()
+                .ok()?;
+            // A whole snapshot (OpenVPN rewrites the file in place; v2 ends with END).
+            (at > finished_unix && text.trim_end().ends_with("END")).then_some(text)
+        },
+    );
+    assert!(
+        snapshot
+            .lines()
+            .any(|l| l.starts_with(&format!("CLIENT_LIST,{node},"))),
+        "the tunnel died with idhal-bootstrap.service: {snapshot}"
+    );
     let disconnect = format!("idhal hook client-disconnect: {node}:");
     assert!(
         env.vpn()
@@ -121,4 +147,11 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
         alive.as_secs_f64(),
         finished.as_secs_f64()
     );
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

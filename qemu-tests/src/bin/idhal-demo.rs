@@ -44,6 +44,7 @@ impl Out {
         } else {
             println!("\n==> {n}. {text}");
         }
+        fail_here(n);
     }
     fn ok(&self, text: &str) {
         let t = self.started.elapsed().as_secs_f64();
@@ -55,6 +56,28 @@ impl Out {
     }
     fn line(&self, text: &str) {
         println!("[{:6.2}s]   {text}", self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// `IDHAL_DEMO_FAIL_AT=N` panics as step N starts, `N:abort` aborts the process there (no
+/// destructor runs): how the cleanup test (qemu-tests/tests/vm_demo_cleanup.rs) checks that a
+/// failing demo leaves nothing behind, whatever way it fails.
+const FAIL_AT: &str = "IDHAL_DEMO_FAIL_AT";
+
+fn fail_here(step: u32) {
+    let Ok(v) = std::env::var(FAIL_AT) else {
+        return;
+    };
+    let (at, how) = v.split_once(':').unwrap_or((&v, "panic"));
+    if at.trim().parse() != Ok(step) {
+        return;
+    }
+    match how {
+        "abort" => {
+            eprintln!("idhal-demo: {FAIL_AT}={v}: aborting at step {step}");
+            std::process::abort()
+        }
+        _ => panic!("idhal-demo: {FAIL_AT}={v}: failing at step {step} on purpose"),
     }
 }
 
@@ -154,22 +177,17 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
         env.shared.base.kernel_version
     ));
     let deadline = started + Limits::BOOT;
-    let mut lines = Vec::new();
-    let mut status = None;
-    let mut exit = None;
+    let mut run = None;
     let mut alive_at = None;
     let mut hook_lines = 0;
-    while status.is_none() || alive_at.is_none() {
-        while let Some(line) = vm.try_line() {
+    while run.is_none() || alive_at.is_none() {
+        // The live view shows each console line once; whether the boot run has ended is read
+        // from the console as state, whatever the view has shown already.
+        while let Some(line) = vm.next_new_line() {
             show(out, &line);
-            if let Some(code) = line.strip_prefix("IDHAL-EVENT run-exit=") {
-                exit = code.split_whitespace().next().and_then(|c| c.parse().ok());
-            }
-            if let Some(json) = line.strip_prefix("IDHAL-STATUS ") {
-                status = Some(serde_json::from_str::<serde_json::Value>(json)?);
-            } else {
-                lines.push(line);
-            }
+        }
+        if run.is_none() {
+            run = vm.log().run(1).transpose().map_err(anyhow::Error::msg)?;
         }
         // The server's side, as it happens: OpenVPN runs `idhal hook`, which says what it did.
         let hooks: Vec<String> = vpn
@@ -196,10 +214,11 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
         std::thread::sleep(Duration::from_millis(25));
     }
     let alive = alive_at.unwrap().0 - started;
+    let run = run.unwrap();
     let run = idhal_qemu_tests::RunResult {
-        exit: exit.unwrap_or(-1),
-        status: status.unwrap(),
-        lines,
+        exit: run.exit,
+        status: run.status,
+        lines: run.lines,
         since_start: started.elapsed(),
     };
     let (joined, _) = Joined::from_run(&run);

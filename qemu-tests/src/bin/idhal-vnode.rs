@@ -91,38 +91,43 @@ fn main() -> Result<()> {
     );
     let mut vm = Vm::start("vnode", work.path(), spec);
     let mut exit = 0;
-    for run in 0..cli.runs {
-        if run > 0 {
+    for k in 1..=cli.runs as usize {
+        if k > 1 {
             vm.request("run");
         }
-        loop {
-            let (line, _) = vm.next_line("the agent's report", Limits::BOOT, |_| true);
-            let t = vm.started.elapsed().as_secs_f64();
-            if let Some(json) = line.strip_prefix("IDHAL-STATUS ") {
-                let v: serde_json::Value = serde_json::from_str(json).context("status JSON")?;
-                println!(
-                    "[{t:6.2}s] status: serial {} · last run: {}",
-                    v["serial"],
-                    v["last_run"]["message"].as_str().unwrap_or("?")
-                );
-                for s in v["scriptlets"].as_array().into_iter().flatten() {
-                    println!(
-                        "           scriptlet {} ({}): {}",
-                        s["id"].as_str().unwrap_or("?"),
-                        s["frequency"].as_str().unwrap_or("?"),
-                        s["state"].as_str().unwrap_or("?")
-                    );
+        // Shown live; the run's end is read from the console as state (the k-th run-exit and
+        // its status line), whatever the live view has shown already.
+        let deadline = std::time::Instant::now() + Limits::BOOT;
+        let run = loop {
+            while let Some(line) = vm.next_new_line() {
+                if !line.starts_with("IDHAL-STATUS ") {
+                    println!("[{:6.2}s] {line}", vm.started.elapsed().as_secs_f64());
                 }
-                break;
             }
-            if let Some(code) = line.strip_prefix("IDHAL-EVENT run-exit=") {
-                exit = code
-                    .split_whitespace()
-                    .next()
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(1);
+            if let Some(r) = vm.log().run(k) {
+                break r.map_err(anyhow::Error::msg)?;
             }
-            println!("[{t:6.2}s] {line}");
+            vm.check_running("the agent's report");
+            if std::time::Instant::now() > deadline {
+                bail!("no end of agent run {k} within {:?}", Limits::BOOT);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        };
+        exit = run.exit;
+        let v = &run.status;
+        println!(
+            "[{:6.2}s] status: serial {} · last run: {}",
+            vm.started.elapsed().as_secs_f64(),
+            v["serial"],
+            v["last_run"]["message"].as_str().unwrap_or("?")
+        );
+        for s in v["scriptlets"].as_array().into_iter().flatten() {
+            println!(
+                "           scriptlet {} ({}): {}",
+                s["id"].as_str().unwrap_or("?"),
+                s["frequency"].as_str().unwrap_or("?"),
+                s["state"].as_str().unwrap_or("?")
+            );
         }
     }
     println!(

@@ -1,0 +1,216 @@
+//! A guest's console log (ttyS0, a file QEMU appends to), read as state: "has this line been
+//! printed in this boot", "has the k-th agent run finished", never as a stream that an earlier
+//! wait could have moved past (a wait that consumed `IDHAL-EVENT ready` made the next one miss
+//! it: issue 12). The only cursor is the live view's, and no wait reads it.
+use std::path::{Path, PathBuf};
+
+pub const RUN_START: &str = "IDHAL-EVENT run-start";
+pub const RUN_EXIT: &str = "IDHAL-EVENT run-exit=";
+pub const STATUS: &str = "IDHAL-STATUS ";
+pub const READY: &str = "IDHAL-EVENT ready";
+
+pub struct Console {
+    path: PathBuf,
+    /// Bytes already handed to the live view ([`Console::next_new_line`]).
+    shown: usize,
+}
+
+/// One agent run as the console reports it, once its status line is there.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub exit: i32,
+    /// `idhal-bootstrap status --json`, parsed.
+    pub status: serde_json::Value,
+    /// Lines between `run-start` and `run-exit` (agent log, scriptlet markers).
+    pub lines: Vec<String>,
+}
+
+impl Console {
+    pub fn new(path: &Path) -> Console {
+        Console {
+            path: path.to_path_buf(),
+            shown: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap_or_default()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes()).into_owned()
+    }
+
+    /// Every whole line printed so far (the guest may be mid-line: that one is left out).
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = self.bytes();
+        let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        String::from_utf8_lossy(&bytes[..end])
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .collect()
+    }
+
+    /// The first line printed in this boot for which `pred` holds, whoever read it before.
+    pub fn find(&self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        self.lines().into_iter().find(|l| pred(l))
+    }
+
+    /// How many agent runs have started (`run-start` lines).
+    pub fn runs_started(&self) -> usize {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with(RUN_START))
+            .count()
+    }
+
+    /// The `k`-th agent run of this boot (1: the boot run), once its exit code and status line
+    /// are printed; `Err` when its status line is not JSON.
+    pub fn run(&self, k: usize) -> Option<Result<Run, String>> {
+        let lines = self.lines();
+        let start = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with(RUN_START))
+            .nth(k.checked_sub(1)?)?
+            .0;
+        let exit_at = start
+            + 1
+            + lines[start + 1..]
+                .iter()
+                .position(|l| l.starts_with(RUN_EXIT))?;
+        let status_at = exit_at
+            + 1
+            + lines[exit_at + 1..]
+                .iter()
+                .position(|l| l.starts_with(STATUS))?;
+        let exit = lines[exit_at][RUN_EXIT.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.parse().ok());
+        let Some(exit) = exit else {
+            return Some(Err(format!(
+                "run {k}: no exit code in {:?}",
+                lines[exit_at]
+            )));
+        };
+        let json = &lines[status_at][STATUS.len()..];
+        Some(
+            serde_json::from_str(json)
+                .map_err(|e| format!("run {k}: status is not JSON ({e}): {json}"))
+                .map(|status| Run {
+                    exit,
+                    status,
+                    lines: lines[start + 1..exit_at].to_vec(),
+                }),
+        )
+    }
+
+    /// For a live view only: the next whole line not shown yet, if the guest wrote one. Never
+    /// waits, and no wait depends on what it has shown.
+    pub fn next_new_line(&mut self) -> Option<String> {
+        let bytes = self.bytes();
+        let rest = &bytes[self.shown.min(bytes.len())..];
+        let nl = rest.iter().position(|&b| b == b'\n')?;
+        let line = String::from_utf8_lossy(&rest[..nl])
+            .trim_end_matches('\r')
+            .to_string();
+        self.shown += nl + 1;
+        Some(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn console(text: &str) -> (tempfile::TempDir, Console) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        std::fs::write(&p, text).unwrap();
+        let c = Console::new(&p);
+        (d, c)
+    }
+
+    fn append(c: &Console, text: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(c.path())
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    const BOOT: &str = "IDHAL-EVENT init uptime=1.0\r\n\
+        IDHAL-EVENT run-start uptime=2.0\n\
+        idhal-bootstrap: accepted manifest serial 1\n\
+        IDHAL-EVENT run-exit=0 uptime=3.0\n\
+        IDHAL-STATUS {\"serial\":1}\n\
+        IDHAL-EVENT ready uptime=3.1\n";
+
+    /// The demo's failure: its live view had shown every line, `ready` included, before the
+    /// next request waited for `ready`.
+    #[test]
+    fn events_already_shown_by_the_live_view_are_still_seen() {
+        let (_d, mut c) = console(BOOT);
+        while c.next_new_line().is_some() {}
+        assert!(c.find(|l| l.starts_with(READY)).is_some());
+        let run = c.run(1).unwrap().unwrap();
+        assert_eq!(run.exit, 0);
+        assert_eq!(run.status["serial"], 1);
+        assert_eq!(run.lines, ["idhal-bootstrap: accepted manifest serial 1"]);
+        // Asking again gives the same answer: reading is not consuming.
+        assert!(c.find(|l| l.starts_with(READY)).is_some());
+        assert_eq!(c.run(1).unwrap().unwrap().exit, 0);
+    }
+
+    #[test]
+    fn a_run_is_complete_only_with_its_status_line() {
+        let (_d, c) = console(BOOT);
+        assert_eq!(c.runs_started(), 1);
+        assert!(c.run(2).is_none());
+        append(
+            &c,
+            "IDHAL-EVENT run-start uptime=9\nIDHAL-TEST x\nIDHAL-EVENT run-exit=5 uptime=9",
+        );
+        assert_eq!(c.runs_started(), 2);
+        assert!(c.run(2).is_none(), "exit line not whole yet");
+        append(&c, "\nIDHAL-STAT");
+        assert!(c.run(2).is_none(), "status line not whole yet");
+        append(&c, "US {\"serial\":1}\n");
+        let r = c.run(2).unwrap().unwrap();
+        assert_eq!(
+            (r.exit, r.lines.clone()),
+            (5, vec!["IDHAL-TEST x".to_string()])
+        );
+        // The first run is still the first run.
+        assert_eq!(c.run(1).unwrap().unwrap().exit, 0);
+        assert!(c.run(0).is_none());
+        assert!(c.run(3).is_none());
+    }
+
+    #[test]
+    fn a_broken_status_line_is_an_error_not_a_hang() {
+        let (_d, c) = console(
+            "IDHAL-EVENT run-start\nIDHAL-EVENT run-exit=x\nIDHAL-STATUS {}\n\
+             IDHAL-EVENT run-start\nIDHAL-EVENT run-exit=1\nIDHAL-STATUS {nope\n",
+        );
+        assert!(c.run(1).unwrap().unwrap_err().contains("no exit code"));
+        assert!(c.run(2).unwrap().unwrap_err().contains("not JSON"));
+    }
+
+    #[test]
+    fn missing_or_binary_console_reads_as_nothing_yet() {
+        let (_d, c) = console("");
+        std::fs::remove_file(c.path()).unwrap();
+        assert!(c.lines().is_empty());
+        assert!(c.run(1).is_none());
+        std::fs::write(c.path(), b"\xff\xfe garbage\n\0\0\n").unwrap();
+        assert_eq!(c.lines().len(), 2);
+        assert!(c.find(|l| l.starts_with(READY)).is_none());
+    }
+}
