@@ -47,23 +47,27 @@ if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/idhal-demo.XXXXXX")
 chmod 755 "$work"
 
-# Run as root with the file holding the session id, and the demo's directory: stops every
-# process of that session or working inside that directory (zombies aside), TERM then KILL.
-# /proc/PID/stat: after the command name's ")" come state, ppid, pgrp, session. One `find` for
-# the working directories: a readlink per process is slow on a busy machine.
+# Run as root with the demo's directory in IDHAL_DEMO_RUN (not an argument: no command line of
+# this cleanup may name it, or it would find itself), where the session id is: stops every
+# process of that session, or working inside that directory (PostgreSQL's children start
+# sessions of their own), or naming it on its command line (QEMU's guestfwd socat too), zombies
+# aside; TERM, then KILL. /proc/PID/stat: after the command name's ")" come state, ppid, pgrp,
+# session. One `find` and one `grep` for all processes: a command per process is slow on a busy
+# machine.
 stop_run='
-sid=$(cat "$1" 2>/dev/null || true)
+dir=$IDHAL_DEMO_RUN
+sid=$(cat "$dir/session" 2>/dev/null || true)
 case $sid in ""|*[!0-9]*) sid=none ;; esac
-dir=$2
 members() {
     for st in /proc/[0-9]*/stat; do
         read -r line 2>/dev/null < "$st" || continue
         set -- ${line##*) }
         [ "$1" != Z ] && [ "$4" = "$sid" ] && { pid=${st#/proc/}; echo "${pid%/stat}"; }
     done
-    find /proc/[0-9]*/cwd -maxdepth 0 \( -lname "$dir" -o -lname "$dir/*" \) 2>/dev/null |
+    { find /proc/[0-9]*/cwd -maxdepth 0 \( -lname "$dir" -o -lname "$dir/*" \) 2>/dev/null
+      grep -lsF -f <(printf "%s/\n" "$dir") /proc/[0-9]*/cmdline; } |
         while read -r c; do
-            pid=${c#/proc/}; pid=${pid%/cwd}
+            pid=${c#/proc/}; pid=${pid%/*}
             read -r line 2>/dev/null < "/proc/$pid/stat" || continue
             set -- ${line##*) }
             [ "$1" != Z ] && echo "$pid"
@@ -86,7 +90,7 @@ stop TERM 10 || stop KILL 5 || { echo "demo.sh: still running after SIGKILL: $(m
 cleanup() {
     rc=$?
     trap - EXIT INT TERM
-    if ! $sudo bash -c "$stop_run" stop-run "$work/session" "$work"; then
+    if ! $sudo env IDHAL_DEMO_RUN="$work" bash -c "$stop_run"; then
         echo "demo.sh: left $work in place (processes still use it)" >&2
         exit 1
     fi

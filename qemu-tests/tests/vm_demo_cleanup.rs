@@ -6,7 +6,8 @@
 //! (qemu-system, socat, openvpn, idhal serve/hook, postgres, Almighty, knotd, the reapers), or
 //! a file. demo.sh must leave nothing, and must not return before.
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Every process (but this one) whose command line, environment or working directory mentions
 /// `dir`, as "PID: command line".
@@ -50,14 +51,19 @@ fn processes_using(dir: &Path) -> Vec<String> {
     found
 }
 
-/// Runs the demo failing at `fail_at`; returns its exit code and output.
+/// Runs the demo failing at `fail_at`; returns its exit code and output. Its output goes to a
+/// file, not a pipe: a process it left behind would hold a pipe open, and we wait for demo.sh
+/// itself (bounded), not for every holder of its stdout.
 fn failing_demo(
     shared: &idhal_qemu_tests::Shared,
     dir: &Path,
     fail_at: &str,
 ) -> (Option<i32>, String) {
     let ws = idhal_qemu_tests::bins::workspace_dir();
-    let out = Command::new("bash")
+    let log = tempfile::NamedTempFile::new().unwrap();
+    // One open file for both streams: one offset, nothing overwritten.
+    let out = log.reopen().unwrap();
+    let mut child = Command::new("bash")
         .arg(ws.join("scripts/demo.sh"))
         .current_dir(&ws)
         .env("TMPDIR", dir)
@@ -67,11 +73,17 @@ fn failing_demo(
         .env("IDHAL_BIN", &shared.idhal)
         .env("IDHAL_AGENT_BIN", &shared.agent)
         .env("IDHAL_DEMO_BIN", env!("CARGO_BIN_EXE_idhal-demo"))
-        .output()
+        .stdin(Stdio::null())
+        .stderr(out.try_clone().unwrap())
+        .stdout(out)
+        .spawn()
         .expect("bash scripts/demo.sh");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code(), text)
+    let status =
+        idhal_qemu_tests::wait_until("demo.sh to return", Duration::from_secs(600), || {
+            child.try_wait().unwrap()
+        });
+    let text = String::from_utf8_lossy(&std::fs::read(log.path()).unwrap()).into_owned();
+    (status.code(), text)
 }
 
 #[test]
@@ -88,9 +100,11 @@ fn vm_demo_that_fails_midway_leaves_no_process_and_no_file_behind() {
         // An abort once the node is Alive: QEMU and everything else run, no destructor runs.
         ("5:abort", "aborting at step 5", "==> 5."),
     ] {
+        // Short: the rendered OpenVPN config names the state paths twice on its client-connect
+        // line, and OpenVPN refuses an option line over 256 characters.
         let dir = tempfile::Builder::new()
-            .prefix("idhal-demo-cleanup-")
-            .tempdir()
+            .prefix("c")
+            .tempdir_in("/tmp")
             .unwrap();
         let t = std::time::Instant::now();
         let (code, text) = failing_demo(shared, dir.path(), fail_at);
