@@ -50,9 +50,9 @@ impl Limits {
     pub const ALIVE: Duration = Duration::from_secs(30);
     /// Power-off or revocation to Absent in OAR (client-disconnect hook).
     pub const ABSENT: Duration = Duration::from_secs(20);
-    /// A revoked node is watched this long after its first refused reconnection: it must stay
-    /// out (its client retries every 1-10 s: `connect-retry 1 10`).
-    pub const REVOKED_WATCH: Duration = Duration::from_secs(8);
+    /// A revoked node is watched until the server has refused three more of its reconnections
+    /// (its client retries every 1-10 s: `connect-retry 1 10`); it must stay out all along.
+    pub const REVOKED_WATCH: Duration = Duration::from_secs(60);
 }
 
 /// The port the guest sees the manifest server on (10.0.2.100:PORT inside every guest).

@@ -22,8 +22,10 @@ fw_cfg, and follows it: key pinned, manifest verified, enrolled, tunnel up, Aliv
 properties, A/PTR records in Knot, a tampered manifest refused, power-off to Absent. Everything it \
 started is stopped and removed at the end. Needs root (OpenVPN's tun device, PostgreSQL and OAR \
 run as their users).",
-    after_help = "Run by scripts/demo.sh after the build. Binaries: IDHAL_BIN and IDHAL_AGENT_BIN, \
-or built from the workspace. See docs/qemu-tests.md."
+    after_help = "Run by scripts/demo.sh after the build, in a session of its own that demo.sh stops \
+(with everything in it) when the demo ends, however it ends. Binaries: IDHAL_BIN and \
+IDHAL_AGENT_BIN, or built from the workspace. IDHAL_DEMO_FAIL_AT=N panics as step N starts, \
+N:abort aborts there (the cleanup test's). See docs/qemu-tests.md."
 )]
 struct Cli {
     /// The node type its token gives it (OAR `cluster` and `idhaltype`).
