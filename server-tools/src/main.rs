@@ -37,16 +37,19 @@ mod verify;
 /// Options every server-side command accepts.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Global {
-    /// Server state (CA, node database, locks).
+    /// Server state (CA, node database, locks). The rendered OpenVPN config passes it to the
+    /// hooks as IDHAL_STATE_DIR (`setenv`).
     #[arg(
         long,
         global = true,
         value_name = "DIR",
+        env = "IDHAL_STATE_DIR",
         default_value = "/var/lib/idhal-server"
     )]
     pub state_dir: PathBuf,
-    /// Server configuration (TOML, see docs/server-config.md). Optional: defaults apply without it.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// Server configuration (TOML, see docs/server-config.md). Optional: defaults apply without
+    /// it. The rendered OpenVPN config passes it to the hooks as IDHAL_CONFIG (`setenv`).
+    #[arg(long, global = true, value_name = "FILE", env = "IDHAL_CONFIG")]
     pub config: Option<PathBuf>,
 }
 

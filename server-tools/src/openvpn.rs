@@ -131,11 +131,9 @@ impl ServerSetup<'_> {
     pub fn render(&self) -> anyhow::Result<String> {
         let o = self.openvpn;
         let servers = self.paths.servers();
-        let mut hook = plain(self.idhal)?;
-        if let Some(c) = &self.config {
-            hook.push_str(&format!(" --config {}", plain(c)?));
-        }
-        hook.push_str(&format!(" --state-dir {} hook", plain(self.state_dir)?));
+        // The hook command names only the binary: the config and state paths travel as
+        // `setenv` lines, each on its own line, so none of them makes a line too long.
+        let hook = format!("{} hook", plain(self.idhal)?);
         let mut s = String::new();
         let w = &mut s;
         writeln!(w, "# OpenVPN 2.6 server {} of idhal project {}, rendered by `idhal openvpn server-config`.", self.name, self.project)?;
@@ -193,14 +191,36 @@ impl ServerSetup<'_> {
             }
         }
         writeln!(w, "script-security 2")?;
+        if let Some(c) = &self.config {
+            writeln!(w, "setenv IDHAL_CONFIG {}", plain(c)?)?;
+        }
+        writeln!(w, "setenv IDHAL_STATE_DIR {}", plain(self.state_dir)?)?;
         writeln!(w, "client-connect \"{hook} client-connect\"")?;
         writeln!(w, "client-disconnect \"{hook} client-disconnect\"")?;
         writeln!(w, "status {} 10", plain(&o.status_file)?)?;
         writeln!(w, "status-version 2")?;
         writeln!(w, "persist-key")?;
         writeln!(w, "verb 3")?;
+        check_line_lengths(&s)?;
         Ok(s)
     }
+}
+
+/// OpenVPN reads option lines of at most 255 characters (OPTION_LINE_SIZE 256) and refuses to
+/// start on a longer one: say which, here, rather than let the server fail at its next start.
+fn check_line_lengths(config: &str) -> anyhow::Result<()> {
+    const MAX: usize = 255;
+    if let Some(line) = config
+        .lines()
+        .find(|l| !l.starts_with('#') && l.len() > MAX)
+    {
+        anyhow::bail!(
+            "this line of the OpenVPN config would be {} characters, more than OpenVPN's {MAX}: \
+             use a shorter path\n  {line}",
+            line.len()
+        );
+    }
+    Ok(())
 }
 
 /// The client configuration an enrolled node receives. It names its files relative to its own
@@ -268,6 +288,43 @@ mod tests {
             without.contains("\nmanagement 127.0.0.1 7505\n"),
             "{without}"
         );
+    }
+
+    #[test]
+    fn deep_paths_stay_within_openvpns_line_length_or_are_refused() {
+        let deep = format!("/{}", "d".repeat(200));
+        let paths = ProjectDir::new(Path::new(&deep), "p");
+        let o = OpenVpnSection::default();
+        let render = |state: &Path| {
+            ServerSetup {
+                project: "p",
+                management_password: None,
+                name: "vpn1",
+                pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
+                paths: &paths,
+                openvpn: &o,
+                idhal: Path::new("/usr/local/bin/idhal"),
+                config: Some(PathBuf::from(format!("{deep}/server.toml"))),
+                state_dir: state,
+            }
+            .render()
+        };
+        // 200-character dirs: before, the hook line held both paths (over 400 characters) and
+        // OpenVPN refused to start.
+        let c = render(Path::new(&deep)).unwrap();
+        assert!(c.lines().all(|l| l.len() <= 255), "{c}");
+        assert!(c.contains("\nclient-connect \"/usr/local/bin/idhal hook client-connect\"\n"));
+        assert!(
+            c.contains(&format!("\nsetenv IDHAL_STATE_DIR {deep}\n")),
+            "{c}"
+        );
+        assert!(
+            c.contains(&format!("\nsetenv IDHAL_CONFIG {deep}/server.toml\n")),
+            "{c}"
+        );
+        let deeper = format!("/{}", "d".repeat(300));
+        let e = render(Path::new(&deeper)).unwrap_err().to_string();
+        assert!(e.contains("more than OpenVPN's 255"), "{e}");
     }
 
     #[test]

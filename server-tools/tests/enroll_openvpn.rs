@@ -105,6 +105,8 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
         "ccd-exclusive\n",
         &format!("management 127.0.0.1 {mgmt} {}\n", pw.display()),
         "hook client-connect\"\n",
+        &format!("setenv IDHAL_STATE_DIR {}\n", p.state.display()),
+        &format!("setenv IDHAL_CONFIG {}\n", p.config.display()),
         "crl-verify ",
     ] {
         assert!(rendered.contains(line), "no {line:?} in:\n{rendered}");
@@ -152,6 +154,19 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
     wait_until("hooks ran", Duration::from_secs(10), || {
         connects(&a.node) == 1 && connects(&b.node) == 1
     });
+    // ... with this project's state dir (its per-node locks), which only the rendered `setenv`
+    // lines give them: the hook command itself names no path.
+    let locks: Vec<String> = std::fs::read_dir(p.state.join("locks"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        locks.iter().filter(|l| l.starts_with("node-")).count() == 2,
+        "node locks in {}: {locks:?}",
+        p.state.display()
+    );
 
     // Configs that get the management password wrong, or have none.
     let variant = |name: &str, extra: &str| {
