@@ -127,6 +127,35 @@ fn wait_until(what: &str, limit: Duration, logs: &[&Path], mut ok: impl FnMut() 
     }
 }
 
+/// A real OpenVPN client in `dir` (ca.crt, client.crt, client.key) to 127.0.0.1:`port`, on a
+/// tun device named `dev` that it neither configures nor routes.
+fn client(dir: &Path, port: &str, dev: &str, log: &Path) -> Child {
+    spawn(
+        Command::new("/usr/sbin/openvpn")
+            .current_dir(dir)
+            .args([
+                "--client",
+                "--proto",
+                "tcp-client",
+                "--remote",
+                "127.0.0.1",
+                port,
+            ])
+            .args(["--dev", dev, "--dev-type", "tun"])
+            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
+            .args([
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "client.crt",
+                "--key",
+                "client.key",
+            ])
+            .args(["--verb", "3"]),
+        log,
+    )
+}
+
 fn stop(child: &mut Child) {
     signal("TERM", &child.id().to_string());
     let _ = child.wait();
@@ -262,38 +291,7 @@ fn openvpn_runs_the_hooks_for_real() {
         &[&server_log],
         || listening(port.parse().unwrap()).0,
     );
-    let mut client = spawn(
-        Command::new("/usr/sbin/openvpn")
-            .current_dir(dir)
-            .args([
-                "--client",
-                "--proto",
-                "tcp-client",
-                "--remote",
-                "127.0.0.1",
-                &port,
-            ])
-            .args([
-                "--dev",
-                &format!("idhc{tag}"),
-                "--dev-type",
-                "tun",
-                "--ifconfig-noexec",
-                "--route-noexec",
-                "--disable-dco",
-            ])
-            .args([
-                "--ca",
-                "ca.crt",
-                "--cert",
-                "client.crt",
-                "--key",
-                "client.key",
-                "--verb",
-                "3",
-            ]),
-        &client_log,
-    );
+    let mut client = client(dir, &port, &format!("idhc{tag}"), &client_log);
     reaper.watch(client.id());
     let host = "vnode-8-10.idhal.test";
     let logs = [server_log.as_path(), client_log.as_path()];
@@ -516,30 +514,7 @@ fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
         &[&server_log],
         || listening(port.parse().unwrap()).0,
     );
-    let mut client = spawn(
-        Command::new("/usr/sbin/openvpn")
-            .current_dir(dir)
-            .args([
-                "--client",
-                "--proto",
-                "tcp-client",
-                "--remote",
-                "127.0.0.1",
-                &port,
-            ])
-            .args(["--dev", &format!("idpc{tag}"), "--dev-type", "tun"])
-            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
-            .args([
-                "--ca",
-                "ca.crt",
-                "--cert",
-                "client.crt",
-                "--key",
-                "client.key",
-            ])
-            .args(["--verb", "3"]),
-        &client_log,
-    );
+    let mut client = client(dir, &port, &format!("idpc{tag}"), &client_log);
     reaper.watch(client.id());
     let logs = [server_log.as_path(), client_log.as_path()];
     let line = |s: &str| {
