@@ -16,9 +16,10 @@ use std::process::ExitCode;
 #[command(
     about = "One-time enrollment tokens",
     long_about = "A token lets a node enroll (get a node id, an address and a certificate) at \
-        most --uses times before --ttl runs out. Give it to the VM on the kernel command line \
-        (idhal.token=...), through QEMU fw_cfg (-fw_cfg name=opt/idhal/token,file=FILE) or a \
-        file. The node's type comes from the token, never from the node. The token is printed \
+        most --uses times before --ttl runs out. Give it to the VM in a file (`idhal-bootstrap enroll --token-file`), \
+        through QEMU fw_cfg (-fw_cfg name=opt/idhal/token,file=FILE), or on the kernel command \
+        line (idhal.token=...) — readable by every local user of the node there, so only a \
+        1-use token (the agent warns). The node's type comes from the token, never from the node. The token is printed \
         once, alone on stdout; the server stores only a verifier that can check a request but \
         not make one."
 )]
