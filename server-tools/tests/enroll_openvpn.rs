@@ -184,14 +184,7 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
     let mgmt_addr = format!("127.0.0.1:{mgmt}");
 
     // Reconcile reads the status from the management interface with the password.
-    let out = p.idhal(&["reconcile", "--management", &mgmt_addr]);
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = ok(p.idhal(&["reconcile", "--management", &mgmt_addr]));
     assert!(said.contains(": 2 connected,"), "{said}");
     for (cfg, why) in [
         (&wrong, "refused the password in"),
@@ -224,14 +217,7 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
         .contains(&format!("idhal hook client-disconnect: {}", a.node)));
 
     // Revoke a: dropped through the management interface at once, then refused by the CRL.
-    let out = p.idhal(&["revoke", &a.node]);
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = ok(p.idhal(&["revoke", &a.node]));
     assert!(said.contains("dropped by the OpenVPN server"), "{said}");
     wait_until("a is disconnected", Duration::from_secs(10), || {
         server
