@@ -41,7 +41,7 @@ impl Default for Limits {
         Limits {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
-            max_manifest: 4 << 20,
+            max_manifest: idhal_manifest::MAX_MANIFEST,
             max_signature: 8 << 10,
             max_key: 4 << 10,
             retries: 5,

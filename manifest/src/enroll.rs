@@ -10,6 +10,7 @@
 //!   replay an old answer.
 
 use crate::der;
+use crate::id::{NodeId, ProjectName};
 use ct_codecs::{Base64, Base64UrlSafeNoPadding, Decoder, Encoder, Hex};
 use ed25519_compact::{PublicKey as EdKey, Signature};
 use std::fmt;
@@ -324,23 +325,15 @@ pub fn request_digest(encoded: &[u8]) -> [u8; 32] {
     hmac_sha256::Hash::hash(encoded)
 }
 
-/// A name that is safe as a file name and in logs: 1-64 of `A-Z a-z 0-9 . _ -`, starting with a
-/// letter or digit, no `..` (node ids, project names).
-pub fn is_safe_name(s: &str) -> bool {
-    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    (1..=64).contains(&s.len())
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.chars().all(ok)
-        && !s.contains("..")
-}
-
 /// What the server answers: the node's identity, certificate, CA and OpenVPN client config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     /// `request_digest` of the request this answers.
     pub request: [u8; 32],
+    /// A valid `ProjectName` (checked by `sign` and `verify`).
     pub project: String,
-    /// The node id, also its certificate's CN (`client317`).
+    /// The node id, also its certificate's CN (`client317`): a valid `NodeId` (checked by `sign`
+    /// and `verify`).
     pub node: String,
     /// Its VPN address, the same on every connection.
     pub address: Ipv4Addr,
@@ -375,7 +368,11 @@ impl Response {
 
     /// The encoded response signed with the project's enrollment key.
     pub fn sign(&self, key: &KeyPair) -> Vec<u8> {
-        assert!(is_safe_name(&self.node) && is_safe_name(&self.project));
+        assert!(
+            NodeId::try_from(self.node.as_str()).is_ok()
+                && ProjectName::try_from(self.project.as_str()).is_ok(),
+            "the server made an invalid node id or project name"
+        );
         let body = self.body();
         let sig = key.sk.sign(body.as_bytes(), None);
         format!("{body}signature {}\n", b64(sig.as_ref())).into_bytes()
@@ -421,9 +418,8 @@ impl Response {
             unhex(l.field("request")?).ok_or_else(|| malformed(W, "bad request digest"))?;
         let project = l.field("project")?.to_owned();
         let node = l.field("node")?.to_owned();
-        if !is_safe_name(&node) || !is_safe_name(&project) {
-            return Err(malformed(W, "node id or project is not a safe name"));
-        }
+        ProjectName::try_from(project.as_str()).map_err(|e| malformed(W, e.to_string()))?;
+        NodeId::try_from(node.as_str()).map_err(|e| malformed(W, e.to_string()))?;
         let address = l
             .field("address")?
             .parse()
@@ -526,10 +522,22 @@ mod tests {
             EnrollError::RequestSignature
         );
         for n in 0..enc.len() {
-            assert!(Request::parse(&enc[..n]).is_err(), "prefix {n} parsed");
+            assert!(
+                matches!(
+                    Request::parse(&enc[..n]),
+                    Err(EnrollError::Malformed {
+                        what: "request",
+                        ..
+                    })
+                ),
+                "prefix {n} parsed"
+            );
         }
         let padded = String::from_utf8(enc).unwrap().replace("time ", "time 0");
-        assert!(Request::parse(padded.as_bytes()).is_err());
+        assert_eq!(
+            Request::parse(padded.as_bytes()).unwrap_err(),
+            malformed("request", "time is not a number")
+        );
     }
 
     fn response() -> Response {
@@ -560,13 +568,64 @@ mod tests {
             Response::verify(&enc, &other, &[5; 32]).unwrap_err(),
             EnrollError::ResponseSignature
         );
+        // A flipped bit in the body breaks the signature; in the newline that ends the body or
+        // in the signature line, the signature or the line's encoding.
+        let body_len = response().body().len();
         for i in 0..enc.len() {
             let mut t = enc.clone();
             t[i] ^= 0x01;
-            assert!(
-                Response::verify(&t, &key, &[5; 32]).is_err(),
-                "flip at {i} accepted"
-            );
+            let r = Response::verify(&t, &key, &[5; 32]);
+            if i < body_len - 1 {
+                assert_eq!(r, Err(EnrollError::ResponseSignature), "flip at {i}");
+            } else {
+                assert!(
+                    matches!(
+                        r,
+                        Err(EnrollError::ResponseSignature
+                            | EnrollError::Malformed {
+                                what: "response",
+                                ..
+                            })
+                    ),
+                    "flip at {i}: {r:?}"
+                );
+            }
         }
+    }
+
+    /// A body signed by the right key is still refused when a name in it could escape its role
+    /// (a node id or project becomes a file name and a certificate CN on the node).
+    #[test]
+    fn response_with_unsafe_names_is_refused() {
+        let kp = KeyPair::from_seed(Seed::new([3; 32]));
+        let key = EnrollKey(*kp.pk);
+        let signed = |r: &Response| {
+            let body = r.body();
+            let sig = kp.sk.sign(body.as_bytes(), None);
+            format!("{body}signature {}\n", b64(sig.as_ref())).into_bytes()
+        };
+        let mut bad = response();
+        bad.node = "../etc".into();
+        assert_eq!(
+            Response::verify(&signed(&bad), &key, &[5; 32]),
+            Err(malformed(
+                "response",
+                "node id \"../etc\" is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, \
+                 starting with a letter or digit, without '..'"
+            ))
+        );
+        let mut bad = response();
+        bad.project = ".hidden".into();
+        assert_eq!(
+            Response::verify(&signed(&bad), &key, &[5; 32]),
+            Err(EnrollError::Malformed {
+                what: "response",
+                why: crate::IdError::Project(".hidden".into()).to_string()
+            })
+        );
+        assert_eq!(
+            Response::verify(&signed(&response()), &key, &[5; 32]),
+            Ok(response())
+        );
     }
 }

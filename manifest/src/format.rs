@@ -9,6 +9,9 @@ use std::str::FromStr;
 pub const FORMAT_LINE: &str = "idhal-manifest 1";
 /// Longest header line accepted (a `param` value is the only long one).
 pub const MAX_LINE: usize = 2048;
+/// Largest encoded manifest (4 MiB): the most `idhal sign` makes by default and the agent's
+/// default download cap (`max_manifest_size`), so a manifest that signs also downloads.
+pub const MAX_MANIFEST: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {

@@ -14,8 +14,8 @@ pub mod sig;
 pub mod time;
 pub mod verify;
 
-pub use format::{Frequency, Manifest, Param, Scriptlet};
-pub use id::{ParamName, ScriptletId};
+pub use format::{Frequency, Manifest, Param, Scriptlet, MAX_MANIFEST};
+pub use id::{IdError, NodeId, ParamName, ProjectName, ScriptletId};
 pub use key::{Fingerprint, KeyId, PublicKey};
 pub use sig::{SigAlgorithm, SignatureFile, TrustedMeta};
 pub use verify::{verify, Expiry, Policy, VerifyError};

@@ -11,8 +11,8 @@ use crate::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
 use crate::publish::{write_atomic, write_new};
 use crate::Global;
 use anyhow::Context as _;
-use idhal_manifest::enroll::is_safe_name;
 use idhal_manifest::time::{now, rfc3339};
+use idhal_manifest::{NodeId, ProjectName};
 use rusqlite::params;
 use std::process::ExitCode;
 
@@ -70,7 +70,7 @@ pub enum Command {
 pub fn project_name(arg: Option<String>, cfg: &ServerConfig) -> anyhow::Result<String> {
     let p = arg.unwrap_or_else(|| cfg.ca.project.clone());
     anyhow::ensure!(
-        is_safe_name(&p),
+        ProjectName::try_from(p.as_str()).is_ok(),
         "project name {p:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
     );
     Ok(p)
@@ -172,7 +172,7 @@ fn issue_server(
     name: &str,
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
-        is_safe_name(name),
+        NodeId::try_from(name).is_ok(),
         "server name {name:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -"
     );
     let mut db = Db::open(&global.state_dir, Open::Existing)?;

@@ -87,7 +87,7 @@ impl ServerConfig {
         }
         cfg.limits.http.check().map_err(invalid)?;
         for name in cfg.projects.keys() {
-            if !idhal_manifest::enroll::is_safe_name(name) {
+            if idhal_manifest::ProjectName::try_from(name.as_str()).is_err() {
                 return Err(invalid(format!(
                     "[projects.{name:?}]: a project name is 1-64 of A-Z a-z 0-9 . _ -, starting \
                      with a letter or digit"

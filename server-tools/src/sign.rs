@@ -30,7 +30,7 @@ pub(crate) struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_manifest: 4 << 20,
+            max_manifest: idhal_manifest::MAX_MANIFEST,
             keep_versions: 10,
             header_lines: 10,
         }
