@@ -2,6 +2,7 @@
 //! (`idhal.server=`, `idhal.pin=`), overridden by flags. Every limit has a documented default.
 
 use crate::error::AgentError;
+use crate::http::{Tls, Url};
 use idhal_manifest::Fingerprint;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -81,6 +82,25 @@ impl Default for Config {
     }
 }
 
+/// Where the kernel tells us things (`--proc`, default `/proc`; tests and containers point it
+/// elsewhere): the command line is a configuration layer, the boot id keys `boot` scriptlets.
+pub struct Proc<'a> {
+    pub root: &'a Path,
+}
+
+impl Proc<'_> {
+    pub fn cmdline(&self) -> String {
+        std::fs::read_to_string(self.root.join("cmdline")).unwrap_or_default()
+    }
+
+    /// The kernel's boot id: `boot` scriptlets run once per value.
+    pub fn boot_id(&self) -> String {
+        std::fs::read_to_string(self.root.join("sys/kernel/random/boot_id"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "yes" | "true" | "1" => Some(true),
@@ -90,6 +110,32 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 impl Config {
+    /// The configured server's base URL.
+    pub fn server_url(&self) -> Result<Url, AgentError> {
+        let server = self.server.as_deref().ok_or_else(|| {
+            AgentError::Config(
+                "no server: set server = in bootstrap.conf, idhal.server= on the kernel command \
+                 line, or --server"
+                    .into(),
+            )
+        })?;
+        Url::parse(server).map_err(AgentError::Config)
+    }
+
+    /// The TLS settings for `https://` URLs: exactly the CAs in `ca_bundle`, no public roots.
+    pub fn tls(&self) -> Result<Tls, AgentError> {
+        match &self.ca_bundle {
+            #[cfg(feature = "https")]
+            Some(bundle) => Tls::from_bundle(bundle).map_err(AgentError::Config),
+            #[cfg(not(feature = "https"))]
+            Some(_) => Err(AgentError::Config(
+                "ca_bundle is set but this idhal-bootstrap was built without the https feature"
+                    .into(),
+            )),
+            None => Ok(Tls::default()),
+        }
+    }
+
     /// Applies one setting; `origin` names its source in errors.
     pub fn set(&mut self, key: &str, value: &str, origin: &str) -> Result<(), AgentError> {
         let bad = |why: &str| AgentError::Config(format!("{origin}: {key} = {value:?}: {why}"));

@@ -5,15 +5,15 @@
 //! written unless the answer is signed by the enrollment key the signed manifest names and
 //! answers this very request (docs/enrollment.md).
 
-use crate::config::Config;
+use crate::config::{Config, Proc};
 use crate::error::AgentError;
-use crate::fetch::{fetch_error, fill_random, Fetcher};
+use crate::fetch::{fetch_error, Fetcher};
 use crate::http::{HttpError, Url};
-use crate::run::{server_url, tls, Proc};
+use crate::random::fill_random;
 use crate::state::{write_atomic, StateDir};
 use crate::{log, pin};
 use idhal_manifest::enroll::{self, EnrollKey, KeyPair, Request, Response, Seed, Token};
-use idhal_manifest::{der, time::now, verify, Expiry, Policy};
+use idhal_manifest::{der, time::now, Expiry, Policy};
 use std::fs;
 use std::io::{Error, ErrorKind};
 use std::os::unix::fs::PermissionsExt;
@@ -78,21 +78,15 @@ pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> 
 
     // The enrollment key comes only from the manifest `run` accepted, verified again here.
     let key = pin::load_pinned(&state)?.ok_or_else(not_yet)?;
-    let manifest_path = state.path("manifest");
-    let bytes = match fs::read(&manifest_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(not_yet()),
-        Err(e) => return Err(AgentError::state(&manifest_path, e)),
-    };
-    let sig = state
-        .read(&state.path("manifest.minisig"))?
-        .ok_or_else(not_yet)?;
     let policy = Policy {
         now: now(),
         expiry: Expiry::Enforce,
         last_serial: state.last_serial()?,
     };
-    let manifest = verify(&key, &bytes, &sig, &policy)?;
+    let mut bytes = Vec::new();
+    let manifest = state
+        .accepted_manifest(&key, &policy, &mut bytes)?
+        .ok_or_else(not_yet)?;
     let param_error = |why: String| {
         AgentError::Config(format!(
             "the signed manifest (serial {}) {why}: sign it with `idhal sign --param {}=$(idhal ca \
@@ -113,12 +107,12 @@ pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> 
                 enroll::URL_PARAM
             ))
         })?,
-        None => server_url(cfg)?.join(enroll::PATH),
+        None => cfg.server_url()?.join(enroll::PATH),
     };
     let fetcher = Fetcher {
         base: url,
         limits: cfg.limits.clone(),
-        tls: tls(cfg)?,
+        tls: cfg.tls()?,
     };
 
     let (token, source) = find_token(args.token_file.as_deref(), &proc.cmdline(), &args.fw_cfg)?;
@@ -142,7 +136,7 @@ pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> 
     ));
     let csr = der::ed25519_csr(&kp, CSR_CN);
     let mut nonce = [0u8; 16];
-    fill_random(&mut nonce).map_err(|e| AgentError::state("/dev/urandom", e))?;
+    fill_random(&mut nonce)?;
     let mut digest = [0u8; 32];
     // Each attempt is a new request (fresh time, next nonce), so a retry after a long backoff
     // is neither stale nor a replay; the server answers the same node for the same key.
@@ -232,7 +226,7 @@ fn node_key(path: &Path) -> Result<KeyPair, AgentError> {
         })?,
         Err(e) if e.kind() == ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
-            fill_random(&mut seed).map_err(|e| AgentError::state("/dev/urandom", e))?;
+            fill_random(&mut seed)?;
             write_atomic(path, enroll::node_key_pem(&seed).as_bytes(), 0o600)?;
             seed
         }
@@ -241,31 +235,10 @@ fn node_key(path: &Path) -> Result<KeyPair, AgentError> {
     KeyPair::try_from_seed(Seed::new(seed)).map_err(|_| bad("not a usable Ed25519 seed"))
 }
 
-/// The seed of a key file of exactly the shape `enroll::node_key_pem` writes: one line of 64
-/// base64 characters (48 bytes of PKCS#8), decoded here in a few lines, then proven by encoding
+/// The seed of a key file of exactly the shape `enroll::node_key_pem` writes, proven by encoding
 /// the seed again and comparing, so any other key, layout or stray byte is refused.
 fn seed_from_pem(text: &str) -> Option<[u8; 32]> {
-    let line = text.lines().nth(1)?.as_bytes();
-    if line.len() != 64 {
-        return None;
-    }
-    let mut der = [0u8; 48];
-    for (quad, out) in line.chunks(4).zip(der.chunks_mut(3)) {
-        let mut n = 0u32;
-        for &c in quad {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                _ => return None,
-            };
-            n = n << 6 | u32::from(v);
-        }
-        out.copy_from_slice(&n.to_be_bytes()[1..]);
-    }
-    let seed: [u8; 32] = der[16..].try_into().ok()?;
+    let seed = der::ed25519_seed_from_pkcs8(&der::pem_decode("PRIVATE KEY", text)?)?;
     (enroll::node_key_pem(&seed) == text).then_some(seed)
 }
 

@@ -6,6 +6,7 @@ use crate::config::Limits;
 use crate::error::AgentError;
 use crate::http::{self, HttpError, Method, Tls, Url};
 use crate::log;
+use crate::random::random_u64;
 use idhal_manifest::paths;
 use std::time::Duration;
 
@@ -13,26 +14,6 @@ pub struct Fetcher {
     pub base: Url,
     pub limits: Limits,
     pub tls: Tls,
-}
-
-/// Fills `buf` from the kernel's CSPRNG (keys and nonces: failure is an error, never a fallback).
-pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf))
-}
-
-/// A random u64 from the kernel (for jitter; not security-relevant).
-pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    match fill_random(&mut b) {
-        Ok(()) => u64::from_le_bytes(b),
-        Err(_) => u64::from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .subsec_nanos(),
-        ),
-    }
 }
 
 /// Full jitter: uniform in [0, min(cap, base * 2^attempt)].

@@ -9,12 +9,13 @@ mod error;
 mod fetch;
 mod http;
 mod pin;
+mod random;
 mod run;
 mod state;
 mod status;
 
 use cli::{Cli, Common};
-use config::Config;
+use config::{Config, Proc};
 use error::{AgentError, Exit};
 use std::process::ExitCode;
 
@@ -23,7 +24,7 @@ pub fn log(msg: &str) {
     eprintln!("idhal-bootstrap: {msg}");
 }
 
-fn config(common: &Common, proc: &run::Proc) -> Result<Config, AgentError> {
+fn config(common: &Common, proc: &Proc) -> Result<Config, AgentError> {
     let mut cfg = Config::default();
     cfg.load_file(&common.config, common.config_required)?;
     cfg.load_cmdline(&proc.cmdline())?;
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
             Exit::Ok
         }
         Cli::Run(common) => {
-            let proc = run::Proc {
+            let proc = Proc {
                 root: &common.proc_root,
             };
             match config(&common, &proc) {
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
             }
         }
         Cli::Enroll { common, args } => {
-            let proc = run::Proc {
+            let proc = Proc {
                 root: &common.proc_root,
             };
             match config(&common, &proc).and_then(|c| enroll::enroll(&c, &proc, &args)) {
@@ -101,7 +102,7 @@ fn main() -> ExitCode {
             }
         }
         Cli::Status { common, json } => {
-            let proc = run::Proc {
+            let proc = Proc {
                 root: &common.proc_root,
             };
             match config(&common, &proc).and_then(|c| status::status(&c.state_dir, json, &proc)) {

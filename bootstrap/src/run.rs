@@ -2,11 +2,13 @@
 //! Nothing is executed and no state changes unless the manifest verified; a scriptlet's marker
 //! is written only after it succeeded, so a crash or kill mid-scriptlet leaves it pending.
 
-use crate::config::Config;
+use crate::config::{Config, Proc};
 use crate::error::AgentError;
-use crate::fetch::{random_u64, Fetcher};
-use crate::http::{Tls, Url};
-use crate::state::{write_atomic, write_file, Durability, Record, StateDir};
+use crate::fetch::Fetcher;
+use crate::random::random_u64;
+use crate::state::{
+    write_atomic, write_file, Durability, Record, StateDir, MANIFEST, SERIAL, SIGNATURE,
+};
 use crate::{child, log, pin};
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::{verify, Expiry, Frequency, Manifest, Policy, Scriptlet};
@@ -17,24 +19,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Where the kernel tells us things; a flag can point elsewhere (tests, containers).
-pub struct Proc<'a> {
-    pub root: &'a Path,
-}
-
-impl Proc<'_> {
-    pub fn cmdline(&self) -> String {
-        fs::read_to_string(self.root.join("cmdline")).unwrap_or_default()
-    }
-
-    /// The kernel's boot id: `boot` scriptlets run once per value.
-    pub fn boot_id(&self) -> String {
-        fs::read_to_string(self.root.join("sys/kernel/random/boot_id"))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default()
-    }
-}
-
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Summary {
     pub serial: u64,
@@ -44,37 +28,13 @@ pub struct Summary {
     pub local: Duration,
 }
 
-pub fn tls(cfg: &Config) -> Result<Tls, AgentError> {
-    match &cfg.ca_bundle {
-        #[cfg(feature = "https")]
-        Some(bundle) => Tls::from_bundle(bundle).map_err(AgentError::Config),
-        #[cfg(not(feature = "https"))]
-        Some(_) => Err(AgentError::Config(
-            "ca_bundle is set but this idhal-bootstrap was built without the https feature".into(),
-        )),
-        None => Ok(Tls::default()),
-    }
-}
-
-/// The configured server's base URL.
-pub fn server_url(cfg: &Config) -> Result<Url, AgentError> {
-    let server = cfg.server.as_deref().ok_or_else(|| {
-        AgentError::Config(
-            "no server: set server = in bootstrap.conf, idhal.server= on the kernel command \
-             line, or --server"
-                .into(),
-        )
-    })?;
-    Url::parse(server).map_err(AgentError::Config)
-}
-
 // Not inlined into main: at opt-level z that grew the agent by 2 KiB (scripts/agent-size.sh).
 #[inline(never)]
 pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
     let fetcher = Fetcher {
-        base: server_url(cfg)?,
+        base: cfg.server_url()?,
         limits: cfg.limits.clone(),
-        tls: tls(cfg)?,
+        tls: cfg.tls()?,
     };
     let state = StateDir::new(&cfg.state_dir);
     state.create()?;
@@ -119,14 +79,14 @@ fn accept(
     sig: &str,
     last: Option<u64>,
 ) -> Result<(), AgentError> {
-    let sig_path = state.path("manifest.minisig");
+    let sig_path = state.path(SIGNATURE);
     if last == Some(m.serial) && state.read(&sig_path)?.as_deref() == Some(sig) {
         return Ok(());
     }
-    write_atomic(&state.path("manifest"), bytes, 0o600)?;
+    write_atomic(&state.path(MANIFEST), bytes, 0o600)?;
     write_atomic(&sig_path, sig.as_bytes(), 0o600)?;
     write_atomic(
-        &state.path("serial"),
+        &state.path(SERIAL),
         format!("{}\n", m.serial).as_bytes(),
         0o600,
     )?;

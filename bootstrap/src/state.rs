@@ -5,10 +5,17 @@
 //! `lock`, `scriptlets/<id>/{script,log,done,failed}`, `enroll.lock`, `enroll/` (enroll.rs).
 
 use crate::error::AgentError;
+use idhal_manifest::{verify, Manifest, Policy, PublicKey};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// The last accepted manifest and its signature, as `run` received them.
+pub const MANIFEST: &str = "manifest";
+pub const SIGNATURE: &str = "manifest.minisig";
+/// The last accepted serial, written after the two copies.
+pub const SERIAL: &str = "serial";
 
 /// Whether a write must survive power loss once it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +135,7 @@ impl StateDir {
     }
 
     pub fn last_serial(&self) -> Result<Option<u64>, AgentError> {
-        let path = self.path("serial");
+        let path = self.path(SERIAL);
         match self.read(&path)? {
             None => Ok(None),
             Some(t) => t.trim().parse().map(Some).map_err(|_| {
@@ -138,6 +145,28 @@ impl StateDir {
                 )
             }),
         }
+    }
+
+    /// The manifest `run` accepted last, verified again with `key` under `policy` before anyone
+    /// reads it (the state directory is not trusted more than the network): `None` until `run`
+    /// accepted one. `enroll` acts on it (expiry enforced), `status` only shows it (ignored).
+    /// The manifest borrows its scriptlet bodies from `buf`, which receives the stored bytes.
+    pub fn accepted_manifest<'a>(
+        &self,
+        key: &PublicKey,
+        policy: &Policy,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<Option<Manifest<'a>>, AgentError> {
+        let path = self.path(MANIFEST);
+        *buf = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(AgentError::state(&path, e)),
+        };
+        let Some(sig) = self.read(&self.path(SIGNATURE))? else {
+            return Ok(None);
+        };
+        Ok(Some(verify(key, buf, &sig, policy)?))
     }
 
     /// Whether a `done` marker exists (one syscall: the no-op run checks hundreds).
@@ -203,6 +232,83 @@ mod tests {
             serial: 3,
         };
         assert_eq!(Record::parse(&r.encode()), r);
+    }
+
+    #[test]
+    fn accepted_manifest_is_verified_again() {
+        use idhal_manifest::{Expiry, TrustedMeta, VerifyError};
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::new(dir.path());
+        let kp = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+        let key = PublicKey::from_base64(&kp.pk.to_base64()).unwrap();
+        let (serial, expires) = (3, 2_000_000_000);
+        let m = Manifest {
+            serial,
+            expires,
+            params: vec![],
+            scriptlets: vec![],
+        }
+        .encode();
+        let comment = TrustedMeta { serial, expires }.to_comment();
+        let sig = minisign::sign(Some(&kp.pk), &kp.sk, &m[..], Some(&comment), None)
+            .unwrap()
+            .into_string();
+        let enforce = Policy {
+            now: expires - 1,
+            expiry: Expiry::Enforce,
+            last_serial: Some(serial),
+        };
+        let mut buf = Vec::new();
+        let mut load = |policy: &Policy| {
+            s.accepted_manifest(&key, policy, &mut buf)
+                .map(|m| m.map(|m| m.serial))
+        };
+
+        assert_eq!(load(&enforce).unwrap(), None, "nothing stored");
+        fs::write(s.path(MANIFEST), &m).unwrap();
+        assert_eq!(load(&enforce).unwrap(), None, "no signature stored");
+        fs::write(s.path(SIGNATURE), &sig).unwrap();
+        assert_eq!(load(&enforce).unwrap(), Some(serial));
+
+        let expired = Policy {
+            now: expires,
+            ..enforce
+        };
+        assert!(matches!(
+            load(&expired),
+            Err(AgentError::Refused(VerifyError::Expired { serial: 3, .. }))
+        ));
+        let shown = Policy {
+            expiry: Expiry::Ignore,
+            ..expired
+        };
+        assert_eq!(load(&shown).unwrap(), Some(serial));
+        let rolled_back = Policy {
+            last_serial: Some(serial + 1),
+            ..enforce
+        };
+        assert!(matches!(
+            load(&rolled_back),
+            Err(AgentError::Refused(VerifyError::Rollback {
+                got: 3,
+                last: 4
+            }))
+        ));
+
+        // The state directory is trusted no more than the network.
+        let mut tampered = m.clone();
+        tampered[m.len() - 2] ^= 1;
+        fs::write(s.path(MANIFEST), &tampered).unwrap();
+        assert!(matches!(
+            load(&enforce),
+            Err(AgentError::Refused(VerifyError::BadSignature))
+        ));
+        fs::write(s.path(MANIFEST), &m).unwrap();
+        fs::write(s.path(SIGNATURE), "not a signature").unwrap();
+        assert!(matches!(
+            load(&enforce),
+            Err(AgentError::Refused(VerifyError::MalformedSignature(_)))
+        ));
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! `idhal-bootstrap status`: what this node pinned, accepted, ran and enrolled as, read from the
 //! state directory only (no network). Human text by default, `--json` for tools.
 
+use crate::config::Proc;
 use crate::enroll::enrolled;
 use crate::error::{AgentError, Exit};
 use crate::pin::load_pinned;
-use crate::run::{is_due, Proc};
+use crate::run::is_due;
 use crate::state::StateDir;
 use idhal_manifest::time::rfc3339;
-use idhal_manifest::{verify, Expiry, Manifest, Policy};
+use idhal_manifest::{Expiry, Manifest, Policy};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -51,26 +52,34 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
     let last_run = state.read(&state.path("last-run"))?;
     let enrollment = enrolled(&state)?;
     let (mut rows, mut problem, mut expires) = (Vec::new(), None, None);
-    let stored = std::fs::read(state.path("manifest")).ok();
-    let sig = state.read(&state.path("manifest.minisig"))?;
-    if let (Some(key), Some(bytes), Some(sig)) = (&key, &stored, &sig) {
-        let policy = Policy {
-            now: 0,
-            expiry: Expiry::Ignore,
-            last_serial: None,
-        };
-        match verify(key, bytes, sig, &policy) {
-            Ok(m) => {
+    // Shown whatever its age: an expired manifest still says what ran.
+    let policy = Policy {
+        now: 0,
+        expiry: Expiry::Ignore,
+        last_serial: None,
+    };
+    let mut bytes = Vec::new();
+    // A stored manifest that fails verification is a problem to show, not "pending".
+    let mut stored = false;
+    if let Some(key) = &key {
+        match state.accepted_manifest(key, &policy, &mut bytes) {
+            Ok(None) => {}
+            Ok(Some(m)) => {
+                stored = true;
                 expires = Some(m.expires);
                 rows = rows_of(&state, &m, &proc.boot_id())?;
             }
-            Err(e) => problem = Some(format!("stored manifest fails verification: {e}")),
+            Err(AgentError::Refused(e)) => {
+                stored = true;
+                problem = Some(format!("stored manifest fails verification: {e}"));
+            }
+            Err(e) => return Err(e),
         }
     }
 
     let exit = if rows.iter().any(|r| r.state == "failed") {
         Exit::ScriptletFailed
-    } else if stored.is_none() || rows.iter().any(|r| r.state == "pending") {
+    } else if !stored || rows.iter().any(|r| r.state == "pending") {
         Exit::Pending
     } else {
         Exit::Ok
