@@ -264,9 +264,20 @@ mod tests {
         let mut c = Config::default();
         let e = c.set("sever", "x", "f:3").unwrap_err().to_string();
         assert_eq!(e, "config: f:3: sever = \"x\": unknown setting");
-        assert!(c.set("server", "ftp://x", "f:1").is_err());
-        assert!(c.load_cmdline("idhal.pin=nothex").is_err());
-        assert!(c.load_file(Path::new("/nonexistent/x"), false).is_ok());
-        assert!(c.load_file(Path::new("/nonexistent/x"), true).is_err());
+        let msg = |r: Result<(), AgentError>| r.unwrap_err().to_string();
+        assert_eq!(
+            msg(c.set("server", "ftp://x", "f:1")),
+            "config: f:1: server = \"ftp://x\": must start with http:// or https://"
+        );
+        assert_eq!(
+            msg(c.load_cmdline("idhal.pin=nothex")),
+            "config: kernel command line: pin = \"nothex\": fingerprint \"nothex\" is invalid: \
+             expected sha256: followed by 64 hex digits"
+        );
+        c.load_file(Path::new("/nonexistent/x"), false).unwrap();
+        assert_eq!(
+            msg(c.load_file(Path::new("/nonexistent/x"), true)),
+            "config: /nonexistent/x: No such file or directory (os error 2)"
+        );
     }
 }

@@ -456,14 +456,19 @@ mod tests {
         let u = Url::parse("http://[::1]:81/").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 81));
         assert_eq!(u.to_string(), "http://[::1]:81/");
-        for bad in [
-            "ftp://x",
-            "http://",
-            "http://a b/",
-            "http://h:99999/",
-            "http://h/\r\nX: y",
+        for (bad, why) in [
+            ("ftp://x", "expected http:// or https://"),
+            ("http://", "bad host"),
+            ("http://a b/", "bad host"),
+            ("http://h:99999/", "bad port"),
+            ("http://[::1/", "unclosed ["),
+            ("http://h/\r\nX: y", "bad path"),
         ] {
-            assert!(Url::parse(bad).is_err(), "{bad}");
+            assert_eq!(
+                Url::parse(bad),
+                Err(format!("invalid URL {bad:?}: {why}")),
+                "{bad}"
+            );
         }
     }
 

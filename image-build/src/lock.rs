@@ -212,9 +212,18 @@ mod tests {
 
     #[test]
     fn bad_lines_are_refused() {
-        let e = Lock::parse("openvpn 1.0\n").unwrap_err().to_string();
-        assert!(e.contains("line 1"), "{e}");
-        assert!(Lock::parse("openvpn 1 abc\n").is_err());
-        assert!(Lock::parse("").unwrap_err().to_string().contains("no pin"));
+        let refusal = |text: &str| match Lock::parse(text) {
+            Err(Error::Lock(why)) => why,
+            other => panic!("{text:?}: {other:?}"),
+        };
+        assert_eq!(
+            refusal("openvpn 1.0\n"),
+            "line 1: expected `name version sha256`, got \"openvpn 1.0\""
+        );
+        assert_eq!(
+            refusal("# pins\n\nopenvpn 1 abc\n"),
+            "line 3: expected `name version sha256`, got \"openvpn 1 abc\""
+        );
+        assert_eq!(refusal(""), "no pin for busybox-static");
     }
 }

@@ -161,10 +161,15 @@ mod tests {
                 .unwrap(),
             fp
         );
-        assert!("sha256:abc".parse::<Fingerprint>().is_err());
-        assert!(format!("sha256:{}", "g".repeat(64))
-            .parse::<Fingerprint>()
-            .is_err());
+        assert_eq!(
+            "sha256:abc".parse::<Fingerprint>(),
+            Err(KeyError::Fingerprint("sha256:abc".into()))
+        );
+        let not_hex = format!("sha256:{}", "g".repeat(64));
+        assert_eq!(
+            not_hex.parse::<Fingerprint>(),
+            Err(KeyError::Fingerprint(not_hex.clone()))
+        );
     }
 
     #[test]

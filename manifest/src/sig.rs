@@ -146,7 +146,11 @@ mod tests {
             "idhal-manifest 1 expires=1 serial=42",
             "idhal-manifest 1 serial=-1 expires=1",
         ] {
-            assert!(TrustedMeta::parse(bad).is_err(), "{bad}");
+            assert_eq!(
+                TrustedMeta::parse(bad),
+                Err(VerifyError::MalformedTrustedComment(bad.into())),
+                "{bad}"
+            );
         }
     }
 }

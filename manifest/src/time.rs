@@ -67,9 +67,19 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(2_592_000));
         assert_eq!(parse_duration("90"), Ok(90));
         assert_eq!(parse_duration("2w"), Ok(1_209_600));
-        assert!(parse_duration("1y").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("d").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
+        for bad in [
+            "1y",
+            "",
+            "d",
+            "99999999999999999999d",
+            "18446744073709551615w",
+        ] {
+            assert_eq!(
+                parse_duration(bad),
+                Err(format!(
+                    "invalid duration {bad:?}: use a number with s, m, h, d or w (e.g. 30d)"
+                )),
+            );
+        }
     }
 }
