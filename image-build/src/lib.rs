@@ -9,7 +9,6 @@ pub mod lock;
 
 use cpio::{Node, Tree};
 use lock::Lock;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
@@ -114,7 +113,7 @@ pub fn run_cmd(cmd: &mut Command) -> Result<String, Error> {
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
+    hmac_sha256::Hash::hash(data)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
@@ -147,7 +146,7 @@ pub struct BaseImage {
 /// init script, the module list and the format, so a change to any of them rebuilds.
 pub fn build_base(spec: &BaseSpec) -> Result<BaseImage, Error> {
     let agent = fs::read(spec.agent).map_err(|e| Error::io(spec.agent, e))?;
-    let mut h = Sha256::new();
+    let mut h = hmac_sha256::Hash::new();
     for part in [
         FORMAT.as_bytes(),
         &agent,
@@ -379,5 +378,26 @@ pub fn default_cache() -> PathBuf {
     match std::env::var_os("HOME") {
         Some(h) => PathBuf::from(h).join(".cache/idhal-image"),
         None => std::env::temp_dir().join("idhal-image-cache"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// FIPS 180-2 vectors, including a multi-block one: the pins in debian.lock are these hex
+    /// strings, so a different digest or encoding would refuse every package.
+    #[test]
+    fn sha256_hex_matches_the_standard() {
+        assert_eq!(
+            super::sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            super::sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            super::sha256_hex(&vec![b'a'; 1_000_000]),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+        );
     }
 }
