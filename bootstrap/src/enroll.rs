@@ -326,6 +326,16 @@ mod tests {
             assert_eq!(seed_from_pem(&pem.replace('\n', "\r\n")), None);
             assert_eq!(seed_from_pem(pem.trim_end()), None);
             assert_eq!(seed_from_pem(&format!("{pem}\n")), None);
+            // The PEM reader is lenient; the exact comparison is not: text around the block,
+            // or the same base64 wrapped at another width, is not the file the agent wrote.
+            assert_eq!(seed_from_pem(&format!("junk\n{pem}")), None);
+            assert_eq!(seed_from_pem(&format!("{pem}junk\n")), None);
+            let rewrapped = pem.replacen("\n", "\n ", 2);
+            assert_eq!(
+                der::pem_decode("PRIVATE KEY", &rewrapped),
+                der::pem_decode("PRIVATE KEY", &pem)
+            );
+            assert_eq!(seed_from_pem(&rewrapped), None);
         }
 
         // Another algorithm's key of the same length (an X25519 PKCS#8: OID 1.3.101.110).
