@@ -77,7 +77,11 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
         }
     }
 
-    let exit = if rows.iter().any(|r| r.state == "failed") {
+    let exit = if problem.is_some() {
+        // The stored copy no longer verifies (edited on disk, or a different key pinned):
+        // what ran cannot be shown, and a tool waiting on this node must not read "ok".
+        Exit::Refused
+    } else if rows.iter().any(|r| r.state == "failed") {
         Exit::ScriptletFailed
     } else if !stored || rows.iter().any(|r| r.state == "pending") {
         Exit::Pending

@@ -237,6 +237,41 @@ fn the_golden_publication_is_accepted_and_runs() {
     );
 }
 
+#[test]
+fn status_refuses_a_stored_manifest_that_no_longer_verifies() {
+    let server = Server::start(Path::new(DATA));
+    let node = Node::new("");
+    assert_eq!(node.run(&server).0, 0);
+    let status = |node: &Node| {
+        let out = Command::new(env!("CARGO_BIN_EXE_idhal-bootstrap"))
+            .arg("status")
+            .arg("--state-dir")
+            .arg(node.path("state"))
+            .arg("--proc")
+            .arg(node.path("proc"))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, text) = status(&node);
+    assert_eq!(code, 0, "{text}");
+    // One byte of the stored copy changed on disk: status says so and does not exit 0.
+    let stored = node.path("state/manifest");
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 1;
+    std::fs::write(&stored, bytes).unwrap();
+    let (code, text) = status(&node);
+    assert_eq!(code, 5, "{text}");
+    assert!(
+        text.contains("stored manifest fails verification: "),
+        "{text}"
+    );
+}
+
 /// Runs `case` on `node` and checks the exact outcome and that nothing changed.
 #[track_caller]
 fn assert_refused(case: &str, dir: &Path, node: &Node, server: &Server) {
