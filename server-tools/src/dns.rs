@@ -6,6 +6,7 @@ use crate::dnsupdate::reverse_name;
 use crate::names::Label;
 use crate::Global;
 use anyhow::Context as _;
+use idhal_manifest::time::now;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,11 +45,10 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let cfg = ServerConfig::load(global.config.as_deref())?;
     match args.command {
         DnsCommand::Zone { out, serial } => {
-            let serial = serial.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as u32)
-                    .unwrap_or(1)
+            // A clock before 1970 reads 0; a zone serial of 1 keeps the old behaviour.
+            let serial = serial.unwrap_or_else(|| match now() {
+                0 => 1,
+                t => t as u32,
             });
             let zones = render_zones(&cfg, serial)?;
             match out {

@@ -11,11 +11,12 @@ use crate::process::{Deadline, NodeLock};
 use crate::scheduler::{self, DownGuard, DownOutcome, NodeUp};
 use crate::Global;
 use anyhow::Context as _;
+use idhal_manifest::time::now;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 const HOOK_HELP: &str = "\
 Used directly as OpenVPN's client-connect / client-disconnect scripts:
@@ -121,13 +122,6 @@ fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, HookFailure>
     }
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The addresses nodes may hold: `[names] pool` without the network, broadcast and VPN
 /// server addresses of it and of every project's pool in the state database.
 pub fn node_addresses(cfg: &ServerConfig, state_dir: &Path) -> anyhow::Result<NodeAddresses> {
@@ -146,8 +140,8 @@ fn session_and_host(
     env: &HashMap<String, String>,
 ) -> Result<(Session, HostName), HookFailure> {
     let addresses = node_addresses(cfg, state_dir).map_err(|e| HookFailure::Backend(vec![e]))?;
-    let session = Session::from_env(env, &addresses, now_unix())
-        .map_err(|e| HookFailure::Refused(e.into()))?;
+    let session =
+        Session::from_env(env, &addresses, now()).map_err(|e| HookFailure::Refused(e.into()))?;
     let label = cfg
         .names
         .template

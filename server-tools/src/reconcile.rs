@@ -13,11 +13,12 @@ use crate::process::{Deadline, NodeLock};
 use crate::scheduler::{self, DownGuard};
 use crate::Global;
 use anyhow::Context as _;
+use idhal_manifest::time::now;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -199,11 +200,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             cfg.reconcile.status_file.display().to_string(),
         ),
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let age = now.saturating_sub(status.written);
+    let age = now().saturating_sub(status.written);
     if age > cfg.reconcile.max_status_age_secs {
         anyhow::bail!(
             "OpenVPN status from {source} was written {age} s ago (limit {} s): is OpenVPN running and writing it? Nothing changed",
