@@ -2,56 +2,21 @@
 //! subcommand lives in its own module with its own `Args` and `run`.
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod ca;
+mod cmd;
 mod config;
-mod crl;
-mod db;
 mod dns;
-mod dnsupdate;
-mod enroll;
-mod hook;
 mod http;
-mod keygen;
-mod keys;
-mod management;
 mod names;
-mod nodes;
-mod oar;
 mod openvpn;
-mod openvpn_env;
-mod pki;
 mod process;
 mod publish;
-mod reconcile;
-mod revoke;
 mod scheduler;
-mod scriptlet;
-mod serve;
-mod sign;
-mod token;
-mod verify;
+mod signing;
 
-/// Options every server-side command accepts.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Global {
-    /// Server state (CA, node database, locks). The rendered OpenVPN config passes it to the
-    /// hooks as IDHAL_STATE_DIR (`setenv`).
-    #[arg(
-        long,
-        global = true,
-        value_name = "DIR",
-        env = "IDHAL_STATE_DIR",
-        default_value = "/var/lib/idhal-server"
-    )]
-    pub state_dir: PathBuf,
-    /// Server configuration (TOML, see docs/server-config.md). Optional: defaults apply without
-    /// it. The rendered OpenVPN config passes it to the hooks as IDHAL_CONFIG (`setenv`).
-    #[arg(long, global = true, value_name = "FILE", env = "IDHAL_CONFIG")]
-    pub config: Option<PathBuf>,
-}
+use cmd::Global;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,39 +42,39 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Keygen(keygen::Args),
-    Sign(sign::Args),
-    Verify(verify::Args),
-    Serve(serve::Args),
-    Hook(hook::Args),
-    Dns(dns::Args),
-    Reconcile(reconcile::Args),
-    Scriptlet(scriptlet::Args),
-    Ca(ca::Args),
-    Token(token::Args),
-    Nodes(nodes::Args),
-    Revoke(revoke::Args),
-    Crl(crl::Args),
-    Openvpn(openvpn::Args),
+    Keygen(cmd::keygen::Args),
+    Sign(signing::sign::Args),
+    Verify(cmd::verify::Args),
+    Serve(cmd::serve::Args),
+    Hook(cmd::hook::Args),
+    Dns(cmd::dns::Args),
+    Reconcile(cmd::reconcile::Args),
+    Scriptlet(cmd::scriptlet::Args),
+    Ca(cmd::ca::Args),
+    Token(cmd::token::Args),
+    Nodes(cmd::nodes::Args),
+    Revoke(cmd::revoke::Args),
+    Crl(cmd::crl::Args),
+    Openvpn(cmd::openvpn::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Keygen(a) => keygen::run(a, &cli.global),
-        Command::Sign(a) => sign::run(a, &cli.global),
-        Command::Verify(a) => verify::run(a, &cli.global),
-        Command::Serve(a) => serve::run(a, &cli.global),
-        Command::Hook(a) => hook::run(a, &cli.global),
-        Command::Dns(a) => dns::run(a, &cli.global),
-        Command::Reconcile(a) => reconcile::run(a, &cli.global),
-        Command::Scriptlet(a) => scriptlet::run(a, &cli.global),
-        Command::Ca(a) => ca::run(a, &cli.global),
-        Command::Token(a) => token::run(a, &cli.global),
-        Command::Nodes(a) => nodes::run(a, &cli.global),
-        Command::Revoke(a) => revoke::run(a, &cli.global),
-        Command::Crl(a) => crl::run(a, &cli.global),
-        Command::Openvpn(a) => openvpn::run(a, &cli.global),
+        Command::Keygen(a) => cmd::keygen::run(a, &cli.global),
+        Command::Sign(a) => signing::sign::run(a, &cli.global),
+        Command::Verify(a) => cmd::verify::run(a, &cli.global),
+        Command::Serve(a) => cmd::serve::run(a, &cli.global),
+        Command::Hook(a) => cmd::hook::run(a, &cli.global),
+        Command::Dns(a) => cmd::dns::run(a, &cli.global),
+        Command::Reconcile(a) => cmd::reconcile::run(a, &cli.global),
+        Command::Scriptlet(a) => cmd::scriptlet::run(a, &cli.global),
+        Command::Ca(a) => cmd::ca::run(a, &cli.global),
+        Command::Token(a) => cmd::token::run(a, &cli.global),
+        Command::Nodes(a) => cmd::nodes::run(a, &cli.global),
+        Command::Revoke(a) => cmd::revoke::run(a, &cli.global),
+        Command::Crl(a) => cmd::crl::run(a, &cli.global),
+        Command::Openvpn(a) => cmd::openvpn::run(a, &cli.global),
     };
     match result {
         Ok(code) => code,

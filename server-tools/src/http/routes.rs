@@ -1,8 +1,8 @@
 //! What `idhal serve` answers: the routes (PUBDIR's files; `POST /enroll` when the state dir
 //! holds a CA), the one place errors become status codes, the access log, and the bodies.
 
+use crate::ca::enroll::{Enroller, Refusal};
 use crate::config::HttpLimits;
-use crate::enroll::{Enroller, Refusal};
 use crate::http::io::Busy;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};

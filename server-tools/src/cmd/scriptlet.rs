@@ -1,7 +1,7 @@
 //! `idhal scriptlet ssh-key`: turns the scheduler's SSH public key into a scriptlet for the signed
 //! manifest, so the key reaches root's authorized_keys only through the signed channel.
 
-use crate::Global;
+use crate::cmd::Global;
 use anyhow::Context as _;
 use std::io::Write as _;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! `idhal verify`: checks a PUBDIR exactly as an agent would (same library, same fixed order) and
 //! that its files agree with each other, then shows what the manifest holds.
 
-use crate::Global;
+use crate::cmd::Global;
 use anyhow::Context;
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::{paths, verify, Expiry, Manifest, Policy, PublicKey, VerifyError};

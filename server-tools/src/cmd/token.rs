@@ -1,12 +1,12 @@
 //! `idhal token create | list`: one-time enrollment tokens. The token is printed once; the
 //! database keeps only its verifier (the public half of the key derived from it).
 
-use crate::ca::{project_name, require_project};
+use crate::ca::db::{Db, Open};
+use crate::ca::pki::random_40;
+use crate::cmd::ca::{project_name, require_project};
+use crate::cmd::Global;
 use crate::config::ServerConfig;
-use crate::db::{Db, Open};
 use crate::names::Label;
-use crate::pki::random_40;
-use crate::Global;
 use idhal_manifest::enroll::Token;
 use idhal_manifest::time::{now, parse_duration, rfc3339};
 use rusqlite::params;

@@ -2,12 +2,12 @@
 //! the classic shape (TCP, tun, fixed addresses from the client-config-dir, CRL, hooks), and
 //! `client_config` is what every enrolled node receives.
 
+use crate::ca::db::{Db, Open};
+use crate::ca::pki::ProjectDir;
+use crate::cmd::Global;
 use crate::config::{OpenVpnSection, Remote, ServerConfig};
-use crate::db::{Db, Open};
-use crate::management::{ensure_password_file, password_file};
 use crate::names::Ipv4Net;
-use crate::pki::ProjectDir;
-use crate::Global;
+use crate::openvpn::management::{ensure_password_file, password_file};
 use anyhow::Context as _;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -53,11 +53,11 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let Command::ServerConfig { name, project } = args.command;
-    let project = crate::ca::project_name(project, &cfg)?;
+    let project = crate::cmd::ca::project_name(project, &cfg)?;
     let db = Db::open(&global.state_dir, Open::Existing)?;
-    let row = crate::ca::require_project(&db, &project)?;
+    let row = crate::cmd::ca::require_project(&db, &project)?;
     let pool = Ipv4Net::parse(&row.pool)?;
-    crate::ca::require_inside_names_pool(&cfg, &project, &pool)?;
+    crate::cmd::ca::require_inside_names_pool(&cfg, &project, &pool)?;
     let paths = ProjectDir::new(&global.state_dir, &project);
     let cert = paths.servers().join(format!("{name}.crt"));
     anyhow::ensure!(

@@ -7,11 +7,11 @@
 //! same node back without spending another use (a node that crashed before saving the answer
 //! is not locked out).
 
+use crate::ca::db::{Db, DbError, Open};
+use crate::ca::pki::{Leaf, NodePublicKey, ProjectCa, Role};
+use crate::cmd::openvpn::client_config;
 use crate::config::{CaSection, ServerConfig};
-use crate::db::{Db, DbError, Open};
 use crate::names::Ipv4Net;
-use crate::openvpn::client_config;
-use crate::pki::{Leaf, NodePublicKey, ProjectCa, Role};
 use crate::publish::write_atomic;
 use idhal_manifest::enroll::{EnrollError, Request, Response};
 use rusqlite::{params, OptionalExtension};

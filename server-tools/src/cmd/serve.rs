@@ -2,12 +2,12 @@
 //! runs the HTTP front (`crate::http`) over PUBDIR's files and, when --state-dir holds a CA,
 //! `POST /enroll`, until SIGTERM or SIGINT.
 
+use crate::ca::db::{Db, Open};
+use crate::ca::enroll::Enroller;
+use crate::cmd::Global;
 use crate::config::{CaSection, ServerConfig};
-use crate::db::{Db, Open};
-use crate::enroll::Enroller;
 use crate::http::routes::App;
 use crate::http::{StaticFiles, Stopped};
-use crate::Global;
 use anyhow::Context;
 use idhal_manifest::enroll;
 use idhal_manifest::paths;
@@ -172,7 +172,7 @@ fn spawn_crl_refresher(state_dir: PathBuf, cfg: ServerConfig) -> anyhow::Result<
             let result = Db::open(&state_dir, Open::Existing)
                 .map_err(anyhow::Error::from)
                 .and_then(|mut db| {
-                    crate::crl::refresh_due(
+                    crate::cmd::crl::refresh_due(
                         &mut db,
                         &state_dir,
                         &cfg,

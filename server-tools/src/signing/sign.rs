@@ -1,9 +1,9 @@
 //! `idhal sign`: turns a directory of `*.sh` scriptlets into a signed manifest and publishes it
 //! into PUBDIR atomically, in the order agents rely on (versioned pair first, `manifest.minisig` last).
 
-use crate::keys::{PassphraseSource, SigningKey, ENV_SIGNING_KEY};
+use crate::cmd::Global;
 use crate::publish::{self, DirLock, PublishError};
-use crate::Global;
+use crate::signing::keys::{PassphraseSource, SigningKey, ENV_SIGNING_KEY};
 use anyhow::{bail, Context};
 use idhal_manifest::time::{now, parse_duration, rfc3339};
 use idhal_manifest::{

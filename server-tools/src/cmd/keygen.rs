@@ -1,9 +1,9 @@
 //! `idhal keygen`: creates the signing key pair (minisign format) and prints the fingerprint
 //! admins pin on the kernel command line. Never overwrites a secret key.
 
-use crate::keys::{self, PassphraseSource, ENV_PASSPHRASE};
+use crate::cmd::Global;
 use crate::publish::{self, PublishError};
-use crate::Global;
+use crate::signing::keys::{self, PassphraseSource, ENV_PASSPHRASE};
 use anyhow::Context;
 use idhal_manifest::paths;
 use std::os::unix::fs::DirBuilderExt;

@@ -2,14 +2,14 @@
 //! at once, removes its client-config-dir entry, and drops its live session from every
 //! configured OpenVPN management interface (not at the next renegotiation).
 
+use crate::ca::db::{Db, DbError, Open};
+use crate::ca::pki::ProjectCa;
+use crate::cmd::crl;
+use crate::cmd::Global;
 use crate::config::ServerConfig;
-use crate::crl;
-use crate::db::{Db, DbError, Open};
-use crate::management::{password_file, Answer, Management};
 use crate::names::NodeId;
-use crate::pki::ProjectCa;
+use crate::openvpn::management::{password_file, Answer, Management};
 use crate::publish::remove_durably;
-use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
 use rusqlite::params;

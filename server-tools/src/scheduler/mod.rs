@@ -1,11 +1,13 @@
 //! The batch-scheduler side of the hooks behind one small trait, so a Slurm backend can follow
 //! OAR; `open` is the one place that picks the backend from the configuration.
 
+use crate::ca::db::NodeRow;
 use crate::config::{SchedulerBackend, ServerConfig};
-use crate::db::NodeRow;
 use crate::names::{HostName, Label, NodeId, ServerName};
-use crate::oar::{Oar, OarError};
 use crate::process::Deadline;
+use oar::{Oar, OarError};
+
+pub mod oar;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 

@@ -2,14 +2,14 @@
 //! run (the first CRL, the address pool), VPN server certificates, and the enrollment key the
 //! manifests must name.
 
+use crate::ca::db::{Db, Open};
+use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
+use crate::cmd::crl;
+use crate::cmd::Global;
 use crate::config::{CaSection, ServerConfig};
-use crate::crl;
-use crate::db::{Db, Open};
-use crate::management::{ensure_password_file, password_file};
 use crate::names::Ipv4Net;
-use crate::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
+use crate::openvpn::management::{ensure_password_file, password_file};
 use crate::publish::{write_atomic, write_new};
-use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::{NodeId, ProjectName};
@@ -261,7 +261,7 @@ pub fn require_inside_names_pool(
 }
 
 /// Used by token/nodes/revoke: the project row, or a clear error.
-pub fn require_project(db: &Db, project: &str) -> anyhow::Result<crate::db::ProjectRow> {
+pub fn require_project(db: &Db, project: &str) -> anyhow::Result<crate::ca::db::ProjectRow> {
     db.project(project)?
         .with_context(|| format!("no project {project:?}: run `idhal ca init --project {project}`"))
 }

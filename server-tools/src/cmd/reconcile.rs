@@ -1,17 +1,17 @@
 //! `idhal reconcile`: compares who OpenVPN says is connected (its status file) with what the
 //! scheduler holds, and replays the missed connect/disconnect events. Idempotent, for a timer.
 
-use crate::config::ServerConfig;
-use crate::config::{DnsUpdate, StatusSource};
-use crate::hook::{
+use crate::cmd::hook::{
     connect_session, disconnect_host, node_addresses, refresh_node_dns, HookFailure,
 };
-use crate::management::{password_file, Answer, Management};
+use crate::cmd::Global;
+use crate::config::ServerConfig;
+use crate::config::{DnsUpdate, StatusSource};
 use crate::names::HostName;
-use crate::openvpn_env::Session;
+use crate::openvpn::env::Session;
+use crate::openvpn::management::{password_file, Answer, Management};
 use crate::process::{Deadline, NodeLock};
 use crate::scheduler::{self, DownGuard};
-use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::now;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

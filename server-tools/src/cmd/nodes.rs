@@ -1,8 +1,8 @@
 //! `idhal nodes`: every enrolled node with its id, type, address, enrollment time, certificate
 //! serial and revocation.
 
-use crate::db::{Db, Open};
-use crate::Global;
+use crate::ca::db::{Db, Open};
+use crate::cmd::Global;
 use idhal_manifest::time::rfc3339;
 use std::process::ExitCode;
 

@@ -2,11 +2,11 @@
 //! before its nextUpdate (by this command from a timer, and by `idhal serve` on its own), so an
 //! expired CRL never locks every node out of OpenVPN's `crl-verify`.
 
+use crate::ca::db::{Db, Open};
+use crate::ca::pki::ProjectCa;
+use crate::cmd::Global;
 use crate::config::{CaSection, ServerConfig};
-use crate::db::{Db, Open};
-use crate::pki::ProjectCa;
 use crate::publish::write_atomic;
-use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
 use rusqlite::params;

@@ -1,10 +1,10 @@
 //! `idhal dns zone`: static forward and reverse zone files for the whole VPN address pool, the
 //! classic setup where every virtual address is declared in advance (no live updates needed).
 
+use crate::cmd::Global;
 use crate::config::ServerConfig;
-use crate::dnsupdate::reverse_name;
+use crate::dns::rfc2136::reverse_name;
 use crate::names::Label;
-use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::now;
 use std::fmt::Write as _;

@@ -2,14 +2,14 @@
 //! environment into a validated session, then register the node with the scheduler and DNS under
 //! a per-node lock, within one time budget, and map the outcome to an exit code by policy.
 
+use crate::ca::db::{lookup_node, lookup_projects};
+use crate::cmd::Global;
 use crate::config::{DnsUpdate, OnDisconnect, OnFailure, ServerConfig};
-use crate::db::{lookup_node, lookup_projects};
-use crate::dnsupdate::{DnsError, TsigKey, Updater};
+use crate::dns::rfc2136::{DnsError, TsigKey, Updater};
 use crate::names::{Domain, HostName, Ipv4Net};
-use crate::openvpn_env::{NodeAddresses, Session};
+use crate::openvpn::env::{NodeAddresses, Session};
 use crate::process::{Deadline, NodeLock};
 use crate::scheduler::{self, DownGuard, DownOutcome, NodeUp};
-use crate::Global;
 use anyhow::Context as _;
 use idhal_manifest::time::now;
 use std::collections::HashMap;

@@ -1,0 +1,5 @@
+//! Signed manifests: the signing key (keys) and turning a scriptlet directory into a signed,
+//! published manifest (sign).
+
+pub mod keys;
+pub mod sign;
