@@ -10,6 +10,7 @@ mod config;
 mod dns;
 mod http;
 mod names;
+mod node;
 mod openvpn;
 mod process;
 mod publish;
@@ -43,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Keygen(cmd::keygen::Args),
-    Sign(signing::sign::Args),
+    Sign(cmd::sign::Args),
     Verify(cmd::verify::Args),
     Serve(cmd::serve::Args),
     Hook(cmd::hook::Args),
@@ -62,7 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keygen(a) => cmd::keygen::run(a, &cli.global),
-        Command::Sign(a) => signing::sign::run(a, &cli.global),
+        Command::Sign(a) => cmd::sign::run(a, &cli.global),
         Command::Verify(a) => cmd::verify::run(a, &cli.global),
         Command::Serve(a) => cmd::serve::run(a, &cli.global),
         Command::Hook(a) => cmd::hook::run(a, &cli.global),

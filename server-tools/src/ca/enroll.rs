@@ -9,9 +9,9 @@
 
 use crate::ca::db::{Db, DbError, Open};
 use crate::ca::pki::{Leaf, NodePublicKey, ProjectCa, Role};
-use crate::cmd::openvpn::client_config;
 use crate::config::{CaSection, ServerConfig};
 use crate::names::Ipv4Net;
+use crate::openvpn::config::client_config;
 use crate::publish::write_atomic;
 use idhal_manifest::enroll::{EnrollError, Request, Response};
 use rusqlite::{params, OptionalExtension};

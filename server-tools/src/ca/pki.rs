@@ -4,6 +4,7 @@
 //! Layout under `STATE/projects/NAME/`: `ca.key` (0600), `ca.crt`, `enroll.key` (0600),
 //! `crl.pem`, `ccd/` (OpenVPN client-config-dir), `servers/NAME.{key,crt}`.
 
+use crate::openvpn::config::ServerFiles;
 use crate::publish::{write_atomic, write_new, PublishError};
 use idhal_manifest::der;
 use idhal_manifest::enroll::EnrollKey;
@@ -61,6 +62,17 @@ impl ProjectDir {
     }
     pub fn servers(&self) -> PathBuf {
         self.dir.join("servers")
+    }
+    /// What server `name`'s OpenVPN config names.
+    pub fn server_files(&self, name: &str) -> ServerFiles {
+        let servers = self.servers();
+        ServerFiles {
+            ca_cert: self.ca_cert(),
+            crl: self.crl(),
+            ccd: self.ccd(),
+            cert: servers.join(format!("{name}.crt")),
+            key: servers.join(format!("{name}.key")),
+        }
     }
 }
 

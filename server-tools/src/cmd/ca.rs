@@ -2,17 +2,17 @@
 //! run (the first CRL, the address pool), VPN server certificates, and the enrollment key the
 //! manifests must name.
 
+use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
-use crate::cmd::crl;
+use crate::ca::{project_name, require_inside_names_pool};
 use crate::cmd::Global;
 use crate::config::{CaSection, ServerConfig};
 use crate::names::Ipv4Net;
 use crate::openvpn::management::{ensure_password_file, password_file};
 use crate::publish::{write_atomic, write_new};
-use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
-use idhal_manifest::{NodeId, ProjectName};
+use idhal_manifest::NodeId;
 use rusqlite::params;
 use std::process::ExitCode;
 
@@ -64,16 +64,6 @@ pub enum Command {
         #[arg(long)]
         project: Option<String>,
     },
-}
-
-/// The project a command acts on: `--project`, else `[ca] project`; validated.
-pub fn project_name(arg: Option<String>, cfg: &ServerConfig) -> anyhow::Result<String> {
-    let p = arg.unwrap_or_else(|| cfg.ca.project.clone());
-    anyhow::ensure!(
-        ProjectName::try_from(p.as_str()).is_ok(),
-        "project name {p:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
-    );
-    Ok(p)
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
@@ -243,25 +233,4 @@ fn issue_server(
     }
     println!("next: idhal openvpn server-config --name {name} --project {project}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// A project's pool must lie inside `[names] pool`: the hooks refuse any other address, and
-/// the name template is only one-to-one over that pool.
-pub fn require_inside_names_pool(
-    cfg: &ServerConfig,
-    project: &str,
-    pool: &Ipv4Net,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        cfg.names.pool.contains_net(pool),
-        "project {project:?}'s pool {pool} is not inside [names] pool {}: the hooks would refuse its nodes; widen [names] pool (and its template) or pick a pool inside it",
-        cfg.names.pool
-    );
-    Ok(())
-}
-
-/// Used by token/nodes/revoke: the project row, or a clear error.
-pub fn require_project(db: &Db, project: &str) -> anyhow::Result<crate::ca::db::ProjectRow> {
-    db.project(project)?
-        .with_context(|| format!("no project {project:?}: run `idhal ca init --project {project}`"))
 }

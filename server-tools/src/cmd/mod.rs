@@ -12,6 +12,7 @@ pub mod reconcile;
 pub mod revoke;
 pub mod scriptlet;
 pub mod serve;
+pub mod sign;
 pub mod token;
 pub mod verify;
 

@@ -4,13 +4,13 @@
 
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectDir;
+use crate::ca::{project_name, require_inside_names_pool, require_project};
 use crate::cmd::Global;
-use crate::config::{OpenVpnSection, Remote, ServerConfig};
+use crate::config::ServerConfig;
 use crate::names::Ipv4Net;
+use crate::openvpn::config::ServerSetup;
 use crate::openvpn::management::{ensure_password_file, password_file};
 use anyhow::Context as _;
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -53,11 +53,11 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let Command::ServerConfig { name, project } = args.command;
-    let project = crate::cmd::ca::project_name(project, &cfg)?;
+    let project = project_name(project, &cfg)?;
     let db = Db::open(&global.state_dir, Open::Existing)?;
-    let row = crate::cmd::ca::require_project(&db, &project)?;
+    let row = require_project(&db, &project)?;
     let pool = Ipv4Net::parse(&row.pool)?;
-    crate::cmd::ca::require_inside_names_pool(&cfg, &project, &pool)?;
+    require_inside_names_pool(&cfg, &project, &pool)?;
     let paths = ProjectDir::new(&global.state_dir, &project);
     let cert = paths.servers().join(format!("{name}.crt"));
     anyhow::ensure!(
@@ -86,7 +86,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         management_password,
         name: &name,
         pool,
-        paths: &paths,
+        files: paths.server_files(&name),
         openvpn: &cfg.openvpn_for(&project),
         idhal: &idhal,
         config: global
@@ -98,239 +98,4 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     };
     print!("{}", server.render()?);
     Ok(ExitCode::SUCCESS)
-}
-
-/// A path OpenVPN can take on its command lines: it splits script commands on whitespace and
-/// has no quoting that survives, so such paths are refused rather than mangled.
-fn plain(path: &Path) -> anyhow::Result<String> {
-    let s = path
-        .to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))?;
-    anyhow::ensure!(
-        !s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\')),
-        "{s:?}: OpenVPN configs cannot hold paths with spaces, quotes or backslashes"
-    );
-    Ok(s.to_owned())
-}
-
-pub struct ServerSetup<'a> {
-    pub project: &'a str,
-    /// The management password file; `None` only with `management_auth = "none"`.
-    pub management_password: Option<PathBuf>,
-    pub name: &'a str,
-    pub pool: Ipv4Net,
-    pub paths: &'a ProjectDir,
-    pub openvpn: &'a OpenVpnSection,
-    pub idhal: &'a Path,
-    pub config: Option<PathBuf>,
-    pub state_dir: &'a Path,
-}
-
-impl ServerSetup<'_> {
-    pub fn render(&self) -> anyhow::Result<String> {
-        let o = self.openvpn;
-        let servers = self.paths.servers();
-        // The hook command names only the binary: the config and state paths travel as
-        // `setenv` lines, each on its own line, so none of them makes a line too long.
-        let hook = format!("{} hook", plain(self.idhal)?);
-        let mut s = String::new();
-        let w = &mut s;
-        writeln!(w, "# OpenVPN 2.6 server {} of idhal project {}, rendered by `idhal openvpn server-config`.", self.name, self.project)?;
-        writeln!(w, "# Nodes get fixed addresses from the client-config-dir (written at enrollment): no dynamic pool.")?;
-        writeln!(w, "proto tcp-server")?;
-        writeln!(w, "local {}", o.listen.ip())?;
-        writeln!(w, "port {}", o.listen.port())?;
-        writeln!(w, "dev tun")?;
-        writeln!(w, "topology subnet")?;
-        writeln!(
-            w,
-            "server {} {} nopool",
-            self.pool.addr,
-            self.pool.netmask()
-        )?;
-        writeln!(w, "client-config-dir {}", plain(&self.paths.ccd())?)?;
-        writeln!(w, "ccd-exclusive")?;
-        writeln!(w, "ca {}", plain(&self.paths.ca_cert())?)?;
-        writeln!(
-            w,
-            "cert {}",
-            plain(&servers.join(format!("{}.crt", self.name)))?
-        )?;
-        writeln!(
-            w,
-            "key {}",
-            plain(&servers.join(format!("{}.key", self.name)))?
-        )?;
-        writeln!(w, "crl-verify {}", plain(&self.paths.crl())?)?;
-        writeln!(w, "dh none")?;
-        writeln!(w, "tls-version-min 1.2")?;
-        writeln!(w, "remote-cert-tls client")?;
-        writeln!(w, "keepalive {} {}", o.keepalive.0, o.keepalive.1)?;
-        for r in &o.push_routes {
-            let net = Ipv4Net::parse(r).with_context(|| format!("[openvpn] push_routes: {r}"))?;
-            writeln!(w, "push \"route {} {}\"", net.addr, net.netmask())?;
-        }
-        for d in &o.push_dns {
-            writeln!(w, "push \"dhcp-option DNS {d}\"")?;
-        }
-        if let Some(m) = o.management.first() {
-            anyhow::ensure!(
-                m.ip().is_loopback(),
-                "[openvpn] management {m}: keep the management interface on loopback"
-            );
-            match &self.management_password {
-                Some(pw) => writeln!(w, "management {} {} {}", m.ip(), m.port(), plain(pw)?)?,
-                None => {
-                    writeln!(
-                        w,
-                        "# No management password: [openvpn] management_auth = \"none\"."
-                    )?;
-                    writeln!(w, "management {} {}", m.ip(), m.port())?
-                }
-            }
-        }
-        writeln!(w, "script-security 2")?;
-        if let Some(c) = &self.config {
-            writeln!(w, "setenv IDHAL_CONFIG {}", plain(c)?)?;
-        }
-        writeln!(w, "setenv IDHAL_STATE_DIR {}", plain(self.state_dir)?)?;
-        writeln!(w, "client-connect \"{hook} client-connect\"")?;
-        writeln!(w, "client-disconnect \"{hook} client-disconnect\"")?;
-        writeln!(w, "status {} 10", plain(&o.status_file)?)?;
-        writeln!(w, "status-version 2")?;
-        writeln!(w, "persist-key")?;
-        writeln!(w, "verb 3")?;
-        check_line_lengths(&s)?;
-        Ok(s)
-    }
-}
-
-/// OpenVPN reads option lines of at most 255 characters (OPTION_LINE_SIZE 256) and refuses to
-/// start on a longer one: say which, here, rather than let the server fail at its next start.
-fn check_line_lengths(config: &str) -> anyhow::Result<()> {
-    const MAX: usize = 255;
-    if let Some(line) = config
-        .lines()
-        .find(|l| !l.starts_with('#') && l.len() > MAX)
-    {
-        anyhow::bail!(
-            "this line of the OpenVPN config would be {} characters, more than OpenVPN's {MAX}: \
-             use a shorter path\n  {line}",
-            line.len()
-        );
-    }
-    Ok(())
-}
-
-/// The client configuration an enrolled node receives. It names its files relative to its own
-/// directory (`openvpn --cd DIR --config openvpn.conf`).
-pub fn client_config(project: &str, node: &str, remotes: &[String]) -> String {
-    let mut s = format!(
-        "# idhal node {node} (project {project}): OpenVPN client configuration from enrollment.\n\
-         # Run: openvpn --cd DIR --config openvpn.conf (DIR holds ca.crt, node.crt, node.key)\n\
-         client\ndev tun\nproto tcp-client\n"
-    );
-    for r in remotes {
-        // Validated when the config was loaded.
-        if let Ok(r) = Remote::parse(r) {
-            s.push_str(&format!("remote {} {}\n", r.host, r.port));
-        }
-    }
-    s.push_str(
-        "connect-retry 1 10\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\
-         tls-version-min 1.2\nca ca.crt\ncert node.crt\nkey node.key\npersist-key\nverb 3\n",
-    );
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_config_lists_every_remote() {
-        let c = client_config(
-            "p",
-            "client7",
-            &["vpn1.example.org:1194".into(), "10.0.2.100:443".into()],
-        );
-        assert!(c.contains("remote vpn1.example.org 1194\nremote 10.0.2.100 443\n"));
-        assert!(c.contains("remote-cert-tls server"));
-    }
-
-    #[test]
-    fn the_management_interface_gets_a_password_unless_told_otherwise() {
-        let paths = ProjectDir::new(Path::new("/s"), "p");
-        let o = OpenVpnSection {
-            management: vec!["127.0.0.1:7505".parse().unwrap()],
-            ..OpenVpnSection::default()
-        };
-        let setup = |pw: Option<&str>| ServerSetup {
-            project: "p",
-            management_password: pw.map(PathBuf::from),
-            name: "vpn1",
-            pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
-            paths: &paths,
-            openvpn: &o,
-            idhal: Path::new("/usr/bin/idhal"),
-            config: None,
-            state_dir: Path::new("/s"),
-        };
-        let with = setup(Some("/s/projects/p/management.pw")).render().unwrap();
-        assert!(
-            with.contains("\nmanagement 127.0.0.1 7505 /s/projects/p/management.pw\n"),
-            "{with}"
-        );
-        let without = setup(None).render().unwrap();
-        assert!(without.contains("management_auth = \"none\""), "{without}");
-        assert!(
-            without.contains("\nmanagement 127.0.0.1 7505\n"),
-            "{without}"
-        );
-    }
-
-    #[test]
-    fn deep_paths_stay_within_openvpns_line_length_or_are_refused() {
-        let deep = format!("/{}", "d".repeat(200));
-        let paths = ProjectDir::new(Path::new(&deep), "p");
-        let o = OpenVpnSection::default();
-        let render = |state: &Path| {
-            ServerSetup {
-                project: "p",
-                management_password: None,
-                name: "vpn1",
-                pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
-                paths: &paths,
-                openvpn: &o,
-                idhal: Path::new("/usr/local/bin/idhal"),
-                config: Some(PathBuf::from(format!("{deep}/server.toml"))),
-                state_dir: state,
-            }
-            .render()
-        };
-        // 200-character dirs: before, the hook line held both paths (over 400 characters) and
-        // OpenVPN refused to start.
-        let c = render(Path::new(&deep)).unwrap();
-        assert!(c.lines().all(|l| l.len() <= 255), "{c}");
-        assert!(c.contains("\nclient-connect \"/usr/local/bin/idhal hook client-connect\"\n"));
-        assert!(
-            c.contains(&format!("\nsetenv IDHAL_STATE_DIR {deep}\n")),
-            "{c}"
-        );
-        assert!(
-            c.contains(&format!("\nsetenv IDHAL_CONFIG {deep}/server.toml\n")),
-            "{c}"
-        );
-        let deeper = format!("/{}", "d".repeat(300));
-        let e = render(Path::new(&deeper)).unwrap_err().to_string();
-        assert!(e.contains("more than OpenVPN's 255"), "{e}");
-    }
-
-    #[test]
-    fn paths_openvpn_would_split_are_refused() {
-        assert!(plain(Path::new("/a b/idhal")).is_err());
-        assert!(plain(Path::new("/a\"b")).is_err());
-        assert!(plain(Path::new("/usr/local/bin/idhal")).is_ok());
-    }
 }

@@ -2,17 +2,17 @@
 //! at once, removes its client-config-dir entry, and drops its live session from every
 //! configured OpenVPN management interface (not at the next renegotiation).
 
-use crate::ca::db::{Db, DbError, Open};
+use crate::ca::crl;
+use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectCa;
-use crate::cmd::crl;
+use crate::ca::revoke;
 use crate::cmd::Global;
 use crate::config::ServerConfig;
 use crate::names::NodeId;
-use crate::openvpn::management::{password_file, Answer, Management};
+use crate::openvpn::management::{kill_everywhere, password_file};
 use crate::publish::remove_durably;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
-use rusqlite::params;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -53,19 +53,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             rfc3339(at)
         ),
         None => {
-            db.immediate(|tx, err| {
-                tx.execute(
-                    "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                    params![id.as_str(), now as i64],
-                )
-                .map_err(err)?;
-                tx.execute(
-                    "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
-                    params![node.project, node.cert_serial as i64, now as i64],
-                )
-                .map_err(err)?;
-                Ok::<_, DbError>(())
-            })?;
+            revoke::mark(&mut db, &node, now)?;
             println!(
                 "{id}: revoked (project {}, certificate serial {})",
                 node.project, node.cert_serial
@@ -84,13 +72,9 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     let openvpn = cfg.openvpn_for(&node.project);
     let password = password_file(&cfg, &global.state_dir, &node.project);
     let mut unreachable = 0;
-    for addr in &openvpn.management {
-        let m = Management {
-            addr: *addr,
-            password_file: password.as_deref(),
-            timeout: cfg.limits.command_timeout(),
-        };
-        match m.command(&format!("kill {id}"), Answer::OneLine) {
+    let timeout = cfg.limits.command_timeout();
+    for (addr, answer) in kill_everywhere(&openvpn.management, password.as_deref(), timeout, &id) {
+        match answer {
             Ok(line) if line.starts_with("SUCCESS:") => {
                 println!("{id}: dropped by the OpenVPN server at {addr} ({line})")
             }

@@ -172,7 +172,7 @@ fn spawn_crl_refresher(state_dir: PathBuf, cfg: ServerConfig) -> anyhow::Result<
             let result = Db::open(&state_dir, Open::Existing)
                 .map_err(anyhow::Error::from)
                 .and_then(|mut db| {
-                    crate::cmd::crl::refresh_due(
+                    crate::ca::crl::refresh_due(
                         &mut db,
                         &state_dir,
                         &cfg,

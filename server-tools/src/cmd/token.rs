@@ -2,14 +2,12 @@
 //! database keeps only its verifier (the public half of the key derived from it).
 
 use crate::ca::db::{Db, Open};
-use crate::ca::pki::random_40;
-use crate::cmd::ca::{project_name, require_project};
+use crate::ca::tokens;
+use crate::ca::{project_name, require_project};
 use crate::cmd::Global;
 use crate::config::ServerConfig;
 use crate::names::Label;
-use idhal_manifest::enroll::Token;
 use idhal_manifest::time::{now, parse_duration, rfc3339};
-use rusqlite::params;
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -81,25 +79,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
                 !comment.chars().any(char::is_control),
                 "--comment must be one line"
             );
-            let token = Token::from_random(random_40()?);
             let now = now();
-            db.conn
-                .execute(
-                    "INSERT INTO tokens (id, project, node_type, verifier, uses, created, expires,
-                                         comment)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        token.id.to_string(),
-                        project,
-                        node_type.to_string(),
-                        &token.verifier()[..],
-                        uses,
-                        now as i64,
-                        (now + ttl) as i64,
-                        comment
-                    ],
-                )
-                .map_err(|e| db.err(e))?;
+            let token = tokens::create(&db, &project, &node_type, uses, now, ttl, &comment)?;
             eprintln!(
                 "token {} (project {project}): type {node_type}, {uses} use{}, expires {}; \
                  shown once, only its verifier is stored",
@@ -114,53 +95,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(serde::Serialize)]
-struct TokenRow {
-    id: String,
-    project: String,
-    #[serde(rename = "type")]
-    node_type: String,
-    uses: u32,
-    used: u32,
-    created: u64,
-    expires: u64,
-    state: &'static str,
-    comment: String,
-}
-
 fn list(db: &Db, json: bool) -> anyhow::Result<()> {
-    let now = now();
-    let mut stmt = db
-        .conn
-        .prepare(
-            "SELECT id, project, node_type, uses, used, created, expires, comment FROM tokens
-             ORDER BY created, id",
-        )
-        .map_err(|e| db.err(e))?;
-    let rows = stmt
-        .query_map([], |r| {
-            let (uses, used, expires) = (r.get(3)?, r.get(4)?, r.get::<_, i64>(6)? as u64);
-            Ok(TokenRow {
-                id: r.get(0)?,
-                project: r.get(1)?,
-                node_type: r.get(2)?,
-                uses,
-                used,
-                created: r.get::<_, i64>(5)? as u64,
-                expires,
-                state: if used >= uses {
-                    "used-up"
-                } else if expires <= now {
-                    "expired"
-                } else {
-                    "active"
-                },
-                comment: r.get(7)?,
-            })
-        })
-        .map_err(|e| db.err(e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| db.err(e))?;
+    let rows = tokens::list(db, now())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());

@@ -163,6 +163,30 @@ fn next(reader: &mut impl std::io::BufRead, addr: SocketAddr) -> Result<Said, Ma
     }
 }
 
+/// Asks each management interface in `servers` to drop the client `common_name` (`kill`):
+/// every server's one-line answer (`SUCCESS: ...` when it was connected there), or its error.
+pub fn kill_everywhere(
+    servers: &[SocketAddr],
+    password_file: Option<&Path>,
+    timeout: Duration,
+    common_name: &impl std::fmt::Display,
+) -> Vec<(SocketAddr, Result<String, ManagementError>)> {
+    servers
+        .iter()
+        .map(|&addr| {
+            let m = Management {
+                addr,
+                password_file,
+                timeout,
+            };
+            (
+                addr,
+                m.command(&format!("kill {common_name}"), Answer::OneLine),
+            )
+        })
+        .collect()
+}
+
 /// The management password file of `project`'s OpenVPN servers, or `None` when
 /// `[openvpn] management_auth = "none"`: `[openvpn] management_password_file`, else
 /// `STATE/projects/PROJECT/management.pw`.

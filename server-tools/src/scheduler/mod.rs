@@ -1,15 +1,12 @@
 //! The batch-scheduler side of the hooks behind one small trait, so a Slurm backend can follow
-//! OAR; `open` is the one place that picks the backend from the configuration.
+//! OAR; `backend::open` is the one place that picks the backend from the configuration.
 
-use crate::ca::db::NodeRow;
-use crate::config::{SchedulerBackend, ServerConfig};
+pub mod backend;
+pub mod oar;
+
 use crate::names::{HostName, Label, NodeId, ServerName};
 use crate::process::Deadline;
-use oar::{Oar, OarError};
-
-pub mod oar;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 
 /// Everything a scheduler is told about a connected node; every field is validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,26 +109,16 @@ pub trait Scheduler {
     fn name(&self) -> &'static str;
 }
 
+/// A backend's failure. It carries the backend's own typed error (`oar::OarError`) whole, so
+/// this module names no backend (a backend converts into it, `backend::open` picks one).
 #[derive(Debug, thiserror::Error)]
-pub enum SchedulerError {
-    #[error(transparent)]
-    Oar(#[from] OarError),
-}
+#[error(transparent)]
+pub struct SchedulerError(Box<dyn std::error::Error + Send + Sync + 'static>);
 
-/// The backend the configuration asks for, or `None` when scheduling is switched off.
-pub fn open(cfg: &ServerConfig, state_dir: &Path) -> Option<Box<dyn Scheduler>> {
-    match cfg.scheduler.backend {
-        SchedulerBackend::Oar => Some(Box::new(Oar::new(cfg, state_dir))),
-        SchedulerBackend::None => None,
+impl SchedulerError {
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SchedulerError(Box::new(e))
     }
-}
-
-/// The node's type: from its enrollment record (the token it enrolled with decided it), else
-/// the configured default (nodes certified outside idhal's CA).
-pub fn node_type(cfg: &ServerConfig, record: Option<&NodeRow>) -> Label {
-    record
-        .and_then(|n| Label::parse(&n.node_type).ok())
-        .unwrap_or_else(|| cfg.names.default_type.clone())
 }
 
 #[cfg(test)]

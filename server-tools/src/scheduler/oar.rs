@@ -58,6 +58,12 @@ pub enum OarError {
     OutOfTime { step: &'static str },
 }
 
+impl From<OarError> for SchedulerError {
+    fn from(e: OarError) -> Self {
+        SchedulerError::backend(e)
+    }
+}
+
 /// One resource as `oarnodes -J` reports it.
 #[derive(Debug, Clone)]
 pub struct Resource {

@@ -1,5 +1,6 @@
 //! Signed manifests: the signing key (keys) and turning a scriptlet directory into a signed,
-//! published manifest (sign).
+//! published manifest (sign), the SSH key scriptlet (ssh_key).
 
 pub mod keys;
 pub mod sign;
+pub mod ssh_key;

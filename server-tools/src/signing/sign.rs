@@ -1,11 +1,10 @@
-//! `idhal sign`: turns a directory of `*.sh` scriptlets into a signed manifest and publishes it
+//! Signing: turns a directory of `*.sh` scriptlets into a signed manifest and publishes it
 //! into PUBDIR atomically, in the order agents rely on (versioned pair first, `manifest.minisig` last).
 
-use crate::cmd::Global;
 use crate::publish::{self, DirLock, PublishError};
 use crate::signing::keys::{PassphraseSource, SigningKey, ENV_SIGNING_KEY};
 use anyhow::{bail, Context};
-use idhal_manifest::time::{now, parse_duration, rfc3339};
+use idhal_manifest::time::now;
 use idhal_manifest::{
     paths, verify, Expiry, Frequency, Manifest, Param, ParamName, Policy, PublicKey, Scriptlet,
     ScriptletId, SignatureFile, TrustedMeta,
@@ -13,7 +12,6 @@ use idhal_manifest::{
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 /// Sizes and counts for signing, with their defaults in one place.
 #[derive(Debug, Clone, Copy)]
@@ -40,81 +38,6 @@ impl Default for Limits {
 /// The lock file every `idhal sign` into a PUBDIR takes (hidden: `idhal serve` never serves it).
 pub(crate) const LOCK_FILE: &str = ".idhal-sign.lock";
 const PUBLISHED_MODE: u32 = 0o644;
-
-/// Sign a directory of scriptlets and publish the manifest into PUBDIR.
-#[derive(Debug, clap::Args)]
-#[command(
-    long_about = "Sign every *.sh file in SCRIPTLETDIR into one manifest and publish it into \
-        PUBDIR, ready to be served by `idhal serve` or any static web server.\n\n\
-        Scriptlets run in file-name order; the id is the file name without .sh (e.g. \
-        000-setup-tunnel.sh -> 000-setup-tunnel). A header line `# idhal: frequency=once|boot|always` \
-        in the first 10 lines sets when it runs (default once: once per node, ever). Hidden files \
-        are ignored; other files are skipped with a warning; a symlinked *.sh is refused (it could \
-        publish any file the signer can read).\n\n\
-        The serial is one more than the one PUBDIR currently holds (after checking that signature \
-        with this key; a PUBDIR signed by another key is refused). --serial N must be higher than \
-        the current one: nodes refuse any serial lower than one they accepted (rollback protection).\n\n\
-        The key is --key FILE, else the key file's text in $IDHAL_SIGNING_KEY (for CI secrets). An \
-        encrypted key's passphrase comes from --passphrase-file, else $IDHAL_KEY_PASSPHRASE, else a \
-        terminal prompt. Keys from `minisign -G` work too.\n\n\
-        PUBDIR layout: idhal.pub, manifest + manifest.minisig (latest; check with \
-        `minisign -Vm PUBDIR/manifest -p idhal.pub`), manifests/<serial> + manifests/<serial>.minisig \
-        (immutable; the newest 10 are kept). Each file is replaced atomically, the versioned pair \
-        first and manifest.minisig last, so agents (which fetch manifest.minisig, then the \
-        manifests/<serial> it names) never see a mismatched pair. A lock file serializes \
-        concurrent signers.",
-    after_help = "Examples:\n  \
-        idhal sign --key keys/idhal.key --out /srv/idhal scriptlets/\n  \
-        idhal sign --key keys/idhal.key --out /srv/idhal --expires 7d \\\n      \
-        --param enroll-url=http://10.0.2.100:8080/enroll scriptlets/\n  \
-        export IDHAL_SIGNING_KEY=\"$(cat idhal.key)\" IDHAL_KEY_PASSPHRASE=...   # CI secrets\n  \
-        idhal sign --out /srv/idhal scriptlets/\n\n\
-        Scriptlet header example (000-setup-tunnel.sh):\n  \
-        #!/bin/sh\n  \
-        # idhal: frequency=boot\n  \
-        ..."
-)]
-pub struct Args {
-    /// Secret key file (minisign format). Default: the key text in $IDHAL_SIGNING_KEY.
-    #[arg(long, value_name = "FILE")]
-    pub key: Option<PathBuf>,
-    /// Read the key's passphrase from the first line of FILE (else $IDHAL_KEY_PASSPHRASE, else a prompt).
-    #[arg(long, value_name = "FILE")]
-    pub passphrase_file: Option<PathBuf>,
-    /// Publication directory (created if missing).
-    #[arg(long, value_name = "PUBDIR")]
-    pub out: PathBuf,
-    /// Serial to sign; must be higher than PUBDIR's current one. Default: current + 1.
-    #[arg(long, value_name = "N")]
-    pub serial: Option<u64>,
-    /// How long the manifest stays valid (s, m, h, d, w). Nodes refuse it afterwards: re-sign
-    /// regularly (e.g. from a weekly CI job).
-    #[arg(long, value_name = "DURATION", default_value = "30d")]
-    pub expires: String,
-    /// A signed parameter scriptlets receive as $IDHAL_PARAM_<NAME> (repeatable).
-    #[arg(long = "param", value_name = "NAME=VALUE")]
-    pub params: Vec<String>,
-    /// Largest manifest to sign, in bytes (suffixes KiB, MiB accepted). Keep it at or below the
-    /// agents' cap (default 4 MiB) or they will refuse to download it.
-    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size)]
-    pub max_size: usize,
-    /// Directory of *.sh scriptlets.
-    #[arg(value_name = "SCRIPTLETDIR")]
-    pub scriptlets: PathBuf,
-}
-
-fn parse_size(s: &str) -> Result<usize, String> {
-    let bad = || format!("invalid size {s:?}: use bytes, or a number with KiB or MiB (e.g. 4MiB)");
-    let (num, mult) = if let Some(n) = s.strip_suffix("MiB") {
-        (n, 1 << 20)
-    } else if let Some(n) = s.strip_suffix("KiB") {
-        (n, 1 << 10)
-    } else {
-        (s, 1)
-    };
-    let n: usize = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(mult).filter(|&n| n > 0).ok_or_else(bad)
-}
 
 /// One scriptlet file, read and checked.
 #[derive(Debug)]
@@ -386,9 +309,9 @@ fn prune(versions: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-fn load_key(args: &Args) -> anyhow::Result<SigningKey> {
-    let passphrase = PassphraseSource::resolve(args.passphrase_file.as_deref(), false);
-    let (text, origin) = match &args.key {
+fn load_key(key: Option<&Path>, passphrase_file: Option<&Path>) -> anyhow::Result<SigningKey> {
+    let passphrase = PassphraseSource::resolve(passphrase_file, false);
+    let (text, origin) = match key {
         Some(path) => {
             let text = fs::read_to_string(path)
                 .with_context(|| format!("cannot read key file {}", path.display()))?;
@@ -553,22 +476,47 @@ fn publish_files(
     Ok(written)
 }
 
-pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
-    let limits = Limits {
-        max_manifest: args.max_size,
-        ..Limits::default()
-    };
-    let lifetime = parse_duration(&args.expires).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
-    if lifetime == 0 {
-        bail!("--expires 0 would publish an already expired manifest");
-    }
-    let params = parse_params(&args.params)?;
-    // Everything that can be wrong with the input is found before asking for a passphrase.
-    let sources = collect_scriptlets(&args.scriptlets, &limits)?;
+/// What to sign, with which key, and where to publish it.
+pub struct Request<'a> {
+    /// Directory of *.sh scriptlets.
+    pub scriptlets: &'a Path,
+    /// Publication directory (created if missing).
+    pub out: &'a Path,
+    /// Secret key file; `None`: the key text in $IDHAL_SIGNING_KEY.
+    pub key: Option<&'a Path>,
+    pub passphrase_file: Option<&'a Path>,
+    /// Serial to sign; `None`: the current one + 1.
+    pub serial: Option<u64>,
+    /// Seconds the manifest stays valid (more than 0).
+    pub lifetime: u64,
+    /// `NAME=VALUE` parameters, still unchecked.
+    pub params: &'a [String],
+    pub limits: Limits,
+}
+
+/// What `sign_and_publish` signed and wrote, for the report.
+pub struct Published {
+    pub serial: u64,
+    pub key_id: String,
+    pub expires: u64,
+    pub params: Vec<(ParamName, String)>,
+    pub sources: Vec<SourceFile>,
+    pub manifest_len: usize,
+    pub written: Vec<PathBuf>,
+    pub pruned: Vec<PathBuf>,
+}
+
+/// Signs every scriptlet of `req.scriptlets` into one manifest and publishes it into
+/// `req.out` under its lock. Everything that can be wrong with the input is found before the
+/// key (and its passphrase) is asked for.
+pub fn sign_and_publish(req: &Request) -> anyhow::Result<Published> {
+    let limits = req.limits;
+    let params = parse_params(req.params)?;
+    let sources = collect_scriptlets(req.scriptlets, &limits)?;
     if sources.is_empty() {
         eprintln!(
             "idhal: warning: {} holds no *.sh scriptlets; signing an empty manifest",
-            args.scriptlets.display()
+            req.scriptlets.display()
         );
     }
     // A lower bound of the final size (serial and expiry as one digit each); the exact check
@@ -578,9 +526,9 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
         &sources,
         &limits,
     )?;
-    let key = load_key(&args)?;
+    let key = load_key(req.key, req.passphrase_file)?;
 
-    let pubdir = &args.out;
+    let pubdir = req.out;
     let versions = pubdir.join(paths::VERSIONS_DIR);
     fs::create_dir_all(&versions)
         .with_context(|| format!("cannot create {}", versions.display()))?;
@@ -590,10 +538,10 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     publish::remove_stale_temp_files(&versions)?;
 
     let current = read_current(pubdir, &key)?;
-    let serial = next_serial(args.serial, &current, pubdir)?;
+    let serial = next_serial(req.serial, &current, pubdir)?;
     let signed_at = now();
     let expires = signed_at
-        .checked_add(lifetime)
+        .checked_add(req.lifetime)
         .context("--expires is too far in the future")?;
     let bytes = build(serial, expires, &params, &sources).encode();
     check_size(bytes.len(), &sources, &limits)?;
@@ -601,33 +549,16 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     let sig_text = sign_manifest(&key, &bytes, meta, signed_at, current.signed)?;
     let written = publish_files(pubdir, &key.public, serial, &bytes, &sig_text)?;
     let pruned = prune(&versions, limits.keep_versions)?;
-
-    println!(
-        "signed serial {serial} with key {}, expires {} ({} from now)",
-        key.public.id(),
-        rfc3339(expires),
-        args.expires
-    );
-    for (name, value) in &params {
-        println!("param {name}={value}");
-    }
-    println!("{} scriptlets:", sources.len());
-    for s in &sources {
-        println!(
-            "  {:<40} {:<6} {} bytes",
-            s.id.as_str(),
-            s.frequency.as_str(),
-            s.body.len()
-        );
-    }
-    println!("manifest: {} bytes; wrote:", bytes.len());
-    for p in &written {
-        println!("  {}", p.display());
-    }
-    for p in &pruned {
-        println!("  pruned {}", p.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(Published {
+        serial,
+        key_id: key.public.id().to_string(),
+        expires,
+        params,
+        sources,
+        manifest_len: bytes.len(),
+        written,
+        pruned,
+    })
 }
 
 #[cfg(test)]
@@ -652,15 +583,6 @@ mod tests {
         let err = next_serial(Some(7), &cur(Some(6), Some(7)), dir).unwrap_err();
         assert!(err.to_string().contains("(next is 8)"));
         assert!(next_serial(None, &cur(Some(u64::MAX), None), dir).is_err());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
-        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("4MB").is_err());
     }
 
     #[test]

@@ -1,0 +1,262 @@
+//! `idhal reconcile`'s repair: compares the clients OpenVPN lists with what the scheduler
+//! holds and replays the missed connect/disconnect events through `node`, as the hooks would.
+
+use crate::config::{DnsUpdate, ServerConfig};
+use crate::names::HostName;
+use crate::node::{connect_session, disconnect_host, node_addresses, refresh_node_dns, Failure};
+use crate::openvpn::env::Session;
+use crate::openvpn::status::{real_ip, Status};
+use crate::process::Deadline;
+use crate::scheduler::{self, backend, DownGuard};
+use anyhow::Context as _;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+/// What `reconcile` may do besides repairing.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Print what would change without changing anything.
+    pub dry_run: bool,
+    /// Also re-assert the A and PTR records of nodes the scheduler already has right.
+    pub refresh_dns: bool,
+}
+
+/// How a run ended: every repair tried, `failures` of them (or of the entries) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    pub failures: usize,
+}
+
+pub fn reconcile(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    status: &Status,
+    options: Options,
+) -> anyhow::Result<Reconciled> {
+    let dry_run = options.dry_run;
+    let server = cfg.server_name()?;
+    let addresses = node_addresses(cfg, state_dir)?;
+    let mut failures = 0usize;
+    let mut connected: BTreeMap<String, (Session, HostName)> = BTreeMap::new();
+    // Every CN the status lists, valid or not: a listed client is connected (or connecting),
+    // and its node is never taken down on this status.
+    let mut listed: BTreeSet<String> = BTreeSet::new();
+    let mut connecting = 0usize;
+    for entry in &status.clients {
+        let cn = entry.fields.get("common_name").filter(|c| !c.is_empty());
+        if let Some(cn) = cn {
+            listed.insert(cn.clone());
+        }
+        let vaddr = entry.fields.get("ifconfig_pool_remote_ip");
+        if let (Some(cn), None | Some("")) = (cn, vaddr.map(String::as_str)) {
+            // OpenVPN lists a client before its client-connect hook gave it an address.
+            connecting += 1;
+            let shown: String = cn.chars().take(64).collect();
+            println!(
+                "idhal reconcile: {shown:?} is still connecting (status line {}, no VPN address yet): its node is left alone",
+                entry.line
+            );
+            continue;
+        }
+        let mut env: HashMap<String, String> = entry
+            .fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        if let Some((ip, port)) = entry.fields.get("real").and_then(|r| real_ip(r)) {
+            let key = if ip.contains(':') {
+                "trusted_ip6"
+            } else {
+                "trusted_ip"
+            };
+            env.insert(key.into(), ip);
+            if let Some(port) = port {
+                env.insert("trusted_port".into(), port);
+            }
+        }
+        // The same validation as the hook: a status file is input too.
+        let parsed = Session::from_env(&env, &addresses, status.written)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| {
+                let label = cfg.names.template.render(s.vpn_ip)?;
+                let host = HostName {
+                    label,
+                    domain: cfg.names.domain.clone(),
+                };
+                Ok((s, host))
+            });
+        match parsed {
+            Ok((s, host)) => {
+                connected.insert(host.to_string(), (s, host));
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!(
+                    "idhal reconcile: status line {}: skipped: {e:#}",
+                    entry.line
+                );
+            }
+        }
+    }
+
+    let sched = backend::open(cfg, state_dir);
+    let managed = match &sched {
+        Some(s) => s
+            .managed_nodes(Deadline::after(cfg.limits.hook_budget()))
+            .with_context(|| format!("{}: listing nodes", s.name()))?,
+        None => Vec::new(),
+    };
+    let by_host: HashMap<&str, &scheduler::ManagedNode> =
+        managed.iter().map(|m| (m.host.as_str(), m)).collect();
+
+    let (mut repaired, mut downed, mut refreshed, mut others) = (0usize, 0usize, 0usize, 0usize);
+    let refresh_dns = options.refresh_dns && cfg.dns.update == DnsUpdate::Rfc2136;
+    for (name, (session, host)) in &connected {
+        let ok = match (&sched, by_host.get(name.as_str())) {
+            (Some(_), Some(m)) if m.since.is_some_and(|since| since > session.since) => {
+                // Registered from a newer session than this listing shows (the node moved
+                // to another server, or reconnected since): the newer registration stands.
+                println!(
+                    "idhal reconcile: {host}: registered from a newer session than listed here, left alone"
+                );
+                continue;
+            }
+            (Some(s), Some(m)) => {
+                s.is_up_state(&m.state)
+                    && m.node.as_deref() == Some(session.node.as_str())
+                    && m.vpn_ip.as_deref() == Some(session.vpn_ip.to_string().as_str())
+                    && m.server.as_deref() == Some(server.as_str())
+            }
+            (Some(_), None) => false,
+            // Without a scheduler only DNS is left to assert, which is idempotent.
+            (None, _) => false,
+        };
+        if ok && refresh_dns && !dry_run {
+            match refresh_node_dns(
+                cfg,
+                state_dir,
+                session,
+                host,
+                Deadline::after(cfg.limits.hook_budget()),
+            ) {
+                Ok(_) => refreshed += 1,
+                Err(e) => {
+                    failures += 1;
+                    report(&e, host);
+                }
+            }
+        }
+        if ok {
+            continue;
+        }
+        if dry_run {
+            println!(
+                "would register {} → {host} ({})",
+                session.node, session.vpn_ip
+            );
+            continue;
+        }
+        let deadline = Deadline::after(cfg.limits.hook_budget());
+        match connect_session(cfg, state_dir, session, host, deadline) {
+            Ok(line) => {
+                repaired += 1;
+                println!("idhal reconcile: registered {line}");
+            }
+            Err(e) => {
+                failures += 1;
+                report(&e, host);
+            }
+        }
+    }
+    for m in &managed {
+        let is_up = sched.as_ref().is_some_and(|s| s.is_up_state(&m.state));
+        if !is_up || connected.contains_key(&m.host) {
+            continue;
+        }
+        if m.node.as_ref().is_some_and(|n| listed.contains(n)) {
+            println!(
+                "idhal reconcile: {}: its node id is listed as connected, left alone",
+                m.host
+            );
+            continue;
+        }
+        let Ok(host) = HostName::parse_in(&m.host, &cfg.names.domain) else {
+            eprintln!(
+                "idhal reconcile: {}: not in domain {}, left alone",
+                m.host, cfg.names.domain
+            );
+            continue;
+        };
+        match m.server.as_deref() {
+            Some(s) if s == server.as_str() => {}
+            Some(_) => {
+                // Another VPN server's node: its own reconcile reads its own status.
+                others += 1;
+                continue;
+            }
+            None => {
+                println!(
+                    "idhal reconcile: {}: no idhalserver recorded (registered by an older idhal), left alone",
+                    m.host
+                );
+                continue;
+            }
+        }
+        let Some(vpn_ip) = m.vpn_ip.as_deref().and_then(|v| v.parse::<Ipv4Addr>().ok()) else {
+            eprintln!(
+                "idhal reconcile: {}: no valid ip property, left alone",
+                m.host
+            );
+            continue;
+        };
+        if dry_run {
+            println!("would take down {host} ({vpn_ip})");
+            continue;
+        }
+        let deadline = Deadline::after(cfg.limits.hook_budget());
+        // A node that registered in or after the second the status was written is simply
+        // not in it yet, and must stay up.
+        let guard = DownGuard::ListedAt {
+            written: status.written,
+        };
+        match disconnect_host(cfg, state_dir, &host, vpn_ip, guard, deadline) {
+            Ok(d) if d.spared => println!("idhal reconcile: left up {}", d.line),
+            Ok(d) => {
+                downed += 1;
+                println!("idhal reconcile: took down {}", d.line);
+            }
+            Err(e) => {
+                failures += 1;
+                report(&e, &host);
+            }
+        }
+    }
+    let mut tail = String::new();
+    if refresh_dns {
+        tail.push_str(&format!(", {refreshed} DNS refreshed"));
+    }
+    tail.push_str(&format!(", {failures} failures"));
+    if connecting > 0 {
+        tail.push_str(&format!(", {connecting} still connecting"));
+    }
+    if others > 0 {
+        tail.push_str(&format!(", {others} left to other servers"));
+    }
+    println!(
+        "idhal reconcile ({server}): {} connected, {repaired} registered again, {downed} taken down{tail}",
+        connected.len()
+    );
+    Ok(Reconciled { failures })
+}
+
+fn report(e: &Failure, host: &HostName) {
+    match e {
+        Failure::Refused(e) => eprintln!("idhal reconcile: {host}: refused: {e:#}"),
+        Failure::Backend(errors) => {
+            for e in errors {
+                eprintln!("idhal reconcile: {host}: error: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Who OpenVPN says is connected: its status file (status-version 2 or 3) or the same text
+//! from its management interface (`status 2`), read with a size cap and parsed unvalidated
+//! (callers validate each entry as they would a hook's environment).
+
+use crate::config::ServerConfig;
+use crate::openvpn::management::{password_file, Answer, Management};
+use anyhow::Context as _;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// One `CLIENT_LIST` entry, still unvalidated.
+#[derive(Debug, Clone)]
+pub struct StatusEntry {
+    pub line: usize,
+    pub fields: HashMap<&'static str, String>,
+}
+
+/// Parsed status file: its write time and client entries.
+#[derive(Debug)]
+pub struct Status {
+    pub written: u64,
+    pub clients: Vec<StatusEntry>,
+}
+
+pub fn parse_status(text: &str) -> anyhow::Result<Status> {
+    let mut written = None;
+    let mut columns: Option<Vec<String>> = None;
+    let mut clients = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        // Version 2 separates with commas, version 3 with tabs.
+        let sep = if line.contains('\t') { '\t' } else { ',' };
+        let f: Vec<&str> = line.split(sep).collect();
+        match f.first().copied() {
+            Some("TIME") => written = f.get(2).and_then(|t| t.parse::<u64>().ok()),
+            Some("HEADER") if f.get(1) == Some(&"CLIENT_LIST") => {
+                columns = Some(f[2..].iter().map(|s| s.to_string()).collect());
+            }
+            Some("CLIENT_LIST") => {
+                let cols = columns
+                    .as_ref()
+                    .context("CLIENT_LIST before its HEADER line (status-version 2 or 3 needed)")?;
+                let get = |name: &str| {
+                    cols.iter()
+                        .position(|c| c == name)
+                        .and_then(|p| f.get(p + 1))
+                        .map(|s| s.to_string())
+                };
+                let mut fields = HashMap::new();
+                for (key, col) in [
+                    ("common_name", "Common Name"),
+                    ("real", "Real Address"),
+                    ("ifconfig_pool_remote_ip", "Virtual Address"),
+                    ("time_unix", "Connected Since (time_t)"),
+                ] {
+                    if let Some(v) = get(col) {
+                        fields.insert(key, v);
+                    }
+                }
+                clients.push(StatusEntry {
+                    line: i + 1,
+                    fields,
+                });
+            }
+            _ => {}
+        }
+    }
+    let written = written.context("no TIME line (status-version 2 or 3 needed)")?;
+    Ok(Status { written, clients })
+}
+
+pub fn read_status_file(path: &Path, limit: u64) -> anyhow::Result<Status> {
+    use std::io::Read as _;
+    let what = || format!("reading OpenVPN status file {}", path.display());
+    let mut text = String::new();
+    // Bounded read: the size is checked on what is read, not on what metadata says.
+    std::fs::File::open(path)
+        .with_context(what)?
+        .take(limit + 1)
+        .read_to_string(&mut text)
+        .with_context(what)?;
+    anyhow::ensure!(
+        text.len() as u64 <= limit,
+        "OpenVPN status file {} is larger than [reconcile] max_status_bytes ({limit}); nothing changed",
+        path.display()
+    );
+    parse_status(&text).with_context(|| format!("status file {}", path.display()))
+}
+
+/// Asks OpenVPN's management interface for `status 2` (the same text as a version-2 status
+/// file, but current). Every read and write has the command timeout.
+pub fn read_management(
+    addr: SocketAddr,
+    cfg: &ServerConfig,
+    state_dir: &Path,
+) -> anyhow::Result<Status> {
+    let password = match &cfg.reconcile.management_password_file {
+        Some(p) => Some(p.clone()),
+        None => password_file(cfg, state_dir, &cfg.ca.project),
+    };
+    let m = Management {
+        addr,
+        password_file: password.as_deref(),
+        timeout: cfg.limits.command_timeout(),
+    };
+    let text = m.command("status 2", Answer::UntilEnd)?;
+    parse_status(&text).with_context(|| format!("OpenVPN management interface {addr}"))
+}
+
+/// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address and the port.
+pub fn real_ip(s: &str) -> Option<(String, Option<String>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (a, p) = rest.split_once(']')?;
+        return Some((a.to_owned(), p.strip_prefix(':').map(str::to_owned)));
+    }
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return Some((s.to_owned(), None));
+    }
+    s.rsplit_once(':')
+        .map(|(a, p)| (a.to_owned(), Some(p.to_owned())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_v2_and_v3() {
+        let v2 = "TITLE,OpenVPN 2.6\nTIME,2026-11-22 23:00:00,1795000000\n\
+            HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n\
+            CLIENT_LIST,client317,192.0.2.7:1194,10.134.7.38,,1,2,2026-11-22 22:59:00,1794999940,UNDEF,0,0,AES-256-GCM\nEND\n";
+        let s = parse_status(v2).unwrap();
+        assert_eq!(s.written, 1_795_000_000);
+        assert_eq!(s.clients[0].fields["common_name"], "client317");
+        assert_eq!(s.clients[0].fields["time_unix"], "1794999940");
+        let v3 = v2.replace(',', "\t");
+        assert_eq!(parse_status(&v3).unwrap().clients.len(), 1);
+        assert!(parse_status("CLIENT_LIST,a\n").is_err());
+        assert_eq!(
+            real_ip("192.0.2.7:1194").unwrap(),
+            ("192.0.2.7".into(), Some("1194".into()))
+        );
+        assert_eq!(
+            real_ip("[2001:db8::1]:5").unwrap(),
+            ("2001:db8::1".into(), Some("5".into()))
+        );
+        assert_eq!(
+            real_ip("2001:db8::1").unwrap(),
+            ("2001:db8::1".into(), None)
+        );
+    }
+}
