@@ -54,15 +54,6 @@ impl ServerConfig {
         Self::parse(&text, path)
     }
 
-    /// For the hook and reconcile: the config, or exit code 2 once the reason is printed. Not 1:
-    /// a broken config is the admin's to fix, not a refused client.
-    pub fn load_or_exit(path: Option<&Path>) -> Result<Self, std::process::ExitCode> {
-        Self::load(path).map_err(|e| {
-            eprintln!("idhal: error: {:#}", anyhow::Error::new(e));
-            std::process::ExitCode::from(2)
-        })
-    }
-
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),

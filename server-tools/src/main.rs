@@ -17,7 +17,7 @@ mod publish;
 mod scheduler;
 mod signing;
 
-use cmd::Global;
+use cmd::{Exit, Global};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,11 +77,9 @@ fn main() -> ExitCode {
         Command::Crl(a) => cmd::crl::run(a, &cli.global),
         Command::Openvpn(a) => cmd::openvpn::run(a, &cli.global),
     };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("idhal: error: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    let exit = result.unwrap_or_else(|e| {
+        eprintln!("idhal: error: {e:#}");
+        Exit::Failed
+    });
+    ExitCode::from(exit.code())
 }

@@ -6,7 +6,7 @@ use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
 use crate::ca::{project_name, require_inside_names_pool};
-use crate::cmd::Global;
+use crate::cmd::{load_config, Exit, Global};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::Ipv4Net;
 use crate::openvpn::management::{ensure_password_file, password_file};
@@ -14,7 +14,6 @@ use crate::publish::{write_atomic, write_new};
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::NodeId;
 use rusqlite::params;
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -66,8 +65,8 @@ pub enum Command {
     },
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -80,7 +79,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             let project = project_name(project, &cfg)?;
             let ca = ProjectCa::load(&global.state_dir, &project)?;
             println!("{}", ca.enroll_public());
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Ok)
         }
     }
 }
@@ -90,7 +89,7 @@ fn init(
     cfg: &ServerConfig,
     project: String,
     pool: Option<String>,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     let pool = match pool {
         Some(p) => Ipv4Net::parse(&p)?,
         None => cfg.names.pool,
@@ -152,7 +151,7 @@ fn init(
     println!(
         "  idhal sign --key keys/idhal.key --param enroll-key={key} --out PUBDIR SCRIPTLETDIR"
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }
 
 fn issue_server(
@@ -160,7 +159,7 @@ fn issue_server(
     cfg: &ServerConfig,
     project: &str,
     name: &str,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Exit> {
     anyhow::ensure!(
         NodeId::try_from(name).is_ok(),
         "server name {name:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -"
@@ -232,5 +231,5 @@ fn issue_server(
         );
     }
     println!("next: idhal openvpn server-config --name {name} --project {project}");
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }

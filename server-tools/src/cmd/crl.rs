@@ -4,10 +4,8 @@
 
 use crate::ca::crl::refresh_due;
 use crate::ca::db::{Db, Open};
-use crate::cmd::Global;
-use crate::config::ServerConfig;
+use crate::cmd::{load_config, Exit, Global};
 use idhal_manifest::time::{now, rfc3339};
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -34,8 +32,8 @@ pub enum Command {
     },
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -47,5 +45,5 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             None => println!("{project}: CRL not due"),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }

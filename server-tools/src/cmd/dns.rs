@@ -1,14 +1,13 @@
 //! `idhal dns zone`: static forward and reverse zone files for the whole VPN address pool, the
 //! classic setup where every virtual address is declared in advance (no live updates needed).
 
-use crate::cmd::Global;
+use crate::cmd::{Exit, Global};
 use crate::config::ServerConfig;
 use crate::dns::zone::{render_zones, write_atomic};
 use anyhow::Context as _;
 use idhal_manifest::time::now;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(about = "DNS for the node pool: static zone files")]
@@ -39,7 +38,7 @@ pub enum DnsCommand {
     },
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
     let cfg = ServerConfig::load(global.config.as_deref())?;
     match args.command {
         DnsCommand::Zone { out, serial } => {
@@ -67,7 +66,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Ok)
         }
     }
 }

@@ -2,12 +2,11 @@
 //! environment, hands it to `node::connect` / `node::disconnect`, and maps the outcome to an exit
 //! code by policy ([hook] on_failure).
 
-use crate::cmd::Global;
+use crate::cmd::{load_config, Exit, Global};
 use crate::config::{OnFailure, ServerConfig};
 use crate::node::{self, Failure};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 const HOOK_HELP: &str = "\
 Used directly as OpenVPN's client-connect / client-disconnect scripts:
@@ -51,8 +50,8 @@ pub enum Event {
     ClientDisconnect,
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(cfg) => cfg,
         Err(code) => return Ok(code),
     };
@@ -79,15 +78,15 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     Ok(exit_code(name, &cfg, result))
 }
 
-fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> ExitCode {
+fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> Exit {
     match result {
         Ok(line) => {
             eprintln!("idhal hook {name}: {line}");
-            ExitCode::SUCCESS
+            Exit::Ok
         }
         Err(Failure::Refused(e)) => {
             eprintln!("idhal hook {name}: REFUSED: {e:#}");
-            ExitCode::from(1)
+            Exit::Failed
         }
         Err(Failure::Backend(errors)) => {
             for e in &errors {
@@ -96,11 +95,11 @@ fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) ->
             match cfg.hook.on_failure {
                 OnFailure::Refuse => {
                     eprintln!("idhal hook {name}: failing (on_failure = \"refuse\"); `idhal reconcile` repairs missed events");
-                    ExitCode::from(1)
+                    Exit::Failed
                 }
                 OnFailure::Admit => {
                     eprintln!("idhal hook {name}: admitting anyway (on_failure = \"admit\"); `idhal reconcile` will repair it");
-                    ExitCode::SUCCESS
+                    Exit::Ok
                 }
             }
         }

@@ -1,14 +1,13 @@
 //! `idhal keygen`: creates the signing key pair (minisign format) and prints the fingerprint
 //! admins pin on the kernel command line. Never overwrites a secret key.
 
-use crate::cmd::Global;
+use crate::cmd::{Exit, Global};
 use crate::publish::{self, PublishError};
 use crate::signing::keys::{self, PassphraseSource, ENV_PASSPHRASE};
 use anyhow::Context;
 use idhal_manifest::paths;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 pub(crate) const SECRET_KEY_FILE: &str = "idhal.key";
 
@@ -43,7 +42,7 @@ pub struct Args {
     pub no_passphrase: bool,
 }
 
-pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
     let secret_path = args.dir.join(SECRET_KEY_FILE);
     let public_path = args.dir.join(paths::PUBLIC_KEY);
     // Check before asking for a passphrase; `write_new` below is what actually guarantees it.
@@ -93,5 +92,5 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
         paths::PUBLIC_KEY,
         pair.public.fingerprint()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }

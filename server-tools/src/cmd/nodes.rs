@@ -2,9 +2,8 @@
 //! serial and revocation.
 
 use crate::ca::db::{Db, Open};
-use crate::cmd::Global;
+use crate::cmd::{Exit, Global};
 use idhal_manifest::time::rfc3339;
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -21,12 +20,12 @@ pub struct Args {
     pub project: Option<String>,
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
     let db = Db::open(&global.state_dir, Open::Existing)?;
     let nodes = db.nodes(args.project.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok);
     }
     println!(
         "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  REVOKED",
@@ -44,5 +43,5 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
             n.revoked_at.map_or_else(|| "no".to_owned(), rfc3339)
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }

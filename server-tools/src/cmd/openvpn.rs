@@ -5,13 +5,11 @@
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectDir;
 use crate::ca::{project_name, require_inside_names_pool, require_project};
-use crate::cmd::Global;
-use crate::config::ServerConfig;
+use crate::cmd::{load_config, Exit, Global};
 use crate::names::Ipv4Net;
 use crate::openvpn::config::ServerSetup;
 use crate::openvpn::management::{ensure_password_file, password_file};
 use anyhow::Context as _;
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -47,8 +45,8 @@ pub enum Command {
     },
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -97,5 +95,5 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         state_dir: &std::path::absolute(&global.state_dir)?,
     };
     print!("{}", server.render()?);
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }

@@ -1,14 +1,13 @@
 //! `idhal reconcile`: reads who OpenVPN says is connected (its status file or management
 //! interface) and has `node::reconcile` replay the missed events. Idempotent, for a timer.
 
-use crate::cmd::Global;
-use crate::config::{ServerConfig, StatusSource};
+use crate::cmd::{load_config, Exit, Global};
+use crate::config::StatusSource;
 use crate::node::reconcile::{reconcile, Options};
 use crate::openvpn::status::{read_management, read_status_file};
 use crate::process::NodeLock;
 use idhal_manifest::time::now;
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -52,15 +51,15 @@ pub struct Args {
     pub management: Option<SocketAddr>,
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(cfg) => cfg,
         Err(code) => return Ok(code),
     };
     let state_dir = &global.state_dir;
     let Ok(_running) = NodeLock::acquire(state_dir, "reconcile", Duration::ZERO) else {
         eprintln!("idhal reconcile: another reconcile is running; nothing done");
-        return Ok(ExitCode::SUCCESS);
+        return Ok(Exit::Ok);
     };
     let (status, source) = match (&args.status_file, &args.management, cfg.reconcile.source) {
         (Some(path), _, _) => (
@@ -93,8 +92,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     };
     let done = reconcile(&cfg, state_dir, &status, options)?;
     Ok(if done.failures == 0 {
-        ExitCode::SUCCESS
+        Exit::Ok
     } else {
-        ExitCode::from(1)
+        Exit::Failed
     })
 }

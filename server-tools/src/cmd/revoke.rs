@@ -6,14 +6,12 @@ use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectCa;
 use crate::ca::revoke;
-use crate::cmd::Global;
-use crate::config::ServerConfig;
+use crate::cmd::{load_config, Exit, Global};
 use crate::names::NodeId;
 use crate::openvpn::management::{kill_everywhere, password_file};
 use crate::publish::remove_durably;
 use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -36,8 +34,8 @@ pub struct Args {
     pub node: String,
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -86,8 +84,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if unreachable > 0 {
-        ExitCode::from(4)
+        Exit::NotDropped
     } else {
-        ExitCode::SUCCESS
+        Exit::Ok
     })
 }

@@ -1,12 +1,11 @@
 //! `idhal scriptlet ssh-key`: turns the scheduler's SSH public key into a scriptlet for the signed
 //! manifest, so the key reaches root's authorized_keys only through the signed channel.
 
-use crate::cmd::Global;
+use crate::cmd::{Exit, Global};
 use crate::signing::ssh_key::{parse_public_key, render};
 use anyhow::Context as _;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(about = "Generate scriptlets for the signed manifest")]
@@ -42,7 +41,7 @@ pub enum ScriptletCommand {
     },
 }
 
-pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
     match args.command {
         ScriptletCommand::SshKey { key, out, name } => {
             let valid_name = name.ends_with(".sh")
@@ -73,7 +72,7 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
                 path.display(),
                 line.split(' ').next().unwrap_or_default()
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Ok)
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::ca::db::{Db, Open};
 use crate::ca::enroll::Enroller;
-use crate::cmd::Global;
+use crate::cmd::{load_config, Exit, Global};
 use crate::config::{CaSection, ServerConfig};
 use crate::http::routes::App;
 use crate::http::{StaticFiles, Stopped};
@@ -13,7 +13,6 @@ use idhal_manifest::enroll;
 use idhal_manifest::paths;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 
 /// Serve PUBDIR over HTTP.
@@ -54,8 +53,8 @@ pub struct Args {
     pub threads: u16,
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -122,14 +121,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
     match stopped {
         Stopped::Signal => {
             eprintln!("idhal serve: stopped");
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Ok)
         }
         Stopped::GraceExpired { unfinished } => {
             eprintln!(
                 "idhal serve: stopped; {unfinished} connection(s) still busy after [limits.http] \
                  shutdown_grace_ms were cut"
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(Exit::Ok)
         }
     }
 }

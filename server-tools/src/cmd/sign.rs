@@ -1,12 +1,11 @@
 //! `idhal sign`: signs a directory of `*.sh` scriptlets into a manifest and publishes it into
 //! PUBDIR (`signing::sign`), then reports what it wrote.
 
-use crate::cmd::Global;
+use crate::cmd::{Exit, Global};
 use crate::signing::sign::{sign_and_publish, Limits, Request};
 use anyhow::bail;
 use idhal_manifest::time::{parse_duration, rfc3339};
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 /// Sign a directory of scriptlets and publish the manifest into PUBDIR.
 #[derive(Debug, clap::Args)]
@@ -83,7 +82,7 @@ fn parse_size(s: &str) -> Result<usize, String> {
     n.checked_mul(mult).filter(|&n| n > 0).ok_or_else(bad)
 }
 
-pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
     let limits = Limits {
         max_manifest: args.max_size,
         ..Limits::default()
@@ -128,7 +127,7 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
     for p in &done.pruned {
         println!("  pruned {}", p.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }
 
 #[cfg(test)]

@@ -4,11 +4,9 @@
 use crate::ca::db::{Db, Open};
 use crate::ca::tokens;
 use crate::ca::{project_name, require_project};
-use crate::cmd::Global;
-use crate::config::ServerConfig;
+use crate::cmd::{load_config, Exit, Global};
 use crate::names::Label;
 use idhal_manifest::time::{now, parse_duration, rfc3339};
-use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -56,8 +54,8 @@ pub enum Command {
     },
 }
 
-pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
-    let cfg = match ServerConfig::load_or_exit(global.config.as_deref()) {
+pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
+    let cfg = match load_config(global) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
@@ -92,7 +90,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<ExitCode> {
         }
         Command::List { json } => list(&db, json)?,
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }
 
 fn list(db: &Db, json: bool) -> anyhow::Result<()> {

@@ -1,16 +1,11 @@
 //! `idhal verify`: checks a PUBDIR exactly as an agent would (same library, same fixed order) and
 //! that its files agree with each other, then shows what the manifest holds.
 
-use crate::cmd::Global;
+use crate::cmd::{Exit, Global};
 use anyhow::Context;
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::{paths, verify, Expiry, Manifest, Policy, PublicKey, VerifyError};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-
-/// Exit codes, documented in `--help`.
-pub(crate) const EXIT_REFUSED: u8 = 3;
-pub(crate) const EXIT_INCONSISTENT: u8 = 4;
 
 /// Verify the manifest published in PUBDIR, as an agent would.
 #[derive(Debug, clap::Args)]
@@ -49,14 +44,14 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
-fn refused(what: impl std::fmt::Display) -> ExitCode {
+fn refused(what: impl std::fmt::Display) -> Exit {
     eprintln!("idhal: refused: {what}");
-    ExitCode::from(EXIT_REFUSED)
+    Exit::Refused
 }
 
-fn inconsistent(what: impl std::fmt::Display) -> ExitCode {
+fn inconsistent(what: impl std::fmt::Display) -> Exit {
     eprintln!("idhal: inconsistent: {what}");
-    ExitCode::from(EXIT_INCONSISTENT)
+    Exit::Inconsistent
 }
 
 /// If `body` is byte for byte a version in PUBDIR/manifests whose own signature verifies,
@@ -68,7 +63,7 @@ fn signed_version_of(key: &PublicKey, body: &[u8], dir: &Path, policy: &Policy) 
     (copy == body && verify(key, &copy, &sig, policy).is_ok()).then_some(serial)
 }
 
-pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
     let key_text = std::fs::read_to_string(&args.public)
         .with_context(|| format!("cannot read public key {}", args.public.display()))?;
     let key = PublicKey::parse(&key_text)
@@ -176,5 +171,5 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<ExitCode> {
             s.body.len()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::Ok)
 }
