@@ -2,7 +2,10 @@
 //! to the zone's primary. One update message per zone replaces the node's A (forward) or PTR
 //! (reverse) RRset atomically; removal deletes both RRsets.
 
-use crate::names::{Domain, HostName};
+use super::NodeDns;
+use crate::config::ServerConfig;
+use crate::names::{Domain, HostName, NameError};
+use crate::process::Deadline;
 use hickory_proto::dnssec::rdata::tsig::TsigAlgorithm;
 use hickory_proto::dnssec::tsig::TSigner;
 use hickory_proto::op::{update_message, MessageFinalizer, ResponseCode, UpdateMessage};
@@ -48,6 +51,10 @@ pub enum DnsError {
     },
     #[error("DNS: {name} is not inside zone {zone}")]
     OutOfZone { name: String, zone: String },
+    #[error("[dns] tsig_key_file is not set")]
+    NoKeyFile,
+    #[error(transparent)]
+    Zone(#[from] NameError),
 }
 
 /// A TSIG key as `tsig-keygen` / `ddns-confgen` write it:
@@ -167,6 +174,42 @@ pub struct Updater {
     pub server: SocketAddr,
     pub key: TsigKey,
     pub timeout: Duration,
+}
+
+/// [dns] update = "rfc2136": each event replaces or deletes the node's A and PTR with signed
+/// updates. The key file is read at each event, so a rotated key needs no restart.
+pub struct Rfc2136<'a> {
+    pub cfg: &'a ServerConfig,
+}
+
+impl Rfc2136<'_> {
+    /// The updater and both zones, checked in this order: key file set, key readable, zones.
+    fn updater(&self, deadline: Deadline) -> Result<(Updater, Domain, Domain), DnsError> {
+        let dns = &self.cfg.dns;
+        let path = dns.tsig_key_file.as_deref().ok_or(DnsError::NoKeyFile)?;
+        let updater = Updater {
+            server: dns.server,
+            key: TsigKey::load(path)?,
+            timeout: deadline.cap(self.cfg.limits.dns_timeout()),
+        };
+        Ok((updater, self.cfg.forward_zone(), self.cfg.reverse_zone()?))
+    }
+}
+
+impl NodeDns for Rfc2136<'_> {
+    fn upsert(&self, host: &HostName, ip: Ipv4Addr, deadline: Deadline) -> Result<bool, DnsError> {
+        let (u, fwd, rev) = self.updater(deadline)?;
+        u.upsert(host, ip, &fwd, &rev, self.cfg.dns.ttl)?;
+        Ok(true)
+    }
+    fn remove(&self, host: &HostName, ip: Ipv4Addr, deadline: Deadline) -> Result<bool, DnsError> {
+        let (u, fwd, rev) = self.updater(deadline)?;
+        u.remove(host, ip, &fwd, &rev)?;
+        Ok(true)
+    }
+    fn is_live(&self) -> bool {
+        true
+    }
 }
 
 /// What one update does to one zone.

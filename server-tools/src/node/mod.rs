@@ -5,9 +5,9 @@
 pub mod reconcile;
 
 use crate::ca::db::{lookup_node, lookup_projects, NodeRow};
-use crate::config::{DnsUpdate, OnDisconnect, ServerConfig};
-use crate::dns::rfc2136::{DnsError, TsigKey, Updater};
-use crate::names::{Domain, HostName, Ipv4Net, Label};
+use crate::config::{OnDisconnect, ServerConfig};
+use crate::dns;
+use crate::names::{HostName, Ipv4Net, Label};
 use crate::openvpn::env::{NodeAddresses, Session};
 use crate::process::{Deadline, NodeLock};
 use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp};
@@ -59,40 +59,15 @@ fn session_and_host(
     Ok((session, host))
 }
 
-/// The DNS step, when live updates are on: `f` gets the updater and both zones.
-fn dns_step(
-    cfg: &ServerConfig,
-    deadline: Deadline,
-    f: impl FnOnce(&Updater, &Domain, &Domain) -> Result<(), DnsError>,
-) -> anyhow::Result<bool> {
-    if cfg.dns.update == DnsUpdate::Off {
-        return Ok(false);
-    }
-    let path = cfg
-        .dns
-        .tsig_key_file
-        .as_deref()
-        .context("[dns] tsig_key_file is not set")?;
-    let updater = Updater {
-        server: cfg.dns.server,
-        key: TsigKey::load(path)?,
-        timeout: deadline.cap(cfg.limits.dns_timeout()),
-    };
-    f(&updater, &cfg.forward_zone(), &cfg.reverse_zone()?)?;
-    Ok(true)
-}
-
-/// Replaces the node's A and PTR, when live DNS is on.
+/// Replaces the node's A and PTR, when the DNS backend updates live.
 fn dns_upsert(
     cfg: &ServerConfig,
     session: &Session,
     host: &HostName,
     deadline: Deadline,
 ) -> anyhow::Result<Option<String>> {
-    dns_step(cfg, deadline, |u, fwd, rev| {
-        u.upsert(host, session.vpn_ip, fwd, rev, cfg.dns.ttl)
-    })
-    .map(|did| did.then(|| "DNS A+PTR set".to_owned()))
+    let did = dns::backend::open(cfg).upsert(host, session.vpn_ip, deadline)?;
+    Ok(did.then(|| "DNS A+PTR set".to_owned()))
 }
 
 /// What one node's event did: one line for the log, or every error (all backends are tried).
@@ -250,10 +225,10 @@ pub fn disconnect_host(
     }
     if cfg.dns.on_disconnect == OnDisconnect::Remove && !stale {
         steps.record(
-            dns_step(cfg, deadline, |u, fwd, rev| {
-                u.remove(host, vpn_ip, fwd, rev)
-            })
-            .map(|did| did.then(|| "DNS A+PTR removed".to_owned())),
+            dns::backend::open(cfg)
+                .remove(host, vpn_ip, deadline)
+                .map(|did| did.then(|| "DNS A+PTR removed".to_owned()))
+                .map_err(anyhow::Error::from),
         );
     }
     steps

@@ -1,7 +1,8 @@
 //! `idhal reconcile`'s repair: compares the clients OpenVPN lists with what the scheduler
 //! holds and replays the missed connect/disconnect events through `node`, as the hooks would.
 
-use crate::config::{DnsUpdate, ServerConfig};
+use crate::config::ServerConfig;
+use crate::dns;
 use crate::names::HostName;
 use crate::node::{connect_session, disconnect_host, node_addresses, refresh_node_dns, Failure};
 use crate::openvpn::env::Session;
@@ -111,7 +112,7 @@ pub fn reconcile(
         managed.iter().map(|m| (m.host.as_str(), m)).collect();
 
     let (mut repaired, mut downed, mut refreshed, mut others) = (0usize, 0usize, 0usize, 0usize);
-    let refresh_dns = options.refresh_dns && cfg.dns.update == DnsUpdate::Rfc2136;
+    let refresh_dns = options.refresh_dns && dns::backend::open(cfg).is_live();
     for (name, (session, host)) in &connected {
         let ok = match (&sched, by_host.get(name.as_str())) {
             (Some(_), Some(m)) if m.since.is_some_and(|since| since > session.since) => {
