@@ -123,7 +123,7 @@ pub struct ProjectCa {
     pub paths: ProjectDir,
     pub cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
-    pub enroll: ed25519_compact::KeyPair,
+    pub enroll: idhal_manifest::enroll::KeyPair,
 }
 
 impl ProjectCa {
@@ -186,7 +186,8 @@ impl ProjectCa {
         let seed = der::pem_decode("PRIVATE KEY", &enroll_text)
             .and_then(|d| der::ed25519_seed_from_pkcs8(&d))
             .ok_or_else(|| bad(paths.enroll_key(), "not an Ed25519 PKCS#8 key".into()))?;
-        let enroll = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new(seed));
+        let enroll =
+            idhal_manifest::enroll::KeyPair::from_seed(idhal_manifest::enroll::Seed::new(seed));
         Ok(ProjectCa {
             project: project.to_owned(),
             paths,
