@@ -724,20 +724,63 @@ mod tests {
         let c = parse("[openvpn]\nmanagement_auth = \"none\"\nname = \"vpn2\"").unwrap();
         assert_eq!(c.openvpn.management_auth, ManagementAuth::None);
         assert_eq!(c.server_name().unwrap().as_str(), "vpn2");
-        assert!(parse("[openvpn]\nmanagement_auth = false").is_err());
-        assert!(parse("[openvpn]\nname = \"a b\"").is_err());
+        assert_eq!(
+            refusal("[openvpn]\nmanagement_auth = false"),
+            Refusal::Toml("wanted string or table".into())
+        );
+        assert_eq!(
+            refusal("[openvpn]\nname = \"a b\""),
+            Refusal::Toml(
+                "server name \"a b\" is not valid: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no \"..\"".into()
+            )
+        );
+    }
+
+    /// How a config was refused: by TOML parsing (with serde's message) or by the checks
+    /// after it.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Refusal {
+        Toml(String),
+        Check(String),
+    }
+
+    fn refusal(text: &str) -> Refusal {
+        match parse(text) {
+            Err(ConfigError::Parse { source, .. }) => Refusal::Toml(source.message().to_owned()),
+            Err(ConfigError::Invalid { msg, .. }) => Refusal::Check(msg),
+            other => panic!("{text:?} was not refused as expected: {other:?}"),
+        }
     }
 
     #[test]
     fn refusals() {
-        assert!(parse("[names]\ntemplate = \"x'{4}\"").is_err());
-        assert!(parse("[names]\ndomain = \"a b\"").is_err());
-        assert!(parse("[hook]\non_failure = \"maybe\"").is_err());
-        assert!(parse("[bogus]\n").is_err());
-        assert!(parse("[dns]\nupdate = \"rfc2136\"").is_err());
-        assert!(parse(
-            "[names]\npool = \"10.0.0.0/20\"\n[dns]\nupdate = \"rfc2136\"\ntsig_key_file = \"k\""
-        )
-        .is_err());
+        let toml = |m: &str| Refusal::Toml(m.to_owned());
+        let check = |m: &str| Refusal::Check(m.to_owned());
+        assert_eq!(
+            refusal("[names]\ntemplate = \"x'{4}\""),
+            toml("name template \"x'{4}\" is not valid: literal a-z 0-9 - and {1}..{4} for the address octets, at least one octet")
+        );
+        assert_eq!(
+            refusal("[names]\ndomain = \"a b\""),
+            toml("domain label \"a b\" is not valid: 1-63 of a-z 0-9 -, not starting or ending with - (upper case is folded)")
+        );
+        assert_eq!(
+            refusal("[hook]\non_failure = \"maybe\""),
+            toml("unknown variant `maybe`, expected `refuse` or `admit`")
+        );
+        assert_eq!(
+            refusal("[bogus]\n"),
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `openvpn`, `projects`")
+        );
+        assert_eq!(
+            refusal("[dns]\nupdate = \"rfc2136\""),
+            check("[dns] update = \"rfc2136\" needs tsig_key_file (unsigned updates are not sent)")
+        );
+        assert_eq!(
+            refusal(
+                "[names]\npool = \"10.0.0.0/20\"\n[dns]\nupdate = \"rfc2136\"\ntsig_key_file = \"k\""
+            ),
+            check("[dns] reverse_zone \"\" is not valid: must be set when the pool's prefix is not 8, 16 or 24")
+        );
     }
 }

@@ -439,6 +439,14 @@ impl fmt::Display for Ipv4Net {
 mod tests {
     use super::*;
 
+    /// Which rule refused a value: `what` and the value as shown.
+    fn refused<T: fmt::Debug>(r: Result<T, NameError>) -> (&'static str, String) {
+        match r {
+            Err(NameError::Invalid { what, value, .. }) => (what, value),
+            other => panic!("not refused by a rule: {other:?}"),
+        }
+    }
+
     #[test]
     fn node_ids() {
         assert!(NodeId::parse("client317").is_ok());
@@ -454,25 +462,34 @@ mod tests {
             "a/b",
             &"a".repeat(65),
         ] {
-            assert!(NodeId::parse(bad).is_err(), "{bad:?}");
+            assert_eq!(
+                refused(NodeId::parse(bad)),
+                ("node id (certificate CN)", bad.to_owned())
+            );
         }
     }
 
     #[test]
     fn labels_and_domains() {
         assert_eq!(Label::parse("VNode-1").unwrap().to_string(), "vnode-1");
-        assert!(Label::parse("-a").is_err());
-        assert!(Label::parse("a_b").is_err());
+        assert_eq!(refused(Label::parse("-a")), ("DNS label", "-a".into()));
+        assert_eq!(refused(Label::parse("a_b")), ("DNS label", "a_b".into()));
         assert_eq!(
             Domain::parse("Idhal.Internal.").unwrap().as_str(),
             "idhal.internal"
         );
-        assert!(Domain::parse("a..b").is_err());
-        assert!(Domain::parse("a'b").is_err());
+        assert_eq!(refused(Domain::parse("a..b")), ("domain label", "".into()));
+        assert_eq!(
+            refused(Domain::parse("a'b")),
+            ("domain label", "a'b".into())
+        );
         let d = Domain::parse("idhal.internal").unwrap();
         let h = HostName::parse_in("vnode-7-38.idhal.internal", &d).unwrap();
         assert_eq!(h.to_string(), "vnode-7-38.idhal.internal");
-        assert!(HostName::parse_in("x.other.internal", &d).is_err());
+        assert_eq!(
+            refused(HostName::parse_in("x.other.internal", &d)),
+            ("host name", "x.other.internal".into())
+        );
     }
 
     #[test]
@@ -484,11 +501,13 @@ mod tests {
                 .to_string(),
             "vnode-7-38"
         );
-        assert!(NameTemplate::parse("vnode").is_err());
-        assert!(NameTemplate::parse("v_{4}").is_err());
-        assert!(NameTemplate::parse("{5}").is_err());
-        assert!(NameTemplate::parse("-{4}").is_err());
-        assert!(NameTemplate::parse("{4").is_err());
+        let template = |s: &str| refused(NameTemplate::parse(s));
+        assert_eq!(template("vnode"), ("name template", "vnode".into()));
+        assert_eq!(template("v_{4}"), ("name template", "v_{4}".into()));
+        assert_eq!(template("{5}"), ("name template", "{5}".into()));
+        // Refused by rendering the highest octet: "-255" is no DNS label.
+        assert_eq!(template("-{4}"), ("DNS label", "-255".into()));
+        assert_eq!(template("{4"), ("name template", "{4".into()));
     }
 
     #[test]
@@ -542,12 +561,21 @@ mod tests {
     #[test]
     fn prop_values_and_pools() {
         assert!(PropValue::parse("2001:db8::1").is_ok());
-        assert!(PropValue::parse("a'b").is_err());
-        assert!(PropValue::parse("a b").is_err());
+        assert_eq!(
+            refused(PropValue::parse("a'b")),
+            ("property value", "a'b".into())
+        );
+        assert_eq!(
+            refused(PropValue::parse("a b")),
+            ("property value", "a b".into())
+        );
         let p = Ipv4Net::parse("10.134.0.0/16").unwrap();
         assert!(p.contains("10.134.7.38".parse().unwrap()));
         assert!(!p.contains("10.135.0.1".parse().unwrap()));
-        assert!(Ipv4Net::parse("10.134.0.1/16").is_err());
+        assert_eq!(
+            refused(Ipv4Net::parse("10.134.0.1/16")),
+            ("address pool", "10.134.0.1/16".into())
+        );
         assert_eq!(Ipv4Net::parse("10.0.0.0/30").unwrap().hosts().count(), 2);
         assert_eq!(p.broadcast().to_string(), "10.134.255.255");
         let eight = Ipv4Net::parse("10.0.0.0/8").unwrap();

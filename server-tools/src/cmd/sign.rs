@@ -139,7 +139,11 @@ mod tests {
         assert_eq!(parse_size("4MiB"), Ok(4 << 20));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("1000"), Ok(1000));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("4MB").is_err());
+        assert_eq!(parse_size("0"), Err(bad_size("0")));
+        assert_eq!(parse_size("4MB"), Err(bad_size("4MB")));
+    }
+
+    fn bad_size(s: &str) -> String {
+        format!("invalid size {s:?}: use bytes, or a number with KiB or MiB (e.g. 4MiB)")
     }
 }

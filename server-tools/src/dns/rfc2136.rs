@@ -415,12 +415,18 @@ mod tests {
         .unwrap();
         assert_eq!(k.name, "idhal-update");
         assert!(!format!("{k:?}").contains("c2Vj"));
-        assert!(TsigKey::parse(
-            "key x { algorithm hmac-md5; secret \"c2VjcmV0c2VjcmV0c2VjcmV0\"; };",
-            Path::new("k")
-        )
-        .is_err());
-        assert!(TsigKey::parse("nonsense", Path::new("k")).is_err());
+        let refused = |text: &str| match TsigKey::parse(text, Path::new("k")) {
+            Err(DnsError::KeyFile { path, msg }) if path == Path::new("k") => msg,
+            other => panic!("{text:?}: {other:?}"),
+        };
+        assert_eq!(
+            refused("key x { algorithm hmac-md5; secret \"c2VjcmV0c2VjcmV0c2VjcmV0\"; };"),
+            "algorithm must be hmac-sha256, hmac-sha384 or hmac-sha512"
+        );
+        assert_eq!(
+            refused("nonsense"),
+            "expected `key \"NAME\" { algorithm hmac-sha256; secret \"BASE64\"; };`"
+        );
         assert_eq!(
             reverse_name("10.134.7.38".parse().unwrap()),
             "38.7.134.10.in-addr.arpa"

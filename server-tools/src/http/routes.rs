@@ -514,9 +514,12 @@ mod tests {
             "/.lock",
             "/out",
             "/missing",
-            "/manifest%00",
         ] {
-            assert!(s.resolve(bad).is_err(), "{bad}");
+            assert!(matches!(s.resolve(bad), Err(HttpError::NotFound)), "{bad}");
         }
+        assert!(matches!(
+            s.resolve("/manifest%00"),
+            Err(HttpError::BadRequest(why)) if why == "NUL in path"
+        ));
     }
 }

@@ -248,8 +248,10 @@ mod tests {
 
     #[test]
     fn paths_openvpn_would_split_are_refused() {
-        assert!(plain(Path::new("/a b/idhal")).is_err());
-        assert!(plain(Path::new("/a\"b")).is_err());
+        let refused = |p: &str| plain(Path::new(p)).unwrap_err().to_string();
+        let why = ": OpenVPN configs cannot hold paths with spaces, quotes or backslashes";
+        assert_eq!(refused("/a b/idhal"), format!("\"/a b/idhal\"{why}"));
+        assert_eq!(refused("/a\"b"), format!("\"/a\\\"b\"{why}"));
         assert!(plain(Path::new("/usr/local/bin/idhal")).is_ok());
     }
 }

@@ -135,7 +135,10 @@ mod tests {
         assert_eq!(s.clients[0].fields["time_unix"], "1794999940");
         let v3 = v2.replace(',', "\t");
         assert_eq!(parse_status(&v3).unwrap().clients.len(), 1);
-        assert!(parse_status("CLIENT_LIST,a\n").is_err());
+        assert_eq!(
+            parse_status("CLIENT_LIST,a\n").unwrap_err().to_string(),
+            "CLIENT_LIST before its HEADER line (status-version 2 or 3 needed)"
+        );
         assert_eq!(
             real_ip("192.0.2.7:1194").unwrap(),
             ("192.0.2.7".into(), Some("1194".into()))

@@ -502,6 +502,9 @@ mod tests {
         assert_eq!(r[0].id, 3);
         assert_eq!(r[0].state, "Alive");
         assert!(!r[0].props.contains_key("idhalcn"));
-        assert!(parse_oarnodes("DB error", "x").is_err());
+        assert_eq!(
+            parse_oarnodes("DB error", "x").unwrap_err().to_string(),
+            "OAR: cannot parse `oarnodes -J` output for x: expected value at line 1 column 1"
+        );
     }
 }

@@ -565,6 +565,11 @@ pub fn sign_and_publish(req: &Request) -> anyhow::Result<Published> {
 mod tests {
     use super::*;
 
+    /// The whole refusal, context first.
+    fn err<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
+        format!("{:#}", r.unwrap_err())
+    }
+
     #[test]
     fn serials() {
         let dir = Path::new("/pub");
@@ -580,9 +585,12 @@ mod tests {
             next_serial(Some(9), &cur(Some(6), Some(7)), dir).unwrap(),
             9
         );
-        let err = next_serial(Some(7), &cur(Some(6), Some(7)), dir).unwrap_err();
-        assert!(err.to_string().contains("(next is 8)"));
-        assert!(next_serial(None, &cur(Some(u64::MAX), None), dir).is_err());
+        let e = next_serial(Some(7), &cur(Some(6), Some(7)), dir).unwrap_err();
+        assert!(e.to_string().contains("(next is 8)"));
+        assert_eq!(
+            err(next_serial(None, &cur(Some(u64::MAX), None), dir)),
+            "the current serial is at the maximum"
+        );
     }
 
     #[test]
@@ -603,18 +611,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("x.sh:1: unknown frequency \"weekly\""));
-        assert!(f("# idhal: freq=boot\n").is_err());
-        assert!(f("# idhal: frequency=boot\n# idhal: frequency=once\n").is_err());
+        assert_eq!(
+            err(f("# idhal: freq=boot\n")),
+            "x.sh:1: unknown idhal header \"# idhal: freq=boot\" (expected `# idhal: frequency=once|boot|always`)"
+        );
+        assert_eq!(
+            err(f("# idhal: frequency=boot\n# idhal: frequency=once\n")),
+            "x.sh:2: second, different frequency header"
+        );
     }
 
     #[test]
     fn params() {
         let p = parse_params(&["enroll-url=http://x/y z".into()]).unwrap();
         assert_eq!(p[0].1, "http://x/y z");
-        assert!(parse_params(&["novalue".into()]).is_err());
-        assert!(parse_params(&["Bad=x".into()]).is_err());
-        assert!(parse_params(&["a= x".into()]).is_err());
-        assert!(parse_params(&["a=x\ty".into()]).is_err());
-        assert!(parse_params(&["a=1".into(), "a=2".into()]).is_err());
+        let refused = |raw: &[&str]| {
+            err(parse_params(
+                &raw.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ))
+        };
+        assert_eq!(
+            refused(&["novalue"]),
+            "--param \"novalue\": expected NAME=VALUE"
+        );
+        assert_eq!(
+            refused(&["Bad=x"]),
+            "--param \"Bad=x\": parameter name \"Bad\" is invalid: use 1-32 characters from a-z 0-9 -, starting with a letter"
+        );
+        let value = "(printable ASCII, not empty, no leading or trailing space)";
+        assert_eq!(
+            refused(&["a= x"]),
+            format!("--param a: invalid value \" x\" {value}")
+        );
+        assert_eq!(
+            refused(&["a=x\ty"]),
+            format!("--param a: invalid value \"x\\ty\" {value}")
+        );
+        assert_eq!(refused(&["a=1", "a=2"]), "--param a given twice");
     }
 }
