@@ -3,11 +3,41 @@
 //! (callers validate each entry as they would a hook's environment).
 
 use crate::config::ServerConfig;
-use crate::openvpn::management::{password_file, Answer, Management};
-use anyhow::Context as _;
+use crate::openvpn::management::{password_file, Answer, Management, ManagementError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why no status could be had: nothing is acted on then.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("CLIENT_LIST before its HEADER line (status-version 2 or 3 needed)")]
+    ClientBeforeHeader,
+    #[error("no TIME line (status-version 2 or 3 needed)")]
+    NoTime,
+    #[error("reading OpenVPN status file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("OpenVPN status file {} is larger than [reconcile] max_status_bytes ({limit}); nothing changed", path.display())]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("status file {}", path.display())]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<StatusError>,
+    },
+    #[error(transparent)]
+    Management(#[from] ManagementError),
+    #[error("OpenVPN management interface {addr}")]
+    FromManagement {
+        addr: SocketAddr,
+        #[source]
+        source: Box<StatusError>,
+    },
+}
 
 /// One `CLIENT_LIST` entry, still unvalidated.
 #[derive(Debug, Clone)]
@@ -23,7 +53,7 @@ pub struct Status {
     pub clients: Vec<StatusEntry>,
 }
 
-pub fn parse_status(text: &str) -> anyhow::Result<Status> {
+pub fn parse_status(text: &str) -> Result<Status, StatusError> {
     let mut written = None;
     let mut columns: Option<Vec<String>> = None;
     let mut clients = Vec::new();
@@ -37,9 +67,7 @@ pub fn parse_status(text: &str) -> anyhow::Result<Status> {
                 columns = Some(f[2..].iter().map(|s| s.to_string()).collect());
             }
             Some("CLIENT_LIST") => {
-                let cols = columns
-                    .as_ref()
-                    .context("CLIENT_LIST before its HEADER line (status-version 2 or 3 needed)")?;
+                let cols = columns.as_ref().ok_or(StatusError::ClientBeforeHeader)?;
                 let get = |name: &str| {
                     cols.iter()
                         .position(|c| c == name)
@@ -65,26 +93,33 @@ pub fn parse_status(text: &str) -> anyhow::Result<Status> {
             _ => {}
         }
     }
-    let written = written.context("no TIME line (status-version 2 or 3 needed)")?;
+    let written = written.ok_or(StatusError::NoTime)?;
     Ok(Status { written, clients })
 }
 
-pub fn read_status_file(path: &Path, limit: u64) -> anyhow::Result<Status> {
+pub fn read_status_file(path: &Path, limit: u64) -> Result<Status, StatusError> {
     use std::io::Read as _;
-    let what = || format!("reading OpenVPN status file {}", path.display());
+    let what = |source| StatusError::Read {
+        path: path.to_owned(),
+        source,
+    };
     let mut text = String::new();
     // Bounded read: the size is checked on what is read, not on what metadata says.
     std::fs::File::open(path)
-        .with_context(what)?
+        .map_err(what)?
         .take(limit + 1)
         .read_to_string(&mut text)
-        .with_context(what)?;
-    anyhow::ensure!(
-        text.len() as u64 <= limit,
-        "OpenVPN status file {} is larger than [reconcile] max_status_bytes ({limit}); nothing changed",
-        path.display()
-    );
-    parse_status(&text).with_context(|| format!("status file {}", path.display()))
+        .map_err(what)?;
+    if text.len() as u64 > limit {
+        return Err(StatusError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    parse_status(&text).map_err(|e| StatusError::InFile {
+        path: path.to_owned(),
+        source: Box::new(e),
+    })
 }
 
 /// Asks OpenVPN's management interface for `status 2` (the same text as a version-2 status
@@ -93,7 +128,7 @@ pub fn read_management(
     addr: SocketAddr,
     cfg: &ServerConfig,
     state_dir: &Path,
-) -> anyhow::Result<Status> {
+) -> Result<Status, StatusError> {
     let password = match &cfg.reconcile.management_password_file {
         Some(p) => Some(p.clone()),
         None => password_file(cfg, state_dir, &cfg.ca.project),
@@ -104,7 +139,10 @@ pub fn read_management(
         timeout: cfg.limits.command_timeout(),
     };
     let text = m.command("status 2", Answer::UntilEnd)?;
-    parse_status(&text).with_context(|| format!("OpenVPN management interface {addr}"))
+    parse_status(&text).map_err(|e| StatusError::FromManagement {
+        addr,
+        source: Box::new(e),
+    })
 }
 
 /// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address and the port.
@@ -135,10 +173,11 @@ mod tests {
         assert_eq!(s.clients[0].fields["time_unix"], "1794999940");
         let v3 = v2.replace(',', "\t");
         assert_eq!(parse_status(&v3).unwrap().clients.len(), 1);
-        assert_eq!(
-            parse_status("CLIENT_LIST,a\n").unwrap_err().to_string(),
-            "CLIENT_LIST before its HEADER line (status-version 2 or 3 needed)"
-        );
+        assert!(matches!(
+            parse_status("CLIENT_LIST,a\n"),
+            Err(StatusError::ClientBeforeHeader)
+        ));
+        assert!(matches!(parse_status(""), Err(StatusError::NoTime)));
         assert_eq!(
             real_ip("192.0.2.7:1194").unwrap(),
             ("192.0.2.7".into(), Some("1194".into()))
@@ -151,5 +190,46 @@ mod tests {
             real_ip("2001:db8::1").unwrap(),
             ("2001:db8::1".into(), None)
         );
+    }
+
+    #[test]
+    fn unusable_files_are_refused_with_their_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let p = d.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let ok = file("ok", b"TIME,x,1795000000\n");
+        assert_eq!(read_status_file(&ok, 100).unwrap().written, 1_795_000_000);
+        // One byte over the cap is refused unread (unparsed); at the cap it is read.
+        let big = file("big", &[b'x'; 101]);
+        assert!(matches!(
+            read_status_file(&big, 100),
+            Err(StatusError::TooLarge { path, limit: 100 }) if path == big
+        ));
+        let exact = file("exact", &[b'x'; 100]);
+        let e = read_status_file(&exact, 100).unwrap_err();
+        assert!(
+            matches!(&e, StatusError::InFile { path, source } if *path == exact && matches!(**source, StatusError::NoTime)),
+            "{e:?}"
+        );
+        assert_eq!(
+            format!("{:#}", anyhow::Error::new(e)),
+            format!(
+                "status file {}: no TIME line (status-version 2 or 3 needed)",
+                exact.display()
+            )
+        );
+        let binary = file("binary", b"TIME,\xff\xfe,1\n");
+        assert!(matches!(
+            read_status_file(&binary, 100),
+            Err(StatusError::Read { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData
+        ));
+        let missing = d.path().join("missing");
+        assert!(matches!(
+            read_status_file(&missing, 100),
+            Err(StatusError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
+        ));
     }
 }
