@@ -1,11 +1,12 @@
-//! `idhal verify`: checks a PUBDIR exactly as an agent would (same library, same fixed order) and
-//! that its files agree with each other, then shows what the manifest holds.
+//! `idhal verify`: has `signing::verify` check a PUBDIR as an agent would and that its files
+//! agree, maps what it found to an exit code, and shows what the manifest holds.
 
 use crate::cmd::{Exit, Global};
+use crate::signing::verify::{verify_pubdir, Verdict};
 use anyhow::Context;
 use idhal_manifest::time::{now, rfc3339};
-use idhal_manifest::{paths, verify, Expiry, Manifest, Policy, PublicKey, VerifyError};
-use std::path::{Path, PathBuf};
+use idhal_manifest::{Expiry, PublicKey};
+use std::path::PathBuf;
 
 /// Verify the manifest published in PUBDIR, as an agent would.
 #[derive(Debug, clap::Args)]
@@ -40,29 +41,6 @@ pub struct Args {
     pub pubdir: PathBuf,
 }
 
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-fn refused(what: impl std::fmt::Display) -> Exit {
-    eprintln!("idhal: refused: {what}");
-    Exit::Refused
-}
-
-fn inconsistent(what: impl std::fmt::Display) -> Exit {
-    eprintln!("idhal: inconsistent: {what}");
-    Exit::Inconsistent
-}
-
-/// If `body` is byte for byte a version in PUBDIR/manifests whose own signature verifies,
-/// its serial. The serial is read from unverified bytes only to pick the file to check.
-fn signed_version_of(key: &PublicKey, body: &[u8], dir: &Path, policy: &Policy) -> Option<u64> {
-    let serial = Manifest::parse(body).ok()?.serial;
-    let copy = std::fs::read(dir.join(paths::versioned_manifest(serial))).ok()?;
-    let sig = std::fs::read_to_string(dir.join(paths::versioned_signature(serial))).ok()?;
-    (copy == body && verify(key, &copy, &sig, policy).is_ok()).then_some(serial)
-}
-
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
     let key_text = std::fs::read_to_string(&args.public)
         .with_context(|| format!("cannot read public key {}", args.public.display()))?;
@@ -70,83 +48,31 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
         .with_context(|| format!("{} is not a minisign public key", args.public.display()))?;
 
     let dir = &args.pubdir;
-    let sig_path = dir.join(paths::SIGNATURE);
-    let manifest_path = dir.join(paths::MANIFEST);
-    let sig_bytes = read(&sig_path)?;
-    let body = read(&manifest_path)?;
-    let Ok(sig_text) = std::str::from_utf8(&sig_bytes) else {
-        return Ok(refused(format!("{}: not UTF-8 text", sig_path.display())));
+    let now = now();
+    let expiry = if args.ignore_expiry {
+        Expiry::Ignore
+    } else {
+        Expiry::Enforce
     };
-    let policy = Policy {
-        now: now(),
-        expiry: if args.ignore_expiry {
-            Expiry::Ignore
-        } else {
-            Expiry::Enforce
-        },
-        last_serial: None,
-    };
-    let m = match verify(&key, &body, sig_text, &policy) {
+    let mut body = Vec::new();
+    let m = match verify_pubdir(&key, dir, now, expiry, &mut body) {
         Ok(m) => m,
-        Err(e @ VerifyError::BadSignature) => {
-            // A publish interrupted between its last two renames leaves `manifest` one version
-            // ahead of `manifest.minisig`. Agents are unaffected (they read manifests/<serial>);
-            // say so instead of "tampered" when `manifest` is a newer, validly signed version.
-            if let Some(newer) = signed_version_of(&key, &body, dir, &policy) {
-                return Ok(inconsistent(format!(
-                    "{} is already serial {newer} but {} still signs an older one: an interrupted \
-                     publish? Re-run `idhal sign`",
-                    manifest_path.display(),
-                    sig_path.display()
-                )));
+        Err(e) => {
+            return match e.verdict() {
+                Verdict::Unreadable => Err(e.into()),
+                Verdict::Refused => {
+                    eprintln!("idhal: refused: {e}");
+                    Ok(Exit::Refused)
+                }
+                Verdict::Inconsistent => {
+                    eprintln!("idhal: inconsistent: {e}");
+                    Ok(Exit::Inconsistent)
+                }
             }
-            return Ok(refused(format!("{}: {e}", manifest_path.display())));
         }
-        Err(e) => return Ok(refused(format!("{}: {e}", manifest_path.display()))),
     };
 
-    let versioned = dir.join(paths::versioned_manifest(m.serial));
-    let versioned_sig = dir.join(paths::versioned_signature(m.serial));
-    // Agents fetch manifests/<serial>, humans and minisign read `manifest`: they must agree.
-    for (copy, original, expected) in [
-        (&versioned, &manifest_path, &body),
-        (&versioned_sig, &sig_path, &sig_bytes),
-    ] {
-        match std::fs::read(copy) {
-            Ok(b) if b == *expected => {}
-            Ok(_) => {
-                return Ok(inconsistent(format!(
-                    "{} differs from {}",
-                    original.display(),
-                    copy.display()
-                )))
-            }
-            Err(e) => return Ok(inconsistent(format!("cannot read {}: {e}", copy.display()))),
-        }
-    }
-    let served_key = dir.join(paths::PUBLIC_KEY);
-    if served_key.exists() {
-        let text = std::fs::read_to_string(&served_key)
-            .with_context(|| format!("cannot read {}", served_key.display()))?;
-        match PublicKey::parse(&text) {
-            Ok(k) if k == key => {}
-            Ok(k) => {
-                return Ok(inconsistent(format!(
-                "{} is key {} ({}), not the key {} given with --pub: first-boot nodes pinned by \
-                     fingerprint would refuse it",
-                served_key.display(),
-                k.id(),
-                k.fingerprint(),
-                key.id()
-            )))
-            }
-            Err(e) => {
-                return Ok(inconsistent(format!("{}: {e}", served_key.display())));
-            }
-        }
-    }
-
-    let expired = if policy.now >= m.expires {
+    let expired = if now >= m.expires {
         " (EXPIRED; shown because of --ignore-expiry)"
     } else {
         ""

@@ -1,6 +1,7 @@
 //! Signed manifests: the signing key (keys) and turning a scriptlet directory into a signed,
-//! published manifest (sign), the SSH key scriptlet (ssh_key).
+//! published manifest (sign), checking a published one (verify), the SSH key scriptlet (ssh_key).
 
 pub mod keys;
 pub mod sign;
 pub mod ssh_key;
+pub mod verify;
