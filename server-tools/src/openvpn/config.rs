@@ -243,7 +243,13 @@ mod tests {
         );
         let deeper = format!("/{}", "d".repeat(300));
         let e = render(Path::new(&deeper)).unwrap_err().to_string();
-        assert!(e.contains("more than OpenVPN's 255"), "{e}");
+        assert_eq!(
+            e,
+            format!(
+                "this line of the OpenVPN config would be 324 characters, more than OpenVPN's \
+                 255: use a shorter path\n  setenv IDHAL_STATE_DIR {deeper}"
+            )
+        );
     }
 
     #[test]

@@ -288,8 +288,18 @@ mod tests {
                 .to_string()
         };
         assert_eq!(err(""), "k is not a minisign secret key (it is empty)");
-        assert!(err("untrusted comment: x\n!!!\n").contains("not base64"));
-        assert!(err("untrusted comment: x\nRWQ=\n").contains("wrong length"));
-        assert!(err("hello\n").contains("untrusted comment"));
+        let not_a_key = |why: &str| format!("k is not a minisign secret key ({why})");
+        assert_eq!(
+            err("untrusted comment: x\n!!!\n"),
+            not_a_key("key line is not base64")
+        );
+        assert_eq!(
+            err("untrusted comment: x\nRWQ=\n"),
+            not_a_key("key line has the wrong length")
+        );
+        assert_eq!(
+            err("hello\n"),
+            not_a_key("first line is not an untrusted comment")
+        );
     }
 }

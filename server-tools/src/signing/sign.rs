@@ -585,8 +585,12 @@ mod tests {
             next_serial(Some(9), &cur(Some(6), Some(7)), dir).unwrap(),
             9
         );
-        let e = next_serial(Some(7), &cur(Some(6), Some(7)), dir).unwrap_err();
-        assert!(e.to_string().contains("(next is 8)"));
+        assert_eq!(
+            err(next_serial(Some(7), &cur(Some(6), Some(7)), dir)),
+            "--serial 7 is not above the serial 7 already in /pub: nodes that accepted 7 refuse any \
+             lower serial as a rollback, and a serial is never reused. Omit --serial (next is 8) or \
+             pass a higher one"
+        );
         assert_eq!(
             err(next_serial(None, &cur(Some(u64::MAX), None), dir)),
             "the current serial is at the maximum"
