@@ -89,8 +89,11 @@ fn once_scriptlets_run_once() {
     assert_eq!(lines(&s.out()), ["a", "b", "c", "d"]);
     let (code, json) = s.node.status_json();
     assert_eq!(code, 0, "{json}");
-    assert!(json.contains("\"serial\":2,"), "{json}");
-    assert_eq!(json.matches("\"state\":\"done\"").count(), 4, "{json}");
+    assert_eq!(json["serial"], 2, "{json}");
+    let states: Vec<&str> = scriptlets(&json)
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["done"; 4], "{json}");
 }
 
 #[test]
@@ -156,7 +159,13 @@ fn tampered_manifest_byte_is_refused() {
     s.assert_untouched(None);
     let (code, json) = s.node.status_json();
     assert_eq!(code, 9);
-    assert!(json.contains("signature does not match"), "{json}");
+    assert_eq!(json["last_run"]["exit"], 5, "{json}");
+    assert!(
+        json["last_run"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("signature does not match the manifest")),
+        "{json}"
+    );
 }
 
 #[test]
@@ -430,14 +439,17 @@ fn failing_scriptlet_is_retried_and_blocks_later_ones() {
     assert_eq!(log, "to-the-log\n");
     let (code, json) = s.node.status_json();
     assert_eq!(code, 6, "{json}");
-    assert!(
-        json.contains("\"id\":\"010-flaky\",\"frequency\":\"once\",\"state\":\"failed\""),
-        "{json}"
-    );
-    assert!(
-        json.contains("\"id\":\"020-c\",\"frequency\":\"once\",\"state\":\"pending\""),
-        "{json}"
-    );
+    let row = |id: &str| {
+        let r = scriptlets(&json)
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("{id}: {json}"));
+        (
+            r["frequency"].as_str().unwrap(),
+            r["state"].as_str().unwrap(),
+        )
+    };
+    assert_eq!(row("010-flaky"), ("once", "failed"), "{json}");
+    assert_eq!(row("020-c"), ("once", "pending"), "{json}");
     s.node.run(&[]).expect(6, "010-flaky failed");
     std::fs::write(&flag, "").unwrap();
     s.node.run(&[]).expect(0, "ran 2, 1 not due");
@@ -466,7 +478,7 @@ fn kill_during_scriptlet_leaves_it_pending() {
         )],
     );
     let mut child = s.node.command("run", &[]).process_group(0).spawn().unwrap();
-    wait_until("the scriptlet to start", DEADLINE, || started.exists());
+    wait_for("the scriptlet to start", DEADLINE, || started.exists());
     // Power loss: the agent and its scriptlet die together.
     let pgid = child.id();
     let k = std::process::Command::new("kill")
@@ -479,7 +491,7 @@ fn kill_during_scriptlet_leaves_it_pending() {
     assert!(s.node.read("state/scriptlets/slow/done").is_none());
     let (code, json) = s.node.status_json();
     assert_eq!(code, 9);
-    assert!(json.contains("\"state\":\"pending\""), "{json}");
+    assert!(scriptlets(&json).any(|s| s["state"] == "pending"), "{json}");
     s.node.run(&[]).expect(0, "ran 1");
     s.node.run(&[]).expect(0, "ran 0");
     assert_eq!(lines(&out), ["run", "run"]);
@@ -487,7 +499,7 @@ fn kill_during_scriptlet_leaves_it_pending() {
 
 /// Shell that waits until `go` exists; bounded (60 s), and it stops when the test's directory
 /// is gone, so a failed test leaves nothing running.
-fn wait_for(go: &Path) -> String {
+fn shell_wait_for(go: &Path) -> String {
     format!(
         "i=0; while [ ! -e '{}' ] && [ -d '{}' ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); \
          done\n",
@@ -505,11 +517,11 @@ fn concurrent_runs_never_overlap() {
         &[(
             "slow",
             Once,
-            format!("touch '{}'\n{}", started.display(), wait_for(&go)),
+            format!("touch '{}'\n{}", started.display(), shell_wait_for(&go)),
         )],
     );
     let mut first = s.node.command("run", &[]).spawn().unwrap();
-    wait_until("the first run's scriptlet to start", DEADLINE, || {
+    wait_for("the first run's scriptlet to start", DEADLINE, || {
         started.exists()
     });
     s.node
@@ -522,7 +534,7 @@ fn concurrent_runs_never_overlap() {
 /// Runs the agent until it exits 0, allowing only exit 7 (locked) before that.
 fn run_once_unlocked(node: &Node) -> Run {
     let mut last = None;
-    wait_until("a run that is not locked out", DEADLINE, || {
+    wait_for("a run that is not locked out", DEADLINE, || {
         let r = node.run(&[]);
         assert!(matches!(r.code(), 0 | 7), "{}", r.stderr());
         let ok = r.code() == 0;
@@ -556,12 +568,12 @@ fn a_killed_agents_scriptlet_never_overlaps_the_next_run() {
                 inside = inside.display(),
                 out = out.display(),
                 first = first.display(),
-                wait = wait_for(&go).replace('\'', "'\\''"),
+                wait = shell_wait_for(&go).replace('\'', "'\\''"),
             ),
         )],
     );
     let mut agent = s.node.command("run", &[]).spawn().unwrap();
-    wait_until("the scriptlet to start its work", DEADLINE, || {
+    wait_for("the scriptlet to start its work", DEADLINE, || {
         first.exists()
     });
     let pid = |p: &Path| -> u32 { std::fs::read_to_string(p).unwrap().trim().parse().unwrap() };
@@ -577,7 +589,7 @@ fn a_killed_agents_scriptlet_never_overlaps_the_next_run() {
     assert!(alive(worker_pid), "the worker should still be waiting");
     assert_eq!(lines(&out), ["start"]);
     // The shell itself died with the agent (PR_SET_PDEATHSIG); its worker holds the lock.
-    wait_until(
+    wait_for(
         "the scriptlet's shell to die with the agent",
         DEADLINE,
         || !alive(shell_pid),
@@ -595,7 +607,7 @@ fn a_killed_agents_scriptlet_never_overlaps_the_next_run() {
 fn a_process_a_scriptlet_leaves_running_keeps_its_lock_only_with_its_stdin() {
     let s = setup();
     let (go, out) = (s.node.path("go"), s.out());
-    let waiter = format!("( {} )", wait_for(&go).trim_end());
+    let waiter = format!("( {} )", shell_wait_for(&go).trim_end());
     // A process left running with the scriptlet's standard input (its lock): the scriptlet
     // cannot run again while it lives (`always` is due every run).
     s.publish(

@@ -3,8 +3,8 @@
 //! gets (checked with openssl), each refusal with the server's own reason, and a man in the
 //! middle who flips one byte of the answer.
 //!
-//! The `idhal` binary is $IDHAL_BIN, else the one next to the agent in the target dir (built by
-//! `cargo test --workspace`, or `cargo build -p idhal-server-tools`).
+//! The `idhal` binary is $IDHAL_BIN, else built (once per run) into this test's own target dir
+//! by idhal-test-support's `bin`: never a stale one, and a clean target dir works.
 
 mod common;
 use common::*;
@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 const SERVER_CONFIG: &str = "[openvpn]\nremotes = [\"vpn1.example.org:1194\"]\n";
 const ENROLLED: [&str; 6] = [
@@ -25,42 +25,16 @@ const ENROLLED: [&str; 6] = [
 ];
 
 fn idhal_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("IDHAL_BIN") {
-        return p.into();
+    match std::env::var_os("IDHAL_BIN") {
+        Some(p) => p.into(),
+        None => idhal_test_support::bin("idhal-server-tools", "idhal"),
     }
-    let p = Path::new(env!("CARGO_BIN_EXE_idhal-bootstrap")).with_file_name("idhal");
-    assert!(
-        p.exists(),
-        "{} not found: run `cargo build -p idhal-server-tools` first (cargo test --workspace \
-         does), or set IDHAL_BIN",
-        p.display()
-    );
-    p
-}
-
-#[track_caller]
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "idhal failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 /// `idhal serve`, killed on drop.
 struct Server {
-    child: Child,
+    _child: Reaped,
     url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A server state dir with the default project (`idhal ca init`), a manifest signing key and a
@@ -152,7 +126,10 @@ impl Project {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("idhal serve said {line:?}"))
             .to_owned();
-        Server { child, url }
+        Server {
+            _child: Reaped(child),
+            url,
+        }
     }
 
     /// A node with the project's manifest key baked in, which has run once (so it holds an
@@ -276,8 +253,9 @@ fn enrolls_from_the_first_scriptlet_then_never_again() {
         "{text}"
     );
     let (_, json) = node.status_json();
-    assert!(
-        json.contains(r#""enrollment":{"node":"client1","address":"10.134.0.2"}"#),
+    assert_eq!(
+        json["enrollment"],
+        serde_json::json!({"node": "client1", "address": "10.134.0.2"}),
         "{json}"
     );
 
@@ -352,7 +330,7 @@ fn refusals_name_the_servers_reason_and_write_nothing() {
     // now). Its now was at most `made`, so the token is expired once the clock passes `made`.
     let token = project.token(&["--ttl", "1s"]);
     let made = now();
-    wait_until("the token's second to pass", DEADLINE, || now() > made);
+    wait_for("the token's second to pass", DEADLINE, || now() > made);
     let node = project.node(&server);
     let run = enroll(
         &node,

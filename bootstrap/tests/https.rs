@@ -5,97 +5,21 @@
 mod common;
 use common::*;
 use idhal_manifest::Frequency::Once;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// A CA (`NAME.pem`, `NAME.key`) and, when `server`, a certificate for IP 127.0.0.1 signed by it.
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use idhal_test_support::x509;
+use std::process::{Command, Stdio};
 
 #[test]
 fn https_with_pinned_ca_bundle() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    make_ca(dir, "ca");
-    make_ca(dir, "other-ca");
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(
+    x509::ca(dir, "ca", "ca.key", "ca.pem");
+    x509::ca(dir, "other-ca", "other-ca.key", "other-ca.pem");
+    x509::leaf(
         dir,
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "srv.key",
-            "-out",
-            "srv.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
+        "127.0.0.1",
+        ("srv.key", "srv.pem"),
+        ("ca.key", "ca.pem"),
+        "subjectAltName=IP:127.0.0.1\n",
     );
 
     let pubdir = dir.join("pub");
@@ -115,7 +39,7 @@ fn https_with_pinned_ca_bundle() {
     );
 
     let port = free_port();
-    let _server = Killed(
+    let _server = Reaped(
         Command::new("openssl")
             .args([
                 "s_server",

@@ -36,8 +36,8 @@ impl Ca {
     pub fn init(idhal: &Path, dir: &Path, server_toml: &str, pool: Option<&str>) -> Ca {
         std::fs::create_dir_all(dir).unwrap();
         let ports = VpnPorts {
-            port: crate::vpn::free_port(),
-            management: crate::vpn::free_port(),
+            port: idhal_test_support::free_port(),
+            management: idhal_test_support::free_port(),
         };
         let status_file = dir.join("openvpn-status.log");
         let config = dir.join("server.toml");
@@ -83,16 +83,9 @@ impl Ca {
     }
 
     /// Like [`Ca::idhal`]; panics with idhal's output unless it exits 0; returns stdout.
+    #[track_caller]
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.idhal(args);
-        assert!(
-            o.status.success(),
-            "idhal {args:?} exited {:?}: {}{}",
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        idhal_test_support::ok(self.idhal(args))
     }
 
     /// `idhal token create --type TYPE ARGS…`: the whole token (`ID.SECRET`).

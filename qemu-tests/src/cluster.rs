@@ -1,8 +1,9 @@
 //! The batch cluster the nodes join: a real OAR 2.5 on PostgreSQL and a real Knot DNS serving
-//! the node zones, both on 127.0.0.1 with ephemeral ports. They are server-tools' own hook test
-//! components (`hook_support`, one definition), started once per process and shared by its
+//! the node zones, both on 127.0.0.1 with ephemeral ports. They are idhal-test-support's
+//! fixtures (the hook tests' too: one definition), started once per process and shared by its
 //! tests: each test uses its own address pool, so host names never collide.
-use crate::hook_support::{self, empty_zone, Knot, Oar, TSIG_SECRET};
+use idhal_test_support::knot::{self, empty_zone, Knot, TSIG_SECRET};
+use idhal_test_support::oar::{self, Oar};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -20,20 +21,16 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// The programs the cluster needs, checked with hook_support's rule: missing ones skip
-    /// (with a loud message) outside CI and fail under CI=true.
+    /// The programs the cluster needs, checked with the one rule: missing ones skip (with a
+    /// loud message) in a plain `cargo test` and fail under scripts/test.sh and CI.
     pub fn available() -> bool {
-        hook_support::require(&[
-            "/usr/sbin/oar-database",
-            "/usr/lib/oar/Almighty",
-            "/usr/sbin/knotd",
-            "/usr/bin/kdig",
-            &hook_support::pg_available(),
-        ])
+        let mut need = oar::programs();
+        need.extend(knot::PROGRAMS.map(String::from));
+        idhal_test_support::require(&need)
     }
 
     /// Starts OAR (PostgreSQL + Almighty) and Knot; they are stopped (and their files removed)
-    /// when this process exits, however it exits (hook_support's reaper).
+    /// when this process exits, however it exits (the fixtures' reaper).
     pub fn start() -> Cluster {
         let oar = Oar::start();
         let knot = Knot::start(&[
@@ -105,12 +102,6 @@ impl Cluster {
     pub fn stop(&self) {
         self.oar.stop_almighty();
         self.oar.stop_postgres();
-        if let Ok(pid) = std::fs::read_to_string(self.knot.dir.join("knot.pid")) {
-            hook_support::signal("TERM", pid.trim());
-            let port = self.knot.port;
-            crate::wait_until("Knot to stop", Duration::from_secs(10), || {
-                (!hook_support::listening(port).0).then_some(())
-            });
-        }
+        self.knot.stop();
     }
 }

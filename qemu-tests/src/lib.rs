@@ -19,11 +19,6 @@ pub mod server;
 pub mod vm;
 pub mod vpn;
 
-/// server-tools' own test components (OAR on PostgreSQL, Knot), included by path: one
-/// definition. `build.rs` gives it the `idhal` path it expects.
-#[path = "../../server-tools/tests/hook_support/mod.rs"]
-pub mod hook_support;
-
 pub use ca::Ca;
 pub use cluster::Cluster;
 pub use server::{Project, Serve};

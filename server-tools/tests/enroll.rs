@@ -46,9 +46,9 @@ fn a_node_gets_an_id_an_address_and_a_leaf_certificate_openssl_accepts() {
         format!("{}{}", r.ca, std::fs::read_to_string(&crl).unwrap()),
     )
     .unwrap();
-    let (good, out) = openssl(dir, &["verify", "-CAfile", &ca, &cert]);
+    let (good, out) = openssl_try(dir, &["verify", "-CAfile", &ca, &cert]);
     assert!(good, "{out}");
-    let (good, out) = openssl(
+    let (good, out) = openssl_try(
         dir,
         &["verify", "-crl_check", "-CAfile", "chain.pem", &cert],
     );
@@ -58,15 +58,15 @@ fn a_node_gets_an_id_an_address_and_a_leaf_certificate_openssl_accepts() {
         r.ca
     );
 
-    let (_, text) = openssl(dir, &["x509", "-in", &cert, "-noout", "-text"]);
+    let (_, text) = openssl_try(dir, &["x509", "-in", &cert, "-noout", "-text"]);
     assert!(text.contains("Subject: CN = client1"), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
     assert!(!text.contains("Server Authentication"), "{text}");
     // The certificate carries the node's own key.
     let key_file = write(dir, "node.key", &key.pem());
-    let (_, from_cert) = openssl(dir, &["x509", "-in", &cert, "-noout", "-pubkey"]);
-    let (_, from_key) = openssl(dir, &["pkey", "-in", &key_file, "-pubout"]);
+    let (_, from_cert) = openssl_try(dir, &["x509", "-in", &cert, "-noout", "-pubkey"]);
+    let (_, from_key) = openssl_try(dir, &["pkey", "-in", &key_file, "-pubout"]);
     assert_eq!(from_cert.trim(), from_key.trim());
 
     // Its fixed address for OpenVPN, and the node list.
@@ -87,7 +87,7 @@ fn a_node_gets_an_id_an_address_and_a_leaf_certificate_openssl_accepts() {
 
 /// A CSR from stock openssl asking to be a CA, for extra names and for the server's role.
 fn crafted_csr(dir: &Path) -> Vec<u8> {
-    let (good, out) = openssl(
+    let (good, out) = openssl_try(
         dir,
         &[
             "req",
@@ -133,7 +133,7 @@ fn a_crafted_csr_gets_none_of_what_it_asks_for() {
     )
     .unwrap();
     let cert = write(dir, "evil.crt", &r.certificate);
-    let (_, text) = openssl(dir, &["x509", "-in", &cert, "-noout", "-text"]);
+    let (_, text) = openssl_try(dir, &["x509", "-in", &cert, "-noout", "-text"]);
     assert!(text.contains("Subject: CN = client1\n"), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
     assert!(!text.contains("Subject Alternative Name"), "{text}");
@@ -143,7 +143,7 @@ fn a_crafted_csr_gets_none_of_what_it_asks_for() {
     assert!(!text.contains("TLS Web Server Authentication"), "{text}");
     // As a CA it signs nothing: openssl refuses a chain through it.
     let ca = write(dir, "ca.pem", &r.ca);
-    let (good, out) = openssl(
+    let (good, out) = openssl_try(
         dir,
         &[
             "req",
@@ -162,7 +162,7 @@ fn a_crafted_csr_gets_none_of_what_it_asks_for() {
     );
     if good {
         std::fs::write(dir.join("untrusted.pem"), &r.certificate).unwrap();
-        let (accepted, _) = openssl(
+        let (accepted, _) = openssl_try(
             dir,
             &[
                 "verify",
@@ -357,7 +357,7 @@ fn revocation_updates_the_crl_at_once_and_openssl_refuses_the_certificate() {
         write(dir, "b.crt", &b.certificate),
     );
     let before = chain("before.pem");
-    assert!(openssl(dir, &["verify", "-crl_check", "-CAfile", &before, &cert_a]).0);
+    assert!(openssl_try(dir, &["verify", "-crl_check", "-CAfile", &before, &cert_a]).0);
 
     // No OpenVPN listens on the configured management port: revoked, exit 4 with a warning.
     let out = p.idhal(&["revoke", &a.node]);
@@ -373,12 +373,12 @@ fn revocation_updates_the_crl_at_once_and_openssl_refuses_the_certificate() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("may stay connected"));
 
     let after = chain("after.pem");
-    let (accepted, text) = openssl(dir, &["verify", "-crl_check", "-CAfile", &after, &cert_a]);
+    let (accepted, text) = openssl_try(dir, &["verify", "-crl_check", "-CAfile", &after, &cert_a]);
     assert!(!accepted && text.contains("certificate revoked"), "{text}");
-    assert!(openssl(dir, &["verify", "-crl_check", "-CAfile", &after, &cert_b]).0);
+    assert!(openssl_try(dir, &["verify", "-crl_check", "-CAfile", &after, &cert_b]).0);
     assert!(!p.ca_dir().join("ccd").join(&a.node).exists());
     assert!(p.ca_dir().join("ccd").join(&b.node).exists());
-    let (_, crl_text) = openssl(
+    let (_, crl_text) = openssl_try(
         dir,
         &["crl", "-in", crl.to_str().unwrap(), "-noout", "-text"],
     );
@@ -399,7 +399,7 @@ fn revocation_updates_the_crl_at_once_and_openssl_refuses_the_certificate() {
 }
 
 fn crl_number(p: &Project) -> u64 {
-    let (_, text) = openssl(
+    let (_, text) = openssl_try(
         p.dir.path(),
         &[
             "crl",
@@ -428,12 +428,12 @@ fn crls_are_re_signed_before_they_expire() {
     ok(p.idhal(&["crl", "refresh", "--force"]));
     assert_eq!(crl_number(&p), 2);
     let server = p.serve();
-    wait_until(
+    wait_for(
         "idhal serve re-signs the CRL",
         Duration::from_secs(30),
         || crl_number(&p) >= 3,
     );
-    let (_, text) = openssl(
+    let (_, text) = openssl_try(
         p.dir.path(),
         &[
             "crl",
@@ -507,7 +507,7 @@ fn projects_are_separate_cas_with_separate_pools() {
     let cert = write(dir, "o.crt", &r.certificate);
     let default_ca = p.ca_dir().join("ca.crt");
     assert!(
-        !openssl(
+        !openssl_try(
             dir,
             &["verify", "-CAfile", default_ca.to_str().unwrap(), &cert]
         )

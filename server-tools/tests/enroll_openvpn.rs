@@ -6,48 +6,15 @@
 mod enroll_support;
 mod hook_support;
 
-use enroll_support::{enroll, ok, wait_until, NodeKey, Project};
-use hook_support::{free_port, require, signal};
+use enroll_support::{enroll, ok, wait_for, NodeKey, Project};
+use idhal_test_support::openvpn::{self, PROGRAMS};
+use idhal_test_support::{free_port, require, Logged};
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, log: PathBuf) -> Proc {
-        let f = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        Proc { child, log }
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        signal("TERM", &self.child.id().to_string());
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- {}\n{}", self.log.display(), self.log());
-        }
-    }
-}
-
 /// An OpenVPN client with the files and config a node got from enrollment.
-fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Proc {
+fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Logged {
     std::fs::create_dir_all(dir).unwrap();
     for (name, text) in [
         ("ca.crt", &r.ca),
@@ -57,19 +24,15 @@ fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Pr
     ] {
         std::fs::write(dir.join(name), text).unwrap();
     }
-    Proc::spawn(
-        Command::new("/usr/sbin/openvpn")
-            .arg("--cd")
-            .arg(dir)
-            .args(["--config", "openvpn.conf", "--dev", "null"])
-            .args(["--ifconfig-noexec", "--route-noexec", "--verb", "3"]),
-        dir.join("client.log"),
+    openvpn::spawn(
+        openvpn::command(dir).args(["--config", "openvpn.conf", "--dev", "null", "--verb", "3"]),
+        &dir.join("client.log"),
     )
 }
 
 #[test]
 fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
-    if !require(&["/usr/sbin/openvpn", "/usr/bin/openssl", "/dev/net/tun"]) {
+    if !require(&PROGRAMS) {
         return;
     }
     let (port, mgmt) = (free_port(), free_port());
@@ -113,16 +76,11 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
     }
     let conf = p.dir.path().join("server.conf");
     std::fs::write(&conf, &rendered).unwrap();
-    let server = Proc::spawn(
-        Command::new("/usr/sbin/openvpn")
-            .arg("--config")
-            .arg(&conf)
-            .args(["--ifconfig-noexec", "--route-noexec"]),
-        p.dir.path().join("openvpn-server.log"),
+    let server = openvpn::server_from_config(
+        p.dir.path(),
+        &conf,
+        &p.dir.path().join("openvpn-server.log"),
     );
-    wait_until("OpenVPN server up", Duration::from_secs(20), || {
-        server.log().contains("Initialization Sequence Completed")
-    });
 
     let web = p.serve();
     let token = p.token(&["--uses", "2"]);
@@ -132,7 +90,7 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
     let ca = client(&p.dir.path().join("a"), &a, &ka);
     let cb = client(&p.dir.path().join("b"), &b, &kb);
     for (c, r) in [(&ca, &a), (&cb, &b)] {
-        wait_until(
+        wait_for(
             &format!("{} tunnel up", r.node),
             Duration::from_secs(30),
             || c.log().contains("Initialization Sequence Completed"),
@@ -151,7 +109,7 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
             .matches(&format!("idhal hook client-connect: {cn} "))
             .count()
     };
-    wait_until("hooks ran", Duration::from_secs(10), || {
+    wait_for("hooks ran", Duration::from_secs(10), || {
         connects(&a.node) == 1 && connects(&b.node) == 1
     });
     // ... with this project's state dir (its per-node locks), which only the rendered `setenv`
@@ -219,14 +177,14 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
     // Revoke a: dropped through the management interface at once, then refused by the CRL.
     let said = ok(p.idhal(&["revoke", &a.node]));
     assert!(said.contains("dropped by the OpenVPN server"), "{said}");
-    wait_until("a is disconnected", Duration::from_secs(10), || {
+    wait_for("a is disconnected", Duration::from_secs(10), || {
         server
             .log()
             .contains(&format!("idhal hook client-disconnect: {}", a.node))
     });
     // Not a fixed pause: wait until the client has come back and been refused twice (it
     // retries every 1-10 s), so "it stays out" is seen over more than one attempt.
-    wait_until(
+    wait_for(
         "a's reconnection is refused twice",
         Duration::from_secs(60),
         || {

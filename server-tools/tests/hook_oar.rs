@@ -6,6 +6,7 @@ mod enroll_support;
 mod hook_support;
 
 use hook_support::*;
+use idhal_test_support::ok;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -55,10 +56,6 @@ fn prop(r: &serde_json::Value, k: &str) -> String {
     }
 }
 
-fn ok(o: &std::process::Output) {
-    assert!(o.status.success(), "hook failed: {}", stderr(o));
-}
-
 #[test]
 fn connect_disconnect_reconnect() {
     let Some(oar) = oar() else { return };
@@ -79,7 +76,7 @@ fn connect_disconnect_reconnect() {
         .args(["hook", "client-connect", "/tmp/openvpn_cc_unused.tmp"])
         .output()
         .unwrap();
-    ok(&o);
+    ok(o.clone());
     assert!(stderr(&o).contains("(created)"), "{}", stderr(&o));
     let r = oar.host("vnode-1-1.idhal.test");
     assert_eq!(r.len(), 1, "{r:?}");
@@ -94,12 +91,12 @@ fn connect_disconnect_reconnect() {
     assert_eq!(prop(r, "idhalclientname"), "vnode-1-1");
     let id = prop(r, "resource_id");
 
-    ok(&hook(&cfg, &state, "client-disconnect", &env));
+    ok(hook(&cfg, &state, "client-disconnect", &env));
     let r = oar.host("vnode-1-1.idhal.test");
     assert_eq!((r.len(), prop(&r[0], "state")), (1, "Absent".to_string()));
 
     let env2 = node_env("client101", "10.134.1.1", since + 50);
-    ok(&hook(&cfg, &state, "client-connect", &env2));
+    ok(hook(&cfg, &state, "client-connect", &env2));
     let r = oar.host("vnode-1-1.idhal.test");
     assert_eq!(r.len(), 1);
     assert_eq!(prop(&r[0], "state"), "Alive");
@@ -112,7 +109,7 @@ fn connect_disconnect_reconnect() {
 
     // The old session's disconnect arriving late must not take the new session down.
     let o = hook(&cfg, &state, "client-disconnect", &env);
-    ok(&o);
+    ok(o.clone());
     assert!(stderr(&o).contains("newer session"), "{}", stderr(&o));
     assert_eq!(prop(&oar.host("vnode-1-1.idhal.test")[0], "state"), "Alive");
 }
@@ -141,7 +138,7 @@ fn fifty_concurrent_connects_make_fifty_resources() {
         .collect();
     let t = Instant::now();
     for o in run_parallel(&cfg, &state, envs) {
-        ok(&o);
+        ok(o.clone());
     }
     eprintln!("50 concurrent connects: {:.1} s", t.elapsed().as_secs_f64());
     let r = oar.resources(Some("network_address LIKE 'vnode-2-%'"));
@@ -163,7 +160,7 @@ fn ten_concurrent_connects_of_one_node_make_one_resource() {
         .map(|_| node_env("client301", "10.134.3.1", since))
         .collect();
     for o in run_parallel(&cfg, &state, envs) {
-        ok(&o);
+        ok(o.clone());
     }
     let r = oar.host("vnode-3-1.idhal.test");
     assert_eq!(r.len(), 1, "{r:?}");
@@ -302,19 +299,19 @@ fn reconcile_replays_missed_events() {
     let (d, cfg, state) = setup(&config(oar, "rec.test", ""));
     let t0 = now() - 1000;
     // 502 connected and then its disconnect was seen; 503 is Alive but gone.
-    ok(&hook(
+    ok(hook(
         &cfg,
         &state,
         "client-connect",
         &node_env("client502", "10.134.5.2", t0),
     ));
-    ok(&hook(
+    ok(hook(
         &cfg,
         &state,
         "client-disconnect",
         &node_env("client502", "10.134.5.2", t0),
     ));
-    ok(&hook(
+    ok(hook(
         &cfg,
         &state,
         "client-connect",
@@ -379,7 +376,7 @@ fn bench_connect_hook_latency() {
         for i in 1..=n {
             let env = node_env(&format!("b-{i}"), &format!("10.134.200.{i}"), since);
             if disconnect_first {
-                ok(&hook(
+                ok(hook(
                     &cfg,
                     &state,
                     "client-disconnect",
@@ -387,7 +384,7 @@ fn bench_connect_hook_latency() {
                 ));
             }
             let t = Instant::now();
-            ok(&hook(&cfg, &state, "client-connect", &env));
+            ok(hook(&cfg, &state, "client-connect", &env));
             ms.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         println!(
@@ -400,7 +397,7 @@ fn bench_connect_hook_latency() {
     let t = now();
     // The very first connect also creates idhal's property columns (once per OAR database).
     let first = Instant::now();
-    ok(&hook(
+    ok(hook(
         &cfg,
         &state,
         "client-connect",
@@ -425,7 +422,7 @@ fn dropped_property_column_is_recreated() {
     // Alone: the other tests' hooks would meet the missing column too.
     let _alone = alone();
     let (_d, cfg, state) = setup(&config(oar, "idhal.test", ""));
-    ok(&hook(
+    ok(hook(
         &cfg,
         &state,
         "client-connect",
@@ -444,7 +441,7 @@ fn dropped_property_column_is_recreated() {
         "client-connect",
         &node_env("client902", "10.134.9.2", now()),
     );
-    ok(&o);
+    ok(o.clone());
     let r = oar.host("vnode-9-2.idhal.test");
     assert_eq!(prop(&r[0], "idhalclientname"), "vnode-9-2");
     assert_eq!(prop(&r[0], "state"), "Alive");
@@ -465,7 +462,7 @@ fn an_enrolled_nodes_type_comes_from_its_token() {
     )
     .unwrap();
     let env = node_env(&r.node, &r.address.to_string(), now());
-    ok(&hook(&p.config, &p.state, "client-connect", &env));
+    ok(hook(&p.config, &p.state, "client-connect", &env));
     let host = format!(
         "vnode-{}-{}.idhal.test",
         r.address.octets()[2],
@@ -518,7 +515,7 @@ fn reconcile_never_takes_down_a_client_that_is_still_connecting() {
     let (d, cfg, state) = setup(&config(oar, "connecting.test", ""));
     let t0 = now() - 1000;
     for (cn, ip) in [("client1101", "10.134.11.1"), ("client1102", "10.134.11.2")] {
-        ok(&hook(&cfg, &state, "client-connect", &node_env(cn, ip, t0)));
+        ok(hook(&cfg, &state, "client-connect", &node_env(cn, ip, t0)));
     }
     // OpenVPN lists 1101 before its client-connect gave it an address (a reconnect in
     // progress), and 1102 on a line that does not validate (address outside the pool).
@@ -568,13 +565,13 @@ fn each_servers_reconcile_leaves_the_other_servers_nodes_alone() {
     std::fs::write(&cfg2, config(oar, "two.test", "[openvpn]\nname = \"vpn2\"")).unwrap();
     let state2 = d.path().join("state2");
     let t0 = now() - 1000;
-    ok(&hook(
+    ok(hook(
         &cfg1,
         &state1,
         "client-connect",
         &node_env("client1201", "10.134.12.1", t0),
     ));
-    ok(&hook(
+    ok(hook(
         &cfg2,
         &state2,
         "client-connect",
@@ -638,11 +635,11 @@ fn a_reconnect_within_one_second_stays_alive() {
     };
     // Session A, then session B in the same second (new TCP connection: another port),
     // then A's disconnect, late.
-    ok(&hook(&cfg, &state, "client-connect", &session("40000")));
-    ok(&hook(&cfg, &state, "client-connect", &session("40001")));
+    ok(hook(&cfg, &state, "client-connect", &session("40000")));
+    ok(hook(&cfg, &state, "client-connect", &session("40001")));
     assert_eq!(prop(&oar.host(host)[0], "idhalclientport"), "40001");
     let o = hook(&cfg, &state, "client-disconnect", &session("40000"));
-    ok(&o);
+    ok(o.clone());
     assert!(stderr(&o).contains("newer session"), "{}", stderr(&o));
     assert_eq!(state_of(oar, host), "Alive");
 
@@ -655,7 +652,7 @@ fn a_reconnect_within_one_second_stays_alive() {
 
     // B's own disconnect takes it down.
     let o = hook(&cfg, &state, "client-disconnect", &session("40001"));
-    ok(&o);
+    ok(o.clone());
     assert_eq!(state_of(oar, host), "Absent");
 }
 
@@ -689,7 +686,7 @@ fn hostile_status_files_change_nothing() {
         "[reconcile]\nmax_status_bytes = 100000",
     ));
     let t0 = now() - 1000;
-    ok(&hook(
+    ok(hook(
         &cfg,
         &state,
         "client-connect",

@@ -6,160 +6,10 @@
 mod hook_support;
 
 use hook_support::*;
-use std::os::unix::process::CommandExt as _;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("/usr/bin/openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A throwaway CA, a server certificate and one client certificate with CN `cn`.
-fn pki(dir: &Path, cn: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-subj",
-            "/CN=idhal-test-ca",
-            "-days",
-            "2",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("client.ext"),
-        "extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n",
-    )
-    .unwrap();
-    for (name, subject, ext) in [
-        ("server", "server", "server.ext"),
-        ("client", cn, "client.ext"),
-    ] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={subject}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.crt"),
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ],
-        );
-    }
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    cmd.process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn wait_until(what: &str, limit: Duration, logs: &[&Path], mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        if t.elapsed() > limit {
-            for l in logs {
-                eprintln!(
-                    "---- {}\n{}",
-                    l.display(),
-                    std::fs::read_to_string(l).unwrap_or_default()
-                );
-            }
-            panic!("{what}: not within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A real OpenVPN client in `dir` (ca.crt, client.crt, client.key) to 127.0.0.1:`port`, on a
-/// tun device named `dev` that it neither configures nor routes.
-fn client(dir: &Path, port: &str, dev: &str, log: &Path) -> Child {
-    spawn(
-        Command::new("/usr/sbin/openvpn")
-            .current_dir(dir)
-            .args([
-                "--client",
-                "--proto",
-                "tcp-client",
-                "--remote",
-                "127.0.0.1",
-                port,
-            ])
-            .args(["--dev", dev, "--dev-type", "tun"])
-            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
-            .args([
-                "--ca",
-                "ca.crt",
-                "--cert",
-                "client.crt",
-                "--key",
-                "client.key",
-            ])
-            .args(["--verb", "3"]),
-        log,
-    )
-}
-
-fn stop(child: &mut Child) {
-    signal("TERM", &child.id().to_string());
-    let _ = child.wait();
-}
+use idhal_test_support::openvpn::{self, test_pki, tun_client};
+use idhal_test_support::wait_logged as wait_until;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 #[test]
 fn openvpn_runs_the_hooks_for_real() {
@@ -182,7 +32,7 @@ fn openvpn_runs_the_hooks_for_real() {
     ]);
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    pki(dir, "client801");
+    test_pki(dir, "client801");
     let key = dir.join("tsig.key");
     knot.write_key(&key, TSIG_SECRET);
     let status = dir.join("status.log");
@@ -213,14 +63,13 @@ fn openvpn_runs_the_hooks_for_real() {
             state.display()
         )
     };
-    let port = free_port().to_string();
+    let port = free_port();
     let mport = free_port().to_string();
     // Interface names: short (IFNAMSIZ) and unique to this process.
     let tag = std::process::id() % 100_000;
     let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
-    let mut server = spawn(
-        Command::new("/usr/sbin/openvpn")
-            .current_dir(dir)
+    let mut server = openvpn::spawn(
+        openvpn::command(dir)
             .args([
                 "--mode",
                 "server",
@@ -230,17 +79,9 @@ fn openvpn_runs_the_hooks_for_real() {
                 "--local",
                 "127.0.0.1",
                 "--port",
-                &port,
+                &port.to_string(),
             ])
-            .args([
-                "--dev",
-                &format!("idhs{tag}"),
-                "--dev-type",
-                "tun",
-                "--ifconfig-noexec",
-                "--route-noexec",
-                "--disable-dco",
-            ])
+            .args(["--dev", &format!("idhs{tag}"), "--dev-type", "tun"])
             .args([
                 "--topology",
                 "subnet",
@@ -284,15 +125,15 @@ fn openvpn_runs_the_hooks_for_real() {
             ]),
         &server_log,
     );
-    reaper.watch(server.id());
+    reaper.watch(server.pid());
     wait_until(
         "OpenVPN server listening",
         Duration::from_secs(20),
         &[&server_log],
-        || listening(port.parse().unwrap()).0,
+        || listening(port).0,
     );
-    let mut client = client(dir, &port, &format!("idhc{tag}"), &client_log);
-    reaper.watch(client.id());
+    let mut client = tun_client(dir, port, &format!("idhc{tag}"), &client_log);
+    reaper.watch(client.pid());
     let host = "vnode-8-10.idhal.test";
     let logs = [server_log.as_path(), client_log.as_path()];
     // The hook does OAR first, then DNS: wait for its log line, which comes last.
@@ -381,7 +222,7 @@ fn openvpn_runs_the_hooks_for_real() {
     );
     assert_eq!(knot.dig(host, "A"), ["10.134.8.10"]);
 
-    stop(&mut client);
+    client.stop();
     wait_until(
         "client-disconnect hook done",
         Duration::from_secs(60),
@@ -393,7 +234,7 @@ fn openvpn_runs_the_hooks_for_real() {
     );
     assert_eq!(oar.host(host)[0]["state"], "Absent");
     assert!(knot.dig(host, "A").is_empty());
-    stop(&mut server);
+    server.stop();
     let log = std::fs::read_to_string(&server_log).unwrap();
     assert!(
         log.contains("idhal hook client-connect: client801 → vnode-8-10.idhal.test"),
@@ -421,7 +262,7 @@ fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
     let oar = Oar::start();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    pki(dir, "client802");
+    test_pki(dir, "client802");
     let status = dir.join("status.log");
     let cfg = dir.join("server.toml");
     std::fs::write(
@@ -469,16 +310,14 @@ fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
     )
     .unwrap();
     let reaper = Reaper::new(&dir.join("nothing-to-remove"));
-    let port = free_port().to_string();
+    let port = free_port();
     let tag = std::process::id() % 100_000;
     let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
-    let mut server = spawn(
-        Command::new("/usr/sbin/openvpn")
-            .current_dir(dir)
+    let mut server = openvpn::spawn(
+        openvpn::command(dir)
             .args(["--mode", "server", "--tls-server", "--proto", "tcp-server"])
-            .args(["--local", "127.0.0.1", "--port", &port])
+            .args(["--local", "127.0.0.1", "--port", &port.to_string()])
             .args(["--dev", &format!("idps{tag}"), "--dev-type", "tun"])
-            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
             .args([
                 "--topology",
                 "subnet",
@@ -507,15 +346,15 @@ fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
             .args(["--status-version", "2", "--verb", "3"]),
         &server_log,
     );
-    reaper.watch(server.id());
+    reaper.watch(server.pid());
     wait_until(
         "OpenVPN server listening",
         Duration::from_secs(20),
         &[&server_log],
-        || listening(port.parse().unwrap()).0,
+        || listening(port).0,
     );
-    let mut client = client(dir, &port, &format!("idpc{tag}"), &client_log);
-    reaper.watch(client.id());
+    let mut client = tun_client(dir, port, &format!("idpc{tag}"), &client_log);
+    reaper.watch(client.pid());
     let logs = [server_log.as_path(), client_log.as_path()];
     let line = |s: &str| {
         s.lines()
@@ -579,6 +418,6 @@ fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
         std::fs::read_to_string(&deferred_log).unwrap_or_default()
     );
     assert_eq!(oar.host(host)[0]["state"], "Alive");
-    stop(&mut client);
-    stop(&mut server);
+    client.stop();
+    server.stop();
 }

@@ -236,7 +236,7 @@ fn a_thousand_idle_connections_leave_room_and_are_closed_at_the_idle_timeout() {
 
     // Nothing was sent on them: each is closed at the idle timeout (1.5 s here).
     let mut idle = idle;
-    wait_until(
+    wait_for(
         "1000 idle connections closed",
         Duration::from_secs(15),
         || {
@@ -298,7 +298,7 @@ fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     let addr = server.addr.as_str();
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(b"GET /big HTTP/1.0\r\n\r\n").unwrap();
-    wait_until(
+    wait_for(
         "the server gives up on a client that does not read",
         Duration::from_secs(20),
         || server.log().contains("write timeout"),
@@ -345,7 +345,7 @@ fn past_max_connections_new_clients_wait_then_get_503_and_memory_stays_bounded()
     let addr = server.addr.as_str();
     let held: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(addr).unwrap()).collect();
     // Once the server has accepted those 16, they hold every slot.
-    wait_until("16 connections accepted", Duration::from_secs(5), || {
+    wait_for("16 connections accepted", Duration::from_secs(5), || {
         manifest(addr).0 == 503
     });
     let t = Instant::now();
@@ -371,7 +371,7 @@ fn past_max_connections_new_clients_wait_then_get_503_and_memory_stays_bounded()
     println!("RSS with 16 held connections: {rss_before} KiB; after a flood of 200: {rss} KiB");
     // The clients close the held connections: their slots free, new clients are served.
     drop(held);
-    wait_until(
+    wait_for(
         "served again after the slots free",
         Duration::from_secs(10),
         || manifest(addr).0 == 200,
@@ -404,7 +404,7 @@ fn sigterm_lets_an_enrollment_in_flight_finish_then_exits_0() {
         s.peer_addr().unwrap().port(),
         s.local_addr().unwrap().port(),
     );
-    wait_until(
+    wait_for(
         "the server has read the request",
         Duration::from_secs(5),
         || unread_by_server(server_port, client_port) == Some(0),
@@ -414,11 +414,11 @@ fn sigterm_lets_an_enrollment_in_flight_finish_then_exits_0() {
         .status()
         .unwrap();
     assert!(killed.success());
-    wait_until("the server is stopping", Duration::from_secs(10), || {
+    wait_for("the server is stopping", Duration::from_secs(10), || {
         server.log().contains("finishing their request")
     });
     // New connections are no longer accepted.
-    wait_until("the listener is closed", Duration::from_secs(5), || {
+    wait_for("the listener is closed", Duration::from_secs(5), || {
         TcpStream::connect(&addr).is_err()
     });
     s.write_all(rest).unwrap();
@@ -431,7 +431,7 @@ fn sigterm_lets_an_enrollment_in_flight_finish_then_exits_0() {
         .expect("the finished enrollment is a verified answer");
 
     let mut status = None;
-    wait_until("idhal serve exits", Duration::from_secs(15), || {
+    wait_for("idhal serve exits", Duration::from_secs(15), || {
         status = server.child.try_wait().unwrap();
         status.is_some()
     });

@@ -1,11 +1,38 @@
 //! Helpers every idhal test suite shares. A dev-dependency only (and a dependency of the VM
-//! harness, itself test-only): nothing here is ever shipped.
+//! harness, itself test-only): nothing here is ever shipped. Like cloud-hypervisor's test_infra,
+//! it is where a test suite looks first before writing a helper of its own:
+//!
+//! - the rule for a test that cannot run ([`skip_or_fail`], [`or_skip`], [`is_root`]);
+//! - bounded waits ([`wait_until`], [`wait_until_every`], [`wait_logged`] which prints the logs
+//!   that say why on a timeout);
+//! - ports and time ([`free_port`], [`now`]);
+//! - processes ([`process`]: run a command and fail with its stderr, `openssl`, a child that is
+//!   killed and waited for on drop, signals, "who listens on this port", a reaper that outlives
+//!   a test process);
+//! - the built binaries ([`bins::bin`]: one way to find, and build when needed, any workspace
+//!   binary);
+//! - throwaway certificates from the real openssl ([`x509`]);
+//! - real components on 127.0.0.1 with ephemeral ports, stopped by pid ([`pg::Postgres`],
+//!   [`oar::Oar`] on it, [`knot::Knot`], [`openvpn`]).
 //!
 //! It owns one rule: what a test does when it cannot run here (a Debian package missing, not
 //! root, no QEMU). Under the README's test command (`scripts/test.sh`, which exports
 //! `IDHAL_TEST_STRICT=1`) and in CI that is a FAILURE; in a developer's plain `cargo test` it is a
 //! loud `SKIPPED` line. Every such site calls [`skip_or_fail`]; none decides for itself.
+pub mod bins;
+pub mod knot;
+pub mod oar;
+pub mod openvpn;
+pub mod pg;
+pub mod process;
+pub mod x509;
+
+pub use bins::bin;
+pub use process::{ok, openssl, Logged};
+
 use std::ffi::OsStr;
+use std::net::TcpListener;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The variable `scripts/test.sh` exports: a test that cannot run fails.
@@ -71,6 +98,44 @@ pub fn or_skip<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Option<T
     }
 }
 
+/// True when every path in `paths` exists and this process is root; otherwise the one rule
+/// ([`skip_or_fail`], naming what is missing and how to get it) and false. For tests of real
+/// components (OpenVPN, OAR on PostgreSQL, Knot), which run them as their own users.
+pub fn require<S: AsRef<str>>(paths: &[S]) -> bool {
+    let mut missing: Vec<String> = paths
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|p| !Path::new(p).exists())
+        .map(String::from)
+        .collect();
+    if !is_root() {
+        missing.push("root (PostgreSQL, OAR and OpenVPN run as their own users)".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    skip_or_fail(&format!(
+        "this test needs {} — install scripts/apt-packages.txt (scripts/setup-debian.sh) and \
+         run as root",
+        missing.join(", ")
+    ));
+    false
+}
+
+/// A fresh temp dir named `<prefix>…`, readable by the components' own users (0755), that is
+/// NOT removed on drop: its owner (a fixture's [`process::Reaper`]) removes it.
+pub fn keep_dir(prefix: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temp dir")
+        .keep();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the temp dir");
+    dir
+}
+
 /// True when this process runs as root (uid 0), read from /proc (no libc).
 pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt as _;
@@ -98,6 +163,58 @@ pub fn wait_until_every<T>(
 /// [`wait_until_every`] polling every 100 ms.
 pub fn wait_until<T>(what: &str, limit: Duration, cond: impl FnMut() -> Option<T>) -> T {
     wait_until_every(what, limit, Duration::from_millis(100), cond)
+}
+
+/// [`wait_until`] for a condition that is only true or false.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    wait_until(what, limit, || cond().then_some(()))
+}
+
+/// [`wait_for`] that, when `limit` passes first, prints the last [`LOG_TAIL`] lines of each of
+/// `logs` (the component's own words on why it is not ready) before it panics naming `what`.
+pub fn wait_logged(what: &str, limit: Duration, logs: &[&Path], mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        if Instant::now() >= deadline {
+            for log in logs {
+                eprintln!(
+                    "---- {} (last {LOG_TAIL} lines)\n{}",
+                    log.display(),
+                    tail(log)
+                );
+            }
+            panic!("{what}: not within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How many lines of a log [`wait_logged`] and [`Logged`]'s drop print.
+pub const LOG_TAIL: usize = 60;
+
+/// The last [`LOG_TAIL`] lines of the file at `path` (empty when it cannot be read).
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n")
+}
+
+/// A TCP port nobody listens on right now on 127.0.0.1 (bind :0, read it, close). For servers
+/// that cannot be told to pick one themselves (OpenVPN, PostgreSQL, Knot); a server that can
+/// should listen on :0 and say its port instead.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port on 127.0.0.1")
+        .port()
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs()
 }
 
 #[cfg(test)]
@@ -211,5 +328,65 @@ mod tests {
     #[should_panic(expected = "never: not within")]
     fn wait_until_panics_at_the_deadline_naming_what() {
         wait_until_every("never", Duration::ZERO, Duration::ZERO, || None::<()>);
+    }
+
+    /// Not a check of its own: the child of the test below. Run directly, it does nothing.
+    #[test]
+    fn child_that_times_out_with_a_log() {
+        if let Some(log) = std::env::var_os("IDHAL_TEST_SUPPORT_LOG") {
+            wait_logged("the server up", Duration::ZERO, &[Path::new(&log)], || {
+                false
+            });
+        }
+    }
+
+    #[test]
+    fn wait_logged_prints_the_logs_tail_and_names_what_at_the_deadline() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("server.log");
+        let text: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text + "bind: address in use\n").unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::child_that_times_out_with_a_log",
+                "--nocapture",
+            ])
+            .env("IDHAL_TEST_SUPPORT_LOG", &log)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(101), "{text}");
+        assert!(text.contains("the server up: not within 0ns"), "{text}");
+        assert!(text.contains("bind: address in use"), "{text}");
+        // The tail only: the first lines stay out of the way.
+        assert!(text.contains("\nline 100\n"), "{text}");
+        assert!(!text.contains("\nline 41\n"), "{text}");
+    }
+
+    #[test]
+    fn wait_logged_returns_once_the_condition_holds() {
+        let mut n = 0;
+        wait_logged("n reaches 2", Duration::from_secs(60), &[], || {
+            n += 1;
+            n >= 2
+        });
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn free_port_is_free_on_loopback() {
+        let p = free_port();
+        assert_ne!(p, 0);
+        // Nobody holds it: it can be bound again at once.
+        TcpListener::bind(("127.0.0.1", p)).unwrap();
+    }
+
+    #[test]
+    fn now_is_after_the_projects_start() {
+        // 2024-01-01: a clock or unit mistake (ms, ns) would be far off either way.
+        let n = now();
+        assert!((1_704_067_200..4_102_444_800).contains(&n), "{n}");
     }
 }

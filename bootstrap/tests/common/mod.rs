@@ -1,7 +1,7 @@
 //! Test support for the agent: a real HTTP server on 127.0.0.1 (with fault injection for the
 //! failure modes a real server cannot be made to show), publication directories signed by the
 //! real minisign crate, and a runner for the built agent binary.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use idhal_manifest::sig::TrustedMeta;
 use idhal_manifest::{paths, Frequency, Manifest, Param, Scriptlet};
@@ -18,30 +18,8 @@ pub const NOW_PLUS_DAY: u64 = 86_400;
 /// because these machines are shared and noisy; a failure is a hang, not a slow machine.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Waits until `cond` holds, checking every 20 ms; panics naming `what` after `limit`.
-#[track_caller]
-pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "gave up after {limit:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Whether process `pid` is alive (a zombie is not: it runs nothing any more).
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z'))
-    })
-}
-
-pub fn now() -> u64 {
-    idhal_manifest::time::now()
-}
+pub use idhal_test_support::process::{alive, Reaped};
+pub use idhal_test_support::{free_port, now, ok, openssl, wait_for};
 
 /// How the test server misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,7 +286,7 @@ impl Node {
             .unwrap();
         let mut status = None;
         let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_until("the agent to end", limit, || {
+            wait_for("the agent to end", limit, || {
                 status = child.try_wait().unwrap();
                 status.is_some()
             })
@@ -327,12 +305,15 @@ impl Node {
         (Run(output), took)
     }
 
-    pub fn status_json(&self) -> (i32, String) {
+    /// `status --json`: its exit code and its stdout parsed (panics when that is not one JSON
+    /// object, with the text).
+    pub fn status_json(&self) -> (i32, serde_json::Value) {
         let o = self.command("status", &["--json"]).output().unwrap();
-        (
-            o.status.code().unwrap(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-        )
+        let text = String::from_utf8_lossy(&o.stdout);
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {text}"));
+        assert!(json.is_object(), "status --json is not an object: {text}");
+        (o.status.code().unwrap(), json)
     }
 
     pub fn read(&self, p: &str) -> Option<String> {
@@ -359,17 +340,10 @@ impl Run {
     }
 }
 
-/// Runs the real `openssl` in `dir`, failing the test on an error; returns its stdout.
-pub fn openssl(dir: &Path, args: &[&str]) -> String {
-    let o = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
+/// The `scriptlets` rows of a parsed `status --json`.
+pub fn scriptlets(json: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    json["scriptlets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no scriptlets array: {json}"))
+        .iter()
 }

@@ -1,17 +1,21 @@
 //! Test support for enrollment: a project created by the real `idhal ca init`, the real
 //! `idhal serve` on 127.0.0.1:0, and a node-side client built from the shared wire format
 //! (idhal-manifest's `enroll` and `der`), speaking HTTP/1.0 like the agent.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use ed25519_compact::{KeyPair, Seed};
 use idhal_manifest::der;
 use idhal_manifest::enroll::{request_digest, EnrollKey, Request, Response, Token};
+use idhal_test_support::process::Reaped;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+pub use idhal_test_support::process::openssl_try;
+pub use idhal_test_support::{now, ok, wait_for};
 
 pub const IDHAL: &str = env!("CARGO_BIN_EXE_idhal");
 
@@ -22,17 +26,6 @@ pub fn idhal(state: &Path, config: Option<&Path>, args: &[&str]) -> Output {
         cmd.arg("--config").arg(c);
     }
     cmd.args(args).output().expect("run idhal")
-}
-
-pub fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "idhal failed ({:?}): {}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
 }
 
 /// A state dir with one project (`idhal ca init`), plus a publication dir to serve.
@@ -85,7 +78,7 @@ impl Project {
 
 /// `idhal serve`, killed on drop.
 pub struct Server {
-    pub child: Child,
+    pub child: Reaped,
     pub addr: String,
     pub log: PathBuf,
 }
@@ -121,18 +114,15 @@ impl Server {
             .strip_prefix("listening on http://")
             .unwrap_or_else(|| panic!("idhal serve said {line:?}"))
             .to_owned();
-        Server { child, addr, log }
+        Server {
+            child: Reaped(child),
+            addr,
+            log,
+        }
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -195,10 +185,6 @@ pub fn request(token: &Token, csr: Vec<u8>, time: u64) -> Vec<u8> {
     .sign(token)
 }
 
-pub fn now() -> u64 {
-    idhal_manifest::time::now()
-}
-
 /// Enrolls `key` with `token`: Ok(verified response) or Err((status, server's message)).
 pub fn enroll(
     addr: &str,
@@ -212,25 +198,4 @@ pub fn enroll(
         return Err((status, String::from_utf8_lossy(&body).trim().to_owned()));
     }
     Ok(Response::verify(&body, enroll_key, &request_digest(&req)).expect("a verified response"))
-}
-
-pub fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
-    )
-}
-
-/// Polls `ok` until it holds or `limit` passes (then panics with `what`).
-pub fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

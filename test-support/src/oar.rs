@@ -1,0 +1,224 @@
+//! OAR 2.5 (Debian's oar-server: its database on a private [`Postgres`], and Almighty) on
+//! 127.0.0.1 with ephemeral ports, stopped by pid: the batch scheduler `idhal hook` and
+//! `idhal reconcile` drive. One instance per test binary is the habit (a `static`): its
+//! [`Reaper`] stops it and removes its files when the process exits, however it exits.
+use crate::pg::Postgres;
+use crate::process::{listening, signal, Reaper};
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where Debian's oar-server puts OAR's programs.
+pub const OARDIR: &str = "/usr/lib/oar";
+
+/// What [`Oar::start`] needs installed (with [`crate::require`]; root too).
+pub fn programs() -> Vec<String> {
+    vec![
+        "/usr/sbin/oar-database".into(),
+        format!("{OARDIR}/Almighty"),
+        crate::pg::pg_available(),
+    ]
+}
+
+/// PostgreSQL + OAR's database + Almighty, private to one test binary.
+pub struct Oar {
+    pub dir: PathBuf,
+    pub conf: PathBuf,
+    pub pg: Postgres,
+    pub pg_port: u16,
+    pub server_port: u16,
+    reaper: Arc<Reaper>,
+    almighty: Mutex<Option<Child>>,
+}
+
+impl Oar {
+    pub fn start() -> Self {
+        let t = Instant::now();
+        let dir = crate::keep_dir("idhal-oar-");
+        let reaper = Arc::new(Reaper::new(&dir));
+        let pg = Postgres::start_in(&dir, reaper.clone());
+        let pg_port = pg.port;
+        let server_port = crate::free_port();
+        let conf = dir.join("oar.conf");
+        let oar = Self {
+            dir: dir.clone(),
+            conf: conf.clone(),
+            pg,
+            pg_port,
+            server_port,
+            reaper,
+            almighty: Mutex::new(None),
+        };
+
+        let base =
+            std::fs::read_to_string("/etc/oar/oar.conf").expect("/etc/oar/oar.conf (oar-server)");
+        let runtime = dir.join("oar-run");
+        std::fs::create_dir(&runtime).unwrap();
+        let mut set: BTreeMap<&str, String> = BTreeMap::new();
+        set.insert("DB_HOSTNAME", "127.0.0.1".into());
+        set.insert("DB_PORT", pg_port.to_string());
+        set.insert("DB_BASE_PASSWD", "idhal-test-rw".into());
+        set.insert("DB_BASE_PASSWD_RO", "idhal-test-ro".into());
+        set.insert("SERVER_HOSTNAME", "127.0.0.1".into());
+        set.insert("SERVER_PORT", server_port.to_string());
+        // No pinger: it would mark our never-reachable test nodes Suspected.
+        set.insert("FINAUD_FREQUENCY", "0".into());
+        set.insert("LOG_FILE", dir.join("oar.log").display().to_string());
+        set.insert("OAR_RUNTIME_DIRECTORY", runtime.display().to_string());
+        let mut text = String::new();
+        for line in base.lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            if set.contains_key(key) && !line.trim_start().starts_with('#') {
+                continue;
+            }
+            text.push_str(line);
+            text.push('\n');
+        }
+        for (k, v) in &set {
+            text.push_str(&format!("{k}=\"{v}\"\n"));
+        }
+        std::fs::write(&conf, text).unwrap();
+        let out = Command::new("/usr/sbin/oar-database")
+            .arg("--create")
+            .arg(format!("--conf={}", conf.display()))
+            .args(["--db-admin-user=postgres", "--db-admin-pass=unused", "-y"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "oar-database --create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        oar.start_almighty();
+        eprintln!(
+            "OAR up in {:.1} s (PostgreSQL 127.0.0.1:{pg_port}, Almighty 127.0.0.1:{server_port})",
+            t.elapsed().as_secs_f64()
+        );
+        oar
+    }
+
+    /// Starts PostgreSQL again after [`Oar::stop_postgres`].
+    pub fn start_postgres(&self) {
+        self.pg.start_server();
+    }
+
+    /// Fast shutdown (SIGINT to the postmaster), waited for.
+    pub fn stop_postgres(&self) {
+        self.pg.stop();
+    }
+
+    pub fn start_almighty(&self) {
+        // Almighty binds 0.0.0.0 with no option to change it: run a copy whose listening
+        // socket gets LocalAddr 127.0.0.1, and check the patch applied.
+        let src = std::fs::read_to_string(format!("{OARDIR}/Almighty")).unwrap();
+        let needle = "IO::Socket::INET->new(LocalPort=> $serverport,";
+        assert_eq!(
+            src.matches(needle).count(),
+            1,
+            "OAR's Almighty changed: cannot bind it to 127.0.0.1, refusing to start it on all addresses"
+        );
+        let patched = src.replace(
+            needle,
+            "IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort=> $serverport,",
+        );
+        let bin = self.dir.join("Almighty");
+        std::fs::write(&bin, patched).unwrap();
+        let log = std::fs::File::create(self.dir.join("almighty.log")).unwrap();
+        let child = Command::new("/usr/bin/perl")
+            .arg(&bin)
+            .envs(self.env())
+            .env("OARDO_USER", "oar")
+            .current_dir(&self.dir)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.reaper.watch(child.id());
+        *self.almighty.lock().unwrap() = Some(child);
+        let port = self.server_port;
+        let log = self.dir.join("almighty.log");
+        crate::wait_logged("Almighty", Duration::from_secs(30), &[&log], || {
+            listening(port).0
+        });
+        assert!(!listening(port).1, "Almighty listens beyond loopback");
+    }
+
+    /// SIGTERM to Almighty's whole process group, waited for.
+    pub fn stop_almighty(&self) {
+        if let Some(mut c) = self.almighty.lock().unwrap().take() {
+            signal("TERM", &format!("-{}", c.id()));
+            let _ = c.wait();
+            let port = self.server_port;
+            let log = self.dir.join("almighty.log");
+            crate::wait_logged("Almighty to stop", Duration::from_secs(15), &[&log], || {
+                !listening(port).0
+            });
+        }
+    }
+
+    /// The environment that points OAR's Perl tools at this instance.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("OARDIR".into(), OARDIR.into()),
+            ("OARCONFFILE".into(), self.conf.display().to_string()),
+            ("PERL5LIB".into(), OARDIR.into()),
+            ("OARDO_USER".into(), "root".into()),
+        ]
+    }
+
+    /// The `[oar]` section for idhal's config.
+    pub fn config_section(&self) -> String {
+        let mut s = format!(
+            "[oar]\noarnodes = \"{OARDIR}/oarnodes\"\noarnodesetting = \"{OARDIR}/oarnodesetting\"\noarproperty = \"{OARDIR}/oarproperty\"\n[oar.env]\n"
+        );
+        for (k, v) in self.env() {
+            s.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        s
+    }
+
+    /// `oarnodes -J [--sql WHERE]` as parsed JSON, one entry per resource.
+    pub fn resources(&self, sql: Option<&str>) -> Vec<serde_json::Value> {
+        let mut cmd = Command::new(format!("{OARDIR}/oarnodes"));
+        cmd.arg("-J").envs(self.env());
+        if let Some(sql) = sql {
+            cmd.args(["--sql", sql]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "oarnodes: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Vec::new();
+        }
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        v.as_object().unwrap().values().cloned().collect()
+    }
+
+    pub fn host(&self, host: &str) -> Vec<serde_json::Value> {
+        self.resources(Some(&format!("network_address='{host}'")))
+    }
+}
+
+impl Drop for Oar {
+    fn drop(&mut self) {
+        // Almighty's whole group; PostgreSQL stops in its own drop. Never panics.
+        if let Some(mut c) = self
+            .almighty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            crate::process::stop(&mut c, true);
+        }
+    }
+}
