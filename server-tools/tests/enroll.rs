@@ -304,8 +304,8 @@ fn fifty_concurrent_enrollments_get_fifty_distinct_ids_and_addresses() {
         50
     );
     // One more is refused: the token's 50 uses are spent.
-    let (status, _) = enroll(&server.addr, &key, &token, &NodeKey::random()).unwrap_err();
-    assert_eq!(status, 409);
+    let refused = enroll(&server.addr, &key, &token, &NodeKey::random()).unwrap_err();
+    assert_eq!(refused, (409, "token used up".into()));
 }
 
 #[test]
@@ -395,7 +395,13 @@ fn revocation_updates_the_crl_at_once_and_openssl_refuses_the_certificate() {
     let out = p.idhal(&["revoke", "client99"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no node client99"));
-    assert_eq!(p.idhal(&["revoke", "../x"]).status.code(), Some(1));
+    let out = p.idhal(&["revoke", "../x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("node id (certificate CN) \"../x\" is not valid"),
+        "{err}"
+    );
 }
 
 fn crl_number(p: &Project) -> u64 {
@@ -517,12 +523,18 @@ fn projects_are_separate_cas_with_separate_pools() {
     let token = p.token(&["--project", "other"]);
     let req = request(&token, NodeKey::random().csr(), now());
     let (_, body) = http(&server.addr, "POST", "/enroll", &req);
-    assert!(idhal_manifest::enroll::Response::verify(
+    let verified = idhal_manifest::enroll::Response::verify(
         &body,
         &p.enroll_key,
-        &idhal_manifest::enroll::request_digest(&req)
-    )
-    .is_err());
+        &idhal_manifest::enroll::request_digest(&req),
+    );
+    assert!(
+        matches!(
+            verified,
+            Err(idhal_manifest::enroll::EnrollError::ResponseSignature)
+        ),
+        "{verified:?}"
+    );
 }
 
 #[test]

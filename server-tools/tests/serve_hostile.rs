@@ -419,7 +419,7 @@ fn sigterm_lets_an_enrollment_in_flight_finish_then_exits_0() {
     });
     // New connections are no longer accepted.
     wait_for("the listener is closed", Duration::from_secs(5), || {
-        TcpStream::connect(&addr).is_err()
+        TcpStream::connect(&addr).is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
     });
     s.write_all(rest).unwrap();
     let mut raw = Vec::new();
