@@ -2,8 +2,8 @@
 //! the node zones, both on 127.0.0.1 with ephemeral ports. They are idhal-test-support's
 //! fixtures (the hook tests' too: one definition), started once per process and shared by its
 //! tests: each test uses its own address pool, so host names never collide.
-use idhal_test_support::knot::{self, empty_zone, Knot, TSIG_SECRET};
-use idhal_test_support::oar::{self, Oar};
+use idhal_test_support::knot::{empty_zone, Knot, TSIG_SECRET};
+use idhal_test_support::oar::Oar;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -24,9 +24,7 @@ impl Cluster {
     /// The programs the cluster needs, checked with the one rule: missing ones skip (with a
     /// loud message) in a plain `cargo test` and fail under scripts/test.sh and CI.
     pub fn available() -> bool {
-        let mut need = oar::programs();
-        need.extend(knot::PROGRAMS.map(String::from));
-        idhal_test_support::require(&need)
+        Oar::available() && Knot::available()
     }
 
     /// Starts OAR (PostgreSQL + Almighty) and Knot; they are stopped (and their files removed)

@@ -7,8 +7,8 @@ mod enroll_support;
 mod hook_support;
 
 use enroll_support::{enroll, ok, wait_for, NodeKey, Project};
-use idhal_test_support::openvpn::{self, PROGRAMS};
-use idhal_test_support::{free_port, require, Logged};
+use idhal_test_support::openvpn;
+use idhal_test_support::{free_port, Logged};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::time::Duration;
@@ -32,7 +32,7 @@ fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Lo
 
 #[test]
 fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
-    if !require(&PROGRAMS) {
+    if !openvpn::available() {
         return;
     }
     let (port, mgmt) = (free_port(), free_port());

@@ -19,7 +19,7 @@ struct Dns {
 fn dns() -> Option<&'static Dns> {
     static DNS: OnceLock<Option<Dns>> = OnceLock::new();
     DNS.get_or_init(|| {
-        if !require(&["/usr/sbin/knotd", "/usr/bin/kdig"]) {
+        if !Knot::available() {
             return None;
         }
         // Static zones for a second pool, rendered by the real binary, served by Knot.

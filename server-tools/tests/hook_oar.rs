@@ -14,16 +14,8 @@ use std::time::Instant;
 
 fn oar() -> Option<&'static Oar> {
     static OAR: OnceLock<Option<Oar>> = OnceLock::new();
-    OAR.get_or_init(|| {
-        require(&[
-            "/usr/sbin/oar-database",
-            "/usr/lib/oar/Almighty",
-            "/usr/lib/oar/oarnodesetting",
-            &pg_available(),
-        ])
-        .then(Oar::start)
-    })
-    .as_ref()
+    OAR.get_or_init(|| Oar::available().then(Oar::start))
+        .as_ref()
 }
 
 /// Tests share OAR; the one that proves "OAR unchanged" compares the whole resource table, so

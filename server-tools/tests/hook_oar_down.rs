@@ -27,11 +27,7 @@ fn state_of(oar: &Oar, host: &str) -> Option<String> {
 
 #[test]
 fn oar_down_fails_fast_and_reconcile_repairs() {
-    if !require(&[
-        "/usr/sbin/oar-database",
-        "/usr/lib/oar/Almighty",
-        &pg_available(),
-    ]) {
+    if !Oar::available() {
         return;
     }
     let oar = Oar::start();

@@ -8,21 +8,65 @@ mod hook_support;
 use hook_support::*;
 use idhal_test_support::openvpn::{self, test_pki, tun_client};
 use idhal_test_support::wait_logged as wait_until;
+use idhal_test_support::Logged;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// A test OpenVPN server in `dir` (the files of [`test_pki`]) on 127.0.0.1:`port`, tun device
+/// `dev` (neither configured nor routed), addresses from `pool` in 10.134.0.0/16, its status
+/// file (version 2) rewritten every second; `extra` adds the hooks. Returns once it listens;
+/// `reaper` stops it if this process dies.
+fn test_server(
+    dir: &Path,
+    (port, dev): (u16, &str),
+    pool: (&str, &str),
+    status: &Path,
+    extra: &[&std::ffi::OsStr],
+    reaper: &Reaper,
+) -> Logged {
+    let log = dir.join("server.log");
+    let server = openvpn::spawn(
+        openvpn::command(dir)
+            .args(["--mode", "server", "--tls-server", "--proto", "tcp-server"])
+            .args(["--local", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--dev", dev, "--dev-type", "tun"])
+            .args([
+                "--topology",
+                "subnet",
+                "--ifconfig",
+                "10.134.0.1",
+                "255.255.0.0",
+            ])
+            .args(["--ifconfig-pool", pool.0, pool.1, "255.255.0.0"])
+            .args([
+                "--ca",
+                "ca.crt",
+                "--cert",
+                "server.crt",
+                "--key",
+                "server.key",
+            ])
+            .args(["--dh", "none", "--script-security", "2"])
+            .args(extra)
+            .arg("--status")
+            .arg(status)
+            .args(["1", "--status-version", "2", "--verb", "3"]),
+        &log,
+    );
+    reaper.watch(server.pid());
+    wait_until(
+        "OpenVPN server listening",
+        Duration::from_secs(20),
+        &[&log],
+        || listening(port).0,
+    );
+    server
+}
+
 #[test]
 fn openvpn_runs_the_hooks_for_real() {
-    if !require(&[
-        "/usr/sbin/openvpn",
-        "/usr/bin/openssl",
-        "/dev/net/tun",
-        "/usr/sbin/oar-database",
-        "/usr/lib/oar/Almighty",
-        "/usr/sbin/knotd",
-        "/usr/bin/knsupdate",
-        &pg_available(),
-    ]) {
+    if !(openvpn::available() && Oar::available() && Knot::available()) {
         return;
     }
     let oar = Oar::start();
@@ -64,73 +108,28 @@ fn openvpn_runs_the_hooks_for_real() {
         )
     };
     let port = free_port();
-    let mport = free_port().to_string();
+    let mport = free_port();
     // Interface names: short (IFNAMSIZ) and unique to this process.
     let tag = std::process::id() % 100_000;
     let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
-    let mut server = openvpn::spawn(
-        openvpn::command(dir)
-            .args([
-                "--mode",
-                "server",
-                "--tls-server",
-                "--proto",
-                "tcp-server",
-                "--local",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .args(["--dev", &format!("idhs{tag}"), "--dev-type", "tun"])
-            .args([
-                "--topology",
-                "subnet",
-                "--ifconfig",
-                "10.134.0.1",
-                "255.255.0.0",
-            ])
-            .args([
-                "--ifconfig-pool",
-                "10.134.8.10",
-                "10.134.8.50",
-                "255.255.0.0",
-            ])
-            .args([
-                "--ca",
-                "ca.crt",
-                "--cert",
-                "server.crt",
-                "--key",
-                "server.key",
-                "--dh",
-                "none",
-            ])
-            .args([
-                "--script-security",
-                "2",
-                "--client-connect",
-                &hook_cmd("client-connect"),
-            ])
-            .args(["--client-disconnect", &hook_cmd("client-disconnect")])
-            .args(["--management", "127.0.0.1", &mport])
-            .arg(&mgmt_pw)
-            .args([
-                "--status",
-                &status.display().to_string(),
-                "1",
-                "--status-version",
-                "2",
-                "--verb",
-                "3",
-            ]),
-        &server_log,
-    );
-    reaper.watch(server.pid());
-    wait_until(
-        "OpenVPN server listening",
-        Duration::from_secs(20),
-        &[&server_log],
-        || listening(port).0,
+    let (connect, disconnect) = (hook_cmd("client-connect"), hook_cmd("client-disconnect"));
+    let mport_arg = mport.to_string();
+    let mut server = test_server(
+        dir,
+        (port, &format!("idhs{tag}")),
+        ("10.134.8.10", "10.134.8.50"),
+        &status,
+        &[
+            "--client-connect".as_ref(),
+            connect.as_ref(),
+            "--client-disconnect".as_ref(),
+            disconnect.as_ref(),
+            "--management".as_ref(),
+            "127.0.0.1".as_ref(),
+            mport_arg.as_ref(),
+            mgmt_pw.as_os_str(),
+        ],
+        &reaper,
     );
     let mut client = tun_client(dir, port, &format!("idhc{tag}"), &client_log);
     reaper.watch(client.pid());
@@ -249,14 +248,7 @@ fn openvpn_runs_the_hooks_for_real() {
 /// leave the node (registered by an earlier session) Alive and say so.
 #[test]
 fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
-    if !require(&[
-        "/usr/sbin/openvpn",
-        "/usr/bin/openssl",
-        "/dev/net/tun",
-        "/usr/sbin/oar-database",
-        "/usr/lib/oar/Almighty",
-        &pg_available(),
-    ]) {
+    if !(openvpn::available() && Oar::available()) {
         return;
     }
     let oar = Oar::start();
@@ -313,45 +305,13 @@ fn reconcile_leaves_a_node_alone_while_openvpn_lists_it_without_an_address() {
     let port = free_port();
     let tag = std::process::id() % 100_000;
     let (server_log, client_log) = (dir.join("server.log"), dir.join("client.log"));
-    let mut server = openvpn::spawn(
-        openvpn::command(dir)
-            .args(["--mode", "server", "--tls-server", "--proto", "tcp-server"])
-            .args(["--local", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--dev", &format!("idps{tag}"), "--dev-type", "tun"])
-            .args([
-                "--topology",
-                "subnet",
-                "--ifconfig",
-                "10.134.0.1",
-                "255.255.0.0",
-            ])
-            .args([
-                "--ifconfig-pool",
-                "10.134.9.10",
-                "10.134.9.50",
-                "255.255.0.0",
-            ])
-            .args([
-                "--ca",
-                "ca.crt",
-                "--cert",
-                "server.crt",
-                "--key",
-                "server.key",
-            ])
-            .args(["--dh", "none", "--script-security", "2"])
-            .arg("--client-connect")
-            .arg(&wrapper)
-            .args(["--status", &status.display().to_string(), "1"])
-            .args(["--status-version", "2", "--verb", "3"]),
-        &server_log,
-    );
-    reaper.watch(server.pid());
-    wait_until(
-        "OpenVPN server listening",
-        Duration::from_secs(20),
-        &[&server_log],
-        || listening(port).0,
+    let mut server = test_server(
+        dir,
+        (port, &format!("idps{tag}")),
+        ("10.134.9.10", "10.134.9.50"),
+        &status,
+        &["--client-connect".as_ref(), wrapper.as_os_str()],
+        &reaper,
     );
     let mut client = tun_client(dir, port, &format!("idpc{tag}"), &client_log);
     reaper.watch(client.pid());

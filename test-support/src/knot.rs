@@ -8,8 +8,8 @@ use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// What [`Knot::start`] needs installed (with [`crate::require`]).
-pub const PROGRAMS: [&str; 2] = ["/usr/sbin/knotd", "/usr/bin/kdig"];
+/// What [`Knot::start`] and the tests that query or update it need installed.
+pub const PROGRAMS: [&str; 3] = ["/usr/sbin/knotd", "/usr/bin/kdig", "/usr/bin/knsupdate"];
 
 /// Knot DNS serving a forward and a reverse zone, updatable with one TSIG key.
 pub struct Knot {
@@ -23,6 +23,12 @@ pub struct Knot {
 pub const TSIG_SECRET: &str = "aWRoYWwtdGVzdC1rZXktaWRoYWwtdGVzdC1rZXk=";
 
 impl Knot {
+    /// True when Knot is installed and we are root; otherwise the one rule
+    /// ([`crate::skip_or_fail`]) and false.
+    pub fn available() -> bool {
+        crate::require(&PROGRAMS)
+    }
+
     /// `zones`: (zone name, zone file text).
     pub fn start(zones: &[(&str, String)]) -> Self {
         let dir = crate::keep_dir("idhal-knot-");

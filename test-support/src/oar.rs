@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 /// Where Debian's oar-server puts OAR's programs.
 pub const OARDIR: &str = "/usr/lib/oar";
 
-/// What [`Oar::start`] needs installed (with [`crate::require`]; root too).
+/// What [`Oar::start`] and idhal's `[oar]` section need installed (with [`crate::require`];
+/// root too).
 pub fn programs() -> Vec<String> {
-    vec![
-        "/usr/sbin/oar-database".into(),
-        format!("{OARDIR}/Almighty"),
-        crate::pg::pg_available(),
-    ]
+    let mut p = vec!["/usr/sbin/oar-database".to_string()];
+    for tool in ["Almighty", "oarnodes", "oarnodesetting", "oarproperty"] {
+        p.push(format!("{OARDIR}/{tool}"));
+    }
+    p.push(crate::pg::pg_available());
+    p
 }
 
 /// PostgreSQL + OAR's database + Almighty, private to one test binary.
@@ -35,6 +37,12 @@ pub struct Oar {
 }
 
 impl Oar {
+    /// True when OAR and PostgreSQL are installed and we are root; otherwise the one rule
+    /// ([`crate::skip_or_fail`]) and false.
+    pub fn available() -> bool {
+        crate::require(&programs())
+    }
+
     pub fn start() -> Self {
         let t = Instant::now();
         let dir = crate::keep_dir("idhal-oar-");

@@ -11,6 +11,12 @@ pub const OPENVPN: &str = "/usr/sbin/openvpn";
 /// What OpenVPN tests need installed (with [`crate::require`]; root too, for the tun device).
 pub const PROGRAMS: [&str; 3] = [OPENVPN, "/usr/bin/openssl", "/dev/net/tun"];
 
+/// True when OpenVPN, openssl and a tun device are here and we are root; otherwise the one
+/// rule ([`crate::skip_or_fail`]) and false.
+pub fn available() -> bool {
+    crate::require(&PROGRAMS)
+}
+
 /// Options given after everything else, so they win over a config file: leave the host's
 /// network alone, no kernel data channel offload.
 pub const NO_HOST_NETWORK: [&str; 3] = ["--ifconfig-noexec", "--route-noexec", "--disable-dco"];
