@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 const SERVER_CONFIG: &str = "[openvpn]\nremotes = [\"vpn1.example.org:1194\"]\n";
 const ENROLLED: [&str; 6] = [
@@ -107,29 +107,14 @@ impl Project {
 
     fn serve(&self) -> Server {
         std::fs::create_dir_all(self.path("pub")).unwrap();
-        let mut child = self
-            .command(&["serve", "--listen", "127.0.0.1:0", "--root"])
-            .arg(self.path("pub"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(self.path("serve.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("idhal serve said {line:?}"))
-            .to_owned();
-        Server {
-            _child: Reaped(child),
-            url,
-        }
+        let (child, url) = idhal_test_support::process::announced(
+            self.command(&["serve", "--listen", "127.0.0.1:0", "--root"])
+                .arg(self.path("pub"))
+                .stderr(std::fs::File::create(self.path("serve.log")).unwrap()),
+            "listening on ",
+            DEADLINE,
+        );
+        Server { _child: child, url }
     }
 
     /// A node with the project's manifest key baked in, which has run once (so it holds an

@@ -1,10 +1,9 @@
 //! The host side of a test: a project (keys, scriptlets, publication dir) driven through the real
 //! `idhal` binary, and `idhal serve` on 127.0.0.1 with an ephemeral port (manifests, and
 //! `POST /enroll` when it is given the CA's state dir).
-use std::io::{BufRead, BufReader};
+use idhal_test_support::process::{announced, Reaped};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 
 /// Keys and scriptlets of one test, signed with `idhal sign` into `pubdir`.
 pub struct Project {
@@ -94,8 +93,9 @@ impl Project {
 }
 
 /// `idhal serve --listen 127.0.0.1:0`, killed (by pid) when dropped.
+/// `idhal serve`, killed (by its pid) and waited for when dropped.
 pub struct Serve {
-    child: Child,
+    _child: Reaped,
     pub port: u16,
     pub log: PathBuf,
 }
@@ -111,40 +111,21 @@ impl Serve {
                 .arg("--config")
                 .arg(config);
         }
-        let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
-            .arg(root)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("idhal serve");
-        // The first stdout line, `listening on http://ADDR`, read with a deadline.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = match rx.recv_timeout(crate::Limits::SERVER_START) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!(
-                    "idhal serve did not say where it listens within {:?}",
-                    crate::Limits::SERVER_START
-                )
-            }
-        };
-        let port = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .and_then(|a| a.trim_end_matches('/').rsplit(':').next())
+        let (child, addr) = announced(
+            cmd.args(["serve", "--listen", "127.0.0.1:0", "--root"])
+                .arg(root)
+                .stderr(std::fs::File::create(log).unwrap()),
+            "listening on http://",
+            crate::Limits::SERVER_START,
+        );
+        let port = addr
+            .trim_end_matches('/')
+            .rsplit(':')
+            .next()
             .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from idhal serve: {line:?}"));
+            .unwrap_or_else(|| panic!("idhal serve listens on {addr:?}: no port"));
         Serve {
-            child,
+            _child: child,
             port,
             log: log.to_path_buf(),
         }
@@ -152,12 +133,5 @@ impl Serve {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -4,14 +4,14 @@
 //! address or route (--ifconfig-noexec/--route-noexec): the host's network is untouched and
 //! nothing can leave the tunnel on the host side.
 use crate::ca::Ca;
+use idhal_test_support::{openvpn, Logged};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct OpenVpnServer {
-    child: Child,
+    child: Logged,
     pub port: u16,
     pub management: u16,
     /// OpenVPN's log; the hooks' stderr lands here too (`idhal hook client-connect: …`).
@@ -30,19 +30,7 @@ impl OpenVpnServer {
         let conf = dir.join("openvpn-server.conf");
         std::fs::write(&conf, ca.server_config()).unwrap();
         let log = dir.join("openvpn-server.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new("/usr/sbin/openvpn")
-            .arg("--config")
-            .arg(&conf)
-            // After --config, so they win: leave the host's network alone; no kernel DCO (the
-            // hooks and the management interface are what is under test).
-            .args(["--ifconfig-noexec", "--route-noexec", "--disable-dco"])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("starting openvpn");
+        let child = openvpn::spawn(openvpn::command(&dir).arg("--config").arg(&conf), &log);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         {
@@ -73,19 +61,7 @@ impl OpenVpnServer {
             seen,
             stop,
         };
-        let deadline = Instant::now() + crate::Limits::SERVER_START;
-        while !s.log_text().contains("Initialization Sequence Completed") {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("openvpn server exited ({st}):\n{}", s.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "openvpn server not up within {:?}:\n{}",
-                crate::Limits::SERVER_START,
-                s.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        s.child.wait_log(openvpn::UP, crate::Limits::SERVER_START);
         s
     }
 
@@ -112,10 +88,8 @@ impl OpenVpnServer {
 impl Drop for OpenVpnServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("----- OpenVPN server log -----\n{}", self.log_text());
-        }
+        // SIGKILL, not SIGTERM: a stopping server would run client-disconnect hooks against the
+        // shared OAR. The Logged child then waits for it and prints its log if the test fails.
+        let _ = self.child.child.kill();
     }
 }

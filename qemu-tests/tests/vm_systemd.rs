@@ -109,7 +109,7 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
     // as the unit ends, and OpenVPN drops a client whose TCP connection closed at once: so the
     // server's next status snapshot (written every 10 s) taken strictly after the unit finished
     // must still list the node, and no disconnect hook may have run.
-    let finished_unix = unix_now();
+    let finished_unix = idhal_test_support::now();
     let status = &env.ca.status_file;
     let snapshot = idhal_qemu_tests::wait_until(
         "an OpenVPN status snapshot taken after the unit finished",
@@ -147,11 +147,4 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
         alive.as_secs_f64(),
         finished.as_secs_f64()
     );
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }

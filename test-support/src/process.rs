@@ -146,6 +146,47 @@ impl std::ops::DerefMut for Reaped {
     }
 }
 
+/// Starts a server that announces where it listens on its first stdout line (`idhal serve`
+/// prints `listening on http://ADDR`), reads that line within `limit`, and returns the child
+/// (killed on drop) and what follows `prefix`. Set the child's stderr before calling (a file, or
+/// piped to read afterwards). Panics, after killing it, when it says something else, exits, or
+/// stays silent: with the line and, when piped, its stderr.
+#[track_caller]
+pub fn announced(cmd: &mut Command, prefix: &str, limit: Duration) -> (Reaped, String) {
+    use std::io::{BufRead as _, Read as _};
+    let mut child = Reaped(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {:?}: {e}", cmd.get_program())),
+    );
+    let stdout = child.stdout.take().expect("a piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| format!("(nothing within {limit:?})"));
+    match line.trim().strip_prefix(prefix) {
+        Some(rest) => (child, rest.to_owned()),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!(
+                "{:?} did not announce {prefix:?}: {line:?}\n{err}",
+                cmd.get_program()
+            );
+        }
+    }
+}
+
 /// A daemon-like child in its own process group, stdout and stderr to a log file. Dropped, it
 /// gets SIGTERM (then SIGKILL after [`STOP_GRACE`]), is waited for, and its log's tail is
 /// printed when the test is failing.
@@ -324,6 +365,44 @@ mod tests {
             d.path().join("gone.log"),
         );
         p.wait_log("never", Duration::from_secs(600));
+    }
+
+    #[test]
+    fn announced_returns_what_follows_the_prefix() {
+        let (child, addr) = announced(
+            Command::new("/bin/sh").args([
+                "-c",
+                "echo 'listening on http://127.0.0.1:9'; exec sleep 600",
+            ]),
+            "listening on http://",
+            Duration::from_secs(30),
+        );
+        assert_eq!(addr, "127.0.0.1:9");
+        let pid = child.id();
+        drop(child);
+        assert!(!alive(pid));
+    }
+
+    #[test]
+    #[should_panic(expected = "did not announce \"listening on \": \"\"\nbind: Address in use")]
+    fn announced_fails_with_stderr_when_the_server_exits_first() {
+        announced(
+            Command::new("/bin/sh")
+                .args(["-c", "echo 'bind: Address in use' >&2; exit 1"])
+                .stderr(Stdio::piped()),
+            "listening on ",
+            Duration::from_secs(30),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "did not announce \"listening on \": \"(nothing within 200ms)\"")]
+    fn announced_fails_at_the_deadline_when_the_server_is_silent() {
+        announced(
+            Command::new("/bin/sleep").arg("600"),
+            "listening on ",
+            Duration::from_millis(200),
+        );
     }
 
     #[test]

@@ -4,10 +4,11 @@
 #![allow(dead_code)]
 
 use idhal_manifest::{paths, verify, Expiry, Manifest, Policy, PublicKey};
-use std::io::{BufRead, BufReader, Read, Write};
+use idhal_test_support::process::{announced, Reaped};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_idhal");
@@ -206,38 +207,20 @@ pub fn publish_by_hand(pubdir: &Path, serial: u64, body: &[u8], sig: &str) {
 /// A running `idhal serve`, killed on drop. Its stderr (the access log) is drained by a thread so
 /// a long run cannot fill the pipe and stall the server.
 pub struct Server {
-    child: Child,
+    child: Reaped,
     log: Option<std::thread::JoinHandle<String>>,
     pub addr: SocketAddr,
 }
 
 impl Server {
     pub fn start(root: &Path) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--root", s(root), "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start idhal serve");
-        // The announcement line, with a deadline: a server that neither starts nor dies must
-        // not hang the test.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line).ok();
-            tx.send(line).ok();
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| "(nothing within 30 s)".to_owned());
-        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
-            let _ = child.kill();
-            let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).ok();
-            panic!("idhal serve did not start: {line:?}\n{err}");
-        };
+        let (mut child, addr) = announced(
+            Command::new(BIN)
+                .args(["serve", "--root", s(root), "--listen", "127.0.0.1:0"])
+                .stderr(Stdio::piped()),
+            "listening on http://",
+            Duration::from_secs(30),
+        );
         let mut stderr = child.stderr.take().unwrap();
         let log = std::thread::spawn(move || {
             let mut log = String::new();
@@ -259,13 +242,6 @@ impl Server {
             .take()
             .map(|t| t.join().unwrap_or_default())
             .unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

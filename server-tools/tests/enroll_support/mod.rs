@@ -6,7 +6,7 @@
 use ed25519_compact::{KeyPair, Seed};
 use idhal_manifest::der;
 use idhal_manifest::enroll::{request_digest, EnrollKey, Request, Response, Token};
-use idhal_test_support::process::Reaped;
+use idhal_test_support::process::{announced, Reaped};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
@@ -92,33 +92,20 @@ impl Server {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(IDHAL)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--config")
-            .arg(config)
-            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
-            .arg(root)
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("idhal serve said {line:?}"))
-            .to_owned();
-        Server {
-            child: Reaped(child),
-            addr,
-            log,
-        }
+        let (child, addr) = announced(
+            Command::new(IDHAL)
+                .arg("--state-dir")
+                .arg(state)
+                .arg("--config")
+                .arg(config)
+                .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+                .arg(root)
+                .process_group(0)
+                .stderr(std::fs::File::create(&log).unwrap()),
+            "listening on http://",
+            Duration::from_secs(30),
+        );
+        Server { child, addr, log }
     }
 
     pub fn log(&self) -> String {
