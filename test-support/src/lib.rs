@@ -142,12 +142,16 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// Polls `cond` every `every` until it returns `Some`, and returns that; panics naming `what`
-/// when `limit` has passed first. The deadline bounds the wait, not the poll period.
-pub fn wait_until_every<T>(
+/// The one wait of every suite: polls `cond` every `every` until it returns `Some`, and returns
+/// that. When `limit` has passed first it prints the last [`LOG_TAIL`] lines of each of `logs`
+/// (the component's own words on why it is not ready; none is fine) and panics naming `what`.
+/// The deadline bounds the wait, not the poll period.
+#[track_caller]
+pub fn wait_logged_every<T>(
     what: &str,
     limit: Duration,
     every: Duration,
+    logs: &[&Path],
     mut cond: impl FnMut() -> Option<T>,
 ) -> T {
     let deadline = Instant::now() + limit;
@@ -155,26 +159,6 @@ pub fn wait_until_every<T>(
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(every);
-    }
-}
-
-/// [`wait_until_every`] polling every 100 ms.
-pub fn wait_until<T>(what: &str, limit: Duration, cond: impl FnMut() -> Option<T>) -> T {
-    wait_until_every(what, limit, Duration::from_millis(100), cond)
-}
-
-/// [`wait_until`] for a condition that is only true or false.
-pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    wait_until(what, limit, || cond().then_some(()))
-}
-
-/// [`wait_for`] that, when `limit` passes first, prints the last [`LOG_TAIL`] lines of each of
-/// `logs` (the component's own words on why it is not ready) before it panics naming `what`.
-pub fn wait_logged(what: &str, limit: Duration, logs: &[&Path], mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
         if Instant::now() >= deadline {
             for log in logs {
                 eprintln!(
@@ -185,8 +169,38 @@ pub fn wait_logged(what: &str, limit: Duration, logs: &[&Path], mut cond: impl F
             }
             panic!("{what}: not within {limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
+}
+
+/// [`wait_logged_every`] with no logs.
+#[track_caller]
+pub fn wait_until_every<T>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    cond: impl FnMut() -> Option<T>,
+) -> T {
+    wait_logged_every(what, limit, every, &[], cond)
+}
+
+/// [`wait_until_every`] polling every 100 ms.
+#[track_caller]
+pub fn wait_until<T>(what: &str, limit: Duration, cond: impl FnMut() -> Option<T>) -> T {
+    wait_until_every(what, limit, Duration::from_millis(100), cond)
+}
+
+/// [`wait_until`] for a condition that is only true or false.
+#[track_caller]
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    wait_until(what, limit, || cond().then_some(()))
+}
+
+/// [`wait_for`] (every 50 ms) that prints the tails of `logs` when `limit` passes first.
+#[track_caller]
+pub fn wait_logged(what: &str, limit: Duration, logs: &[&Path], mut cond: impl FnMut() -> bool) {
+    let every = Duration::from_millis(50);
+    wait_logged_every(what, limit, every, logs, || cond().then_some(()))
 }
 
 /// How many lines of a log [`wait_logged`] and [`Logged`]'s drop print.
