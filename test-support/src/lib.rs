@@ -2,13 +2,14 @@
 //! harness, itself test-only): nothing here is ever shipped. Like cloud-hypervisor's test_infra,
 //! it is where a test suite looks first before writing a helper of its own:
 //!
-//! - the rule for a test that cannot run ([`skip_or_fail`], [`or_skip`], [`is_root`]);
-//! - bounded waits ([`wait_until`], [`wait_until_every`], [`wait_logged`] which prints the logs
-//!   that say why on a timeout);
+//! - the rule for a test that cannot run ([`skip_or_fail`], [`or_skip`], [`require`],
+//!   [`is_root`]; each fixture has its own `available()`);
+//! - bounded waits, one loop ([`wait_logged_every`]) in the shapes [`wait_until`], [`wait_for`]
+//!   and [`wait_logged`] (which prints the logs that say why on a timeout);
 //! - ports and time ([`free_port`], [`now`]);
 //! - processes ([`process`]: run a command and fail with its stderr, `openssl`, a child that is
-//!   killed and waited for on drop, signals, "who listens on this port", a reaper that outlives
-//!   a test process);
+//!   killed and waited for on drop, a server that announces its address, signals, "who listens
+//!   on this port", a reaper that outlives a test process);
 //! - the built binaries ([`bins::bin`]: one way to find, and build when needed, any workspace
 //!   binary);
 //! - throwaway certificates from the real openssl ([`x509`]);
