@@ -155,6 +155,17 @@ mod tests {
     }
 
     #[test]
+    fn a_workspace_binary_is_built_into_this_tests_target_dir_and_runs() {
+        let idhal_image = bin("idhal-image-build", "idhal-image");
+        let (target, profile, _) = running_build();
+        assert_eq!(idhal_image, target.join(profile).join("idhal-image"));
+        let out = Command::new(&idhal_image).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // Once per process: the second ask is the same path, with no second build.
+        assert_eq!(bin("idhal-image-build", "idhal-image"), idhal_image);
+    }
+
+    #[test]
     fn an_unknown_binary_is_a_clear_error() {
         let e = build("idhal-test-support", "no-such-bin", Profile::Current, None).unwrap_err();
         assert!(
