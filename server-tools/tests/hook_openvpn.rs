@@ -136,15 +136,16 @@ fn openvpn_runs_the_hooks_for_real() {
     let host = "vnode-8-10.idhal.test";
     let logs = [server_log.as_path(), client_log.as_path()];
     // The hook does OAR first, then DNS: wait for its log line, which comes last.
-    wait_until(
-        "client-connect hook done",
-        Duration::from_secs(60),
-        &logs,
-        || {
-            std::fs::read_to_string(&server_log)
-                .is_ok_and(|l| l.contains("idhal hook client-connect:"))
-        },
-    );
+    let hook_done = |event: &str| {
+        let said = format!("idhal hook {event}:");
+        wait_until(
+            &format!("{event} hook done"),
+            Duration::from_secs(60),
+            &logs,
+            || std::fs::read_to_string(&server_log).is_ok_and(|l| l.contains(&said)),
+        );
+    };
+    hook_done("client-connect");
     let r = &oar.host(host)[0];
     assert_eq!(r["idhalcn"], "client801");
     assert_eq!(r["ip"], "10.134.8.10");
@@ -222,15 +223,7 @@ fn openvpn_runs_the_hooks_for_real() {
     assert_eq!(knot.dig(host, "A"), ["10.134.8.10"]);
 
     client.stop();
-    wait_until(
-        "client-disconnect hook done",
-        Duration::from_secs(60),
-        &logs,
-        || {
-            std::fs::read_to_string(&server_log)
-                .is_ok_and(|l| l.contains("idhal hook client-disconnect:"))
-        },
-    );
+    hook_done("client-disconnect");
     assert_eq!(oar.host(host)[0]["state"], "Absent");
     assert!(knot.dig(host, "A").is_empty());
     server.stop();
