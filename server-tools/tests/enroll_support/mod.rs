@@ -3,9 +3,9 @@
 //! (idhal-manifest's `enroll` and `der`), speaking HTTP/1.0 like the agent.
 #![allow(dead_code, unused_imports)]
 
-use idhal_manifest::enroll::{KeyPair, Seed};
 use idhal_manifest::der;
 use idhal_manifest::enroll::{request_digest, EnrollKey, Request, Response, Token};
+use idhal_manifest::enroll::{KeyPair, Seed};
 use idhal_test_support::process::{announced, Reaped};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
