@@ -2,14 +2,10 @@
 //! admins pin on the kernel command line. Never overwrites a secret key.
 
 use crate::cmd::{Exit, Global};
-use crate::publish::{self, PublishError};
-use crate::signing::keys::{self, PassphraseSource, ENV_PASSPHRASE};
+use crate::signing::keys::{self, KeyFiles, PassphraseSource, ENV_PASSPHRASE};
 use anyhow::Context;
 use idhal_manifest::paths;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
-
-pub(crate) const SECRET_KEY_FILE: &str = "idhal.key";
 
 /// Create the manifest signing key pair: DIR/idhal.key (secret, 0600) and DIR/idhal.pub.
 #[derive(Debug, clap::Args)]
@@ -43,48 +39,25 @@ pub struct Args {
 }
 
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
-    let secret_path = args.dir.join(SECRET_KEY_FILE);
-    let public_path = args.dir.join(paths::PUBLIC_KEY);
-    // Check before asking for a passphrase; `write_new` below is what actually guarantees it.
-    if secret_path.exists() {
-        anyhow::bail!(
-            "{} already exists; refusing to overwrite a signing key. Move it away first if you \
-             really mean to replace it (nodes pinned to it will refuse the new one)",
-            secret_path.display()
-        );
-    }
+    let files = KeyFiles::in_dir(&args.dir);
+    files.refuse_existing()?;
     let source = PassphraseSource::resolve(args.passphrase_file.as_deref(), args.no_passphrase);
     if args.no_passphrase && std::env::var_os(ENV_PASSPHRASE).is_some() {
         eprintln!("idhal: note: {ENV_PASSPHRASE} is set but --no-passphrase was given: the key is NOT encrypted");
     }
     let pair = keys::generate(&source).context("cannot generate the key pair")?;
-
-    // A directory made for the key is private too (existing ones are left as they are).
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&args.dir)
-        .with_context(|| format!("cannot create {}", args.dir.display()))?;
-    publish::write_new(&secret_path, pair.secret_file.as_bytes(), 0o600).map_err(|e| match e {
-        PublishError::Exists { path } => anyhow::anyhow!(
-            "{} already exists; refusing to overwrite a signing key",
-            path.display()
-        ),
-        other => anyhow::Error::new(other).context("cannot write the secret key"),
-    })?;
-    publish::write_atomic(&public_path, pair.public.to_file_text().as_bytes(), 0o644)
-        .context("cannot write the public key")?;
+    let files = keys::write_pair(&args.dir, &pair)?;
 
     println!(
         "secret key:  {} ({})",
-        secret_path.display(),
+        files.secret.display(),
         if pair.encrypted {
             "encrypted"
         } else {
             "NOT encrypted"
         }
     );
-    println!("public key:  {}", public_path.display());
+    println!("public key:  {}", files.public.display());
     println!("key id:      {}", pair.public.id());
     println!("fingerprint: {}", pair.public.fingerprint());
     println!(

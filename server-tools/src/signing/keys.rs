@@ -1,9 +1,14 @@
 //! The signing key: where its passphrase comes from (file, environment, prompt, or none), loading
 //! minisign secret keys (from a file or from CI's environment) and generating new key pairs.
 
-use idhal_manifest::PublicKey;
+use crate::publish::{self, PublishError};
+use idhal_manifest::{paths, PublicKey};
 use std::io::IsTerminal;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+
+/// The secret key's file name in `idhal keygen --dir`.
+pub(crate) const SECRET_KEY_FILE: &str = "idhal.key";
 
 /// Environment variable holding the passphrase (CI secrets).
 pub(crate) const ENV_PASSPHRASE: &str = "IDHAL_KEY_PASSPHRASE";
@@ -50,6 +55,21 @@ pub(crate) enum KeyError {
     Prompt(#[source] std::io::Error),
     #[error("minisign: {0}")]
     Minisign(String),
+    #[error(
+        "{path} already exists; refusing to overwrite a signing key. Move it away first if you \
+             really mean to replace it (nodes pinned to it will refuse the new one)"
+    )]
+    SecretKeyExists { path: PathBuf },
+    #[error("cannot create {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the secret key")]
+    WriteSecret(#[source] PublishError),
+    #[error("cannot write the public key")]
+    WritePublic(#[source] PublishError),
 }
 
 fn minisign_err(e: minisign::PError) -> KeyError {
@@ -267,9 +287,94 @@ pub(crate) fn generate(passphrase: &PassphraseSource) -> Result<NewKeyPair, KeyE
     })
 }
 
+/// Where `write_pair` put a new key pair.
+#[derive(Debug)]
+pub(crate) struct KeyFiles {
+    pub(crate) secret: PathBuf,
+    pub(crate) public: PathBuf,
+}
+
+impl KeyFiles {
+    pub(crate) fn in_dir(dir: &Path) -> Self {
+        Self {
+            secret: dir.join(SECRET_KEY_FILE),
+            public: dir.join(paths::PUBLIC_KEY),
+        }
+    }
+
+    /// Refuses a directory that already holds a secret key: checked before asking for a
+    /// passphrase; `write_pair` is what actually guarantees it.
+    pub(crate) fn refuse_existing(&self) -> Result<(), KeyError> {
+        if self.secret.exists() {
+            return Err(KeyError::SecretKeyExists {
+                path: self.secret.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Writes `pair` into `dir` (created 0700 when missing; an existing one keeps its mode): the
+/// secret key 0600 and never over an existing one, then the public key atomically.
+pub(crate) fn write_pair(dir: &Path, pair: &NewKeyPair) -> Result<KeyFiles, KeyError> {
+    let files = KeyFiles::in_dir(dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| KeyError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    publish::write_new(&files.secret, pair.secret_file.as_bytes(), 0o600).map_err(|e| match e {
+        PublishError::Exists { path } => KeyError::SecretKeyExists { path },
+        other => KeyError::WriteSecret(other),
+    })?;
+    publish::write_atomic(&files.public, pair.public.to_file_text().as_bytes(), 0o644)
+        .map_err(KeyError::WritePublic)?;
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new directory is private, the secret key 0600; a second pair never replaces the
+    /// first, even when the early check is skipped (the race `write_new` closes).
+    #[test]
+    fn write_pair_never_overwrites_a_secret_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let first = generate(&PassphraseSource::None).unwrap();
+        let files = write_pair(&dir, &first).unwrap();
+        assert_eq!((mode(&dir), mode(&files.secret)), (0o700, 0o600));
+        assert_eq!(
+            std::fs::read_to_string(&files.public).unwrap(),
+            first.public.to_file_text()
+        );
+        let second = generate(&PassphraseSource::None).unwrap();
+        match write_pair(&dir, &second) {
+            Err(KeyError::SecretKeyExists { path }) => assert_eq!(path, files.secret),
+            other => panic!("{other:?}"),
+        }
+        match KeyFiles::in_dir(&dir).refuse_existing() {
+            Err(KeyError::SecretKeyExists { path }) => assert_eq!(path, files.secret),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            std::fs::read_to_string(&files.secret).unwrap(),
+            first.secret_file
+        );
+        // A file where the directory should be: the one-line reason names it.
+        let blocked = tmp.path().join("file");
+        std::fs::write(&blocked, "").unwrap();
+        match write_pair(&blocked.join("keys"), &first) {
+            Err(KeyError::CreateDir { path, .. }) => assert_eq!(path, blocked.join("keys")),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn unencrypted_roundtrip() {
