@@ -1,13 +1,14 @@
 //! The project's certificate revocation list: re-signed when due (`refresh_due`, for
 //! `idhal crl refresh` and `idhal serve`'s timer) or at once on a revocation (`regenerate`).
 
-use crate::ca::db::Db;
+use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectCa;
+use crate::ca::ProjectError;
 use crate::config::{CaSection, ServerConfig};
 use crate::publish::write_atomic;
-use anyhow::Context as _;
+use idhal_manifest::time::{now, rfc3339};
 use rusqlite::params;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Re-signs the CRL of every project that is due (or all with `force`). Returns each project
 /// with the new nextUpdate, or `None` when it was not due.
@@ -17,7 +18,7 @@ pub fn refresh_due(
     cfg: &ServerConfig,
     now: u64,
     force: bool,
-) -> anyhow::Result<Vec<(String, Option<u64>)>> {
+) -> Result<Vec<(String, Option<u64>)>, ProjectError> {
     let validity = CaSection::secs(&cfg.ca.crl_validity);
     let mut out = Vec::new();
     for p in db.projects()? {
@@ -40,7 +41,7 @@ pub fn regenerate(
     ca: &ProjectCa,
     cfg: &ServerConfig,
     now: u64,
-) -> anyhow::Result<u64> {
+) -> Result<u64, ProjectError> {
     let validity = CaSection::secs(&cfg.ca.crl_validity);
     db.immediate(|tx, err| {
         let number: i64 = tx
@@ -66,9 +67,45 @@ pub fn regenerate(
             .map_err(err)?;
         let pem = ca.crl(&revoked, number as u64, now, validity)?;
         // Published before the commit: if the commit fails, the next run signs a newer number.
-        write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644)
-            .with_context(|| format!("publishing the CRL of project {}", ca.project))?;
-        Ok::<_, anyhow::Error>(())
+        write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644).map_err(|source| {
+            ProjectError::PublishCrl {
+                project: ca.project.clone(),
+                source,
+            }
+        })?;
+        Ok::<_, ProjectError>(())
     })?;
     Ok(now + validity)
+}
+
+/// Starts `idhal serve`'s background thread that re-signs due CRLs, checking every tenth of
+/// their validity (at most hourly), so a server left running never lets a CRL expire. Each
+/// re-signed CRL and each failure is one line on stderr.
+pub fn spawn_refresher(state_dir: PathBuf, cfg: ServerConfig) -> std::io::Result<()> {
+    let every = (CaSection::secs(&cfg.ca.crl_validity) / 10).clamp(1, 3600);
+    std::thread::Builder::new()
+        .name("crl-refresh".into())
+        .spawn(move || loop {
+            let result = Db::open(&state_dir, Open::Existing)
+                .map_err(ProjectError::from)
+                .and_then(|mut db| refresh_due(&mut db, &state_dir, &cfg, now(), false));
+            match result {
+                Ok(done) => {
+                    for (project, next) in done {
+                        if let Some(next) = next {
+                            eprintln!(
+                                "idhal serve: CRL of project {project} re-signed, valid until {}",
+                                rfc3339(next)
+                            );
+                        }
+                    }
+                }
+                Err(e) => eprintln!(
+                    "idhal serve: error: CRL refresh: {:#}",
+                    anyhow::Error::new(e)
+                ),
+            }
+            std::thread::sleep(std::time::Duration::from_secs(every));
+        })?;
+    Ok(())
 }

@@ -1,26 +1,73 @@
-//! The project CA and enrollment: keys and certificates (pki), the state database (db), the
-//! enrollment protocol (enroll), CRLs (crl), tokens (tokens) and revocation (revoke); here the
-//! project checks every command shares.
+//! The project CA and enrollment: keys and certificates (pki), the state database (db), creating
+//! a project and its VPN servers (project), the enrollment protocol (enroll), CRLs (crl), tokens
+//! (tokens) and revocation (revoke); here the project checks every command shares and their error.
 
 pub mod crl;
 pub mod db;
 pub mod enroll;
 pub mod pki;
+pub mod project;
 pub mod revoke;
 pub mod tokens;
 
 use crate::config::ServerConfig;
-use crate::names::Ipv4Net;
-use anyhow::Context as _;
-use db::Db;
+use crate::names::{Ipv4Net, NameError};
+use crate::publish::PublishError;
+use db::{Db, DbError};
+use pki::CaError;
+use std::path::PathBuf;
+
+/// Why a project-level step (a check, `ca init`, `ca issue-server`, a CRL) failed or was
+/// refused: one line for the admin, naming the project, pool, server or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error("project name {0:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")]
+    BadName(String),
+    #[error("project {project:?}'s pool {pool} is not inside [names] pool {names}: the hooks would refuse its nodes; widen [names] pool (and its template) or pick a pool inside it")]
+    PoolOutsideNames {
+        project: String,
+        pool: Ipv4Net,
+        names: Ipv4Net,
+    },
+    #[error("no project {0:?}: run `idhal ca init --project {0}`")]
+    NoProject(String),
+    #[error("project {project:?} already exists (its CA is in {dir}); nothing changed")]
+    Exists { project: String, dir: PathBuf },
+    #[error("pool {pool} overlaps project {other:?}'s pool {theirs}: give each project its own (--pool)")]
+    PoolOverlap {
+        pool: Ipv4Net,
+        other: String,
+        theirs: Ipv4Net,
+    },
+    #[error("{dir} holds a CA key but the database has no project {project:?} (an interrupted `ca init`?): move that directory away and run `idhal ca init` again")]
+    OrphanKey { project: String, dir: PathBuf },
+    #[error("server name {0:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -")]
+    BadServerName(String),
+    #[error("{path} exists: server {name:?} already has a key (pick another name, or revoke and remove it)")]
+    ServerKeyExists { path: PathBuf, name: String },
+    #[error("publishing the CRL of project {project}")]
+    PublishCrl {
+        project: String,
+        #[source]
+        source: PublishError,
+    },
+    /// A pool stored in the database that no longer parses.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Write(#[from] PublishError),
+}
 
 /// The project a command acts on: `--project`, else `[ca] project`; validated.
-pub fn project_name(arg: Option<String>, cfg: &ServerConfig) -> anyhow::Result<String> {
+pub fn project_name(arg: Option<String>, cfg: &ServerConfig) -> Result<String, ProjectError> {
     let p = arg.unwrap_or_else(|| cfg.ca.project.clone());
-    anyhow::ensure!(
-        idhal_manifest::ProjectName::try_from(p.as_str()).is_ok(),
-        "project name {p:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
-    );
+    if idhal_manifest::ProjectName::try_from(p.as_str()).is_err() {
+        return Err(ProjectError::BadName(p));
+    }
     Ok(p)
 }
 
@@ -30,17 +77,19 @@ pub fn require_inside_names_pool(
     cfg: &ServerConfig,
     project: &str,
     pool: &Ipv4Net,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        cfg.names.pool.contains_net(pool),
-        "project {project:?}'s pool {pool} is not inside [names] pool {}: the hooks would refuse its nodes; widen [names] pool (and its template) or pick a pool inside it",
-        cfg.names.pool
-    );
+) -> Result<(), ProjectError> {
+    if !cfg.names.pool.contains_net(pool) {
+        return Err(ProjectError::PoolOutsideNames {
+            project: project.to_owned(),
+            pool: *pool,
+            names: cfg.names.pool,
+        });
+    }
     Ok(())
 }
 
 /// Used by token/nodes/revoke: the project row, or a clear error.
-pub fn require_project(db: &Db, project: &str) -> anyhow::Result<db::ProjectRow> {
+pub fn require_project(db: &Db, project: &str) -> Result<db::ProjectRow, ProjectError> {
     db.project(project)?
-        .with_context(|| format!("no project {project:?}: run `idhal ca init --project {project}`"))
+        .ok_or_else(|| ProjectError::NoProject(project.to_owned()))
 }

@@ -2,12 +2,12 @@
 //! runs the HTTP front (`crate::http`) over PUBDIR's files and, when --state-dir holds a CA,
 //! `POST /enroll`, until SIGTERM or SIGINT.
 
+use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::enroll::Enroller;
 use crate::cmd::{load_config, Exit, Global};
-use crate::config::{CaSection, ServerConfig};
 use crate::http::routes::App;
-use crate::http::{StaticFiles, Stopped};
+use crate::http::{fit_open_files, OpenFiles, StaticFiles, Stopped};
 use anyhow::Context;
 use idhal_manifest::enroll;
 use idhal_manifest::paths;
@@ -80,7 +80,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             projects.join(", "),
             global.state_dir.display()
         );
-        spawn_crl_refresher(global.state_dir.clone(), cfg.clone())?;
+        crl::spawn_refresher(global.state_dir.clone(), cfg.clone())
+            .context("cannot start the CRL refresh thread")?;
         Some(Arc::new(Enroller::new(&global.state_dir, cfg.clone())))
     } else {
         eprintln!(
@@ -90,7 +91,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         None
     };
     let mut limits = cfg.limits.http.clone();
-    limits.max_connections = fit_open_files(limits.max_connections);
+    if let OpenFiles::Short { soft, fits } = fit_open_files(limits.max_connections) {
+        eprintln!(
+            "idhal serve: warning: the open-file limit is {soft}: serving at most {fits} connections \
+             instead of [limits.http] max_connections = {} (raise LimitNOFILE)",
+            limits.max_connections
+        );
+        limits.max_connections = fits;
+    }
     let app = Arc::new(App {
         files,
         enroller,
@@ -131,69 +139,4 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             Ok(Exit::Ok)
         }
     }
-}
-
-/// Raises the soft open-file limit so `max_connections` sockets fit (plus files and the state
-/// database); when the hard limit is lower, serves fewer connections and says so.
-fn fit_open_files(max_connections: u32) -> u32 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    const RESERVED: u64 = 64;
-    let want = u64::from(max_connections) + RESERVED;
-    let mut limit = getrlimit(Resource::Nofile);
-    let soft = limit.current.unwrap_or(u64::MAX);
-    if soft >= want {
-        return max_connections;
-    }
-    let hard = limit.maximum.unwrap_or(u64::MAX);
-    limit.current = Some(want.min(hard));
-    let soft = match setrlimit(Resource::Nofile, limit) {
-        Ok(()) => want.min(hard),
-        Err(_) => soft,
-    };
-    if soft >= want {
-        return max_connections;
-    }
-    let fits = u32::try_from(soft.saturating_sub(RESERVED).max(1)).unwrap_or(u32::MAX);
-    eprintln!(
-        "idhal serve: warning: the open-file limit is {soft}: serving at most {fits} connections \
-         instead of [limits.http] max_connections = {max_connections} (raise LimitNOFILE)"
-    );
-    fits
-}
-
-/// Re-signs due CRLs in the background, checking every tenth of their validity (at most
-/// hourly), so a server left running never lets a CRL expire.
-fn spawn_crl_refresher(state_dir: PathBuf, cfg: ServerConfig) -> anyhow::Result<()> {
-    let every = (CaSection::secs(&cfg.ca.crl_validity) / 10).clamp(1, 3600);
-    std::thread::Builder::new()
-        .name("crl-refresh".into())
-        .spawn(move || loop {
-            let result = Db::open(&state_dir, Open::Existing)
-                .map_err(anyhow::Error::from)
-                .and_then(|mut db| {
-                    crate::ca::crl::refresh_due(
-                        &mut db,
-                        &state_dir,
-                        &cfg,
-                        idhal_manifest::time::now(),
-                        false,
-                    )
-                });
-            match result {
-                Ok(done) => {
-                    for (project, next) in done {
-                        if let Some(next) = next {
-                            eprintln!(
-                                "idhal serve: CRL of project {project} re-signed, valid until {}",
-                                idhal_manifest::time::rfc3339(next)
-                            );
-                        }
-                    }
-                }
-                Err(e) => eprintln!("idhal serve: error: CRL refresh: {e:#}"),
-            }
-            std::thread::sleep(std::time::Duration::from_secs(every));
-        })
-        .context("cannot start the CRL refresh thread")?;
-    Ok(())
 }

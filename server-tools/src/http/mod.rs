@@ -180,3 +180,93 @@ async fn connection(
         }
     }
 }
+
+/// Whether `[limits.http] max_connections` sockets fit under the open-file limit.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum OpenFiles {
+    /// They fit (the soft limit was raised if it had to be).
+    Fit,
+    /// The soft limit stays at `soft` (the hard limit is lower, or raising failed): serve at
+    /// most `fits` connections.
+    Short { soft: u64, fits: u32 },
+}
+
+/// Descriptors kept for PUBDIR's files, the state database and the runtime itself.
+const RESERVED_FILES: u64 = 64;
+
+/// Raises the soft open-file limit so `max_connections` sockets fit (plus files and the state
+/// database); when the hard limit is lower, says how many connections fit instead.
+pub(crate) fn fit_open_files(max_connections: u32) -> OpenFiles {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    fit_under(max_connections, limit.current, limit.maximum, |soft| {
+        let mut raised = limit;
+        raised.current = Some(soft);
+        setrlimit(Resource::Nofile, raised).is_ok()
+    })
+}
+
+/// The decision of `fit_open_files` over a soft and hard limit (`None`: unlimited) and a way
+/// to raise the soft one.
+fn fit_under(
+    max_connections: u32,
+    soft: Option<u64>,
+    hard: Option<u64>,
+    raise: impl FnOnce(u64) -> bool,
+) -> OpenFiles {
+    let want = u64::from(max_connections) + RESERVED_FILES;
+    let soft = soft.unwrap_or(u64::MAX);
+    if soft >= want {
+        return OpenFiles::Fit;
+    }
+    let target = want.min(hard.unwrap_or(u64::MAX));
+    let soft = if raise(target) { target } else { soft };
+    if soft >= want {
+        return OpenFiles::Fit;
+    }
+    let fits = u32::try_from(soft.saturating_sub(RESERVED_FILES).max(1)).unwrap_or(u32::MAX);
+    OpenFiles::Short { soft, fits }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_files_are_raised_or_connections_cut_to_fit() {
+        let never = |_| -> bool { panic!("raised though it fits") };
+        assert_eq!(
+            fit_under(4096, Some(8192), Some(8192), never),
+            OpenFiles::Fit
+        );
+        assert_eq!(fit_under(4096, None, None, never), OpenFiles::Fit);
+        // Raised to exactly what is needed.
+        let mut asked = None;
+        let got = fit_under(4096, Some(1024), Some(1 << 20), |s| {
+            asked = Some(s);
+            true
+        });
+        assert_eq!((got, asked), (OpenFiles::Fit, Some(4096 + 64)));
+        // The hard limit is lower: raised to it, and the connections cut to what fits.
+        assert_eq!(
+            fit_under(4096, Some(1024), Some(2048), |s| s == 2048),
+            OpenFiles::Short {
+                soft: 2048,
+                fits: 2048 - 64
+            }
+        );
+        // Raising refused: the old soft limit stands.
+        assert_eq!(
+            fit_under(4096, Some(1024), None, |_| false),
+            OpenFiles::Short {
+                soft: 1024,
+                fits: 1024 - 64
+            }
+        );
+        // A limit below the reserve still serves one connection.
+        assert_eq!(
+            fit_under(10, Some(20), Some(20), |_| true),
+            OpenFiles::Short { soft: 20, fits: 1 }
+        );
+    }
+}

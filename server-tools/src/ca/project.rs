@@ -1,0 +1,255 @@
+//! Creating a project (`idhal ca init`: its CA, enrollment key, first CRL and address pool) and
+//! its VPN servers' certificates (`idhal ca issue-server`). The subcommands only print what
+//! these return.
+
+use crate::ca::crl;
+use crate::ca::db::{Db, Open};
+use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
+use crate::ca::{require_inside_names_pool, ProjectError};
+use crate::config::{CaSection, ServerConfig};
+use crate::names::Ipv4Net;
+use crate::openvpn::management::{ensure_password_file, password_file};
+use crate::publish::{write_atomic, write_new};
+use idhal_manifest::NodeId;
+use rusqlite::params;
+use std::path::{Path, PathBuf};
+
+/// A project `init` made.
+pub struct Created {
+    pub ca: ProjectCa,
+    pub pool: Ipv4Net,
+    /// The first CRL's nextUpdate.
+    pub crl_until: u64,
+}
+
+/// Creates `project` at `now`: checks its pool (inside `[names] pool`, apart from every other
+/// project's), then the CA and enrollment keys, the database row and the first CRL. Refuses a
+/// project that exists, and a CA key left without its row by an interrupted run.
+pub fn init(
+    state_dir: &Path,
+    cfg: &ServerConfig,
+    project: &str,
+    pool: Ipv4Net,
+    now: u64,
+) -> Result<Created, ProjectError> {
+    require_inside_names_pool(cfg, project, &pool)?;
+    let mut db = Db::open(state_dir, Open::Create)?;
+    let dir = || ProjectDir::new(state_dir, project).dir;
+    if db.project(project)?.is_some() {
+        return Err(ProjectError::Exists {
+            project: project.to_owned(),
+            dir: dir(),
+        });
+    }
+    for other in db.projects()? {
+        let theirs = Ipv4Net::parse(&other.pool)?;
+        if theirs.overlaps(&pool) {
+            return Err(ProjectError::PoolOverlap {
+                pool,
+                other: other.name,
+                theirs,
+            });
+        }
+    }
+    if ProjectCa::exists(state_dir, project) {
+        return Err(ProjectError::OrphanKey {
+            project: project.to_owned(),
+            dir: dir(),
+        });
+    }
+    let ca = ProjectCa::create(state_dir, project, now)?;
+    db.conn
+        .execute(
+            "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
+                                   crl_next_update)
+             VALUES (?1, ?2, ?3, 2, 1, 0, 0)",
+            params![project, now as i64, pool.to_string()],
+        )
+        .map_err(|e| db.err(e))?;
+    let crl_until = crl::regenerate(&mut db, &ca, cfg, now)?;
+    Ok(Created {
+        ca,
+        pool,
+        crl_until,
+    })
+}
+
+/// A VPN server certificate `issue_server` made.
+pub struct IssuedServer {
+    pub serial: i64,
+    pub not_after: u64,
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    /// The project's management password file and whether it was made now; `None` with
+    /// `[openvpn] management_auth = "none"`.
+    pub management: Option<(PathBuf, bool)>,
+}
+
+/// Issues server `name`'s certificate (its key made here, 0600, never over an existing one)
+/// with the next serial of `project`, and the project's management password file when missing.
+pub fn issue_server(
+    state_dir: &Path,
+    cfg: &ServerConfig,
+    project: &str,
+    name: &str,
+    now: u64,
+) -> Result<IssuedServer, ProjectError> {
+    if NodeId::try_from(name).is_err() {
+        return Err(ProjectError::BadServerName(name.to_owned()));
+    }
+    let mut db = Db::open(state_dir, Open::Existing)?;
+    let ca = ProjectCa::load(state_dir, project)?;
+    let dir = ca.paths.servers();
+    let (key_path, cert_path) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.crt")),
+    );
+    if key_path.exists() {
+        return Err(ProjectError::ServerKeyExists {
+            path: key_path,
+            name: name.to_owned(),
+        });
+    }
+    let (key_pem, key) = new_key()?;
+    let validity = CaSection::secs(&cfg.ca.server_cert_validity);
+    let serial = db.immediate(|tx, err| {
+        let serial: i64 = tx
+            .query_row(
+                "UPDATE projects SET next_serial = next_serial + 1 WHERE name = ?1
+                 RETURNING next_serial - 1",
+                [project],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let pem = ca.issue(
+            &Leaf {
+                role: Role::Server,
+                cn: name,
+                serial: serial as u64,
+                not_before: now.saturating_sub(300),
+                not_after: now + validity,
+            },
+            &key,
+        )?;
+        tx.execute(
+            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES (?1, ?2, 'server', ?3, ?4, ?5, ?6)",
+            params![
+                project,
+                serial,
+                name,
+                now as i64,
+                (now + validity) as i64,
+                pem
+            ],
+        )
+        .map_err(err)?;
+        // Files before the commit: a failure leaves no certificate row without its files.
+        write_new(&key_path, key_pem.as_bytes(), 0o600)?;
+        write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
+        Ok::<_, ProjectError>(serial)
+    })?;
+    let management = match password_file(cfg, state_dir, project) {
+        Some(pw) => {
+            let made = ensure_password_file(&pw)?;
+            Some((pw, made))
+        }
+        None => None,
+    };
+    Ok(IssuedServer {
+        serial,
+        not_after: now + validity,
+        key: key_path,
+        cert: cert_path,
+        management,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        Ipv4Net::parse(s).unwrap()
+    }
+
+    /// Each refusal of `ca init` and `ca issue-server` is its own variant, and leaves the
+    /// existing project as it was.
+    #[test]
+    fn init_and_issue_server_refusals() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path();
+        let cfg = ServerConfig::default();
+        let now = 1_800_000_000;
+        let created = init(state, &cfg, "alpha", net("10.134.0.0/17"), now).unwrap();
+        assert_eq!(
+            created.crl_until,
+            now + CaSection::secs(&cfg.ca.crl_validity)
+        );
+        let dir = ProjectDir::new(state, "alpha").dir;
+        let ca_key = std::fs::read(ProjectDir::new(state, "alpha").ca_key()).unwrap();
+
+        match init(state, &cfg, "alpha", net("10.134.128.0/17"), now) {
+            Err(ProjectError::Exists { project, dir: d }) => {
+                assert_eq!((project.as_str(), d), ("alpha", dir.clone()))
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        match init(state, &cfg, "beta", net("10.134.64.0/18"), now) {
+            Err(ProjectError::PoolOverlap {
+                pool,
+                other,
+                theirs,
+            }) => assert_eq!(
+                (pool, other.as_str(), theirs),
+                (net("10.134.64.0/18"), "alpha", net("10.134.0.0/17"))
+            ),
+            other => panic!("{:?}", other.err()),
+        }
+        match init(state, &cfg, "beta", net("10.135.0.0/24"), now) {
+            Err(ProjectError::PoolOutsideNames { pool, names, .. }) => {
+                assert_eq!((pool, names), (net("10.135.0.0/24"), cfg.names.pool))
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        // A CA key without its database row (an interrupted init) is never replaced.
+        let orphan = ProjectDir::new(state, "gamma");
+        std::fs::create_dir_all(&orphan.dir).unwrap();
+        std::fs::write(orphan.ca_key(), "kept").unwrap();
+        match init(state, &cfg, "gamma", net("10.134.128.0/17"), now) {
+            Err(ProjectError::OrphanKey { dir, .. }) => assert_eq!(dir, orphan.dir),
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(std::fs::read_to_string(orphan.ca_key()).unwrap(), "kept");
+        assert_eq!(
+            std::fs::read(ProjectDir::new(state, "alpha").ca_key()).unwrap(),
+            ca_key
+        );
+
+        let issued = issue_server(state, &cfg, "alpha", "vpn1", now).unwrap();
+        assert_eq!(issued.serial, 1);
+        assert_eq!(
+            issued.key,
+            ProjectDir::new(state, "alpha").servers().join("vpn1.key")
+        );
+        let (pw, made) = issued.management.unwrap();
+        assert!(made && pw.is_file());
+        let key = std::fs::read(&issued.key).unwrap();
+        match issue_server(state, &cfg, "alpha", "vpn1", now) {
+            Err(ProjectError::ServerKeyExists { path, name }) => {
+                assert_eq!((path, name.as_str()), (issued.key.clone(), "vpn1"))
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(std::fs::read(&issued.key).unwrap(), key);
+        for bad in ["", "../x", "a b", "-x", &"a".repeat(65)] {
+            match issue_server(state, &cfg, "alpha", bad, now) {
+                Err(ProjectError::BadServerName(n)) => assert_eq!(n, bad),
+                other => panic!("{bad:?}: {:?}", other.err()),
+            }
+        }
+        // The next server gets the next serial; the password file is kept.
+        let second = issue_server(state, &cfg, "alpha", "vpn2", now).unwrap();
+        assert_eq!((second.serial, second.management), (2, Some((pw, false))));
+    }
+}
