@@ -78,11 +78,8 @@ impl ServerConfig {
         }
         cfg.limits.http.check().map_err(invalid)?;
         for name in cfg.projects.keys() {
-            if idhal_manifest::ProjectName::try_from(name.as_str()).is_err() {
-                return Err(invalid(format!(
-                    "[projects.{name:?}]: a project name is 1-64 of A-Z a-z 0-9 . _ -, starting \
-                     with a letter or digit"
-                )));
+            if let Err(e) = idhal_manifest::ProjectName::try_from(name.as_str()) {
+                return Err(invalid(format!("[projects.{name:?}]: {e}")));
             }
         }
         for (what, d) in [
@@ -731,7 +728,7 @@ mod tests {
         assert_eq!(
             refusal("[openvpn]\nname = \"a b\""),
             Refusal::Toml(
-                "server name \"a b\" is not valid: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no \"..\"".into()
+                "server name \"a b\" is not valid: 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'".into()
             )
         );
     }
@@ -781,6 +778,11 @@ mod tests {
                 "[names]\npool = \"10.0.0.0/20\"\n[dns]\nupdate = \"rfc2136\"\ntsig_key_file = \"k\""
             ),
             check("[dns] reverse_zone \"\" is not valid: must be set when the pool's prefix is not 8, 16 or 24")
+        );
+        // The manifest crate's rule for project names, in its own words.
+        assert_eq!(
+            refusal("[projects.\"a..b\"]\nremotes = []"),
+            check("[projects.\"a..b\"]: project name \"a..b\" is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, without '..'")
         );
     }
 }

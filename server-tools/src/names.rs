@@ -1,5 +1,5 @@
-//! Validated values the hooks act on: node ids (certificate CNs), DNS labels and domains, the
-//! name template, and OAR property values. OAR pastes host names and values into SQL unescaped,
+//! Validated values the hooks act on: node ids (certificate CNs, the manifest crate's `NodeId`),
+//! server names, DNS labels and domains, the name template, and OAR property values. OAR pastes host names and values into SQL unescaped,
 //! so only these types, whose charsets hold no quote, space or backslash, ever reach a backend.
 
 use std::fmt;
@@ -39,59 +39,37 @@ fn invalid(what: &'static str, value: &str, why: &'static str) -> NameError {
     }
 }
 
-/// A node's identity: the CN of its client certificate, e.g. `client317`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(String);
+use idhal_manifest::id::SAFE_NAME_RULE;
+/// A node's identity, the CN of its client certificate (`client317`): the manifest crate's
+/// type, so the enrollment side that names a node and the hooks that check it share one rule.
+pub use idhal_manifest::NodeId;
 
-impl NodeId {
-    pub const RULE: &'static str =
-        "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no \"..\"";
-
-    pub fn parse(s: &str) -> Result<Self, NameError> {
-        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        let first_ok = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-        if s.is_empty() || s.len() > 64 || !first_ok || !s.chars().all(ok_char) || s.contains("..")
-        {
-            return Err(invalid("node id (certificate CN)", s, Self::RULE));
-        }
-        Ok(Self(s.to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A node id as OpenVPN (`common_name`) or an admin hands it over, refused in the words of the
+/// role it plays here.
+pub fn node_id(s: &str) -> Result<NodeId, NameError> {
+    NodeId::try_from(s).map_err(|_| invalid("node id (certificate CN)", s, SAFE_NAME_RULE))
 }
 
 /// A VPN server's name (`[openvpn] name`, the host name by default), recorded with each node
-/// it registers: the charset of node ids, so it is also a valid OAR property value.
+/// it registers: the rule of node ids, so it is also a valid OAR property value and CN.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ServerName(String);
+pub struct ServerName(NodeId);
 
 impl ServerName {
     pub fn parse(s: &str) -> Result<Self, NameError> {
-        NodeId::parse(s).map(|n| Self(n.0)).map_err(|_| {
-            invalid(
-                "server name",
-                s,
-                "1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit, no \"..\"",
-            )
-        })
+        NodeId::try_from(s)
+            .map(Self)
+            .map_err(|_| invalid("server name", s, SAFE_NAME_RULE))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
     }
 }
 
 impl fmt::Display for ServerName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -447,10 +425,13 @@ mod tests {
         }
     }
 
+    /// Node ids and server names follow the manifest crate's one rule, and their refusals
+    /// state that rule's one text.
     #[test]
-    fn node_ids() {
-        assert!(NodeId::parse("client317").is_ok());
-        assert!(NodeId::parse("node-1.a_b").is_ok());
+    fn node_ids_and_server_names() {
+        assert_eq!(node_id("client317").unwrap().as_str(), "client317");
+        assert_eq!(node_id("node-1.a_b").unwrap().to_string(), "node-1.a_b");
+        assert_eq!(ServerName::parse("vpn1.a_b").unwrap().as_str(), "vpn1.a_b");
         for bad in [
             "",
             "-x",
@@ -463,10 +444,26 @@ mod tests {
             &"a".repeat(65),
         ] {
             assert_eq!(
-                refused(NodeId::parse(bad)),
-                ("node id (certificate CN)", bad.to_owned())
+                node_id(bad),
+                Err(invalid("node id (certificate CN)", bad, SAFE_NAME_RULE))
             );
+            assert_eq!(
+                ServerName::parse(bad),
+                Err(invalid("server name", bad, SAFE_NAME_RULE))
+            );
+            assert!(NodeId::try_from(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            node_id("a b").unwrap_err().to_string(),
+            "node id (certificate CN) \"a b\" is not valid: 1-64 characters from A-Z a-z 0-9 \
+             . _ -, starting with a letter or digit, without '..'"
+        );
+        // Shortened to 80 characters and marked, so a hostile value cannot flood a log line.
+        let long = "a".repeat(65) + &"'".repeat(100);
+        let Err(NameError::Invalid { value, .. }) = node_id(&long) else {
+            panic!("accepted")
+        };
+        assert_eq!(value, format!("{}…", &long[..80]));
     }
 
     #[test]

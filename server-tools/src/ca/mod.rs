@@ -21,8 +21,9 @@ use std::path::PathBuf;
 /// refused: one line for the admin, naming the project, pool, server or file.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectError {
-    #[error("project name {0:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit")]
-    BadName(String),
+    /// `--project` or `[ca] project` breaks the manifest crate's rule for project names.
+    #[error(transparent)]
+    BadName(#[from] idhal_manifest::IdError),
     #[error("project {project:?}'s pool {pool} is not inside [names] pool {names}: the hooks would refuse its nodes; widen [names] pool (and its template) or pick a pool inside it")]
     PoolOutsideNames {
         project: String,
@@ -41,8 +42,6 @@ pub enum ProjectError {
     },
     #[error("{dir} holds a CA key but the database has no project {project:?} (an interrupted `ca init`?): move that directory away and run `idhal ca init` again")]
     OrphanKey { project: String, dir: PathBuf },
-    #[error("server name {0:?} is invalid: use 1-64 of A-Z a-z 0-9 . _ -")]
-    BadServerName(String),
     #[error("{path} exists: server {name:?} already has a key (pick another name, or revoke and remove it)")]
     ServerKeyExists { path: PathBuf, name: String },
     #[error("publishing the CRL of project {project}")]
@@ -51,7 +50,7 @@ pub enum ProjectError {
         #[source]
         source: PublishError,
     },
-    /// A pool stored in the database that no longer parses.
+    /// A server name, or a pool stored in the database, that does not parse.
     #[error(transparent)]
     Name(#[from] NameError),
     #[error(transparent)]
@@ -65,9 +64,7 @@ pub enum ProjectError {
 /// The project a command acts on: `--project`, else `[ca] project`; validated.
 pub fn project_name(arg: Option<String>, cfg: &ServerConfig) -> Result<String, ProjectError> {
     let p = arg.unwrap_or_else(|| cfg.ca.project.clone());
-    if idhal_manifest::ProjectName::try_from(p.as_str()).is_err() {
-        return Err(ProjectError::BadName(p));
-    }
+    idhal_manifest::ProjectName::try_from(p.as_str())?;
     Ok(p)
 }
 

@@ -7,10 +7,9 @@ use crate::ca::db::{Db, Open};
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
 use crate::ca::{require_inside_names_pool, ProjectError};
 use crate::config::{CaSection, ServerConfig};
-use crate::names::Ipv4Net;
+use crate::names::{Ipv4Net, ServerName};
 use crate::openvpn::management::{ensure_password_file, password_file};
 use crate::publish::{write_atomic, write_new};
-use idhal_manifest::NodeId;
 use rusqlite::params;
 use std::path::{Path, PathBuf};
 
@@ -94,9 +93,7 @@ pub fn issue_server(
     name: &str,
     now: u64,
 ) -> Result<IssuedServer, ProjectError> {
-    if NodeId::try_from(name).is_err() {
-        return Err(ProjectError::BadServerName(name.to_owned()));
-    }
+    ServerName::parse(name)?;
     let mut db = Db::open(state_dir, Open::Existing)?;
     let ca = ProjectCa::load(state_dir, project)?;
     let dir = ca.paths.servers();
@@ -168,6 +165,7 @@ pub fn issue_server(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::project_name;
 
     fn net(s: &str) -> Ipv4Net {
         Ipv4Net::parse(s).unwrap()
@@ -226,6 +224,12 @@ mod tests {
             ca_key
         );
 
+        match project_name(Some("../x".into()), &cfg) {
+            Err(ProjectError::BadName(e)) => {
+                assert_eq!(e, idhal_manifest::IdError::Project("../x".into()))
+            }
+            other => panic!("{other:?}"),
+        }
         let issued = issue_server(state, &cfg, "alpha", "vpn1", now).unwrap();
         assert_eq!(issued.serial, 1);
         assert_eq!(
@@ -244,7 +248,7 @@ mod tests {
         assert_eq!(std::fs::read(&issued.key).unwrap(), key);
         for bad in ["", "../x", "a b", "-x", &"a".repeat(65)] {
             match issue_server(state, &cfg, "alpha", bad, now) {
-                Err(ProjectError::BadServerName(n)) => assert_eq!(n, bad),
+                Err(ProjectError::Name(e)) => assert_eq!(Err(e), ServerName::parse(bad)),
                 other => panic!("{bad:?}: {:?}", other.err()),
             }
         }

@@ -7,7 +7,7 @@ use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectCa;
 use crate::ca::revoke;
 use crate::cmd::{load_config, Exit, Global};
-use crate::names::NodeId;
+use crate::names::node_id;
 use crate::openvpn::management::{kill_everywhere, password_file};
 use crate::publish::remove_durably;
 use anyhow::Context as _;
@@ -39,7 +39,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let id = NodeId::parse(&args.node)?;
+    let id = node_id(&args.node)?;
     let mut db = Db::open(&global.state_dir, Open::Existing)?;
     let node = db
         .node(id.as_str())?

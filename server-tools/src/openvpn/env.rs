@@ -1,7 +1,7 @@
 //! What OpenVPN tells a client-connect/client-disconnect script, parsed into validated types.
 //! Raw environment strings never leave this module: a value that does not parse is refused here.
 
-use crate::names::{Ipv4Net, NameError, NodeId};
+use crate::names::{node_id, Ipv4Net, NameError, NodeId};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -90,7 +90,7 @@ impl Session {
         let get = |var: &'static str| env.get(var).map(String::as_str);
         let need = |var: &'static str| get(var).ok_or(EnvError::Missing { var });
 
-        let node = NodeId::parse(need("common_name")?).map_err(|source| EnvError::Name {
+        let node = node_id(need("common_name")?).map_err(|source| EnvError::Name {
             var: "common_name",
             source,
         })?;
