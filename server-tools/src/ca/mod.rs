@@ -32,6 +32,8 @@ pub enum ProjectError {
     },
     #[error("no project {0:?}: run `idhal ca init --project {0}`")]
     NoProject(String),
+    #[error("no node {0} (see `idhal nodes`); nothing changed")]
+    NoNode(String),
     #[error("project {project:?} already exists (its CA is in {dir}); nothing changed")]
     Exists { project: String, dir: PathBuf },
     #[error("pool {pool} overlaps project {other:?}'s pool {theirs}: give each project its own (--pool)")]

@@ -1,9 +1,16 @@
-//! Revocation in the state database: the node and its certificate marked revoked in one
-//! transaction (the CRL and the sessions follow: `ca::crl::regenerate`,
-//! `openvpn::management::kill_everywhere`).
+//! Revocation: the node and its certificate marked revoked in one transaction (`mark_node`),
+//! then the project's CRL re-signed and the node's client-config-dir entry removed
+//! (`cut_off`); `openvpn::management::kill_everywhere` drops its live sessions.
 
+use crate::ca::crl;
 use crate::ca::db::{Db, DbError, NodeRow};
+use crate::ca::pki::ProjectCa;
+use crate::ca::ProjectError;
+use crate::config::ServerConfig;
+use crate::names::NodeId;
+use crate::publish::remove_durably;
 use rusqlite::params;
+use std::path::{Path, PathBuf};
 
 /// Marks `node` and its certificate revoked at `now`; a node already revoked keeps its time.
 pub fn mark(db: &mut Db, node: &NodeRow, now: u64) -> Result<(), DbError> {
@@ -20,4 +27,120 @@ pub fn mark(db: &mut Db, node: &NodeRow, now: u64) -> Result<(), DbError> {
         .map_err(err)?;
         Ok::<_, DbError>(())
     })
+}
+
+/// What `mark_node` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    /// Revoked now.
+    Now,
+    /// Already revoked at this time (kept): the later steps run again.
+    Already(u64),
+}
+
+/// Revokes enrolled node `id` in the database at `now` (its row as it was before).
+pub fn mark_node(db: &mut Db, id: &NodeId, now: u64) -> Result<(NodeRow, Marked), ProjectError> {
+    let node = db
+        .node(id.as_str())?
+        .ok_or_else(|| ProjectError::NoNode(id.to_string()))?;
+    let marked = match node.revoked_at {
+        Some(at) => Marked::Already(at),
+        None => {
+            mark(db, &node, now)?;
+            Marked::Now
+        }
+    };
+    Ok((node, marked))
+}
+
+/// Where `cut_off` published the new CRL, and its nextUpdate.
+pub struct CutOff {
+    pub crl: PathBuf,
+    pub crl_until: u64,
+}
+
+/// Re-signs `node`'s project CRL at once (OpenVPN's crl-verify reads it on the next handshake)
+/// and removes the node's client-config-dir entry (ccd-exclusive refuses it even before that).
+pub fn cut_off(
+    db: &mut Db,
+    state_dir: &Path,
+    cfg: &ServerConfig,
+    node: &NodeRow,
+    now: u64,
+) -> Result<CutOff, ProjectError> {
+    let ca = ProjectCa::load(state_dir, &node.project)?;
+    let crl_until = crl::regenerate(db, &ca, cfg, now)?;
+    remove_durably(&ca.paths.ccd().join(&node.id))?;
+    Ok(CutOff {
+        crl: ca.paths.crl(),
+        crl_until,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::db::Open;
+    use crate::ca::project::init;
+    use crate::names::{node_id, Ipv4Net};
+
+    #[test]
+    fn revoke_marks_once_then_cuts_off() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path();
+        let cfg = ServerConfig::default();
+        let t0 = 1_800_000_000;
+        let created = init(
+            state,
+            &cfg,
+            "p",
+            Ipv4Net::parse("10.134.0.0/16").unwrap(),
+            t0,
+        )
+        .unwrap();
+        let mut db = Db::open(state, Open::Existing).unwrap();
+        db.conn
+            .execute_batch(
+                "INSERT INTO tokens (id, project, node_type, verifier, uses, created, expires)
+                 VALUES ('t', 'p', 'vnode', x'00', 1, 0, 0);
+                 INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+                 VALUES ('p', 7, 'node', 'client1', 0, 4000000000, '');
+                 INSERT INTO nodes (id, num, project, node_type, address, enrolled_at,
+                                    cert_serial, public_key, token)
+                 VALUES ('client1', 1, 'p', 'vnode', '10.134.0.2', 0, 7, x'01', 't');",
+            )
+            .unwrap();
+        let ccd = created.ca.paths.ccd().join("client1");
+        std::fs::write(&ccd, "ifconfig-push 10.134.0.2 255.255.0.0\n").unwrap();
+        let id = node_id("client1").unwrap();
+
+        match mark_node(&mut db, &node_id("client2").unwrap(), t0) {
+            Err(ProjectError::NoNode(n)) => assert_eq!(n, "client2"),
+            other => panic!("{:?}", other.err()),
+        }
+        let (row, marked) = mark_node(&mut db, &id, t0 + 10).unwrap();
+        assert_eq!((row.revoked_at, marked), (None, Marked::Now));
+        // A second revocation keeps the first time.
+        let (row, marked) = mark_node(&mut db, &id, t0 + 20).unwrap();
+        assert_eq!(
+            (row.revoked_at, marked),
+            (Some(t0 + 10), Marked::Already(t0 + 10))
+        );
+        let cert_revoked: i64 = db
+            .conn
+            .query_row("SELECT revoked_at FROM certs WHERE serial = 7", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(cert_revoked as u64, t0 + 10);
+
+        let before = db.project("p").unwrap().unwrap().crl_number;
+        let cut = cut_off(&mut db, state, &cfg, &row, t0 + 20).unwrap();
+        assert_eq!(cut.crl, created.ca.paths.crl());
+        assert_eq!(db.project("p").unwrap().unwrap().crl_number, before + 1);
+        assert!(!ccd.exists());
+        // Again (the ccd entry already gone): still fine, the CRL re-signed once more.
+        cut_off(&mut db, state, &cfg, &row, t0 + 30).unwrap();
+        assert_eq!(db.project("p").unwrap().unwrap().crl_number, before + 2);
+    }
 }

@@ -2,15 +2,11 @@
 //! at once, removes its client-config-dir entry, and drops its live session from every
 //! configured OpenVPN management interface (not at the next renegotiation).
 
-use crate::ca::crl;
 use crate::ca::db::{Db, Open};
-use crate::ca::pki::ProjectCa;
-use crate::ca::revoke;
+use crate::ca::revoke::{self, Marked};
 use crate::cmd::{load_config, Exit, Global};
 use crate::names::node_id;
 use crate::openvpn::management::{kill_everywhere, password_file};
-use crate::publish::remove_durably;
-use anyhow::Context as _;
 use idhal_manifest::time::{now, rfc3339};
 
 #[derive(Debug, clap::Args)]
@@ -41,31 +37,24 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
     };
     let id = node_id(&args.node)?;
     let mut db = Db::open(&global.state_dir, Open::Existing)?;
-    let node = db
-        .node(id.as_str())?
-        .with_context(|| format!("no node {id} (see `idhal nodes`); nothing changed"))?;
     let now = now();
-    match node.revoked_at {
-        Some(at) => println!(
+    let (node, marked) = revoke::mark_node(&mut db, &id, now)?;
+    match marked {
+        Marked::Already(at) => println!(
             "{id}: already revoked at {}; re-checking CRL and sessions",
             rfc3339(at)
         ),
-        None => {
-            revoke::mark(&mut db, &node, now)?;
-            println!(
-                "{id}: revoked (project {}, certificate serial {})",
-                node.project, node.cert_serial
-            );
-        }
+        Marked::Now => println!(
+            "{id}: revoked (project {}, certificate serial {})",
+            node.project, node.cert_serial
+        ),
     }
-    let ca = ProjectCa::load(&global.state_dir, &node.project)?;
-    let until = crl::regenerate(&mut db, &ca, &cfg, now)?;
+    let cut = revoke::cut_off(&mut db, &global.state_dir, &cfg, &node, now)?;
     println!(
         "{id}: CRL {} re-signed (valid until {})",
-        ca.paths.crl().display(),
-        rfc3339(until)
+        cut.crl.display(),
+        rfc3339(cut.crl_until)
     );
-    remove_durably(&ca.paths.ccd().join(id.as_str()))?;
 
     let openvpn = cfg.openvpn_for(&node.project);
     let password = password_file(&cfg, &global.state_dir, &node.project);
