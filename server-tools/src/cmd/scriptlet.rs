@@ -2,9 +2,7 @@
 //! manifest, so the key reaches root's authorized_keys only through the signed channel.
 
 use crate::cmd::{Exit, Global};
-use crate::signing::ssh_key::{parse_public_key, render};
-use anyhow::Context as _;
-use std::io::Write as _;
+use crate::signing::ssh_key::write_scriptlet;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -44,33 +42,11 @@ pub enum ScriptletCommand {
 pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
     match args.command {
         ScriptletCommand::SshKey { key, out, name } => {
-            let valid_name = name.ends_with(".sh")
-                && name.len() > 7
-                && name.as_bytes()[..3].iter().all(u8::is_ascii_digit)
-                && name.as_bytes()[3] == b'-'
-                && name[4..name.len() - 3]
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-            anyhow::ensure!(
-                valid_name && !name.contains(".."),
-                "--name {name:?} must look like NNN-name.sh (digits, dash, A-Z a-z 0-9 - _ .)"
-            );
-            let text = std::fs::read_to_string(&key)
-                .with_context(|| format!("reading {}", key.display()))?;
-            let line =
-                parse_public_key(&text).with_context(|| format!("refusing {}", key.display()))?;
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let path = out.join(&name);
-            let tmp = out.join(format!(".{name}.tmp{}", std::process::id()));
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(render(&line).as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+            let written = write_scriptlet(&key, &out, &name)?;
             eprintln!(
                 "idhal scriptlet: wrote {} ({}); sign the directory with `idhal sign` to publish it",
-                path.display(),
-                line.split(' ').next().unwrap_or_default()
+                written.path.display(),
+                written.key_type
             );
             Ok(Exit::Ok)
         }

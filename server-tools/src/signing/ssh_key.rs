@@ -1,5 +1,9 @@
 //! The scheduler's SSH public key as a scriptlet: the key line validated (no options, nothing
-//! a shell could interpret) and the idempotent POSIX sh that installs it for root.
+//! a shell could interpret), the idempotent POSIX sh that installs it for root, and writing it
+//! into the scriptlet directory `idhal sign` reads.
+
+use crate::publish::{write_atomic, PublishError};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
@@ -15,6 +19,88 @@ pub enum KeyError {
     Data,
     #[error("the comment may only hold A-Z a-z 0-9 . _ - @ + = : / and spaces")]
     Comment,
+}
+
+/// Why `write_scriptlet` wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptletError {
+    #[error("--name {0:?} must look like NNN-name.sh (digits, dash, A-Z a-z 0-9 - _ .)")]
+    BadName(String),
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing {path}")]
+    Refused {
+        path: PathBuf,
+        #[source]
+        source: KeyError,
+    },
+    #[error("creating {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: PublishError,
+    },
+}
+
+/// A scriptlet `write_scriptlet` wrote.
+#[derive(Debug)]
+pub struct Written {
+    pub path: PathBuf,
+    /// The key's type (`ssh-ed25519`), for the admin's confirmation.
+    pub key_type: String,
+}
+
+/// `NNN-name.sh`: the number orders it among the other scriptlets, the rest becomes its id.
+fn valid_file_name(name: &str) -> bool {
+    name.ends_with(".sh")
+        && name.len() > 7
+        && name.as_bytes()[..3].iter().all(u8::is_ascii_digit)
+        && name.as_bytes()[3] == b'-'
+        && name[4..name.len() - 3]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.contains("..")
+}
+
+/// Reads the public key in `key_file`, and writes the scriptlet installing it as `out/name`
+/// (atomically; `out` is created when missing).
+pub fn write_scriptlet(key_file: &Path, out: &Path, name: &str) -> Result<Written, ScriptletError> {
+    if !valid_file_name(name) {
+        return Err(ScriptletError::BadName(name.to_owned()));
+    }
+    let text = std::fs::read_to_string(key_file).map_err(|source| ScriptletError::Read {
+        path: key_file.to_owned(),
+        source,
+    })?;
+    let line = parse_public_key(&text).map_err(|source| ScriptletError::Refused {
+        path: key_file.to_owned(),
+        source,
+    })?;
+    std::fs::create_dir_all(out).map_err(|source| ScriptletError::CreateDir {
+        path: out.to_owned(),
+        source,
+    })?;
+    let path = out.join(name);
+    write_atomic(&path, render(&line).as_bytes(), 0o644).map_err(|source| {
+        ScriptletError::Write {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(Written {
+        path,
+        key_type: line.split(' ').next().unwrap_or_default().to_owned(),
+    })
 }
 
 /// A validated `TYPE BASE64 [comment]` line: no options, nothing a shell could interpret.
@@ -121,6 +207,48 @@ mod tests {
             parse_public_key(&format!("{KEY}'; reboot; '")),
             Err(KeyError::Comment)
         );
+    }
+
+    #[test]
+    fn writes_the_scriptlet_or_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("id.pub");
+        std::fs::write(&key, format!("{KEY}\n")).unwrap();
+        let out = d.path().join("scriptlets");
+        let w = write_scriptlet(&key, &out, "050-ssh.sh").unwrap();
+        assert_eq!(
+            (w.path.clone(), w.key_type.as_str()),
+            (out.join("050-ssh.sh"), "ssh-ed25519")
+        );
+        assert_eq!(std::fs::read_to_string(&w.path).unwrap(), render(KEY));
+        // Only the scriptlet: no temp file left beside it.
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+        for bad in [
+            "50-x.sh",
+            "050-.sh",
+            "050_x.sh",
+            "050-x",
+            "050-a..b.sh",
+            "050-a/b.sh",
+            "050-x y.sh",
+        ] {
+            match write_scriptlet(&key, &out, bad) {
+                Err(ScriptletError::BadName(n)) => assert_eq!(n, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        std::fs::write(&key, "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
+        match write_scriptlet(&key, &out, "060-ssh.sh") {
+            Err(ScriptletError::Refused { path, source }) => {
+                assert_eq!((path, source), (key.clone(), KeyError::Private))
+            }
+            other => panic!("{other:?}"),
+        }
+        match write_scriptlet(&d.path().join("none"), &out, "060-ssh.sh") {
+            Err(ScriptletError::Read { path, .. }) => assert_eq!(path, d.path().join("none")),
+            other => panic!("{other:?}"),
+        }
+        assert!(!out.join("060-ssh.sh").exists());
     }
 
     #[test]
