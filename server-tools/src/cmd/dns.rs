@@ -3,8 +3,7 @@
 
 use crate::cmd::{Exit, Global};
 use crate::config::ServerConfig;
-use crate::dns::zone::{render_zones, write_atomic};
-use anyhow::Context as _;
+use crate::dns::zone::{render_zones, write_zones};
 use idhal_manifest::time::now;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -56,12 +55,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
                     }
                 }
                 Some(dir) => {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
-                    for (zone, text) in &zones {
-                        let path = dir.join(format!("{zone}.zone"));
-                        write_atomic(&path, text.as_bytes())
-                            .with_context(|| format!("writing {}", path.display()))?;
+                    for path in write_zones(&dir, &zones)? {
                         eprintln!("idhal dns zone: wrote {}", path.display());
                     }
                 }
