@@ -4,7 +4,7 @@
 
 use crate::cmd::{load_config, Exit, Global};
 use crate::config::{OnFailure, ServerConfig};
-use crate::node::{self, Failure};
+use crate::node::{self, one_line, Failure};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -85,12 +85,12 @@ fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) ->
             Exit::Ok
         }
         Err(Failure::Refused(e)) => {
-            eprintln!("idhal hook {name}: REFUSED: {e:#}");
+            eprintln!("idhal hook {name}: REFUSED: {}", one_line(&e));
             Exit::Failed
         }
         Err(Failure::Backend(errors)) => {
             for e in &errors {
-                eprintln!("idhal hook {name}: error: {e:#}");
+                eprintln!("idhal hook {name}: error: {}", one_line(e));
             }
             match cfg.hook.on_failure {
                 OnFailure::Refuse => {

@@ -2,9 +2,8 @@
 //! interface) and has `node::reconcile` replay the missed events. Idempotent, for a timer.
 
 use crate::cmd::{load_config, Exit, Global};
-use crate::config::StatusSource;
-use crate::node::reconcile::{reconcile, Options};
-use crate::openvpn::status::{read_management, read_status_file};
+use crate::node::reconcile::{reconcile, require_fresh, Options};
+use crate::openvpn::status::Source;
 use crate::process::NodeLock;
 use idhal_manifest::time::now;
 use std::net::SocketAddr;
@@ -61,31 +60,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         eprintln!("idhal reconcile: another reconcile is running; nothing done");
         return Ok(Exit::Ok);
     };
-    let (status, source) = match (&args.status_file, &args.management, cfg.reconcile.source) {
-        (Some(path), _, _) => (
-            read_status_file(path, cfg.reconcile.max_status_bytes)?,
-            path.display().to_string(),
-        ),
-        (None, Some(addr), _) => (
-            read_management(*addr, &cfg, state_dir)?,
-            format!("management {addr}"),
-        ),
-        (None, None, StatusSource::Management) => (
-            read_management(cfg.reconcile.management, &cfg, state_dir)?,
-            format!("management {}", cfg.reconcile.management),
-        ),
-        (None, None, StatusSource::StatusFile) => (
-            read_status_file(&cfg.reconcile.status_file, cfg.reconcile.max_status_bytes)?,
-            cfg.reconcile.status_file.display().to_string(),
-        ),
-    };
-    let age = now().saturating_sub(status.written);
-    if age > cfg.reconcile.max_status_age_secs {
-        anyhow::bail!(
-            "OpenVPN status from {source} was written {age} s ago (limit {} s): is OpenVPN running and writing it? Nothing changed",
-            cfg.reconcile.max_status_age_secs
-        );
-    }
+    let source = Source::pick(args.status_file, args.management, &cfg);
+    let status = source.read(&cfg, state_dir)?;
+    require_fresh(
+        &status,
+        &source.to_string(),
+        cfg.reconcile.max_status_age_secs,
+        now(),
+    )?;
     let options = Options {
         dry_run: args.dry_run,
         refresh_dns: args.refresh_dns,

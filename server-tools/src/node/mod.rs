@@ -4,38 +4,91 @@
 
 pub mod reconcile;
 
-use crate::ca::db::{lookup_node, lookup_projects, NodeRow};
+use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow};
 use crate::config::{OnDisconnect, ServerConfig};
-use crate::dns;
-use crate::names::{HostName, Ipv4Net, Label};
-use crate::openvpn::env::{NodeAddresses, Session};
-use crate::process::{Deadline, NodeLock};
-use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp};
-use anyhow::Context as _;
-use idhal_manifest::time::now;
+use crate::dns::{self, DnsError};
+use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId};
+use crate::openvpn::env::{EnvError, NodeAddresses, Session};
+use crate::openvpn::status::StatusError;
+use crate::process::{Deadline, LockError, NodeLock};
+use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp, SchedulerError};
+use idhal_manifest::time::{now, rfc3339};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Instant;
 
+/// What went wrong with one node's event, or with a reconcile run: each names the node,
+/// host or backend it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// OpenVPN's environment (or a status line) holds an unacceptable value.
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    /// A name that cannot be made or read (the template's label, this server's name).
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("node {node} was revoked at {}", rfc3339(*.at))]
+    Revoked { node: NodeId, at: u64 },
+    #[error("a project pool in the state database")]
+    StoredPool(#[source] NameError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{backend}: {doing}")]
+    Scheduler {
+        backend: &'static str,
+        /// What was being done: `registering HOST`, `taking HOST down`, `listing nodes`.
+        doing: String,
+        #[source]
+        source: SchedulerError,
+    },
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    #[error("OpenVPN status from {from} was written {age} s ago (limit {limit} s): is OpenVPN running and writing it? Nothing changed")]
+    StaleStatus { from: String, age: u64, limit: u64 },
+}
+
+/// An error and its causes on one line, `a: b: c`, as the hooks' and reconcile's log lines
+/// show them.
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
 /// Why a node event (a hook, or a repair by reconcile) did not complete.
 #[derive(Debug)]
 pub enum Failure {
     /// The environment held a value that is not acceptable: always refused.
-    Refused(anyhow::Error),
+    Refused(NodeError),
     /// A backend failed or timed out: `on_failure` decides.
-    Backend(Vec<anyhow::Error>),
+    Backend(Vec<NodeError>),
+}
+
+impl Failure {
+    fn backend(e: impl Into<NodeError>) -> Self {
+        Failure::Backend(vec![e.into()])
+    }
 }
 
 /// The addresses nodes may hold: `[names] pool` without the network, broadcast and VPN
 /// server addresses of it and of every project's pool in the state database.
-pub fn node_addresses(cfg: &ServerConfig, state_dir: &Path) -> anyhow::Result<NodeAddresses> {
+pub fn node_addresses(cfg: &ServerConfig, state_dir: &Path) -> Result<NodeAddresses, NodeError> {
     let projects = lookup_projects(state_dir)?;
     let pools = projects
         .iter()
         .map(|p| Ok((p.name.as_str(), Ipv4Net::parse(&p.pool)?)))
-        .collect::<anyhow::Result<Vec<_>>>()
-        .context("a project pool in the state database")?;
+        .collect::<Result<Vec<_>, NameError>>()
+        .map_err(NodeError::StoredPool)?;
     Ok(NodeAddresses::new(cfg.names.pool, pools))
 }
 
@@ -44,7 +97,7 @@ fn session_and_host(
     state_dir: &Path,
     env: &HashMap<String, String>,
 ) -> Result<(Session, HostName), Failure> {
-    let addresses = node_addresses(cfg, state_dir).map_err(|e| Failure::Backend(vec![e]))?;
+    let addresses = node_addresses(cfg, state_dir).map_err(Failure::backend)?;
     let session =
         Session::from_env(env, &addresses, now()).map_err(|e| Failure::Refused(e.into()))?;
     let label = cfg
@@ -65,7 +118,7 @@ fn dns_upsert(
     session: &Session,
     host: &HostName,
     deadline: Deadline,
-) -> anyhow::Result<Option<String>> {
+) -> Result<Option<String>, NodeError> {
     let did = dns::backend::open(cfg).upsert(host, session.vpn_ip, deadline)?;
     Ok(did.then(|| "DNS A+PTR set".to_owned()))
 }
@@ -74,7 +127,7 @@ fn dns_upsert(
 struct Steps {
     started: Instant,
     done: Vec<String>,
-    errors: Vec<anyhow::Error>,
+    errors: Vec<NodeError>,
     _lock: NodeLock,
 }
 
@@ -91,7 +144,7 @@ impl Steps {
             &format!("node-{}", host.label),
             deadline.cap(cfg.limits.lock_wait()),
         )
-        .map_err(|e| Failure::Backend(vec![e.into()]))?;
+        .map_err(Failure::backend)?;
         Ok(Self {
             started: Instant::now(),
             done: Vec::new(),
@@ -100,7 +153,7 @@ impl Steps {
         })
     }
 
-    fn record(&mut self, r: anyhow::Result<Option<String>>) {
+    fn record(&mut self, r: Result<Option<String>, NodeError>) {
         match r {
             Ok(Some(line)) => self.done.push(line),
             Ok(None) => {}
@@ -134,18 +187,14 @@ pub fn connect_session(
 ) -> Result<String, Failure> {
     // Defence in depth behind OpenVPN's crl-verify and ccd-exclusive: a node revoked in the
     // database is refused even if OpenVPN let it through (a stale CRL on another server).
-    let record = lookup_node(state_dir, session.node.as_str())
-        .map_err(|e| Failure::Backend(vec![e.into()]))?;
+    let record = lookup_node(state_dir, session.node.as_str()).map_err(Failure::backend)?;
     if let Some(at) = record.as_ref().and_then(|r| r.revoked_at) {
-        return Err(Failure::Refused(anyhow::anyhow!(
-            "node {} was revoked at {}",
-            session.node,
-            idhal_manifest::time::rfc3339(at)
-        )));
+        return Err(Failure::Refused(NodeError::Revoked {
+            node: session.node.clone(),
+            at,
+        }));
     }
-    let server = cfg
-        .server_name()
-        .map_err(|e| Failure::Backend(vec![e.into()]))?;
+    let server = cfg.server_name().map_err(Failure::backend)?;
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     if let Some(sched) = backend::open(cfg, state_dir) {
         let up = NodeUp {
@@ -169,7 +218,11 @@ pub fn connect_session(
                         o.resource_ids
                     ))
                 })
-                .with_context(|| format!("{}: registering {host}", sched.name())),
+                .map_err(|source| NodeError::Scheduler {
+                    backend: sched.name(),
+                    doing: format!("registering {host}"),
+                    source,
+                }),
         );
     }
     steps.record(dns_upsert(cfg, session, host, deadline));
@@ -208,9 +261,14 @@ pub fn disconnect_host(
     let mut stale = false;
     if let Some(sched) = backend::open(cfg, state_dir) {
         let name = sched.name();
-        let outcome = sched
-            .node_down(host, guard, deadline)
-            .with_context(|| format!("{name}: taking {host} down"));
+        let outcome =
+            sched
+                .node_down(host, guard, deadline)
+                .map_err(|source| NodeError::Scheduler {
+                    backend: name,
+                    doing: format!("taking {host} down"),
+                    source,
+                });
         stale = matches!(outcome, Ok(DownOutcome::NewerSession));
         steps.record(outcome.map(|o| {
             Some(match o {
@@ -228,7 +286,7 @@ pub fn disconnect_host(
             dns::backend::open(cfg)
                 .remove(host, vpn_ip, deadline)
                 .map(|did| did.then(|| "DNS A+PTR removed".to_owned()))
-                .map_err(anyhow::Error::from),
+                .map_err(NodeError::from),
         );
     }
     steps

@@ -4,12 +4,14 @@
 use crate::config::ServerConfig;
 use crate::dns;
 use crate::names::HostName;
-use crate::node::{connect_session, disconnect_host, node_addresses, refresh_node_dns, Failure};
+use crate::node::{
+    connect_session, disconnect_host, node_addresses, one_line, refresh_node_dns, Failure,
+    NodeError,
+};
 use crate::openvpn::env::Session;
 use crate::openvpn::status::{real_ip, Status};
 use crate::process::Deadline;
 use crate::scheduler::{self, backend, DownGuard};
-use anyhow::Context as _;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -29,12 +31,28 @@ pub struct Reconciled {
     pub failures: usize,
 }
 
+/// Refuses a status older than `limit` seconds at `now`: OpenVPN is not writing it, and acting
+/// on it could take every node down. `from` names where it was read.
+pub fn require_fresh(status: &Status, from: &str, limit: u64, now: u64) -> Result<(), NodeError> {
+    let age = now.saturating_sub(status.written);
+    if age > limit {
+        return Err(NodeError::StaleStatus {
+            from: from.to_owned(),
+            age,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Registers the connected nodes the scheduler lacks (or has wrong) and takes down this
+/// server's nodes `status` no longer lists, under the hooks' per-node locks.
 pub fn reconcile(
     cfg: &ServerConfig,
     state_dir: &Path,
     status: &Status,
     options: Options,
-) -> anyhow::Result<Reconciled> {
+) -> Result<Reconciled, NodeError> {
     let dry_run = options.dry_run;
     let server = cfg.server_name()?;
     let addresses = node_addresses(cfg, state_dir)?;
@@ -78,7 +96,7 @@ pub fn reconcile(
         }
         // The same validation as the hook: a status file is input too.
         let parsed = Session::from_env(&env, &addresses, status.written)
-            .map_err(anyhow::Error::from)
+            .map_err(NodeError::from)
             .and_then(|s| {
                 let label = cfg.names.template.render(s.vpn_ip)?;
                 let host = HostName {
@@ -94,8 +112,9 @@ pub fn reconcile(
             Err(e) => {
                 failures += 1;
                 eprintln!(
-                    "idhal reconcile: status line {}: skipped: {e:#}",
-                    entry.line
+                    "idhal reconcile: status line {}: skipped: {}",
+                    entry.line,
+                    one_line(&e)
                 );
             }
         }
@@ -105,7 +124,11 @@ pub fn reconcile(
     let managed = match &sched {
         Some(s) => s
             .managed_nodes(Deadline::after(cfg.limits.hook_budget()))
-            .with_context(|| format!("{}: listing nodes", s.name()))?,
+            .map_err(|source| NodeError::Scheduler {
+                backend: s.name(),
+                doing: "listing nodes".into(),
+                source,
+            })?,
         None => Vec::new(),
     };
     let by_host: HashMap<&str, &scheduler::ManagedNode> =
@@ -253,11 +276,61 @@ pub fn reconcile(
 
 fn report(e: &Failure, host: &HostName) {
     match e {
-        Failure::Refused(e) => eprintln!("idhal reconcile: {host}: refused: {e:#}"),
+        Failure::Refused(e) => eprintln!("idhal reconcile: {host}: refused: {}", one_line(e)),
         Failure::Backend(errors) => {
             for e in errors {
-                eprintln!("idhal reconcile: {host}: error: {e:#}");
+                eprintln!("idhal reconcile: {host}: error: {}", one_line(e));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openvpn::status::Source;
+
+    #[test]
+    fn a_stale_status_is_refused_with_its_source_and_age() {
+        let status = Status {
+            written: 1_000,
+            clients: Vec::new(),
+        };
+        require_fresh(&status, "s", 60, 1_060).unwrap();
+        // A status written "in the future" (clock step) is not stale.
+        require_fresh(&status, "s", 60, 900).unwrap();
+        let from = Source::Management("127.0.0.1:7505".parse().unwrap()).to_string();
+        let e = require_fresh(&status, &from, 60, 1_061).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "OpenVPN status from management 127.0.0.1:7505 was written 61 s ago (limit 60 s): \
+             is OpenVPN running and writing it? Nothing changed"
+        );
+        assert!(matches!(
+            e,
+            NodeError::StaleStatus {
+                age: 61,
+                limit: 60,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn errors_keep_their_causes_on_one_line() {
+        let e = NodeError::StoredPool(crate::names::Ipv4Net::parse("x").unwrap_err());
+        assert_eq!(
+            one_line(&e),
+            "a project pool in the state database: address pool \"x\" is not valid: an IPv4 \
+             network like 10.134.0.0/16 with no host bits set, prefix 8-30"
+        );
+        let e = NodeError::Revoked {
+            node: crate::names::node_id("client7").unwrap(),
+            at: 0,
+        };
+        assert_eq!(
+            one_line(&e),
+            "node client7 was revoked at 1970-01-01T00:00:00Z"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! from its management interface (`status 2`), read with a size cap and parsed unvalidated
 //! (callers validate each entry as they would a hook's environment).
 
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, StatusSource};
 use crate::openvpn::management::{password_file, Answer, Management, ManagementError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -145,6 +145,48 @@ pub fn read_management(
     })
 }
 
+/// Where a status is read: a status file, or a management interface asked `status 2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Management(SocketAddr),
+}
+
+impl Source {
+    /// `--status-file`, else `--management`, else `[reconcile] source` and its setting.
+    pub fn pick(
+        status_file: Option<PathBuf>,
+        management: Option<SocketAddr>,
+        cfg: &ServerConfig,
+    ) -> Source {
+        match (status_file, management, cfg.reconcile.source) {
+            (Some(path), _, _) => Source::File(path),
+            (None, Some(addr), _) => Source::Management(addr),
+            (None, None, StatusSource::Management) => Source::Management(cfg.reconcile.management),
+            (None, None, StatusSource::StatusFile) => {
+                Source::File(cfg.reconcile.status_file.clone())
+            }
+        }
+    }
+
+    /// Reads the status (a file with `[reconcile] max_status_bytes` as its cap).
+    pub fn read(&self, cfg: &ServerConfig, state_dir: &Path) -> Result<Status, StatusError> {
+        match self {
+            Source::File(path) => read_status_file(path, cfg.reconcile.max_status_bytes),
+            Source::Management(addr) => read_management(*addr, cfg, state_dir),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::Management(addr) => write!(f, "management {addr}"),
+        }
+    }
+}
+
 /// `192.0.2.7:1194`, `[2001:db8::1]:1194` or a bare address → the address and the port.
 pub fn real_ip(s: &str) -> Option<(String, Option<String>)> {
     if let Some(rest) = s.strip_prefix('[') {
@@ -161,6 +203,36 @@ pub fn real_ip(s: &str) -> Option<(String, Option<String>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_source_is_the_option_else_the_config() {
+        let cfg = |t: &str| ServerConfig::parse(t, Path::new("t")).unwrap();
+        let file = cfg("");
+        let mgmt = cfg("[reconcile]\nsource = \"management\"\nmanagement = \"127.0.0.1:7600\"\n");
+        let addr: SocketAddr = "127.0.0.1:7505".parse().unwrap();
+        let p = PathBuf::from("/run/s");
+        assert_eq!(
+            Source::pick(Some(p.clone()), None, &mgmt),
+            Source::File(p.clone())
+        );
+        assert_eq!(
+            Source::pick(None, Some(addr), &file),
+            Source::Management(addr)
+        );
+        assert_eq!(
+            Source::pick(None, None, &mgmt),
+            Source::Management("127.0.0.1:7600".parse().unwrap())
+        );
+        assert_eq!(
+            Source::pick(None, None, &file),
+            Source::File(file.reconcile.status_file.clone())
+        );
+        assert_eq!(Source::File(p).to_string(), "/run/s");
+        assert_eq!(
+            Source::Management(addr).to_string(),
+            "management 127.0.0.1:7505"
+        );
+    }
 
     #[test]
     fn parses_status_v2_and_v3() {
