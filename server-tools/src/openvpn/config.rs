@@ -2,22 +2,44 @@
 //! server-config`) and the one an enrolled node receives (`client_config`).
 
 use crate::config::{OpenVpnSection, Remote};
-use crate::names::Ipv4Net;
-use anyhow::Context as _;
+use crate::names::{Ipv4Net, NameError};
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// OpenVPN's longest option line (OPTION_LINE_SIZE 256, with its newline).
+const MAX_LINE: usize = 255;
+
+/// Why a server config was not rendered: OpenVPN would misread it or refuse to start.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("{0} is not UTF-8")]
+    NotUtf8(PathBuf),
+    #[error("{0:?}: OpenVPN configs cannot hold paths with spaces, quotes or backslashes")]
+    Unquotable(String),
+    #[error("[openvpn] push_routes: {route}")]
+    PushRoute {
+        route: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("[openvpn] management {0}: keep the management interface on loopback")]
+    ManagementNotLoopback(SocketAddr),
+    #[error("this line of the OpenVPN config would be {} characters, more than OpenVPN's {MAX_LINE}: use a shorter path\n  {line}", line.len())]
+    LineTooLong { line: String },
+}
 
 /// A path OpenVPN can take on its command lines: it splits script commands on whitespace and
 /// has no quoting that survives, so such paths are refused rather than mangled.
-fn plain(path: &Path) -> anyhow::Result<String> {
+fn plain(path: &Path) -> Result<String, RenderError> {
     let s = path
         .to_str()
-        .with_context(|| format!("{} is not UTF-8", path.display()))?;
-    anyhow::ensure!(
-        !s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\')),
-        "{s:?}: OpenVPN configs cannot hold paths with spaces, quotes or backslashes"
-    );
+        .ok_or_else(|| RenderError::NotUtf8(path.to_owned()))?;
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\'))
+    {
+        return Err(RenderError::Unquotable(s.to_owned()));
+    }
     Ok(s.to_owned())
 }
 
@@ -46,70 +68,70 @@ pub struct ServerSetup<'a> {
 }
 
 impl ServerSetup<'_> {
-    pub fn render(&self) -> anyhow::Result<String> {
+    pub fn render(&self) -> Result<String, RenderError> {
         let o = self.openvpn;
         // The hook command names only the binary: the config and state paths travel as
         // `setenv` lines, each on its own line, so none of them makes a line too long.
         let hook = format!("{} hook", plain(self.idhal)?);
         let mut s = String::new();
         let w = &mut s;
-        writeln!(w, "# OpenVPN 2.6 server {} of idhal project {}, rendered by `idhal openvpn server-config`.", self.name, self.project)?;
-        writeln!(w, "# Nodes get fixed addresses from the client-config-dir (written at enrollment): no dynamic pool.")?;
-        writeln!(w, "proto tcp-server")?;
-        writeln!(w, "local {}", o.listen.ip())?;
-        writeln!(w, "port {}", o.listen.port())?;
-        writeln!(w, "dev tun")?;
-        writeln!(w, "topology subnet")?;
-        writeln!(
-            w,
-            "server {} {} nopool",
-            self.pool.addr,
-            self.pool.netmask()
-        )?;
-        writeln!(w, "client-config-dir {}", plain(&self.files.ccd)?)?;
-        writeln!(w, "ccd-exclusive")?;
-        writeln!(w, "ca {}", plain(&self.files.ca_cert)?)?;
-        writeln!(w, "cert {}", plain(&self.files.cert)?)?;
-        writeln!(w, "key {}", plain(&self.files.key)?)?;
-        writeln!(w, "crl-verify {}", plain(&self.files.crl)?)?;
-        writeln!(w, "dh none")?;
-        writeln!(w, "tls-version-min 1.2")?;
-        writeln!(w, "remote-cert-tls client")?;
-        writeln!(w, "keepalive {} {}", o.keepalive.0, o.keepalive.1)?;
+        // One line of the config; writing into a String cannot fail.
+        macro_rules! put {
+            ($($arg:tt)*) => {{
+                let _ = writeln!(w, $($arg)*);
+            }};
+        }
+        put!("# OpenVPN 2.6 server {} of idhal project {}, rendered by `idhal openvpn server-config`.", self.name, self.project);
+        put!("# Nodes get fixed addresses from the client-config-dir (written at enrollment): no dynamic pool.");
+        put!("proto tcp-server");
+        put!("local {}", o.listen.ip());
+        put!("port {}", o.listen.port());
+        put!("dev tun");
+        put!("topology subnet");
+        put!("server {} {} nopool", self.pool.addr, self.pool.netmask());
+        put!("client-config-dir {}", plain(&self.files.ccd)?);
+        put!("ccd-exclusive");
+        put!("ca {}", plain(&self.files.ca_cert)?);
+        put!("cert {}", plain(&self.files.cert)?);
+        put!("key {}", plain(&self.files.key)?);
+        put!("crl-verify {}", plain(&self.files.crl)?);
+        put!("dh none");
+        put!("tls-version-min 1.2");
+        put!("remote-cert-tls client");
+        put!("keepalive {} {}", o.keepalive.0, o.keepalive.1);
         for r in &o.push_routes {
-            let net = Ipv4Net::parse(r).with_context(|| format!("[openvpn] push_routes: {r}"))?;
-            writeln!(w, "push \"route {} {}\"", net.addr, net.netmask())?;
+            let net = Ipv4Net::parse(r).map_err(|source| RenderError::PushRoute {
+                route: r.clone(),
+                source,
+            })?;
+            put!("push \"route {} {}\"", net.addr, net.netmask());
         }
         for d in &o.push_dns {
-            writeln!(w, "push \"dhcp-option DNS {d}\"")?;
+            put!("push \"dhcp-option DNS {d}\"");
         }
         if let Some(m) = o.management.first() {
-            anyhow::ensure!(
-                m.ip().is_loopback(),
-                "[openvpn] management {m}: keep the management interface on loopback"
-            );
+            if !m.ip().is_loopback() {
+                return Err(RenderError::ManagementNotLoopback(*m));
+            }
             match &self.management_password {
-                Some(pw) => writeln!(w, "management {} {} {}", m.ip(), m.port(), plain(pw)?)?,
+                Some(pw) => put!("management {} {} {}", m.ip(), m.port(), plain(pw)?),
                 None => {
-                    writeln!(
-                        w,
-                        "# No management password: [openvpn] management_auth = \"none\"."
-                    )?;
-                    writeln!(w, "management {} {}", m.ip(), m.port())?
+                    put!("# No management password: [openvpn] management_auth = \"none\".");
+                    put!("management {} {}", m.ip(), m.port())
                 }
             }
         }
-        writeln!(w, "script-security 2")?;
+        put!("script-security 2");
         if let Some(c) = &self.config {
-            writeln!(w, "setenv IDHAL_CONFIG {}", plain(c)?)?;
+            put!("setenv IDHAL_CONFIG {}", plain(c)?);
         }
-        writeln!(w, "setenv IDHAL_STATE_DIR {}", plain(self.state_dir)?)?;
-        writeln!(w, "client-connect \"{hook} client-connect\"")?;
-        writeln!(w, "client-disconnect \"{hook} client-disconnect\"")?;
-        writeln!(w, "status {} 10", plain(&o.status_file)?)?;
-        writeln!(w, "status-version 2")?;
-        writeln!(w, "persist-key")?;
-        writeln!(w, "verb 3")?;
+        put!("setenv IDHAL_STATE_DIR {}", plain(self.state_dir)?);
+        put!("client-connect \"{hook} client-connect\"");
+        put!("client-disconnect \"{hook} client-disconnect\"");
+        put!("status {} 10", plain(&o.status_file)?);
+        put!("status-version 2");
+        put!("persist-key");
+        put!("verb 3");
         check_line_lengths(&s)?;
         Ok(s)
     }
@@ -117,17 +139,14 @@ impl ServerSetup<'_> {
 
 /// OpenVPN reads option lines of at most 255 characters (OPTION_LINE_SIZE 256) and refuses to
 /// start on a longer one: say which, here, rather than let the server fail at its next start.
-fn check_line_lengths(config: &str) -> anyhow::Result<()> {
-    const MAX: usize = 255;
+fn check_line_lengths(config: &str) -> Result<(), RenderError> {
     if let Some(line) = config
         .lines()
-        .find(|l| !l.starts_with('#') && l.len() > MAX)
+        .find(|l| !l.starts_with('#') && l.len() > MAX_LINE)
     {
-        anyhow::bail!(
-            "this line of the OpenVPN config would be {} characters, more than OpenVPN's {MAX}: \
-             use a shorter path\n  {line}",
-            line.len()
-        );
+        return Err(RenderError::LineTooLong {
+            line: line.to_owned(),
+        });
     }
     Ok(())
 }
@@ -250,6 +269,42 @@ mod tests {
                  255: use a shorter path\n  setenv IDHAL_STATE_DIR {deeper}"
             )
         );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_by_name() {
+        let render = |o: &OpenVpnSection| {
+            ServerSetup {
+                project: "p",
+                management_password: None,
+                name: "vpn1",
+                pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
+                files: files("/s"),
+                openvpn: o,
+                idhal: Path::new("/usr/bin/idhal"),
+                config: None,
+                state_dir: Path::new("/s"),
+            }
+            .render()
+        };
+        let o = OpenVpnSection {
+            management: vec!["10.0.0.1:7505".parse().unwrap()],
+            ..OpenVpnSection::default()
+        };
+        match render(&o) {
+            Err(RenderError::ManagementNotLoopback(a)) => {
+                assert_eq!(a.to_string(), "10.0.0.1:7505")
+            }
+            other => panic!("{other:?}"),
+        }
+        let o = OpenVpnSection {
+            push_routes: vec!["10.1.0.0/16".into(), "10.2.0.1/16".into()],
+            ..OpenVpnSection::default()
+        };
+        match render(&o) {
+            Err(RenderError::PushRoute { route, .. }) => assert_eq!(route, "10.2.0.1/16"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
