@@ -12,6 +12,7 @@ pub mod tokens;
 
 use crate::config::ServerConfig;
 use crate::names::{Ipv4Net, NameError};
+use crate::openvpn::config::RenderError;
 use crate::publish::PublishError;
 use db::{Db, DbError};
 use pki::CaError;
@@ -46,6 +47,16 @@ pub enum ProjectError {
     OrphanKey { project: String, dir: PathBuf },
     #[error("{path} exists: server {name:?} already has a key (pick another name, or revoke and remove it)")]
     ServerKeyExists { path: PathBuf, name: String },
+    #[error(
+        "no server certificate {path}: run `idhal ca issue-server {name} --project {project}`"
+    )]
+    NoServerCert {
+        path: PathBuf,
+        name: String,
+        project: String,
+    },
+    #[error(transparent)]
+    Render(#[from] RenderError),
     #[error("publishing the CRL of project {project}")]
     PublishCrl {
         project: String,

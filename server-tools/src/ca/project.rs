@@ -1,13 +1,14 @@
-//! Creating a project (`idhal ca init`: its CA, enrollment key, first CRL and address pool) and
-//! its VPN servers' certificates (`idhal ca issue-server`). The subcommands only print what
-//! these return.
+//! Creating a project (`idhal ca init`: its CA, enrollment key, first CRL and address pool),
+//! its VPN servers' certificates (`idhal ca issue-server`) and their OpenVPN configs
+//! (`idhal openvpn server-config`). The subcommands only print what these return.
 
 use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
-use crate::ca::{require_inside_names_pool, ProjectError};
+use crate::ca::{require_inside_names_pool, require_project, ProjectError};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::{Ipv4Net, ServerName};
+use crate::openvpn::config::ServerSetup;
 use crate::openvpn::management::{ensure_password_file, password_file};
 use crate::publish::{write_atomic, write_new};
 use rusqlite::params;
@@ -162,6 +163,71 @@ pub fn issue_server(
     })
 }
 
+/// What `server_config` rendered, and the management password file it made (when it did).
+pub struct RenderedServer {
+    pub config: String,
+    pub password_made: Option<PathBuf>,
+}
+
+/// Where the rendered server config points OpenVPN's hooks: this `idhal` binary, and the
+/// config and state paths (absolute) they get as `setenv` lines.
+pub struct HookPaths<'a> {
+    pub idhal: &'a Path,
+    pub config: Option<PathBuf>,
+    pub state_dir: &'a Path,
+}
+
+/// Renders server `name`'s OpenVPN config for `project` (its pool from the database, checked
+/// against `[names] pool`; its certificate must exist), making the project's management
+/// password file (0600) when missing.
+pub fn server_config(
+    state_dir: &Path,
+    cfg: &ServerConfig,
+    project: &str,
+    name: &str,
+    hooks: HookPaths,
+) -> Result<RenderedServer, ProjectError> {
+    let db = Db::open(state_dir, Open::Existing)?;
+    let row = require_project(&db, project)?;
+    let pool = Ipv4Net::parse(&row.pool)?;
+    require_inside_names_pool(cfg, project, &pool)?;
+    let paths = ProjectDir::new(state_dir, project);
+    let cert = paths.servers().join(format!("{name}.crt"));
+    if !cert.is_file() {
+        return Err(ProjectError::NoServerCert {
+            path: cert,
+            name: name.to_owned(),
+            project: project.to_owned(),
+        });
+    }
+    let mut password_made = None;
+    let management_password = match password_file(cfg, state_dir, project) {
+        Some(pw) => {
+            if ensure_password_file(&pw)? {
+                password_made = Some(pw.clone());
+            }
+            Some(pw)
+        }
+        None => None,
+    };
+    let config = ServerSetup {
+        project,
+        management_password,
+        name,
+        pool,
+        files: paths.server_files(name),
+        openvpn: &cfg.openvpn_for(project),
+        idhal: hooks.idhal,
+        config: hooks.config,
+        state_dir: hooks.state_dir,
+    }
+    .render()?;
+    Ok(RenderedServer {
+        config,
+        password_made,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +320,38 @@ mod tests {
         }
         // The next server gets the next serial; the password file is kept.
         let second = issue_server(state, &cfg, "alpha", "vpn2", now).unwrap();
-        assert_eq!((second.serial, second.management), (2, Some((pw, false))));
+        assert_eq!(
+            (second.serial, second.management),
+            (2, Some((pw.clone(), false)))
+        );
+
+        // Its OpenVPN config: only for a server with a certificate.
+        let hooks = || HookPaths {
+            idhal: Path::new("/usr/bin/idhal"),
+            config: None,
+            state_dir: state,
+        };
+        match server_config(state, &cfg, "alpha", "vpn3", hooks()) {
+            Err(ProjectError::NoServerCert { path, .. }) => assert_eq!(
+                path,
+                ProjectDir::new(state, "alpha").servers().join("vpn3.crt")
+            ),
+            other => panic!("{:?}", other.err()),
+        }
+        match server_config(state, &cfg, "nope", "vpn1", hooks()) {
+            Err(ProjectError::NoProject(p)) => assert_eq!(p, "nope"),
+            other => panic!("{:?}", other.err()),
+        }
+        std::fs::remove_file(&pw).unwrap();
+        let rendered = server_config(state, &cfg, "alpha", "vpn1", hooks()).unwrap();
+        assert_eq!(rendered.password_made, Some(pw.clone()));
+        assert!(rendered
+            .config
+            .contains("\nserver 10.134.0.0 255.255.128.0 nopool\n"));
+        assert!(rendered
+            .config
+            .contains(&format!("\ncert {}\n", issued.cert.display())));
+        let again = server_config(state, &cfg, "alpha", "vpn1", hooks()).unwrap();
+        assert_eq!((again.password_made, again.config), (None, rendered.config));
     }
 }

@@ -2,13 +2,9 @@
 //! the classic shape (TCP, tun, fixed addresses from the client-config-dir, CRL, hooks), and
 //! `client_config` is what every enrolled node receives.
 
-use crate::ca::db::{Db, Open};
-use crate::ca::pki::ProjectDir;
-use crate::ca::{project_name, require_inside_names_pool, require_project};
+use crate::ca::project::{server_config, HookPaths};
+use crate::ca::project_name;
 use crate::cmd::{load_config, Exit, Global};
-use crate::names::Ipv4Net;
-use crate::openvpn::config::ServerSetup;
-use crate::openvpn::management::{ensure_password_file, password_file};
 use anyhow::Context as _;
 
 #[derive(Debug, clap::Args)]
@@ -52,40 +48,11 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
     };
     let Command::ServerConfig { name, project } = args.command;
     let project = project_name(project, &cfg)?;
-    let db = Db::open(&global.state_dir, Open::Existing)?;
-    let row = require_project(&db, &project)?;
-    let pool = Ipv4Net::parse(&row.pool)?;
-    require_inside_names_pool(&cfg, &project, &pool)?;
-    let paths = ProjectDir::new(&global.state_dir, &project);
-    let cert = paths.servers().join(format!("{name}.crt"));
-    anyhow::ensure!(
-        cert.is_file(),
-        "no server certificate {}: run `idhal ca issue-server {name} --project {project}`",
-        cert.display()
-    );
     let idhal = match &cfg.openvpn.idhal {
         Some(p) => p.clone(),
         None => std::env::current_exe().context("locating this idhal binary")?,
     };
-    let management_password = match password_file(&cfg, &global.state_dir, &project) {
-        Some(pw) => {
-            if ensure_password_file(&pw)? {
-                eprintln!(
-                    "idhal openvpn server-config: management password created in {} (0600)",
-                    pw.display()
-                );
-            }
-            Some(pw)
-        }
-        None => None,
-    };
-    let server = ServerSetup {
-        project: &project,
-        management_password,
-        name: &name,
-        pool,
-        files: paths.server_files(&name),
-        openvpn: &cfg.openvpn_for(&project),
+    let hooks = HookPaths {
         idhal: &idhal,
         config: global
             .config
@@ -94,6 +61,13 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             .transpose()?,
         state_dir: &std::path::absolute(&global.state_dir)?,
     };
-    print!("{}", server.render()?);
+    let rendered = server_config(&global.state_dir, &cfg, &project, &name, hooks)?;
+    if let Some(pw) = &rendered.password_made {
+        eprintln!(
+            "idhal openvpn server-config: management password created in {} (0600)",
+            pw.display()
+        );
+    }
+    print!("{}", rendered.config);
     Ok(Exit::Ok)
 }
