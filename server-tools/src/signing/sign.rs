@@ -2,16 +2,118 @@
 //! into PUBDIR atomically, in the order agents rely on (versioned pair first, `manifest.minisig` last).
 
 use crate::publish::{self, DirLock, PublishError};
-use crate::signing::keys::{PassphraseSource, SigningKey, ENV_SIGNING_KEY};
-use anyhow::{bail, Context};
+use crate::signing::keys::{KeyError, PassphraseSource, SigningKey, ENV_SIGNING_KEY};
 use idhal_manifest::time::now;
 use idhal_manifest::{
-    paths, verify, Expiry, Frequency, Manifest, Param, ParamName, Policy, PublicKey, Scriptlet,
-    ScriptletId, SignatureFile, TrustedMeta,
+    paths, verify, Expiry, Frequency, IdError, KeyId, Manifest, Param, ParamName, Policy,
+    PublicKey, Scriptlet, ScriptletId, SignatureFile, TrustedMeta, VerifyError,
 };
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+/// Why nothing was signed or published: one line naming the file, option or serial at fault.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SignError {
+    #[error("cannot {doing} {}", path.display())]
+    Io {
+        /// `read`, `stat`, `create`, `read scriptlet dir`, `read key file`.
+        doing: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: unknown idhal header {text:?} (expected `# idhal: frequency=once|boot|always`)", file.display())]
+    UnknownHeader {
+        file: PathBuf,
+        line: usize,
+        text: String,
+    },
+    #[error("{}:{line}: {why}", file.display())]
+    BadFrequency {
+        file: PathBuf,
+        line: usize,
+        why: String,
+    },
+    #[error("{}:{line}: second, different frequency header", file.display())]
+    SecondFrequency { file: PathBuf, line: usize },
+    #[error("{}: with it the scriptlets are over the {cap}-byte cap (--max-size; agents refuse anything over theirs, default 4 MiB); nothing was signed", path.display())]
+    OverCap { path: PathBuf, cap: u64 },
+    #[error("{}: file name is not UTF-8; rename it (scriptlet ids are ASCII)", .0.display())]
+    NameNotUtf8(PathBuf),
+    #[error("{} is a symbolic link; scriptlets must be regular files (a link could publish any file the signer can read). Copy the target in instead; nothing was signed", .0.display())]
+    Symlink(PathBuf),
+    #[error("{}: file name does not make a valid scriptlet id; nothing was signed", path.display())]
+    ScriptletName {
+        path: PathBuf,
+        #[source]
+        source: IdError,
+    },
+    #[error("--param {0:?}: expected NAME=VALUE")]
+    ParamSyntax(String),
+    #[error("--param {raw:?}")]
+    ParamName {
+        raw: String,
+        #[source]
+        source: IdError,
+    },
+    #[error("--param {0} given twice")]
+    ParamTwice(ParamName),
+    #[error("--param {name}: invalid value {value:?} (printable ASCII, not empty, no leading or trailing space)")]
+    ParamValue { name: ParamName, value: String },
+    #[error("{} is not a valid signature", .0.display())]
+    SignatureFile(PathBuf, #[source] VerifyError),
+    #[error("{}", .0.display())]
+    TrustedComment(PathBuf, #[source] VerifyError),
+    #[error("{} is signed by key {signed_by}, but you are signing with key {ours}: nodes pinned to {signed_by} would refuse this manifest. Use the right key, or publish to a new directory if you are rotating keys", path.display())]
+    OtherKey {
+        path: PathBuf,
+        signed_by: KeyId,
+        ours: KeyId,
+    },
+    #[error("the current {} does not verify with this key ({}); refusing to publish over a directory that may have been tampered with. Inspect it with `idhal verify`", signature.display(), manifest.display())]
+    CurrentRefused {
+        signature: PathBuf,
+        manifest: PathBuf,
+        #[source]
+        source: VerifyError,
+    },
+    #[error("no signing key: pass --key FILE, or set {ENV_SIGNING_KEY} to the key file's text")]
+    NoKey,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("the manifest would be {size} bytes, over the {cap}-byte cap (--max-size; agents refuse anything over theirs, default 4 MiB). Largest scriptlets: {largest}")]
+    TooLarge {
+        size: usize,
+        cap: usize,
+        largest: String,
+    },
+    #[error("--serial {requested} is not above the serial {current} already in {}: nodes that accepted {current} refuse any lower serial as a rollback, and a serial is never reused. Omit --serial (next is {}) or pass a higher one", pubdir.display(), current.saturating_add(1))]
+    SerialNotAbove {
+        requested: u64,
+        current: u64,
+        pubdir: PathBuf,
+    },
+    #[error("the current serial is at the maximum")]
+    SerialAtMax,
+    #[error("--expires is too far in the future")]
+    ExpiresTooFar,
+    #[error("signing failed: {0}")]
+    Sign(String),
+    #[error("internal error: the new signature does not verify; nothing was published")]
+    SelfCheck(#[source] VerifyError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+/// `SignError::Io` for `doing` on `path`.
+fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SignError + 'a {
+    move |source| SignError::Io {
+        doing,
+        path: path.to_owned(),
+        source,
+    }
+}
 
 /// Sizes and counts for signing, with their defaults in one place.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +154,7 @@ fn frequency_header(
     body: &[u8],
     max_lines: usize,
     file: &Path,
-) -> anyhow::Result<Option<Frequency>> {
+) -> Result<Option<Frequency>, SignError> {
     let mut found: Option<Frequency> = None;
     for (n, line) in body.split(|&b| b == b'\n').take(max_lines).enumerate() {
         let line = String::from_utf8_lossy(line);
@@ -63,23 +165,26 @@ fn frequency_header(
             continue;
         };
         let Some(value) = rest.trim().strip_prefix("frequency=") else {
-            bail!(
-                "{}:{}: unknown idhal header {:?} (expected `# idhal: frequency=once|boot|always`)",
-                file.display(),
-                n + 1,
-                line.trim()
-            );
+            return Err(SignError::UnknownHeader {
+                file: file.to_owned(),
+                line: n + 1,
+                text: line.trim().to_owned(),
+            });
         };
-        let freq: Frequency = value
-            .trim()
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("{}:{}: {e}", file.display(), n + 1))?;
+        let freq: Frequency =
+            value
+                .trim()
+                .parse()
+                .map_err(|why: String| SignError::BadFrequency {
+                    file: file.to_owned(),
+                    line: n + 1,
+                    why,
+                })?;
         if found.is_some_and(|f| f != freq) {
-            bail!(
-                "{}:{}: second, different frequency header",
-                file.display(),
-                n + 1
-            );
+            return Err(SignError::SecondFrequency {
+                file: file.to_owned(),
+                line: n + 1,
+            });
         }
         found = Some(freq);
     }
@@ -88,51 +193,44 @@ fn frequency_header(
 
 /// Reads a scriptlet, refusing it as soon as the scriptlets read so far (`before` bytes) and this
 /// one exceed the manifest cap, so a huge or endless file is never read whole.
-fn read_capped(path: &Path, before: u64, cap: u64) -> anyhow::Result<Vec<u8>> {
+fn read_capped(path: &Path, before: u64, cap: u64) -> Result<Vec<u8>, SignError> {
     use std::io::Read;
     let room = cap.saturating_sub(before);
-    let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = fs::File::open(path).map_err(io("read", path))?;
     let mut body = Vec::new();
     file.take(room + 1)
         .read_to_end(&mut body)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+        .map_err(io("read", path))?;
     if body.len() as u64 > room {
-        bail!(
-            "{}: with it the scriptlets are over the {cap}-byte cap (--max-size; agents refuse \
-             anything over theirs, default 4 MiB); nothing was signed",
-            path.display()
-        );
+        return Err(SignError::OverCap {
+            path: path.to_owned(),
+            cap,
+        });
     }
     Ok(body)
 }
 
 /// Every `*.sh` regular file in `dir`, in file-name order. Warnings go to stderr.
-pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<Vec<SourceFile>> {
-    let entries = fs::read_dir(dir)
-        .with_context(|| format!("cannot read scriptlet dir {}", dir.display()))?;
+pub(crate) fn collect_scriptlets(
+    dir: &Path,
+    limits: &Limits,
+) -> Result<Vec<SourceFile>, SignError> {
+    let entries = fs::read_dir(dir).map_err(io("read scriptlet dir", dir))?;
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     for entry in entries {
-        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+        let entry = entry.map_err(io("read", dir))?;
         let path = entry.path();
         let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            bail!(
-                "{}: file name is not UTF-8; rename it (scriptlet ids are ASCII)",
-                path.display()
-            );
+            return Err(SignError::NameNotUtf8(path));
         };
         if name.starts_with('.') {
             continue;
         }
-        let meta = fs::symlink_metadata(&path)
-            .with_context(|| format!("cannot stat {}", path.display()))?;
+        let meta = fs::symlink_metadata(&path).map_err(io("stat", &path))?;
         // A link could point at any file the signer can read (its own key, say) and publish it
         // to every node and every HTTP client: scriptlets must be the files themselves.
         if name.ends_with(".sh") && meta.file_type().is_symlink() {
-            bail!(
-                "{} is a symbolic link; scriptlets must be regular files (a link could publish any \
-                 file the signer can read). Copy the target in instead; nothing was signed",
-                path.display()
-            );
+            return Err(SignError::Symlink(path));
         }
         if !name.ends_with(".sh") || !meta.is_file() {
             eprintln!(
@@ -148,11 +246,9 @@ pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<
     let mut total: u64 = 0;
     for (name, path) in files {
         let stem = &name[..name.len() - ".sh".len()];
-        let id: ScriptletId = stem.parse().with_context(|| {
-            format!(
-                "{}: file name does not make a valid scriptlet id; nothing was signed",
-                path.display()
-            )
+        let id: ScriptletId = stem.parse().map_err(|source| SignError::ScriptletName {
+            path: path.clone(),
+            source,
         })?;
         let body = read_capped(&path, total, limits.max_manifest as u64)?;
         total += body.len() as u64;
@@ -167,15 +263,18 @@ pub(crate) fn collect_scriptlets(dir: &Path, limits: &Limits) -> anyhow::Result<
 }
 
 /// Parses `--param NAME=VALUE`, checking the value against the manifest format itself.
-fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(ParamName, String)>> {
+fn parse_params(raw: &[String]) -> Result<Vec<(ParamName, String)>, SignError> {
     let mut out: Vec<(ParamName, String)> = Vec::new();
     for p in raw {
         let (name, value) = p
             .split_once('=')
-            .with_context(|| format!("--param {p:?}: expected NAME=VALUE"))?;
-        let name: ParamName = name.parse().with_context(|| format!("--param {p:?}"))?;
+            .ok_or_else(|| SignError::ParamSyntax(p.clone()))?;
+        let name: ParamName = name.parse().map_err(|source| SignError::ParamName {
+            raw: p.clone(),
+            source,
+        })?;
         if out.iter().any(|(n, _)| *n == name) {
-            bail!("--param {name} given twice");
+            return Err(SignError::ParamTwice(name));
         }
         // Let the format's own parser judge the value, so the signer cannot drift from it.
         let probe = Manifest {
@@ -189,7 +288,10 @@ fn parse_params(raw: &[String]) -> anyhow::Result<Vec<(ParamName, String)>> {
         }
         .encode();
         if Manifest::parse(&probe).is_err() {
-            bail!("--param {name}: invalid value {value:?} (printable ASCII, not empty, no leading or trailing space)");
+            return Err(SignError::ParamValue {
+                name,
+                value: value.to_owned(),
+            });
         }
         out.push((name, value.to_owned()));
     }
@@ -212,15 +314,15 @@ impl Current {
 }
 
 /// Serials present in PUBDIR/manifests, from names `<serial>` and `<serial>.minisig`.
-fn version_serials(versions: &Path) -> anyhow::Result<Vec<u64>> {
+fn version_serials(versions: &Path) -> Result<Vec<u64>, SignError> {
     let mut serials = Vec::new();
     let entries = match fs::read_dir(versions) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(serials),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", versions.display())),
+        Err(e) => return Err(io("read", versions)(e)),
     };
     for entry in entries {
-        let entry = entry.with_context(|| format!("cannot read {}", versions.display()))?;
+        let entry = entry.map_err(io("read", versions))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         let stem = name.strip_suffix(".minisig").unwrap_or(&name);
@@ -234,7 +336,7 @@ fn version_serials(versions: &Path) -> anyhow::Result<Vec<u64>> {
     Ok(serials)
 }
 
-fn read_current(pubdir: &Path, key: &SigningKey) -> anyhow::Result<Current> {
+fn read_current(pubdir: &Path, key: &SigningKey) -> Result<Current, SignError> {
     let mut current = Current {
         highest_version: version_serials(&pubdir.join(paths::VERSIONS_DIR))?
             .last()
@@ -245,24 +347,21 @@ fn read_current(pubdir: &Path, key: &SigningKey) -> anyhow::Result<Current> {
     let sig_text = match fs::read_to_string(&sig_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(current),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", sig_path.display())),
+        Err(e) => return Err(io("read", &sig_path)(e)),
     };
     let sig = SignatureFile::parse(&sig_text)
-        .with_context(|| format!("{} is not a valid signature", sig_path.display()))?;
+        .map_err(|e| SignError::SignatureFile(sig_path.clone(), e))?;
     if sig.key_id != key.public.id() {
-        bail!(
-            "{} is signed by key {}, but you are signing with key {}: nodes pinned to {} would refuse \
-             this manifest. Use the right key, or publish to a new directory if you are rotating keys",
-            sig_path.display(),
-            sig.key_id,
-            key.public.id(),
-            sig.key_id
-        );
+        return Err(SignError::OtherKey {
+            path: sig_path,
+            signed_by: sig.key_id,
+            ours: key.public.id(),
+        });
     }
     // The versioned copy is immutable and always matches its signature; `manifest` may lag
     // behind `manifest.minisig` if a publish died between the two renames.
     let claimed = TrustedMeta::parse(&sig.trusted_comment)
-        .with_context(|| format!("{}", sig_path.display()))?
+        .map_err(|e| SignError::TrustedComment(sig_path.clone(), e))?
         .serial;
     let versioned = pubdir.join(paths::versioned_manifest(claimed));
     let manifest_path = if versioned.exists() {
@@ -270,27 +369,25 @@ fn read_current(pubdir: &Path, key: &SigningKey) -> anyhow::Result<Current> {
     } else {
         pubdir.join(paths::MANIFEST)
     };
-    let body = fs::read(&manifest_path)
-        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let body = fs::read(&manifest_path).map_err(io("read", &manifest_path))?;
     let policy = Policy {
         now: now(),
         expiry: Expiry::Ignore,
         last_serial: None,
     };
-    let m = verify(&key.public, &body, &sig_text, &policy).with_context(|| {
-        format!(
-            "the current {} does not verify with this key ({}); refusing to publish over a \
-             directory that may have been tampered with. Inspect it with `idhal verify`",
-            sig_path.display(),
-            manifest_path.display()
-        )
+    let m = verify(&key.public, &body, &sig_text, &policy).map_err(|source| {
+        SignError::CurrentRefused {
+            signature: sig_path.clone(),
+            manifest: manifest_path.clone(),
+            source,
+        }
     })?;
     current.signed = Some(m.serial);
     Ok(current)
 }
 
 /// Removes versions older than the newest `keep`. Returns the removed paths.
-fn prune(versions: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf>> {
+fn prune(versions: &Path, keep: usize) -> Result<Vec<PathBuf>, SignError> {
     let serials = version_serials(versions)?;
     let mut removed = Vec::new();
     let drop_count = serials.len().saturating_sub(keep);
@@ -309,12 +406,11 @@ fn prune(versions: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-fn load_key(key: Option<&Path>, passphrase_file: Option<&Path>) -> anyhow::Result<SigningKey> {
+fn load_key(key: Option<&Path>, passphrase_file: Option<&Path>) -> Result<SigningKey, SignError> {
     let passphrase = PassphraseSource::resolve(passphrase_file, false);
     let (text, origin) = match key {
         Some(path) => {
-            let text = fs::read_to_string(path)
-                .with_context(|| format!("cannot read key file {}", path.display()))?;
+            let text = fs::read_to_string(path).map_err(io("read key file", path))?;
             if let Ok(meta) = fs::metadata(path) {
                 if meta.permissions().mode() & 0o077 != 0 {
                     eprintln!(
@@ -327,9 +423,7 @@ fn load_key(key: Option<&Path>, passphrase_file: Option<&Path>) -> anyhow::Resul
         }
         None => match std::env::var(ENV_SIGNING_KEY) {
             Ok(text) => (text, format!("${ENV_SIGNING_KEY}")),
-            Err(_) => bail!(
-                "no signing key: pass --key FILE, or set {ENV_SIGNING_KEY} to the key file's text"
-            ),
+            Err(_) => return Err(SignError::NoKey),
         },
     };
     Ok(SigningKey::load(&text, &origin, &passphrase)?)
@@ -362,7 +456,7 @@ fn build<'a>(
     }
 }
 
-fn check_size(size: usize, sources: &[SourceFile], limits: &Limits) -> anyhow::Result<()> {
+fn check_size(size: usize, sources: &[SourceFile], limits: &Limits) -> Result<(), SignError> {
     if size <= limits.max_manifest {
         return Ok(());
     }
@@ -373,16 +467,15 @@ fn check_size(size: usize, sources: &[SourceFile], limits: &Limits) -> anyhow::R
         .take(3)
         .map(|s| format!("{} ({} bytes)", s.id, s.body.len()))
         .collect();
-    bail!(
-        "the manifest would be {size} bytes, over the {}-byte cap (--max-size; agents refuse \
-         anything over theirs, default 4 MiB). Largest scriptlets: {}",
-        limits.max_manifest,
-        top.join(", ")
-    );
+    Err(SignError::TooLarge {
+        size,
+        cap: limits.max_manifest,
+        largest: top.join(", "),
+    })
 }
 
 /// Takes PUBDIR's signer lock, waiting (and saying so) if another `idhal sign` holds it.
-fn lock_pubdir(pubdir: &Path) -> anyhow::Result<DirLock> {
+fn lock_pubdir(pubdir: &Path) -> Result<DirLock, SignError> {
     let lock_path = pubdir.join(LOCK_FILE);
     Ok(match DirLock::try_acquire(&lock_path) {
         Err(PublishError::Locked { .. }) => {
@@ -397,19 +490,17 @@ fn lock_pubdir(pubdir: &Path) -> anyhow::Result<DirLock> {
 }
 
 /// The serial to sign: `requested` if it is above everything PUBDIR holds, else current + 1.
-fn next_serial(requested: Option<u64>, current: &Current, pubdir: &Path) -> anyhow::Result<u64> {
+fn next_serial(requested: Option<u64>, current: &Current, pubdir: &Path) -> Result<u64, SignError> {
     Ok(match (requested, current.floor()) {
-        (Some(n), Some(cur)) if n <= cur => bail!(
-            "--serial {n} is not above the serial {cur} already in {}: nodes that accepted {cur} \
-             refuse any lower serial as a rollback, and a serial is never reused. Omit --serial \
-             (next is {}) or pass a higher one",
-            pubdir.display(),
-            cur.saturating_add(1)
-        ),
+        (Some(n), Some(cur)) if n <= cur => {
+            return Err(SignError::SerialNotAbove {
+                requested: n,
+                current: cur,
+                pubdir: pubdir.to_owned(),
+            })
+        }
         (Some(n), _) => n,
-        (None, Some(cur)) => cur
-            .checked_add(1)
-            .context("the current serial is at the maximum")?,
+        (None, Some(cur)) => cur.checked_add(1).ok_or(SignError::SerialAtMax)?,
         (None, None) => 1,
     })
 }
@@ -422,7 +513,7 @@ fn sign_manifest(
     meta: TrustedMeta,
     now: u64,
     last_serial: Option<u64>,
-) -> anyhow::Result<String> {
+) -> Result<String, SignError> {
     let untrusted = format!(
         "idhal manifest serial {}, signed by key {}",
         meta.serial,
@@ -435,15 +526,14 @@ fn sign_manifest(
         Some(&meta.to_comment()),
         Some(&untrusted),
     )
-    .map_err(|e| anyhow::anyhow!("signing failed: {e}"))?
+    .map_err(|e| SignError::Sign(e.to_string()))?
     .into_string();
     let policy = Policy {
         now,
         expiry: Expiry::Enforce,
         last_serial,
     };
-    verify(&key.public, bytes, &sig_text, &policy)
-        .context("internal error: the new signature does not verify; nothing was published")?;
+    verify(&key.public, bytes, &sig_text, &policy).map_err(SignError::SelfCheck)?;
     Ok(sig_text)
 }
 
@@ -455,7 +545,7 @@ fn publish_files(
     serial: u64,
     bytes: &[u8],
     sig_text: &str,
-) -> anyhow::Result<Vec<PathBuf>> {
+) -> Result<Vec<PathBuf>, SignError> {
     let pub_text = key.to_file_text();
     let pub_path = pubdir.join(paths::PUBLIC_KEY);
     let mut written = Vec::new();
@@ -509,7 +599,7 @@ pub struct Published {
 /// Signs every scriptlet of `req.scriptlets` into one manifest and publishes it into
 /// `req.out` under its lock. Everything that can be wrong with the input is found before the
 /// key (and its passphrase) is asked for.
-pub fn sign_and_publish(req: &Request) -> anyhow::Result<Published> {
+pub(crate) fn sign_and_publish(req: &Request) -> Result<Published, SignError> {
     let limits = req.limits;
     let params = parse_params(req.params)?;
     let sources = collect_scriptlets(req.scriptlets, &limits)?;
@@ -530,8 +620,7 @@ pub fn sign_and_publish(req: &Request) -> anyhow::Result<Published> {
 
     let pubdir = req.out;
     let versions = pubdir.join(paths::VERSIONS_DIR);
-    fs::create_dir_all(&versions)
-        .with_context(|| format!("cannot create {}", versions.display()))?;
+    fs::create_dir_all(&versions).map_err(io("create", &versions))?;
     let _lock = lock_pubdir(pubdir)?;
     // We hold the lock: temp files are leftovers of a killed signer.
     publish::remove_stale_temp_files(pubdir)?;
@@ -542,7 +631,7 @@ pub fn sign_and_publish(req: &Request) -> anyhow::Result<Published> {
     let signed_at = now();
     let expires = signed_at
         .checked_add(req.lifetime)
-        .context("--expires is too far in the future")?;
+        .ok_or(SignError::ExpiresTooFar)?;
     let bytes = build(serial, expires, &params, &sources).encode();
     check_size(bytes.len(), &sources, &limits)?;
     let meta = TrustedMeta { serial, expires };
@@ -565,9 +654,58 @@ pub fn sign_and_publish(req: &Request) -> anyhow::Result<Published> {
 mod tests {
     use super::*;
 
-    /// The whole refusal, context first.
-    fn err<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
-        format!("{:#}", r.unwrap_err())
+    /// The whole refusal, context first, as `idhal sign` prints it.
+    fn err<T: std::fmt::Debug>(r: Result<T, SignError>) -> String {
+        format!("{:#}", anyhow::Error::new(r.unwrap_err()))
+    }
+
+    /// Each refusal of a scriptlet directory is its own variant, naming the file.
+    #[test]
+    fn scriptlet_dir_refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let limits = Limits {
+            max_manifest: 100,
+            ..Limits::default()
+        };
+        match collect_scriptlets(&dir.join("none"), &limits) {
+            Err(SignError::Io { doing, path, .. }) => {
+                assert_eq!((doing, path), ("read scriptlet dir", dir.join("none")))
+            }
+            other => panic!("{other:?}"),
+        }
+        fs::write(dir.join("010-a.sh"), "echo a\n").unwrap();
+        fs::write(dir.join("notes.txt"), "skipped").unwrap();
+        let got = collect_scriptlets(dir, &limits).unwrap();
+        assert_eq!(got.len(), 1);
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("020-link.sh")).unwrap();
+        match collect_scriptlets(dir, &limits) {
+            Err(SignError::Symlink(p)) => assert_eq!(p, dir.join("020-link.sh")),
+            other => panic!("{other:?}"),
+        }
+        fs::remove_file(dir.join("020-link.sh")).unwrap();
+        fs::write(dir.join("030-a..b.sh"), "").unwrap();
+        match collect_scriptlets(dir, &limits) {
+            Err(SignError::ScriptletName { path, source }) => assert_eq!(
+                (path, source),
+                (
+                    dir.join("030-a..b.sh"),
+                    IdError::Scriptlet("030-a..b".into())
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+        fs::remove_file(dir.join("030-a..b.sh")).unwrap();
+        // 7 bytes read, then 94 more: one over the 100-byte cap, refused before reading on.
+        fs::write(dir.join("040-big.sh"), "x".repeat(94)).unwrap();
+        match collect_scriptlets(dir, &limits) {
+            Err(SignError::OverCap { path, cap }) => {
+                assert_eq!((path, cap), (dir.join("040-big.sh"), 100))
+            }
+            other => panic!("{other:?}"),
+        }
+        fs::write(dir.join("040-big.sh"), "x".repeat(93)).unwrap();
+        assert_eq!(collect_scriptlets(dir, &limits).unwrap().len(), 2);
     }
 
     #[test]
