@@ -10,7 +10,7 @@ use crate::config::{CaSection, ServerConfig};
 use crate::names::{Ipv4Net, ServerName};
 use crate::openvpn::config::ServerSetup;
 use crate::openvpn::management::{ensure_password_file, password_file};
-use crate::publish::{write_atomic, write_new};
+use crate::publish::{write_atomic, write_new, PublishError};
 use rusqlite::params;
 use std::path::{Path, PathBuf};
 
@@ -80,9 +80,10 @@ pub struct IssuedServer {
     pub not_after: u64,
     pub key: PathBuf,
     pub cert: PathBuf,
-    /// The project's management password file and whether it was made now; `None` with
+    /// The project's management password file and whether it was made now (or why it could
+    /// not be: the certificate stands, so the caller shows it first); `None` with
     /// `[openvpn] management_auth = "none"`.
-    pub management: Option<(PathBuf, bool)>,
+    pub management: Option<(PathBuf, Result<bool, PublishError>)>,
 }
 
 /// Issues server `name`'s certificate (its key made here, 0600, never over an existing one)
@@ -147,13 +148,10 @@ pub fn issue_server(
         write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
         Ok::<_, ProjectError>(serial)
     })?;
-    let management = match password_file(cfg, state_dir, project) {
-        Some(pw) => {
-            let made = ensure_password_file(&pw)?;
-            Some((pw, made))
-        }
-        None => None,
-    };
+    let management = password_file(cfg, state_dir, project).map(|pw| {
+        let made = ensure_password_file(&pw);
+        (pw, made)
+    });
     Ok(IssuedServer {
         serial,
         not_after: now + validity,
@@ -200,19 +198,10 @@ pub fn server_config(
             project: project.to_owned(),
         });
     }
-    let mut password_made = None;
-    let management_password = match password_file(cfg, state_dir, project) {
-        Some(pw) => {
-            if ensure_password_file(&pw)? {
-                password_made = Some(pw.clone());
-            }
-            Some(pw)
-        }
-        None => None,
-    };
+    let management_password = password_file(cfg, state_dir, project);
     let config = ServerSetup {
         project,
-        management_password,
+        management_password: management_password.clone(),
         name,
         pool,
         files: paths.server_files(name),
@@ -222,6 +211,13 @@ pub fn server_config(
         state_dir: hooks.state_dir,
     }
     .render()?;
+    // Made only once the config renders: a refused config changes nothing.
+    let mut password_made = None;
+    if let Some(pw) = management_password {
+        if ensure_password_file(&pw)? {
+            password_made = Some(pw);
+        }
+    }
     Ok(RenderedServer {
         config,
         password_made,
@@ -232,6 +228,7 @@ pub fn server_config(
 mod tests {
     use super::*;
     use crate::ca::project_name;
+    use crate::openvpn::config::RenderError;
 
     fn net(s: &str) -> Ipv4Net {
         Ipv4Net::parse(s).unwrap()
@@ -303,7 +300,7 @@ mod tests {
             ProjectDir::new(state, "alpha").servers().join("vpn1.key")
         );
         let (pw, made) = issued.management.unwrap();
-        assert!(made && pw.is_file());
+        assert!(made.unwrap() && pw.is_file());
         let key = std::fs::read(&issued.key).unwrap();
         match issue_server(state, &cfg, "alpha", "vpn1", now) {
             Err(ProjectError::ServerKeyExists { path, name }) => {
@@ -320,10 +317,8 @@ mod tests {
         }
         // The next server gets the next serial; the password file is kept.
         let second = issue_server(state, &cfg, "alpha", "vpn2", now).unwrap();
-        assert_eq!(
-            (second.serial, second.management),
-            (2, Some((pw.clone(), false)))
-        );
+        let (pw2, made) = second.management.unwrap();
+        assert_eq!((second.serial, pw2, made.unwrap()), (2, pw.clone(), false));
 
         // Its OpenVPN config: only for a server with a certificate.
         let hooks = || HookPaths {
@@ -343,6 +338,14 @@ mod tests {
             other => panic!("{:?}", other.err()),
         }
         std::fs::remove_file(&pw).unwrap();
+        // A config OpenVPN would refuse makes no password file either.
+        let mut off_loopback = cfg.clone();
+        off_loopback.openvpn.management = vec!["10.0.0.1:7505".parse().unwrap()];
+        match server_config(state, &off_loopback, "alpha", "vpn1", hooks()) {
+            Err(ProjectError::Render(RenderError::ManagementNotLoopback(_))) => {}
+            other => panic!("{:?}", other.err()),
+        }
+        assert!(!pw.exists());
         let rendered = server_config(state, &cfg, "alpha", "vpn1", hooks()).unwrap();
         assert_eq!(rendered.password_made, Some(pw.clone()));
         assert!(rendered

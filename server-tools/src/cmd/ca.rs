@@ -77,7 +77,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Command::IssueServer { name, project } => {
             let project = project_name(project, &cfg)?;
             let issued = project::issue_server(&global.state_dir, &cfg, &project, &name, now())?;
-            print_issued(&project, &name, &issued);
+            print_issued(&project, &name, issued)?;
         }
         Command::EnrollKey { project } => {
             let project = project_name(project, &cfg)?;
@@ -115,7 +115,9 @@ fn print_created(project: &str, created: &Created) {
     );
 }
 
-fn print_issued(project: &str, name: &str, issued: &IssuedServer) {
+/// Shows the certificate first, so it is known even when the management password file then
+/// cannot be made (the error follows).
+fn print_issued(project: &str, name: &str, issued: IssuedServer) -> anyhow::Result<()> {
     println!(
         "server {name} (project {project}): certificate serial {}, valid until {}",
         issued.serial,
@@ -123,12 +125,13 @@ fn print_issued(project: &str, name: &str, issued: &IssuedServer) {
     );
     println!("  key          {} (0600)", issued.key.display());
     println!("  certificate  {}", issued.cert.display());
-    if let Some((pw, made)) = &issued.management {
+    if let Some((pw, made)) = issued.management {
         println!(
             "  management   password in {} (0600{})",
             pw.display(),
-            if *made { ", new" } else { ", kept" }
+            if made? { ", new" } else { ", kept" }
         );
     }
     println!("next: idhal openvpn server-config --name {name} --project {project}");
+    Ok(())
 }
