@@ -116,7 +116,11 @@ impl ServerConfig {
         ServerName::parse(first).map_err(|_| NameError::Invalid {
             what: "[openvpn] name",
             value: first.to_owned(),
-            why: "not set, and the host name is not usable as one: set it (1-64 of A-Z a-z 0-9 . _ -)",
+            why: format!(
+                "not set, and the host name is not usable as one: set it ({})",
+                idhal_manifest::id::SAFE_NAME_RULE
+            )
+            .into(),
         })
     }
 
@@ -144,7 +148,7 @@ impl ServerConfig {
                 return Err(NameError::Invalid {
                     what: "[dns] reverse_zone",
                     value: String::new(),
-                    why: "must be set when the pool's prefix is not 8, 16 or 24",
+                    why: "must be set when the pool's prefix is not 8, 16 or 24".into(),
                 })
             }
         };

@@ -2,6 +2,7 @@
 //! server names, DNS labels and domains, the name template, and OAR property values. OAR pastes host names and values into SQL unescaped,
 //! so only these types, whose charsets hold no quote, space or backslash, ever reach a backend.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -12,7 +13,7 @@ pub enum NameError {
         what: &'static str,
         /// Shortened and Debug-escaped when shown, so a hostile value cannot forge log lines.
         value: String,
-        why: &'static str,
+        why: Cow<'static, str>,
     },
     /// Two addresses of the pool would get one name (and so one OAR resource and one set of
     /// DNS records): the template must use every octet the pool's prefix leaves free.
@@ -35,7 +36,7 @@ fn invalid(what: &'static str, value: &str, why: &'static str) -> NameError {
     NameError::Invalid {
         what,
         value: short,
-        why,
+        why: why.into(),
     }
 }
 
