@@ -450,10 +450,12 @@ fn crls_are_re_signed_before_they_expire() {
         ],
     );
     assert!(text.starts_with("nextUpdate="), "{text}");
-    assert!(
-        server.log().contains("CRL of project default re-signed"),
-        "{}",
-        server.log()
+    // The CRL is on disk before the line is printed: wait for the line, do not read it once.
+    idhal_test_support::wait_logged(
+        "idhal serve logs the re-signing",
+        Duration::from_secs(10),
+        &[&server.log],
+        || server.log().contains("CRL of project default re-signed"),
     );
 }
 
