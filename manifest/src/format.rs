@@ -167,30 +167,26 @@ impl<'a> Manifest<'a> {
         if c.line()? != FORMAT_LINE {
             return Err(c.err(format!("expected {FORMAT_LINE:?}")));
         }
-        let (mut serial, mut expires) = (None, None);
+        // The header has one order, the encoder's: serial on line 2, expires on line 3. A
+        // parser that took them in any order would let two byte strings mean one manifest.
+        let mut number = |keyword: &str| -> Result<u64, FormatError> {
+            let line = c.line()?;
+            match line.split_once(' ') {
+                Some((k, rest)) if k == keyword => {
+                    canonical_u64(rest).ok_or_else(|| c.err(format!("{keyword} is not a number")))
+                }
+                _ => Err(c.err(format!("expected \"{keyword} N\""))),
+            }
+        };
+        let serial = number("serial")?;
+        let expires = number("expires")?;
         let mut params: Vec<Param<'a>> = Vec::new();
         let mut scriptlets: Vec<Scriptlet<'a>> = Vec::new();
         loop {
             let line = c.line()?;
             let (keyword, rest) = line.split_once(' ').unwrap_or((line, ""));
             match keyword {
-                "serial" | "expires" => {
-                    if !scriptlets.is_empty() {
-                        return Err(c.err(format!("{keyword} after the first scriptlet")));
-                    }
-                    let slot = if keyword == "serial" {
-                        &mut serial
-                    } else {
-                        &mut expires
-                    };
-                    if slot.is_some() {
-                        return Err(c.err(format!("duplicate {keyword}")));
-                    }
-                    *slot = Some(
-                        canonical_u64(rest)
-                            .ok_or_else(|| c.err(format!("{keyword} is not a number")))?,
-                    );
-                }
+                "serial" | "expires" => return Err(c.err(format!("duplicate {keyword}"))),
                 "param" => {
                     if !scriptlets.is_empty() {
                         return Err(c.err("param after the first scriptlet"));
@@ -242,8 +238,8 @@ impl<'a> Manifest<'a> {
             }
         }
         Ok(Manifest {
-            serial: serial.ok_or(FormatError::Truncated("no serial"))?,
-            expires: expires.ok_or(FormatError::Truncated("no expires"))?,
+            serial,
+            expires,
             params,
             scriptlets,
         })
@@ -353,7 +349,23 @@ mod tests {
         assert!(parse_err(&format!("{head}bogus 1\nend\n")).contains("unknown keyword"));
         assert!(parse_err(&format!("{head}param x a\tb\nend\n")).contains("control"));
         assert!(parse_err(&format!("{head}param x a\nparam x b\nend\n")).contains("duplicate"));
-        assert!(parse_err("idhal-manifest 1\nserial 1\nend\n").contains("no expires"));
+        assert_eq!(
+            parse_err("idhal-manifest 1\nserial 1\nend\n"),
+            "line 3: expected \"expires N\""
+        );
+        // One order only (found by the fuzzer: params before expires parsed, encoded otherwise).
+        assert_eq!(
+            parse_err("idhal-manifest 1\nexpires 2\nserial 1\nend\n"),
+            "line 2: expected \"serial N\""
+        );
+        assert_eq!(
+            parse_err("idhal-manifest 1\nserial 1\nparam e x\nexpires 2\nend\n"),
+            "line 3: expected \"expires N\""
+        );
+        assert_eq!(
+            parse_err(&format!("{head}param e x\nexpires 3\nend\n")),
+            "line 5: duplicate expires"
+        );
         assert!(parse_err(&format!("{head}scriptlet a once 99999999999\n")).contains("shorter"));
         assert!(parse_err(&format!("{}\n", "x".repeat(5000))).contains("too long"));
     }
