@@ -682,25 +682,31 @@ fn block_after(doc: &str, after: &str) -> Vec<String> {
 const MANIFEST_DOC: &str = include_str!("../../docs/manifest.md");
 const ENROLLMENT_DOC: &str = include_str!("../../docs/enrollment.md");
 
-#[test]
-fn docs_manifest_shows_the_golden_vectors() {
-    let ex = doc_examples(MANIFEST_DOC);
-    let want = [
-        "manifest/tests/data/idhal.pub",
-        "manifest/tests/data/manifest",
-        "manifest/tests/data/manifest.minisig",
-    ];
+/// The literal blocks `doc` marks as golden are exactly `want`, each equal to its file.
+#[track_caller]
+fn doc_shows_exactly(name: &str, doc: &str, want: &[&str]) {
+    let ex = doc_examples(doc);
     assert_eq!(
         ex.keys().collect::<Vec<_>>(),
         want.iter().collect::<Vec<_>>()
     );
     for path in want {
         let file = read_text(path.strip_prefix("manifest/tests/data/").unwrap());
-        assert_eq!(
-            ex[path], file,
-            "docs/manifest.md's example differs from {path}"
-        );
+        assert_eq!(ex[*path], file, "{name}'s example differs from {path}");
     }
+}
+
+#[test]
+fn docs_manifest_shows_the_golden_vectors() {
+    doc_shows_exactly(
+        "docs/manifest.md",
+        MANIFEST_DOC,
+        &[
+            "manifest/tests/data/idhal.pub",
+            "manifest/tests/data/manifest",
+            "manifest/tests/data/manifest.minisig",
+        ],
+    );
     let pk = PublicKey::parse(&read_text("idhal.pub")).unwrap();
     assert!(
         MANIFEST_DOC.contains(&format!("`{}`", pk.fingerprint())),
@@ -742,22 +748,14 @@ fn docs_manifest_shows_the_golden_vectors() {
 
 #[test]
 fn docs_enrollment_shows_the_golden_vectors() {
-    let ex = doc_examples(ENROLLMENT_DOC);
-    let want = [
-        "manifest/tests/data/enroll/TEST-ONLY-token",
-        "manifest/tests/data/enroll/request",
-    ];
-    assert_eq!(
-        ex.keys().collect::<Vec<_>>(),
-        want.iter().collect::<Vec<_>>()
+    doc_shows_exactly(
+        "docs/enrollment.md",
+        ENROLLMENT_DOC,
+        &[
+            "manifest/tests/data/enroll/TEST-ONLY-token",
+            "manifest/tests/data/enroll/request",
+        ],
     );
-    for path in want {
-        let file = read_text(path.strip_prefix("manifest/tests/data/").unwrap());
-        assert_eq!(
-            ex[path], file,
-            "docs/enrollment.md's example differs from {path}"
-        );
-    }
     // The schematic request and response name the vector's fields, in its order.
     let keywords = |lines: &[String]| -> Vec<String> {
         lines
