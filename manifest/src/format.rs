@@ -228,12 +228,13 @@ impl<'a> Manifest<'a> {
                         body,
                     });
                 }
-                "end" if rest.is_empty() => {
+                "end" if line == "end" => {
                     if c.pos != buf.len() {
                         return Err(c.err("data after end"));
                     }
                     break;
                 }
+                "end" => return Err(c.err("expected \"end\" alone on its line")),
                 _ => return Err(c.err(format!("unknown keyword {keyword:?}"))),
             }
         }
@@ -352,6 +353,11 @@ mod tests {
         assert_eq!(
             parse_err("idhal-manifest 1\nserial 1\nend\n"),
             "line 3: expected \"expires N\""
+        );
+        // "end " split at its space has an empty rest: the line itself must be "end" (fuzzer).
+        assert_eq!(
+            parse_err(&format!("{head}end \n")),
+            "line 4: expected \"end\" alone on its line"
         );
         // One order only (found by the fuzzer: params before expires parsed, encoded otherwise).
         assert_eq!(
