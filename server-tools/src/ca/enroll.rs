@@ -9,6 +9,7 @@
 
 use crate::ca::db::{Db, DbError, Open};
 use crate::ca::pki::{Leaf, NodePublicKey, ProjectCa, Role};
+use crate::ca::state::{StateStore, TokenInfo};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::Ipv4Net;
 use crate::openvpn::config::client_config;
@@ -152,23 +153,12 @@ impl Enroller {
         let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let req = &signed.request;
         let token_id = req.token.to_string();
-        let (project, node_type, verifier) = self
-            .with_db(|db| {
-                db.conn
-                    .query_row(
-                        "SELECT project, node_type, verifier FROM tokens WHERE id = ?1",
-                        [&token_id],
-                        |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, Vec<u8>>(2)?,
-                            ))
-                        },
-                    )
-                    .optional()
-                    .map_err(|e| db.err(e).into())
-            })?
+        let TokenInfo {
+            project,
+            node_type,
+            verifier,
+        } = self
+            .with_db(|db| Ok(db.token_for_enroll(&token_id)?))?
             .ok_or(Refusal::UnknownToken)?;
         let verifier: [u8; 32] = verifier
             .try_into()

@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod pki;
 pub mod project;
 pub mod revoke;
+pub mod state;
 pub mod tokens;
 
 use crate::config::ServerConfig;

@@ -59,7 +59,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let db = Db::open(&global.state_dir, Open::Existing)?;
+    let mut db = Db::open(&global.state_dir, Open::Existing)?;
     match args.command {
         Command::Create {
             node_type,
@@ -78,7 +78,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
                 "--comment must be one line"
             );
             let now = now();
-            let token = tokens::create(&db, &project, &node_type, uses, now, ttl, &comment)?;
+            let token = tokens::create(&mut db, &project, &node_type, uses, now, ttl, &comment)?;
             eprintln!(
                 "token {} (project {project}): type {node_type}, {uses} use{}, expires {}; \
                  shown once, only its verifier is stored",
@@ -88,12 +88,12 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             );
             println!("{token}");
         }
-        Command::List { json } => list(&db, json)?,
+        Command::List { json } => list(&mut db, json)?,
     }
     Ok(Exit::Ok)
 }
 
-fn list(db: &Db, json: bool) -> anyhow::Result<()> {
+fn list(db: &mut Db, json: bool) -> anyhow::Result<()> {
     let rows = tokens::list(db, now())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

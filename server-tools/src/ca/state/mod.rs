@@ -1,0 +1,57 @@
+//! The server's state behind one interface, so that the rest of the CA never writes SQL: today
+//! a SQLite file ([`sqlite`]), later PostgreSQL (issue 13). Each method is one transaction
+//! unless its comment says "read"; errors are [`StateError`] (the database, its path, its
+//! schema version).
+//!
+//! Moved behind the trait so far: tokens (create, list, the enrollment lookup). Still in the
+//! callers: projects, nodes, certificates, CRLs, revocation (issue 13, plan step 1, to finish).
+
+pub mod sqlite;
+
+pub use crate::ca::db::DbError as StateError;
+
+/// A token to store: only its verifier, never its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewToken {
+    pub id: String,
+    pub project: String,
+    pub node_type: String,
+    pub verifier: [u8; 32],
+    pub uses: u32,
+    pub created: u64,
+    pub expires: u64,
+    pub comment: String,
+}
+
+/// A stored token as listed (no verifier).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub project: String,
+    pub node_type: String,
+    pub uses: u32,
+    pub used: u32,
+    pub created: u64,
+    pub expires: u64,
+    pub comment: String,
+}
+
+/// What enrollment needs of a token before it checks the request's signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub project: String,
+    pub node_type: String,
+    /// As stored; the caller checks that it is 32 bytes.
+    pub verifier: Vec<u8>,
+}
+
+/// The state database, whatever holds it. Synchronous: callers are threads of `idhal serve`
+/// and one-shot commands.
+pub trait StateStore: Send {
+    /// Stores a new token; refused if its id exists or its project does not.
+    fn create_token(&mut self, token: &NewToken) -> Result<(), StateError>;
+    /// Every token, oldest first (read).
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StateError>;
+    /// The token `id`, if any (read; the claim itself happens in the enrollment transaction).
+    fn token_for_enroll(&mut self, id: &str) -> Result<Option<TokenInfo>, StateError>;
+}
