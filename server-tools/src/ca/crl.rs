@@ -3,17 +3,17 @@
 
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::ProjectCa;
+use crate::ca::state::StateStore;
 use crate::ca::ProjectError;
 use crate::config::{CaSection, ServerConfig};
 use crate::publish::write_atomic;
 use idhal_manifest::time::{now, rfc3339};
-use rusqlite::params;
 use std::path::{Path, PathBuf};
 
 /// Re-signs the CRL of every project that is due (or all with `force`). Returns each project
 /// with the new nextUpdate, or `None` when it was not due.
 pub fn refresh_due(
-    db: &mut Db,
+    db: &mut dyn StateStore,
     state_dir: &Path,
     cfg: &ServerConfig,
     now: u64,
@@ -37,43 +37,21 @@ pub fn refresh_due(
 /// Signs a new CRL for `ca`'s project (next CRL number, every revoked certificate not yet
 /// expired) and publishes it atomically. Returns its nextUpdate.
 pub fn regenerate(
-    db: &mut Db,
+    db: &mut dyn StateStore,
     ca: &ProjectCa,
     cfg: &ServerConfig,
     now: u64,
 ) -> Result<u64, ProjectError> {
     let validity = CaSection::secs(&cfg.ca.crl_validity);
-    db.immediate(|tx, err| {
-        let number: i64 = tx
-            .query_row(
-                "UPDATE projects SET crl_number = crl_number + 1, crl_next_update = ?2
-                 WHERE name = ?1 RETURNING crl_number",
-                params![ca.project, (now + validity) as i64],
-                |r| r.get(0),
-            )
-            .map_err(err)?;
-        let mut stmt = tx
-            .prepare(
-                "SELECT serial, revoked_at FROM certs
-                 WHERE project = ?1 AND revoked_at IS NOT NULL AND not_after > ?2 ORDER BY serial",
-            )
-            .map_err(err)?;
-        let revoked = stmt
-            .query_map(params![ca.project, now as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })
-            .map_err(err)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
-        let pem = ca.crl(&revoked, number as u64, now, validity)?;
+    db.resign_crl(&ca.project, now, now + validity, &mut |number, revoked| {
+        let pem = ca.crl(revoked, number, now, validity)?;
         // Published before the commit: if the commit fails, the next run signs a newer number.
         write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644).map_err(|source| {
             ProjectError::PublishCrl {
                 project: ca.project.clone(),
                 source,
             }
-        })?;
-        Ok::<_, ProjectError>(())
+        })
     })?;
     Ok(now + validity)
 }

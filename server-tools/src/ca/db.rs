@@ -4,7 +4,8 @@
 //! hand out an id, an address, a serial or a token use twice. WAL mode with `synchronous=FULL`:
 //! a committed enrollment survives power loss.
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use crate::ca::state::StateStore;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -228,50 +229,6 @@ impl Db {
             source,
         }
     }
-
-    /// Every row of `sql`, mapped by `f`.
-    fn rows<T>(
-        &self,
-        sql: &str,
-        params: impl rusqlite::Params,
-        f: fn(&rusqlite::Row) -> rusqlite::Result<T>,
-    ) -> Result<Vec<T>, DbError> {
-        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
-        let rows = stmt.query_map(params, f).map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
-    }
-
-    pub fn project(&self, name: &str) -> Result<Option<ProjectRow>, DbError> {
-        let sql = format!(
-            "SELECT {} FROM projects WHERE name = ?1",
-            ProjectRow::COLUMNS
-        );
-        self.conn
-            .query_row(&sql, [name], ProjectRow::from_row)
-            .optional()
-            .map_err(|e| self.err(e))
-    }
-
-    pub fn projects(&self) -> Result<Vec<ProjectRow>, DbError> {
-        let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
-        self.rows(&sql, [], ProjectRow::from_row)
-    }
-
-    pub fn nodes(&self, project: Option<&str>) -> Result<Vec<NodeRow>, DbError> {
-        let sql = format!(
-            "SELECT {} FROM nodes WHERE ?1 IS NULL OR project = ?1 ORDER BY num",
-            NodeRow::COLUMNS
-        );
-        self.rows(&sql, params![project], NodeRow::from_row)
-    }
-
-    pub fn node(&self, id: &str) -> Result<Option<NodeRow>, DbError> {
-        let sql = format!("SELECT {} FROM nodes WHERE id = ?1", NodeRow::COLUMNS);
-        self.conn
-            .query_row(&sql, [id], NodeRow::from_row)
-            .optional()
-            .map_err(|e| self.err(e))
-    }
 }
 
 /// The enrolled node `id`, when `state_dir` has a database: hooks work without one (nodes
@@ -304,10 +261,10 @@ pub struct ProjectRow {
 
 impl ProjectRow {
     /// The columns `from_row` reads, in its order.
-    const COLUMNS: &'static str =
+    pub(crate) const COLUMNS: &'static str =
         "name, created, pool, next_host, next_serial, crl_number, crl_next_update";
 
-    fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
+    pub(crate) fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
         Ok(ProjectRow {
             name: r.get(0)?,
             created: r.get::<_, i64>(1)? as u64,
@@ -334,10 +291,10 @@ pub struct NodeRow {
 
 impl NodeRow {
     /// The columns `from_row` reads, in its order.
-    const COLUMNS: &'static str =
+    pub(crate) const COLUMNS: &'static str =
         "id, project, node_type, address, enrolled_at, cert_serial, revoked_at";
 
-    fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
+    pub(crate) fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
         Ok(NodeRow {
             id: r.get(0)?,
             project: r.get(1)?,
@@ -362,7 +319,7 @@ mod tests {
             Err(DbError::Missing(_))
         ));
         Db::open(dir.path(), Open::Create).unwrap();
-        let db = Db::open(dir.path(), Open::Existing).unwrap();
+        let mut db = Db::open(dir.path(), Open::Existing).unwrap();
         assert!(db.projects().unwrap().is_empty());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(Db::path(dir.path()))

@@ -15,7 +15,7 @@ use crate::config::ServerConfig;
 use crate::names::{Ipv4Net, NameError};
 use crate::openvpn::config::RenderError;
 use crate::publish::PublishError;
-use db::{Db, DbError};
+use db::DbError;
 use pki::CaError;
 use std::path::PathBuf;
 
@@ -100,7 +100,10 @@ pub fn require_inside_names_pool(
 }
 
 /// Used by token/nodes/revoke: the project row, or a clear error.
-pub fn require_project(db: &Db, project: &str) -> Result<db::ProjectRow, ProjectError> {
+pub fn require_project(
+    db: &mut dyn state::StateStore,
+    project: &str,
+) -> Result<db::ProjectRow, ProjectError> {
     db.project(project)?
         .ok_or_else(|| ProjectError::NoProject(project.to_owned()))
 }

@@ -5,6 +5,7 @@
 use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
+use crate::ca::state::StateStore;
 use crate::ca::{require_inside_names_pool, require_project, ProjectError};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::{Ipv4Net, ServerName};
@@ -185,8 +186,8 @@ pub fn server_config(
     name: &str,
     hooks: HookPaths,
 ) -> Result<RenderedServer, ProjectError> {
-    let db = Db::open(state_dir, Open::Existing)?;
-    let row = require_project(&db, project)?;
+    let mut db = Db::open(state_dir, Open::Existing)?;
+    let row = require_project(&mut db, project)?;
     let pool = Ipv4Net::parse(&row.pool)?;
     require_inside_names_pool(cfg, project, &pool)?;
     let paths = ProjectDir::new(state_dir, project);

@@ -3,30 +3,18 @@
 //! (`cut_off`); `openvpn::management::kill_everywhere` drops its live sessions.
 
 use crate::ca::crl;
-use crate::ca::db::{Db, DbError, NodeRow};
+use crate::ca::db::{DbError, NodeRow};
 use crate::ca::pki::ProjectCa;
+use crate::ca::state::StateStore;
 use crate::ca::ProjectError;
 use crate::config::ServerConfig;
 use crate::names::NodeId;
 use crate::publish::remove_durably;
-use rusqlite::params;
 use std::path::{Path, PathBuf};
 
 /// Marks `node` and its certificate revoked at `now`; a node already revoked keeps its time.
-pub fn mark(db: &mut Db, node: &NodeRow, now: u64) -> Result<(), DbError> {
-    db.immediate(|tx, err| {
-        tx.execute(
-            "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-            params![node.id, now as i64],
-        )
-        .map_err(err)?;
-        tx.execute(
-            "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
-            params![node.project, node.cert_serial as i64, now as i64],
-        )
-        .map_err(err)?;
-        Ok::<_, DbError>(())
-    })
+pub fn mark(db: &mut dyn StateStore, node: &NodeRow, now: u64) -> Result<(), DbError> {
+    db.mark_revoked(node, now)
 }
 
 /// What `mark_node` found.
@@ -39,7 +27,11 @@ pub enum Marked {
 }
 
 /// Revokes enrolled node `id` in the database at `now` (its row as it was before).
-pub fn mark_node(db: &mut Db, id: &NodeId, now: u64) -> Result<(NodeRow, Marked), ProjectError> {
+pub fn mark_node(
+    db: &mut dyn StateStore,
+    id: &NodeId,
+    now: u64,
+) -> Result<(NodeRow, Marked), ProjectError> {
     let node = db
         .node(id.as_str())?
         .ok_or_else(|| ProjectError::NoNode(id.to_string()))?;
@@ -62,7 +54,7 @@ pub struct CutOff {
 /// Re-signs `node`'s project CRL at once (OpenVPN's crl-verify reads it on the next handshake)
 /// and removes the node's client-config-dir entry (ccd-exclusive refuses it even before that).
 pub fn cut_off(
-    db: &mut Db,
+    db: &mut dyn StateStore,
     state_dir: &Path,
     cfg: &ServerConfig,
     node: &NodeRow,
@@ -80,7 +72,7 @@ pub fn cut_off(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::db::Open;
+    use crate::ca::db::{Db, Open};
     use crate::ca::project::init;
     use crate::names::{node_id, Ipv4Net};
 

@@ -2,6 +2,7 @@
 //! serial and revocation.
 
 use crate::ca::db::{Db, Open};
+use crate::ca::state::StateStore;
 use crate::cmd::{Exit, Global};
 use idhal_manifest::time::rfc3339;
 
@@ -21,7 +22,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
-    let db = Db::open(&global.state_dir, Open::Existing)?;
+    let mut db = Db::open(&global.state_dir, Open::Existing)?;
     let nodes = db.nodes(args.project.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);

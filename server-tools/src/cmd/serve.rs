@@ -5,6 +5,7 @@
 use crate::ca::crl;
 use crate::ca::db::{Db, Open};
 use crate::ca::enroll::Enroller;
+use crate::ca::state::StateStore;
 use crate::cmd::{load_config, Exit, Global};
 use crate::http::routes::App;
 use crate::http::{fit_open_files, OpenFiles, StaticFiles, Stopped};

@@ -69,7 +69,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             comment,
         } => {
             let project = project_name(project, &cfg)?;
-            require_project(&db, &project)?;
+            require_project(&mut db, &project)?;
             let node_type = Label::parse(&node_type)?;
             let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
             anyhow::ensure!(ttl > 0, "--ttl must be positive");

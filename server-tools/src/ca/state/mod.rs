@@ -3,12 +3,18 @@
 //! unless its comment says "read"; errors are [`StateError`] (the database, its path, its
 //! schema version).
 //!
-//! Moved behind the trait so far: tokens (create, list, the enrollment lookup). Still in the
-//! callers: projects, nodes, certificates, CRLs, revocation (issue 13, plan step 1, to finish).
+//! Moved behind the trait so far: tokens (create, list, the enrollment lookup), the reads of
+//! projects and nodes, revocation marks and CRL re-signing. Still in the callers: the enrollment
+//! transaction, `ca init`'s project row and `ca issue-server` (issue 13, plan step 1, to finish).
 
 pub mod sqlite;
 
 pub use crate::ca::db::DbError as StateError;
+use crate::ca::db::{NodeRow, ProjectRow};
+use crate::ca::ProjectError;
+
+/// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
+pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), ProjectError>;
 
 /// A token to store: only its verifier, never its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,4 +60,24 @@ pub trait StateStore: Send {
     fn tokens(&mut self) -> Result<Vec<TokenRecord>, StateError>;
     /// The token `id`, if any (read; the claim itself happens in the enrollment transaction).
     fn token_for_enroll(&mut self, id: &str) -> Result<Option<TokenInfo>, StateError>;
+    /// The project `name`, if any (read).
+    fn project(&mut self, name: &str) -> Result<Option<ProjectRow>, StateError>;
+    /// Every project, by name (read).
+    fn projects(&mut self) -> Result<Vec<ProjectRow>, StateError>;
+    /// The enrolled node `id`, if any (read).
+    fn node(&mut self, id: &str) -> Result<Option<NodeRow>, StateError>;
+    /// Every enrolled node, of `project` or of all, in enrollment order (read).
+    fn nodes(&mut self, project: Option<&str>) -> Result<Vec<NodeRow>, StateError>;
+    /// Marks `node` and its certificate revoked at `now`; a node already revoked keeps its time.
+    fn mark_revoked(&mut self, node: &NodeRow, now: u64) -> Result<(), StateError>;
+    /// Takes `project`'s next CRL number, sets its nextUpdate to `next_update`, and calls `sign`
+    /// with that number and every revoked certificate (serial, time) not expired at `now`, in
+    /// serial order. One transaction: committed only when `sign` succeeds.
+    fn resign_crl(
+        &mut self,
+        project: &str,
+        now: u64,
+        next_update: u64,
+        sign: SignCrl<'_>,
+    ) -> Result<(), ProjectError>;
 }

@@ -1,7 +1,8 @@
 //! [`StateStore`] on the SQLite state file ([`Db`]).
 
-use super::{NewToken, StateError, StateStore, TokenInfo, TokenRecord};
-use crate::ca::db::Db;
+use super::{NewToken, SignCrl, StateError, StateStore, TokenInfo, TokenRecord};
+use crate::ca::db::{Db, NodeRow, ProjectRow};
+use crate::ca::ProjectError;
 use rusqlite::{params, OptionalExtension};
 
 impl StateStore for Db {
@@ -68,6 +69,100 @@ impl StateStore for Db {
             .optional()
             .map_err(|e| self.err(e))
     }
+
+    fn project(&mut self, name: &str) -> Result<Option<ProjectRow>, StateError> {
+        let sql = format!(
+            "SELECT {} FROM projects WHERE name = ?1",
+            ProjectRow::COLUMNS
+        );
+        self.conn
+            .query_row(&sql, [name], ProjectRow::from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn projects(&mut self) -> Result<Vec<ProjectRow>, StateError> {
+        let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
+        rows(self, &sql, [], ProjectRow::from_row)
+    }
+
+    fn node(&mut self, id: &str) -> Result<Option<NodeRow>, StateError> {
+        let sql = format!("SELECT {} FROM nodes WHERE id = ?1", NodeRow::COLUMNS);
+        self.conn
+            .query_row(&sql, [id], NodeRow::from_row)
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn nodes(&mut self, project: Option<&str>) -> Result<Vec<NodeRow>, StateError> {
+        let sql = format!(
+            "SELECT {} FROM nodes WHERE ?1 IS NULL OR project = ?1 ORDER BY num",
+            NodeRow::COLUMNS
+        );
+        rows(self, &sql, params![project], NodeRow::from_row)
+    }
+
+    fn mark_revoked(&mut self, node: &NodeRow, now: u64) -> Result<(), StateError> {
+        self.immediate(|tx, err| {
+            tx.execute(
+                "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![node.id, now as i64],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
+                params![node.project, node.cert_serial as i64, now as i64],
+            )
+            .map_err(err)?;
+            Ok::<_, StateError>(())
+        })
+    }
+
+    fn resign_crl(
+        &mut self,
+        project: &str,
+        now: u64,
+        next_update: u64,
+        sign: SignCrl<'_>,
+    ) -> Result<(), ProjectError> {
+        self.immediate(|tx, err| {
+            let number: i64 = tx
+                .query_row(
+                    "UPDATE projects SET crl_number = crl_number + 1, crl_next_update = ?2
+                     WHERE name = ?1 RETURNING crl_number",
+                    params![project, next_update as i64],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            let mut stmt = tx
+                .prepare(
+                    "SELECT serial, revoked_at FROM certs
+                     WHERE project = ?1 AND revoked_at IS NOT NULL AND not_after > ?2
+                     ORDER BY serial",
+                )
+                .map_err(err)?;
+            let revoked = stmt
+                .query_map(params![project, now as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            sign(number as u64, &revoked)
+        })
+    }
+}
+
+/// Every row of `sql`, mapped by `f`.
+fn rows<T>(
+    db: &Db,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: fn(&rusqlite::Row) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StateError> {
+    let mut stmt = db.conn.prepare(sql).map_err(|e| db.err(e))?;
+    let rows = stmt.query_map(params, f).map_err(|e| db.err(e))?;
+    rows.collect::<Result<_, _>>().map_err(|e| db.err(e))
 }
 
 #[cfg(test)]
