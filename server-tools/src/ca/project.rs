@@ -12,7 +12,6 @@ use crate::names::{Ipv4Net, ServerName};
 use crate::openvpn::config::ServerSetup;
 use crate::openvpn::management::{ensure_password_file, password_file};
 use crate::publish::{write_atomic, write_new, PublishError};
-use rusqlite::params;
 use std::path::{Path, PathBuf};
 
 /// A project `init` made.
@@ -59,14 +58,7 @@ pub fn init(
         });
     }
     let ca = ProjectCa::create(state_dir, project, now)?;
-    db.conn
-        .execute(
-            "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
-                                   crl_next_update)
-             VALUES (?1, ?2, ?3, 2, 1, 0, 0)",
-            params![project, now as i64, pool.to_string()],
-        )
-        .map_err(|e| db.err(e))?;
+    db.insert_project(project, now, &pool.to_string())?;
     let crl_until = crl::regenerate(&mut db, &ca, cfg, now)?;
     Ok(Created {
         ca,
@@ -112,49 +104,36 @@ pub fn issue_server(
     }
     let (key_pem, key) = new_key()?;
     let validity = CaSection::secs(&cfg.ca.server_cert_validity);
-    let serial = db.immediate(|tx, err| {
-        let serial: i64 = tx
-            .query_row(
-                "UPDATE projects SET next_serial = next_serial + 1 WHERE name = ?1
-                 RETURNING next_serial - 1",
-                [project],
-                |r| r.get(0),
-            )
-            .map_err(err)?;
-        let pem = ca.issue(
-            &Leaf {
-                role: Role::Server,
-                cn: name,
-                serial: serial as u64,
-                not_before: now.saturating_sub(300),
-                not_after: now + validity,
-            },
-            &key,
-        )?;
-        tx.execute(
-            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
-             VALUES (?1, ?2, 'server', ?3, ?4, ?5, ?6)",
-            params![
-                project,
-                serial,
-                name,
-                now as i64,
-                (now + validity) as i64,
-                pem
-            ],
-        )
-        .map_err(err)?;
+    let serial = db.issue_server_cert(
+        project,
+        name,
+        now,
+        now + validity,
+        &mut |serial| {
+            Ok(ca.issue(
+                &Leaf {
+                    role: Role::Server,
+                    cn: name,
+                    serial,
+                    not_before: now.saturating_sub(300),
+                    not_after: now + validity,
+                },
+                &key,
+            )?)
+        },
         // Files before the commit: a failure leaves no certificate row without its files.
-        write_new(&key_path, key_pem.as_bytes(), 0o600)?;
-        write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
-        Ok::<_, ProjectError>(serial)
-    })?;
+        &mut |pem| {
+            write_new(&key_path, key_pem.as_bytes(), 0o600)?;
+            write_atomic(&cert_path, pem.as_bytes(), 0o644)?;
+            Ok(())
+        },
+    )?;
     let management = password_file(cfg, state_dir, project).map(|pw| {
         let made = ensure_password_file(&pw);
         (pw, made)
     });
     Ok(IssuedServer {
-        serial,
+        serial: serial as i64,
         not_after: now + validity,
         key: key_path,
         cert: cert_path,

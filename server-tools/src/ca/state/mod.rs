@@ -4,8 +4,8 @@
 //! schema version).
 //!
 //! Moved behind the trait so far: tokens (create, list, the enrollment lookup), the reads of
-//! projects and nodes, revocation marks and CRL re-signing. Still in the callers: the enrollment
-//! transaction, `ca init`'s project row and `ca issue-server` (issue 13, plan step 1, to finish).
+//! projects and nodes, new projects, server certificates, revocation marks and CRL re-signing. Still in the callers: the enrollment
+//! transaction (issue 13, plan step 1, to finish).
 
 pub mod sqlite;
 
@@ -15,6 +15,11 @@ use crate::ca::ProjectError;
 
 /// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
 pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), ProjectError>;
+
+/// Signs a certificate with the serial given (returns its PEM).
+pub type SignCert<'a> = &'a mut dyn FnMut(u64) -> Result<String, ProjectError>;
+/// Writes a certificate's files (given its PEM) before the transaction commits.
+pub type PublishCert<'a> = &'a mut dyn FnMut(&str) -> Result<(), ProjectError>;
 
 /// A token to store: only its verifier, never its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +67,21 @@ pub trait StateStore: Send {
     fn token_for_enroll(&mut self, id: &str) -> Result<Option<TokenInfo>, StateError>;
     /// The project `name`, if any (read).
     fn project(&mut self, name: &str) -> Result<Option<ProjectRow>, StateError>;
+    /// Stores a new project `name` with `pool`, its counters at their start (host 2, serial 1,
+    /// CRL 0); refused if it exists.
+    fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError>;
+    /// Takes `project`'s next serial, has `sign` make the server certificate `subject` with it,
+    /// records it, and has `publish` write its files; one transaction, committed only when all
+    /// succeed (no certificate row without its files). Returns the serial.
+    fn issue_server_cert(
+        &mut self,
+        project: &str,
+        subject: &str,
+        issued: u64,
+        not_after: u64,
+        sign: SignCert<'_>,
+        publish: PublishCert<'_>,
+    ) -> Result<u64, ProjectError>;
     /// Every project, by name (read).
     fn projects(&mut self) -> Result<Vec<ProjectRow>, StateError>;
     /// The enrolled node `id`, if any (read).

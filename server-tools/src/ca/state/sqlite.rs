@@ -1,6 +1,8 @@
 //! [`StateStore`] on the SQLite state file ([`Db`]).
 
-use super::{NewToken, SignCrl, StateError, StateStore, TokenInfo, TokenRecord};
+use super::{
+    NewToken, PublishCert, SignCert, SignCrl, StateError, StateStore, TokenInfo, TokenRecord,
+};
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::ProjectError;
 use rusqlite::{params, OptionalExtension};
@@ -79,6 +81,55 @@ impl StateStore for Db {
             .query_row(&sql, [name], ProjectRow::from_row)
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
+                                       crl_next_update)
+                 VALUES (?1, ?2, ?3, 2, 1, 0, 0)",
+                params![name, created as i64, pool],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn issue_server_cert(
+        &mut self,
+        project: &str,
+        subject: &str,
+        issued: u64,
+        not_after: u64,
+        sign: SignCert<'_>,
+        publish: PublishCert<'_>,
+    ) -> Result<u64, ProjectError> {
+        self.immediate(|tx, err| {
+            let serial: i64 = tx
+                .query_row(
+                    "UPDATE projects SET next_serial = next_serial + 1 WHERE name = ?1
+                     RETURNING next_serial - 1",
+                    [project],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            let pem = sign(serial as u64)?;
+            tx.execute(
+                "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+                 VALUES (?1, ?2, 'server', ?3, ?4, ?5, ?6)",
+                params![
+                    project,
+                    serial,
+                    subject,
+                    issued as i64,
+                    not_after as i64,
+                    pem
+                ],
+            )
+            .map_err(err)?;
+            publish(&pem)?;
+            Ok(serial as u64)
+        })
     }
 
     fn projects(&mut self) -> Result<Vec<ProjectRow>, StateError> {
