@@ -9,13 +9,12 @@
 
 use crate::ca::db::{Db, DbError, Open};
 use crate::ca::pki::{Leaf, NodePublicKey, ProjectCa, Role};
-use crate::ca::state::{StateStore, TokenInfo};
+use crate::ca::state::{Claim, StateStore, TokenInfo};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::Ipv4Net;
 use crate::openvpn::config::client_config;
 use crate::publish::write_atomic;
 use idhal_manifest::enroll::{EnrollError, Request, Response};
-use rusqlite::{params, OptionalExtension};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -70,7 +69,7 @@ impl From<DbError> for Refusal {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Refusal {
+pub(crate) fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::Internal(e.to_string())
 }
 
@@ -207,123 +206,35 @@ impl Enroller {
         key: &NodePublicKey,
         now: u64,
     ) -> Result<(String, Ipv4Addr, String, bool), Refusal> {
-        db.immediate(|tx, err| {
-            let existing = tx
-                .query_row(
-                    "SELECT n.id, n.address, n.token, n.revoked_at, c.pem FROM nodes n
-                 JOIN certs c ON c.project = n.project AND c.serial = n.cert_serial
-                 WHERE n.public_key = ?1",
-                    [&key.0[..]],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
-                            r.get::<_, String>(4)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(err)?;
-            if let Some((id, address, token, revoked, pem)) = existing {
-                if token != token_id || revoked.is_some() {
-                    return Err(Refusal::KeyInUse);
-                }
-                let address = address.parse().map_err(internal)?;
-                return Ok((id, address, pem, false));
-            }
-            // The claim itself: one conditional UPDATE. Only when it changed nothing is the reason
-            // looked up.
-            let claimed = tx
-            .execute(
-                "UPDATE tokens SET used = used + 1 WHERE id = ?1 AND used < uses AND expires > ?2",
-                params![token_id, now as i64],
-            )
-            .map_err(err)?;
-            if claimed != 1 {
-                let expires: i64 = tx
-                    .query_row(
-                        "SELECT expires FROM tokens WHERE id = ?1",
-                        [token_id],
-                        |r| r.get(0),
-                    )
-                    .map_err(err)?;
-                return Err(if expires as u64 <= now {
-                    Refusal::Expired
-                } else {
-                    Refusal::UsedUp
-                });
-            }
-            let num: i64 = tx
-                .query_row(
-                    "UPDATE meta SET value = value + 1 WHERE key = 'next_node' RETURNING value - 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(err)?;
-            let (host, serial, pool): (i64, i64, String) = tx
-                .query_row(
-                    "UPDATE projects SET next_host = next_host + 1, next_serial = next_serial + 1
-                 WHERE name = ?1 RETURNING next_host - 1, next_serial - 1, pool",
-                    [&ca.project],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .map_err(err)?;
-            let pool = Ipv4Net::parse(&pool).map_err(internal)?;
-            let address = u32::try_from(host)
-                .ok()
-                .and_then(|h| pool.host(h))
-                .ok_or_else(|| Refusal::PoolExhausted(pool.to_string()))?;
-            let node = format!("client{num}");
-            let validity = CaSection::secs(&self.cfg.ca.node_cert_validity);
-            let pem = ca
-                .issue(
+        let validity = CaSection::secs(&self.cfg.ca.node_cert_validity);
+        let claim = Claim {
+            project: &ca.project,
+            token: token_id,
+            node_type,
+            public_key: &key.0[..],
+            now,
+            not_after: now + validity,
+        };
+        let e = db.enroll(
+            &claim,
+            &mut |a| {
+                ca.issue(
                     &Leaf {
                         role: Role::Node,
-                        cn: &node,
-                        serial: serial as u64,
+                        cn: &a.node,
+                        serial: a.serial,
                         not_before: now.saturating_sub(300),
                         not_after: now + validity,
                     },
                     key,
                 )
-                .map_err(internal)?;
-            tx.execute(
-                "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
-             VALUES (?1, ?2, 'node', ?3, ?4, ?5, ?6)",
-                params![
-                    ca.project,
-                    serial,
-                    node,
-                    now as i64,
-                    (now + validity) as i64,
-                    pem
-                ],
-            )
-            .map_err(err)?;
-            tx.execute(
-                "INSERT INTO nodes (id, num, project, node_type, address, enrolled_at, cert_serial,
-                                public_key, token)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    node,
-                    num,
-                    ca.project,
-                    node_type,
-                    address.to_string(),
-                    now as i64,
-                    serial,
-                    &key.0[..],
-                    token_id
-                ],
-            )
-            .map_err(err)?;
+                .map_err(internal)
+            },
             // Before the commit: a crash in between leaves an entry for an id the next enrollment
             // reuses (and overwrites), never an enrolled node without its address.
-            write_ccd(ca, &node, address, &pool).map_err(internal)?;
-            Ok((node, address, pem, true))
-        })
+            &mut |a| write_ccd(ca, &a.node, a.address, &a.pool).map_err(internal),
+        )?;
+        Ok((e.node, e.address, e.pem, e.fresh))
     }
 }
 

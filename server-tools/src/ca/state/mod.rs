@@ -3,15 +3,19 @@
 //! unless its comment says "read"; errors are [`StateError`] (the database, its path, its
 //! schema version).
 //!
-//! Moved behind the trait so far: tokens (create, list, the enrollment lookup), the reads of
-//! projects and nodes, new projects, server certificates, revocation marks and CRL re-signing. Still in the callers: the enrollment
-//! transaction (issue 13, plan step 1, to finish).
+//! Every SQL statement of the CA is behind the trait: tokens, enrollment, projects, server
+//! certificates, nodes, revocation and CRLs. Signing and file writes stay with the callers, as
+//! callbacks the store runs inside its transaction, so "a certificate row exists" still means
+//! "it was signed with this serial" and its files are written before the commit.
 
 pub mod sqlite;
 
 pub use crate::ca::db::DbError as StateError;
 use crate::ca::db::{NodeRow, ProjectRow};
+use crate::ca::enroll::Refusal;
 use crate::ca::ProjectError;
+use crate::names::Ipv4Net;
+use std::net::Ipv4Addr;
 
 /// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
 pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), ProjectError>;
@@ -20,6 +24,41 @@ pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), Proje
 pub type SignCert<'a> = &'a mut dyn FnMut(u64) -> Result<String, ProjectError>;
 /// Writes a certificate's files (given its PEM) before the transaction commits.
 pub type PublishCert<'a> = &'a mut dyn FnMut(&str) -> Result<(), ProjectError>;
+
+/// One enrollment's request to the store: the token to claim, for a node of `node_type` with
+/// `public_key`, whose certificate runs until `not_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub project: &'a str,
+    pub token: &'a str,
+    pub node_type: &'a str,
+    pub public_key: &'a [u8],
+    pub now: u64,
+    pub not_after: u64,
+}
+
+/// What the store handed out to a new node: its id, address (in `pool`) and certificate serial.
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    pub node: String,
+    pub address: Ipv4Addr,
+    pub serial: u64,
+    pub pool: Ipv4Net,
+}
+
+/// The node enrolled: new (`fresh`), or the same key's earlier enrollment with the same token.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub node: String,
+    pub address: Ipv4Addr,
+    pub pem: String,
+    pub fresh: bool,
+}
+
+/// Signs a new node's certificate (returns its PEM).
+pub type SignNode<'a> = &'a mut dyn FnMut(&Allocation) -> Result<String, Refusal>;
+/// Writes what the node needs on disk before the transaction commits.
+pub type PublishNode<'a> = &'a mut dyn FnMut(&Allocation) -> Result<(), Refusal>;
 
 /// A token to store: only its verifier, never its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +106,16 @@ pub trait StateStore: Send {
     fn token_for_enroll(&mut self, id: &str) -> Result<Option<TokenInfo>, StateError>;
     /// The project `name`, if any (read).
     fn project(&mut self, name: &str) -> Result<Option<ProjectRow>, StateError>;
+    /// Enrolls: the key's earlier enrollment with this token if any (refused with another token
+    /// or when revoked); else claims one use of the token (refused when used up or expired),
+    /// takes the next node number, address and serial, has `sign` make the certificate, records
+    /// certificate and node, and calls `publish`. One transaction, committed only when all succeed.
+    fn enroll(
+        &mut self,
+        claim: &Claim<'_>,
+        sign: SignNode<'_>,
+        publish: PublishNode<'_>,
+    ) -> Result<Enrollment, Refusal>;
     /// Stores a new project `name` with `pool`, its counters at their start (host 2, serial 1,
     /// CRL 0); refused if it exists.
     fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError>;

@@ -1,10 +1,13 @@
 //! [`StateStore`] on the SQLite state file ([`Db`]).
 
 use super::{
-    NewToken, PublishCert, SignCert, SignCrl, StateError, StateStore, TokenInfo, TokenRecord,
+    Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, SignCert, SignCrl, SignNode,
+    StateError, StateStore, TokenInfo, TokenRecord,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
+use crate::ca::enroll::{internal, Refusal};
 use crate::ca::ProjectError;
+use crate::names::Ipv4Net;
 use rusqlite::{params, OptionalExtension};
 
 impl StateStore for Db {
@@ -129,6 +132,134 @@ impl StateStore for Db {
             .map_err(err)?;
             publish(&pem)?;
             Ok(serial as u64)
+        })
+    }
+
+    fn enroll(
+        &mut self,
+        claim: &Claim<'_>,
+        sign: SignNode<'_>,
+        publish: PublishNode<'_>,
+    ) -> Result<Enrollment, Refusal> {
+        self.immediate(|tx, err| {
+            let existing = tx
+                .query_row(
+                    "SELECT n.id, n.address, n.token, n.revoked_at, c.pem FROM nodes n
+                 JOIN certs c ON c.project = n.project AND c.serial = n.cert_serial
+                 WHERE n.public_key = ?1",
+                    [claim.public_key],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, String>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(err)?;
+            if let Some((id, address, token, revoked, pem)) = existing {
+                if token != claim.token || revoked.is_some() {
+                    return Err(Refusal::KeyInUse);
+                }
+                let address = address.parse().map_err(internal)?;
+                return Ok(Enrollment {
+                    node: id,
+                    address,
+                    pem,
+                    fresh: false,
+                });
+            }
+            // The claim itself: one conditional UPDATE. Only when it changed nothing is the reason
+            // looked up.
+            let claimed = tx
+            .execute(
+                "UPDATE tokens SET used = used + 1 WHERE id = ?1 AND used < uses AND expires > ?2",
+                params![claim.token, claim.now as i64],
+            )
+            .map_err(err)?;
+            if claimed != 1 {
+                let expires: i64 = tx
+                    .query_row(
+                        "SELECT expires FROM tokens WHERE id = ?1",
+                        [claim.token],
+                        |r| r.get(0),
+                    )
+                    .map_err(err)?;
+                return Err(if expires as u64 <= claim.now {
+                    Refusal::Expired
+                } else {
+                    Refusal::UsedUp
+                });
+            }
+            let num: i64 = tx
+                .query_row(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'next_node' RETURNING value - 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            let (host, serial, pool): (i64, i64, String) = tx
+                .query_row(
+                    "UPDATE projects SET next_host = next_host + 1, next_serial = next_serial + 1
+                 WHERE name = ?1 RETURNING next_host - 1, next_serial - 1, pool",
+                    [claim.project],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(err)?;
+            let pool = Ipv4Net::parse(&pool).map_err(internal)?;
+            let address = u32::try_from(host)
+                .ok()
+                .and_then(|h| pool.host(h))
+                .ok_or_else(|| Refusal::PoolExhausted(pool.to_string()))?;
+            let node = format!("client{num}");
+            let allocation = Allocation {
+                node,
+                address,
+                serial: serial as u64,
+                pool,
+            };
+            let pem = sign(&allocation)?;
+            let Allocation { node, .. } = &allocation;
+            tx.execute(
+                "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES (?1, ?2, 'node', ?3, ?4, ?5, ?6)",
+                params![
+                    claim.project,
+                    serial,
+                    node,
+                    claim.now as i64,
+                    claim.not_after as i64,
+                    pem
+                ],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "INSERT INTO nodes (id, num, project, node_type, address, enrolled_at, cert_serial,
+                                public_key, token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    node,
+                    num,
+                    claim.project,
+                    claim.node_type,
+                    address.to_string(),
+                    claim.now as i64,
+                    serial,
+                    claim.public_key,
+                    claim.token
+                ],
+            )
+            .map_err(err)?;
+            publish(&allocation)?;
+            Ok(Enrollment {
+                node: allocation.node,
+                address,
+                pem,
+                fresh: true,
+            })
         })
     }
 
