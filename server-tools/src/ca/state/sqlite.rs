@@ -394,4 +394,75 @@ mod tests {
         );
         assert_eq!(info.verifier, vec![7; 32]);
     }
+
+    #[test]
+    fn enroll_commits_only_when_sign_and_publish_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path(), Open::Create).unwrap();
+        db.conn
+            .execute(
+                "INSERT INTO projects VALUES ('p', 0, '10.8.0.0/24', 2, 2, 1, 0)",
+                [],
+            )
+            .unwrap();
+        let store: &mut dyn StateStore = &mut db;
+        store.create_token(&token("t", 1)).unwrap();
+        store.create_token(&token("u", 1)).unwrap();
+        let key = [9u8; 32];
+        let claim = |token| Claim {
+            project: "p",
+            token,
+            node_type: "worker",
+            public_key: &key,
+            now: 10,
+            not_after: 100,
+        };
+        let refused = store.enroll(
+            &claim("t"),
+            &mut |a| Ok(format!("pem {}", a.serial)),
+            &mut |_| Err(Refusal::Internal("disk full".into())),
+        );
+        assert!(matches!(refused, Err(Refusal::Internal(_))));
+        // Rolled back: the token use, the node number, address and serial are all still free.
+        let used: Vec<_> = store.tokens().unwrap().iter().map(|t| t.used).collect();
+        assert_eq!(used, [0, 0]);
+        assert!(store.nodes(None).unwrap().is_empty());
+        let mut published = Vec::new();
+        let e = store
+            .enroll(
+                &claim("t"),
+                &mut |a| Ok(format!("pem {}", a.serial)),
+                &mut |a| {
+                    published.push((a.node.clone(), a.address));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (
+                e.node.as_str(),
+                e.address.to_string(),
+                e.pem.as_str(),
+                e.fresh
+            ),
+            ("client1", "10.8.0.2".to_owned(), "pem 2", true)
+        );
+        assert_eq!(published, [(e.node.clone(), e.address)]);
+        // The same key with the same token: the same node, nothing signed or written again.
+        let again = store
+            .enroll(&claim("t"), &mut |_| panic!("signed twice"), &mut |_| {
+                panic!("published twice")
+            })
+            .unwrap();
+        assert_eq!((again.node, again.fresh), (e.node, false));
+        // With another token: refused, and that token keeps its uses.
+        assert!(matches!(
+            store.enroll(&claim("u"), &mut |_| panic!("signed"), &mut |_| panic!(
+                "published"
+            )),
+            Err(Refusal::KeyInUse)
+        ));
+        let used: Vec<_> = store.tokens().unwrap().iter().map(|t| t.used).collect();
+        assert_eq!(used, [1, 0]);
+    }
 }
