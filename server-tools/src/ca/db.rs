@@ -11,27 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const FILE: &str = "idhal.sqlite";
-const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 1;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error("state database {path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("state database {path} has schema version {found}; this idhal knows {SCHEMA_VERSION} (upgrade idhal)")]
-    Version { path: PathBuf, found: i64 },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("no state database in {0}: run `idhal ca init` first (or pass the right --state-dir)")]
-    Missing(PathBuf),
-}
+/// The state's error, named for this backend's callers.
+pub use crate::ca::state::StateError as DbError;
 
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;

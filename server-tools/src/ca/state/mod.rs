@@ -10,12 +10,34 @@
 
 pub mod sqlite;
 
-pub use crate::ca::db::DbError as StateError;
+use crate::ca::db::SCHEMA_VERSION;
 use crate::ca::db::{NodeRow, ProjectRow};
 use crate::ca::enroll::Refusal;
 use crate::ca::ProjectError;
 use crate::names::Ipv4Net;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// Why the state could not be read or changed: one line naming the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database {path} has schema version {found}; this idhal knows {SCHEMA_VERSION} (upgrade idhal)")]
+    Version { path: PathBuf, found: i64 },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no state database in {0}: run `idhal ca init` first (or pass the right --state-dir)")]
+    Missing(PathBuf),
+}
 
 /// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
 pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), ProjectError>;
