@@ -470,6 +470,18 @@ pub struct OpenVpnSection {
     pub idhal: Option<PathBuf>,
     /// OpenVPN's status file (`status FILE 10`), read by `idhal reconcile`.
     pub status_file: PathBuf,
+    /// OpenVPN's `tmp-dir`, where it makes each client's client-connect files; default
+    /// `STATE/openvpn-tmp`. idhal writes only OpenVPN's own files there. Not /tmp: Debian's
+    /// openvpn-server@ unit has PrivateTmp, so the worker would not see OpenVPN's /tmp.
+    pub tmp_dir: Option<PathBuf>,
+}
+
+impl OpenVpnSection {
+    pub fn tmp_dir(&self, state_dir: &Path) -> PathBuf {
+        self.tmp_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("openvpn-tmp"))
+    }
 }
 
 impl Default for OpenVpnSection {
@@ -486,6 +498,7 @@ impl Default for OpenVpnSection {
             keepalive: (10, 60),
             idhal: None,
             status_file: "/run/openvpn-server/status-server.log".into(),
+            tmp_dir: None,
         }
     }
 }
@@ -657,6 +670,10 @@ mod tests {
         assert_eq!(c.reverse_zone().unwrap().as_str(), "134.10.in-addr.arpa");
         assert_eq!(c.forward_zone().as_str(), "idhal.internal");
         assert_eq!(c.hook.on_failure, OnFailure::Refuse);
+        assert_eq!(
+            c.openvpn.tmp_dir(Path::new("/s")),
+            Path::new("/s/openvpn-tmp")
+        );
     }
 
     #[test]

@@ -65,7 +65,7 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
         "proto tcp-server\n",
         "dev tun\n",
         "server 10.134.0.0 255.255.0.0 nopool\n",
-        "ccd-exclusive\n",
+        &format!("tmp-dir {}\n", p.state.join("openvpn-tmp").display()),
         &format!("management 127.0.0.1 {mgmt} {}\n", pw.display()),
         "hook client-connect\"\n",
         &format!("setenv IDHAL_STATE_DIR {}\n", p.state.display()),
@@ -73,6 +73,15 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
         "crl-verify ",
     ] {
         assert!(rendered.contains(line), "no {line:?} in:\n{rendered}");
+    }
+    // No client-config-dir to keep in sync between servers: the hook gives the address.
+    for gone in ["client-config-dir", "ccd-exclusive", "ifconfig-pool"] {
+        assert!(
+            !rendered
+                .lines()
+                .any(|l| !l.starts_with('#') && l.contains(gone)),
+            "{gone} in:\n{rendered}"
+        );
     }
     let conf = p.dir.path().join("server.conf");
     std::fs::write(&conf, &rendered).unwrap();
@@ -95,7 +104,8 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
             Duration::from_secs(30),
             || c.log().contains("Initialization Sequence Completed"),
         );
-        // The fixed address from the client-config-dir, and the hook saw the node.
+        // The fixed address from the state database (the hook's ifconfig-push), and the hook
+        // saw the node.
         assert!(
             c.log()
                 .contains(&format!("ifconfig {} 255.255.0.0", r.address)),
@@ -125,6 +135,44 @@ fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {
         "node locks in {}: {locks:?}",
         p.state.display()
     );
+
+    // A certificate of the project's CA whose CN was never enrolled: no ccd-exclusive any more,
+    // so TLS lets it in and the hook refuses it at once (exit 1: AUTH_FAILED). OpenVPN then runs
+    // client-disconnect for it, which must change nothing.
+    let sdir = p.dir.path().join("stranger");
+    std::fs::create_dir_all(&sdir).unwrap();
+    let (ca_key, ca_crt) = (p.ca_dir().join("ca.key"), p.ca_dir().join("ca.crt"));
+    idhal_test_support::x509::leaf(
+        &sdir,
+        "stranger1",
+        ("node.key", "node.crt"),
+        (ca_key.to_str().unwrap(), ca_crt.to_str().unwrap()),
+        "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+    );
+    std::fs::write(sdir.join("ca.crt"), &a.ca).unwrap();
+    std::fs::write(sdir.join("openvpn.conf"), &a.openvpn).unwrap();
+    let stranger = openvpn::spawn(
+        openvpn::command(&sdir).args(["--config", "openvpn.conf", "--dev", "null", "--verb", "3"]),
+        &sdir.join("client.log"),
+    );
+    wait_for("the stranger is refused", Duration::from_secs(30), || {
+        stranger.log().contains("AUTH_FAILED")
+    });
+    let log = server.log();
+    assert!(
+        log.contains("idhal hook client-connect: REFUSED: node stranger1 is not enrolled"),
+        "{log}"
+    );
+    wait_for(
+        "the stranger's disconnect changed nothing",
+        Duration::from_secs(10),
+        || {
+            server
+                .log()
+                .contains("idhal hook client-disconnect: REFUSED: node stranger1 never came up")
+        },
+    );
+    drop(stranger);
 
     // Configs that get the management password wrong, or have none.
     let variant = |name: &str, extra: &str| {

@@ -135,9 +135,10 @@ fn openvpn_runs_the_hooks_for_real() {
     reaper.watch(client.pid());
     let host = "vnode-8-10.idhal.test";
     let logs = [server_log.as_path(), client_log.as_path()];
-    // The hook does OAR first, then DNS: wait for its log line, which comes last.
+    // The hook does OAR first, then DNS: wait for its log line, which comes last. (Without a
+    // worker, a "worker not reached … doing it synchronously" line comes first.)
     let hook_done = |event: &str| {
-        let said = format!("idhal hook {event}:");
+        let said = format!("idhal hook {event}: client801");
         wait_until(
             &format!("{event} hook done"),
             Duration::from_secs(60),

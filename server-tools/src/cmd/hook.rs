@@ -1,12 +1,14 @@
 //! `idhal hook client-connect|client-disconnect`: OpenVPN's scripts. Reads OpenVPN's
-//! environment, hands it to `node::connect` / `node::disconnect`, and maps the outcome to an exit
-//! code by policy ([hook] on_failure).
+//! environment, checks the node and gives it its address (`node::admit`), registers it, and
+//! maps the outcome to an exit code by policy ([hook] on_failure, `node::decide`).
 
 use crate::cmd::{load_config, Exit, Global};
-use crate::config::{OnFailure, ServerConfig};
+use crate::config::ServerConfig;
 use crate::node::{self, one_line, Failure};
+use crate::openvpn::tmpfile::{Kind, TmpFile};
+use crate::process::Deadline;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const HOOK_HELP: &str = "\
 Used directly as OpenVPN's client-connect / client-disconnect scripts:
@@ -15,21 +17,17 @@ Used directly as OpenVPN's client-connect / client-disconnect scripts:
   client-connect    \"/usr/local/bin/idhal hook client-connect --config /etc/idhal/server.toml\"
   client-disconnect \"/usr/local/bin/idhal hook client-disconnect --config /etc/idhal/server.toml\"
 
-They read OpenVPN's environment (common_name, ifconfig_pool_remote_ip, trusted_ip, trusted_port,
-time_unix) and refuse any value that is not a valid node id or address (the pools' network,
-broadcast and VPN server addresses included). The node's name comes from its VPN
-address through [names] template (vnode-{3}-{4} → vnode-7-38 for 10.134.7.38).
+They read OpenVPN's environment (common_name, trusted_ip, trusted_port, time_unix,
+ifconfig_pool_remote_ip) and refuse any value that is not a valid node id or address (the pools'
+network, broadcast and VPN server addresses included). An enrolled node gets its address from the
+state database (`ifconfig-push` into OpenVPN's client-connect config file); a revoked node, or a
+CN with no record that OpenVPN gave no address, is refused at once (exit 1). The node's name comes
+from its VPN address through [names] template (vnode-{3}-{4} → vnode-7-38 for 10.134.7.38).
 
-On connect: OAR resource created once, properties set (idhalserver: this server's [openvpn]
-name), state Alive (read back to confirm); DNS A and PTR replaced ([dns] update = \"rfc2136\").
-On disconnect: OAR state Absent (never removed), unless a newer session of the node is
-registered (later, or the same second from another client port); DNS records removed when
-[dns] on_disconnect = \"remove\".
-
-Exit codes: 0 done (or failed with [hook] on_failure = \"admit\"); 1 refused: invalid input, or a
-backend failed with on_failure = \"refuse\" (OpenVPN then refuses the client); 2 usage or config
-error. Every backend call has a timeout and the whole hook is capped by [limits] hook_budget_ms.
-See docs/hooks.md.";
+Exit codes: 0 done, or failed with [hook] on_failure = \"admit\"; 1 refused:
+invalid, unknown or revoked node, or a backend failed with on_failure = \"refuse\" (OpenVPN then
+refuses the client); 2 usage or config error. Every backend call has a timeout and the whole
+registration is capped by [limits] hook_budget_ms. See docs/hooks.md.";
 
 #[derive(Debug, clap::Args)]
 #[command(about = "OpenVPN client-connect / client-disconnect hooks (OAR + DNS)", long_about = HOOK_HELP)]
@@ -40,9 +38,10 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Event {
-    /// A client connected: register it in the scheduler and DNS.
+    /// A client connected: check it, give it its address, register it in the scheduler and DNS.
     ClientConnect {
-        /// The file OpenVPN passes for dynamic client options; idhal adds none and leaves it.
+        /// The client-connect config file OpenVPN passes (also `client_connect_config_file`):
+        /// where an enrolled node's `ifconfig-push` goes.
         #[arg(value_name = "OPENVPN_TMPFILE")]
         options_file: Option<PathBuf>,
     },
@@ -65,43 +64,87 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             )
         })
         .collect();
-    let (name, result) = match args.event {
-        Event::ClientConnect { .. } => (
-            "client-connect",
-            node::connect(&cfg, &global.state_dir, &env),
-        ),
-        Event::ClientDisconnect => (
+    let state_dir = &global.state_dir;
+    Ok(match args.event {
+        Event::ClientConnect { options_file } => {
+            connect(&cfg, state_dir, &env, options_file.as_deref())
+        }
+        Event::ClientDisconnect => exit_code(
             "client-disconnect",
-            node::disconnect(&cfg, &global.state_dir, &env),
+            &cfg,
+            node::disconnect(&cfg, state_dir, &env),
         ),
+    })
+}
+
+const CONNECT: &str = "client-connect";
+
+fn say(line: &str) {
+    eprintln!("idhal hook {CONNECT}: {line}");
+}
+
+fn refuse(e: impl std::error::Error) -> Exit {
+    say(&format!("REFUSED: {}", one_line(&e)));
+    Exit::Failed
+}
+
+/// Checks the node (refused at once), writes its address, then registers it.
+fn connect(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+    options_file: Option<&Path>,
+) -> Exit {
+    let deadline = Deadline::after(cfg.limits.hook_budget());
+    let admission = match node::admit(cfg, state_dir, env) {
+        Ok(a) => a,
+        Err(f) => return exit_code(CONNECT, cfg, Err(f)),
     };
-    Ok(exit_code(name, &cfg, result))
+    let tmp_dir = cfg.openvpn.tmp_dir(state_dir);
+    let config_file = env
+        .get("client_connect_config_file")
+        .map(PathBuf::from)
+        .or_else(|| options_file.map(Path::to_owned));
+    match (&admission.push, &config_file) {
+        (Some(push), Some(path)) => {
+            let written =
+                TmpFile::check(path, Kind::Config, &tmp_dir).and_then(|f| f.write_config(push));
+            if let Err(e) = written {
+                return refuse(e);
+            }
+        }
+        // No file to write to (not OpenVPN's way of running a hook): only when OpenVPN gave
+        // the node its database address already (an older server config with its ccd).
+        (Some(_), None)
+            if env.get("ifconfig_pool_remote_ip").map(String::as_str)
+                != Some(admission.session.vpn_ip.to_string().as_str()) =>
+        {
+            say(&format!(
+                "REFUSED: {}: OpenVPN passed no client-connect config file, so the node cannot get its address {}",
+                admission.session.node, admission.session.vpn_ip
+            ));
+            return Exit::Failed;
+        }
+        _ => {}
+    }
+    let result = node::connect_session(
+        cfg,
+        state_dir,
+        &admission.session,
+        &admission.host,
+        deadline,
+    );
+    exit_code(CONNECT, cfg, result)
 }
 
 fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> Exit {
-    match result {
-        Ok(line) => {
-            eprintln!("idhal hook {name}: {line}");
-            Exit::Ok
-        }
-        Err(Failure::Refused(e)) => {
-            eprintln!("idhal hook {name}: REFUSED: {}", one_line(&e));
-            Exit::Failed
-        }
-        Err(Failure::Backend(errors)) => {
-            for e in &errors {
-                eprintln!("idhal hook {name}: error: {}", one_line(e));
-            }
-            match cfg.hook.on_failure {
-                OnFailure::Refuse => {
-                    eprintln!("idhal hook {name}: failing (on_failure = \"refuse\"); `idhal reconcile` repairs missed events");
-                    Exit::Failed
-                }
-                OnFailure::Admit => {
-                    eprintln!("idhal hook {name}: admitting anyway (on_failure = \"admit\"); `idhal reconcile` will repair it");
-                    Exit::Ok
-                }
-            }
-        }
+    let verdict = node::decide(name, cfg, result);
+    for line in &verdict.lines {
+        eprintln!("idhal hook {line}");
+    }
+    if verdict.accept {
+        Exit::Ok
+    } else {
+        Exit::Failed
     }
 }

@@ -1,5 +1,5 @@
 //! OpenVPN configurations: `idhal openvpn server-config` renders a project's server config in
-//! the classic shape (TCP, tun, fixed addresses from the client-config-dir, CRL, hooks), and
+//! the classic shape (TCP, tun, fixed addresses given by the hook, CRL, hooks), and
 //! `client_config` is what every enrolled node receives.
 
 use crate::ca::project::{server_config, HookPaths};
@@ -20,8 +20,9 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Print a server config: TCP, dev tun, the project's address pool with every node's fixed
-    /// address in the client-config-dir (ccd-exclusive: only enrolled nodes get in),
+    /// Print a server config: TCP, dev tun, the project's address pool without a dynamic pool
+    /// or client-config-dir (the client-connect hook gives each enrolled node its fixed address
+    /// from the state database and refuses unknown or revoked ones), tmp-dir (created 0700),
     /// crl-verify, keepalive, pushed routes and DNS, a management interface on loopback with a
     /// password (the file is created 0600 when missing, never overwritten; none only with
     /// [openvpn] management_auth = "none"), and `idhal hook` as client-connect /
@@ -66,6 +67,25 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         eprintln!(
             "idhal openvpn server-config: management password created in {} (0600)",
             pw.display()
+        );
+    }
+    // OpenVPN refuses to start when its tmp-dir is missing: made here, 0700, like the
+    // password file (the worker makes it too).
+    let tmp_dir = cfg
+        .openvpn
+        .tmp_dir(&std::path::absolute(&global.state_dir)?);
+    if !tmp_dir.is_dir() {
+        std::fs::create_dir_all(&tmp_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &tmp_dir,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                )
+            })
+            .with_context(|| format!("creating OpenVPN's tmp-dir {}", tmp_dir.display()))?;
+        eprintln!(
+            "idhal openvpn server-config: OpenVPN's tmp-dir {} created (0700)",
+            tmp_dir.display()
         );
     }
     print!("{}", rendered.config);

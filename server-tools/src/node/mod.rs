@@ -4,11 +4,11 @@
 
 pub mod reconcile;
 
-use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow};
-use crate::config::{OnDisconnect, ServerConfig};
+use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow, ProjectRow};
+use crate::config::{OnDisconnect, OnFailure, ServerConfig};
 use crate::dns::{self, DnsError};
 use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId};
-use crate::openvpn::env::{EnvError, NodeAddresses, Session};
+use crate::openvpn::env::{has_pool_address, node_from_env, EnvError, NodeAddresses, Session};
 use crate::openvpn::status::StatusError;
 use crate::process::{Deadline, LockError, NodeLock};
 use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp, SchedulerError};
@@ -30,6 +30,19 @@ pub enum NodeError {
     Name(#[from] NameError),
     #[error("node {node} was revoked at {}", rfc3339(*.at))]
     Revoked { node: NodeId, at: u64 },
+    #[error("node {node} is not enrolled (no record in the state database) and OpenVPN gave it no address (ifconfig_pool_remote_ip)")]
+    Unknown { node: NodeId },
+    /// A disconnect without an address: OpenVPN runs client-disconnect after a refused connect
+    /// too. Reported as a refusal (OpenVPN ignores the exit code) so that it is never mistaken
+    /// for a node going down.
+    #[error("node {node} never came up (no ifconfig_pool_remote_ip: its connect was refused or never finished): nothing changed")]
+    NeverUp { node: NodeId },
+    #[error("node {node}: its address in the state database, {address:?}, is not usable: {why}")]
+    StoredAddress {
+        node: NodeId,
+        address: String,
+        why: String,
+    },
     #[error("a project pool in the state database")]
     StoredPool(#[source] NameError),
     #[error(transparent)]
@@ -80,10 +93,68 @@ impl Failure {
     }
 }
 
+/// What OpenVPN is told about a client-connect, and the log lines saying why.
+pub struct Verdict {
+    pub accept: bool,
+    pub lines: Vec<String>,
+}
+
+/// The one policy for a node event's outcome, shared by the hook (an exit code) and the worker
+/// (a verdict byte): refusals always refuse; backend failures follow `[hook] on_failure`.
+pub fn decide(event: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> Verdict {
+    match result {
+        Ok(line) => Verdict {
+            accept: true,
+            lines: vec![format!("{event}: {line}")],
+        },
+        Err(Failure::Refused(e)) => Verdict {
+            accept: false,
+            lines: vec![format!("{event}: REFUSED: {}", one_line(&e))],
+        },
+        Err(Failure::Backend(errors)) => {
+            let mut lines: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{event}: error: {}", one_line(e)))
+                .collect();
+            let accept = match cfg.hook.on_failure {
+                OnFailure::Refuse => {
+                    lines.push(format!("{event}: failing (on_failure = \"refuse\"); `idhal reconcile` repairs missed events"));
+                    false
+                }
+                OnFailure::Admit => {
+                    lines.push(format!("{event}: admitting anyway (on_failure = \"admit\"); `idhal reconcile` will repair it"));
+                    true
+                }
+            };
+            Verdict { accept, lines }
+        }
+    }
+}
+
+/// What node/ reads from the state database: every project, and one node's record.
+struct StateView {
+    projects: Vec<ProjectRow>,
+    node: Option<NodeRow>,
+}
+
+/// The one place node/ reads the state database (the PostgreSQL backend replaces only this).
+fn state_view(state_dir: &Path, node: Option<&str>) -> Result<StateView, DbError> {
+    Ok(StateView {
+        projects: lookup_projects(state_dir)?,
+        node: match node {
+            Some(id) => lookup_node(state_dir, id)?,
+            None => None,
+        },
+    })
+}
+
 /// The addresses nodes may hold: `[names] pool` without the network, broadcast and VPN
 /// server addresses of it and of every project's pool in the state database.
 pub fn node_addresses(cfg: &ServerConfig, state_dir: &Path) -> Result<NodeAddresses, NodeError> {
-    let projects = lookup_projects(state_dir)?;
+    addresses_of(cfg, &state_view(state_dir, None)?.projects)
+}
+
+fn addresses_of(cfg: &ServerConfig, projects: &[ProjectRow]) -> Result<NodeAddresses, NodeError> {
     let pools = projects
         .iter()
         .map(|p| Ok((p.name.as_str(), Ipv4Net::parse(&p.pool)?)))
@@ -100,16 +171,111 @@ fn session_and_host(
     let addresses = node_addresses(cfg, state_dir).map_err(Failure::backend)?;
     let session =
         Session::from_env(env, &addresses, now()).map_err(|e| Failure::Refused(e.into()))?;
+    let host = host_of(cfg, &session)?;
+    Ok((session, host))
+}
+
+fn host_of(cfg: &ServerConfig, session: &Session) -> Result<HostName, Failure> {
     let label = cfg
         .names
         .template
         .render(session.vpn_ip)
         .map_err(|e| Failure::Refused(e.into()))?;
-    let host = HostName {
+    Ok(HostName {
         label,
         domain: cfg.names.domain.clone(),
+    })
+}
+
+/// A client-connect that passed the synchronous checks: the session to register, and the
+/// per-client config OpenVPN must get (`ifconfig-push`), when idhal gives the address.
+#[derive(Debug)]
+pub struct Admission {
+    pub session: Session,
+    pub host: HostName,
+    pub push: Option<String>,
+}
+
+/// The checks a client-connect gets before anything else, fast (one database read): the CN is
+/// a valid node id; an enrolled node must not be revoked and gets its address from the state
+/// database (checked against the pools); a CN with no record is refused unless OpenVPN itself
+/// gave it an address (a pool or ccd of the admin's own: nodes certified outside idhal's CA).
+/// The config `idhal openvpn server-config` renders has neither, so there every unknown CN is
+/// refused. Every failure here is a refusal: without the database nobody can tell a node from
+/// a stranger.
+pub fn admit(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<Admission, Failure> {
+    let refused = |e: NodeError| Failure::Refused(e);
+    let node = node_from_env(env).map_err(|e| refused(e.into()))?;
+    let view = state_view(state_dir, Some(node.as_str())).map_err(|e| refused(e.into()))?;
+    let addresses = addresses_of(cfg, &view.projects).map_err(refused)?;
+    let (session, push) = match &view.node {
+        Some(record) => {
+            if let Some(at) = record.revoked_at {
+                return Err(refused(NodeError::Revoked { node, at }));
+            }
+            let (ip, mask) = stored_address(&node, record, &view.projects, &addresses)?;
+            let session =
+                Session::with_address(env, &addresses, now(), ip).map_err(|e| refused(e.into()))?;
+            (session, Some(format!("ifconfig-push {ip} {mask}\n")))
+        }
+        None if has_pool_address(env) => (
+            Session::from_env(env, &addresses, now()).map_err(|e| refused(e.into()))?,
+            None,
+        ),
+        None => return Err(refused(NodeError::Unknown { node })),
     };
-    Ok((session, host))
+    let host = host_of(cfg, &session)?;
+    Ok(Admission {
+        session,
+        host,
+        push,
+    })
+}
+
+/// An enrolled node's address and its project pool's netmask, checked: inside its project's
+/// pool and a node address of `[names] pool` (not a network, broadcast or server address).
+fn stored_address(
+    node: &NodeId,
+    record: &NodeRow,
+    projects: &[ProjectRow],
+    addresses: &NodeAddresses,
+) -> Result<(Ipv4Addr, Ipv4Addr), Failure> {
+    let bad = |why: String| {
+        Failure::Refused(NodeError::StoredAddress {
+            node: node.clone(),
+            address: record.address.chars().take(40).collect(),
+            why,
+        })
+    };
+    let ip: Ipv4Addr = record
+        .address
+        .parse()
+        .map_err(|_| bad("not an IPv4 address".into()))?;
+    let pool = projects
+        .iter()
+        .find(|p| p.name == record.project)
+        .ok_or_else(|| {
+            bad(format!(
+                "its project {:?} is not in the database",
+                record.project
+            ))
+        })?;
+    let pool =
+        Ipv4Net::parse(&pool.pool).map_err(|e| Failure::Refused(NodeError::StoredPool(e)))?;
+    if !pool.contains(ip) {
+        return Err(bad(format!(
+            "outside its project {:?}'s pool {pool}",
+            record.project
+        )));
+    }
+    if let Some(why) = addresses.refusal(ip) {
+        return Err(bad(why));
+    }
+    Ok((ip, pool.netmask()))
 }
 
 /// Replaces the node's A and PTR, when the DNS backend updates live.
@@ -185,9 +351,11 @@ pub fn connect_session(
     host: &HostName,
     deadline: Deadline,
 ) -> Result<String, Failure> {
-    // Defence in depth behind OpenVPN's crl-verify and ccd-exclusive: a node revoked in the
-    // database is refused even if OpenVPN let it through (a stale CRL on another server).
-    let record = lookup_node(state_dir, session.node.as_str()).map_err(Failure::backend)?;
+    // Defence in depth behind OpenVPN's crl-verify and `admit`: a node revoked in the database
+    // since is refused even if OpenVPN let it through (a stale CRL on another server).
+    let record = state_view(state_dir, Some(session.node.as_str()))
+        .map_err(Failure::backend)?
+        .node;
     if let Some(at) = record.as_ref().and_then(|r| r.revoked_at) {
         return Err(Failure::Refused(NodeError::Revoked {
             node: session.node.clone(),
@@ -297,24 +465,19 @@ pub fn disconnect_host(
         })
 }
 
-/// The client-connect hook: OpenVPN's environment in, one log line out.
-pub fn connect(
-    cfg: &ServerConfig,
-    state_dir: &Path,
-    env: &HashMap<String, String>,
-) -> Result<String, Failure> {
-    let deadline = Deadline::after(cfg.limits.hook_budget());
-    let (session, host) = session_and_host(cfg, state_dir, env)?;
-    connect_session(cfg, state_dir, &session, &host, deadline)
-}
-
-/// The client-disconnect hook.
+/// The client-disconnect hook. A session without an address never came up (OpenVPN runs the
+/// disconnect script after a refused connect too): nothing changes, or a refused duplicate
+/// would take the live node down.
 pub fn disconnect(
     cfg: &ServerConfig,
     state_dir: &Path,
     env: &HashMap<String, String>,
 ) -> Result<String, Failure> {
     let deadline = Deadline::after(cfg.limits.hook_budget());
+    if !has_pool_address(env) {
+        let node = node_from_env(env).map_err(|e| Failure::Refused(e.into()))?;
+        return Err(Failure::Refused(NodeError::NeverUp { node }));
+    }
     let (session, host) = session_and_host(cfg, state_dir, env)?;
     let guard = DownGuard::Session {
         since: session.since,
@@ -330,4 +493,78 @@ pub fn node_type(cfg: &ServerConfig, record: Option<&NodeRow>) -> Label {
     record
         .and_then(|n| Label::parse(&n.node_type).ok())
         .unwrap_or_else(|| cfg.names.default_type.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address from the state database is checked like one from OpenVPN, and must be inside
+    /// its own project's pool: a bad row refuses the node instead of pushing a wrong address.
+    #[test]
+    fn stored_addresses_are_checked() {
+        let projects = vec![ProjectRow {
+            name: "p".into(),
+            created: 0,
+            pool: "10.134.0.0/17".into(),
+            next_host: 2,
+            next_serial: 1,
+            crl_number: 1,
+            crl_next_update: 0,
+        }];
+        let cfg = ServerConfig::default();
+        let addresses = addresses_of(&cfg, &projects).unwrap();
+        let node = crate::names::node_id("client1").unwrap();
+        let check = |project: &str, address: &str| {
+            let record = NodeRow {
+                id: "client1".into(),
+                project: project.into(),
+                node_type: "vnode".into(),
+                address: address.into(),
+                enrolled_at: 0,
+                cert_serial: 2,
+                revoked_at: None,
+            };
+            match stored_address(&node, &record, &projects, &addresses) {
+                Ok((ip, mask)) => Ok(format!("{ip} {mask}")),
+                Err(Failure::Refused(e)) => Err(e.to_string()),
+                Err(Failure::Backend(e)) => panic!("{e:?}"),
+            }
+        };
+        assert_eq!(
+            check("p", "10.134.0.2"),
+            Ok("10.134.0.2 255.255.128.0".into())
+        );
+        for (project, address, why) in [
+            (
+                "p",
+                "10.134.200.2",
+                "outside its project \"p\"'s pool 10.134.0.0/17",
+            ),
+            (
+                "p",
+                "10.134.0.1",
+                "the VPN server's own address in [names] pool 10.134.0.0/16",
+            ),
+            (
+                "p",
+                "10.134.127.255",
+                "the broadcast address of project \"p\"'s pool 10.134.0.0/17",
+            ),
+            ("p", "10.134.0.2 ", "not an IPv4 address"),
+            ("p", "ifconfig-push 1.2.3.4", "not an IPv4 address"),
+            (
+                "q",
+                "10.134.0.2",
+                "its project \"q\" is not in the database",
+            ),
+        ] {
+            let e = check(project, address).unwrap_err();
+            assert!(
+                e.starts_with("node client1: its address in the state database")
+                    && e.ends_with(why),
+                "{address}: {e}"
+            );
+        }
+    }
 }

@@ -48,6 +48,10 @@ fn plain(path: &Path) -> Result<String, RenderError> {
 pub struct ServerFiles {
     pub ca_cert: PathBuf,
     pub crl: PathBuf,
+    #[expect(
+        dead_code,
+        reason = "enrollment still writes the ccd (ca/); the server config no longer names it"
+    )]
     pub ccd: PathBuf,
     /// This server's certificate and key.
     pub cert: PathBuf,
@@ -82,15 +86,14 @@ impl ServerSetup<'_> {
             }};
         }
         put!("# OpenVPN 2.6 server {} of idhal project {}, rendered by `idhal openvpn server-config`.", self.name, self.project);
-        put!("# Nodes get fixed addresses from the client-config-dir (written at enrollment): no dynamic pool.");
+        put!("# No dynamic pool and no client-config-dir: the client-connect hook gives each enrolled node");
+        put!("# its fixed address from the state database (ifconfig-push) and refuses unknown or revoked ones.");
         put!("proto tcp-server");
         put!("local {}", o.listen.ip());
         put!("port {}", o.listen.port());
         put!("dev tun");
         put!("topology subnet");
         put!("server {} {} nopool", self.pool.addr, self.pool.netmask());
-        put!("client-config-dir {}", plain(&self.files.ccd)?);
-        put!("ccd-exclusive");
         put!("ca {}", plain(&self.files.ca_cert)?);
         put!("cert {}", plain(&self.files.cert)?);
         put!("key {}", plain(&self.files.key)?);
@@ -126,6 +129,8 @@ impl ServerSetup<'_> {
             put!("setenv IDHAL_CONFIG {}", plain(c)?);
         }
         put!("setenv IDHAL_STATE_DIR {}", plain(self.state_dir)?);
+        // OpenVPN's per-client client-connect files: where `idhal hook worker` may write.
+        put!("tmp-dir {}", plain(&o.tmp_dir(self.state_dir))?);
         put!("client-connect \"{hook} client-connect\"");
         put!("client-disconnect \"{hook} client-disconnect\"");
         put!("status {} 10", plain(&o.status_file)?);

@@ -56,6 +56,44 @@ impl NodeAddresses {
         add(&pool, "[names] pool");
         Self { pool, reserved }
     }
+
+    /// Why `ip` cannot be a node's address, if it cannot.
+    pub fn refusal(&self, ip: Ipv4Addr) -> Option<String> {
+        if !self.pool.contains(ip) {
+            return Some(format!("outside [names] pool {}", self.pool));
+        }
+        self.reserved.get(&ip).cloned()
+    }
+}
+
+/// Whether OpenVPN gave the client an address (`ifconfig_pool_remote_ip`, from a pool or a
+/// client-config-dir). With `server … nopool` and no ccd it is unset at connect; at disconnect
+/// it is unset for a client whose connect was refused (it never came up).
+pub fn has_pool_address(env: &HashMap<String, String>) -> bool {
+    env.get("ifconfig_pool_remote_ip")
+        .is_some_and(|v| !v.is_empty())
+}
+
+/// The certificate CN (`common_name`, checked against `X509_0_CN` when present): the node id.
+pub fn node_from_env(env: &HashMap<String, String>) -> Result<NodeId, EnvError> {
+    let get = |var: &'static str| env.get(var).map(String::as_str);
+    let cn = get("common_name").ok_or(EnvError::Missing { var: "common_name" })?;
+    let node = node_id(cn).map_err(|source| EnvError::Name {
+        var: "common_name",
+        source,
+    })?;
+    // When OpenVPN passes the certificate's own CN too, it must agree: a CN that differs
+    // from X509_0_CN means something rewrote common_name (username-as-common-name).
+    if let Some(x509) = get("X509_0_CN") {
+        if x509 != node.as_str() {
+            return Err(EnvError::Bad {
+                var: "X509_0_CN",
+                value: shorten(x509),
+                expected: "equal to common_name",
+            });
+        }
+    }
+    Ok(node)
 }
 
 /// One client's session as OpenVPN describes it.
@@ -78,6 +116,37 @@ fn shorten(s: &str) -> String {
     s.chars().take(80).collect()
 }
 
+/// `ifconfig_pool_remote_ip`, inside the pool and not reserved.
+fn pool_address(
+    env: &HashMap<String, String>,
+    addresses: &NodeAddresses,
+) -> Result<Ipv4Addr, EnvError> {
+    let raw_ip = env
+        .get("ifconfig_pool_remote_ip")
+        .ok_or(EnvError::Missing {
+            var: "ifconfig_pool_remote_ip",
+        })?;
+    let vpn_ip: Ipv4Addr = raw_ip.parse().map_err(|_| EnvError::Bad {
+        var: "ifconfig_pool_remote_ip",
+        value: shorten(raw_ip),
+        expected: "an IPv4 address",
+    })?;
+    if !addresses.pool.contains(vpn_ip) {
+        return Err(EnvError::Bad {
+            var: "ifconfig_pool_remote_ip",
+            value: vpn_ip.to_string(),
+            expected: "inside the configured pool ([names] pool)",
+        });
+    }
+    if let Some(what) = addresses.reserved.get(&vpn_ip) {
+        return Err(EnvError::Reserved {
+            addr: vpn_ip,
+            what: what.clone(),
+        });
+    }
+    Ok(vpn_ip)
+}
+
 impl Session {
     /// Parses the variables of `env` (normally `std::env::vars()`). `now` fills in `time_unix`
     /// when OpenVPN did not set it (older versions).
@@ -86,44 +155,32 @@ impl Session {
         addresses: &NodeAddresses,
         now: u64,
     ) -> Result<Self, EnvError> {
-        let pool = &addresses.pool;
-        let get = |var: &'static str| env.get(var).map(String::as_str);
-        let need = |var: &'static str| get(var).ok_or(EnvError::Missing { var });
+        Self::parse(env, addresses, now, None)
+    }
 
-        let node = node_id(need("common_name")?).map_err(|source| EnvError::Name {
-            var: "common_name",
-            source,
-        })?;
-        // When OpenVPN passes the certificate's own CN too, it must agree: a CN that differs
-        // from X509_0_CN means something rewrote common_name (username-as-common-name).
-        if let Some(x509) = get("X509_0_CN") {
-            if x509 != node.as_str() {
-                return Err(EnvError::Bad {
-                    var: "X509_0_CN",
-                    value: shorten(x509),
-                    expected: "equal to common_name",
-                });
-            }
-        }
-        let raw_ip = need("ifconfig_pool_remote_ip")?;
-        let vpn_ip: Ipv4Addr = raw_ip.parse().map_err(|_| EnvError::Bad {
-            var: "ifconfig_pool_remote_ip",
-            value: shorten(raw_ip),
-            expected: "an IPv4 address",
-        })?;
-        if !pool.contains(vpn_ip) {
-            return Err(EnvError::Bad {
-                var: "ifconfig_pool_remote_ip",
-                value: vpn_ip.to_string(),
-                expected: "inside the configured pool ([names] pool)",
-            });
-        }
-        if let Some(what) = addresses.reserved.get(&vpn_ip) {
-            return Err(EnvError::Reserved {
-                addr: vpn_ip,
-                what: what.clone(),
-            });
-        }
+    /// As `from_env`, with the VPN address idhal gives the node (from the state database,
+    /// checked by the caller) instead of `ifconfig_pool_remote_ip`.
+    pub fn with_address(
+        env: &HashMap<String, String>,
+        addresses: &NodeAddresses,
+        now: u64,
+        vpn_ip: Ipv4Addr,
+    ) -> Result<Self, EnvError> {
+        Self::parse(env, addresses, now, Some(vpn_ip))
+    }
+
+    fn parse(
+        env: &HashMap<String, String>,
+        addresses: &NodeAddresses,
+        now: u64,
+        given: Option<Ipv4Addr>,
+    ) -> Result<Self, EnvError> {
+        let get = |var: &'static str| env.get(var).map(String::as_str);
+        let node = node_from_env(env)?;
+        let vpn_ip = match given {
+            Some(ip) => ip,
+            None => pool_address(env, addresses)?,
+        };
         let client_ip = match (get("trusted_ip"), get("trusted_ip6")) {
             (Some(v4), _) => v4
                 .parse::<Ipv4Addr>()

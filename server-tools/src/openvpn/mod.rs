@@ -5,3 +5,4 @@ pub mod config;
 pub mod env;
 pub mod management;
 pub mod status;
+pub mod tmpfile;
