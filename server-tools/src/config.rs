@@ -98,6 +98,24 @@ impl ServerConfig {
                 Remote::parse(r).map_err(|e| invalid(format!("[projects] remotes: {e}")))?;
             }
         }
+        for (key, n) in [
+            ("workers", cfg.hook.workers),
+            ("max_queued", cfg.hook.max_queued),
+            ("max_connections", cfg.hook.max_connections),
+            ("max_request_bytes", cfg.hook.max_request_bytes),
+        ] {
+            if n == 0 {
+                return Err(invalid(format!("[hook] {key} must be at least 1")));
+            }
+        }
+        for (key, ms) in [
+            ("request_timeout_ms", cfg.hook.request_timeout_ms),
+            ("handoff_timeout_ms", cfg.hook.handoff_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(invalid(format!("[hook] {key} must be at least 1 (ms)")));
+            }
+        }
         for r in &cfg.openvpn.remotes {
             Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
         }
@@ -228,10 +246,70 @@ pub enum OnFailure {
     Admit,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// How `idhal hook client-connect` answers OpenVPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookMode {
+    /// OpenVPN >= 2.5: check the node and write its address at once, write `2` (deferred) and
+    /// hand the OAR/DNS work to `idhal hook worker`, which writes the verdict later. OpenVPN
+    /// serves other clients meanwhile. Without a reachable worker (or when OpenVPN passes no
+    /// `client_connect_deferred_file`) the hook does the work itself, as in `sync`, and says so.
+    #[default]
+    Deferred,
+    /// Do everything before exiting (OpenVPN < 2.5): OpenVPN serves nobody else meanwhile.
+    Sync,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HookSection {
     pub on_failure: OnFailure,
+    pub mode: HookMode,
+    /// The worker's unix socket; default `STATE/hook/worker.sock` (the directory 0700, the
+    /// socket 0600).
+    pub socket: Option<PathBuf>,
+    /// Connects the worker registers at once (each runs the OAR and DNS steps, under
+    /// `[limits] hook_budget_ms` counted from the hand-off).
+    pub workers: u32,
+    /// Hand-offs waiting for a worker; past it the hook is told "busy" and does the work itself.
+    pub max_queued: u32,
+    /// Requests being read at once; past it a new one is told "busy" at once.
+    pub max_connections: u32,
+    /// Largest hand-off request (OpenVPN's few variables and two paths fit in 2 KiB).
+    pub max_request_bytes: u32,
+    /// A hand-off request must arrive whole within this (a slow writer is cut off).
+    pub request_timeout_ms: u64,
+    /// How long the hook waits for the worker's answer before doing the work itself.
+    pub handoff_timeout_ms: u64,
+    /// The worker's janitor removes OpenVPN's client-connect files older than this from
+    /// `[openvpn] tmp_dir` (OpenVPN leaks them for clients that leave while deferred). Keep it
+    /// well above hook_budget_ms and the clients' hand-window (60 s).
+    pub stale_tmp_secs: u64,
+}
+
+impl Default for HookSection {
+    fn default() -> Self {
+        Self {
+            on_failure: OnFailure::Refuse,
+            mode: HookMode::Deferred,
+            socket: None,
+            workers: 16,
+            max_queued: 4096,
+            max_connections: 64,
+            max_request_bytes: 16 << 10,
+            request_timeout_ms: 2_000,
+            handoff_timeout_ms: 2_000,
+            stale_tmp_secs: 600,
+        }
+    }
+}
+
+impl HookSection {
+    pub fn socket(&self, state_dir: &Path) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| state_dir.join("hook").join("worker.sock"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -670,9 +748,19 @@ mod tests {
         assert_eq!(c.reverse_zone().unwrap().as_str(), "134.10.in-addr.arpa");
         assert_eq!(c.forward_zone().as_str(), "idhal.internal");
         assert_eq!(c.hook.on_failure, OnFailure::Refuse);
+        assert_eq!(c.hook.mode, HookMode::Deferred);
+        let state = Path::new("/s");
+        assert_eq!(c.hook.socket(state), Path::new("/s/hook/worker.sock"));
+        assert_eq!(c.openvpn.tmp_dir(state), Path::new("/s/openvpn-tmp"));
+        let c = parse("[hook]\nmode = \"sync\"\nworkers = 2\n").unwrap();
+        assert_eq!((c.hook.mode, c.hook.workers), (HookMode::Sync, 2));
         assert_eq!(
-            c.openvpn.tmp_dir(Path::new("/s")),
-            Path::new("/s/openvpn-tmp")
+            refusal("[hook]\nworkers = 0"),
+            Refusal::Check("[hook] workers must be at least 1".into())
+        );
+        assert_eq!(
+            refusal("[hook]\nmode = \"async\""),
+            Refusal::Toml("unknown variant `async`, expected `deferred` or `sync`".into())
         );
     }
 

@@ -1,10 +1,11 @@
-//! `idhal hook client-connect|client-disconnect`: OpenVPN's scripts. Reads OpenVPN's
-//! environment, checks the node and gives it its address (`node::admit`), registers it, and
+//! `idhal hook client-connect|client-disconnect|worker`: OpenVPN's scripts and the deferred
+//! worker. Reads OpenVPN's environment, checks the node and gives it its address
+//! (`node::admit`), then registers it here or hands it to the worker (`node::deferred`), and
 //! maps the outcome to an exit code by policy ([hook] on_failure, `node::decide`).
 
 use crate::cmd::{load_config, Exit, Global};
-use crate::config::ServerConfig;
-use crate::node::{self, one_line, Failure};
+use crate::config::{HookMode, ServerConfig};
+use crate::node::{self, deferred, one_line, Admission, Failure};
 use crate::openvpn::tmpfile::{Kind, TmpFile};
 use crate::process::Deadline;
 use std::collections::HashMap;
@@ -24,13 +25,26 @@ state database (`ifconfig-push` into OpenVPN's client-connect config file); a re
 CN with no record that OpenVPN gave no address, is refused at once (exit 1). The node's name comes
 from its VPN address through [names] template (vnode-{3}-{4} → vnode-7-38 for 10.134.7.38).
 
-Exit codes: 0 done, or failed with [hook] on_failure = \"admit\"; 1 refused:
+[hook] mode = \"deferred\" (default, OpenVPN >= 2.5): after those checks the hook writes 2 to
+client_connect_deferred_file, hands the node to `idhal hook worker` (a service; its unix socket is
+[hook] socket) and exits at once; the worker registers the node and writes 1 (accept) or 0
+(refuse). If the worker cannot be reached the hook does the work itself and says so. OpenVPN's
+files must be in [openvpn] tmp_dir (rendered as tmp-dir). mode = \"sync\": always the latter.
+
+On connect: OAR resource created once, properties set (idhalserver: this server's [openvpn]
+name), state Alive (read back to confirm); DNS A and PTR replaced ([dns] update = \"rfc2136\").
+On disconnect: OAR state Absent (never removed), unless a newer session of the node is
+registered (later, or the same second from another client port); DNS records removed when
+[dns] on_disconnect = \"remove\".
+
+Exit codes: 0 done, handed to the worker, or failed with [hook] on_failure = \"admit\"; 1 refused:
 invalid, unknown or revoked node, or a backend failed with on_failure = \"refuse\" (OpenVPN then
 refuses the client); 2 usage or config error. Every backend call has a timeout and the whole
-registration is capped by [limits] hook_budget_ms. See docs/hooks.md.";
+registration is capped by [limits] hook_budget_ms. The worker exits 1 if it cannot start (another
+worker answers on the socket). See docs/hooks.md.";
 
 #[derive(Debug, clap::Args)]
-#[command(about = "OpenVPN client-connect / client-disconnect hooks (OAR + DNS)", long_about = HOOK_HELP)]
+#[command(about = "OpenVPN client-connect / client-disconnect hooks (OAR + DNS), and their deferred worker", long_about = HOOK_HELP)]
 pub struct Args {
     #[command(subcommand)]
     pub event: Event,
@@ -38,7 +52,8 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Event {
-    /// A client connected: check it, give it its address, register it in the scheduler and DNS.
+    /// A client connected: check it, give it its address, register it in the scheduler and DNS
+    /// (here, or through the worker).
     ClientConnect {
         /// The client-connect config file OpenVPN passes (also `client_connect_config_file`):
         /// where an enrolled node's `ifconfig-push` goes.
@@ -47,6 +62,13 @@ pub enum Event {
     },
     /// A client disconnected: mark it Absent in the scheduler (and drop DNS if configured).
     ClientDisconnect,
+    /// The deferred-connect worker: a service that listens on [hook] socket until stopped.
+    #[command(after_help = "systemd unit (docs/hooks.md):\n  \
+        [Service]\n  \
+        ExecStart=/usr/local/bin/idhal hook worker\n  \
+        Environment=IDHAL_CONFIG=/etc/idhal/server.toml IDHAL_STATE_DIR=/var/lib/idhal-server\n  \
+        Restart=always")]
+    Worker,
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
@@ -74,6 +96,10 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             &cfg,
             node::disconnect(&cfg, state_dir, &env),
         ),
+        Event::Worker => {
+            deferred::serve(cfg, state_dir.clone())?;
+            Exit::Ok
+        }
     })
 }
 
@@ -88,7 +114,8 @@ fn refuse(e: impl std::error::Error) -> Exit {
     Exit::Failed
 }
 
-/// Checks the node (refused at once), writes its address, then registers it.
+/// Checks the node (refused at once), writes its address, then registers it: through the worker
+/// when deferred, else here.
 fn connect(
     cfg: &ServerConfig,
     state_dir: &Path,
@@ -127,6 +154,15 @@ fn connect(
         }
         _ => {}
     }
+    let deferred_file = env.get("client_connect_deferred_file").map(PathBuf::from);
+    if let (HookMode::Deferred, Some(result), Some(config)) =
+        (cfg.hook.mode, &deferred_file, &config_file)
+    {
+        match defer(cfg, state_dir, env, &tmp_dir, config, result, &admission) {
+            Ok(exit) => return exit,
+            Err(why) => say(&format!("{why}: doing it synchronously")),
+        }
+    }
     let result = node::connect_session(
         cfg,
         state_dir,
@@ -135,6 +171,38 @@ fn connect(
         deadline,
     );
     exit_code(CONNECT, cfg, result)
+}
+
+/// Writes `2`, then hands off (in that order: the worker's verdict must never be overwritten by
+/// the `2`). `Err` says why the hook must do the work itself; the result file is empty again then.
+fn defer(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+    tmp_dir: &Path,
+    config: &Path,
+    result: &Path,
+    admission: &Admission,
+) -> Result<Exit, String> {
+    let file = TmpFile::check(result, Kind::Result, tmp_dir).map_err(|e| one_line(&e))?;
+    file.write_result(Some(b'2')).map_err(|e| one_line(&e))?;
+    match deferred::hand_off(cfg, state_dir, env, config, result) {
+        Ok(()) => {
+            say(&format!(
+                "{} → {} ({}): handed to the worker",
+                admission.session.node, admission.host, admission.session.vpn_ip
+            ));
+            Ok(Exit::Ok)
+        }
+        Err(e) => {
+            if let Err(w) = file.write_result(None) {
+                // `2` would stay with nobody to answer: refuse, the client retries.
+                say(&format!("{}; and {}", one_line(&e), one_line(&w)));
+                return Ok(Exit::Failed);
+            }
+            Err(format!("worker not reached ({})", one_line(&e)))
+        }
+    }
 }
 
 fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> Exit {

@@ -2,6 +2,7 @@
 //! scheduler and DNS under the node's lock within one time budget. Shared by the hooks
 //! (`cmd/hook.rs`) and `idhal reconcile` (`node/reconcile.rs`).
 
+pub mod deferred;
 pub mod reconcile;
 
 use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow, ProjectRow};

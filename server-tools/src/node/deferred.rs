@@ -1,0 +1,364 @@
+//! Deferred client-connect: `idhal hook client-connect` hands a checked session to the
+//! long-running `idhal hook worker` over a unix socket and returns; the worker registers the
+//! node (the same `connect_session`, budget and on_failure rules) and writes OpenVPN's verdict.
+
+use super::{admit, connect_session, decide, Verdict};
+use crate::config::ServerConfig;
+use crate::openvpn::tmpfile::{sweep, Kind, TmpFile, TmpFileError};
+use crate::process::Deadline;
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The OpenVPN variables a hand-off carries: what `admit` and `connect_session` read.
+pub const VARS: [&str; 7] = [
+    "common_name",
+    "X509_0_CN",
+    "ifconfig_pool_remote_ip",
+    "trusted_ip",
+    "trusted_ip6",
+    "trusted_port",
+    "time_unix",
+];
+
+/// Longest value of one variable in a hand-off (a node id is at most 64 characters).
+const MAX_VALUE: usize = 256;
+
+/// One hand-off, one JSON line on the socket.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    env: HashMap<String, String>,
+    config_file: PathBuf,
+    deferred_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandOffError {
+    #[error("worker socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("worker socket {path}: no answer")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("worker at {path} said: {said}")]
+    Declined { path: PathBuf, said: String },
+}
+
+/// Hands one checked connect to the worker. `Ok` only once the worker has queued it: from then
+/// on the worker writes the verdict.
+pub fn hand_off(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+    config_file: &Path,
+    deferred_file: &Path,
+) -> Result<(), HandOffError> {
+    let path = cfg.hook.socket(state_dir);
+    let io = |source| HandOffError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut s = UnixStream::connect(&path).map_err(|source| HandOffError::Connect {
+        path: path.clone(),
+        source,
+    })?;
+    let wait = Some(Duration::from_millis(cfg.hook.handoff_timeout_ms));
+    s.set_read_timeout(wait).map_err(io)?;
+    s.set_write_timeout(wait).map_err(io)?;
+    let request = Request {
+        env: VARS
+            .iter()
+            .filter_map(|v| env.get(*v).map(|x| (v.to_string(), x.clone())))
+            .collect(),
+        config_file: config_file.to_owned(),
+        deferred_file: deferred_file.to_owned(),
+    };
+    let mut line = serde_json::to_vec(&request).expect("serialisable");
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = Vec::new();
+    s.take(512).read_to_end(&mut answer).map_err(io)?;
+    let said = String::from_utf8_lossy(&answer).trim().to_owned();
+    if said == "queued" {
+        Ok(())
+    } else {
+        Err(HandOffError::Declined { path, said })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("another worker answers on {0}: refusing to start a second one")]
+    Running(PathBuf),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A queued connect.
+struct Job {
+    env: HashMap<String, String>,
+    result: TmpFile,
+    deadline: Deadline,
+    received: Instant,
+}
+
+/// Why a request was not queued: the one line the hook gets back.
+#[derive(Debug, thiserror::Error)]
+enum Decline {
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+fn dir_0700(path: &Path, what: &'static str) -> Result<(), WorkerError> {
+    let io = |source| WorkerError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
+/// `idhal hook worker`: listens until killed. Prints one line once it accepts hand-offs.
+pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
+    let socket = cfg.hook.socket(&state_dir);
+    let tmp_dir = cfg.openvpn.tmp_dir(&state_dir);
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| WorkerError::Io { what, path, source }
+    };
+    dir_0700(&tmp_dir, "OpenVPN's tmp-dir")?;
+    let sock_dir = socket.parent().unwrap_or(Path::new("/")).to_owned();
+    dir_0700(&sock_dir, "the worker socket's directory")?;
+    match std::fs::symlink_metadata(&socket) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(&socket).is_ok() {
+                return Err(WorkerError::Running(socket));
+            }
+            std::fs::remove_file(&socket).map_err(io("removing the stale socket", &socket))?;
+        }
+        Ok(_) => {
+            return Err(WorkerError::Io {
+                what: "not a socket, left alone:",
+                path: socket,
+                source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            })
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(&socket).map_err(io("binding", &socket))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod", &socket))?;
+
+    let cfg = Arc::new(cfg);
+    let (tx, rx) = mpsc::sync_channel::<Job>(cfg.hook.max_queued as usize);
+    let rx = Arc::new(Mutex::new(rx));
+    for _ in 0..cfg.hook.workers {
+        let (cfg, rx, state_dir) = (cfg.clone(), rx.clone(), state_dir.clone());
+        std::thread::spawn(move || loop {
+            let job = match rx.lock().map(|r| r.recv()) {
+                Ok(Ok(job)) => job,
+                _ => return,
+            };
+            work(&cfg, &state_dir, job);
+        });
+    }
+    {
+        let (tmp_dir, stale) = (
+            tmp_dir.clone(),
+            Duration::from_secs(cfg.hook.stale_tmp_secs),
+        );
+        std::thread::spawn(move || loop {
+            match sweep(&tmp_dir, stale, SystemTime::now()) {
+                Ok(0) => {}
+                Ok(n) => eprintln!(
+                    "idhal hook worker: janitor: removed {n} stale client-connect file(s) from {}",
+                    tmp_dir.display()
+                ),
+                Err(e) => eprintln!("idhal hook worker: janitor: {}: {e}", tmp_dir.display()),
+            }
+            std::thread::sleep((stale / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+        });
+    }
+    eprintln!(
+        "idhal hook worker: listening on {} ({} workers, tmp-dir {})",
+        socket.display(),
+        cfg.hook.workers,
+        tmp_dir.display()
+    );
+    let reading = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        if reading.fetch_add(1, Ordering::SeqCst) >= cfg.hook.max_connections as usize {
+            reading.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = writeln!(
+                stream,
+                "{}",
+                Decline::Busy("too many requests being read".into())
+            );
+            continue;
+        }
+        let (cfg, tx, tmp_dir, reading) =
+            (cfg.clone(), tx.clone(), tmp_dir.clone(), reading.clone());
+        std::thread::spawn(move || {
+            let answer = match receive(&cfg, &tmp_dir, &mut stream) {
+                Ok(None) => None,
+                Ok(Some(job)) => {
+                    let node = job.env.get("common_name").cloned().unwrap_or_default();
+                    Some(match tx.try_send(job) {
+                        Ok(()) => "queued".to_owned(),
+                        Err(mpsc::TrySendError::Full(_)) => {
+                            let d = Decline::Busy(format!(
+                                "{} hand-offs queued already",
+                                cfg.hook.max_queued
+                            ));
+                            eprintln!("idhal hook worker: {node}: {d}");
+                            d.to_string()
+                        }
+                        Err(mpsc::TrySendError::Disconnected(_)) => {
+                            Decline::Busy("shutting down".into()).to_string()
+                        }
+                    })
+                }
+                Err(d) => {
+                    eprintln!("idhal hook worker: request {d}");
+                    Some(d.to_string())
+                }
+            };
+            if let Some(a) = answer {
+                let _ = stream
+                    .set_write_timeout(Some(Duration::from_millis(cfg.hook.request_timeout_ms)));
+                let _ = writeln!(stream, "{a}");
+            }
+            reading.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    Ok(())
+}
+
+/// Reads and checks one request, within `request_timeout_ms` and `max_request_bytes`.
+/// `Ok(None)`: the peer closed without sending anything.
+fn receive(
+    cfg: &ServerConfig,
+    tmp_dir: &Path,
+    stream: &mut UnixStream,
+) -> Result<Option<Job>, Decline> {
+    let received = Instant::now();
+    let limit = cfg.hook.max_request_bytes as usize;
+    let until = received + Duration::from_millis(cfg.hook.request_timeout_ms);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Decline::Refused(format!(
+                "not complete within {} ms",
+                cfg.hook.request_timeout_ms
+            )));
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > limit {
+                    return Err(Decline::Refused(format!("over {limit} bytes")));
+                }
+                if buf.contains(&b'\n') {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(Decline::Refused(format!(
+                    "not complete within {} ms",
+                    cfg.hook.request_timeout_ms
+                )))
+            }
+            Err(e) => return Err(Decline::Refused(format!("read: {e}"))),
+        }
+    }
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let line = match buf.iter().position(|&b| b == b'\n') {
+        Some(end) if end + 1 == buf.len() => &buf[..end],
+        Some(_) => return Err(Decline::Refused("more than one line".into())),
+        None => return Err(Decline::Refused("no end of line".into())),
+    };
+    let request: Request = serde_json::from_slice(line)
+        .map_err(|e| Decline::Refused(format!("not a hand-off request: {e}")))?;
+    if let Some(k) = request.env.keys().find(|k| !VARS.contains(&k.as_str())) {
+        return Err(Decline::Refused(format!(
+            "variable {:?} is not one a hand-off carries",
+            k.chars().take(40).collect::<String>()
+        )));
+    }
+    if let Some(k) = request
+        .env
+        .iter()
+        .find(|(_, v)| v.len() > MAX_VALUE)
+        .map(|(k, _)| k)
+    {
+        return Err(Decline::Refused(format!("{k} is over {MAX_VALUE} bytes")));
+    }
+    let check = |p: &Path, kind| {
+        TmpFile::check(p, kind, tmp_dir).map_err(|e: TmpFileError| Decline::Refused(e.to_string()))
+    };
+    check(&request.config_file, Kind::Config)?;
+    let result = check(&request.deferred_file, Kind::Result)?;
+    Ok(Some(Job {
+        env: request.env,
+        result,
+        deadline: Deadline::after(cfg.limits.hook_budget()),
+        received,
+    }))
+}
+
+/// One queued connect: the same checks and registration as the synchronous hook, then the
+/// verdict byte. A client that left meanwhile has no file any more: logged, nothing written.
+fn work(cfg: &ServerConfig, state_dir: &Path, job: Job) {
+    let queued = job.received.elapsed();
+    let result = admit(cfg, state_dir, &job.env)
+        .and_then(|a| connect_session(cfg, state_dir, &a.session, &a.host, job.deadline));
+    let Verdict { accept, lines } = decide("client-connect", cfg, result);
+    let byte = if accept { b'1' } else { b'0' };
+    let wrote = match job.result.write_result(Some(byte)) {
+        Ok(()) => format!("wrote {}", byte as char),
+        Err(e) => format!("verdict not written: {e}"),
+    };
+    for line in &lines {
+        eprintln!("idhal hook worker: {line}");
+    }
+    eprintln!(
+        "idhal hook worker: {} {} ({wrote}; waited {:.2} s in the queue)",
+        job.result.path().display(),
+        if accept { "accepted" } else { "refused" },
+        queued.as_secs_f64()
+    );
+}

@@ -1,0 +1,355 @@
+//! `idhal hook worker` and the deferred hand-off, with the real binary: the hook writes `2` and
+//! hands off, the worker writes `1`/`0`; hostile requests on the worker's socket (huge, empty,
+//! malformed, slow, concurrent, naming files outside OpenVPN's tmp-dir) change nothing and never
+//! stop it. No scheduler here (`backend = "none"`): the OAR path is hook_deferred_openvpn.rs.
+
+mod hook_support;
+
+use hook_support::*;
+use idhal_test_support::{wait_for, Logged};
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+const CONFIG: &str = "[scheduler]\nbackend = \"none\"\n\
+    [hook]\nrequest_timeout_ms = 500\nmax_request_bytes = 4096\nworkers = 4\n";
+
+struct Setup {
+    _d: tempfile::TempDir,
+    cfg: PathBuf,
+    state: PathBuf,
+    tmp: PathBuf,
+    socket: PathBuf,
+}
+
+fn setup_with(toml: &str) -> Setup {
+    let (d, cfg, state) = setup(toml);
+    Setup {
+        tmp: state.join("openvpn-tmp"),
+        socket: state.join("hook/worker.sock"),
+        _d: d,
+        cfg,
+        state,
+    }
+}
+
+fn worker(s: &Setup) -> Logged {
+    let mut cmd = Command::new(IDHAL);
+    cmd.arg("--config")
+        .arg(&s.cfg)
+        .arg("--state-dir")
+        .arg(&s.state)
+        .args(["hook", "worker"]);
+    let mut w = Logged::spawn(&mut cmd, s.state.parent().unwrap().join("worker.log"));
+    w.wait_log("idhal hook worker: listening on", Duration::from_secs(30));
+    w
+}
+
+/// OpenVPN's two empty files for one client-connect, in the tmp-dir.
+fn files(s: &Setup, n: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(&s.tmp).unwrap();
+    let c = s.tmp.join(format!("openvpn_cc_{n}.tmp"));
+    let r = s.tmp.join(format!("openvpn_ccr_{n}.tmp"));
+    std::fs::write(&c, "").unwrap();
+    std::fs::write(&r, "").unwrap();
+    (c, r)
+}
+
+fn with_files(env: &[(String, String)], (c, r): &(PathBuf, PathBuf)) -> Vec<(String, String)> {
+    let mut env = env.to_vec();
+    env.push(("client_connect_config_file".into(), c.display().to_string()));
+    env.push((
+        "client_connect_deferred_file".into(),
+        r.display().to_string(),
+    ));
+    env
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| format!("<{e}>"))
+}
+
+fn verdict(p: &Path, want: &str, worker: &Logged) {
+    let mut last = String::new();
+    let limit = Duration::from_secs(30);
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        last = read(p);
+        if last == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{}: {last:?}, not {want:?}\n{}", p.display(), worker.log());
+}
+
+/// One raw request on the worker's socket, and its answer.
+fn raw(socket: &Path, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The worker may answer (and close) before taking everything: that is its right.
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+fn request(env: &[(&str, &str)], c: &Path, r: &Path) -> Vec<u8> {
+    let env: serde_json::Map<String, serde_json::Value> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    let mut line = serde_json::to_vec(&serde_json::json!({
+        "env": env, "config_file": c, "deferred_file": r,
+    }))
+    .unwrap();
+    line.push(b'\n');
+    line
+}
+
+#[test]
+fn the_hook_hands_off_and_the_worker_answers() {
+    let s = setup_with(CONFIG);
+    let w = worker(&s);
+    // The socket is the worker's own: 0600 in a 0700 directory.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        (mode(&s.socket), mode(s.socket.parent().unwrap())),
+        (0o600, 0o700)
+    );
+
+    let f = files(&s, "a1");
+    let env = with_files(&node_env("client501", "10.134.5.1", now()), &f);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("client501 → vnode-5-1.idhal.internal (10.134.5.1): handed to the worker"),
+        "{}",
+        stderr(&o)
+    );
+    verdict(&f.1, "1\n", &w);
+    // A node certified outside idhal's CA (no record): OpenVPN's address, nothing pushed.
+    assert_eq!(read(&f.0), "");
+
+    // The worker re-checks what it is handed: a hostile CN gets 0.
+    let f = files(&s, "a2");
+    let answer = raw(
+        &s.socket,
+        &request(
+            &[
+                ("common_name", "x' OR '1'='1"),
+                ("ifconfig_pool_remote_ip", "10.134.5.2"),
+                ("trusted_ip", "127.0.0.1"),
+            ],
+            &f.0,
+            &f.1,
+        ),
+    );
+    assert_eq!(answer, "queued\n");
+    verdict(&f.1, "0\n", &w);
+    wait_for("the refusal is logged", Duration::from_secs(10), || {
+        w.log()
+            .contains("client-connect: REFUSED: OpenVPN variable common_name")
+    });
+
+    // A second worker on the same socket refuses to start.
+    let o = Command::new(IDHAL)
+        .arg("--config")
+        .arg(&s.cfg)
+        .arg("--state-dir")
+        .arg(&s.state)
+        .args(["hook", "worker"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another worker answers on"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn without_a_worker_the_hook_works_synchronously_and_says_so() {
+    let s = setup_with(CONFIG);
+    let f = files(&s, "b1");
+    let env = with_files(&node_env("client502", "10.134.5.3", now()), &f);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("worker not reached (worker socket") && err.contains("doing it synchronously"),
+        "{err}"
+    );
+    assert!(err.contains("client502 → vnode-5-3"), "{err}");
+    // Empty again: with exit 0 that is "accepted" on OpenVPN's synchronous path, never a
+    // `2` left with nobody to answer.
+    assert_eq!(read(&f.1), "");
+
+    // sync mode never hands off, even with a worker running.
+    let s = setup_with(&format!("{CONFIG}mode = \"sync\"\n"));
+    let _w = worker(&s);
+    let f = files(&s, "b2");
+    let env = with_files(&node_env("client503", "10.134.5.4", now()), &f);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("worker"), "{}", stderr(&o));
+    assert_eq!(read(&f.1), "");
+}
+
+#[test]
+fn hostile_requests_change_nothing_and_the_worker_carries_on() {
+    let s = setup_with(CONFIG);
+    let w = worker(&s);
+    let good = |n: &str| {
+        let f = files(&s, n);
+        let req = request(
+            &[
+                ("common_name", "client504"),
+                ("ifconfig_pool_remote_ip", "10.134.5.5"),
+                ("trusted_ip", "127.0.0.1"),
+            ],
+            &f.0,
+            &f.1,
+        );
+        (f, req)
+    };
+    let (f, req) = good("c0");
+
+    // Huge: cut at max_request_bytes.
+    let mut huge = req.clone();
+    huge.splice(0..0, std::iter::repeat_n(b' ', 1 << 20));
+    assert_eq!(raw(&s.socket, &huge), "refused: over 4096 bytes\n");
+    // Empty: no answer, nothing done.
+    assert_eq!(raw(&s.socket, b""), "");
+    // Malformed.
+    for (bad, says) in [
+        (&b"hello\n"[..], "refused: not a hand-off request"),
+        (
+            b"{}\n",
+            "refused: not a hand-off request: missing field `env`",
+        ),
+        (b"\xff\xfe\n", "refused: not a hand-off request"),
+        (&req[..req.len() - 1], "refused: no end of line"),
+        (
+            &[&req[..], &req[..]].concat()[..],
+            "refused: more than one line",
+        ),
+    ] {
+        let a = raw(&s.socket, bad);
+        assert!(
+            a.starts_with(says),
+            "{:?}: {a:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    let smuggled = request(&[("LD_PRELOAD", "/x.so")], &f.0, &f.1);
+    assert_eq!(
+        raw(&s.socket, &smuggled),
+        "refused: variable \"LD_PRELOAD\" is not one a hand-off carries\n"
+    );
+    let long = "a".repeat(300);
+    let a = raw(
+        &s.socket,
+        &request(&[("common_name", long.as_str())], &f.0, &f.1),
+    );
+    assert_eq!(a, "refused: common_name is over 256 bytes\n");
+
+    // Files outside the tmp-dir, a symlink inside it, a name that is not OpenVPN's: refused,
+    // and nothing is written anywhere.
+    let outside = s.state.parent().unwrap().join("openvpn_ccr_out.tmp");
+    std::fs::write(&outside, "keep").unwrap();
+    let link = s.tmp.join("openvpn_ccr_link.tmp");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let not_openvpns = s.tmp.join("passwd");
+    std::fs::write(&not_openvpns, "keep").unwrap();
+    let env = [("common_name", "client504"), ("trusted_ip", "127.0.0.1")];
+    for (c, r, says) in [
+        (
+            &f.0,
+            &outside,
+            "is not an OpenVPN client-connect deferred result file",
+        ),
+        (&f.0, &link, "not a regular file"),
+        (
+            &f.0,
+            &not_openvpns,
+            "is not an OpenVPN client-connect deferred result file",
+        ),
+        (
+            &outside,
+            &f.1,
+            "is not an OpenVPN client-connect config file",
+        ),
+        (&f.0, &s.tmp.join("openvpn_ccr_gone.tmp"), "is gone"),
+    ] {
+        let a = raw(&s.socket, &request(&env, c, r));
+        assert!(a.starts_with("refused: ") && a.contains(says), "{r:?}: {a}");
+    }
+    assert_eq!(read(&outside), "keep");
+    assert_eq!(read(&not_openvpns), "keep");
+    assert_eq!(read(&f.1), "");
+
+    // Slow: a writer that stops half-way is cut off after request_timeout_ms, while requests
+    // from others are served meanwhile.
+    let mut slow = UnixStream::connect(&s.socket).unwrap();
+    slow.write_all(&req[..20]).unwrap();
+    let (f2, req2) = good("c2");
+    assert_eq!(raw(&s.socket, &req2), "queued\n");
+    verdict(&f2.1, "1\n", &w);
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert_eq!(answer, "refused: not complete within 500 ms\n");
+
+    // Concurrent: 40 hand-offs at once, each gets its verdict.
+    let all: Vec<_> = (0..40).map(|i| good(&format!("d{i}"))).collect();
+    std::thread::scope(|sc| {
+        for (_, req) in &all {
+            let socket = &s.socket;
+            sc.spawn(move || assert_eq!(raw(socket, req), "queued\n"));
+        }
+    });
+    for (f, _) in &all {
+        verdict(&f.1, "1\n", &w);
+    }
+    // Still serving, and it said why it refused each one.
+    assert_eq!(raw(&s.socket, &req), "queued\n");
+    verdict(&f.1, "1\n", &w);
+    assert!(w
+        .log()
+        .contains("idhal hook worker: request refused: over 4096 bytes"));
+}
+
+#[test]
+fn the_janitor_sweeps_openvpns_leftovers() {
+    let s = setup_with(CONFIG);
+    let (old_c, old_r) = files(&s, "old1");
+    let (new_c, _) = files(&s, "new1");
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for p in [&old_c, &old_r] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+    }
+    let w = worker(&s);
+    wait_for("the old files are gone", Duration::from_secs(30), || {
+        !old_c.exists() && !old_r.exists()
+    });
+    assert!(new_c.exists());
+    assert!(
+        w.log()
+            .contains("janitor: removed 2 stale client-connect file(s)"),
+        "{}",
+        w.log()
+    );
+}
