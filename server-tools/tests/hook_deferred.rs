@@ -124,7 +124,13 @@ fn the_hook_hands_off_and_the_worker_answers() {
 
     let f = files(&s, "a1");
     let env = with_files(&node_env("client501", "10.134.5.1", now()), &f);
+    let t = std::time::Instant::now();
     let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    // A figure, not an assertion: the whole process run, checks, hand-off and exit.
+    eprintln!(
+        "idhal hook client-connect (deferred) returned in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o)

@@ -207,7 +207,16 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
     );
     let reading = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors, typically: back off instead of spinning; the
+                // hooks meanwhile work synchronously.
+                eprintln!("idhal hook worker: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
         if reading.fetch_add(1, Ordering::SeqCst) >= cfg.hook.max_connections as usize {
             reading.fetch_sub(1, Ordering::SeqCst);
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
@@ -218,9 +227,10 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
             );
             continue;
         }
+        let reading_total = reading.clone();
         let (cfg, tx, tmp_dir, reading) =
             (cfg.clone(), tx.clone(), tmp_dir.clone(), reading.clone());
-        std::thread::spawn(move || {
+        let spawned = std::thread::Builder::new().spawn(move || {
             let answer = match receive(&cfg, &tmp_dir, &mut stream) {
                 Ok(None) => None,
                 Ok(Some(job)) => {
@@ -252,6 +262,11 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
             }
             reading.fetch_sub(1, Ordering::SeqCst);
         });
+        if let Err(e) = spawned {
+            // The stream went with the closure: the hook sees no answer and works itself.
+            reading_total.fetch_sub(1, Ordering::SeqCst);
+            eprintln!("idhal hook worker: cannot start a reader thread: {e}");
+        }
     }
     Ok(())
 }
