@@ -15,8 +15,13 @@ const HOOK_HELP: &str = "\
 Used directly as OpenVPN's client-connect / client-disconnect scripts:
 
   script-security 2
-  client-connect    \"/usr/local/bin/idhal hook client-connect --config /etc/idhal/server.toml\"
-  client-disconnect \"/usr/local/bin/idhal hook client-disconnect --config /etc/idhal/server.toml\"
+  setenv IDHAL_CONFIG /etc/idhal/server.toml
+  setenv IDHAL_STATE_DIR /var/lib/idhal-server
+  tmp-dir /var/lib/idhal-server/openvpn-tmp
+  client-connect    \"/usr/local/bin/idhal hook client-connect\"
+  client-disconnect \"/usr/local/bin/idhal hook client-disconnect\"
+
+(`idhal openvpn server-config` renders these lines.)
 
 They read OpenVPN's environment (common_name, trusted_ip, trusted_port, time_unix,
 ifconfig_pool_remote_ip) and refuse any value that is not a valid node id or address (the pools'
