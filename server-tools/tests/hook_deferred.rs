@@ -359,3 +359,75 @@ fn the_janitor_sweeps_openvpns_leftovers() {
         w.log()
     );
 }
+
+/// SIGTERM: the socket goes at once (new hooks work synchronously), and the hand-off the worker
+/// holds is still answered before it exits. The registration here is a DNS update to a port
+/// where nothing listens: it fails after `dns_timeout_ms`, so the verdict is `0`.
+#[test]
+fn a_stopped_worker_answers_what_it_holds_first() {
+    let dns_port = idhal_test_support::free_port();
+    let s = setup_with(CONFIG);
+    let key = s.state.parent().unwrap().join("tsig.key");
+    std::fs::write(
+        &key,
+        format!("key \"idhal-update\" {{ algorithm hmac-sha256; secret \"{TSIG_SECRET}\"; }};\n"),
+    )
+    .unwrap();
+    let mut toml = std::fs::read_to_string(&s.cfg).unwrap();
+    toml.push_str(&format!(
+        "[dns]\nupdate = \"rfc2136\"\nserver = \"127.0.0.1:{dns_port}\"\ntsig_key_file = \"{}\"\n\
+         [limits]\ndns_timeout_ms = 4000\n",
+        key.display()
+    ));
+    std::fs::write(&s.cfg, toml).unwrap();
+    let log = s.state.parent().unwrap().join("stopping-worker.log");
+    let mut child = Command::new(IDHAL)
+        .arg("--config")
+        .arg(&s.cfg)
+        .arg("--state-dir")
+        .arg(&s.state)
+        .args(["hook", "worker"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let reaper = Reaper::new(&s.state.parent().unwrap().join("nothing-to-remove"));
+    reaper.watch(child.id());
+    wait_for("the worker listens", Duration::from_secs(30), || {
+        read(&log).contains("listening on")
+    });
+    let f = files(&s, "e1");
+    let env = with_files(&node_env("client505", "10.134.5.6", now()), &f);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    assert!(
+        stderr(&o).contains("handed to the worker"),
+        "{}",
+        stderr(&o)
+    );
+    signal("TERM", &child.id().to_string());
+    wait_for("the socket is gone", Duration::from_secs(10), || {
+        !s.socket.exists()
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let said = read(&log);
+    assert_eq!(status.code(), Some(0), "{said}");
+    assert_eq!(read(&f.1), "0\n", "{said}");
+    assert!(
+        said.contains("stopping: socket removed, finishing 1 queued hand-off(s)")
+            && said.contains("stopped (0 hand-off(s) left unanswered)"),
+        "{said}"
+    );
+    // The next hook finds no worker and works itself.
+    let f = files(&s, "e2");
+    let o = hook(
+        &s.cfg,
+        &s.state,
+        "client-connect",
+        &with_files(&node_env("client506", "10.134.5.7", now()), &f),
+    );
+    assert!(stderr(&o).contains("worker not reached"), "{}", stderr(&o));
+}

@@ -11,7 +11,7 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -172,15 +172,29 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::sync_channel::<Job>(cfg.hook.max_queued as usize);
     let rx = Arc::new(Mutex::new(rx));
+    // Hand-offs queued and not yet answered: a stop waits for them.
+    let pending = Arc::new(AtomicUsize::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
     for _ in 0..cfg.hook.workers {
-        let (cfg, rx, state_dir) = (cfg.clone(), rx.clone(), state_dir.clone());
+        let (cfg, rx, state_dir, pending) =
+            (cfg.clone(), rx.clone(), state_dir.clone(), pending.clone());
         std::thread::spawn(move || loop {
             let job = match rx.lock().map(|r| r.recv()) {
                 Ok(Ok(job)) => job,
                 _ => return,
             };
             work(&cfg, &state_dir, job);
+            pending.fetch_sub(1, Ordering::SeqCst);
         });
+    }
+    {
+        let (cfg, socket, pending, stopping) = (
+            cfg.clone(),
+            socket.clone(),
+            pending.clone(),
+            stopping.clone(),
+        );
+        std::thread::spawn(move || stop_on_signal(&cfg, &socket, &pending, &stopping));
     }
     {
         let (tmp_dir, stale) = (
@@ -228,14 +242,28 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
             continue;
         }
         let reading_total = reading.clone();
-        let (cfg, tx, tmp_dir, reading) =
-            (cfg.clone(), tx.clone(), tmp_dir.clone(), reading.clone());
+        let (cfg, tx, tmp_dir, reading, pending, stopping) = (
+            cfg.clone(),
+            tx.clone(),
+            tmp_dir.clone(),
+            reading.clone(),
+            pending.clone(),
+            stopping.clone(),
+        );
         let spawned = std::thread::Builder::new().spawn(move || {
             let answer = match receive(&cfg, &tmp_dir, &mut stream) {
                 Ok(None) => None,
+                Ok(Some(_)) if stopping.load(Ordering::SeqCst) => {
+                    Some(Decline::Busy("shutting down".into()).to_string())
+                }
                 Ok(Some(job)) => {
                     let node = job.env.get("common_name").cloned().unwrap_or_default();
-                    Some(match tx.try_send(job) {
+                    pending.fetch_add(1, Ordering::SeqCst);
+                    let sent = tx.try_send(job);
+                    if sent.is_err() {
+                        pending.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    Some(match sent {
                         Ok(()) => "queued".to_owned(),
                         Err(mpsc::TrySendError::Full(_)) => {
                             let d = Decline::Busy(format!(
@@ -269,6 +297,44 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
         }
     }
     Ok(())
+}
+
+/// On SIGTERM or SIGINT: the socket goes first (new hooks then work synchronously), hand-offs
+/// still arriving are answered busy, and the queued ones are finished (within
+/// `hook_budget_ms`, their own limit) before the process exits: a restart leaves no client
+/// deferred with nobody to answer.
+fn stop_on_signal(cfg: &ServerConfig, socket: &Path, pending: &AtomicUsize, stopping: &AtomicBool) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let waited = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| {
+            rt.block_on(async {
+                let mut term = signal(SignalKind::terminate())?;
+                let mut int = signal(SignalKind::interrupt())?;
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                Ok(())
+            })
+        });
+    if let Err(e) = waited {
+        // Without a handler the default action (exit at once) stays: no worse than before.
+        eprintln!("idhal hook worker: cannot watch for SIGTERM: {e}");
+        return;
+    }
+    stopping.store(true, Ordering::SeqCst);
+    let _ = std::fs::remove_file(socket);
+    let left = pending.load(Ordering::SeqCst);
+    eprintln!("idhal hook worker: stopping: socket removed, finishing {left} queued hand-off(s)");
+    let until = Instant::now() + cfg.limits.hook_budget() + Duration::from_secs(1);
+    while pending.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = pending.load(Ordering::SeqCst);
+    eprintln!("idhal hook worker: stopped ({left} hand-off(s) left unanswered)");
+    std::process::exit(if left == 0 { 0 } else { 1 });
 }
 
 /// Reads and checks one request, within `request_timeout_ms` and `max_request_bytes`.
