@@ -36,6 +36,7 @@ pub struct ServerConfig {
     pub reconcile: ReconcileSection,
     pub limits: Limits,
     pub ca: CaSection,
+    pub state: StateSection,
     pub openvpn: OpenVpnSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
     pub projects: BTreeMap<String, ProjectSection>,
@@ -482,6 +483,31 @@ impl CaSection {
     }
 }
 
+/// Where the CA's state lives (docs/state.md): SQLite in `--state-dir` unless `database` names
+/// a PostgreSQL database, which several `idhal serve` can share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSection {
+    /// `postgresql://USER@HOST:PORT/DB` or `host=/var/run/postgresql user=U dbname=DB`; no
+    /// password in it (see `password_file`). None: SQLite in `--state-dir`.
+    pub database: Option<String>,
+    /// A file holding the PostgreSQL password (its first line); else `PGPASSWORD` from the
+    /// environment, else none (peer or trust authentication).
+    pub password_file: Option<PathBuf>,
+    /// Connections one `idhal serve` opens at most for enrollments (each idle one is kept).
+    pub max_connections: u32,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        Self {
+            database: None,
+            password_file: None,
+            max_connections: 8,
+        }
+    }
+}
+
 /// A `remote` line of client configs: `HOST PORT` or `HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remote {
@@ -876,7 +902,7 @@ mod tests {
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `openvpn`, `projects`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `projects`")
         );
         assert_eq!(
             refusal("[dns]\nupdate = \"rfc2136\""),

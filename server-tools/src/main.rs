@@ -56,6 +56,7 @@ pub enum Command {
     Nodes(cmd::nodes::Args),
     Revoke(cmd::revoke::Args),
     Crl(cmd::crl::Args),
+    Db(cmd::db::Args),
     Openvpn(cmd::openvpn::Args),
 }
 
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
         Command::Nodes(a) => cmd::nodes::run(a, &cli.global),
         Command::Revoke(a) => cmd::revoke::run(a, &cli.global),
         Command::Crl(a) => cmd::crl::run(a, &cli.global),
+        Command::Db(a) => cmd::db::run(a, &cli.global),
         Command::Openvpn(a) => cmd::openvpn::run(a, &cli.global),
     };
     let exit = result.unwrap_or_else(|e| {

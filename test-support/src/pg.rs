@@ -6,7 +6,8 @@ use crate::process::{signal, Reaper};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// How long PostgreSQL gets to accept connections after it starts.
@@ -181,6 +182,50 @@ impl Postgres {
                 .output()
                 .expect("running psql"),
         )
+    }
+}
+
+/// One cluster for the whole test binary, started on first use and never dropped: its reaper
+/// stops it and removes its files when the test process exits. `None` (after the one rule,
+/// [`crate::skip_or_fail`]) when PostgreSQL cannot run here.
+pub fn shared() -> Option<&'static Postgres> {
+    static PG: OnceLock<Postgres> = OnceLock::new();
+    if !Postgres::available() {
+        return None;
+    }
+    Some(PG.get_or_init(Postgres::start))
+}
+
+impl Postgres {
+    /// A new, empty database of its own for one test; its URL (superuser `postgres`, no
+    /// password: the cluster trusts local connections).
+    pub fn fresh_db(&self) -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "t_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        self.psql("postgres", &format!("CREATE DATABASE {name}"));
+        self.url(&name)
+    }
+
+    /// Makes role `user` log in with `password` only (scram-sha-256 over TCP, ahead of the
+    /// cluster's trust rule), owning database `db`: for tests of password handling.
+    pub fn password_role(&self, user: &str, password: &str, db: &str) {
+        self.psql(
+            "postgres",
+            &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'"),
+        );
+        self.psql("postgres", &format!("ALTER DATABASE {db} OWNER TO {user}"));
+        let hba = self.dir.join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(
+            &hba,
+            format!("host all {user} 127.0.0.1/32 scram-sha-256\n{old}"),
+        )
+        .unwrap();
+        self.psql("postgres", "SELECT pg_reload_conf()");
     }
 }
 

@@ -1,9 +1,9 @@
 //! The project's certificate revocation list: re-signed when due (`refresh_due`, for
 //! `idhal crl refresh` and `idhal serve`'s timer) or at once on a revocation (`regenerate`).
 
-use crate::ca::db::{Db, Open};
+use crate::ca::db::Open;
 use crate::ca::pki::ProjectCa;
-use crate::ca::state::StateStore;
+use crate::ca::state::{self, Resign, StateStore};
 use crate::ca::ProjectError;
 use crate::config::{CaSection, ServerConfig};
 use crate::publish::write_atomic;
@@ -20,12 +20,18 @@ pub fn refresh_due(
     force: bool,
 ) -> Result<Vec<(String, Option<u64>)>, ProjectError> {
     let validity = CaSection::secs(&cfg.ca.crl_validity);
+    let when = if force {
+        Resign::Always
+    } else {
+        Resign::IfDue { validity }
+    };
     let mut out = Vec::new();
     for p in db.projects()? {
-        let due = force || p.crl_next_update.saturating_sub(now) < validity / 2;
-        let next = if due {
+        // Looked at here to skip loading the CA, and again inside the store's transaction:
+        // another server may have re-signed since.
+        let next = if when.due(p.crl_next_update, now) {
             let ca = ProjectCa::load(state_dir, &p.name)?;
-            Some(regenerate(db, &ca, cfg, now)?)
+            resign(db, &ca, cfg, now, when)?
         } else {
             None
         };
@@ -42,18 +48,36 @@ pub fn regenerate(
     cfg: &ServerConfig,
     now: u64,
 ) -> Result<u64, ProjectError> {
+    Ok(resign(db, ca, cfg, now, Resign::Always)?.unwrap_or(now))
+}
+
+/// Signs a new CRL for `ca`'s project when `when` says so (checked inside the store's
+/// transaction) and publishes it atomically. Returns its nextUpdate, or `None` if not due.
+fn resign(
+    db: &mut dyn StateStore,
+    ca: &ProjectCa,
+    cfg: &ServerConfig,
+    now: u64,
+    when: Resign,
+) -> Result<Option<u64>, ProjectError> {
     let validity = CaSection::secs(&cfg.ca.crl_validity);
-    db.resign_crl(&ca.project, now, now + validity, &mut |number, revoked| {
-        let pem = ca.crl(revoked, number, now, validity)?;
-        // Published before the commit: if the commit fails, the next run signs a newer number.
-        write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644).map_err(|source| {
-            ProjectError::PublishCrl {
-                project: ca.project.clone(),
-                source,
-            }
-        })
-    })?;
-    Ok(now + validity)
+    let number = db.resign_crl(
+        &ca.project,
+        now,
+        now + validity,
+        when,
+        &mut |number, revoked| {
+            let pem = ca.crl(revoked, number, now, validity)?;
+            // Published before the commit: if the commit fails, the next run signs a newer number.
+            write_atomic(&ca.paths.crl(), pem.as_bytes(), 0o644).map_err(|source| {
+                ProjectError::PublishCrl {
+                    project: ca.project.clone(),
+                    source,
+                }
+            })
+        },
+    )?;
+    Ok(number.map(|_| now + validity))
 }
 
 /// Starts `idhal serve`'s background thread that re-signs due CRLs, checking every tenth of
@@ -64,9 +88,9 @@ pub fn spawn_refresher(state_dir: PathBuf, cfg: ServerConfig) -> std::io::Result
     std::thread::Builder::new()
         .name("crl-refresh".into())
         .spawn(move || loop {
-            let result = Db::open(&state_dir, Open::Existing)
+            let result = state::open(&cfg, &state_dir, Open::Existing)
                 .map_err(ProjectError::from)
-                .and_then(|mut db| refresh_due(&mut db, &state_dir, &cfg, now(), false));
+                .and_then(|mut db| refresh_due(db.as_mut(), &state_dir, &cfg, now(), false));
             match result {
                 Ok(done) => {
                     for (project, next) in done {

@@ -4,66 +4,16 @@
 //! hand out an id, an address, a serial or a token use twice. WAL mode with `synchronous=FULL`:
 //! a committed enrollment survives power loss.
 
-use crate::ca::state::StateStore;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use crate::ca::state::migrate::{migrate, require_current, MIGRATIONS};
+use crate::config::ServerConfig;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub const FILE: &str = "idhal.sqlite";
-pub(crate) const SCHEMA_VERSION: i64 = 1;
-
 /// The state's error, named for this backend's callers.
 pub use crate::ca::state::StateError as DbError;
-
-const SCHEMA: &str = "
-CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
-CREATE TABLE projects (
-    name TEXT PRIMARY KEY,
-    created INTEGER NOT NULL,
-    pool TEXT NOT NULL,
-    next_host INTEGER NOT NULL,
-    next_serial INTEGER NOT NULL,
-    crl_number INTEGER NOT NULL,
-    crl_next_update INTEGER NOT NULL
-) STRICT;
-CREATE TABLE tokens (
-    id TEXT PRIMARY KEY,
-    project TEXT NOT NULL REFERENCES projects(name),
-    node_type TEXT NOT NULL,
-    verifier BLOB NOT NULL,
-    uses INTEGER NOT NULL,
-    used INTEGER NOT NULL DEFAULT 0,
-    created INTEGER NOT NULL,
-    expires INTEGER NOT NULL,
-    comment TEXT NOT NULL DEFAULT ''
-) STRICT;
-CREATE TABLE certs (
-    project TEXT NOT NULL REFERENCES projects(name),
-    serial INTEGER NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('node', 'server')),
-    subject TEXT NOT NULL,
-    issued INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    revoked_at INTEGER,
-    pem TEXT NOT NULL,
-    PRIMARY KEY (project, serial)
-) STRICT;
-CREATE TABLE nodes (
-    id TEXT PRIMARY KEY,
-    num INTEGER NOT NULL UNIQUE,
-    project TEXT NOT NULL REFERENCES projects(name),
-    node_type TEXT NOT NULL,
-    address TEXT NOT NULL,
-    enrolled_at INTEGER NOT NULL,
-    cert_serial INTEGER NOT NULL,
-    public_key BLOB NOT NULL UNIQUE,
-    token TEXT NOT NULL REFERENCES tokens(id),
-    revoked_at INTEGER,
-    UNIQUE (project, address)
-) STRICT;
-INSERT INTO meta (key, value) VALUES ('schema_version', 1), ('next_node', 1);
-";
 
 /// One connection to the state database.
 pub struct Db {
@@ -76,8 +26,10 @@ pub struct Db {
 pub enum Open {
     /// `idhal ca init`: create the file and schema if missing.
     Create,
-    /// Everything else: the database must exist.
+    /// Everything else: the database must exist, at this idhal's schema version.
     Existing,
+    /// `idhal db migrate`: create the file if missing, check nothing (the caller migrates).
+    Migrate,
 }
 
 impl Db {
@@ -98,7 +50,7 @@ impl Db {
             path: path.clone(),
             source,
         };
-        if mode == Open::Create {
+        if mode != Open::Existing {
             std::fs::create_dir_all(state_dir).map_err(|source| DbError::Io {
                 path: state_dir.to_owned(),
                 source,
@@ -106,12 +58,12 @@ impl Db {
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | if mode == Open::Create {
+            | if mode != Open::Existing {
                 OpenFlags::SQLITE_OPEN_CREATE
             } else {
                 OpenFlags::empty()
             };
-        if mode == Open::Create {
+        if mode != Open::Existing {
             // Token verifiers and the address plan: owner only, from creation on. SQLite gives
             // its -wal and -shm files the database file's mode.
             std::fs::OpenOptions::new()
@@ -132,56 +84,13 @@ impl Db {
         )
         .map_err(err)?;
         let mut db = Db { conn, path };
-        db.migrate()?;
-        Ok(db)
-    }
-
-    fn migrate(&mut self) -> Result<(), DbError> {
-        let path = self.path.clone();
-        let err = |source| DbError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let version = |conn: &Connection| {
-            conn.query_row(
-                "SELECT value FROM meta WHERE key = 'schema_version'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-        };
-        // Read first: hooks open the database on every connect and must not take the write
-        // lock for nothing.
-        let found = match version(&self.conn) {
-            Ok(v) => v,
-            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => None,
-            Err(e) => return Err(err(e)),
-        };
-        let found = match found {
-            Some(v) => v,
-            None => {
-                let tx = self
-                    .conn
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(err)?;
-                let exists: i64 = tx
-                    .query_row(
-                        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map_err(err)?;
-                if exists == 0 {
-                    tx.execute_batch(SCHEMA).map_err(err)?;
-                }
-                tx.commit().map_err(err)?;
-                version(&self.conn).map_err(err)?.unwrap_or(0)
-            }
-        };
-        if found != SCHEMA_VERSION {
-            return Err(DbError::Version { path, found });
+        // Hooks open the database on every connect: reading the version takes no write lock.
+        match mode {
+            Open::Create => migrate(&mut db, MIGRATIONS).map(|_| ())?,
+            Open::Existing => require_current(&mut db)?,
+            Open::Migrate => {}
         }
-        Ok(())
+        Ok(db)
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction (the write lock taken up front, so two
@@ -214,21 +123,18 @@ impl Db {
     }
 }
 
-/// The enrolled node `id`, when `state_dir` has a database: hooks work without one (nodes
-/// certified some other way), and then nothing is known about the node.
-pub fn lookup_node(state_dir: &Path, id: &str) -> Result<Option<NodeRow>, DbError> {
-    if !Db::exists(state_dir) {
-        return Ok(None);
-    }
-    Db::open(state_dir, Open::Existing)?.node(id)
+/// The enrolled node `id`, when there is a state database (see [`crate::ca::state::lookup_node`]).
+pub fn lookup_node(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    id: &str,
+) -> Result<Option<NodeRow>, DbError> {
+    crate::ca::state::lookup_node(cfg, state_dir, id)
 }
 
-/// Every project, when `state_dir` has a database (none: no projects, as for `lookup_node`).
-pub fn lookup_projects(state_dir: &Path) -> Result<Vec<ProjectRow>, DbError> {
-    if !Db::exists(state_dir) {
-        return Ok(Vec::new());
-    }
-    Db::open(state_dir, Open::Existing)?.projects()
+/// Every project, when there is a state database.
+pub fn lookup_projects(cfg: &ServerConfig, state_dir: &Path) -> Result<Vec<ProjectRow>, DbError> {
+    crate::ca::state::lookup_projects(cfg, state_dir)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +209,7 @@ mod tests {
         ));
         Db::open(dir.path(), Open::Create).unwrap();
         let mut db = Db::open(dir.path(), Open::Existing).unwrap();
+        use crate::ca::state::StateStore;
         assert!(db.projects().unwrap().is_empty());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(Db::path(dir.path()))

@@ -7,9 +7,9 @@
 //! same node back without spending another use (a node that crashed before saving the answer
 //! is not locked out).
 
-use crate::ca::db::{Db, DbError, Open};
+use crate::ca::db::{DbError, Open};
 use crate::ca::pki::{Leaf, NodePublicKey, ProjectCa, Role};
-use crate::ca::state::{Claim, StateStore, TokenInfo};
+use crate::ca::state::{self, Claim, StateStore, TokenInfo};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::Ipv4Net;
 use crate::openvpn::config::client_config;
@@ -18,7 +18,7 @@ use idhal_manifest::enroll::{EnrollError, Request, Response};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// Why an enrollment was refused. `status` and the Display text are what the node sees (one
 /// line); the one mapping to HTTP is here and in docs/enrollment.md.
@@ -87,8 +87,11 @@ pub struct Enrolled {
 pub struct Enroller {
     state_dir: PathBuf,
     cfg: ServerConfig,
-    /// Idle connections: one per enrollment running at once (blocking threads).
-    conns: Mutex<Vec<Db>>,
+    /// Connections to the state: idle ones, and how many exist (at most `[state]
+    /// max_connections`; a PostgreSQL server shared with OAR has only so many).
+    conns: Mutex<Conns>,
+    /// Signalled when a connection goes back idle or is closed.
+    conn_free: Condvar,
     cas: RwLock<HashMap<String, Arc<ProjectCa>>>,
     /// One writer at a time in this process: SQLite would serialise the transactions anyway,
     /// but its busy handler sleeps in steps of milliseconds; other processes still wait on it.
@@ -113,25 +116,63 @@ pub fn csr_public_key(der: &[u8]) -> Result<NodePublicKey, Refusal> {
     Ok(NodePublicKey(raw))
 }
 
+#[derive(Default)]
+struct Conns {
+    idle: Vec<Box<dyn StateStore>>,
+    open: usize,
+}
+
 impl Enroller {
     pub fn new(state_dir: &Path, cfg: ServerConfig) -> Self {
         Self {
             state_dir: state_dir.to_owned(),
             cfg,
-            conns: Mutex::new(Vec::new()),
+            conns: Mutex::new(Conns::default()),
+            conn_free: Condvar::new(),
             cas: RwLock::new(HashMap::new()),
             writer: Mutex::new(()),
         }
     }
 
-    fn with_db<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, Refusal>) -> Result<T, Refusal> {
-        let pooled = self.conns.lock().expect("pool lock").pop();
+    /// Runs `f` with an idle connection, or a new one while fewer than `[state]
+    /// max_connections exist, or waits for one. A connection whose call failed is closed (a
+    /// PostgreSQL server restarted: the next call reconnects).
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&mut dyn StateStore) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        let max = self.cfg.state.max_connections.max(1) as usize;
+        let mut conns = self.conns.lock().expect("pool lock");
+        let pooled = loop {
+            if let Some(db) = conns.idle.pop() {
+                break Some(db);
+            }
+            if conns.open < max {
+                conns.open += 1;
+                break None;
+            }
+            conns = self.conn_free.wait(conns).expect("pool lock");
+        };
+        drop(conns);
         let mut db = match pooled {
             Some(db) => db,
-            None => Db::open(&self.state_dir, Open::Existing)?,
+            None => match state::open(&self.cfg, &self.state_dir, Open::Existing) {
+                Ok(db) => db,
+                Err(e) => {
+                    self.conns.lock().expect("pool lock").open -= 1;
+                    self.conn_free.notify_one();
+                    return Err(e.into());
+                }
+            },
         };
-        let out = f(&mut db);
-        self.conns.lock().expect("pool lock").push(db);
+        let out = f(db.as_mut());
+        let mut conns = self.conns.lock().expect("pool lock");
+        match &out {
+            Err(Refusal::Internal(_)) => conns.open -= 1,
+            _ => conns.idle.push(db),
+        }
+        drop(conns);
+        self.conn_free.notify_one();
         out
     }
 
@@ -199,7 +240,7 @@ impl Enroller {
     /// The one transaction: token use, node id, address, serial, certificate, ccd entry.
     fn allocate(
         &self,
-        db: &mut Db,
+        db: &mut dyn StateStore,
         ca: &ProjectCa,
         token_id: &str,
         node_type: &str,

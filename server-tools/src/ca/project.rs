@@ -3,9 +3,9 @@
 //! (`idhal openvpn server-config`). The subcommands only print what these return.
 
 use crate::ca::crl;
-use crate::ca::db::{Db, Open};
+use crate::ca::db::Open;
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
-use crate::ca::state::StateStore;
+use crate::ca::state;
 use crate::ca::{require_inside_names_pool, require_project, ProjectError};
 use crate::config::{CaSection, ServerConfig};
 use crate::names::{Ipv4Net, ServerName};
@@ -33,7 +33,7 @@ pub fn init(
     now: u64,
 ) -> Result<Created, ProjectError> {
     require_inside_names_pool(cfg, project, &pool)?;
-    let mut db = Db::open(state_dir, Open::Create)?;
+    let mut db = state::open(cfg, state_dir, Open::Create)?;
     let dir = || ProjectDir::new(state_dir, project).dir;
     if db.project(project)?.is_some() {
         return Err(ProjectError::Exists {
@@ -59,7 +59,7 @@ pub fn init(
     }
     let ca = ProjectCa::create(state_dir, project, now)?;
     db.insert_project(project, now, &pool.to_string())?;
-    let crl_until = crl::regenerate(&mut db, &ca, cfg, now)?;
+    let crl_until = crl::regenerate(db.as_mut(), &ca, cfg, now)?;
     Ok(Created {
         ca,
         pool,
@@ -89,7 +89,7 @@ pub fn issue_server(
     now: u64,
 ) -> Result<IssuedServer, ProjectError> {
     ServerName::parse(name)?;
-    let mut db = Db::open(state_dir, Open::Existing)?;
+    let mut db = state::open(cfg, state_dir, Open::Existing)?;
     let ca = ProjectCa::load(state_dir, project)?;
     let dir = ca.paths.servers();
     let (key_path, cert_path) = (
@@ -165,8 +165,8 @@ pub fn server_config(
     name: &str,
     hooks: HookPaths,
 ) -> Result<RenderedServer, ProjectError> {
-    let mut db = Db::open(state_dir, Open::Existing)?;
-    let row = require_project(&mut db, project)?;
+    let mut db = state::open(cfg, state_dir, Open::Existing)?;
+    let row = require_project(db.as_mut(), project)?;
     let pool = Ipv4Net::parse(&row.pool)?;
     require_inside_names_pool(cfg, project, &pool)?;
     let paths = ProjectDir::new(state_dir, project);

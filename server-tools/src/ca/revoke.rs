@@ -3,7 +3,7 @@
 //! (`cut_off`); `openvpn::management::kill_everywhere` drops its live sessions.
 
 use crate::ca::crl;
-use crate::ca::db::{DbError, NodeRow};
+use crate::ca::db::NodeRow;
 use crate::ca::pki::ProjectCa;
 use crate::ca::state::StateStore;
 use crate::ca::ProjectError;
@@ -11,11 +11,6 @@ use crate::config::ServerConfig;
 use crate::names::NodeId;
 use crate::publish::remove_durably;
 use std::path::{Path, PathBuf};
-
-/// Marks `node` and its certificate revoked at `now`; a node already revoked keeps its time.
-pub fn mark(db: &mut dyn StateStore, node: &NodeRow, now: u64) -> Result<(), DbError> {
-    db.mark_revoked(node, now)
-}
 
 /// What `mark_node` found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,14 +28,11 @@ pub fn mark_node(
     now: u64,
 ) -> Result<(NodeRow, Marked), ProjectError> {
     let node = db
-        .node(id.as_str())?
+        .revoke(id.as_str(), now)?
         .ok_or_else(|| ProjectError::NoNode(id.to_string()))?;
     let marked = match node.revoked_at {
         Some(at) => Marked::Already(at),
-        None => {
-            mark(db, &node, now)?;
-            Marked::Now
-        }
+        None => Marked::Now,
     };
     Ok((node, marked))
 }

@@ -3,7 +3,8 @@
 //! expired CRL never locks every node out of OpenVPN's `crl-verify`.
 
 use crate::ca::crl::refresh_due;
-use crate::ca::db::{Db, Open};
+use crate::ca::db::Open;
+use crate::ca::state;
 use crate::cmd::{load_config, Exit, Global};
 use idhal_manifest::time::{now, rfc3339};
 
@@ -38,8 +39,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Err(code) => return Ok(code),
     };
     let Command::Refresh { force } = args.command;
-    let mut db = Db::open(&global.state_dir, Open::Existing)?;
-    for (project, outcome) in refresh_due(&mut db, &global.state_dir, &cfg, now(), force)? {
+    let mut db = state::open(&cfg, &global.state_dir, Open::Existing)?;
+    for (project, outcome) in refresh_due(db.as_mut(), &global.state_dir, &cfg, now(), force)? {
         match outcome {
             Some(next) => println!("{project}: CRL re-signed, valid until {}", rfc3339(next)),
             None => println!("{project}: CRL not due"),

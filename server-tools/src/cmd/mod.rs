@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod crl;
+pub mod db;
 pub mod dns;
 pub mod hook;
 pub mod keygen;

@@ -1,9 +1,9 @@
 //! `idhal nodes`: every enrolled node with its id, type, address, enrollment time, certificate
 //! serial and revocation.
 
-use crate::ca::db::{Db, Open};
-use crate::ca::state::StateStore;
-use crate::cmd::{Exit, Global};
+use crate::ca::db::Open;
+use crate::ca::state;
+use crate::cmd::{load_config, Exit, Global};
 use idhal_manifest::time::rfc3339;
 
 #[derive(Debug, clap::Args)]
@@ -22,7 +22,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
-    let mut db = Db::open(&global.state_dir, Open::Existing)?;
+    let cfg = match load_config(global) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut db = state::open(&cfg, &global.state_dir, Open::Existing)?;
     let nodes = db.nodes(args.project.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);

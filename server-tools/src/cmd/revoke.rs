@@ -2,8 +2,9 @@
 //! at once, removes its client-config-dir entry, and drops its live session from every
 //! configured OpenVPN management interface (not at the next renegotiation).
 
-use crate::ca::db::{Db, Open};
+use crate::ca::db::Open;
 use crate::ca::revoke::{self, Marked};
+use crate::ca::state;
 use crate::cmd::{load_config, Exit, Global};
 use crate::names::node_id;
 use crate::openvpn::management::{kill_everywhere, password_file};
@@ -36,9 +37,9 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Err(code) => return Ok(code),
     };
     let id = node_id(&args.node)?;
-    let mut db = Db::open(&global.state_dir, Open::Existing)?;
+    let mut db = state::open(&cfg, &global.state_dir, Open::Existing)?;
     let now = now();
-    let (node, marked) = revoke::mark_node(&mut db, &id, now)?;
+    let (node, marked) = revoke::mark_node(db.as_mut(), &id, now)?;
     match marked {
         Marked::Already(at) => println!(
             "{id}: already revoked at {}; re-checking CRL and sessions",
@@ -49,7 +50,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             node.project, node.cert_serial
         ),
     }
-    let cut = revoke::cut_off(&mut db, &global.state_dir, &cfg, &node, now)?;
+    let cut = revoke::cut_off(db.as_mut(), &global.state_dir, &cfg, &node, now)?;
     println!(
         "{id}: CRL {} re-signed (valid until {})",
         cut.crl.display(),

@@ -3,9 +3,9 @@
 //! `POST /enroll`, until SIGTERM or SIGINT.
 
 use crate::ca::crl;
-use crate::ca::db::{Db, Open};
+use crate::ca::db::Open;
 use crate::ca::enroll::Enroller;
-use crate::ca::state::StateStore;
+use crate::ca::state;
 use crate::cmd::{load_config, Exit, Global};
 use crate::http::routes::App;
 use crate::http::{fit_open_files, OpenFiles, StaticFiles, Stopped};
@@ -69,8 +69,9 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             args.root.display()
         );
     }
-    let enroller = if Db::exists(&global.state_dir) {
-        let projects: Vec<String> = Db::open(&global.state_dir, Open::Existing)?
+    let enroller = if state::configured(&cfg, &global.state_dir) {
+        // Opened here, before the async runtime starts: the PostgreSQL client blocks.
+        let projects: Vec<String> = state::open(&cfg, &global.state_dir, Open::Existing)?
             .projects()?
             .into_iter()
             .map(|p| p.name)
@@ -79,7 +80,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             "idhal serve: enrollment on POST /{} for project(s) {} (state {})",
             enroll::PATH,
             projects.join(", "),
-            global.state_dir.display()
+            state::describe(&cfg, &global.state_dir)
         );
         crl::spawn_refresher(global.state_dir.clone(), cfg.clone())
             .context("cannot start the CRL refresh thread")?;

@@ -1,7 +1,8 @@
 //! `idhal token create | list`: one-time enrollment tokens. The token is printed once; the
 //! database keeps only its verifier (the public half of the key derived from it).
 
-use crate::ca::db::{Db, Open};
+use crate::ca::db::Open;
+use crate::ca::state::{self, StateStore};
 use crate::ca::tokens;
 use crate::ca::{project_name, require_project};
 use crate::cmd::{load_config, Exit, Global};
@@ -59,7 +60,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let mut db = Db::open(&global.state_dir, Open::Existing)?;
+    let mut db = state::open(&cfg, &global.state_dir, Open::Existing)?;
     match args.command {
         Command::Create {
             node_type,
@@ -69,7 +70,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             comment,
         } => {
             let project = project_name(project, &cfg)?;
-            require_project(&mut db, &project)?;
+            require_project(db.as_mut(), &project)?;
             let node_type = Label::parse(&node_type)?;
             let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
             anyhow::ensure!(ttl > 0, "--ttl must be positive");
@@ -78,7 +79,8 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
                 "--comment must be one line"
             );
             let now = now();
-            let token = tokens::create(&mut db, &project, &node_type, uses, now, ttl, &comment)?;
+            let token =
+                tokens::create(db.as_mut(), &project, &node_type, uses, now, ttl, &comment)?;
             eprintln!(
                 "token {} (project {project}): type {node_type}, {uses} use{}, expires {}; \
                  shown once, only its verifier is stored",
@@ -88,12 +90,12 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             );
             println!("{token}");
         }
-        Command::List { json } => list(&mut db, json)?,
+        Command::List { json } => list(db.as_mut(), json)?,
     }
     Ok(Exit::Ok)
 }
 
-fn list(db: &mut Db, json: bool) -> anyhow::Result<()> {
+fn list(db: &mut dyn StateStore, json: bool) -> anyhow::Result<()> {
     let rows = tokens::list(db, now())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -139,11 +139,15 @@ struct StateView {
 }
 
 /// The one place node/ reads the state database (the PostgreSQL backend replaces only this).
-fn state_view(state_dir: &Path, node: Option<&str>) -> Result<StateView, DbError> {
+fn state_view(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    node: Option<&str>,
+) -> Result<StateView, DbError> {
     Ok(StateView {
-        projects: lookup_projects(state_dir)?,
+        projects: lookup_projects(cfg, state_dir)?,
         node: match node {
-            Some(id) => lookup_node(state_dir, id)?,
+            Some(id) => lookup_node(cfg, state_dir, id)?,
             None => None,
         },
     })
@@ -152,7 +156,7 @@ fn state_view(state_dir: &Path, node: Option<&str>) -> Result<StateView, DbError
 /// The addresses nodes may hold: `[names] pool` without the network, broadcast and VPN
 /// server addresses of it and of every project's pool in the state database.
 pub fn node_addresses(cfg: &ServerConfig, state_dir: &Path) -> Result<NodeAddresses, NodeError> {
-    addresses_of(cfg, &state_view(state_dir, None)?.projects)
+    addresses_of(cfg, &state_view(cfg, state_dir, None)?.projects)
 }
 
 fn addresses_of(cfg: &ServerConfig, projects: &[ProjectRow]) -> Result<NodeAddresses, NodeError> {
@@ -211,7 +215,7 @@ pub fn admit(
 ) -> Result<Admission, Failure> {
     let refused = |e: NodeError| Failure::Refused(e);
     let node = node_from_env(env).map_err(|e| refused(e.into()))?;
-    let view = state_view(state_dir, Some(node.as_str())).map_err(|e| refused(e.into()))?;
+    let view = state_view(cfg, state_dir, Some(node.as_str())).map_err(|e| refused(e.into()))?;
     let addresses = addresses_of(cfg, &view.projects).map_err(refused)?;
     let (session, push) = match &view.node {
         Some(record) => {
@@ -354,7 +358,7 @@ pub fn connect_session(
 ) -> Result<String, Failure> {
     // Defence in depth behind OpenVPN's crl-verify and `admit`: a node revoked in the database
     // since is refused even if OpenVPN let it through (a stale CRL on another server).
-    let record = state_view(state_dir, Some(session.node.as_str()))
+    let record = state_view(cfg, state_dir, Some(session.node.as_str()))
         .map_err(Failure::backend)?
         .node;
     if let Some(at) = record.as_ref().and_then(|r| r.revoked_at) {

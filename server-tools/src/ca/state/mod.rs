@@ -1,24 +1,32 @@
-//! The server's state behind one interface, so that the rest of the CA never writes SQL: today
-//! a SQLite file ([`sqlite`]), later PostgreSQL (issue 13). Each method is one transaction
-//! unless its comment says "read"; errors are [`StateError`] (the database, its path, its
-//! schema version).
+//! The server's state behind one interface, so that the rest of the CA never writes SQL: a
+//! SQLite file in `--state-dir` ([`sqlite`], the embedded default) or a PostgreSQL database
+//! shared by several servers ([`postgres`], `[state] database`). [`open`] is the one place that
+//! chooses. Each method is one transaction unless its comment says "read"; errors are
+//! [`StateError`] (which database, and why, on one line).
 //!
 //! Every SQL statement of the CA is behind the trait: tokens, enrollment, projects, server
 //! certificates, nodes, revocation and CRLs. Signing and file writes stay with the callers, as
 //! callbacks the store runs inside its transaction, so "a certificate row exists" still means
 //! "it was signed with this serial" and its files are written before the commit.
 
+pub mod migrate;
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
-use crate::ca::db::SCHEMA_VERSION;
-use crate::ca::db::{NodeRow, ProjectRow};
+use crate::ca::db::{Db, NodeRow, Open, ProjectRow};
 use crate::ca::enroll::Refusal;
 use crate::ca::ProjectError;
+use crate::config::ServerConfig;
 use crate::names::Ipv4Net;
+pub use migrate::SCHEMA_VERSION;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// Why the state could not be read or changed: one line naming the database.
+/// Why the state could not be read or changed: one line naming the database (a path, or a
+/// PostgreSQL URL without its password).
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state database {path}: {source}")]
@@ -27,8 +35,17 @@ pub enum StateError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("state database {path} has schema version {found}; this idhal knows {SCHEMA_VERSION} (upgrade idhal)")]
-    Version { path: PathBuf, found: i64 },
+    /// PostgreSQL's own words (its error message, or why the connection failed).
+    #[error("state database {url}: {reason}")]
+    Postgres { url: String, reason: String },
+    #[error("state database {db} has schema version {found}; this idhal knows {SCHEMA_VERSION} (upgrade idhal)")]
+    Newer { db: String, found: i64 },
+    #[error(
+        "state database {0} has no idhal schema yet: run `idhal db migrate` (or `idhal ca init`)"
+    )]
+    Empty(String),
+    #[error("state database {db} has schema version {found}, older than this idhal's {SCHEMA_VERSION}: run `idhal db migrate`")]
+    Older { db: String, found: i64 },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -37,6 +54,95 @@ pub enum StateError {
     },
     #[error("no state database in {0}: run `idhal ca init` first (or pass the right --state-dir)")]
     Missing(PathBuf),
+    /// `[state] database` or `password_file` that cannot be used as given.
+    #[error("[state] database {url}: {why}")]
+    Config { url: String, why: String },
+}
+
+/// The state database of this configuration: `[state] database` on PostgreSQL, else the SQLite
+/// file in `state_dir`. `Open::Create` (`idhal ca init`, `idhal db migrate`) creates what is
+/// missing and applies pending migrations; `Open::Existing` refuses a missing SQLite file and a
+/// schema older or newer than this idhal's.
+pub fn open(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    mode: Open,
+) -> Result<Box<dyn StateStore>, StateError> {
+    match &cfg.state.database {
+        Some(url) => Ok(Box::new(postgres::PgStore::connect(
+            url,
+            cfg.state.password_file.as_deref(),
+            mode,
+        )?)),
+        None => Ok(Box::new(Db::open(state_dir, mode)?)),
+    }
+}
+
+/// Whether this configuration has a state database to open: always on PostgreSQL, on SQLite
+/// when `state_dir` holds the file (hooks and `idhal serve` work without one).
+pub fn configured(cfg: &ServerConfig, state_dir: &Path) -> bool {
+    cfg.state.database.is_some() || Db::exists(state_dir)
+}
+
+/// Where the state is, for messages: the SQLite path, or the URL without its password.
+pub fn describe(cfg: &ServerConfig, state_dir: &Path) -> String {
+    match &cfg.state.database {
+        Some(url) => postgres::redact(url),
+        None => Db::path(state_dir).display().to_string(),
+    }
+}
+
+/// The hooks' and reconcile's store, opened once per process and kept: a connect hook reads
+/// the projects and then its node through the same connection. Dropped after an error, so the
+/// next call reconnects.
+static LOOKUP: Mutex<Option<(String, Box<dyn StateStore>)>> = Mutex::new(None);
+
+fn with_lookup<T: Default>(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    f: impl FnOnce(&mut dyn StateStore) -> Result<T, StateError>,
+) -> Result<T, StateError> {
+    if !configured(cfg, state_dir) {
+        return Ok(T::default());
+    }
+    let key = describe(cfg, state_dir);
+    let mut slot = LOOKUP.lock().unwrap_or_else(|p| p.into_inner());
+    let mut store = match slot.take() {
+        Some((k, store)) if k == key => store,
+        _ => open(cfg, state_dir, Open::Existing)?,
+    };
+    let out = f(store.as_mut());
+    if out.is_ok() {
+        *slot = Some((key, store));
+    }
+    out
+}
+
+/// The enrolled node `id`, when there is a state database: hooks work without one (nodes
+/// certified some other way), and then nothing is known about the node.
+pub fn lookup_node(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    id: &str,
+) -> Result<Option<NodeRow>, StateError> {
+    with_lookup(cfg, state_dir, |s| s.node(id))
+}
+
+/// Every project, when there is a state database (none: no projects, as for `lookup_node`).
+pub fn lookup_projects(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+) -> Result<Vec<ProjectRow>, StateError> {
+    with_lookup(cfg, state_dir, |s| s.projects())
+}
+
+/// When `resign_crl` signs: always (`ca init`, a revocation, `crl refresh --force`), or only
+/// when less than `half of validity` is left, checked inside the transaction (several servers
+/// re-signing at once: the first one does it, the others find it not due).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resign {
+    Always,
+    IfDue { validity: u64 },
 }
 
 /// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
@@ -118,8 +224,16 @@ pub struct TokenInfo {
 }
 
 /// The state database, whatever holds it. Synchronous: callers are threads of `idhal serve`
-/// and one-shot commands.
+/// (never its async workers: the PostgreSQL client blocks) and one-shot commands.
 pub trait StateStore: Send {
+    /// Where it is, for messages: the SQLite path, or the URL without its password.
+    fn describe(&self) -> String;
+    /// The schema version stored (0: no schema yet) (read).
+    fn schema_version(&mut self) -> Result<i64, StateError>;
+    /// Applies `m` in one transaction unless the schema is at its version or beyond already
+    /// (checked inside the transaction, under a lock, so two servers never apply it twice).
+    /// Returns whether it applied it.
+    fn apply_migration(&mut self, m: &migrate::Migration) -> Result<bool, StateError>;
     /// Stores a new token; refused if its id exists or its project does not.
     fn create_token(&mut self, token: &NewToken) -> Result<(), StateError>;
     /// Every token, oldest first (read).
@@ -159,16 +273,31 @@ pub trait StateStore: Send {
     fn node(&mut self, id: &str) -> Result<Option<NodeRow>, StateError>;
     /// Every enrolled node, of `project` or of all, in enrollment order (read).
     fn nodes(&mut self, project: Option<&str>) -> Result<Vec<NodeRow>, StateError>;
-    /// Marks `node` and its certificate revoked at `now`; a node already revoked keeps its time.
-    fn mark_revoked(&mut self, node: &NodeRow, now: u64) -> Result<(), StateError>;
+    /// Marks node `id` and its certificate revoked at `now`, reading and marking in one
+    /// transaction; a node already revoked keeps its time. Returns the row as it was before
+    /// (`revoked_at` set: it was revoked already), or `None` for no such node.
+    fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError>;
     /// Takes `project`'s next CRL number, sets its nextUpdate to `next_update`, and calls `sign`
     /// with that number and every revoked certificate (serial, time) not expired at `now`, in
-    /// serial order. One transaction: committed only when `sign` succeeds.
+    /// serial order. One transaction, serialised with every other re-signing of the project:
+    /// committed only when `sign` succeeds. Returns the number, or `None` when `when` found it
+    /// not due.
     fn resign_crl(
         &mut self,
         project: &str,
         now: u64,
         next_update: u64,
+        when: Resign,
         sign: SignCrl<'_>,
-    ) -> Result<(), ProjectError>;
+    ) -> Result<Option<u64>, ProjectError>;
+}
+
+impl Resign {
+    /// Whether a CRL valid until `next_update` is to be re-signed at `now`.
+    pub fn due(self, next_update: u64, now: u64) -> bool {
+        match self {
+            Resign::Always => true,
+            Resign::IfDue { validity } => next_update.saturating_sub(now) < validity / 2,
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! [`StateStore`] on the SQLite state file ([`Db`]).
 
+use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
-    Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, SignCert, SignCrl, SignNode,
-    StateError, StateStore, TokenInfo, TokenRecord,
+    Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign, SignCert, SignCrl,
+    SignNode, StateError, StateStore, TokenInfo, TokenRecord,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -11,6 +12,58 @@ use crate::names::Ipv4Net;
 use rusqlite::{params, OptionalExtension};
 
 impl StateStore for Db {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn schema_version(&mut self) -> Result<i64, StateError> {
+        let found = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional();
+        match found {
+            Ok(v) => Ok(v.unwrap_or(0)),
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => Ok(0),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn apply_migration(&mut self, m: &Migration) -> Result<bool, StateError> {
+        // BEGIN IMMEDIATE takes the write lock first: the version read inside is final.
+        let applied = self.immediate(|tx, err| {
+            let has_meta: i64 = tx
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            let found: i64 = if has_meta == 0 {
+                0
+            } else {
+                tx.query_row(
+                    "SELECT value FROM meta WHERE key = 'schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(err)?
+                .unwrap_or(0)
+            };
+            if found >= m.version {
+                return Ok::<_, StateError>(false);
+            }
+            tx.execute_batch(m.sqlite).map_err(err)?;
+            tx.execute(SET_VERSION_SQLITE, [m.version]).map_err(err)?;
+            Ok(true)
+        })?;
+        Ok(applied)
+    }
+
     fn create_token(&mut self, t: &NewToken) -> Result<(), StateError> {
         self.conn
             .execute(
@@ -187,7 +240,9 @@ impl StateStore for Db {
                         [claim.token],
                         |r| r.get(0),
                     )
-                    .map_err(err)?;
+                    .optional()
+                    .map_err(err)?
+                    .ok_or(Refusal::UnknownToken)?;
                 return Err(if expires as u64 <= claim.now {
                     Refusal::Expired
                 } else {
@@ -284,19 +339,29 @@ impl StateStore for Db {
         rows(self, &sql, params![project], NodeRow::from_row)
     }
 
-    fn mark_revoked(&mut self, node: &NodeRow, now: u64) -> Result<(), StateError> {
+    fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError> {
         self.immediate(|tx, err| {
-            tx.execute(
-                "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![node.id, now as i64],
-            )
-            .map_err(err)?;
-            tx.execute(
-                "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
-                params![node.project, node.cert_serial as i64, now as i64],
-            )
-            .map_err(err)?;
-            Ok::<_, StateError>(())
+            let sql = format!("SELECT {} FROM nodes WHERE id = ?1", NodeRow::COLUMNS);
+            let Some(node) = tx
+                .query_row(&sql, [id], NodeRow::from_row)
+                .optional()
+                .map_err(err)?
+            else {
+                return Ok(None);
+            };
+            if node.revoked_at.is_none() {
+                tx.execute(
+                    "UPDATE nodes SET revoked_at = ?2 WHERE id = ?1",
+                    params![node.id, now as i64],
+                )
+                .map_err(err)?;
+                tx.execute(
+                    "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
+                    params![node.project, node.cert_serial as i64, now as i64],
+                )
+                .map_err(err)?;
+            }
+            Ok::<_, StateError>(Some(node))
         })
     }
 
@@ -305,9 +370,21 @@ impl StateStore for Db {
         project: &str,
         now: u64,
         next_update: u64,
+        when: Resign,
         sign: SignCrl<'_>,
-    ) -> Result<(), ProjectError> {
+    ) -> Result<Option<u64>, ProjectError> {
+        // BEGIN IMMEDIATE: one re-signing at a time across processes, and "due?" read inside.
         self.immediate(|tx, err| {
+            let current: i64 = tx
+                .query_row(
+                    "SELECT crl_next_update FROM projects WHERE name = ?1",
+                    [project],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            if !when.due(current as u64, now) {
+                return Ok(None);
+            }
             let number: i64 = tx
                 .query_row(
                     "UPDATE projects SET crl_number = crl_number + 1, crl_next_update = ?2
@@ -330,7 +407,8 @@ impl StateStore for Db {
                 .map_err(err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(err)?;
-            sign(number as u64, &revoked)
+            sign(number as u64, &revoked)?;
+            Ok(Some(number as u64))
         })
     }
 }
@@ -345,124 +423,4 @@ fn rows<T>(
     let mut stmt = db.conn.prepare(sql).map_err(|e| db.err(e))?;
     let rows = stmt.query_map(params, f).map_err(|e| db.err(e))?;
     rows.collect::<Result<_, _>>().map_err(|e| db.err(e))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ca::db::Open;
-
-    fn token(id: &str, created: u64) -> NewToken {
-        NewToken {
-            id: id.into(),
-            project: "p".into(),
-            node_type: "worker".into(),
-            verifier: [7; 32],
-            uses: 2,
-            created,
-            expires: created + 60,
-            comment: "c".into(),
-        }
-    }
-
-    #[test]
-    fn tokens_round_trip_through_the_trait() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(dir.path(), Open::Create).unwrap();
-        db.conn
-            .execute(
-                "INSERT INTO projects VALUES ('p', 0, '10.8.0.0/24', 2, 2, 1, 0)",
-                [],
-            )
-            .unwrap();
-        let store: &mut dyn StateStore = &mut db;
-        assert_eq!(store.token_for_enroll("b").unwrap(), None);
-        store.create_token(&token("b", 5)).unwrap();
-        store.create_token(&token("a", 5)).unwrap();
-        store.create_token(&token("z", 1)).unwrap();
-        // The id is the primary key; an unknown project is refused (foreign key).
-        assert!(store.create_token(&token("a", 9)).is_err());
-        let mut orphan = token("o", 1);
-        orphan.project = "nope".into();
-        assert!(store.create_token(&orphan).is_err());
-        let ids: Vec<_> = store.tokens().unwrap().into_iter().map(|t| t.id).collect();
-        assert_eq!(ids, ["z", "a", "b"]);
-        let info = store.token_for_enroll("b").unwrap().unwrap();
-        assert_eq!(
-            (info.project.as_str(), info.node_type.as_str()),
-            ("p", "worker")
-        );
-        assert_eq!(info.verifier, vec![7; 32]);
-    }
-
-    #[test]
-    fn enroll_commits_only_when_sign_and_publish_succeed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Db::open(dir.path(), Open::Create).unwrap();
-        db.conn
-            .execute(
-                "INSERT INTO projects VALUES ('p', 0, '10.8.0.0/24', 2, 2, 1, 0)",
-                [],
-            )
-            .unwrap();
-        let store: &mut dyn StateStore = &mut db;
-        store.create_token(&token("t", 1)).unwrap();
-        store.create_token(&token("u", 1)).unwrap();
-        let key = [9u8; 32];
-        let claim = |token| Claim {
-            project: "p",
-            token,
-            node_type: "worker",
-            public_key: &key,
-            now: 10,
-            not_after: 100,
-        };
-        let refused = store.enroll(
-            &claim("t"),
-            &mut |a| Ok(format!("pem {}", a.serial)),
-            &mut |_| Err(Refusal::Internal("disk full".into())),
-        );
-        assert!(matches!(refused, Err(Refusal::Internal(_))));
-        // Rolled back: the token use, the node number, address and serial are all still free.
-        let used: Vec<_> = store.tokens().unwrap().iter().map(|t| t.used).collect();
-        assert_eq!(used, [0, 0]);
-        assert!(store.nodes(None).unwrap().is_empty());
-        let mut published = Vec::new();
-        let e = store
-            .enroll(
-                &claim("t"),
-                &mut |a| Ok(format!("pem {}", a.serial)),
-                &mut |a| {
-                    published.push((a.node.clone(), a.address));
-                    Ok(())
-                },
-            )
-            .unwrap();
-        assert_eq!(
-            (
-                e.node.as_str(),
-                e.address.to_string(),
-                e.pem.as_str(),
-                e.fresh
-            ),
-            ("client1", "10.8.0.2".to_owned(), "pem 2", true)
-        );
-        assert_eq!(published, [(e.node.clone(), e.address)]);
-        // The same key with the same token: the same node, nothing signed or written again.
-        let again = store
-            .enroll(&claim("t"), &mut |_| panic!("signed twice"), &mut |_| {
-                panic!("published twice")
-            })
-            .unwrap();
-        assert_eq!((again.node, again.fresh), (e.node, false));
-        // With another token: refused, and that token keeps its uses.
-        assert!(matches!(
-            store.enroll(&claim("u"), &mut |_| panic!("signed"), &mut |_| panic!(
-                "published"
-            )),
-            Err(Refusal::KeyInUse)
-        ));
-        let used: Vec<_> = store.tokens().unwrap().iter().map(|t| t.used).collect();
-        assert_eq!(used, [1, 0]);
-    }
 }

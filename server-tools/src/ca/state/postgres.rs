@@ -1,0 +1,611 @@
+//! [`StateStore`] on PostgreSQL (`[state] database`), shared by several `idhal serve`: the same
+//! transactions as on SQLite, made safe under READ COMMITTED with row locks (`FOR UPDATE`, and
+//! the `UPDATE … RETURNING` of counters, held until commit) and advisory locks where a check
+//! reads other rows (CRL re-signing, migrations). No TLS: a Unix socket or loopback.
+//!
+//! The client is synchronous (it runs its own small runtime): call it from plain or blocking
+//! threads, never from an async worker, where it panics.
+
+use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
+use super::{
+    Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign, SignCert, SignCrl,
+    SignNode, StateError, StateStore, TokenInfo, TokenRecord,
+};
+use crate::ca::db::{NodeRow, Open, ProjectRow};
+use crate::ca::enroll::{internal, Refusal};
+use crate::ca::ProjectError;
+use crate::names::Ipv4Net;
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Row};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How long connecting may take before the command (or enrollment) fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Advisory lock taken by each migration step (two servers starting at once apply it once).
+const MIGRATE_LOCK: i64 = 0x6964_6861_6c00_0001; // "idhal" 0 1
+/// Advisory lock class of CRL re-signing; the project's name is hashed into the key.
+const CRL_LOCK: &str = "idhal crl ";
+
+/// One connection to the state on PostgreSQL.
+pub struct PgStore {
+    client: Client,
+    /// The URL as configured, without a password: what messages show.
+    url: String,
+}
+
+/// `url` without its password (`postgresql://u:SECRET@h/db` → `postgresql://u@h/db`,
+/// `password=SECRET` dropped), for messages.
+pub fn redact(url: &str) -> String {
+    if let Some(rest) = url
+        .strip_prefix("postgresql://")
+        .map(|r| ("postgresql://", r))
+        .or_else(|| url.strip_prefix("postgres://").map(|r| ("postgres://", r)))
+    {
+        let (scheme, rest) = rest;
+        let (auth_end, _) = rest
+            .char_indices()
+            .find(|&(_, c)| c == '/' || c == '?')
+            .unwrap_or((rest.len(), ' '));
+        if let Some(at) = rest[..auth_end].rfind('@') {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            return format!("{scheme}{user}{}", &rest[at..]);
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .filter(|kv| !kv.starts_with("password="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// PostgreSQL's own words for `e`: the server's message, or why the connection failed.
+fn reason(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_owned();
+    }
+    let mut line = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
+}
+
+fn pg_err(url: &str) -> impl Fn(postgres::Error) -> StateError + '_ {
+    move |e| StateError::Postgres {
+        url: url.to_owned(),
+        reason: reason(&e),
+    }
+}
+
+/// A stable 64-bit key for an advisory lock (FNV-1a): the same on every server.
+fn lock_key(class: &str, name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in class.bytes().chain(name.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+impl PgStore {
+    /// Connects to `url` (its password from `password_file`, else `PGPASSWORD`), then applies
+    /// pending migrations (`Open::Create`) or refuses a schema not this idhal's.
+    pub fn connect(
+        url: &str,
+        password_file: Option<&Path>,
+        mode: Open,
+    ) -> Result<PgStore, StateError> {
+        let shown = redact(url);
+        let refuse = |why: &str| StateError::Config {
+            url: shown.clone(),
+            why: why.to_owned(),
+        };
+        let mut config = postgres::Config::from_str(url).map_err(|e| {
+            refuse(&format!(
+                "not a PostgreSQL connection string ({}): write postgresql://USER@HOST:PORT/DB",
+                reason(&e)
+            ))
+        })?;
+        if config.get_password().is_some() {
+            return Err(refuse(
+                "holds a password: put it in [state] password_file or PGPASSWORD instead",
+            ));
+        }
+        if config.get_dbname().is_none() {
+            return Err(refuse(
+                "names no database: add it (postgresql://USER@HOST:PORT/DB, or dbname=DB)",
+            ));
+        }
+        if config.get_user().is_none() {
+            return Err(refuse(
+                "names no user: add it (postgresql://USER@HOST:PORT/DB, or user=USER)",
+            ));
+        }
+        if config.get_hosts().is_empty() {
+            return Err(refuse(
+                "names no host: add it (127.0.0.1:5432, or host=/var/run/postgresql)",
+            ));
+        }
+        let password = match password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| StateError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Some(text.lines().next().unwrap_or("").to_owned())
+            }
+            None => std::env::var("PGPASSWORD").ok(),
+        };
+        if let Some(pw) = password {
+            config.password(pw);
+        }
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .application_name("idhal");
+        let client = config.connect(NoTls).map_err(pg_err(&shown))?;
+        let mut store = PgStore { client, url: shown };
+        match mode {
+            Open::Create => migrate(&mut store, MIGRATIONS).map(|_| ())?,
+            Open::Existing => require_current(&mut store)?,
+            Open::Migrate => {}
+        }
+        Ok(store)
+    }
+}
+
+fn project_row(r: &Row) -> ProjectRow {
+    ProjectRow {
+        name: r.get(0),
+        created: r.get::<_, i64>(1) as u64,
+        pool: r.get(2),
+        next_host: r.get::<_, i64>(3) as u32,
+        next_serial: r.get::<_, i64>(4) as u64,
+        crl_number: r.get::<_, i64>(5) as u64,
+        crl_next_update: r.get::<_, i64>(6) as u64,
+    }
+}
+
+fn node_row(r: &Row) -> NodeRow {
+    NodeRow {
+        id: r.get(0),
+        project: r.get(1),
+        node_type: r.get(2),
+        address: r.get(3),
+        enrolled_at: r.get::<_, i64>(4) as u64,
+        cert_serial: r.get::<_, i64>(5) as u64,
+        revoked_at: r.get::<_, Option<i64>>(6).map(|t| t as u64),
+    }
+}
+
+/// The stored schema version through `q` (0 when there is no `meta` table yet).
+fn version_in(q: &mut impl postgres::GenericClient) -> Result<i64, postgres::Error> {
+    let has_meta: bool = q
+        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?
+        .get(0);
+    if !has_meta {
+        return Ok(0);
+    }
+    Ok(
+        q.query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])?
+            .map_or(0, |r| r.get(0)),
+    )
+}
+
+impl StateStore for PgStore {
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+
+    fn schema_version(&mut self) -> Result<i64, StateError> {
+        version_in(&mut self.client).map_err(pg_err(&self.url))
+    }
+
+    fn apply_migration(&mut self, m: &Migration) -> Result<bool, StateError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .map_err(&err)?;
+        if version_in(&mut tx).map_err(&err)? >= m.version {
+            return Ok(false);
+        }
+        tx.batch_execute(m.postgres).map_err(&err)?;
+        tx.execute(SET_VERSION_POSTGRES, &[&m.version])
+            .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(true)
+    }
+
+    fn create_token(&mut self, t: &NewToken) -> Result<(), StateError> {
+        self.client
+            .execute(
+                "INSERT INTO tokens (id, project, node_type, verifier, uses, created, expires,
+                                     comment)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &t.id,
+                    &t.project,
+                    &t.node_type,
+                    &&t.verifier[..],
+                    &i64::from(t.uses),
+                    &(t.created as i64),
+                    &(t.expires as i64),
+                    &t.comment,
+                ],
+            )
+            .map_err(pg_err(&self.url))?;
+        Ok(())
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenRecord>, StateError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, project, node_type, uses, used, created, expires, comment FROM tokens
+                 ORDER BY created, id",
+                &[],
+            )
+            .map_err(pg_err(&self.url))?;
+        Ok(rows
+            .iter()
+            .map(|r| TokenRecord {
+                id: r.get(0),
+                project: r.get(1),
+                node_type: r.get(2),
+                uses: r.get::<_, i64>(3) as u32,
+                used: r.get::<_, i64>(4) as u32,
+                created: r.get::<_, i64>(5) as u64,
+                expires: r.get::<_, i64>(6) as u64,
+                comment: r.get(7),
+            })
+            .collect())
+    }
+
+    fn token_for_enroll(&mut self, id: &str) -> Result<Option<TokenInfo>, StateError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT project, node_type, verifier FROM tokens WHERE id = $1",
+                &[&id],
+            )
+            .map_err(pg_err(&self.url))?;
+        Ok(row.map(|r| TokenInfo {
+            project: r.get(0),
+            node_type: r.get(1),
+            verifier: r.get(2),
+        }))
+    }
+
+    fn project(&mut self, name: &str) -> Result<Option<ProjectRow>, StateError> {
+        let sql = format!(
+            "SELECT {} FROM projects WHERE name = $1",
+            ProjectRow::COLUMNS
+        );
+        let row = self
+            .client
+            .query_opt(&sql, &[&name])
+            .map_err(pg_err(&self.url))?;
+        Ok(row.as_ref().map(project_row))
+    }
+
+    fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError> {
+        self.client
+            .execute(
+                "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
+                                       crl_next_update)
+                 VALUES ($1, $2, $3, 2, 1, 0, 0)",
+                &[&name, &(created as i64), &pool],
+            )
+            .map_err(pg_err(&self.url))?;
+        Ok(())
+    }
+
+    fn issue_server_cert(
+        &mut self,
+        project: &str,
+        subject: &str,
+        issued: u64,
+        not_after: u64,
+        sign: SignCert<'_>,
+        publish: PublishCert<'_>,
+    ) -> Result<u64, ProjectError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        let serial: i64 = tx
+            .query_one(
+                "UPDATE projects SET next_serial = next_serial + 1 WHERE name = $1
+                 RETURNING next_serial - 1",
+                &[&project],
+            )
+            .map_err(&err)?
+            .get(0);
+        let pem = sign(serial as u64)?;
+        tx.execute(
+            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES ($1, $2, 'server', $3, $4, $5, $6)",
+            &[
+                &project,
+                &serial,
+                &subject,
+                &(issued as i64),
+                &(not_after as i64),
+                &pem,
+            ],
+        )
+        .map_err(&err)?;
+        publish(&pem)?;
+        tx.commit().map_err(&err)?;
+        Ok(serial as u64)
+    }
+
+    fn enroll(
+        &mut self,
+        claim: &Claim<'_>,
+        sign: SignNode<'_>,
+        publish: PublishNode<'_>,
+    ) -> Result<Enrollment, Refusal> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // Locks are taken in one order (token, meta, project) by every enrollment: no deadlock.
+        // The token's row first: requests with the same token queue here, so "same key, same
+        // token: same node" holds under READ COMMITTED.
+        if tx
+            .query_opt(
+                "SELECT id FROM tokens WHERE id = $1 FOR UPDATE",
+                &[&claim.token],
+            )
+            .map_err(&err)?
+            .is_none()
+        {
+            return Err(Refusal::UnknownToken);
+        }
+        let existing = tx
+            .query_opt(
+                "SELECT n.id, n.address, n.token, n.revoked_at, c.pem FROM nodes n
+                 JOIN certs c ON c.project = n.project AND c.serial = n.cert_serial
+                 WHERE n.public_key = $1",
+                &[&claim.public_key],
+            )
+            .map_err(&err)?;
+        if let Some(r) = existing {
+            let (id, address, token, revoked, pem): (String, String, String, Option<i64>, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            if token != claim.token || revoked.is_some() {
+                return Err(Refusal::KeyInUse);
+            }
+            return Ok(Enrollment {
+                node: id,
+                address: address.parse().map_err(internal)?,
+                pem,
+                fresh: false,
+            });
+        }
+        let claimed = tx
+            .execute(
+                "UPDATE tokens SET used = used + 1 WHERE id = $1 AND used < uses AND expires > $2",
+                &[&claim.token, &(claim.now as i64)],
+            )
+            .map_err(&err)?;
+        if claimed != 1 {
+            let expires: i64 = tx
+                .query_one("SELECT expires FROM tokens WHERE id = $1", &[&claim.token])
+                .map_err(&err)?
+                .get(0);
+            return Err(if expires as u64 <= claim.now {
+                Refusal::Expired
+            } else {
+                Refusal::UsedUp
+            });
+        }
+        // Counters in rows, locked until commit: never handed out twice, never skipped (a
+        // sequence would leave gaps, that is lost addresses, on every rollback).
+        let num: i64 = tx
+            .query_one(
+                "UPDATE meta SET value = value + 1 WHERE key = 'next_node' RETURNING value - 1",
+                &[],
+            )
+            .map_err(&err)?
+            .get(0);
+        let r = tx
+            .query_one(
+                "UPDATE projects SET next_host = next_host + 1, next_serial = next_serial + 1
+                 WHERE name = $1 RETURNING next_host - 1, next_serial - 1, pool",
+                &[&claim.project],
+            )
+            .map_err(&err)?;
+        let (host, serial, pool): (i64, i64, String) = (r.get(0), r.get(1), r.get(2));
+        let pool = Ipv4Net::parse(&pool).map_err(internal)?;
+        let address = u32::try_from(host)
+            .ok()
+            .and_then(|h| pool.host(h))
+            .ok_or_else(|| Refusal::PoolExhausted(pool.to_string()))?;
+        let allocation = Allocation {
+            node: format!("client{num}"),
+            address,
+            serial: serial as u64,
+            pool,
+        };
+        let pem = sign(&allocation)?;
+        let node = &allocation.node;
+        tx.execute(
+            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES ($1, $2, 'node', $3, $4, $5, $6)",
+            &[
+                &claim.project,
+                &serial,
+                node,
+                &(claim.now as i64),
+                &(claim.not_after as i64),
+                &pem,
+            ],
+        )
+        .map_err(&err)?;
+        let inserted = tx.execute(
+            "INSERT INTO nodes (id, num, project, node_type, address, enrolled_at, cert_serial,
+                                public_key, token)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                node,
+                &num,
+                &claim.project,
+                &claim.node_type,
+                &address.to_string(),
+                &(claim.now as i64),
+                &serial,
+                &claim.public_key,
+                &claim.token,
+            ],
+        );
+        match inserted {
+            // The same key enrolled at the same moment with another token (which committed
+            // first): as if it had been seen above.
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                return Err(Refusal::KeyInUse)
+            }
+            other => other.map_err(&err)?,
+        };
+        publish(&allocation)?;
+        tx.commit().map_err(&err)?;
+        Ok(Enrollment {
+            node: allocation.node,
+            address,
+            pem,
+            fresh: true,
+        })
+    }
+
+    fn projects(&mut self) -> Result<Vec<ProjectRow>, StateError> {
+        let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
+        let rows = self.client.query(&sql, &[]).map_err(pg_err(&self.url))?;
+        Ok(rows.iter().map(project_row).collect())
+    }
+
+    fn node(&mut self, id: &str) -> Result<Option<NodeRow>, StateError> {
+        let sql = format!("SELECT {} FROM nodes WHERE id = $1", NodeRow::COLUMNS);
+        let row = self
+            .client
+            .query_opt(&sql, &[&id])
+            .map_err(pg_err(&self.url))?;
+        Ok(row.as_ref().map(node_row))
+    }
+
+    fn nodes(&mut self, project: Option<&str>) -> Result<Vec<NodeRow>, StateError> {
+        let sql = format!(
+            "SELECT {} FROM nodes WHERE $1::text IS NULL OR project = $1 ORDER BY num",
+            NodeRow::COLUMNS
+        );
+        let rows = self
+            .client
+            .query(&sql, &[&project])
+            .map_err(pg_err(&self.url))?;
+        Ok(rows.iter().map(node_row).collect())
+    }
+
+    fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        let sql = format!(
+            "SELECT {} FROM nodes WHERE id = $1 FOR UPDATE",
+            NodeRow::COLUMNS
+        );
+        let Some(node) = tx
+            .query_opt(&sql, &[&id])
+            .map_err(&err)?
+            .as_ref()
+            .map(node_row)
+        else {
+            return Ok(None);
+        };
+        if node.revoked_at.is_none() {
+            tx.execute(
+                "UPDATE nodes SET revoked_at = $2 WHERE id = $1",
+                &[&node.id, &(now as i64)],
+            )
+            .map_err(&err)?;
+            tx.execute(
+                "UPDATE certs SET revoked_at = $3 WHERE project = $1 AND serial = $2",
+                &[&node.project, &(node.cert_serial as i64), &(now as i64)],
+            )
+            .map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
+        Ok(Some(node))
+    }
+
+    fn resign_crl(
+        &mut self,
+        project: &str,
+        now: u64,
+        next_update: u64,
+        when: Resign,
+        sign: SignCrl<'_>,
+    ) -> Result<Option<u64>, ProjectError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // One re-signing of this project at a time, across servers; "due?" is read under the
+        // lock, so servers re-signing together sign once, and the numbers only grow.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&lock_key(CRL_LOCK, project)],
+        )
+        .map_err(&err)?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT crl_next_update FROM projects WHERE name = $1",
+                &[&project],
+            )
+            .map_err(&err)?
+            .get(0);
+        if !when.due(current as u64, now) {
+            return Ok(None);
+        }
+        let number: i64 = tx
+            .query_one(
+                "UPDATE projects SET crl_number = crl_number + 1, crl_next_update = $2
+                 WHERE name = $1 RETURNING crl_number",
+                &[&project, &(next_update as i64)],
+            )
+            .map_err(&err)?
+            .get(0);
+        let revoked: Vec<(u64, u64)> = tx
+            .query(
+                "SELECT serial, revoked_at FROM certs
+                 WHERE project = $1 AND revoked_at IS NOT NULL AND not_after > $2
+                 ORDER BY serial",
+                &[&project, &(now as i64)],
+            )
+            .map_err(&err)?
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+            .collect();
+        sign(number as u64, &revoked)?;
+        tx.commit().map_err(&err)?;
+        Ok(Some(number as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_drops_passwords_only() {
+        assert_eq!(
+            redact("postgresql://idhal:s3cret@127.0.0.1:5432/idhal"),
+            "postgresql://idhal@127.0.0.1:5432/idhal"
+        );
+        assert_eq!(
+            redact("postgres://idhal@db/x?sslmode=disable"),
+            "postgres://idhal@db/x?sslmode=disable"
+        );
+        assert_eq!(
+            redact("host=/var/run/postgresql password=s3cret dbname=idhal"),
+            "host=/var/run/postgresql dbname=idhal"
+        );
+    }
+}

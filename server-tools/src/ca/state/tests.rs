@@ -1,0 +1,399 @@
+//! Every test of the state layer, one body run on both backends: `both!` expands each into
+//! `sqlite::NAME` (a file in a temp dir) and `postgres::NAME` (a fresh database on the test
+//! binary's own PostgreSQL cluster on 127.0.0.1, test-support's `pg::shared`).
+
+use super::migrate::{migrate, require_current, Migration, MIGRATIONS};
+use super::postgres::PgStore;
+use super::*;
+use crate::ca::db::{Db, Open};
+use std::collections::HashSet;
+
+/// A connection factory for one test's database: more connections to the same state.
+type Connect = Box<dyn Fn() -> Box<dyn StateStore> + Send + Sync>;
+
+macro_rules! both {
+    ($(fn $name:ident($s:ident, $connect:ident) $body:block)*) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let path = dir.path().to_owned();
+                    let $connect: Connect = Box::new(move || {
+                        Box::new(Db::open(&path, Open::Create).unwrap())
+                    });
+                    let mut store = $connect();
+                    let $s: &mut dyn StateStore = store.as_mut();
+                    $body
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    let Some(pg) = idhal_test_support::pg::shared() else { return };
+                    let url = pg.fresh_db();
+                    let $connect: Connect = Box::new(move || {
+                        Box::new(PgStore::connect(&url, None, Open::Create).unwrap())
+                    });
+                    let mut store = $connect();
+                    let $s: &mut dyn StateStore = store.as_mut();
+                    $body
+                }
+            )*
+        }
+    };
+}
+
+fn token(id: &str, created: u64, uses: u32) -> NewToken {
+    NewToken {
+        id: id.into(),
+        project: "p".into(),
+        node_type: "worker".into(),
+        verifier: [7; 32],
+        uses,
+        created,
+        expires: created + 60,
+        comment: "c".into(),
+    }
+}
+
+fn claim<'a>(token: &'a str, key: &'a [u8], now: u64) -> Claim<'a> {
+    Claim {
+        project: "p",
+        token,
+        node_type: "worker",
+        public_key: key,
+        now,
+        not_after: now + 1000,
+    }
+}
+
+/// Enrolls `key` with `token`, signing "pem SERIAL" and publishing nothing.
+fn enroll(
+    s: &mut dyn StateStore,
+    token: &str,
+    key: &[u8],
+    now: u64,
+) -> Result<Enrollment, Refusal> {
+    s.enroll(
+        &claim(token, key, now),
+        &mut |a| Ok(format!("pem {}", a.serial)),
+        &mut |_| Ok(()),
+    )
+}
+
+both! {
+    fn tokens_round_trip(s, _c) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        assert_eq!(s.token_for_enroll("b").unwrap(), None);
+        s.create_token(&token("b", 5, 2)).unwrap();
+        s.create_token(&token("a", 5, 2)).unwrap();
+        s.create_token(&token("z", 1, 2)).unwrap();
+        // The id is the primary key; an unknown project is refused (foreign key).
+        assert!(s.create_token(&token("a", 9, 2)).is_err());
+        let mut orphan = token("o", 1, 2);
+        orphan.project = "nope".into();
+        assert!(s.create_token(&orphan).is_err());
+        let ids: Vec<_> = s.tokens().unwrap().into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, ["z", "a", "b"]);
+        let info = s.token_for_enroll("b").unwrap().unwrap();
+        assert_eq!((info.project.as_str(), info.node_type.as_str()), ("p", "worker"));
+        assert_eq!(info.verifier, vec![7; 32]);
+        let t = &s.tokens().unwrap()[0];
+        assert_eq!((t.uses, t.used, t.created, t.expires, t.comment.as_str()), (2, 0, 1, 61, "c"));
+    }
+
+    fn enroll_commits_only_when_sign_and_publish_succeed(s, _c) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.create_token(&token("t", 1, 2)).unwrap();
+        s.create_token(&token("u", 1, 2)).unwrap();
+        let key = [9u8; 32];
+        let refused = s.enroll(
+            &claim("t", &key, 10),
+            &mut |a| Ok(format!("pem {}", a.serial)),
+            &mut |_| Err(Refusal::Internal("disk full".into())),
+        );
+        assert!(matches!(refused, Err(Refusal::Internal(_))));
+        let refused = s.enroll(
+            &claim("t", &key, 10),
+            &mut |_| Err(Refusal::Internal("signer down".into())),
+            &mut |_| panic!("published unsigned"),
+        );
+        assert!(matches!(refused, Err(Refusal::Internal(_))));
+        // Rolled back: the token use, the node number, address and serial are all still free.
+        let used: Vec<_> = s.tokens().unwrap().iter().map(|t| t.used).collect();
+        assert_eq!(used, [0, 0]);
+        assert!(s.nodes(None).unwrap().is_empty());
+        let mut published = Vec::new();
+        let e = s
+            .enroll(&claim("t", &key, 10), &mut |a| Ok(format!("pem {}", a.serial)), &mut |a| {
+                published.push((a.node.clone(), a.address));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            (e.node.as_str(), e.address.to_string(), e.pem.as_str(), e.fresh),
+            ("client1", "10.8.0.2".to_owned(), "pem 1", true)
+        );
+        assert_eq!(published, [(e.node.clone(), e.address)]);
+        // The same key with the same token: the same node, nothing signed or written again.
+        let again = s
+            .enroll(&claim("t", &key, 11), &mut |_| panic!("signed twice"), &mut |_| {
+                panic!("published twice")
+            })
+            .unwrap();
+        assert_eq!((again.node, again.pem, again.fresh), (e.node, e.pem, false));
+        // With another token: refused, and that token keeps its uses.
+        assert!(matches!(
+            s.enroll(&claim("u", &key, 12), &mut |_| panic!("signed"), &mut |_| panic!("published")),
+            Err(Refusal::KeyInUse)
+        ));
+        let used: Vec<_> = s.tokens().unwrap().iter().map(|t| t.used).collect();
+        assert_eq!(used, [1, 0]);
+        let n = s.node("client1").unwrap().unwrap();
+        assert_eq!((n.project.as_str(), n.node_type.as_str(), n.address.as_str(), n.cert_serial, n.enrolled_at, n.revoked_at),
+                   ("p", "worker", "10.8.0.2", 1, 10, None));
+        assert_eq!(s.node("client2").unwrap(), None);
+    }
+
+    fn enroll_refuses_used_up_expired_and_unknown_and_counts_on(s, _c) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("q", 0, "10.9.0.0/24").unwrap();
+        s.create_token(&token("once", 100, 1)).unwrap();
+        let mut q = token("q", 100, 1);
+        q.project = "q".into();
+        s.create_token(&q).unwrap();
+        assert_eq!(enroll(s, "once", &[1; 32], 110).unwrap().node, "client1");
+        assert!(matches!(enroll(s, "once", &[2; 32], 110), Err(Refusal::UsedUp)));
+        s.create_token(&token("old", 100, 5)).unwrap();
+        // expires = created + 60: refused at that second and after.
+        assert!(matches!(enroll(s, "old", &[3; 32], 160), Err(Refusal::Expired)));
+        assert!(matches!(enroll(s, "gone", &[3; 32], 110), Err(Refusal::UnknownToken)));
+        // Node numbers are global, addresses and serials per project; refusals used none.
+        let e = s
+            .enroll(
+                &Claim { project: "q", ..claim("q", &[4; 32], 110) },
+                &mut |a| Ok(format!("pem {}", a.serial)),
+                &mut |_| Ok(()),
+            )
+            .unwrap();
+        assert_eq!((e.node.as_str(), e.address.to_string()), ("client2", "10.9.0.2".to_owned()));
+        let p = s.project("p").unwrap().unwrap();
+        assert_eq!((p.next_host, p.next_serial), (3, 2));
+        assert_eq!(s.nodes(Some("q")).unwrap().len(), 1);
+        assert_eq!(s.nodes(None).unwrap().len(), 2);
+    }
+
+    fn pool_exhaustion_is_its_own_refusal(s, _c) {
+        // A /30 holds hosts .1 and .2; idhal hands out from .2: one node, then none.
+        s.insert_project("p", 0, "10.8.0.0/30").unwrap();
+        s.create_token(&token("t", 1, 5)).unwrap();
+        enroll(s, "t", &[1; 32], 10).unwrap();
+        assert!(matches!(enroll(s, "t", &[2; 32], 10), Err(Refusal::PoolExhausted(_))));
+        assert_eq!(s.tokens().unwrap()[0].used, 1);
+    }
+
+    fn revoke_reads_and_marks_once(s, _c) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.create_token(&token("t", 1, 5)).unwrap();
+        let e = enroll(s, "t", &[1; 32], 10).unwrap();
+        assert_eq!(s.revoke("client9", 20).unwrap(), None);
+        let before = s.revoke(&e.node, 20).unwrap().unwrap();
+        assert_eq!(before.revoked_at, None);
+        let again = s.revoke(&e.node, 30).unwrap().unwrap();
+        assert_eq!(again.revoked_at, Some(20), "the first time is kept");
+        // The key cannot come back, even with its own token.
+        assert!(matches!(enroll(s, "t", &[1; 32], 40), Err(Refusal::KeyInUse)));
+        // The CRL lists its certificate with that time.
+        let mut listed = Vec::new();
+        s.resign_crl("p", 40, 1000, Resign::Always, &mut |_, r| {
+            listed = r.to_vec();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(listed, [(1, 20)]);
+    }
+
+    fn crl_numbers_grow_and_roll_back_and_due_is_checked_inside(s, _c) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        let mut sign_ok = |_: u64, _: &[(u64, u64)]| Ok(());
+        assert_eq!(s.resign_crl("p", 100, 1100, Resign::Always, &mut sign_ok).unwrap(), Some(1));
+        // Valid until 1100 with a validity of 1000: due once less than 500 is left.
+        let due = Resign::IfDue { validity: 1000 };
+        assert_eq!(s.resign_crl("p", 599, 1599, due, &mut |_, _| panic!("signed")).unwrap(), None);
+        let failed = s.resign_crl("p", 601, 1601, due, &mut |_, _| {
+            Err(ProjectError::NoProject("signing failed".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(s.project("p").unwrap().unwrap().crl_number, 1, "rolled back");
+        assert_eq!(s.resign_crl("p", 601, 1601, due, &mut sign_ok).unwrap(), Some(2));
+        let p = s.project("p").unwrap().unwrap();
+        assert_eq!((p.crl_number, p.crl_next_update), (2, 1601));
+    }
+
+    fn server_certificates_share_the_serials_and_roll_back(s, _c) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        let refused = s.issue_server_cert("p", "vpn1", 1, 2, &mut |n| Ok(format!("srv {n}")), &mut |_| {
+            Err(ProjectError::NoProject("disk full".into()))
+        });
+        assert!(refused.is_err());
+        let serial = s
+            .issue_server_cert("p", "vpn1", 1, 2, &mut |n| Ok(format!("srv {n}")), &mut |pem| {
+                assert_eq!(pem, "srv 1");
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(serial, 1);
+        s.create_token(&token("t", 1, 5)).unwrap();
+        assert_eq!(enroll(s, "t", &[1; 32], 10).unwrap().pem, "pem 2");
+        assert!(s.insert_project("p", 0, "10.7.0.0/24").is_err(), "a project exists once");
+    }
+
+    fn concurrent_enrollments_get_distinct_ids_addresses_and_serials(s, connect) {
+        s.insert_project("p", 0, "10.8.0.0/16").unwrap();
+        s.create_token(&token("many", 1, 1000)).unwrap();
+        s.create_token(&token("once", 1, 1)).unwrap();
+        let connect = std::sync::Arc::new(connect);
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let connect = connect.clone();
+                std::thread::spawn(move || {
+                    let mut store = connect();
+                    let mut got = Vec::new();
+                    for i in 0..10u8 {
+                        let mut key = [0u8; 32];
+                        key[0] = t;
+                        key[1] = i;
+                        got.push(enroll(store.as_mut(), "many", &key, 10).unwrap());
+                    }
+                    // Everyone also tries the one-use token, with a key of its own.
+                    let once = enroll(store.as_mut(), "once", &[t + 100; 32], 10);
+                    (got, once)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut once_ok = 0;
+        for t in threads {
+            let (got, once) = t.join().unwrap();
+            all.extend(got);
+            match once {
+                Ok(_) => once_ok += 1,
+                Err(Refusal::UsedUp) => {}
+                Err(e) => panic!("one-use token: {e:?}"),
+            }
+        }
+        assert_eq!(once_ok, 1, "a one-use token redeemed {once_ok} times");
+        let ids: HashSet<_> = all.iter().map(|e| e.node.clone()).collect();
+        let addrs: HashSet<_> = all.iter().map(|e| e.address).collect();
+        let pems: HashSet<_> = all.iter().map(|e| e.pem.clone()).collect();
+        assert_eq!((ids.len(), addrs.len(), pems.len()), (80, 80, 80));
+        // No gaps: 81 nodes numbered 1..=81, serials 1..=81.
+        let nodes = s.nodes(None).unwrap();
+        let nums: Vec<u64> = nodes.iter().map(|n| n.id[6..].parse().unwrap()).collect();
+        assert_eq!(nums, (1..=81).collect::<Vec<_>>());
+        let mut serials: Vec<u64> = nodes.iter().map(|n| n.cert_serial).collect();
+        serials.sort();
+        assert_eq!(serials, (1..=81).collect::<Vec<_>>());
+    }
+
+    fn concurrent_crl_resigning_never_goes_back(s, connect) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        let connect = std::sync::Arc::new(connect);
+        let signed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (connect, signed) = (connect.clone(), signed.clone());
+                std::thread::spawn(move || {
+                    let mut store = connect();
+                    for _ in 0..10 {
+                        store
+                            .resign_crl("p", 10, 1000, Resign::Always, &mut |n, _| {
+                                // Inside the lock: the order numbers are published in.
+                                signed.lock().unwrap().push(n);
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*signed.lock().unwrap(), (1..=40).collect::<Vec<_>>());
+        // Due-checks made together: one re-signs, the others find it done.
+        let due = Resign::IfDue { validity: 1000 };
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (mut store, start) = (connect(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    store
+                        .resign_crl("p", 900, 1900, due, &mut |_, _| {
+                            // Signing takes a while: the others are at the door meanwhile.
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            Ok(())
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        let done: Vec<_> = threads.into_iter().filter_map(|t| t.join().unwrap()).collect();
+        assert_eq!(done, [41]);
+    }
+
+    fn migrations_apply_in_order_each_in_its_own_transaction(s, _c) {
+        assert_eq!(s.schema_version().unwrap(), 1);
+        require_current(s).unwrap();
+        let steps = [
+            MIGRATIONS[0],
+            Migration {
+                version: 2,
+                sqlite: "CREATE TABLE extra (v INTEGER); INSERT INTO extra VALUES (2);",
+                postgres: "CREATE TABLE extra (v BIGINT); INSERT INTO extra VALUES (2);",
+            },
+            Migration {
+                version: 3,
+                sqlite: "CREATE TABLE later (v INTEGER); THIS IS NOT SQL;",
+                postgres: "CREATE TABLE later (v BIGINT); THIS IS NOT SQL;",
+            },
+        ];
+        // Step 3 fails: step 2 stays committed, step 3 left nothing behind.
+        assert!(migrate(s, &steps).is_err());
+        assert_eq!(s.schema_version().unwrap(), 2);
+        assert!(!s.apply_migration(&steps[1]).unwrap(), "applied twice");
+        // This idhal knows version 1: a database at 2 is refused, not downgraded.
+        match require_current(s) {
+            Err(e @ StateError::Newer { found: 2, .. }) => assert!(
+                e.to_string().ends_with("has schema version 2; this idhal knows 1 (upgrade idhal)"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(migrate(s, MIGRATIONS), Err(StateError::Newer { found: 2, .. })));
+        let ok_steps = [steps[0], steps[1]];
+        assert_eq!(migrate(s, &ok_steps).unwrap(), migrate::Migrated { from: 2, to: 2 });
+    }
+}
+
+#[test]
+fn an_empty_database_is_refused_until_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut db = Db::open(dir.path(), Open::Migrate).unwrap();
+    assert_eq!(db.schema_version().unwrap(), 0);
+    drop(db);
+    let e = Db::open(dir.path(), Open::Existing).err().unwrap();
+    assert!(matches!(e, StateError::Empty(_)), "{e}");
+    let mut db = Db::open(dir.path(), Open::Migrate).unwrap();
+    assert_eq!(
+        migrate(&mut db, MIGRATIONS).unwrap(),
+        migrate::Migrated { from: 0, to: 1 }
+    );
+    Db::open(dir.path(), Open::Existing).unwrap();
+}
