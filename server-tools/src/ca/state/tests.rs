@@ -301,6 +301,37 @@ both! {
         assert_eq!(serials, (1..=81).collect::<Vec<_>>());
     }
 
+    fn concurrent_retries_of_one_key_and_token_get_the_one_node(s, connect) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.create_token(&token("t", 1, 5)).unwrap();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (mut store, start) = (connect(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    store.enroll(
+                        &claim("t", &[5; 32], 10),
+                        &mut |a| {
+                            // Signing takes a while: the retries arrive meanwhile.
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            Ok(format!("pem {}", a.serial))
+                        },
+                        &mut |_| Ok(()),
+                    )
+                })
+            })
+            .collect();
+        let got: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let nodes: HashSet<_> = got
+            .iter()
+            .map(|r| r.as_ref().map(|e| e.node.clone()).map_err(|e| e.to_string()))
+            .collect();
+        assert_eq!(nodes, HashSet::from([Ok("client1".to_owned())]));
+        assert_eq!(got.iter().filter(|r| r.as_ref().unwrap().fresh).count(), 1);
+        assert_eq!(s.tokens().unwrap()[0].used, 1, "one use spent");
+    }
+
     fn concurrent_crl_resigning_never_goes_back(s, connect) {
         s.insert_project("p", 0, "10.8.0.0/24").unwrap();
         let connect = std::sync::Arc::new(connect);

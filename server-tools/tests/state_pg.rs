@@ -1,0 +1,438 @@
+//! The state on PostgreSQL through the real `idhal` binary: enrollment through `idhal serve`
+//! (the sync client off the async workers), two `idhal serve` sharing one database (distinct
+//! ids, addresses and serials; a one-use token redeemed once; CRL numbers never going back),
+//! and every way the database can be wrong, each refused in one line. One private cluster on
+//! 127.0.0.1 per test binary, a fresh database per test.
+
+mod enroll_support;
+
+use enroll_support::*;
+use idhal_test_support::pg::{shared, Postgres};
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Output;
+use std::sync::{Arc, Barrier};
+
+/// A project on a fresh database of the shared cluster (`ca init` migrates it).
+fn pg_project() -> Option<(&'static Postgres, String, Project)> {
+    let pg = shared()?;
+    let url = pg.fresh_db();
+    let p = Project::new(&format!("[state]\ndatabase = \"{url}\"\n"));
+    Some((pg, url, p))
+}
+
+fn db_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap()
+}
+
+fn lines(o: &Output) -> (Option<i32>, String, String) {
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// `idhal db status` with `config` as the whole server config, in a fresh state dir.
+fn status(dir: &Path, config: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let cfg = dir.join("server.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let mut cmd = std::process::Command::new(IDHAL);
+    cmd.arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(args)
+        .env_remove("PGPASSWORD");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn a_node_enrolls_through_idhal_serve_on_postgresql() {
+    let Some((pg, url, p)) = pg_project() else {
+        return;
+    };
+    let server = p.serve();
+    assert!(
+        server.log().contains(&format!("(state {url})")),
+        "{}",
+        server.log()
+    );
+    let token = p.token(&["--uses", "2"]);
+    let key = NodeKey::random();
+    let r = enroll(&server.addr, &p.enroll_key, &token, &key).expect("enrolled");
+    assert_eq!(
+        (r.node.as_str(), r.address.to_string()),
+        ("client1", "10.134.0.2".into())
+    );
+    // A retry gets the same node; the row is in PostgreSQL, not in a SQLite file.
+    let again = enroll(&server.addr, &p.enroll_key, &token, &key).expect("re-sent");
+    assert_eq!(again.node, "client1");
+    assert!(!p.state.join("idhal.sqlite").exists());
+    assert_eq!(
+        pg.psql(db_name(&url), "SELECT id, address, cert_serial FROM nodes")
+            .trim(),
+        "client1|10.134.0.2|1"
+    );
+    let nodes: serde_json::Value =
+        serde_json::from_str(&ok(p.idhal(&["nodes", "--json"]))).unwrap();
+    assert_eq!(nodes[0]["id"], "client1");
+    // Revoked on PostgreSQL: the key is refused, the CRL re-signed (number 2).
+    // (Exit 4: no OpenVPN management interface answers here to drop the session.)
+    let revoked = p.idhal(&["revoke", "client1"]);
+    assert!(
+        String::from_utf8_lossy(&revoked.stdout).starts_with("client1: revoked (project default"),
+        "{revoked:?}"
+    );
+    assert_eq!(
+        enroll(&server.addr, &p.enroll_key, &token, &key)
+            .unwrap_err()
+            .0,
+        409
+    );
+    assert_eq!(
+        pg.psql(db_name(&url), "SELECT crl_number FROM projects")
+            .trim(),
+        "2"
+    );
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+#[test]
+fn two_servers_on_one_database_hand_out_200_distinct_ids_addresses_and_serials() {
+    let Some((pg, url, p)) = pg_project() else {
+        return;
+    };
+    let servers = Arc::new([p.serve(), p.serve()]);
+    let token = Arc::new(p.token(&["--uses", "200"]));
+    let key = p.enroll_key;
+    let start = Arc::new(Barrier::new(201));
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let (servers, token, start) = (servers.clone(), token.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                enroll(&servers[i % 2].addr, &key, &token, &NodeKey::random())
+            })
+        })
+        .collect();
+    start.wait();
+    let began = std::time::Instant::now();
+    let results: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().unwrap().expect("enrolled"))
+        .collect();
+    // A figure, not a limit (debug build, shared machine).
+    eprintln!(
+        "200 enrollments over two idhal serve on PostgreSQL: {:.2} s",
+        began.elapsed().as_secs_f64()
+    );
+    let ids: HashSet<_> = results.iter().map(|r| r.node.clone()).collect();
+    let addrs: HashSet<_> = results.iter().map(|r| r.address).collect();
+    assert_eq!((ids.len(), addrs.len()), (200, 200));
+    let db = db_name(&url);
+    assert_eq!(
+        pg.psql(
+            db,
+            "SELECT count(*), count(DISTINCT cert_serial), count(DISTINCT address), min(num), max(num) FROM nodes"
+        )
+        .trim(),
+        "200|200|200|1|200",
+        "no gaps, nothing twice"
+    );
+    // Both servers enrolled (their logs), and the token's uses are spent for both.
+    for s in servers.iter() {
+        assert!(
+            s.log().contains("idhal serve: enrolled client"),
+            "{}",
+            s.log()
+        );
+    }
+    for s in servers.iter() {
+        let refused = enroll(&s.addr, &key, &token, &NodeKey::random()).unwrap_err();
+        assert_eq!(refused, (409, "token used up".into()));
+    }
+}
+
+#[test]
+fn twenty_redemptions_of_a_one_use_token_across_two_servers_let_exactly_one_in() {
+    let Some((pg, url, p)) = pg_project() else {
+        return;
+    };
+    let servers = Arc::new([p.serve(), p.serve()]);
+    let token = Arc::new(p.token(&[]));
+    let key = p.enroll_key;
+    let start = Arc::new(Barrier::new(20));
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let (servers, token, start) = (servers.clone(), token.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                enroll(&servers[i % 2].addr, &key, &token, &NodeKey::random())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    let refused: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    assert_eq!(admitted, 1, "refusals: {refused:?}");
+    assert!(
+        refused.iter().all(|r| *r == (409, "token used up".into())),
+        "{refused:?}"
+    );
+    assert_eq!(
+        pg.psql(
+            db_name(&url),
+            "SELECT used, (SELECT count(*) FROM nodes) FROM tokens"
+        )
+        .trim(),
+        "1|1"
+    );
+}
+
+/// The CRL number of `crl.pem` (openssl).
+fn crl_number(p: &Project) -> u64 {
+    let (good, out) = openssl_try(
+        p.dir.path(),
+        &[
+            "crl",
+            "-noout",
+            "-crlnumber",
+            "-in",
+            p.ca_dir().join("crl.pem").to_str().unwrap(),
+        ],
+    );
+    assert!(good, "{out}");
+    u64::from_str_radix(out.trim().trim_start_matches("crlNumber=0x"), 16).unwrap()
+}
+
+#[test]
+fn crl_resigning_by_many_at_once_signs_once_when_due_and_never_goes_back() {
+    let Some((pg, url, p)) = pg_project() else {
+        return;
+    };
+    // Two servers running (their CRL threads check too), and ten refreshes at once.
+    let _servers = [p.serve(), p.serve()];
+    let db = db_name(&url);
+    let refresh = |args: &'static [&'static str]| {
+        let start = Arc::new(Barrier::new(10));
+        let threads: Vec<_> = (0..10)
+            .map(|_| {
+                let (state, config, start) = (p.state.clone(), p.config.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    ok(idhal(&state, Some(&config), args))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // Made due (nextUpdate in the past): exactly one of them re-signs.
+    pg.psql(db, "UPDATE projects SET crl_next_update = 0");
+    let out = refresh(&["crl", "refresh"]);
+    let signed = out.iter().filter(|o| o.contains("CRL re-signed")).count();
+    assert_eq!(signed, 1, "{out:?}");
+    assert_eq!(out.iter().filter(|o| o.contains("CRL not due")).count(), 9);
+    assert_eq!(pg.psql(db, "SELECT crl_number FROM projects").trim(), "2");
+    // Forced, all ten sign: ten new numbers, and the published file holds the last one.
+    refresh(&["crl", "refresh", "--force"]);
+    assert_eq!(pg.psql(db, "SELECT crl_number FROM projects").trim(), "12");
+    assert_eq!(crl_number(&p), 12);
+}
+
+#[test]
+fn each_wrong_database_is_refused_in_one_clear_line() {
+    let Some(pg) = shared() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let port = pg.port;
+    let one_line_error = |o: &Output| {
+        let (code, out, err) = lines(o);
+        assert_eq!(code, Some(1), "{out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err.trim_end().to_owned()
+    };
+
+    // No database in the URL.
+    let o = status(
+        dir,
+        &format!("[state]\ndatabase = \"postgresql://postgres@127.0.0.1:{port}\"\n"),
+        &[],
+        &["db", "status"],
+    );
+    assert_eq!(
+        one_line_error(&o),
+        format!("idhal: error: [state] database postgresql://postgres@127.0.0.1:{port}: names no database: add it (postgresql://USER@HOST:PORT/DB, or dbname=DB)")
+    );
+
+    // A password in the URL: refused, and not repeated.
+    let o = status(
+        dir,
+        &format!("[state]\ndatabase = \"postgresql://postgres:hunter2@127.0.0.1:{port}/x\"\n"),
+        &[],
+        &["db", "status"],
+    );
+    assert_eq!(
+        one_line_error(&o),
+        format!("idhal: error: [state] database postgresql://postgres@127.0.0.1:{port}/x: holds a password: put it in [state] password_file or PGPASSWORD instead")
+    );
+
+    // Not a connection string at all.
+    let o = status(
+        dir,
+        "[state]\ndatabase = \"postgresql://[\"\n",
+        &[],
+        &["db", "status"],
+    );
+    let e = one_line_error(&o);
+    assert!(
+        e.starts_with(
+            "idhal: error: [state] database postgresql://[: not a PostgreSQL connection string ("
+        ),
+        "{e}"
+    );
+
+    // Nobody listening there.
+    let down = idhal_test_support::free_port();
+    let o = status(
+        dir,
+        &format!("[state]\ndatabase = \"postgresql://postgres@127.0.0.1:{down}/idhal\"\n"),
+        &[],
+        &["db", "status"],
+    );
+    assert_eq!(
+        one_line_error(&o),
+        format!("idhal: error: state database postgresql://postgres@127.0.0.1:{down}/idhal: error connecting to server: Connection refused (os error 111)")
+    );
+
+    // A wrong password (from the file; the right one from PGPASSWORD or the file works).
+    let url = pg.fresh_db();
+    let db = db_name(&url).to_owned();
+    pg.password_role("idhal_pw", "right-one", &db);
+    let pw_url = format!("postgresql://idhal_pw@127.0.0.1:{port}/{db}");
+    let wrong = dir.join("wrong.pw");
+    std::fs::write(&wrong, "wrong-one\n").unwrap();
+    let config = format!(
+        "[state]\ndatabase = \"{pw_url}\"\npassword_file = \"{}\"\n",
+        wrong.display()
+    );
+    let expected = format!("idhal: error: state database {pw_url}: password authentication failed for user \"idhal_pw\"");
+    // The rule takes effect once PostgreSQL has reloaded its configuration.
+    wait_for(
+        "pg_hba.conf reloaded",
+        std::time::Duration::from_secs(10),
+        || {
+            let (_, _, err) = lines(&status(dir, &config, &[], &["db", "status"]));
+            err.trim_end() == expected
+        },
+    );
+    let o = status(dir, &config, &[], &["db", "status"]);
+    assert_eq!(one_line_error(&o), expected);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("wrong-one"));
+    // Right password from the environment: connected; the database is still empty.
+    let o = status(
+        dir,
+        &format!("[state]\ndatabase = \"{pw_url}\"\n"),
+        &[("PGPASSWORD", "right-one")],
+        &["db", "status"],
+    );
+    let (code, out, err) = lines(&o);
+    assert_eq!(
+        (code, out.trim_end(), err.as_str()),
+        (
+            Some(1),
+            format!("{pw_url}: state database {pw_url} has no idhal schema yet: run `idhal db migrate` (or `idhal ca init`)").as_str(),
+            ""
+        )
+    );
+    // Right password from a file: migrated, then current.
+    let right = dir.join("right.pw");
+    std::fs::write(&right, "right-one\n").unwrap();
+    let config = format!(
+        "[state]\ndatabase = \"{pw_url}\"\npassword_file = \"{}\"\n",
+        right.display()
+    );
+    let o = status(dir, &config, &[], &["db", "migrate"]);
+    assert_eq!(
+        lines(&o),
+        (
+            Some(0),
+            format!("{pw_url}: schema migrated from version 0 to 1\n"),
+            String::new()
+        )
+    );
+    let o = status(dir, &config, &[], &["db", "migrate"]);
+    assert_eq!(
+        lines(&o).1,
+        format!("{pw_url}: schema version 1, up to date\n")
+    );
+    let o = status(dir, &config, &[], &["db", "status"]);
+    assert_eq!(
+        lines(&o),
+        (
+            Some(0),
+            format!("{pw_url}: schema version 1 (this idhal: 1), up to date\n"),
+            String::new()
+        )
+    );
+
+    // A database a newer idhal migrated: every command refuses it, nothing is downgraded.
+    pg.psql(
+        &db,
+        "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+    );
+    let newer = format!(
+        "state database {pw_url} has schema version 99; this idhal knows 1 (upgrade idhal)"
+    );
+    let o = status(dir, &config, &[], &["nodes"]);
+    assert_eq!(one_line_error(&o), format!("idhal: error: {newer}"));
+    let o = status(dir, &config, &[], &["db", "migrate"]);
+    assert_eq!(one_line_error(&o), format!("idhal: error: {newer}"));
+    let o = status(dir, &config, &[], &["db", "status"]);
+    assert_eq!(
+        lines(&o),
+        (Some(1), format!("{pw_url}: {newer}\n"), String::new())
+    );
+    assert_eq!(
+        pg.psql(&db, "SELECT value FROM meta WHERE key = 'schema_version'")
+            .trim(),
+        "99"
+    );
+}
+
+#[test]
+fn a_unix_socket_works_too() {
+    let Some(pg) = shared() else {
+        return;
+    };
+    let url = pg.fresh_db();
+    let tmp = tempfile::tempdir().unwrap();
+    let kv = format!(
+        "host={} port={} user=postgres dbname={}",
+        pg.dir.display(),
+        pg.port,
+        db_name(&url)
+    );
+    let o = status(
+        tmp.path(),
+        &format!("[state]\ndatabase = \"{kv}\"\n"),
+        &[],
+        &["db", "migrate"],
+    );
+    assert_eq!(
+        lines(&o),
+        (
+            Some(0),
+            format!("{kv}: schema migrated from version 0 to 1\n"),
+            String::new()
+        )
+    );
+}
