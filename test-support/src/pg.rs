@@ -126,6 +126,9 @@ impl Postgres {
                 "synchronous_commit=off",
                 "-c",
                 "full_page_writes=off",
+                // Tests count connections (a hook opens the state once).
+                "-c",
+                "log_connections=on",
             ])
             .uid(uid)
             .gid(gid)

@@ -428,3 +428,35 @@ fn an_empty_database_is_refused_until_migrated() {
     );
     Db::open(dir.path(), Open::Existing).unwrap();
 }
+
+/// A connect hook reads the projects, then its node: through one connection (one "connection
+/// authorized" line in PostgreSQL's log for the database), not one each.
+#[test]
+fn hook_lookups_open_the_state_once() {
+    let Some(pg) = idhal_test_support::pg::shared() else {
+        return;
+    };
+    let url = pg.fresh_db();
+    let db = url.rsplit('/').next().unwrap().to_owned();
+    PgStore::connect(&url, None, Open::Create).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerConfig::default();
+    cfg.state.database = Some(url);
+    let opened = || {
+        std::fs::read_to_string(pg.log())
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.contains("connection authorized") && l.contains(&format!("database={db} "))
+            })
+            .count()
+    };
+    let before = opened();
+    assert!(lookup_projects(&cfg, dir.path()).unwrap().is_empty());
+    assert_eq!(lookup_node(&cfg, dir.path(), "client1").unwrap(), None);
+    assert_eq!(lookup_projects(&cfg, dir.path()).unwrap().len(), 0);
+    assert_eq!(opened() - before, 1, "connections opened by three lookups");
+    // Without a database, no state: nothing known, nothing refused.
+    let none = ServerConfig::default();
+    assert_eq!(lookup_node(&none, dir.path(), "client1").unwrap(), None);
+}
