@@ -436,3 +436,50 @@ fn a_unix_socket_works_too() {
         )
     );
 }
+
+#[test]
+fn db_copy_moves_a_sqlite_state_to_postgresql_where_enrollment_goes_on() {
+    let Some(pg) = shared() else {
+        return;
+    };
+    let p = Project::new("");
+    let token = p.token(&["--uses", "3"]);
+    {
+        let server = p.serve();
+        for _ in 0..2 {
+            enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap();
+        }
+    }
+    let nodes_before = ok(p.idhal(&["nodes", "--json"]));
+    let url = pg.fresh_db();
+    let out = ok(p.idhal(&["db", "copy", "--to", &url]));
+    assert_eq!(
+        out,
+        format!(
+            "copied 1 project(s), 1 token(s), 2 certificate(s), 2 node(s) from {} to {url} \
+             (schema version 1, next node number 3); set [state] database to use it\n",
+            p.state.join("idhal.sqlite").display()
+        )
+    );
+    // A second copy into it: refused in one line, nothing changed.
+    let again = p.idhal(&["db", "copy", "--to", &url]);
+    let (code, _, err) = lines(&again);
+    assert_eq!(
+        (code, err),
+        (
+            Some(1),
+            format!("idhal: error: state database {url} is not empty: `idhal db copy` only fills an empty database (nothing copied)\n")
+        )
+    );
+    // Switched over: the same nodes, and the next enrollment goes on from the copied counters.
+    std::fs::write(&p.config, format!("[state]\ndatabase = \"{url}\"\n")).unwrap();
+    assert_eq!(ok(p.idhal(&["nodes", "--json"])), nodes_before);
+    let server = p.serve();
+    let r = enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap();
+    assert_eq!(
+        (r.node.as_str(), r.address.to_string()),
+        ("client3", "10.134.0.4".into())
+    );
+    let refused = enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap_err();
+    assert_eq!(refused, (409, "token used up".into()));
+}

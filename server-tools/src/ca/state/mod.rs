@@ -54,6 +54,14 @@ pub enum StateError {
     },
     #[error("no state database in {0}: run `idhal ca init` first (or pass the right --state-dir)")]
     Missing(PathBuf),
+    #[error("state database {0} is not empty: `idhal db copy` only fills an empty database (nothing copied)")]
+    NotEmpty(String),
+    #[error("state database {db} has schema version {found}, the copy's source {source_version}: run `idhal db migrate` on the older one first (nothing copied)")]
+    CopyVersion {
+        db: String,
+        found: i64,
+        source_version: i64,
+    },
     /// `[state] database` or `password_file` that cannot be used as given.
     #[error("[state] database {url}: {why}")]
     Config { url: String, why: String },
@@ -223,6 +231,69 @@ pub struct TokenInfo {
     pub verifier: Vec<u8>,
 }
 
+/// Everything the state holds, rows as stored and counters verbatim: what `idhal db copy`
+/// moves from one database to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub schema_version: i64,
+    pub next_node: i64,
+    pub projects: Vec<ProjectRow>,
+    pub tokens: Vec<StoredToken>,
+    pub certs: Vec<StoredCert>,
+    pub nodes: Vec<StoredNode>,
+}
+
+/// A `tokens` row, verifier and use count included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub id: String,
+    pub project: String,
+    pub node_type: String,
+    pub verifier: Vec<u8>,
+    pub uses: i64,
+    pub used: i64,
+    pub created: i64,
+    pub expires: i64,
+    pub comment: String,
+}
+
+/// A `certs` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCert {
+    pub project: String,
+    pub serial: i64,
+    pub kind: String,
+    pub subject: String,
+    pub issued: i64,
+    pub not_after: i64,
+    pub revoked_at: Option<i64>,
+    pub pem: String,
+}
+
+/// A `nodes` row, its number, key and token included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredNode {
+    pub id: String,
+    pub num: i64,
+    pub project: String,
+    pub node_type: String,
+    pub address: String,
+    pub enrolled_at: i64,
+    pub cert_serial: i64,
+    pub public_key: Vec<u8>,
+    pub token: String,
+    pub revoked_at: Option<i64>,
+}
+
+impl Snapshot {
+    pub(crate) const TOKEN_COLUMNS: &'static str =
+        "id, project, node_type, verifier, uses, used, created, expires, comment";
+    pub(crate) const CERT_COLUMNS: &'static str =
+        "project, serial, kind, subject, issued, not_after, revoked_at, pem";
+    pub(crate) const NODE_COLUMNS: &'static str =
+        "id, num, project, node_type, address, enrolled_at, cert_serial, public_key, token, revoked_at";
+}
+
 /// The state database, whatever holds it. Synchronous: callers are threads of `idhal serve`
 /// (never its async workers: the PostgreSQL client blocks) and one-shot commands.
 pub trait StateStore: Send {
@@ -277,6 +348,11 @@ pub trait StateStore: Send {
     /// transaction; a node already revoked keeps its time. Returns the row as it was before
     /// (`revoked_at` set: it was revoked already), or `None` for no such node.
     fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError>;
+    /// Every row, read in one transaction (a consistent copy while servers run).
+    fn export(&mut self) -> Result<Snapshot, StateError>;
+    /// Writes every row of `snapshot` and its counters, in one transaction; refused unless
+    /// this database is empty and at the snapshot's schema version.
+    fn import(&mut self, snapshot: &Snapshot) -> Result<(), StateError>;
     /// Takes `project`'s next CRL number, sets its nextUpdate to `next_update`, and calls `sign`
     /// with that number and every revoked certificate (serial, time) not expired at `now`, in
     /// serial order. One transaction, serialised with every other re-signing of the project:

@@ -9,14 +9,15 @@
 use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
 use super::{
     Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign, SignCert, SignCrl,
-    SignNode, StateError, StateStore, TokenInfo, TokenRecord,
+    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
+    TokenRecord,
 };
 use crate::ca::db::{NodeRow, Open, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
 use crate::ca::ProjectError;
 use crate::names::Ipv4Net;
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, IsolationLevel, NoTls, Row};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -535,6 +536,210 @@ impl StateStore for PgStore {
         }
         tx.commit().map_err(&err)?;
         Ok(Some(node))
+    }
+
+    fn export(&mut self) -> Result<Snapshot, StateError> {
+        let err = pg_err(&self.url);
+        // REPEATABLE READ: every table read in one snapshot while servers keep writing.
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(&err)?;
+        let meta = |tx: &mut postgres::Transaction, key: &str| -> Result<i64, StateError> {
+            Ok(tx
+                .query_one("SELECT value FROM meta WHERE key = $1", &[&key])
+                .map_err(&err)?
+                .get(0))
+        };
+        let schema_version = meta(&mut tx, "schema_version")?;
+        let next_node = meta(&mut tx, "next_node")?;
+        let q = |tx: &mut postgres::Transaction, sql: String| tx.query(&sql, &[]).map_err(&err);
+        let projects = q(
+            &mut tx,
+            format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS),
+        )?
+        .iter()
+        .map(project_row)
+        .collect();
+        let tokens = q(
+            &mut tx,
+            format!("SELECT {} FROM tokens ORDER BY id", Snapshot::TOKEN_COLUMNS),
+        )?
+        .iter()
+        .map(|r| StoredToken {
+            id: r.get(0),
+            project: r.get(1),
+            node_type: r.get(2),
+            verifier: r.get(3),
+            uses: r.get(4),
+            used: r.get(5),
+            created: r.get(6),
+            expires: r.get(7),
+            comment: r.get(8),
+        })
+        .collect();
+        let certs = q(
+            &mut tx,
+            format!(
+                "SELECT {} FROM certs ORDER BY project, serial",
+                Snapshot::CERT_COLUMNS
+            ),
+        )?
+        .iter()
+        .map(|r| StoredCert {
+            project: r.get(0),
+            serial: r.get(1),
+            kind: r.get(2),
+            subject: r.get(3),
+            issued: r.get(4),
+            not_after: r.get(5),
+            revoked_at: r.get(6),
+            pem: r.get(7),
+        })
+        .collect();
+        let nodes = q(
+            &mut tx,
+            format!("SELECT {} FROM nodes ORDER BY num", Snapshot::NODE_COLUMNS),
+        )?
+        .iter()
+        .map(|r| StoredNode {
+            id: r.get(0),
+            num: r.get(1),
+            project: r.get(2),
+            node_type: r.get(3),
+            address: r.get(4),
+            enrolled_at: r.get(5),
+            cert_serial: r.get(6),
+            public_key: r.get(7),
+            token: r.get(8),
+            revoked_at: r.get(9),
+        })
+        .collect();
+        tx.commit().map_err(&err)?;
+        Ok(Snapshot {
+            schema_version,
+            next_node,
+            projects,
+            tokens,
+            certs,
+            nodes,
+        })
+    }
+
+    fn import(&mut self, snap: &Snapshot) -> Result<(), StateError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // Nobody else writes while this fills the tables (a server started too early waits).
+        tx.batch_execute("LOCK TABLE meta, projects, tokens, certs, nodes IN EXCLUSIVE MODE")
+            .map_err(&err)?;
+        let version = version_in(&mut tx).map_err(&err)?;
+        if version != snap.schema_version {
+            return Err(StateError::CopyVersion {
+                db: self.url.clone(),
+                found: version,
+                source_version: snap.schema_version,
+            });
+        }
+        let rows: i64 = tx
+            .query_one(
+                "SELECT (SELECT count(*) FROM projects) + (SELECT count(*) FROM tokens)
+                      + (SELECT count(*) FROM certs) + (SELECT count(*) FROM nodes)
+                      + (SELECT value - 1 FROM meta WHERE key = 'next_node')",
+                &[],
+            )
+            .map_err(&err)?
+            .get(0);
+        if rows != 0 {
+            return Err(StateError::NotEmpty(self.url.clone()));
+        }
+        for p in &snap.projects {
+            tx.execute(
+                &format!(
+                    "INSERT INTO projects ({}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    ProjectRow::COLUMNS
+                ),
+                &[
+                    &p.name,
+                    &(p.created as i64),
+                    &p.pool,
+                    &i64::from(p.next_host),
+                    &(p.next_serial as i64),
+                    &(p.crl_number as i64),
+                    &(p.crl_next_update as i64),
+                ],
+            )
+            .map_err(&err)?;
+        }
+        for t in &snap.tokens {
+            tx.execute(
+                &format!(
+                    "INSERT INTO tokens ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    Snapshot::TOKEN_COLUMNS
+                ),
+                &[
+                    &t.id,
+                    &t.project,
+                    &t.node_type,
+                    &t.verifier,
+                    &t.uses,
+                    &t.used,
+                    &t.created,
+                    &t.expires,
+                    &t.comment,
+                ],
+            )
+            .map_err(&err)?;
+        }
+        for c in &snap.certs {
+            tx.execute(
+                &format!(
+                    "INSERT INTO certs ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    Snapshot::CERT_COLUMNS
+                ),
+                &[
+                    &c.project,
+                    &c.serial,
+                    &c.kind,
+                    &c.subject,
+                    &c.issued,
+                    &c.not_after,
+                    &c.revoked_at,
+                    &c.pem,
+                ],
+            )
+            .map_err(&err)?;
+        }
+        for n in &snap.nodes {
+            tx.execute(
+                &format!(
+                    "INSERT INTO nodes ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    Snapshot::NODE_COLUMNS
+                ),
+                &[
+                    &n.id,
+                    &n.num,
+                    &n.project,
+                    &n.node_type,
+                    &n.address,
+                    &n.enrolled_at,
+                    &n.cert_serial,
+                    &n.public_key,
+                    &n.token,
+                    &n.revoked_at,
+                ],
+            )
+            .map_err(&err)?;
+        }
+        tx.execute(
+            "UPDATE meta SET value = $1 WHERE key = 'next_node'",
+            &[&snap.next_node],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(())
     }
 
     fn resign_crl(

@@ -3,7 +3,8 @@
 use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
     Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign, SignCert, SignCrl,
-    SignNode, StateError, StateStore, TokenInfo, TokenRecord,
+    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
+    TokenRecord,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -362,6 +363,231 @@ impl StateStore for Db {
                 .map_err(err)?;
             }
             Ok::<_, StateError>(Some(node))
+        })
+    }
+
+    fn export(&mut self) -> Result<Snapshot, StateError> {
+        let path = self.path.clone();
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        // A read transaction: one consistent view of every table.
+        let tx = self.conn.transaction().map_err(err)?;
+        let version: i64 = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(err)?;
+        let next_node: i64 = tx
+            .query_row("SELECT value FROM meta WHERE key = 'next_node'", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
+        let projects = {
+            let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
+            let mut stmt = tx.prepare(&sql).map_err(err)?;
+            let rows = stmt
+                .query_map([], ProjectRow::from_row)
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            rows
+        };
+        let tokens = {
+            let sql = format!("SELECT {} FROM tokens ORDER BY id", Snapshot::TOKEN_COLUMNS);
+            let mut stmt = tx.prepare(&sql).map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(StoredToken {
+                        id: r.get(0)?,
+                        project: r.get(1)?,
+                        node_type: r.get(2)?,
+                        verifier: r.get(3)?,
+                        uses: r.get(4)?,
+                        used: r.get(5)?,
+                        created: r.get(6)?,
+                        expires: r.get(7)?,
+                        comment: r.get(8)?,
+                    })
+                })
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            rows
+        };
+        let certs = {
+            let sql = format!(
+                "SELECT {} FROM certs ORDER BY project, serial",
+                Snapshot::CERT_COLUMNS
+            );
+            let mut stmt = tx.prepare(&sql).map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(StoredCert {
+                        project: r.get(0)?,
+                        serial: r.get(1)?,
+                        kind: r.get(2)?,
+                        subject: r.get(3)?,
+                        issued: r.get(4)?,
+                        not_after: r.get(5)?,
+                        revoked_at: r.get(6)?,
+                        pem: r.get(7)?,
+                    })
+                })
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            rows
+        };
+        let nodes = {
+            let sql = format!("SELECT {} FROM nodes ORDER BY num", Snapshot::NODE_COLUMNS);
+            let mut stmt = tx.prepare(&sql).map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(StoredNode {
+                        id: r.get(0)?,
+                        num: r.get(1)?,
+                        project: r.get(2)?,
+                        node_type: r.get(3)?,
+                        address: r.get(4)?,
+                        enrolled_at: r.get(5)?,
+                        cert_serial: r.get(6)?,
+                        public_key: r.get(7)?,
+                        token: r.get(8)?,
+                        revoked_at: r.get(9)?,
+                    })
+                })
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            rows
+        };
+        Ok(Snapshot {
+            schema_version: version,
+            next_node,
+            projects,
+            tokens,
+            certs,
+            nodes,
+        })
+    }
+
+    fn import(&mut self, snap: &Snapshot) -> Result<(), StateError> {
+        let db = self.describe();
+        self.immediate(|tx, err| {
+            let version: i64 = tx
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'schema_version'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            if version != snap.schema_version {
+                return Err(StateError::CopyVersion {
+                    db: db.clone(),
+                    found: version,
+                    source_version: snap.schema_version,
+                });
+            }
+            let rows: i64 = tx
+                .query_row(
+                    "SELECT (SELECT count(*) FROM projects) + (SELECT count(*) FROM tokens)
+                          + (SELECT count(*) FROM certs) + (SELECT count(*) FROM nodes)
+                          + (SELECT value - 1 FROM meta WHERE key = 'next_node')",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            if rows != 0 {
+                return Err(StateError::NotEmpty(db.clone()));
+            }
+            for p in &snap.projects {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO projects ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        ProjectRow::COLUMNS
+                    ),
+                    params![
+                        p.name,
+                        p.created as i64,
+                        p.pool,
+                        i64::from(p.next_host),
+                        p.next_serial as i64,
+                        p.crl_number as i64,
+                        p.crl_next_update as i64
+                    ],
+                )
+                .map_err(err)?;
+            }
+            for t in &snap.tokens {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO tokens ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        Snapshot::TOKEN_COLUMNS
+                    ),
+                    params![
+                        t.id,
+                        t.project,
+                        t.node_type,
+                        t.verifier,
+                        t.uses,
+                        t.used,
+                        t.created,
+                        t.expires,
+                        t.comment
+                    ],
+                )
+                .map_err(err)?;
+            }
+            for c in &snap.certs {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO certs ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        Snapshot::CERT_COLUMNS
+                    ),
+                    params![
+                        c.project,
+                        c.serial,
+                        c.kind,
+                        c.subject,
+                        c.issued,
+                        c.not_after,
+                        c.revoked_at,
+                        c.pem
+                    ],
+                )
+                .map_err(err)?;
+            }
+            for n in &snap.nodes {
+                tx.execute(
+                    &format!(
+                        "INSERT INTO nodes ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        Snapshot::NODE_COLUMNS
+                    ),
+                    params![
+                        n.id,
+                        n.num,
+                        n.project,
+                        n.node_type,
+                        n.address,
+                        n.enrolled_at,
+                        n.cert_serial,
+                        n.public_key,
+                        n.token,
+                        n.revoked_at
+                    ],
+                )
+                .map_err(err)?;
+            }
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'next_node'",
+                [snap.next_node],
+            )
+            .map_err(err)?;
+            Ok(())
         })
     }
 

@@ -460,3 +460,99 @@ fn hook_lookups_open_the_state_once() {
     let none = ServerConfig::default();
     assert_eq!(lookup_node(&none, dir.path(), "client1").unwrap(), None);
 }
+
+/// `idhal db copy`'s two halves: every row and counter survives SQLite → PostgreSQL → SQLite,
+/// the copy goes on exactly where the source stopped, and only an empty database at the same
+/// schema version is filled.
+#[test]
+fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
+    let Some(pg) = idhal_test_support::pg::shared() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut lite = Db::open(dir.path(), Open::Create).unwrap();
+    let s: &mut dyn StateStore = &mut lite;
+    s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+    s.insert_project("q", 5, "10.9.0.0/24").unwrap();
+    s.create_token(&token("t", 1, 5)).unwrap();
+    s.create_token(&token("u", 2, 1)).unwrap();
+    for k in 1..=3u8 {
+        enroll(s, "t", &[k; 32], 10).unwrap();
+    }
+    s.revoke("client2", 20).unwrap();
+    s.issue_server_cert(
+        "p",
+        "vpn1",
+        1,
+        2,
+        &mut |n| Ok(format!("srv {n}")),
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    s.resign_crl("p", 30, 1000, Resign::Always, &mut |_, _| Ok(()))
+        .unwrap();
+    let snap = s.export().unwrap();
+    assert_eq!(
+        (
+            snap.projects.len(),
+            snap.tokens.len(),
+            snap.certs.len(),
+            snap.nodes.len()
+        ),
+        (2, 2, 4, 3)
+    );
+    assert_eq!((snap.next_node, snap.schema_version), (4, SCHEMA_VERSION));
+
+    let mut target = PgStore::connect(&pg.fresh_db(), None, Open::Create).unwrap();
+    target.import(&snap).unwrap();
+    assert_eq!(target.export().unwrap(), snap);
+    // Both go on with the same next node, address and serial; the revoked key stays refused.
+    let on_pg = enroll(&mut target, "t", &[9; 32], 40).unwrap();
+    let on_lite = enroll(&mut lite, "t", &[9; 32], 40).unwrap();
+    assert_eq!(
+        (on_pg.node.as_str(), on_pg.address, on_pg.pem.as_str()),
+        (on_lite.node.as_str(), on_lite.address, on_lite.pem.as_str())
+    );
+    assert_eq!(
+        (on_pg.node.as_str(), on_pg.pem.as_str()),
+        ("client4", "pem 5")
+    );
+    assert!(matches!(
+        enroll(&mut target, "t", &[2; 32], 40),
+        Err(Refusal::KeyInUse)
+    ));
+
+    // Filled once: a second copy is refused and changes nothing.
+    let before = target.export().unwrap();
+    match target.import(&snap) {
+        Err(e @ StateError::NotEmpty(_)) => assert!(
+            e.to_string().ends_with(
+                "is not empty: `idhal db copy` only fills an empty database (nothing copied)"
+            ),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(target.export().unwrap(), before);
+    // Another schema version: refused.
+    let mut other = PgStore::connect(&pg.fresh_db(), None, Open::Create).unwrap();
+    let newer = Snapshot {
+        schema_version: SCHEMA_VERSION + 1,
+        ..snap.clone()
+    };
+    assert!(matches!(
+        other.import(&newer),
+        Err(StateError::CopyVersion {
+            found: 1,
+            source_version: 2,
+            ..
+        })
+    ));
+    assert_eq!(other.export().unwrap().projects.len(), 0);
+
+    // And back into an empty SQLite file: the same rows.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut back = Db::open(dir2.path(), Open::Create).unwrap();
+    back.import(&before).unwrap();
+    assert_eq!(back.export().unwrap(), before);
+}
