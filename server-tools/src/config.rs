@@ -496,6 +496,9 @@ pub struct StateSection {
     pub password_file: Option<PathBuf>,
     /// Connections one `idhal serve` opens at most for enrollments (each idle one is kept).
     pub max_connections: u32,
+    /// How long connecting to PostgreSQL may take, answer included (a server that accepts
+    /// and never answers is given up on after this).
+    pub connect_timeout_secs: u64,
 }
 
 impl Default for StateSection {
@@ -504,6 +507,7 @@ impl Default for StateSection {
             database: None,
             password_file: None,
             max_connections: 8,
+            connect_timeout_secs: 10,
         }
     }
 }

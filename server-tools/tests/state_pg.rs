@@ -483,3 +483,51 @@ fn db_copy_moves_a_sqlite_state_to_postgresql_where_enrollment_goes_on() {
     let refused = enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap_err();
     assert_eq!(refused, (409, "token used up".into()));
 }
+
+#[test]
+fn a_database_that_never_answers_or_an_empty_url_is_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Accepts connections on loopback and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for s in silent.incoming().take(1) {
+            open.push(s.unwrap());
+        }
+        // Held until the test ends (the thread is not joined).
+        std::thread::park();
+        drop(open);
+    });
+    let url = format!("postgresql://idhal@127.0.0.1:{port}/idhal");
+    let began = std::time::Instant::now();
+    let o = status(
+        tmp.path(),
+        &format!("[state]\ndatabase = \"{url}\"\nconnect_timeout_secs = 1\n"),
+        &[],
+        &["nodes"],
+    );
+    eprintln!(
+        "a silent server was given up on after {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        lines(&o),
+        (
+            Some(1),
+            String::new(),
+            format!("idhal: error: state database {url}: no answer within 1 s ([state] connect_timeout_secs): is PostgreSQL listening there?\n")
+        )
+    );
+    drop(held);
+
+    let o = status(tmp.path(), "[state]\ndatabase = \"\"\n", &[], &["nodes"]);
+    assert_eq!(
+        lines(&o),
+        (
+            Some(1),
+            String::new(),
+            "idhal: error: [state] database : is empty: write postgresql://USER@HOST:PORT/DB, or remove it for SQLite in --state-dir\n".into()
+        )
+    );
+}

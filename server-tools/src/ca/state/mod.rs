@@ -77,9 +77,10 @@ pub fn open(
     mode: Open,
 ) -> Result<Box<dyn StateStore>, StateError> {
     match &cfg.state.database {
-        Some(url) => Ok(Box::new(postgres::PgStore::connect(
+        Some(url) => Ok(Box::new(postgres::PgStore::connect_within(
             url,
             cfg.state.password_file.as_deref(),
+            std::time::Duration::from_secs(cfg.state.connect_timeout_secs.max(1)),
             mode,
         )?)),
         None => Ok(Box::new(Db::open(state_dir, mode)?)),

@@ -22,7 +22,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// How long connecting may take before the command (or enrollment) fails.
+/// How long connecting may take before the command (or enrollment) fails, when the config does
+/// not say (`[state] connect_timeout_secs`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Advisory lock taken by each migration step (two servers starting at once apply it once).
@@ -102,11 +103,26 @@ impl PgStore {
         password_file: Option<&Path>,
         mode: Open,
     ) -> Result<PgStore, StateError> {
+        Self::connect_within(url, password_file, CONNECT_TIMEOUT, mode)
+    }
+
+    /// `connect`, giving up after `timeout` (connection and PostgreSQL's answer).
+    pub fn connect_within(
+        url: &str,
+        password_file: Option<&Path>,
+        timeout: Duration,
+        mode: Open,
+    ) -> Result<PgStore, StateError> {
         let shown = redact(url);
         let refuse = |why: &str| StateError::Config {
             url: shown.clone(),
             why: why.to_owned(),
         };
+        if url.trim().is_empty() {
+            return Err(refuse(
+                "is empty: write postgresql://USER@HOST:PORT/DB, or remove it for SQLite in --state-dir",
+            ));
+        }
         let mut config = postgres::Config::from_str(url).map_err(|e| {
             refuse(&format!(
                 "not a PostgreSQL connection string ({}): write postgresql://USER@HOST:PORT/DB",
@@ -146,10 +162,30 @@ impl PgStore {
         if let Some(pw) = password {
             config.password(pw);
         }
-        config
-            .connect_timeout(CONNECT_TIMEOUT)
-            .application_name("idhal");
-        let client = config.connect(NoTls).map_err(pg_err(&shown))?;
+        config.connect_timeout(timeout).application_name("idhal");
+        // The client's own timeout covers the TCP connect only: a peer that accepts and never
+        // answers would hold a hook (and OpenVPN behind it) for ever. Connect on a thread and
+        // stop waiting at the deadline; that thread ends when the peer closes or the process
+        // exits.
+        let (sent, answer) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("pg-connect".into())
+            .spawn(move || {
+                let _ = sent.send(config.connect(NoTls));
+            })
+            .map_err(|e| refuse(&format!("cannot start a thread to connect: {e}")))?;
+        let client = match answer.recv_timeout(timeout) {
+            Ok(connected) => connected.map_err(pg_err(&shown))?,
+            Err(_) => {
+                return Err(StateError::Postgres {
+                    url: shown,
+                    reason: format!(
+                        "no answer within {} s ([state] connect_timeout_secs): is PostgreSQL listening there?",
+                        timeout.as_secs()
+                    ),
+                })
+            }
+        };
         let mut store = PgStore { client, url: shown };
         match mode {
             Open::Create => migrate(&mut store, MIGRATIONS).map(|_| ())?,
