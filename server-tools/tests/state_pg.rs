@@ -531,3 +531,60 @@ fn a_database_that_never_answers_or_an_empty_url_is_refused_in_one_line() {
         )
     );
 }
+
+#[test]
+fn a_password_file_that_is_missing_empty_huge_or_binary_is_refused_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = "postgresql://idhal@127.0.0.1:9/idhal";
+    let refused = |file: &Path| {
+        let o = status(
+            tmp.path(),
+            &format!(
+                "[state]\ndatabase = \"{url}\"\npassword_file = \"{}\"\n",
+                file.display()
+            ),
+            &[],
+            &["nodes"],
+        );
+        let (code, out, err) = lines(&o);
+        assert_eq!(
+            (code, out.as_str(), err.lines().count()),
+            (Some(1), "", 1),
+            "{err}"
+        );
+        err.trim_end()
+            .strip_prefix(&format!(
+                "idhal: error: [state] database {url}: password_file "
+            ))
+            .unwrap_or_else(|| panic!("{err}"))
+            .to_owned()
+    };
+    let f = tmp.path().join("pw");
+    assert_eq!(
+        refused(&f),
+        format!("{}: No such file or directory (os error 2)", f.display())
+    );
+    std::fs::write(&f, "\nsecond line\n").unwrap();
+    assert_eq!(
+        refused(&f),
+        format!(
+            "{} has an empty first line: write the password there",
+            f.display()
+        )
+    );
+    std::fs::write(&f, vec![b'x'; 1 << 20]).unwrap();
+    assert_eq!(
+        refused(&f),
+        format!(
+            "{} is larger than 4096 bytes: not a password file",
+            f.display()
+        )
+    );
+    // Endless: read no further than the limit.
+    assert_eq!(
+        refused(Path::new("/dev/zero")),
+        "/dev/zero is larger than 4096 bytes: not a password file"
+    );
+    std::fs::write(&f, [0xff, 0xfe, b'\n']).unwrap();
+    assert_eq!(refused(&f), format!("{} is not UTF-8 text", f.display()));
+}

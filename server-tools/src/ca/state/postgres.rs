@@ -150,13 +150,7 @@ impl PgStore {
             ));
         }
         let password = match password_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| StateError::Io {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                Some(text.lines().next().unwrap_or("").to_owned())
-            }
+            Some(path) => Some(read_password(path).map_err(|why| refuse(&why))?),
             None => std::env::var("PGPASSWORD").ok(),
         };
         if let Some(pw) = password {
@@ -194,6 +188,34 @@ impl PgStore {
         }
         Ok(store)
     }
+}
+
+/// The longest password file read (a password is a line, not a file of any size).
+pub const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// The first line of `path`, bounded: why not, in words, when it is missing, empty, too big or
+/// not text.
+fn read_password(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PASSWORD_FILE + 1).read_to_end(&mut text))
+        .map_err(|e| format!("password_file {shown}: {e}"))?;
+    if text.len() as u64 > MAX_PASSWORD_FILE {
+        return Err(format!(
+            "password_file {shown} is larger than {MAX_PASSWORD_FILE} bytes: not a password file"
+        ));
+    }
+    let text =
+        String::from_utf8(text).map_err(|_| format!("password_file {shown} is not UTF-8 text"))?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(format!(
+            "password_file {shown} has an empty first line: write the password there"
+        ));
+    }
+    Ok(line.to_owned())
 }
 
 fn project_row(r: &Row) -> ProjectRow {
