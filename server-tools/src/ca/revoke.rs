@@ -64,15 +64,30 @@ pub fn cut_off(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::db::{Db, Open};
+    use crate::ca::db::Open;
     use crate::ca::project::init;
+    use crate::ca::state::{self, Claim, NewToken};
     use crate::names::{node_id, Ipv4Net};
 
+    /// On SQLite, and on PostgreSQL (`[state] database`): the same commands, the same result.
     #[test]
-    fn revoke_marks_once_then_cuts_off() {
+    fn revoke_marks_once_then_cuts_off_on_sqlite() {
+        revoke_marks_once_then_cuts_off(ServerConfig::default());
+    }
+
+    #[test]
+    fn revoke_marks_once_then_cuts_off_on_postgresql() {
+        let Some(pg) = idhal_test_support::pg::shared() else {
+            return;
+        };
+        let mut cfg = ServerConfig::default();
+        cfg.state.database = Some(pg.fresh_db());
+        revoke_marks_once_then_cuts_off(cfg);
+    }
+
+    fn revoke_marks_once_then_cuts_off(cfg: ServerConfig) {
         let tmp = tempfile::tempdir().unwrap();
         let state = tmp.path();
-        let cfg = ServerConfig::default();
         let t0 = 1_800_000_000;
         let created = init(
             state,
@@ -82,49 +97,57 @@ mod tests {
             t0,
         )
         .unwrap();
-        let mut db = Db::open(state, Open::Existing).unwrap();
-        db.conn
-            .execute_batch(
-                "INSERT INTO tokens (id, project, node_type, verifier, uses, created, expires)
-                 VALUES ('t', 'p', 'vnode', x'00', 1, 0, 0);
-                 INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
-                 VALUES ('p', 7, 'node', 'client1', 0, 4000000000, '');
-                 INSERT INTO nodes (id, num, project, node_type, address, enrolled_at,
-                                    cert_serial, public_key, token)
-                 VALUES ('client1', 1, 'p', 'vnode', '10.134.0.2', 0, 7, x'01', 't');",
-            )
+        let mut db = state::open(&cfg, state, Open::Existing).unwrap();
+        db.create_token(&NewToken {
+            id: "t".into(),
+            project: "p".into(),
+            node_type: "vnode".into(),
+            verifier: [0; 32],
+            uses: 1,
+            created: t0,
+            expires: t0 + 60,
+            comment: String::new(),
+        })
+        .unwrap();
+        let claim = Claim {
+            project: "p",
+            token: "t",
+            node_type: "vnode",
+            public_key: &[1; 32],
+            now: t0,
+            not_after: 4_000_000_000,
+        };
+        let e = db
+            .enroll(&claim, &mut |_| Ok(String::new()), &mut |_| Ok(()))
             .unwrap();
+        assert_eq!(e.node, "client1");
         let ccd = created.ca.paths.ccd().join("client1");
         std::fs::write(&ccd, "ifconfig-push 10.134.0.2 255.255.0.0\n").unwrap();
         let id = node_id("client1").unwrap();
 
-        match mark_node(&mut db, &node_id("client2").unwrap(), t0) {
+        match mark_node(db.as_mut(), &node_id("client2").unwrap(), t0) {
             Err(ProjectError::NoNode(n)) => assert_eq!(n, "client2"),
             other => panic!("{:?}", other.err()),
         }
-        let (row, marked) = mark_node(&mut db, &id, t0 + 10).unwrap();
+        let (row, marked) = mark_node(db.as_mut(), &id, t0 + 10).unwrap();
         assert_eq!((row.revoked_at, marked), (None, Marked::Now));
         // A second revocation keeps the first time.
-        let (row, marked) = mark_node(&mut db, &id, t0 + 20).unwrap();
+        let (row, marked) = mark_node(db.as_mut(), &id, t0 + 20).unwrap();
         assert_eq!(
             (row.revoked_at, marked),
             (Some(t0 + 10), Marked::Already(t0 + 10))
         );
-        let cert_revoked: i64 = db
-            .conn
-            .query_row("SELECT revoked_at FROM certs WHERE serial = 7", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        assert_eq!(cert_revoked as u64, t0 + 10);
+        let certs = db.export().unwrap().certs;
+        let cert = certs.iter().find(|c| c.subject == "client1").unwrap();
+        assert_eq!(cert.revoked_at, Some((t0 + 10) as i64));
 
         let before = db.project("p").unwrap().unwrap().crl_number;
-        let cut = cut_off(&mut db, state, &cfg, &row, t0 + 20).unwrap();
+        let cut = cut_off(db.as_mut(), state, &cfg, &row, t0 + 20).unwrap();
         assert_eq!(cut.crl, created.ca.paths.crl());
         assert_eq!(db.project("p").unwrap().unwrap().crl_number, before + 1);
         assert!(!ccd.exists());
         // Again (the ccd entry already gone): still fine, the CRL re-signed once more.
-        cut_off(&mut db, state, &cfg, &row, t0 + 30).unwrap();
+        cut_off(db.as_mut(), state, &cfg, &row, t0 + 30).unwrap();
         assert_eq!(db.project("p").unwrap().unwrap().crl_number, before + 2);
     }
 }

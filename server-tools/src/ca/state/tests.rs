@@ -218,6 +218,21 @@ both! {
         assert_eq!(listed, [(1, 20)]);
     }
 
+    fn a_revocation_is_seen_through_every_other_connection(s, connect) {
+        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.create_token(&token("t", 1, 5)).unwrap();
+        enroll(s, "t", &[1; 32], 10).unwrap();
+        // Another server's hook, connected before the revocation.
+        let mut other = connect();
+        assert_eq!(other.node("client1").unwrap().unwrap().revoked_at, None);
+        s.revoke("client1", 20).unwrap();
+        assert_eq!(other.node("client1").unwrap().unwrap().revoked_at, Some(20));
+        assert!(matches!(
+            enroll(other.as_mut(), "t", &[1; 32], 30),
+            Err(Refusal::KeyInUse)
+        ));
+    }
+
     fn crl_numbers_grow_and_roll_back_and_due_is_checked_inside(s, _c) {
         s.insert_project("p", 0, "10.8.0.0/24").unwrap();
         let mut sign_ok = |_: u64, _: &[(u64, u64)]| Ok(());
