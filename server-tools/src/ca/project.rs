@@ -3,7 +3,7 @@
 //! (`idhal openvpn server-config`). The subcommands only print what these return.
 
 use crate::ca::crl;
-use crate::ca::db::Open;
+use crate::ca::db::{Open, ProjectRow};
 use crate::ca::pki::{new_key, Leaf, ProjectCa, ProjectDir, Role};
 use crate::ca::state;
 use crate::ca::{require_inside_names_pool, require_project, ProjectError};
@@ -34,31 +34,46 @@ pub fn init(
 ) -> Result<Created, ProjectError> {
     require_inside_names_pool(cfg, project, &pool)?;
     let mut db = state::open(cfg, state_dir, Open::Create)?;
-    let dir = || ProjectDir::new(state_dir, project).dir;
-    if db.project(project)?.is_some() {
-        return Err(ProjectError::Exists {
-            project: project.to_owned(),
-            dir: dir(),
-        });
-    }
-    for other in db.projects()? {
-        let theirs = Ipv4Net::parse(&other.pool)?;
-        if theirs.overlaps(&pool) {
-            return Err(ProjectError::PoolOverlap {
-                pool,
-                other: other.name,
-                theirs,
+    let dir = ProjectDir::new(state_dir, project).dir;
+    // The project must be new and its pool apart from every other project's: checked before
+    // any key is made, and again in the transaction that inserts it (another server may be
+    // creating one at the same time).
+    let check = |others: &[ProjectRow]| -> Result<(), ProjectError> {
+        if others.iter().any(|o| o.name == project) {
+            return Err(ProjectError::Exists {
+                project: project.to_owned(),
+                dir: dir.clone(),
             });
         }
-    }
+        for other in others {
+            let theirs = Ipv4Net::parse(&other.pool)?;
+            if theirs.overlaps(&pool) {
+                return Err(ProjectError::PoolOverlap {
+                    pool,
+                    other: other.name.clone(),
+                    theirs,
+                });
+            }
+        }
+        Ok(())
+    };
+    check(&db.projects()?)?;
     if ProjectCa::exists(state_dir, project) {
         return Err(ProjectError::OrphanKey {
             project: project.to_owned(),
-            dir: dir(),
+            dir,
         });
     }
+    let fresh_dir = !dir.exists();
     let ca = ProjectCa::create(state_dir, project, now)?;
-    db.insert_project(project, now, &pool.to_string())?;
+    let inserted = db.insert_project(project, now, &pool.to_string(), &mut |others| check(others));
+    if let Err(e) = inserted {
+        // Lost the race (or the database failed): the keys just made belong to nothing.
+        if fresh_dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Err(e);
+    }
     let crl_until = crl::regenerate(db.as_mut(), &ca, cfg, now)?;
     Ok(Created {
         ca,
@@ -216,6 +231,56 @@ mod tests {
 
     /// Each refusal of `ca init` and `ca issue-server` is its own variant, and leaves the
     /// existing project as it was.
+    /// Two servers on one PostgreSQL run `ca init` at once with overlapping pools: one project
+    /// is created; the other is refused and leaves no keys behind.
+    #[test]
+    fn concurrent_inits_with_overlapping_pools_create_one_project() {
+        let Some(pg) = idhal_test_support::pg::shared() else {
+            return;
+        };
+        let mut cfg = ServerConfig::default();
+        cfg.state.database = Some(pg.fresh_db());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let (cfg, start) = (cfg.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let tmp = tempfile::tempdir().unwrap();
+                    let pool = Ipv4Net::parse(&format!("10.134.{}.0/24", i % 2)).unwrap();
+                    start.wait();
+                    let pool = if i < 2 {
+                        pool
+                    } else {
+                        Ipv4Net::parse("10.134.0.0/23").unwrap()
+                    };
+                    let r = init(tmp.path(), &cfg, &format!("p{i}"), pool, 1_800_000_000);
+                    let left = ProjectDir::new(tmp.path(), &format!("p{i}")).dir.exists();
+                    (r.map(|_| ()), left)
+                })
+            })
+            .collect();
+        let mut created = 0;
+        for t in threads {
+            match t.join().unwrap() {
+                (Ok(()), true) => created += 1,
+                (Err(ProjectError::PoolOverlap { .. }), false) => {}
+                (r, left) => panic!("{:?}, project dir left: {left}", r.err()),
+            }
+        }
+        // p0 (10.134.0.0/24) and p1 (10.134.1.0/24) can both exist, the /23s overlap both.
+        let mut db = state::open(&cfg, Path::new("/nonexistent"), Open::Existing).unwrap();
+        let names: Vec<_> = db.projects().unwrap().into_iter().map(|p| p.name).collect();
+        assert_eq!(created, names.len());
+        assert!(
+            names == ["p0", "p1"]
+                || names == ["p2"]
+                || names == ["p3"]
+                || names == ["p0"]
+                || names == ["p1"],
+            "{names:?}"
+        );
+    }
+
     #[test]
     fn init_and_issue_server_refusals() {
         let tmp = tempfile::tempdir().unwrap();

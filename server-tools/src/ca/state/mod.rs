@@ -157,6 +157,9 @@ pub enum Resign {
 /// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
 pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), ProjectError>;
 
+/// Accepts or refuses a new project given every existing one.
+pub type CheckProjects<'a> = &'a mut dyn FnMut(&[ProjectRow]) -> Result<(), ProjectError>;
+
 /// Signs a certificate with the serial given (returns its PEM).
 pub type SignCert<'a> = &'a mut dyn FnMut(u64) -> Result<String, ProjectError>;
 /// Writes a certificate's files (given its PEM) before the transaction commits.
@@ -325,8 +328,16 @@ pub trait StateStore: Send {
         publish: PublishNode<'_>,
     ) -> Result<Enrollment, Refusal>;
     /// Stores a new project `name` with `pool`, its counters at their start (host 2, serial 1,
-    /// CRL 0); refused if it exists.
-    fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError>;
+    /// CRL 0), once `check` accepts the projects there are (read in the same transaction, one
+    /// creation at a time: two overlapping pools created at once cannot both pass); refused if
+    /// it exists.
+    fn insert_project(
+        &mut self,
+        name: &str,
+        created: u64,
+        pool: &str,
+        check: CheckProjects<'_>,
+    ) -> Result<(), ProjectError>;
     /// Takes `project`'s next serial, has `sign` make the server certificate `subject` with it,
     /// records it, and has `publish` write its files; one transaction, committed only when all
     /// succeed (no certificate row without its files). Returns the serial.

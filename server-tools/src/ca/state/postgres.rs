@@ -8,9 +8,9 @@
 
 use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
 use super::{
-    Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign, SignCert, SignCrl,
-    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
-    TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign,
+    SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode,
+    StoredToken, TokenInfo, TokenRecord,
 };
 use crate::ca::db::{NodeRow, Open, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -28,6 +28,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Advisory lock taken by each migration step (two servers starting at once apply it once).
 const MIGRATE_LOCK: i64 = 0x6964_6861_6c00_0001; // "idhal" 0 1
+/// Advisory lock taken while a project is created (its pool checked against the others).
+const PROJECTS_LOCK: i64 = 0x6964_6861_6c00_0002;
 /// Advisory lock class of CRL re-signing; the project's name is hashed into the key.
 const CRL_LOCK: &str = "idhal crl ";
 
@@ -244,8 +246,15 @@ fn node_row(r: &Row) -> NodeRow {
 
 /// The stored schema version through `q` (0 when there is no `meta` table yet).
 fn version_in(q: &mut impl postgres::GenericClient) -> Result<i64, postgres::Error> {
+    // Not to_regclass('meta'): it answers from the session's catalog cache, which still says
+    // "no such table" after another server's migration committed while this one waited for
+    // the lock. pg_tables is read with the statement's own snapshot.
     let has_meta: bool = q
-        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])?
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+                            WHERE schemaname = current_schema() AND tablename = 'meta')",
+            &[],
+        )?
         .get(0);
     if !has_meta {
         return Ok(0);
@@ -352,15 +361,34 @@ impl StateStore for PgStore {
         Ok(row.as_ref().map(project_row))
     }
 
-    fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError> {
-        self.client
-            .execute(
-                "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
-                                       crl_next_update)
-                 VALUES ($1, $2, $3, 2, 1, 0, 0)",
-                &[&name, &(created as i64), &pool],
-            )
-            .map_err(pg_err(&self.url))?;
+    fn insert_project(
+        &mut self,
+        name: &str,
+        created: u64,
+        pool: &str,
+        check: CheckProjects<'_>,
+    ) -> Result<(), ProjectError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // One creation at a time: the check reads rows another server may be inserting.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PROJECTS_LOCK])
+            .map_err(&err)?;
+        let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
+        let others: Vec<_> = tx
+            .query(&sql, &[])
+            .map_err(&err)?
+            .iter()
+            .map(project_row)
+            .collect();
+        check(&others)?;
+        tx.execute(
+            "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
+                                   crl_next_update)
+             VALUES ($1, $2, $3, 2, 1, 0, 0)",
+            &[&name, &(created as i64), &pool],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
         Ok(())
     }
 

@@ -2,9 +2,9 @@
 
 use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
-    Allocation, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign, SignCert, SignCrl,
-    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
-    TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign,
+    SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode,
+    StoredToken, TokenInfo, TokenRecord,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -140,16 +140,33 @@ impl StateStore for Db {
             .map_err(|e| self.err(e))
     }
 
-    fn insert_project(&mut self, name: &str, created: u64, pool: &str) -> Result<(), StateError> {
-        self.conn
-            .execute(
+    fn insert_project(
+        &mut self,
+        name: &str,
+        created: u64,
+        pool: &str,
+        check: CheckProjects<'_>,
+    ) -> Result<(), ProjectError> {
+        // BEGIN IMMEDIATE: nobody inserts between the check and the insert.
+        self.immediate(|tx, err| {
+            let sql = format!("SELECT {} FROM projects ORDER BY name", ProjectRow::COLUMNS);
+            let mut stmt = tx.prepare(&sql).map_err(err)?;
+            let others = stmt
+                .query_map([], ProjectRow::from_row)
+                .map_err(err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            drop(stmt);
+            check(&others)?;
+            tx.execute(
                 "INSERT INTO projects (name, created, pool, next_host, next_serial, crl_number,
                                        crl_next_update)
                  VALUES (?1, ?2, ?3, 2, 1, 0, 0)",
                 params![name, created as i64, pool],
             )
-            .map_err(|e| self.err(e))?;
-        Ok(())
+            .map_err(err)?;
+            Ok(())
+        })
     }
 
     fn issue_server_cert(

@@ -88,7 +88,7 @@ fn enroll(
 
 both! {
     fn tokens_round_trip(s, _c) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         assert_eq!(s.token_for_enroll("b").unwrap(), None);
         s.create_token(&token("b", 5, 2)).unwrap();
         s.create_token(&token("a", 5, 2)).unwrap();
@@ -108,7 +108,7 @@ both! {
     }
 
     fn enroll_commits_only_when_sign_and_publish_succeed(s, _c) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         s.create_token(&token("t", 1, 2)).unwrap();
         s.create_token(&token("u", 1, 2)).unwrap();
         let key = [9u8; 32];
@@ -161,8 +161,8 @@ both! {
     }
 
     fn enroll_refuses_used_up_expired_and_unknown_and_counts_on(s, _c) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
-        s.insert_project("q", 0, "10.9.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+        s.insert_project("q", 0, "10.9.0.0/24", &mut |_| Ok(())).unwrap();
         s.create_token(&token("once", 100, 1)).unwrap();
         let mut q = token("q", 100, 1);
         q.project = "q".into();
@@ -190,7 +190,7 @@ both! {
 
     fn pool_exhaustion_is_its_own_refusal(s, _c) {
         // A /30 holds hosts .1 and .2; idhal hands out from .2: one node, then none.
-        s.insert_project("p", 0, "10.8.0.0/30").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/30", &mut |_| Ok(())).unwrap();
         s.create_token(&token("t", 1, 5)).unwrap();
         enroll(s, "t", &[1; 32], 10).unwrap();
         assert!(matches!(enroll(s, "t", &[2; 32], 10), Err(Refusal::PoolExhausted(_))));
@@ -198,7 +198,7 @@ both! {
     }
 
     fn revoke_reads_and_marks_once(s, _c) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         s.create_token(&token("t", 1, 5)).unwrap();
         let e = enroll(s, "t", &[1; 32], 10).unwrap();
         assert_eq!(s.revoke("client9", 20).unwrap(), None);
@@ -219,7 +219,7 @@ both! {
     }
 
     fn a_revocation_is_seen_through_every_other_connection(s, connect) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         s.create_token(&token("t", 1, 5)).unwrap();
         enroll(s, "t", &[1; 32], 10).unwrap();
         // Another server's hook, connected before the revocation.
@@ -233,8 +233,38 @@ both! {
         ));
     }
 
+    fn projects_created_at_once_are_checked_one_after_the_other(s, connect) {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let (mut store, start) = (connect(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    // Every pool overlaps every other: only the first may be created.
+                    store.insert_project(&format!("p{i}"), 0, "10.8.0.0/24", &mut |others| {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        match others.first() {
+                            Some(o) => Err(ProjectError::NoProject(format!("overlaps {}", o.name))),
+                            None => Ok(()),
+                        }
+                    })
+                })
+            })
+            .collect();
+        let created = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(Result::is_ok)
+            .count();
+        assert_eq!(created, 1);
+        assert_eq!(s.projects().unwrap().len(), 1);
+        // The name is the key: the same project twice is refused even if the check passes.
+        let name = s.projects().unwrap()[0].name.clone();
+        assert!(s.insert_project(&name, 0, "10.9.0.0/24", &mut |_| Ok(())).is_err());
+    }
+
     fn crl_numbers_grow_and_roll_back_and_due_is_checked_inside(s, _c) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         let mut sign_ok = |_: u64, _: &[(u64, u64)]| Ok(());
         assert_eq!(s.resign_crl("p", 100, 1100, Resign::Always, &mut sign_ok).unwrap(), Some(1));
         // Valid until 1100 with a validity of 1000: due once less than 500 is left.
@@ -251,7 +281,7 @@ both! {
     }
 
     fn server_certificates_share_the_serials_and_roll_back(s, _c) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         let refused = s.issue_server_cert("p", "vpn1", 1, 2, &mut |n| Ok(format!("srv {n}")), &mut |_| {
             Err(ProjectError::NoProject("disk full".into()))
         });
@@ -265,11 +295,11 @@ both! {
         assert_eq!(serial, 1);
         s.create_token(&token("t", 1, 5)).unwrap();
         assert_eq!(enroll(s, "t", &[1; 32], 10).unwrap().pem, "pem 2");
-        assert!(s.insert_project("p", 0, "10.7.0.0/24").is_err(), "a project exists once");
+        assert!(s.insert_project("p", 0, "10.7.0.0/24", &mut |_| Ok(())).is_err(), "a project exists once");
     }
 
     fn concurrent_enrollments_get_distinct_ids_addresses_and_serials(s, connect) {
-        s.insert_project("p", 0, "10.8.0.0/16").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/16", &mut |_| Ok(())).unwrap();
         s.create_token(&token("many", 1, 1000)).unwrap();
         s.create_token(&token("once", 1, 1)).unwrap();
         let connect = std::sync::Arc::new(connect);
@@ -317,7 +347,7 @@ both! {
     }
 
     fn concurrent_retries_of_one_key_and_token_get_the_one_node(s, connect) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         s.create_token(&token("t", 1, 5)).unwrap();
         let start = std::sync::Arc::new(std::sync::Barrier::new(8));
         let threads: Vec<_> = (0..8)
@@ -348,7 +378,7 @@ both! {
     }
 
     fn concurrent_crl_resigning_never_goes_back(s, connect) {
-        s.insert_project("p", 0, "10.8.0.0/24").unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         let connect = std::sync::Arc::new(connect);
         let signed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let threads: Vec<_> = (0..4)
@@ -487,8 +517,10 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
     let dir = tempfile::tempdir().unwrap();
     let mut lite = Db::open(dir.path(), Open::Create).unwrap();
     let s: &mut dyn StateStore = &mut lite;
-    s.insert_project("p", 0, "10.8.0.0/24").unwrap();
-    s.insert_project("q", 5, "10.9.0.0/24").unwrap();
+    s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(()))
+        .unwrap();
+    s.insert_project("q", 5, "10.9.0.0/24", &mut |_| Ok(()))
+        .unwrap();
     s.create_token(&token("t", 1, 5)).unwrap();
     s.create_token(&token("u", 2, 1)).unwrap();
     for k in 1..=3u8 {
@@ -570,4 +602,40 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
     let mut back = Db::open(dir2.path(), Open::Create).unwrap();
     back.import(&before).unwrap();
     assert_eq!(back.export().unwrap(), before);
+}
+
+/// Servers starting together on an empty database: each step applied once, all of them open.
+#[test]
+fn concurrent_first_opens_migrate_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let sqlite: Connect = Box::new(move || Box::new(Db::open(&path, Open::Create).unwrap()));
+    let mut backends = vec![("sqlite", sqlite)];
+    if let Some(pg) = idhal_test_support::pg::shared() {
+        let url = pg.fresh_db();
+        let postgres: Connect = Box::new(move || {
+            // A first look, as `migrate` takes, before the others commit.
+            let mut s = PgStore::connect(&url, None, Open::Migrate).unwrap();
+            s.schema_version().unwrap();
+            migrate(&mut s, MIGRATIONS).unwrap();
+            Box::new(s)
+        });
+        backends.push(("postgres", postgres));
+    }
+    for (name, connect) in backends {
+        let connect = std::sync::Arc::new(connect);
+        let start = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (connect, start) = (connect.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    connect().schema_version().unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), SCHEMA_VERSION, "{name}");
+        }
+    }
 }
