@@ -588,3 +588,72 @@ fn a_password_file_that_is_missing_empty_huge_or_binary_is_refused_in_one_line()
     std::fs::write(&f, [0xff, 0xfe, b'\n']).unwrap();
     assert_eq!(refused(&f), format!("{} is not UTF-8 text", f.display()));
 }
+
+/// Seconds since the epoch of an RFC 3339 UTC time as idhal prints it (`2027-01-02T17:23:58Z`).
+fn epoch(t: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| t[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+}
+
+#[test]
+fn two_servers_keeping_the_crl_fresh_re_sign_once_per_due_time_never_going_back() {
+    let Some(pg) = shared() else {
+        return;
+    };
+    assert_eq!(epoch("1970-01-02T00:00:01Z"), 86_401);
+    let url = pg.fresh_db();
+    // Valid 10 s: each server's CRL thread looks every second and re-signs below 5 s left.
+    let p = Project::new(&format!(
+        "[ca]\ncrl_validity = \"10s\"\n[state]\ndatabase = \"{url}\"\n"
+    ));
+    let servers = [p.serve(), p.serve()];
+    let resigned = |servers: &[Server]| -> Vec<i64> {
+        let mut until: Vec<i64> = servers
+            .iter()
+            .flat_map(|s| {
+                s.log()
+                    .lines()
+                    .filter_map(|l| {
+                        l.split_once("re-signed, valid until ")
+                            .map(|(_, t)| epoch(t))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        until.sort();
+        until
+    };
+    let mut seen = vec![crl_number(&p)];
+    wait_for(
+        "four re-signings by the two servers",
+        std::time::Duration::from_secs(90),
+        || {
+            let n = crl_number(&p);
+            seen.push(n);
+            resigned(&servers).len() >= 4
+        },
+    );
+    // The published number never went back.
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    let until = resigned(&servers);
+    // Each due time re-signed once: one server found it done by the other (at least half the
+    // validity between two, less a second of rounding).
+    assert!(until.windows(2).all(|w| w[1] - w[0] >= 4), "{until:?}");
+    let number: usize = pg
+        .psql(db_name(&url), "SELECT crl_number FROM projects")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(number > until.len(), "{number} vs {until:?}");
+    for s in &servers {
+        assert!(!s.log().contains("error"), "{}", s.log());
+    }
+}
