@@ -334,6 +334,62 @@ fn hostile_requests_change_nothing_and_the_worker_carries_on() {
 }
 
 #[test]
+fn a_hand_off_from_another_user_is_refused_even_when_the_socket_is_opened_up() {
+    let s = setup_with(CONFIG);
+    let w = worker(&s);
+    // An admin loosens the socket and its directory: the peer's uid still decides.
+    use std::os::unix::fs::PermissionsExt as _;
+    let open_up = |p: &Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    for dir in [
+        s.state.parent().unwrap(),
+        &s.state,
+        s.socket.parent().unwrap(),
+        &s.tmp,
+    ] {
+        open_up(dir, 0o755);
+    }
+    open_up(&s.socket, 0o666);
+    let f = files(&s, "nobody");
+    let req = request(
+        &[
+            ("common_name", "client504"),
+            ("ifconfig_pool_remote_ip", "10.134.5.5"),
+            ("trusted_ip", "127.0.0.1"),
+        ],
+        &f.0,
+        &f.1,
+    );
+    // The same bytes from user nobody (65534), through a real client process.
+    // Perl: in every Debian base system (and OAR's language), readable by nobody.
+    let send = "use IO::Socket::UNIX; my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die $!; \
+        print $s $ARGV[1]; shutdown($s, 1); local $/; print scalar <$s>;";
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/perl",
+            "-e",
+            send,
+        ])
+        .arg(&s.socket)
+        .arg(String::from_utf8(req.clone()).unwrap())
+        .output()
+        .expect("setpriv (util-linux) and perl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "refused: peer uid 65534 is neither this worker's (0) nor root\n"
+    );
+    assert_eq!(read(&f.1), "");
+    // Root (this test) is still served.
+    assert_eq!(raw(&s.socket, &req), "queued\n");
+    verdict(&f.1, "1\n", &w);
+}
+
+#[test]
 fn the_janitor_sweeps_openvpns_leftovers() {
     let s = setup_with(CONFIG);
     let (old_c, old_r) = files(&s, "old1");

@@ -339,11 +339,28 @@ fn stop_on_signal(cfg: &ServerConfig, socket: &Path, pending: &AtomicUsize, stop
 
 /// Reads and checks one request, within `request_timeout_ms` and `max_request_bytes`.
 /// `Ok(None)`: the peer closed without sending anything.
+/// Only this worker's user (OpenVPN runs its hooks as that user) or root may hand off: the
+/// socket's 0600 mode in a 0700 directory says so too, and this still holds if an admin loosens
+/// them. Anyone else could have a node registered Alive.
+fn peer_allowed(stream: &UnixStream) -> Result<(), Decline> {
+    let me = rustix::process::geteuid();
+    match rustix::net::sockopt::socket_peercred(stream) {
+        Ok(peer) if peer.uid == me || peer.uid.is_root() => Ok(()),
+        Ok(peer) => Err(Decline::Refused(format!(
+            "peer uid {} is neither this worker's ({}) nor root",
+            peer.uid.as_raw(),
+            me.as_raw()
+        ))),
+        Err(e) => Err(Decline::Refused(format!("peer credentials: {e}"))),
+    }
+}
+
 fn receive(
     cfg: &ServerConfig,
     tmp_dir: &Path,
     stream: &mut UnixStream,
 ) -> Result<Option<Job>, Decline> {
+    peer_allowed(stream)?;
     let received = Instant::now();
     let limit = cfg.hook.max_request_bytes as usize;
     let until = received + Duration::from_millis(cfg.hook.request_timeout_ms);

@@ -10,24 +10,6 @@ use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-/// `O_NOFOLLOW`: no libc in this crate's dependencies, and rustix is built without `fs`. The
-/// value is per architecture (asm-generic, and the ARM and PowerPC overrides); the symlink test
-/// below proves it on the architecture the tests run on.
-#[cfg(any(
-    target_arch = "arm",
-    target_arch = "aarch64",
-    target_arch = "powerpc",
-    target_arch = "powerpc64"
-))]
-const O_NOFOLLOW: i32 = 0o100000;
-#[cfg(not(any(
-    target_arch = "arm",
-    target_arch = "aarch64",
-    target_arch = "powerpc",
-    target_arch = "powerpc64"
-)))]
-const O_NOFOLLOW: i32 = 0o400000;
-
 /// Which of the two files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -153,7 +135,7 @@ impl TmpFile {
         // since the check is refused (ELOOP), and the inode must be the one checked.
         let mut f = OpenOptions::new()
             .write(true)
-            .custom_flags(O_NOFOLLOW)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&self.path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => TmpFileError::Gone {
