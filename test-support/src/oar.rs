@@ -6,7 +6,7 @@ use crate::pg::Postgres;
 use crate::process::{listening, signal, Reaper};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -191,6 +191,34 @@ impl Oar {
         s
     }
 
+    /// The `[oar]` section with OAR's three tools behind wrappers in `dir` that append each
+    /// call (`TOOL ARGS…`, one line) to the returned log and then exec the real tool: for
+    /// tests and benchmarks that count or inspect the OAR processes idhal starts. Arguments
+    /// idhal passes hold no newline (validated values), so one line is one call.
+    pub fn logged_config_section(&self, dir: &Path) -> (String, PathBuf) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let log = dir.join("oar-calls.log");
+        std::fs::write(&log, "").unwrap();
+        let mut section = self.config_section();
+        for tool in ["oarnodes", "oarnodesetting", "oarproperty"] {
+            let wrapper = dir.join(tool);
+            std::fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh\nprintf '%s\\n' \"{tool} $*\" >> '{}'\nexec {OARDIR}/{tool} \"$@\"\n",
+                    log.display()
+                ),
+            )
+            .unwrap();
+            std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+            section = section.replace(
+                &format!("\"{OARDIR}/{tool}\""),
+                &format!("\"{}\"", wrapper.display()),
+            );
+        }
+        (section, log)
+    }
+
     /// `oarnodes -J [--sql WHERE]` as parsed JSON, one entry per resource.
     pub fn resources(&self, sql: Option<&str>) -> Vec<serde_json::Value> {
         let mut cmd = Command::new(format!("{OARDIR}/oarnodes"));
@@ -229,4 +257,13 @@ impl Drop for Oar {
             crate::process::stop(&mut c, true);
         }
     }
+}
+
+/// The calls a [`Oar::logged_config_section`] log holds, one `TOOL ARGS…` string each.
+pub fn logged_calls(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
