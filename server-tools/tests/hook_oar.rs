@@ -745,3 +745,61 @@ fn hostile_status_files_change_nothing() {
         .is_empty());
     assert!(!Path::new("/tmp/idhal-pwned").exists());
 }
+
+#[test]
+fn a_reconnect_sets_state_and_properties_in_one_oar_call() {
+    let Some(oar) = oar() else { return };
+    let _shared = shared();
+    let d = tempfile::tempdir().unwrap();
+    let (section, log) = oar.logged_config_section(d.path());
+    let toml = config(oar, "merged.test", "").replace(&oar.config_section(), &section);
+    let (_d, cfg, state) = setup(&toml);
+    let t0 = now() - 100;
+    let host = "vnode-16-1.merged.test";
+    ok(hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client1601", "10.134.16.1", t0),
+    ));
+    ok(hook(
+        &cfg,
+        &state,
+        "client-disconnect",
+        &node_env("client1601", "10.134.16.1", t0),
+    ));
+    assert_eq!(state_of(oar, host), "Absent");
+    std::fs::write(&log, "").unwrap();
+    ok(hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client1601", "10.134.16.1", t0 + 10),
+    ));
+    // One oarnodesetting: Absent → Alive and the new session's properties together (one
+    // Perl start-up, not two), still confirmed by reading the node back.
+    let calls = idhal_test_support::oar::logged_calls(&log);
+    let set: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.starts_with("oarnodesetting"))
+        .collect();
+    assert_eq!(set.len(), 1, "{calls:#?}");
+    assert!(
+        set[0].starts_with(&format!("oarnodesetting -n -s Alive -h {host} -p ")),
+        "{}",
+        set[0]
+    );
+    assert!(
+        set[0].contains(&format!("-p idhalconnectedsince={}", t0 + 10)),
+        "{}",
+        set[0]
+    );
+    assert_eq!(
+        calls.last().unwrap(),
+        &format!("oarnodes -J --sql network_address='{host}'"),
+        "{calls:#?}"
+    );
+    let r = oar.host(host);
+    assert_eq!(prop(&r[0], "state"), "Alive");
+    assert_eq!(prop(&r[0], "idhalconnectedsince"), (t0 + 10).to_string());
+}

@@ -209,6 +209,7 @@ impl Oar {
     fn set_properties(
         &self,
         host: &HostName,
+        change: Change,
         props: &[(&str, PropValue)],
         deadline: Deadline,
     ) -> Result<(), OarError> {
@@ -216,7 +217,7 @@ impl Oar {
         // both for a rejected and for an unchanged value: the read-back in `confirm` decides.
         self.run(
             &self.oarnodesetting,
-            &property_args(host, false, props),
+            &property_args(host, change, props),
             deadline,
         )?;
         Ok(())
@@ -307,20 +308,19 @@ impl Oar {
             // makes it idhal's for `reconcile`) from the start; -a makes it Alive directly.
             self.run(
                 &self.oarnodesetting,
-                &property_args(host, true, &props),
+                &property_args(host, Change::Create, &props),
                 deadline,
             )?;
-        } else {
-            self.set_properties(host, &props, deadline)?;
-            if existing.iter().any(|r| r.state != "Alive") {
-                self.set_state(host, "Alive", deadline)?;
-            }
+        }
+        let change = update_change(&existing);
+        if !created {
+            self.set_properties(host, change, &props, deadline)?;
         }
         let confirmed = match self.confirm_state(host, "Alive", &props, deadline) {
             Err(OarError::PropertiesRejected { .. }) => {
                 // A column vanished or the marker lies: look again, create, retry once.
                 self.ensure_properties(deadline, true)?;
-                self.set_properties(host, &props, deadline)?;
+                self.set_properties(host, change, &props, deadline)?;
                 self.confirm_state(host, "Alive", &props, deadline)?
             }
             other => other?,
@@ -357,6 +357,15 @@ impl Oar {
     }
 }
 
+/// How an existing host is brought up with its properties: in one call either way.
+fn update_change(existing: &[Resource]) -> Change {
+    if existing.iter().all(|r| r.state == "Alive") {
+        Change::Properties
+    } else {
+        Change::StateAndProperties("Alive")
+    }
+}
+
 /// The session a resource records (`None` before its first registration by idhal).
 fn registered(r: &Resource) -> Option<Registered> {
     let since = r.props.get("idhalconnectedsince")?.parse().ok()?;
@@ -375,12 +384,30 @@ fn registered(r: &Resource) -> Option<Registered> {
     })
 }
 
-/// `[-a] -h HOST -p k=v -p k=v …`: all properties in ONE call, because OAR rolls back the
-/// whole call if one property is unknown, so a node is never half-described.
-fn property_args(host: &HostName, add: bool, props: &[(&str, PropValue)]) -> Vec<String> {
+/// What one `oarnodesetting` call does to a host besides writing its properties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// `-a`: creates the resource (Alive) with its properties.
+    Create,
+    /// Properties only: the resource is already Alive.
+    Properties,
+    /// `-n -s STATE` and the properties in the same call: OAR applies both in one Perl
+    /// process (state first, then properties), one start-up (~60 ms) instead of two.
+    StateAndProperties(&'static str),
+}
+
+/// `[-a | -n -s STATE] -h HOST -p k=v -p k=v …`: all properties in ONE call, because OAR
+/// rolls back the whole call if one property is unknown, so a node is never half-described.
+/// One host per call: `-p` writes the same value on every host of the call.
+fn property_args(host: &HostName, change: Change, props: &[(&str, PropValue)]) -> Vec<String> {
     let mut args = Vec::new();
-    if add {
-        args.push("-a".to_string());
+    match change {
+        Change::Create => args.push("-a".to_string()),
+        Change::Properties => {}
+        Change::StateAndProperties(state) => {
+            // -n: never wait for running jobs.
+            args.extend(["-n".to_string(), "-s".to_string(), state.to_string()]);
+        }
     }
     args.extend(["-h".to_string(), host.to_string()]);
     for (k, v) in props {
