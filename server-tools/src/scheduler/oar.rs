@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod batch;
+
 /// The property columns idhal writes. `cluster` is the name OAR sites already use for the type.
 pub const PROPERTIES: [&str; 9] = [
     "ip",
@@ -56,6 +58,14 @@ pub enum OarError {
     Lock(#[from] process::LockError),
     #[error("OAR: the hook's time budget ran out before {step}")]
     OutOfTime { step: &'static str },
+    #[error("OAR: {host} is in this batch twice; only its first entry was registered")]
+    TwiceInBatch { host: String },
+    #[error("OAR: {host}: the batch failed while {step}: {cause}")]
+    BatchFailed {
+        host: String,
+        step: &'static str,
+        cause: String,
+    },
 }
 
 impl From<OarError> for SchedulerError {
@@ -255,44 +265,24 @@ impl Oar {
     ) -> Result<Vec<Resource>, OarError> {
         let limit = deadline.cap(self.state_confirm);
         let until = Deadline::after(limit);
-        let mut pause = Duration::from_millis(50);
+        let mut pause = FIRST_POLL;
         loop {
             let found = self.resources(host, deadline)?;
-            if found.is_empty() {
-                return Err(OarError::Vanished {
-                    host: host.to_string(),
-                });
-            }
-            // Properties are written synchronously by oarnodesetting: a mismatch now means
-            // OAR rolled the call back.
-            for r in &found {
-                for (k, v) in props {
-                    let have = r.props.get(*k).map(String::as_str).unwrap_or("(unset)");
-                    if have != v.to_string() {
-                        return Err(OarError::PropertiesRejected {
-                            host: host.to_string(),
-                            line: format!("resource {}: {k} is {have}, expected {v}", r.id),
-                        });
-                    }
+            match check(host, &found, wanted, props) {
+                Check::Done => return Ok(found),
+                Check::Failed(e) => return Err(e),
+                Check::Waiting(seen) if until.remaining() <= pause => {
+                    return Err(OarError::NotApplied {
+                        host: host.to_string(),
+                        wanted,
+                        seen,
+                        after: limit,
+                    })
                 }
-            }
-            if found.iter().all(|r| r.state == wanted) {
-                return Ok(found);
-            }
-            if until.remaining() <= pause {
-                return Err(OarError::NotApplied {
-                    host: host.to_string(),
-                    wanted,
-                    seen: found
-                        .iter()
-                        .map(|r| r.state.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    after: limit,
-                });
+                Check::Waiting(_) => {}
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(200));
+            pause = (pause * 2).min(LAST_POLL);
         }
     }
 
@@ -355,6 +345,63 @@ impl Oar {
         self.confirm_state(host, "Absent", &[], deadline)?;
         Ok(DownOutcome::MarkedDown)
     }
+}
+
+/// The first and the longest pause between two read-backs.
+const FIRST_POLL: Duration = Duration::from_millis(50);
+const LAST_POLL: Duration = Duration::from_millis(200);
+
+/// One host's read-back against what it should be.
+enum Check {
+    Done,
+    /// Not in the wanted state yet: the states seen, for the error if it never gets there.
+    Waiting(String),
+    Failed(OarError),
+}
+
+fn check(
+    host: &HostName,
+    found: &[Resource],
+    wanted: &'static str,
+    props: &[(&str, PropValue)],
+) -> Check {
+    if found.is_empty() {
+        return Check::Failed(OarError::Vanished {
+            host: host.to_string(),
+        });
+    }
+    // Properties are written synchronously by oarnodesetting: a mismatch now means OAR
+    // rolled the call back.
+    if let Err(line) = props_match(found, props) {
+        return Check::Failed(OarError::PropertiesRejected {
+            host: host.to_string(),
+            line,
+        });
+    }
+    if found.iter().all(|r| r.state == wanted) {
+        Check::Done
+    } else {
+        Check::Waiting(
+            found
+                .iter()
+                .map(|r| r.state.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+}
+
+/// Whether every resource carries every property with its value; the first mismatch if not.
+fn props_match(found: &[Resource], props: &[(&str, PropValue)]) -> Result<(), String> {
+    for r in found {
+        for (k, v) in props {
+            let have = r.props.get(*k).map(String::as_str).unwrap_or("(unset)");
+            if have != v.to_string() {
+                return Err(format!("resource {}: {k} is {have}, expected {v}", r.id));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How an existing host is brought up with its properties: in one call either way.
@@ -476,6 +523,17 @@ fn parse_oarnodes(json: &str, what: &str) -> Result<Vec<Resource>, OarError> {
 impl Scheduler for Oar {
     fn node_up(&self, up: &NodeUp, deadline: Deadline) -> Result<UpOutcome, SchedulerError> {
         Ok(self.up(up, deadline)?)
+    }
+
+    fn nodes_up(
+        &self,
+        ups: &[NodeUp],
+        deadline: Deadline,
+    ) -> Vec<Result<UpOutcome, SchedulerError>> {
+        self.ups(ups, deadline)
+            .into_iter()
+            .map(|r| r.map_err(SchedulerError::from))
+            .collect()
     }
 
     fn node_down(

@@ -1,0 +1,312 @@
+//! `nodes_up` against a real OAR 2.5 (PostgreSQL + Almighty on 127.0.0.1, this test binary's
+//! own instance). OAR's tools run behind wrappers that log each call, so the tests check the
+//! calls the batch makes as well as what OAR ends up holding. Tests keep apart by domain.
+
+use super::*;
+use crate::config::ServerConfig;
+use crate::names::{node_id, Domain, Label, ServerName};
+use crate::scheduler::{DownGuard, Scheduler};
+use idhal_test_support::oar::{logged_calls, Oar as TestOar};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+fn oar() -> Option<&'static TestOar> {
+    static OAR: OnceLock<Option<TestOar>> = OnceLock::new();
+    OAR.get_or_init(|| TestOar::available().then(TestOar::start))
+        .as_ref()
+}
+
+/// idhal's OAR backend pointed at the fixture through logging wrappers.
+struct Rig {
+    _dir: tempfile::TempDir,
+    sched: Oar,
+    log: PathBuf,
+}
+
+impl Rig {
+    fn new(oar: &TestOar) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (section, log) = oar.logged_config_section(dir.path());
+        let text = format!(
+            "[limits]\nhook_budget_ms = 300000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 60000\nlock_wait_ms = 120000\n{section}"
+        );
+        let cfg = ServerConfig::parse(&text, Path::new("test.toml")).unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        Rig {
+            sched: Oar::new(&cfg, &state),
+            _dir: dir,
+            log,
+        }
+    }
+
+    /// The calls logged since the last `take`.
+    fn take(&self) -> Vec<String> {
+        let calls = logged_calls(&self.log);
+        std::fs::write(&self.log, "").unwrap();
+        calls
+    }
+}
+
+fn deadline() -> Deadline {
+    Deadline::after(Duration::from_secs(300))
+}
+
+fn node(domain: &str, octet3: u8, i: u8, since: u64) -> NodeUp {
+    NodeUp {
+        node: node_id(&format!("c{octet3}-{i}")).unwrap(),
+        host: HostName {
+            label: Label::parse(&format!("vnode-{octet3}-{i}")).unwrap(),
+            domain: Domain::parse(domain).unwrap(),
+        },
+        vpn_ip: Ipv4Addr::new(10, 134, octet3, i),
+        client_ip: "127.0.0.1".parse().unwrap(),
+        client_port: Some(40000),
+        since,
+        node_type: Label::parse("vnode").unwrap(),
+        server: ServerName::parse("vpn1").unwrap(),
+    }
+}
+
+fn down(rig: &Rig, up: &NodeUp) {
+    let guard = DownGuard::Session {
+        since: up.since,
+        client: (up.client_ip, up.client_port),
+    };
+    rig.sched.node_down(&up.host, guard, deadline()).unwrap();
+}
+
+fn prop(r: &serde_json::Value, k: &str) -> String {
+    match &r[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        other => panic!("{k} = {other}"),
+    }
+}
+
+/// The node as OAR holds it: (state, idhalcn, ip, idhalconnectedsince).
+fn held(oar: &TestOar, up: &NodeUp) -> Vec<(String, String, String, String)> {
+    oar.host(&up.host.to_string())
+        .iter()
+        .map(|r| {
+            (
+                prop(r, "state"),
+                prop(r, "idhalcn"),
+                prop(r, "ip"),
+                prop(r, "idhalconnectedsince"),
+            )
+        })
+        .collect()
+}
+
+fn expected(up: &NodeUp) -> Vec<(String, String, String, String)> {
+    vec![(
+        "Alive".into(),
+        up.node.to_string(),
+        up.vpn_ip.to_string(),
+        up.since.to_string(),
+    )]
+}
+
+#[test]
+fn a_batch_of_new_and_existing_hosts_comes_up_with_each_hosts_own_properties() {
+    let Some(oar) = oar() else { return };
+    let rig = Rig::new(oar);
+    let d = "mixed.test";
+    let t0 = idhal_test_support::now() - 100;
+    // Before the batch: 1 Alive and right, 2 Absent and right, 3 Alive with an older
+    // session, 4 Absent with an older session; 5 and 6 do not exist.
+    let before: Vec<NodeUp> = (1..=4).map(|i| node(d, 1, i, t0)).collect();
+    for up in &before {
+        rig.sched.node_up(up, deadline()).unwrap();
+    }
+    down(&rig, &before[1]);
+    down(&rig, &before[3]);
+    let batch = vec![
+        node(d, 1, 1, t0),
+        node(d, 1, 2, t0),
+        node(d, 1, 3, t0 + 5),
+        node(d, 1, 4, t0 + 5),
+        node(d, 1, 5, t0 + 5),
+        node(d, 1, 6, t0 + 5),
+    ];
+    rig.take();
+    let t = Instant::now();
+    let verdicts = rig.sched.nodes_up(&batch, deadline());
+    eprintln!("batch of 6: {:.2} s", t.elapsed().as_secs_f64());
+    for (up, v) in batch.iter().zip(&verdicts) {
+        let v = v.as_ref().unwrap_or_else(|e| panic!("{}: {e}", up.host));
+        assert_eq!(v.created, up.host.label.to_string().ends_with(['5', '6']));
+        assert_eq!(v.resource_ids.len(), 1);
+        assert_eq!(held(oar, up), expected(up), "{}", up.host);
+    }
+    // The calls: no oarproperty (the columns are known), the whole batch read in one
+    // oarnodes, and per host only what it needs.
+    let calls = rig.take();
+    let h = |i: u8| format!("vnode-1-{i}.{d}");
+    assert!(
+        !calls.iter().any(|c| c.starts_with("oarproperty")),
+        "{calls:#?}"
+    );
+    let all: Vec<String> = (1..=6).map(|i| format!("'{}'", h(i))).collect();
+    assert_eq!(
+        calls[0],
+        format!("oarnodes -J --sql network_address IN ({})", all.join(",")),
+        "{calls:#?}"
+    );
+    let mut set: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.starts_with("oarnodesetting"))
+        .collect();
+    set.sort();
+    let starts: Vec<String> = set
+        .iter()
+        .map(|c| c.split(" -p ").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        starts,
+        vec![
+            format!("oarnodesetting -a -h {}", h(5)),
+            format!("oarnodesetting -a -h {}", h(6)),
+            format!("oarnodesetting -h {}", h(3)),
+            format!("oarnodesetting -n -s Alive -h {}", h(2)),
+            format!("oarnodesetting -n -s Alive -h {}", h(4)),
+        ],
+        "{calls:#?}"
+    );
+    // Host 2 (right properties) got the state alone; every call with values names one host.
+    assert!(set
+        .iter()
+        .any(|c| **c == format!("oarnodesetting -n -s Alive -h {}", h(2))));
+    for c in &set {
+        if c.contains(" -p ") {
+            assert_eq!(c.matches(" -h ").count(), 1, "{c}");
+        }
+    }
+    // The rest are read-backs of the pending hosts, one call per round.
+    assert!(calls[1..]
+        .iter()
+        .filter(|c| c.starts_with("oarnodes "))
+        .all(|c| c.starts_with("oarnodes -J --sql network_address IN (")));
+
+    // An empty batch: nothing to say, nothing asked of OAR.
+    assert!(rig.sched.nodes_up(&[], deadline()).is_empty());
+    assert_eq!(rig.take(), Vec::<String>::new());
+}
+
+#[test]
+fn a_bad_host_or_a_repeated_one_fails_alone() {
+    let Some(oar) = oar() else { return };
+    let rig = Rig::new(oar);
+    let t0 = idhal_test_support::now();
+    let good = node("alone.test", 2, 1, t0);
+    let other = node("alone.test", 2, 2, t0);
+    // A valid host name OAR cannot hold: network_address is varchar(100), and OAR's
+    // `oarnodesetting -a` then says "New resource added" and exits 0 without one.
+    let mut long = node(
+        "a-domain-long-enough-that-oar-cannot-store-the-host-name.alone.test",
+        2,
+        3,
+        t0,
+    );
+    long.host.label = Label::parse(&format!("vnode-2-3-{}", "x".repeat(50))).unwrap();
+    assert!(long.host.to_string().len() > 100);
+    let batch = vec![good.clone(), long.clone(), other.clone(), good.clone()];
+    let v = rig.sched.nodes_up(&batch, deadline());
+    assert_eq!(v.len(), 4);
+    assert!(v[0].as_ref().is_ok_and(|o| o.created), "{:?}", v[0]);
+    assert!(v[2].as_ref().is_ok_and(|o| o.created), "{:?}", v[2]);
+    assert_eq!(
+        v[1].as_ref().unwrap_err().to_string(),
+        format!("OAR: {}: no resource exists after creating it", long.host)
+    );
+    assert_eq!(
+        v[3].as_ref().unwrap_err().to_string(),
+        "OAR: vnode-2-1.alone.test is in this batch twice; only its first entry was registered"
+    );
+    assert_eq!(held(oar, &good), expected(&good));
+    assert_eq!(held(oar, &other), expected(&other));
+    assert!(held(oar, &long).is_empty());
+}
+
+#[test]
+fn a_host_name_that_would_break_oars_sql_cannot_reach_a_batch() {
+    // OAR pastes network_address values into SQL unescaped. A batch only takes HostNames,
+    // and the only way to one is through these parsers.
+    let domain = Domain::parse("sql.test").unwrap();
+    for p in [
+        "x' OR '1'='1",
+        "a'); DELETE FROM resources; --",
+        "vnode-1-1.sql.test'--",
+        "vnode 1",
+        "vnode\\1",
+        "vnode,1",
+        "",
+        &"a".repeat(64),
+    ] {
+        assert!(Label::parse(p).is_err(), "{p:?}");
+        assert!(Domain::parse(p).is_err(), "{p:?}");
+        assert!(HostName::parse_in(p, &domain).is_err(), "{p:?}");
+        assert!(
+            HostName::parse_in(&format!("{p}.sql.test"), &domain).is_err(),
+            "{p:?}"
+        );
+    }
+    let a = node("sql.test", 3, 1, 1);
+    let b = node("sql.test", 3, 2, 1);
+    assert_eq!(
+        in_list(&[&a.host, &b.host]),
+        "network_address IN ('vnode-3-1.sql.test','vnode-3-2.sql.test')"
+    );
+}
+
+/// Batch vs one by one, library level: `cargo test -p idhal-server-tools --release --bin idhal
+/// bench_batch_vs_one_by_one -- --ignored --nocapture`. Prints figures, asserts the work.
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn bench_batch_vs_one_by_one() {
+    let Some(oar) = oar() else { return };
+    let rig = Rig::new(oar);
+    let d = "bench.test";
+    let t0 = idhal_test_support::now() - 1000;
+    println!(
+        "bench_batch: load average at start: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap().trim()
+    );
+    let mut octet3 = 50;
+    for n in [50u8, 200] {
+        let one: Vec<NodeUp> = (1..=n).map(|i| node(d, octet3, i, t0)).collect();
+        let many: Vec<NodeUp> = (1..=n).map(|i| node(d, octet3 + 1, i, t0)).collect();
+        octet3 += 2;
+        for (what, since) in [("new hosts", t0), ("reconnect after Absent", t0 + 1)] {
+            let one: Vec<NodeUp> = one.iter().map(|u| NodeUp { since, ..u.clone() }).collect();
+            let many: Vec<NodeUp> = many.iter().map(|u| NodeUp { since, ..u.clone() }).collect();
+            rig.take();
+            let t = Instant::now();
+            for up in &one {
+                rig.sched.node_up(up, deadline()).unwrap();
+            }
+            let (one_s, one_calls) = (t.elapsed().as_secs_f64(), rig.take().len());
+            let t = Instant::now();
+            for v in rig.sched.nodes_up(&many, deadline()) {
+                v.unwrap();
+            }
+            let (many_s, many_calls) = (t.elapsed().as_secs_f64(), rig.take().len());
+            println!(
+                "bench_batch: N={n:>3} {what}: node_up one by one {one_s:6.1} s ({:5.1} nodes/s, {one_calls} OAR processes); nodes_up {many_s:6.1} s ({:5.1} nodes/s, {many_calls} OAR processes)",
+                f64::from(n) / one_s,
+                f64::from(n) / many_s
+            );
+            for up in one.iter().chain(&many) {
+                assert_eq!(held(oar, up), expected(up));
+            }
+            if since == t0 {
+                for up in one.iter().chain(&many) {
+                    down(&rig, up);
+                }
+            }
+        }
+    }
+}
