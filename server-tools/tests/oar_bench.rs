@@ -1,5 +1,6 @@
 //! Where a connect storm's time goes in OAR 2.5 (real PostgreSQL and Almighty on 127.0.0.1,
-//! this binary's own instance). Prints figures, asserts only that the work was done. Run with
+//! each test its own instance): today's hook path under load, and OAR's own calls for one host
+//! and for many. Prints figures, asserts only that the work was done. Run with
 //! `cargo test -p idhal-server-tools --release --test oar_bench -- --ignored --nocapture`.
 //! Library-level figures (the batch API beside `node_up`) live in the `idhal` binary's own
 //! unit tests: the crate has no library target an integration test could call.
@@ -175,6 +176,55 @@ fn oar_under_a_connect_storm() {
         println!("oar_bench: hook, reconnect (Absent): {up}");
     }
 
+    println!(
+        "oar_bench: load average at end: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap().trim()
+    );
+}
+
+/// OAR's own calls, timed one by one: its own OAR, 200 hosts made Alive with one
+/// `oarnodesetting -a` carrying 200 `-h`.
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn oar_calls_one_host_and_many() {
+    if !Oar::available() {
+        return;
+    }
+    let oar = Oar::start();
+    let since = now();
+    println!(
+        "oar_calls: load average at start: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap().trim()
+    );
+    let o200 = 16;
+    let mut a: Vec<String> = Vec::new();
+    for p in [
+        "ip",
+        "cluster",
+        "idhaltype",
+        "idhalcn",
+        "idhalclientip",
+        "idhalclientport",
+        "idhalconnectedsince",
+        "idhalclientname",
+        "idhalserver",
+    ] {
+        a.extend(["-a".to_string(), p.to_string()]);
+    }
+    a.push("-c".into());
+    tool(&oar, "oarproperty", &a);
+    let all: Vec<String> = (1..=200).map(|i| host(o200, i)).collect();
+    let mut a: Vec<String> = vec!["-a".into()];
+    for h in &all {
+        a.extend(["-h".to_string(), h.clone()]);
+    }
+    a.extend(["-p".to_string(), "cluster=vnode".to_string()]);
+    println!(
+        "oar_calls: oarnodesetting -a with 200 -h: {:.0} ms",
+        ms(tool(&oar, "oarnodesetting", &a))
+    );
+    assert!(states(&oar, &all).iter().all(|s| s == "Alive"));
+
     // 2. One oarnodesetting per call: -p alone, -s alone, -s and -p merged (30 Alive nodes).
     let hosts30: Vec<String> = (1..=30).map(|i| host(o200, i)).collect();
     let (mut p_only, mut s_only, mut merged) = (Vec::new(), Vec::new(), Vec::new());
@@ -201,11 +251,37 @@ fn oar_under_a_connect_storm() {
         ("-n -s Alive -h H -p ×9 (merged)", &merged),
     ] {
         let (p50, p99, max) = pcts(v);
-        println!("oar_bench: oarnodesetting {what}: n=30 p50 {p50:.0} ms p99 {p99:.0} ms max {max:.0} ms");
+        println!("oar_calls: oarnodesetting {what}: n=30 p50 {p50:.0} ms p99 {p99:.0} ms max {max:.0} ms");
     }
-    wait_for("30 merged nodes Alive", Duration::from_secs(120), || {
-        states(&oar, &hosts30).iter().all(|s| s == "Alive")
-    });
+    // Each host got Absent then Alive within a second or two: print what OAR makes of it.
+    let t = Instant::now();
+    let settled = || states(&oar, &hosts30).iter().all(|s| s == "Alive");
+    while !settled() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !settled() {
+        let stuck: Vec<String> = oar
+            .resources(Some(&in_sql(&hosts30)))
+            .iter()
+            .filter(|r| r["state"] != "Alive")
+            .map(|r| format!("{}/{}", r["state"], r["next_state"]))
+            .collect();
+        println!(
+            "oar_calls: after 60 s, {} of 30 hosts not Alive (state/next_state): {}; pinging Almighty again",
+            stuck.len(),
+            stuck.join(" ")
+        );
+        let mut a: Vec<String> = vec!["-n".into(), "-s".into(), "Alive".into()];
+        for h in &hosts30 {
+            a.extend(["-h".to_string(), h.clone()]);
+        }
+        tool(&oar, "oarnodesetting", &a);
+    }
+    wait_for("30 merged nodes Alive", Duration::from_secs(120), settled);
+    println!(
+        "oar_calls: 30 × (Absent, then merged Alive) settled {:.1} s after the last call",
+        t.elapsed().as_secs_f64()
+    );
     let r = oar.host(&hosts30[0]);
     assert_eq!(
         r[0]["idhalconnectedsince"].as_str().unwrap(),
@@ -237,7 +313,7 @@ fn oar_under_a_connect_storm() {
             );
         }
         println!(
-            "oar_bench: oarnodes read-back of {n:>3} hosts: one --sql IN call p50 {:.0} ms; one call per host {:.0} ms in all",
+            "oar_calls: oarnodes read-back of {n:>3} hosts: one --sql IN call p50 {:.0} ms; one call per host {:.0} ms in all",
             pcts(&one).0,
             ms(t.elapsed())
         );
@@ -271,7 +347,7 @@ fn oar_under_a_connect_storm() {
                 String::from_utf8_lossy(&o.stderr)
             );
             println!(
-                "oar_bench: {n:>3} pending {from}→{to}: queued by one oarnodesetting with {n} -h in {:.0} ms; NodeChangeState applied them in {:.0} ms",
+                "oar_calls: {n:>3} pending {from}→{to}: queued by one oarnodesetting with {n} -h in {:.0} ms; NodeChangeState applied them in {:.0} ms",
                 ms(queued),
                 ms(took)
             );
@@ -279,7 +355,7 @@ fn oar_under_a_connect_storm() {
     }
     oar.start_almighty();
     println!(
-        "oar_bench: load average at end: {}",
+        "oar_calls: load average at end: {}",
         std::fs::read_to_string("/proc/loadavg").unwrap().trim()
     );
 }
