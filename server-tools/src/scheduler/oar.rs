@@ -266,12 +266,13 @@ impl Oar {
         let limit = deadline.cap(self.state_confirm);
         let until = Deadline::after(limit);
         let mut pause = FIRST_POLL;
+        let mut asked = std::time::Instant::now();
         loop {
             let found = self.resources(host, deadline)?;
             match check(host, &found, wanted, props) {
                 Check::Done => return Ok(found),
                 Check::Failed(e) => return Err(e),
-                Check::Waiting(seen) if until.remaining() <= pause => {
+                Check::Waiting { seen, .. } if until.remaining() <= pause => {
                     return Err(OarError::NotApplied {
                         host: host.to_string(),
                         wanted,
@@ -279,7 +280,11 @@ impl Oar {
                         after: limit,
                     })
                 }
-                Check::Waiting(_) => {}
+                Check::Waiting { lost: true, .. } if asked.elapsed() >= ASK_AGAIN => {
+                    self.set_state(host, wanted, deadline)?;
+                    asked = std::time::Instant::now();
+                }
+                Check::Waiting { .. } => {}
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(LAST_POLL);
@@ -351,11 +356,20 @@ impl Oar {
 const FIRST_POLL: Duration = Duration::from_millis(50);
 const LAST_POLL: Duration = Duration::from_millis(200);
 
+/// How long a state request that OAR dropped waits before it is made again.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
+
 /// One host's read-back against what it should be.
 enum Check {
     Done,
     /// Not in the wanted state yet: the states seen, for the error if it never gets there.
-    Waiting(String),
+    /// `lost`: nothing is pending either (`next_state` UnChanged): the request was dropped.
+    /// NodeChangeState marks what it applied UnChanged, and so resets a request written
+    /// while it ran (measured: 2 of 30 hosts, docs/benchmarks.md); it must be made again.
+    Waiting {
+        seen: String,
+        lost: bool,
+    },
     Failed(OarError),
 }
 
@@ -381,13 +395,17 @@ fn check(
     if found.iter().all(|r| r.state == wanted) {
         Check::Done
     } else {
-        Check::Waiting(
-            found
+        Check::Waiting {
+            seen: found
                 .iter()
                 .map(|r| r.state.as_str())
                 .collect::<Vec<_>>()
                 .join(","),
-        )
+            lost: found.iter().any(|r| {
+                r.state != wanted
+                    && r.props.get("next_state").map(String::as_str) == Some("UnChanged")
+            }),
+        }
     }
 }
 

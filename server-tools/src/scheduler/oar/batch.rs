@@ -3,7 +3,7 @@
 
 use super::{
     check, node_properties, parse_oarnodes, property_args, props_match, update_change, Change,
-    Check, Oar, OarError, Resource, FIRST_POLL, LAST_POLL,
+    Check, Oar, OarError, Resource, ASK_AGAIN, FIRST_POLL, LAST_POLL,
 };
 use crate::names::HostName;
 use crate::process::Deadline;
@@ -203,6 +203,7 @@ impl Oar {
         let until = Deadline::after(limit);
         let mut pause = FIRST_POLL;
         let mut retried = vec![false; ups.len()];
+        let mut asked = std::time::Instant::now();
         loop {
             let pending = v.pending();
             if pending.is_empty() {
@@ -215,6 +216,7 @@ impl Oar {
             };
             let mut retry = Vec::new();
             let mut waiting = Vec::new();
+            let mut lost_hosts = Vec::new();
             for &i in &pending {
                 let rs = found
                     .get(&ups[i].host.to_string())
@@ -232,7 +234,12 @@ impl Oar {
                         retry.push((i, update_change(rs)));
                     }
                     Check::Failed(e) => v.set(i, Err(e)),
-                    Check::Waiting(seen) => waiting.push((i, seen)),
+                    Check::Waiting { seen, lost } => {
+                        if lost {
+                            lost_hosts.push(i);
+                        }
+                        waiting.push((i, seen));
+                    }
                 }
             }
             if !retry.is_empty() {
@@ -264,6 +271,19 @@ impl Oar {
                     }
                 }
                 continue;
+            }
+            if !lost_hosts.is_empty() && asked.elapsed() >= ASK_AGAIN {
+                // Requests NodeChangeState dropped (see `Check`): asked again, together.
+                for chunk in lost_hosts.chunks(HOSTS_PER_CALL) {
+                    let mut args: Vec<String> = vec!["-n".into(), "-s".into(), "Alive".into()];
+                    for &i in chunk {
+                        args.extend(["-h".to_string(), ups[i].host.to_string()]);
+                    }
+                    if let Err(e) = self.run(&self.oarnodesetting, &args, deadline) {
+                        return v.fail_pending(ups, "asking OAR again for Alive", &e);
+                    }
+                }
+                asked = std::time::Instant::now();
             }
             if until.remaining() <= pause {
                 for (i, seen) in waiting {

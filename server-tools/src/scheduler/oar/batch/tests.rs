@@ -262,6 +262,43 @@ fn a_host_name_that_would_break_oars_sql_cannot_reach_a_batch() {
     );
 }
 
+#[test]
+fn a_state_request_oar_dropped_is_made_again() {
+    // Its own OAR: Almighty is stopped and started here.
+    if !TestOar::available() {
+        return;
+    }
+    let oar = TestOar::start();
+    let rig = Rig::new(&oar);
+    let t0 = idhal_test_support::now() - 100;
+    let a = node("dropped.test", 4, 1, t0);
+    let b = node("dropped.test", 4, 2, t0);
+    for up in [&a, &b] {
+        rig.sched.node_up(up, deadline()).unwrap();
+        down(&rig, up);
+    }
+    oar.stop_almighty();
+    let next_state = |up: &NodeUp| prop(&oar.host(&up.host.to_string())[0], "next_state");
+    std::thread::scope(|s| {
+        let one = s.spawn(|| rig.sched.node_up(&a, deadline()));
+        let many = s.spawn(|| rig.sched.nodes_up(std::slice::from_ref(&b), deadline()));
+        // Both requests written; with Almighty down they stay pending...
+        idhal_test_support::wait_for("both requests pending", Duration::from_secs(60), || {
+            next_state(&a) == "Alive" && next_state(&b) == "Alive"
+        });
+        // ...until dropped, as NodeChangeState drops a request written while it runs.
+        oar.pg.psql(
+            "oar",
+            "UPDATE resources SET next_state = 'UnChanged' WHERE network_address LIKE 'vnode-4-%.dropped.test'",
+        );
+        oar.start_almighty();
+        one.join().unwrap().unwrap();
+        many.join().unwrap().remove(0).unwrap();
+    });
+    assert_eq!(held(&oar, &a), expected(&a));
+    assert_eq!(held(&oar, &b), expected(&b));
+}
+
 /// Batch vs one by one, library level: `cargo test -p idhal-server-tools --release --bin idhal
 /// bench_batch_vs_one_by_one -- --ignored --nocapture`. Prints figures, asserts the work.
 #[test]
