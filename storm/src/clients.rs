@@ -414,6 +414,8 @@ impl<'scope> Canary<'scope> {
                         let _ = writeln!(f, "{now:.3} {line}");
                     }
                 } else if line.contains(openvpn::UP) {
+                    // The PUSH_REPLY just came: the server's last packet, the first "ping".
+                    pings.push(now);
                     let _ = tx.send(());
                 }
             }

@@ -155,7 +155,7 @@ pub fn print(a: &Args, rig: &Rig, e: &Enrolled, r: &Report) -> i32 {
                 .copied()
                 .fold((0.0, 0.0), |m, g| if g.1 > m.1 { g } else { m });
             println!(
-                "FIGURE longest gap between keepalive pings to a client connected before the storm (server pings every 10 s when idle): {:.1} s, from {:.1} s; {} pings received during the storm",
+                "FIGURE longest gap between keepalive pings to a client connected before the storm (the server pings every 10 s when it sent nothing else; the tunnel's start counts as the first): {:.1} s, from {:.1} s; {} pings received during the storm",
                 worst.1,
                 worst.0 - storm_at,
                 gaps.len()
