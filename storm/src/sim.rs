@@ -316,3 +316,43 @@ pub fn disconnect_all(
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pushed_address_is_read_from_a_ccd_or_hook_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("client7");
+        for (text, want) in [
+            ("ifconfig-push 10.134.0.8 255.255.0.0\n", Some("10.134.0.8")),
+            (
+                "push \"route 10.0.0.0 255.0.0.0\"\nifconfig-push 10.134.1.2 255.255.0.0\n",
+                Some("10.134.1.2"),
+            ),
+            ("", None),
+            ("ifconfig-push\n", None),
+            ("# ifconfig-push 10.134.0.8 255.255.0.0\n", None),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            assert_eq!(pushed(&f).as_deref(), want, "{text:?}");
+        }
+        assert_eq!(pushed(&d.path().join("missing")), None);
+    }
+
+    #[test]
+    fn a_deferred_verdict_is_its_first_byte() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("openvpn_ccr_1.tmp");
+        std::fs::write(&f, "1\n").unwrap();
+        assert_eq!(wait_verdict(&f), Ok(()));
+        std::fs::write(&f, "0").unwrap();
+        assert_eq!(
+            wait_verdict(&f).unwrap_err(),
+            "the deferred verdict was 0 (refused)"
+        );
+        std::fs::write(&f, "x").unwrap();
+        assert_eq!(wait_verdict(&f).unwrap_err(), "deferred file holds 'x'");
+    }
+}

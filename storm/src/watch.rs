@@ -265,55 +265,78 @@ pub fn reconcile_loop(a: &Args, rig: &Rig, nodes: &[Node], shared: &Shared) -> V
 fn merge_status(rig: &Rig, nodes: &[Node], shared: &Shared) -> Result<(), String> {
     let real = std::fs::read_to_string(&rig.status)
         .map_err(|e| format!("{}: {e}", rig.status.display()))?;
-    let sims: Vec<(usize, SimState, u16, u64, Option<String>)> = {
+    let sims: Vec<SimSession> = {
         let g = shared.nodes.lock().unwrap();
         g.iter()
             .enumerate()
             .filter(|(_, t)| matches!(t.sim, SimState::Connecting | SimState::Connected))
-            .map(|(i, t)| (i, t.sim, t.sim_port, t.sim_since, t.given.clone()))
+            .map(|(i, t)| SimSession {
+                cn: nodes[i].id.clone(),
+                client_id: 100_000 + i,
+                port: t.sim_port,
+                since: t.sim_since,
+                address: (t.sim == SimState::Connected)
+                    .then(|| t.given.clone())
+                    .flatten(),
+            })
             .collect()
     };
+    let out = merged(&real, &sims).map_err(|e| format!("{}: {e}", rig.status.display()))?;
+    let tmp = rig.merged_status.with_extension("tmp");
+    std::fs::write(&tmp, out).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &rig.merged_status)
+        .map_err(|e| format!("{}: {e}", rig.merged_status.display()))
+}
+
+/// A hook-path session as OpenVPN's status would list it.
+#[derive(Debug, Clone)]
+pub struct SimSession {
+    pub cn: String,
+    pub client_id: usize,
+    pub port: u16,
+    pub since: u64,
+    /// None while connecting (OpenVPN lists no address until client-connect is done).
+    pub address: Option<String>,
+}
+
+/// OpenVPN's status text (version 2) with `sims` added after its CLIENT_LIST header, in the
+/// header's own columns.
+pub fn merged(real: &str, sims: &[SimSession]) -> Result<String, String> {
     let mut out = String::with_capacity(real.len() + sims.len() * 160);
     let mut header_seen = false;
     for line in real.lines() {
         out.push_str(line);
         out.push('\n');
-        if let Some(cols) = line.strip_prefix("HEADER,CLIENT_LIST,") {
-            header_seen = true;
-            for (i, st, port, since, given) in &sims {
-                let vaddr = match st {
-                    SimState::Connected => given.clone().unwrap_or_default(),
+        let Some(cols) = line.strip_prefix("HEADER,CLIENT_LIST,") else {
+            continue;
+        };
+        if header_seen {
+            return Err("two HEADER,CLIENT_LIST lines".into());
+        }
+        header_seen = true;
+        for sim in sims {
+            let fields: Vec<String> = cols
+                .split(',')
+                .map(|c| match c {
+                    "Common Name" => sim.cn.clone(),
+                    "Real Address" => format!("127.0.0.1:{}", sim.port),
+                    "Virtual Address" => sim.address.clone().unwrap_or_default(),
+                    "Connected Since (time_t)" => sim.since.to_string(),
+                    "Username" => "UNDEF".into(),
+                    "Bytes Received" | "Bytes Sent" | "Peer ID" => "0".into(),
+                    "Client ID" => sim.client_id.to_string(),
                     _ => String::new(),
-                };
-                let fields: Vec<String> = cols
-                    .split(',')
-                    .map(|c| match c {
-                        "Common Name" => nodes[*i].id.clone(),
-                        "Real Address" => format!("127.0.0.1:{port}"),
-                        "Virtual Address" => vaddr.clone(),
-                        "Connected Since (time_t)" => since.to_string(),
-                        "Username" => "UNDEF".into(),
-                        "Bytes Received" | "Bytes Sent" | "Peer ID" => "0".into(),
-                        "Client ID" => (100_000 + i).to_string(),
-                        _ => String::new(),
-                    })
-                    .collect();
-                out.push_str("CLIENT_LIST,");
-                out.push_str(&fields.join(","));
-                out.push('\n');
-            }
+                })
+                .collect();
+            out.push_str("CLIENT_LIST,");
+            out.push_str(&fields.join(","));
+            out.push('\n');
         }
     }
     if !header_seen {
-        return Err(format!(
-            "{}: no HEADER,CLIENT_LIST line",
-            rig.status.display()
-        ));
+        return Err("no HEADER,CLIENT_LIST line (status-version 2 needed)".into());
     }
-    let tmp = rig.merged_status.with_extension("tmp");
-    std::fs::write(&tmp, out).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &rig.merged_status)
-        .map_err(|e| format!("{}: {e}", rig.merged_status.display()))
+    Ok(out)
 }
 
 /// Peak memory of the rig's processes, by role: the largest single process and the largest
@@ -439,4 +462,68 @@ fn ours(pid: u32, conf: &str) -> bool {
                     .trim_end_matches("oar.conf"),
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// OpenVPN 2.6.14's status-version 2, one real client.
+    const REAL: &str = "TITLE,OpenVPN 2.6.14 x86_64-pc-linux-gnu\n\
+TIME,2026-12-03 17:00:00,1764781200\n\
+HEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n\
+CLIENT_LIST,client1,127.0.0.1:40000,10.134.0.2,,100,200,2026-12-03 16:59:00,1764781140,UNDEF,0,0,AES-256-GCM\n\
+HEADER,ROUTING_TABLE,Virtual Address,Common Name,Real Address,Last Ref,Last Ref (time_t)\n\
+GLOBAL_STATS,Max bcast/mcast queue length,0\n\
+END\n";
+
+    fn sim(cn: &str, address: Option<&str>) -> SimSession {
+        SimSession {
+            cn: cn.into(),
+            client_id: 100_007,
+            port: 10_049,
+            since: 1_764_781_190,
+            address: address.map(String::from),
+        }
+    }
+
+    #[test]
+    fn sessions_are_listed_in_the_headers_columns_connecting_without_an_address() {
+        let m = merged(
+            REAL,
+            &[sim("client8", Some("10.134.0.9")), sim("client9", None)],
+        )
+        .unwrap();
+        let lines: Vec<&str> = m.lines().collect();
+        // The real lines are all kept, in order; the sessions follow the header.
+        assert_eq!(lines.len(), REAL.lines().count() + 2);
+        assert_eq!(
+            lines[3],
+            "CLIENT_LIST,client8,127.0.0.1:10049,10.134.0.9,,0,0,,1764781190,UNDEF,100007,0,"
+        );
+        assert_eq!(
+            lines[4],
+            "CLIENT_LIST,client9,127.0.0.1:10049,,,0,0,,1764781190,UNDEF,100007,0,"
+        );
+        assert!(lines[5].starts_with("CLIENT_LIST,client1,"));
+        assert_eq!(lines[1], "TIME,2026-12-03 17:00:00,1764781200");
+    }
+
+    #[test]
+    fn a_status_without_the_client_header_is_refused() {
+        for bad in ["", "TIME,x,1\nEND\n", "CLIENT_LIST,a,b\n"] {
+            let e = merged(bad, &[sim("client8", None)]).unwrap_err();
+            assert!(e.contains("no HEADER,CLIENT_LIST line"), "{bad:?}: {e}");
+        }
+        let twice = format!("{REAL}HEADER,CLIENT_LIST,Common Name\n");
+        assert_eq!(
+            merged(&twice, &[]).unwrap_err(),
+            "two HEADER,CLIENT_LIST lines"
+        );
+    }
+
+    #[test]
+    fn no_sessions_leave_the_status_as_it_was() {
+        assert_eq!(merged(REAL, &[]).unwrap(), REAL);
+    }
 }
