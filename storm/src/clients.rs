@@ -270,7 +270,8 @@ pub fn storm(a: &Args, rig: &Rig, enrolled: &Enrolled) -> Report {
             let (done, last) = {
                 let g = shared.nodes.lock().unwrap();
                 (
-                    g.iter().all(|t| t.absent.is_some()),
+                    // A node never registered has no resource to go Absent (it is lost).
+                    g.iter().all(|t| t.alive.is_none() || t.absent.is_some()),
                     g.iter().filter_map(|t| t.absent).fold(0.0, f64::max),
                 )
             };
@@ -295,7 +296,17 @@ pub fn storm(a: &Args, rig: &Rig, enrolled: &Enrolled) -> Report {
             watch_h.join().expect("the watcher thread"),
             recon_h.join().expect("the reconcile thread"),
             rss_h.join().expect("the RSS thread"),
-            watch::removed(rig, nodes),
+            watch::removed(
+                rig,
+                nodes,
+                &shared
+                    .nodes
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.alive.is_some())
+                    .collect::<Vec<_>>(),
+            ),
         )
     });
     let nodes_t = shared.nodes.into_inner().unwrap();

@@ -205,11 +205,12 @@ pub fn print(a: &Args, rig: &Rig, e: &Enrolled, r: &Report) -> i32 {
         "FIGURE nodes reconcile took down while connected: {taken_connected}; Alive → not Alive while connected (any cause): {flaps}"
     );
     let absent = r.nodes.iter().filter(|t| t.absent.is_some()).count();
+    let registered = r.nodes.iter().filter(|t| t.alive.is_some()).count();
     println!(
         "FIGURE disconnect: {}; removed from OAR: {}",
         match r.all_absent {
-            Some(t) => format!("all {absent} Absent after {t:.1} s"),
-            None => format!("{absent} of {} Absent within the deadline", r.nodes.len()),
+            Some(t) => format!("all {absent} registered nodes Absent after {t:.1} s"),
+            None => format!("{absent} of the {registered} registered Absent within the deadline"),
         },
         r.removed
     );

@@ -97,12 +97,14 @@ fn is_alive(states: Option<&Vec<String>>) -> bool {
     states.is_some_and(|s| s.iter().any(|s| s == "Alive"))
 }
 
-/// How many nodes have no OAR resource at the end (idhal never removes one).
-pub fn removed(rig: &Rig, nodes: &[Node]) -> usize {
+/// How many of the nodes that were registered (`registered[i]`) have no OAR resource at the
+/// end (idhal never removes one).
+pub fn removed(rig: &Rig, nodes: &[Node], registered: &[bool]) -> usize {
     let states = oar_states(rig);
     nodes
         .iter()
-        .filter(|n| !states.contains_key(&n.host))
+        .zip(registered)
+        .filter(|(n, &r)| r && !states.contains_key(&n.host))
         .count()
 }
 
