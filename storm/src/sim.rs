@@ -43,6 +43,15 @@ pub fn connect_all(
 ) {
     let queue: Mutex<VecDeque<(usize, Instant, u32)>> =
         Mutex::new((first..nodes.len()).map(|i| (i, at(i), 0)).collect());
+    // A node starts when it boots (its scheduled time), not when the loop gets to it: the wait
+    // in the queue is part of its connect-to-Alive, as a real client's wait in OpenVPN's is.
+    {
+        let (now, clock) = (Instant::now(), shared.now());
+        let mut g = shared.nodes.lock().unwrap();
+        for i in first..nodes.len() {
+            g[i].start = Some(clock + at(i).saturating_duration_since(now).as_secs_f64());
+        }
+    }
     let give_up = Instant::now() + Duration::from_secs(a.deadline_secs());
     let pending = std::sync::atomic::AtomicUsize::new(nodes.len() - first);
     let tmp = rig.dir.join("sim-tmp");
