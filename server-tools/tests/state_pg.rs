@@ -365,21 +365,21 @@ fn each_wrong_database_is_refused_in_one_clear_line() {
         lines(&o),
         (
             Some(0),
-            format!("{pw_url}: schema migrated from version 0 to 1\n"),
+            format!("{pw_url}: schema migrated from version 0 to 2\n"),
             String::new()
         )
     );
     let o = status(dir, &config, &[], &["db", "migrate"]);
     assert_eq!(
         lines(&o).1,
-        format!("{pw_url}: schema version 1, up to date\n")
+        format!("{pw_url}: schema version 2, up to date\n")
     );
     let o = status(dir, &config, &[], &["db", "status"]);
     assert_eq!(
         lines(&o),
         (
             Some(0),
-            format!("{pw_url}: schema version 1 (this idhal: 1), up to date\n"),
+            format!("{pw_url}: schema version 2 (this idhal: 2), up to date\n"),
             String::new()
         )
     );
@@ -390,7 +390,7 @@ fn each_wrong_database_is_refused_in_one_clear_line() {
         "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
     );
     let newer = format!(
-        "state database {pw_url} has schema version 99; this idhal knows 1 (upgrade idhal)"
+        "state database {pw_url} has schema version 99; this idhal knows 2 (upgrade idhal)"
     );
     let o = status(dir, &config, &[], &["nodes"]);
     assert_eq!(one_line_error(&o), format!("idhal: error: {newer}"));
@@ -431,7 +431,7 @@ fn a_unix_socket_works_too() {
         lines(&o),
         (
             Some(0),
-            format!("{kv}: schema migrated from version 0 to 1\n"),
+            format!("{kv}: schema migrated from version 0 to 2\n"),
             String::new()
         )
     );
@@ -457,7 +457,7 @@ fn db_copy_moves_a_sqlite_state_to_postgresql_where_enrollment_goes_on() {
         out,
         format!(
             "copied 1 project(s), 1 token(s), 2 certificate(s), 2 node(s) from {} to {url} \
-             (schema version 1, next node number 3); set [state] database to use it\n",
+             (schema version 2, next node number 3); set [state] database to use it\n",
             p.state.join("idhal.sqlite").display()
         )
     );
@@ -656,4 +656,104 @@ fn two_servers_keeping_the_crl_fresh_re_sign_once_per_due_time_never_going_back(
     for s in &servers {
         assert!(!s.log().contains("error"), "{}", s.log());
     }
+}
+
+/// The serials `crl.pem` in `dir` lists (openssl), and its number.
+fn crl_listing(dir: &Path) -> (u64, Vec<u64>) {
+    let (good, out) = openssl_try(
+        dir,
+        &[
+            "crl",
+            "-noout",
+            "-text",
+            "-in",
+            dir.join("crl.pem").to_str().unwrap(),
+        ],
+    );
+    assert!(good, "{out}");
+    let mut number = None;
+    let mut serials = Vec::new();
+    let mut lines = out.lines().map(str::trim);
+    while let Some(l) = lines.next() {
+        if l.starts_with("X509v3 CRL Number:") {
+            number = lines.next().map(|n| n.parse().unwrap());
+        } else if let Some(s) = l.strip_prefix("Serial Number: ") {
+            serials.push(u64::from_str_radix(s, 16).unwrap());
+        }
+    }
+    (number.unwrap_or_else(|| panic!("{out}")), serials)
+}
+
+#[test]
+fn a_revocation_through_one_server_reaches_the_crl_of_another_with_its_own_state_dir() {
+    let Some(pg) = shared() else {
+        return;
+    };
+    let url = pg.fresh_db();
+    let config = format!("[state]\ndatabase = \"{url}\"\ncrl_publish_secs = 1\n");
+    let a = Project::new(&config);
+    // Server B: its own --state-dir, holding only the project's keys (no crl.pem yet).
+    let b_dir = tempfile::tempdir().unwrap();
+    let b_state = b_dir.path().join("state");
+    let b_project = b_state.join("projects/default");
+    std::fs::create_dir_all(&b_project).unwrap();
+    for f in ["ca.key", "ca.crt", "enroll.key"] {
+        std::fs::copy(a.ca_dir().join(f), b_project.join(f)).unwrap();
+    }
+    let b_config = b_dir.path().join("server.toml");
+    std::fs::write(&b_config, &config).unwrap();
+    std::fs::create_dir_all(b_dir.path().join("pub")).unwrap();
+    let b = Server::start(&b_state, &b_config, &b_dir.path().join("pub"));
+    // B publishes the database's CRL (number 1, from `ca init` on A) on its own.
+    let b_crl = b_project.join("crl.pem");
+    wait_for(
+        "B's first crl.pem",
+        std::time::Duration::from_secs(60),
+        || b_crl.exists(),
+    );
+    assert_eq!(crl_listing(&b_project), (1, vec![]));
+
+    // A node enrolls through A's server, and is revoked through A's state dir.
+    let a_server = a.serve();
+    let token = a.token(&[]);
+    let r = enroll(&a_server.addr, &a.enroll_key, &token, &NodeKey::random()).unwrap();
+    let revoked = a.idhal(&["revoke", &r.node]);
+    assert!(
+        String::from_utf8_lossy(&revoked.stdout).contains("re-signed"),
+        "{revoked:?}"
+    );
+    assert_eq!(crl_listing(&a.ca_dir()), (2, vec![1]));
+    // B's crl.pem lists it soon, without any file copied; its number never went back.
+    let mut seen = Vec::new();
+    wait_for(
+        "the revocation in B's crl.pem",
+        std::time::Duration::from_secs(60),
+        || {
+            let now = crl_listing(&b_project);
+            seen.push(now.0);
+            now == (2, vec![1])
+        },
+    );
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(
+        b.log()
+            .contains("CRL of project default number 2 published from the state database"),
+        "{}",
+        b.log()
+    );
+    // `idhal crl refresh` on a third state dir pulls it too, once.
+    let c_dir = tempfile::tempdir().unwrap();
+    let c_project = c_dir.path().join("projects/default");
+    std::fs::create_dir_all(&c_project).unwrap();
+    let c_config = c_dir.path().join("server.toml");
+    std::fs::write(&c_config, &config).unwrap();
+    let out = ok(idhal(c_dir.path(), Some(&c_config), &["crl", "refresh"]));
+    assert_eq!(
+        out,
+        "default: CRL not due; crl.pem updated to the database's number 2\n"
+    );
+    assert_eq!(crl_listing(&c_project), (2, vec![1]));
+    let out = ok(idhal(c_dir.path(), Some(&c_config), &["crl", "refresh"]));
+    assert_eq!(out, "default: CRL not due\n");
+    assert!(!b.log().contains("error"), "{}", b.log());
 }

@@ -14,7 +14,10 @@ use idhal_manifest::time::{now, rfc3339};
     long_about = "Re-signs each project's CRL (STATE/projects/P/crl.pem, OpenVPN's crl-verify \
         file) when less than half of [ca] crl_validity is left, or always with --force. A CRL \
         past its nextUpdate makes OpenVPN refuse every node, so run this from a timer (daily is \
-        plenty with the default 30d validity) unless `idhal serve` runs on the same state.\n\n\
+        plenty with the default 30d validity) unless `idhal serve` runs on the same state. \
+        The newest CRL is kept in the state database: each run also replaces crl.pem with it \
+        when the database's CRL number is above the file's (a revocation made on another \
+        server), atomically; the number on disk never goes back.\n\n\
         Exit codes: 0 done; 1 error; 2 usage or config error.",
     after_help = "Example: idhal crl refresh --state-dir /var/lib/idhal-server"
 )]
@@ -40,10 +43,14 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
     };
     let Command::Refresh { force } = args.command;
     let mut db = state::open(&cfg, &global.state_dir, Open::Existing)?;
-    for (project, outcome) in refresh_due(db.as_mut(), &global.state_dir, &cfg, now(), force)? {
-        match outcome {
-            Some(next) => println!("{project}: CRL re-signed, valid until {}", rfc3339(next)),
-            None => println!("{project}: CRL not due"),
+    for r in refresh_due(db.as_mut(), &global.state_dir, &cfg, now(), force)? {
+        let project = &r.project;
+        match (r.resigned_until, r.published) {
+            (Some(next), _) => println!("{project}: CRL re-signed, valid until {}", rfc3339(next)),
+            (None, Some(n)) => {
+                println!("{project}: CRL not due; crl.pem updated to the database's number {n}")
+            }
+            (None, None) => println!("{project}: CRL not due"),
         }
     }
     Ok(Exit::Ok)

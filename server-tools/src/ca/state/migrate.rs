@@ -14,11 +14,18 @@ pub struct Migration {
 }
 
 /// Every step, oldest first. Append only: a released step is never edited.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sqlite: V1_SQLITE,
-    postgres: V1_POSTGRES,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sqlite: V1_SQLITE,
+        postgres: V1_POSTGRES,
+    },
+    Migration {
+        version: 2,
+        sqlite: V2_SQLITE,
+        postgres: V2_POSTGRES,
+    },
+];
 
 /// The version this idhal reads and writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -125,6 +132,12 @@ CREATE TABLE nodes (
 );
 INSERT INTO meta (key, value) VALUES ('next_node', 1);
 ";
+
+/// The newest CRL of each project, beside its number: every server publishes it to its own
+/// crl.pem, so servers that do not share `--state-dir` need no copying. Empty until the first
+/// re-signing after the upgrade (which an empty one makes due).
+const V2_SQLITE: &str = "ALTER TABLE projects ADD COLUMN crl_pem TEXT NOT NULL DEFAULT '';";
+const V2_POSTGRES: &str = "ALTER TABLE projects ADD COLUMN crl_pem TEXT NOT NULL DEFAULT '';";
 
 /// Records `version` in `meta` (both dialects): the last statement of each step's transaction.
 pub(crate) const SET_VERSION_SQLITE: &str =

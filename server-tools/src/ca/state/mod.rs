@@ -154,8 +154,9 @@ pub enum Resign {
     IfDue { validity: u64 },
 }
 
-/// Signs and publishes a CRL: its number, then every revoked certificate (serial, time).
-pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<(), ProjectError>;
+/// Signs a CRL given its number and every revoked certificate (serial, time); returns its PEM,
+/// which the store keeps with the number.
+pub type SignCrl<'a> = &'a mut dyn FnMut(u64, &[(u64, u64)]) -> Result<String, ProjectError>;
 
 /// Accepts or refuses a new project given every existing one.
 pub type CheckProjects<'a> = &'a mut dyn FnMut(&[ProjectRow]) -> Result<(), ProjectError>;
@@ -365,11 +366,12 @@ pub trait StateStore: Send {
     /// Writes every row of `snapshot` and its counters, in one transaction; refused unless
     /// this database is empty and at the snapshot's schema version.
     fn import(&mut self, snapshot: &Snapshot) -> Result<(), StateError>;
-    /// Takes `project`'s next CRL number, sets its nextUpdate to `next_update`, and calls `sign`
+    /// Takes `project`'s next CRL number, sets its nextUpdate to `next_update`, calls `sign`
     /// with that number and every revoked certificate (serial, time) not expired at `now`, in
-    /// serial order. One transaction, serialised with every other re-signing of the project:
-    /// committed only when `sign` succeeds. Returns the number, or `None` when `when` found it
-    /// not due.
+    /// serial order, and stores the PEM it returns as the project's newest CRL. One
+    /// transaction, serialised with every other re-signing of the project: committed only when
+    /// `sign` succeeds. Returns the number, or `None` when `when` found it not due (a project
+    /// with no stored CRL yet is always due).
     fn resign_crl(
         &mut self,
         project: &str,
@@ -378,6 +380,8 @@ pub trait StateStore: Send {
         when: Resign,
         sign: SignCrl<'_>,
     ) -> Result<Option<u64>, ProjectError>;
+    /// `project`'s newest CRL: its number and PEM, or `None` if none is stored yet (read).
+    fn newest_crl(&mut self, project: &str) -> Result<Option<(u64, String)>, StateError>;
 }
 
 impl Resign {

@@ -845,14 +845,14 @@ impl StateStore for PgStore {
             &[&lock_key(CRL_LOCK, project)],
         )
         .map_err(&err)?;
-        let current: i64 = tx
+        let r = tx
             .query_one(
-                "SELECT crl_next_update FROM projects WHERE name = $1",
+                "SELECT crl_next_update, crl_pem = '' FROM projects WHERE name = $1",
                 &[&project],
             )
-            .map_err(&err)?
-            .get(0);
-        if !when.due(current as u64, now) {
+            .map_err(&err)?;
+        let (current, none_stored): (i64, bool) = (r.get(0), r.get(1));
+        if !none_stored && !when.due(current as u64, now) {
             return Ok(None);
         }
         let number: i64 = tx
@@ -874,9 +874,25 @@ impl StateStore for PgStore {
             .iter()
             .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
             .collect();
-        sign(number as u64, &revoked)?;
+        let pem = sign(number as u64, &revoked)?;
+        tx.execute(
+            "UPDATE projects SET crl_pem = $2 WHERE name = $1",
+            &[&project, &pem],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(Some(number as u64))
+    }
+
+    fn newest_crl(&mut self, project: &str) -> Result<Option<(u64, String)>, StateError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT crl_number, crl_pem FROM projects WHERE name = $1 AND crl_pem <> ''",
+                &[&project],
+            )
+            .map_err(pg_err(&self.url))?;
+        Ok(row.map(|r| (r.get::<_, i64>(0) as u64, r.get(1))))
     }
 }
 

@@ -618,14 +618,14 @@ impl StateStore for Db {
     ) -> Result<Option<u64>, ProjectError> {
         // BEGIN IMMEDIATE: one re-signing at a time across processes, and "due?" read inside.
         self.immediate(|tx, err| {
-            let current: i64 = tx
+            let (current, none_stored): (i64, bool) = tx
                 .query_row(
-                    "SELECT crl_next_update FROM projects WHERE name = ?1",
+                    "SELECT crl_next_update, crl_pem = '' FROM projects WHERE name = ?1",
                     [project],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(err)?;
-            if !when.due(current as u64, now) {
+            if !none_stored && !when.due(current as u64, now) {
                 return Ok(None);
             }
             let number: i64 = tx
@@ -650,9 +650,26 @@ impl StateStore for Db {
                 .map_err(err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(err)?;
-            sign(number as u64, &revoked)?;
+            drop(stmt);
+            let pem = sign(number as u64, &revoked)?;
+            tx.execute(
+                "UPDATE projects SET crl_pem = ?2 WHERE name = ?1",
+                params![project, pem],
+            )
+            .map_err(err)?;
             Ok(Some(number as u64))
         })
+    }
+
+    fn newest_crl(&mut self, project: &str) -> Result<Option<(u64, String)>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT crl_number, crl_pem FROM projects WHERE name = ?1 AND crl_pem <> ''",
+                [project],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
     }
 }
 

@@ -212,7 +212,7 @@ both! {
         let mut listed = Vec::new();
         s.resign_crl("p", 40, 1000, Resign::Always, &mut |_, r| {
             listed = r.to_vec();
-            Ok(())
+            Ok(String::new())
         })
         .unwrap();
         assert_eq!(listed, [(1, 20)]);
@@ -265,7 +265,7 @@ both! {
 
     fn crl_numbers_grow_and_roll_back_and_due_is_checked_inside(s, _c) {
         s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
-        let mut sign_ok = |_: u64, _: &[(u64, u64)]| Ok(());
+        let mut sign_ok = |n: u64, _: &[(u64, u64)]| Ok(format!("crl {n}"));
         assert_eq!(s.resign_crl("p", 100, 1100, Resign::Always, &mut sign_ok).unwrap(), Some(1));
         // Valid until 1100 with a validity of 1000: due once less than 500 is left.
         let due = Resign::IfDue { validity: 1000 };
@@ -391,7 +391,7 @@ both! {
                             .resign_crl("p", 10, 1000, Resign::Always, &mut |n, _| {
                                 // Inside the lock: the order numbers are published in.
                                 signed.lock().unwrap().push(n);
-                                Ok(())
+                                Ok(format!("crl {n}"))
                             })
                             .unwrap();
                     }
@@ -414,7 +414,7 @@ both! {
                         .resign_crl("p", 900, 1900, due, &mut |_, _| {
                             // Signing takes a while: the others are at the door meanwhile.
                             std::thread::sleep(std::time::Duration::from_millis(100));
-                            Ok(())
+                            Ok("crl".into())
                         })
                         .unwrap()
                 })
@@ -425,36 +425,58 @@ both! {
     }
 
     fn migrations_apply_in_order_each_in_its_own_transaction(s, _c) {
-        assert_eq!(s.schema_version().unwrap(), 1);
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         require_current(s).unwrap();
-        let steps = [
-            MIGRATIONS[0],
-            Migration {
-                version: 2,
-                sqlite: "CREATE TABLE extra (v INTEGER); INSERT INTO extra VALUES (2);",
-                postgres: "CREATE TABLE extra (v BIGINT); INSERT INTO extra VALUES (2);",
-            },
-            Migration {
-                version: 3,
-                sqlite: "CREATE TABLE later (v INTEGER); THIS IS NOT SQL;",
-                postgres: "CREATE TABLE later (v BIGINT); THIS IS NOT SQL;",
-            },
-        ];
-        // Step 3 fails: step 2 stays committed, step 3 left nothing behind.
+        let (next, after) = (SCHEMA_VERSION + 1, SCHEMA_VERSION + 2);
+        let mut steps = MIGRATIONS.to_vec();
+        steps.push(Migration {
+            version: next,
+            sqlite: "CREATE TABLE extra (v INTEGER); INSERT INTO extra VALUES (2);",
+            postgres: "CREATE TABLE extra (v BIGINT); INSERT INTO extra VALUES (2);",
+        });
+        steps.push(Migration {
+            version: after,
+            sqlite: "CREATE TABLE later (v INTEGER); THIS IS NOT SQL;",
+            postgres: "CREATE TABLE later (v BIGINT); THIS IS NOT SQL;",
+        });
+        // The last step fails: the one before stays committed, the last left nothing behind.
         assert!(migrate(s, &steps).is_err());
-        assert_eq!(s.schema_version().unwrap(), 2);
-        assert!(!s.apply_migration(&steps[1]).unwrap(), "applied twice");
-        // This idhal knows version 1: a database at 2 is refused, not downgraded.
+        assert_eq!(s.schema_version().unwrap(), next);
+        assert!(!s.apply_migration(&steps[steps.len() - 2]).unwrap(), "applied twice");
+        // A database newer than this idhal is refused, not downgraded.
         match require_current(s) {
-            Err(e @ StateError::Newer { found: 2, .. }) => assert!(
-                e.to_string().ends_with("has schema version 2; this idhal knows 1 (upgrade idhal)"),
+            Err(e @ StateError::Newer { found, .. }) if found == next => assert!(
+                e.to_string().ends_with(&format!(
+                    "has schema version {next}; this idhal knows {SCHEMA_VERSION} (upgrade idhal)"
+                )),
                 "{e}"
             ),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(migrate(s, MIGRATIONS), Err(StateError::Newer { found: 2, .. })));
-        let ok_steps = [steps[0], steps[1]];
-        assert_eq!(migrate(s, &ok_steps).unwrap(), migrate::Migrated { from: 2, to: 2 });
+        assert!(matches!(migrate(s, MIGRATIONS), Err(StateError::Newer { found, .. }) if found == next));
+        let ok_steps = &steps[..steps.len() - 1];
+        assert_eq!(migrate(s, ok_steps).unwrap(), migrate::Migrated { from: next, to: next });
+    }
+
+    fn the_newest_crl_is_kept_with_its_number_and_one_missing_is_due(s, connect) {
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+        assert_eq!(s.newest_crl("p").unwrap(), None);
+        assert_eq!(s.newest_crl("nope").unwrap(), None);
+        // None stored yet (a database from before version 2): due even when the time is not.
+        let due = Resign::IfDue { validity: 1000 };
+        s.resign_crl("p", 100, 1100, due, &mut |n, _| Ok(format!("crl {n}"))).unwrap();
+        assert_eq!(s.newest_crl("p").unwrap(), Some((1, "crl 1".into())));
+        assert_eq!(s.resign_crl("p", 101, 1101, due, &mut |_, _| panic!("signed")).unwrap(), None);
+        // A failed signing keeps the one before, number and PEM together.
+        assert!(s
+            .resign_crl("p", 102, 1102, Resign::Always, &mut |_, _| {
+                Err(ProjectError::NoProject("signing failed".into()))
+            })
+            .is_err());
+        assert_eq!(s.newest_crl("p").unwrap(), Some((1, "crl 1".into())));
+        s.resign_crl("p", 103, 1103, Resign::Always, &mut |n, _| Ok(format!("crl {n}"))).unwrap();
+        // Every other server reads it from the database.
+        assert_eq!(connect().newest_crl("p").unwrap(), Some((2, "crl 2".into())));
     }
 }
 
@@ -469,7 +491,10 @@ fn an_empty_database_is_refused_until_migrated() {
     let mut db = Db::open(dir.path(), Open::Migrate).unwrap();
     assert_eq!(
         migrate(&mut db, MIGRATIONS).unwrap(),
-        migrate::Migrated { from: 0, to: 1 }
+        migrate::Migrated {
+            from: 0,
+            to: SCHEMA_VERSION
+        }
     );
     Db::open(dir.path(), Open::Existing).unwrap();
 }
@@ -536,7 +561,7 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
         &mut |_| Ok(()),
     )
     .unwrap();
-    s.resign_crl("p", 30, 1000, Resign::Always, &mut |_, _| Ok(()))
+    s.resign_crl("p", 30, 1000, Resign::Always, &mut |_, _| Ok("crl".into()))
         .unwrap();
     let snap = s.export().unwrap();
     assert_eq!(
@@ -590,10 +615,10 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
     assert!(matches!(
         other.import(&newer),
         Err(StateError::CopyVersion {
-            found: 1,
-            source_version: 2,
+            found: SCHEMA_VERSION,
+            source_version,
             ..
-        })
+        }) if source_version == SCHEMA_VERSION + 1
     ));
     assert_eq!(other.export().unwrap().projects.len(), 0);
 
