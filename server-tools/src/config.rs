@@ -499,6 +499,9 @@ pub struct StateSection {
     /// How long connecting to PostgreSQL may take, answer included (a server that accepts
     /// and never answers is given up on after this).
     pub connect_timeout_secs: u64,
+    /// How long one PostgreSQL statement may run, lock waits included (`SET
+    /// statement_timeout` on every connection; at least 100).
+    pub statement_timeout_ms: u64,
     /// How often `idhal serve` looks for a newer CRL in the database (signed by another
     /// server) to publish to its crl.pem.
     pub crl_publish_secs: u64,
@@ -511,6 +514,7 @@ impl Default for StateSection {
             password_file: None,
             max_connections: 8,
             connect_timeout_secs: 10,
+            statement_timeout_ms: 10_000,
             crl_publish_secs: 10,
         }
     }

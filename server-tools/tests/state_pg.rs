@@ -757,3 +757,76 @@ fn a_revocation_through_one_server_reaches_the_crl_of_another_with_its_own_state
     assert_eq!(out, "default: CRL not due\n");
     assert!(!b.log().contains("error"), "{}", b.log());
 }
+
+/// Runs `cmd` to its end, failing the test (the child killed) if it has not ended by `limit`.
+fn output_within(cmd: &mut std::process::Command, limit: std::time::Duration) -> Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if began.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{cmd:?} still running after {limit:?}: it hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_lock_held_elsewhere_fails_a_command_and_an_enrollment_within_the_statement_timeout() {
+    let Some(pg) = shared() else {
+        return;
+    };
+    let url = pg.fresh_db();
+    let p = Project::new(&format!(
+        "[state]\ndatabase = \"{url}\"\nstatement_timeout_ms = 500\n"
+    ));
+    let token = p.token(&[]);
+    let server = p.serve();
+    // Another session holds the tokens table (a stuck migration, a frozen admin's psql).
+    let mut holder = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut held = holder.transaction().unwrap();
+    held.batch_execute("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let stalled = format!(
+        "state database {url}: canceling statement due to statement timeout ([state] \
+         statement_timeout_ms): is the database stalled, or is a lock held elsewhere?"
+    );
+    let began = std::time::Instant::now();
+    let o = output_within(
+        std::process::Command::new(IDHAL)
+            .arg("--state-dir")
+            .arg(&p.state)
+            .arg("--config")
+            .arg(&p.config)
+            .args(["token", "list"]),
+        std::time::Duration::from_secs(60),
+    );
+    eprintln!(
+        "`idhal token list` behind a held lock gave up after {:.2} s",
+        began.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        lines(&o),
+        (Some(1), String::new(), format!("idhal: error: {stalled}\n"))
+    );
+    // An enrollment is answered (500, the reason in the server's log), not left hanging.
+    let began = std::time::Instant::now();
+    let refused = enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap_err();
+    eprintln!(
+        "an enrollment behind a held lock was answered after {:.2} s",
+        began.elapsed().as_secs_f64()
+    );
+    assert_eq!(refused, (500, "internal error".into()));
+    assert!(server.log().contains(&stalled), "{}", server.log());
+    // Released: both work again (the server reconnects).
+    held.rollback().unwrap();
+    assert!(ok(p.idhal(&["token", "list"])).contains(&token.id.to_string()));
+    let r = enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap();
+    assert_eq!(r.node, "client1");
+}

@@ -80,7 +80,10 @@ pub fn open(
         Some(url) => Ok(Box::new(postgres::PgStore::connect_within(
             url,
             cfg.state.password_file.as_deref(),
-            std::time::Duration::from_secs(cfg.state.connect_timeout_secs.max(1)),
+            postgres::Timeouts {
+                connect: std::time::Duration::from_secs(cfg.state.connect_timeout_secs.max(1)),
+                statement: std::time::Duration::from_millis(cfg.state.statement_timeout_ms),
+            },
             mode,
         )?)),
         None => Ok(Box::new(Db::open(state_dir, mode)?)),

@@ -25,6 +25,29 @@ use std::time::Duration;
 /// How long connecting may take before the command (or enrollment) fails, when the config does
 /// not say (`[state] connect_timeout_secs`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one statement may run, lock waits included, when the config does not say
+/// (`[state] statement_timeout_ms`).
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest statement timeout set: below it, ordinary statements on a busy machine fail.
+pub const MIN_STATEMENT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How long PostgreSQL may keep idhal waiting: to connect (answer included), and for each
+/// statement (`SET statement_timeout` on every connection), so a frozen server or a lock
+/// held elsewhere fails a hook or an enrollment in one line instead of hanging it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub statement: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: CONNECT_TIMEOUT,
+            statement: STATEMENT_TIMEOUT,
+        }
+    }
+}
 
 /// Advisory lock taken by each migration step (two servers starting at once apply it once).
 const MIGRATE_LOCK: i64 = 0x6964_6861_6c00_0001; // "idhal" 0 1
@@ -68,6 +91,12 @@ pub fn redact(url: &str) -> String {
 /// PostgreSQL's own words for `e`: the server's message, or why the connection failed.
 fn reason(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
+        if db.code() == &SqlState::QUERY_CANCELED {
+            return format!(
+                "{} ([state] statement_timeout_ms): is the database stalled, or is a lock held elsewhere?",
+                db.message()
+            );
+        }
         return db.message().to_owned();
     }
     let mut line = e.to_string();
@@ -105,16 +134,18 @@ impl PgStore {
         password_file: Option<&Path>,
         mode: Open,
     ) -> Result<PgStore, StateError> {
-        Self::connect_within(url, password_file, CONNECT_TIMEOUT, mode)
+        Self::connect_within(url, password_file, Timeouts::default(), mode)
     }
 
-    /// `connect`, giving up after `timeout` (connection and PostgreSQL's answer).
+    /// `connect`, giving up after `timeouts.connect` (connection and PostgreSQL's answer),
+    /// each statement then limited to `timeouts.statement`.
     pub fn connect_within(
         url: &str,
         password_file: Option<&Path>,
-        timeout: Duration,
+        timeouts: Timeouts,
         mode: Open,
     ) -> Result<PgStore, StateError> {
+        let timeout = timeouts.connect;
         let shown = redact(url);
         let refuse = |why: &str| StateError::Config {
             url: shown.clone(),
@@ -183,6 +214,18 @@ impl PgStore {
             }
         };
         let mut store = PgStore { client, url: shown };
+        // PostgreSQL takes at most i32::MAX ms (24 days); 0 would mean "for ever".
+        let statement = timeouts
+            .statement
+            .clamp(
+                MIN_STATEMENT_TIMEOUT,
+                Duration::from_millis(i32::MAX as u64),
+            )
+            .as_millis();
+        store
+            .client
+            .batch_execute(&format!("SET statement_timeout = {statement}"))
+            .map_err(pg_err(&store.url))?;
         match mode {
             Open::Create => migrate(&mut store, MIGRATIONS).map(|_| ())?,
             Open::Existing => require_current(&mut store)?,
