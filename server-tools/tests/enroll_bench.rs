@@ -1,6 +1,6 @@
 //! Benchmark that prints figures (never timed assertions): enrollments per second through the
 //! real `idhal serve` (HTTP/1.0, one connection per request like the agent; every enrollment a
-//! durable SQLite transaction, a certificate and a ccd file). Requests are built before the
+//! durable SQLite transaction and a certificate). Requests are built before the
 //! clock starts. Run with
 //! `cargo test --release -p idhal-server-tools --test enroll_bench -- --ignored --nocapture`.
 

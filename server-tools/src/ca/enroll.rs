@@ -11,9 +11,7 @@ use crate::ca::db::{DbError, Open};
 use crate::ca::pki::{Leaf, NodePublicKey, ProjectCa, Role};
 use crate::ca::state::{self, Claim, StateStore, TokenInfo};
 use crate::config::{CaSection, ServerConfig};
-use crate::names::Ipv4Net;
 use crate::openvpn::config::client_config;
-use crate::publish::write_atomic;
 use idhal_manifest::enroll::{EnrollError, Request, Response};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -237,7 +235,8 @@ impl Enroller {
         })
     }
 
-    /// The one transaction: token use, node id, address, serial, certificate, ccd entry.
+    /// The one transaction: token use, node id, address, serial, certificate. Nothing is
+    /// written to disk: OpenVPN's connect hook reads the address from the state database.
     fn allocate(
         &self,
         db: &mut dyn StateStore,
@@ -256,39 +255,19 @@ impl Enroller {
             now,
             not_after: now + validity,
         };
-        let e = db.enroll(
-            &claim,
-            &mut |a| {
-                ca.issue(
-                    &Leaf {
-                        role: Role::Node,
-                        cn: &a.node,
-                        serial: a.serial,
-                        not_before: now.saturating_sub(300),
-                        not_after: now + validity,
-                    },
-                    key,
-                )
-                .map_err(internal)
-            },
-            // Before the commit: a crash in between leaves an entry for an id the next enrollment
-            // reuses (and overwrites), never an enrolled node without its address.
-            &mut |a| write_ccd(ca, &a.node, a.address, &a.pool).map_err(internal),
-        )?;
+        let e = db.enroll(&claim, &mut |a| {
+            ca.issue(
+                &Leaf {
+                    role: Role::Node,
+                    cn: &a.node,
+                    serial: a.serial,
+                    not_before: now.saturating_sub(300),
+                    not_after: now + validity,
+                },
+                key,
+            )
+            .map_err(internal)
+        })?;
         Ok((e.node, e.address, e.pem, e.fresh))
     }
-}
-
-/// The node's fixed address for OpenVPN (`client-config-dir`, `ccd-exclusive`).
-pub fn write_ccd(
-    ca: &ProjectCa,
-    node: &str,
-    address: Ipv4Addr,
-    pool: &Ipv4Net,
-) -> Result<(), crate::publish::PublishError> {
-    write_atomic(
-        &ca.paths.ccd().join(node),
-        format!("ifconfig-push {address} {}\n", pool.netmask()).as_bytes(),
-        0o644,
-    )
 }

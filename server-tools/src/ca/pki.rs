@@ -2,7 +2,7 @@
 //! set here, nothing copied from a request), CRLs, and the project's enrollment key.
 //!
 //! Layout under `STATE/projects/NAME/`: `ca.key` (0600), `ca.crt`, `enroll.key` (0600),
-//! `crl.pem`, `ccd/` (OpenVPN client-config-dir), `servers/NAME.{key,crt}`.
+//! `crl.pem`, `servers/NAME.{key,crt}`.
 
 use crate::openvpn::config::ServerFiles;
 use crate::publish::{write_atomic, write_new, PublishError};
@@ -57,9 +57,6 @@ impl ProjectDir {
     pub fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")
     }
-    pub fn ccd(&self) -> PathBuf {
-        self.dir.join("ccd")
-    }
     pub fn servers(&self) -> PathBuf {
         self.dir.join("servers")
     }
@@ -69,7 +66,6 @@ impl ProjectDir {
         ServerFiles {
             ca_cert: self.ca_cert(),
             crl: self.crl(),
-            ccd: self.ccd(),
             cert: servers.join(format!("{name}.crt")),
             key: servers.join(format!("{name}.key")),
         }
@@ -131,7 +127,7 @@ impl ProjectCa {
     /// existing one is an error (a second CA for the project would orphan every node).
     pub fn create(state_dir: &Path, project: &str, now: u64) -> Result<ProjectCa, CaError> {
         let paths = ProjectDir::new(state_dir, project);
-        for dir in [&paths.dir, &paths.ccd(), &paths.servers()] {
+        for dir in [&paths.dir, &paths.servers()] {
             std::fs::create_dir_all(dir).map_err(|source| CaError::Read {
                 path: dir.clone(),
                 source,

@@ -1,6 +1,7 @@
 //! Revocation: the node and its certificate marked revoked in one transaction (`mark_node`),
-//! then the project's CRL re-signed and the node's client-config-dir entry removed
-//! (`cut_off`); `openvpn::management::kill_everywhere` drops its live sessions.
+//! then the project's CRL re-signed and published (`cut_off`);
+//! `openvpn::management::kill_everywhere` drops its live sessions. The connect hook refuses the
+//! node from the database's mark even before OpenVPN re-reads the CRL.
 
 use crate::ca::crl;
 use crate::ca::db::NodeRow;
@@ -9,7 +10,6 @@ use crate::ca::state::StateStore;
 use crate::ca::ProjectError;
 use crate::config::ServerConfig;
 use crate::names::NodeId;
-use crate::publish::remove_durably;
 use std::path::{Path, PathBuf};
 
 /// What `mark_node` found.
@@ -43,8 +43,8 @@ pub struct CutOff {
     pub crl_until: u64,
 }
 
-/// Re-signs `node`'s project CRL at once (OpenVPN's crl-verify reads it on the next handshake)
-/// and removes the node's client-config-dir entry (ccd-exclusive refuses it even before that).
+/// Re-signs `node`'s project CRL at once (OpenVPN's crl-verify reads it on the next handshake;
+/// the other servers publish it from the database).
 pub fn cut_off(
     db: &mut dyn StateStore,
     state_dir: &Path,
@@ -54,7 +54,6 @@ pub fn cut_off(
 ) -> Result<CutOff, ProjectError> {
     let ca = ProjectCa::load(state_dir, &node.project)?;
     let crl_until = crl::regenerate(db, &ca, cfg, now)?;
-    remove_durably(&ca.paths.ccd().join(&node.id))?;
     Ok(CutOff {
         crl: ca.paths.crl(),
         crl_until,
@@ -117,12 +116,8 @@ mod tests {
             now: t0,
             not_after: 4_000_000_000,
         };
-        let e = db
-            .enroll(&claim, &mut |_| Ok(String::new()), &mut |_| Ok(()))
-            .unwrap();
+        let e = db.enroll(&claim, &mut |_| Ok(String::new())).unwrap();
         assert_eq!(e.node, "client1");
-        let ccd = created.ca.paths.ccd().join("client1");
-        std::fs::write(&ccd, "ifconfig-push 10.134.0.2 255.255.0.0\n").unwrap();
         let id = node_id("client1").unwrap();
 
         match mark_node(db.as_mut(), &node_id("client2").unwrap(), t0) {
@@ -145,8 +140,7 @@ mod tests {
         let cut = cut_off(db.as_mut(), state, &cfg, &row, t0 + 20).unwrap();
         assert_eq!(cut.crl, created.ca.paths.crl());
         assert_eq!(db.project("p").unwrap().unwrap().crl_number, before + 1);
-        assert!(!ccd.exists());
-        // Again (the ccd entry already gone): still fine, the CRL re-signed once more.
+        // Again: still fine, the CRL re-signed once more.
         cut_off(db.as_mut(), state, &cfg, &row, t0 + 30).unwrap();
         assert_eq!(db.project("p").unwrap().unwrap().crl_number, before + 2);
     }

@@ -1,6 +1,6 @@
 //! `idhal revoke NODE`: marks the node and its certificate revoked, re-signs the project's CRL
-//! at once, removes its client-config-dir entry, and drops its live session from every
-//! configured OpenVPN management interface (not at the next renegotiation).
+//! at once, and drops its live session from every configured OpenVPN management interface
+//! (not at the next renegotiation).
 
 use crate::ca::db::Open;
 use crate::ca::revoke::{self, Marked};
@@ -14,8 +14,9 @@ use idhal_manifest::time::{now, rfc3339};
 #[command(
     about = "Revoke a node: CRL re-signed now, session dropped now",
     long_about = "Revokes NODE's certificate: the node is marked revoked, the project's CRL is \
-        re-signed at once (OpenVPN's crl-verify re-reads it on the next handshake), the node's \
-        client-config-dir entry is removed (ccd-exclusive refuses it even before that), and its \
+        re-signed at once (OpenVPN's crl-verify re-reads it on the next handshake; other servers \
+        publish it from the state database; the connect hook refuses the node from the \
+        database's mark even before that), and its \
         session is killed through each OpenVPN management interface in [openvpn] management \
         (with the password in [openvpn] management_password_file, default \
         STATE/projects/PROJECT/management.pw), so a connected node is dropped within seconds \

@@ -48,11 +48,6 @@ fn plain(path: &Path) -> Result<String, RenderError> {
 pub struct ServerFiles {
     pub ca_cert: PathBuf,
     pub crl: PathBuf,
-    #[expect(
-        dead_code,
-        reason = "enrollment still writes the ccd (ca/); the server config no longer names it"
-    )]
-    pub ccd: PathBuf,
     /// This server's certificate and key.
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -198,7 +193,6 @@ mod tests {
         ServerFiles {
             ca_cert: dir.join("ca.crt"),
             crl: dir.join("crl.pem"),
-            ccd: dir.join("ccd"),
             cert: dir.join("servers/vpn1.crt"),
             key: dir.join("servers/vpn1.key"),
         }

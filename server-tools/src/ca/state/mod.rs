@@ -19,7 +19,6 @@ use crate::ca::db::{Db, NodeRow, Open, ProjectRow};
 use crate::ca::enroll::Refusal;
 use crate::ca::ProjectError;
 use crate::config::ServerConfig;
-use crate::names::Ipv4Net;
 pub use migrate::SCHEMA_VERSION;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -181,13 +180,11 @@ pub struct Claim<'a> {
     pub not_after: u64,
 }
 
-/// What the store handed out to a new node: its id, address (in `pool`) and certificate serial.
+/// What the store handed out to a new node for its certificate: its id and serial.
 #[derive(Debug, Clone)]
 pub struct Allocation {
     pub node: String,
-    pub address: Ipv4Addr,
     pub serial: u64,
-    pub pool: Ipv4Net,
 }
 
 /// The node enrolled: new (`fresh`), or the same key's earlier enrollment with the same token.
@@ -201,8 +198,6 @@ pub struct Enrollment {
 
 /// Signs a new node's certificate (returns its PEM).
 pub type SignNode<'a> = &'a mut dyn FnMut(&Allocation) -> Result<String, Refusal>;
-/// Writes what the node needs on disk before the transaction commits.
-pub type PublishNode<'a> = &'a mut dyn FnMut(&Allocation) -> Result<(), Refusal>;
 
 /// A token to store: only its verifier, never its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,14 +318,10 @@ pub trait StateStore: Send {
     fn project(&mut self, name: &str) -> Result<Option<ProjectRow>, StateError>;
     /// Enrolls: the key's earlier enrollment with this token if any (refused with another token
     /// or when revoked); else claims one use of the token (refused when used up or expired),
-    /// takes the next node number, address and serial, has `sign` make the certificate, records
-    /// certificate and node, and calls `publish`. One transaction, committed only when all succeed.
-    fn enroll(
-        &mut self,
-        claim: &Claim<'_>,
-        sign: SignNode<'_>,
-        publish: PublishNode<'_>,
-    ) -> Result<Enrollment, Refusal>;
+    /// takes the next node number, address and serial, has `sign` make the certificate, and
+    /// records certificate and node. One transaction, committed only when all succeed. Nothing
+    /// goes to disk: OpenVPN's connect hook reads the address from here.
+    fn enroll(&mut self, claim: &Claim<'_>, sign: SignNode<'_>) -> Result<Enrollment, Refusal>;
     /// Stores a new project `name` with `pool`, its counters at their start (host 2, serial 1,
     /// CRL 0), once `check` accepts the projects there are (read in the same transaction, one
     /// creation at a time: two overlapping pools created at once cannot both pass); refused if

@@ -8,9 +8,9 @@
 
 use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign,
-    SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode,
-    StoredToken, TokenInfo, TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, Resign, SignCert, SignCrl,
+    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
+    TokenRecord,
 };
 use crate::ca::db::{NodeRow, Open, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -473,12 +473,7 @@ impl StateStore for PgStore {
         Ok(serial as u64)
     }
 
-    fn enroll(
-        &mut self,
-        claim: &Claim<'_>,
-        sign: SignNode<'_>,
-        publish: PublishNode<'_>,
-    ) -> Result<Enrollment, Refusal> {
+    fn enroll(&mut self, claim: &Claim<'_>, sign: SignNode<'_>) -> Result<Enrollment, Refusal> {
         let err = pg_err(&self.url);
         let mut tx = self.client.transaction().map_err(&err)?;
         // Locks are taken in one order (token, meta, project) by every enrollment: no deadlock.
@@ -556,9 +551,7 @@ impl StateStore for PgStore {
             .ok_or_else(|| Refusal::PoolExhausted(pool.to_string()))?;
         let allocation = Allocation {
             node: format!("client{num}"),
-            address,
             serial: serial as u64,
-            pool,
         };
         let pem = sign(&allocation)?;
         let node = &allocation.node;
@@ -599,7 +592,6 @@ impl StateStore for PgStore {
             }
             other => other.map_err(&err)?,
         };
-        publish(&allocation)?;
         tx.commit().map_err(&err)?;
         Ok(Enrollment {
             node: allocation.node,

@@ -2,9 +2,9 @@
 
 use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, PublishNode, Resign,
-    SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode,
-    StoredToken, TokenInfo, TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, Resign, SignCert, SignCrl,
+    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
+    TokenRecord,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -206,12 +206,7 @@ impl StateStore for Db {
         })
     }
 
-    fn enroll(
-        &mut self,
-        claim: &Claim<'_>,
-        sign: SignNode<'_>,
-        publish: PublishNode<'_>,
-    ) -> Result<Enrollment, Refusal> {
+    fn enroll(&mut self, claim: &Claim<'_>, sign: SignNode<'_>) -> Result<Enrollment, Refusal> {
         self.immediate(|tx, err| {
             let existing = tx
                 .query_row(
@@ -290,9 +285,7 @@ impl StateStore for Db {
             let node = format!("client{num}");
             let allocation = Allocation {
                 node,
-                address,
                 serial: serial as u64,
-                pool,
             };
             let pem = sign(&allocation)?;
             let Allocation { node, .. } = &allocation;
@@ -326,7 +319,6 @@ impl StateStore for Db {
                 ],
             )
             .map_err(err)?;
-            publish(&allocation)?;
             Ok(Enrollment {
                 node: allocation.node,
                 address,

@@ -72,18 +72,16 @@ fn claim<'a>(token: &'a str, key: &'a [u8], now: u64) -> Claim<'a> {
     }
 }
 
-/// Enrolls `key` with `token`, signing "pem SERIAL" and publishing nothing.
+/// Enrolls `key` with `token`, signing "pem SERIAL".
 fn enroll(
     s: &mut dyn StateStore,
     token: &str,
     key: &[u8],
     now: u64,
 ) -> Result<Enrollment, Refusal> {
-    s.enroll(
-        &claim(token, key, now),
-        &mut |a| Ok(format!("pem {}", a.serial)),
-        &mut |_| Ok(()),
-    )
+    s.enroll(&claim(token, key, now), &mut |a| {
+        Ok(format!("pem {}", a.serial))
+    })
 }
 
 both! {
@@ -107,49 +105,37 @@ both! {
         assert_eq!((t.uses, t.used, t.created, t.expires, t.comment.as_str()), (2, 0, 1, 61, "c"));
     }
 
-    fn enroll_commits_only_when_sign_and_publish_succeed(s, _c) {
+    fn enroll_commits_only_when_sign_succeeds(s, _c) {
         s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
         s.create_token(&token("t", 1, 2)).unwrap();
         s.create_token(&token("u", 1, 2)).unwrap();
         let key = [9u8; 32];
-        let refused = s.enroll(
-            &claim("t", &key, 10),
-            &mut |a| Ok(format!("pem {}", a.serial)),
-            &mut |_| Err(Refusal::Internal("disk full".into())),
-        );
-        assert!(matches!(refused, Err(Refusal::Internal(_))));
-        let refused = s.enroll(
-            &claim("t", &key, 10),
-            &mut |_| Err(Refusal::Internal("signer down".into())),
-            &mut |_| panic!("published unsigned"),
-        );
+        let refused = s.enroll(&claim("t", &key, 10), &mut |_| {
+            Err(Refusal::Internal("signer down".into()))
+        });
         assert!(matches!(refused, Err(Refusal::Internal(_))));
         // Rolled back: the token use, the node number, address and serial are all still free.
         let used: Vec<_> = s.tokens().unwrap().iter().map(|t| t.used).collect();
         assert_eq!(used, [0, 0]);
         assert!(s.nodes(None).unwrap().is_empty());
-        let mut published = Vec::new();
+        let mut signed = Vec::new();
         let e = s
-            .enroll(&claim("t", &key, 10), &mut |a| Ok(format!("pem {}", a.serial)), &mut |a| {
-                published.push((a.node.clone(), a.address));
-                Ok(())
+            .enroll(&claim("t", &key, 10), &mut |a| {
+                signed.push(a.node.clone());
+                Ok(format!("pem {}", a.serial))
             })
             .unwrap();
         assert_eq!(
             (e.node.as_str(), e.address.to_string(), e.pem.as_str(), e.fresh),
             ("client1", "10.8.0.2".to_owned(), "pem 1", true)
         );
-        assert_eq!(published, [(e.node.clone(), e.address)]);
-        // The same key with the same token: the same node, nothing signed or written again.
-        let again = s
-            .enroll(&claim("t", &key, 11), &mut |_| panic!("signed twice"), &mut |_| {
-                panic!("published twice")
-            })
-            .unwrap();
+        assert_eq!(signed, ["client1"]);
+        // The same key with the same token: the same node, nothing signed again.
+        let again = s.enroll(&claim("t", &key, 11), &mut |_| panic!("signed twice")).unwrap();
         assert_eq!((again.node, again.pem, again.fresh), (e.node, e.pem, false));
         // With another token: refused, and that token keeps its uses.
         assert!(matches!(
-            s.enroll(&claim("u", &key, 12), &mut |_| panic!("signed"), &mut |_| panic!("published")),
+            s.enroll(&claim("u", &key, 12), &mut |_| panic!("signed")),
             Err(Refusal::KeyInUse)
         ));
         let used: Vec<_> = s.tokens().unwrap().iter().map(|t| t.used).collect();
@@ -178,7 +164,6 @@ both! {
             .enroll(
                 &Claim { project: "q", ..claim("q", &[4; 32], 110) },
                 &mut |a| Ok(format!("pem {}", a.serial)),
-                &mut |_| Ok(()),
             )
             .unwrap();
         assert_eq!((e.node.as_str(), e.address.to_string()), ("client2", "10.9.0.2".to_owned()));
@@ -362,7 +347,6 @@ both! {
                             std::thread::sleep(std::time::Duration::from_millis(50));
                             Ok(format!("pem {}", a.serial))
                         },
-                        &mut |_| Ok(()),
                     )
                 })
             })
