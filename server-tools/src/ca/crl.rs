@@ -422,4 +422,46 @@ mod tests {
         let done = refresh_due(&mut db, tmp.path(), &cfg, 1_800_000_000, false).unwrap();
         assert_eq!(done[0].published, None);
     }
+
+    #[test]
+    fn publishers_in_one_state_dir_never_put_the_number_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, ca) = project(tmp.path());
+        let state = tmp.path().to_owned();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A reader, as OpenVPN's crl-verify: every number it sees, in order.
+        let watcher = {
+            let (crl, stop) = (ca.paths.crl(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = file_crl_number(&crl);
+                    if n.is_some() && seen.last() != n.as_ref() {
+                        seen.extend(n);
+                    }
+                }
+                seen
+            })
+        };
+        let cfg = ServerConfig::default();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (state, cfg) = (state.clone(), cfg.clone());
+                std::thread::spawn(move || {
+                    let mut db = Db::open(&state, Open::Existing).unwrap();
+                    let ca = ProjectCa::load(&state, "p").unwrap();
+                    for _ in 0..25 {
+                        regenerate(&mut db, &ca, &cfg, 1_800_000_000).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+        assert_eq!(file_crl_number(&ca.paths.crl()), Some(201));
+    }
 }
