@@ -648,3 +648,64 @@ fn concurrent_first_opens_migrate_once() {
         }
     }
 }
+
+/// A database of version 1 with a project whose CRL is valid for long: migrated to 2, it holds
+/// no CRL yet, and the first due-check signs and stores one although the time is not due.
+#[test]
+fn a_version_1_database_migrates_and_its_first_check_stores_a_crl() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = Db::path(dir.path());
+    type Raw = Box<dyn Fn(&str)>;
+    let sqlite_raw: Raw = Box::new(move |sql| {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap()
+    });
+    let mut stores: Vec<(Box<dyn StateStore>, Raw)> = vec![(
+        Box::new(Db::open(dir.path(), Open::Migrate).unwrap()),
+        sqlite_raw,
+    )];
+    if let Some(pg) = idhal_test_support::pg::shared() {
+        let url = pg.fresh_db();
+        let store = PgStore::connect(&url, None, Open::Migrate).unwrap();
+        let raw: Raw = Box::new(move |sql| {
+            ::postgres::Client::connect(&url, ::postgres::NoTls)
+                .unwrap()
+                .batch_execute(sql)
+                .unwrap()
+        });
+        stores.push((Box::new(store), raw));
+    }
+    for (mut s, raw) in stores {
+        let s = s.as_mut();
+        migrate(s, &MIGRATIONS[..1]).unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(()))
+            .unwrap();
+        // As version 1 left it: CRL number 4, valid until 100000.
+        raw("UPDATE projects SET crl_number = 4, crl_next_update = 100000");
+        assert_eq!(
+            migrate(s, MIGRATIONS).unwrap(),
+            migrate::Migrated {
+                from: 1,
+                to: SCHEMA_VERSION
+            }
+        );
+        assert_eq!(s.newest_crl("p").unwrap(), None, "{}", s.describe());
+        let due = Resign::IfDue { validity: 1000 };
+        assert_eq!(
+            s.resign_crl("p", 10, 1010, due, &mut |n, _| Ok(format!("crl {n}")))
+                .unwrap(),
+            Some(5),
+            "{}",
+            s.describe()
+        );
+        assert_eq!(s.newest_crl("p").unwrap(), Some((5, "crl 5".into())));
+        // Stored: the next check finds it not due.
+        assert_eq!(
+            s.resign_crl("p", 11, 1011, due, &mut |_, _| panic!("signed"))
+                .unwrap(),
+            None
+        );
+    }
+}
