@@ -101,6 +101,7 @@ impl ServerConfig {
         }
         for (key, n) in [
             ("workers", cfg.hook.workers),
+            ("max_batch", cfg.hook.max_batch),
             ("max_queued", cfg.hook.max_queued),
             ("max_connections", cfg.hook.max_connections),
             ("max_request_bytes", cfg.hook.max_request_bytes),
@@ -116,6 +117,13 @@ impl ServerConfig {
             if ms == 0 {
                 return Err(invalid(format!("[hook] {key} must be at least 1 (ms)")));
             }
+        }
+        if cfg.hook.batch_window() >= cfg.limits.hook_budget() {
+            return Err(invalid(format!(
+                "[hook] batch_window_ms ({}) must be below [limits] hook_budget_ms ({}): the window is part of each connect's budget",
+                cfg.hook.batch_window_ms,
+                cfg.limits.hook_budget().as_millis()
+            )));
         }
         for r in &cfg.openvpn.remotes {
             Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
@@ -272,6 +280,12 @@ pub struct HookSection {
     /// Connects the worker registers at once (each runs the OAR and DNS steps, under
     /// `[limits] hook_budget_ms` counted from the hand-off).
     pub workers: u32,
+    /// Most connects one worker thread registers together (one `nodes_up` call: with OAR one
+    /// read and one read-back for all, instead of per node).
+    pub max_batch: u32,
+    /// How long a worker thread, once it holds a connect, gathers more for its batch (it stops
+    /// earlier at `max_batch`). The first connect's wait; each still has its `hook_budget_ms`.
+    pub batch_window_ms: u64,
     /// Hand-offs waiting for a worker; past it the hook is told "busy" and does the work itself.
     pub max_queued: u32,
     /// Requests being read at once; past it a new one is told "busy" at once.
@@ -295,6 +309,8 @@ impl Default for HookSection {
             mode: HookMode::Deferred,
             socket: None,
             workers: 16,
+            max_batch: 50,
+            batch_window_ms: 100,
             max_queued: 4096,
             max_connections: 64,
             max_request_bytes: 16 << 10,
@@ -306,6 +322,10 @@ impl Default for HookSection {
 }
 
 impl HookSection {
+    pub fn batch_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.batch_window_ms)
+    }
+
     pub fn socket(&self, state_dir: &Path) -> PathBuf {
         self.socket
             .clone()
@@ -795,6 +815,19 @@ mod tests {
         assert_eq!(
             refusal("[hook]\nworkers = 0"),
             Refusal::Check("[hook] workers must be at least 1".into())
+        );
+        assert_eq!(
+            (c.hook.max_batch, c.hook.batch_window_ms),
+            (50, 100),
+            "defaults"
+        );
+        assert_eq!(
+            refusal("[hook]\nmax_batch = 0"),
+            Refusal::Check("[hook] max_batch must be at least 1".into())
+        );
+        assert_eq!(
+            refusal("[hook]\nbatch_window_ms = 3000\n[limits]\nhook_budget_ms = 3000"),
+            Refusal::Check("[hook] batch_window_ms (3000) must be below [limits] hook_budget_ms (3000): the window is part of each connect's budget".into())
         );
         assert_eq!(
             refusal("[hook]\nmode = \"async\""),

@@ -1,7 +1,8 @@
 //! `idhal hook worker` and the deferred hand-off, with the real binary: the hook writes `2` and
 //! hands off, the worker writes `1`/`0`; hostile requests on the worker's socket (huge, empty,
 //! malformed, slow, concurrent, naming files outside OpenVPN's tmp-dir) change nothing and never
-//! stop it. No scheduler here (`backend = "none"`): the OAR path is hook_deferred_openvpn.rs.
+//! stop it. The first tests have no scheduler (`backend = "none"`); the batch tests at the end
+//! run against a real OAR (the OpenVPN path is hook_deferred_openvpn.rs).
 
 mod hook_support;
 
@@ -486,4 +487,295 @@ fn a_stopped_worker_answers_what_it_holds_first() {
         &with_files(&node_env("client506", "10.134.5.7", now()), &f),
     );
     assert!(stderr(&o).contains("worker not reached"), "{}", stderr(&o));
+}
+
+// ---- Batches: the worker registers the connects that arrive together with one `nodes_up`,
+// against a real OAR (its tools behind wrappers that log each call, and can refuse or hold
+// one host). Tests keep apart by domain and third octet.
+
+fn oar() -> Option<&'static Oar> {
+    static OAR: std::sync::OnceLock<Option<Oar>> = std::sync::OnceLock::new();
+    OAR.get_or_init(|| Oar::available().then(Oar::start))
+        .as_ref()
+}
+
+/// OAR's tools behind logging wrappers; `oarnodesetting` exits 1 for `refuse`, and for
+/// `hold` touches `started` and waits for `gate` before doing the real call.
+struct Wrapped {
+    section: String,
+    log: PathBuf,
+    started: PathBuf,
+    gate: PathBuf,
+}
+
+fn wrapped(oar: &Oar, dir: &Path, refuse: Option<&str>, hold: Option<&str>) -> Wrapped {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (section, log) = oar.logged_config_section(dir);
+    let (started, gate) = (dir.join("held.started"), dir.join("held.gate"));
+    let mut script = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"oarnodesetting $*\" >> '{}'\n",
+        log.display()
+    );
+    if let Some(h) = refuse {
+        script.push_str(&format!(
+            "case \" $* \" in *\" -h {h} \"*) echo 'refused by the test' >&2; exit 1;; esac\n"
+        ));
+    }
+    if let Some(h) = hold {
+        script.push_str(&format!(
+            "case \" $* \" in *\" -h {h} \"*) touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done;; esac\n",
+            started.display(),
+            gate.display()
+        ));
+    }
+    script.push_str(&format!("exec {OARDIR}/oarnodesetting \"$@\"\n"));
+    let w = dir.join("oarnodesetting");
+    std::fs::write(&w, script).unwrap();
+    std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Wrapped {
+        section,
+        log,
+        started,
+        gate,
+    }
+}
+
+/// A worker that gathers up to `n` connects per batch (the window is long: the batch closes
+/// when `n` are in), generous limits (2 cores, many Perl start-ups at once).
+fn batch_config(domain: &str, n: usize, oar_section: &str) -> String {
+    format!(
+        "[names]\ndomain = \"{domain}\"\npool = \"10.134.0.0/16\"\n\
+         [hook]\nworkers = 2\nmax_batch = {n}\nbatch_window_ms = 20000\n\
+         [limits]\nhook_budget_ms = 120000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 30000\nlock_wait_ms = 120000\n\
+         {oar_section}"
+    )
+}
+
+/// `n` nodes `client{octet}{k}` at 10.134.OCTET.k, one session each.
+fn batch_nodes(octet: u8, n: u8, since: u64) -> Vec<(String, Vec<(String, String)>)> {
+    (1..=n)
+        .map(|k| {
+            let cn = format!("client{octet}{k:02}");
+            let env = node_env(&cn, &format!("10.134.{octet}.{k}"), since);
+            (format!("vnode-{octet}-{k}"), env)
+        })
+        .collect()
+}
+
+/// Runs every node's client-connect hook at once (deferred: each hands off and returns);
+/// returns each node's result file.
+fn connect_all(s: &Setup, nodes: &[(String, Vec<(String, String)>)], tag: &str) -> Vec<PathBuf> {
+    let handed: Vec<(PathBuf, std::process::Output)> = std::thread::scope(|sc| {
+        let runs: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(k, (_, env))| {
+                sc.spawn(move || {
+                    let f = files(s, &format!("{tag}{k}"));
+                    let o = hook(&s.cfg, &s.state, "client-connect", &with_files(env, &f));
+                    (f.1, o)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    handed
+        .into_iter()
+        .map(|(r, o)| {
+            assert!(
+                o.status.success() && stderr(&o).contains("handed to the worker"),
+                "{}",
+                stderr(&o)
+            );
+            r
+        })
+        .collect()
+}
+
+fn oar_prop(r: &serde_json::Value, k: &str) -> String {
+    match &r[k] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        other => format!("{other}"),
+    }
+}
+
+fn count(calls: &[String], tool: &str) -> usize {
+    calls
+        .iter()
+        .filter(|c| c.starts_with(&format!("{tool} ")))
+        .count()
+}
+
+#[test]
+fn twenty_hand_offs_are_registered_in_one_batch() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let w = wrapped(oar, d.path(), None, None);
+    let domain = "batch.test";
+    let s = setup_with(&batch_config(domain, 20, &w.section));
+    let wk = worker(&s);
+    let since = now() - 100;
+    let nodes = batch_nodes(41, 20, since);
+    let t = std::time::Instant::now();
+    for r in connect_all(&s, &nodes, "n") {
+        verdict(&r, "1\n", &wk);
+    }
+    eprintln!(
+        "20 new nodes through the worker: {:.2} s from the hand-offs to the last verdict",
+        t.elapsed().as_secs_f64()
+    );
+    for (label, env) in &nodes {
+        let r = oar.host(&format!("{label}.{domain}"));
+        assert_eq!(r.len(), 1, "{label}: {r:?}");
+        let cn = &env[0].1;
+        let ip = &env[2].1;
+        assert_eq!(
+            [
+                oar_prop(&r[0], "state"),
+                oar_prop(&r[0], "idhalcn"),
+                oar_prop(&r[0], "ip"),
+                oar_prop(&r[0], "idhalclientname"),
+                oar_prop(&r[0], "idhalconnectedsince"),
+            ],
+            [
+                "Alive".to_string(),
+                cn.clone(),
+                ip.clone(),
+                label.clone(),
+                since.to_string()
+            ]
+        );
+    }
+    // One by one, each node costs a read, an `-a` and at least one read-back (60 calls); a
+    // batch reads all 20 in one call and reads them back together.
+    let calls = idhal_test_support::oar::logged_calls(&w.log);
+    let (reads, sets) = (count(&calls, "oarnodes"), count(&calls, "oarnodesetting"));
+    eprintln!("new nodes: {reads} oarnodes, {sets} oarnodesetting calls for 20 nodes");
+    assert!(reads < 20 && reads + sets < 40, "{calls:#?}");
+    assert!(
+        wk.log().contains("batch of 20: 20 registered together"),
+        "{}",
+        wk.log()
+    );
+
+    // OAR took them all down (an admin, or a lost state): the same sessions handed off again
+    // are made Alive in ONE oarnodesetting call (properties are already right).
+    let mut down = Command::new(format!("{OARDIR}/oarnodesetting"));
+    down.envs(oar.env()).args(["-n", "-s", "Absent"]);
+    for (label, _) in &nodes {
+        down.args(["-h", &format!("{label}.{domain}")]);
+    }
+    assert!(down.output().unwrap().status.success());
+    wait_for("OAR applied Absent", Duration::from_secs(60), || {
+        oar.resources(Some("network_address LIKE 'vnode-41-%'"))
+            .iter()
+            .all(|r| oar_prop(r, "state") == "Absent")
+    });
+    std::fs::write(&w.log, "").unwrap();
+    for r in connect_all(&s, &nodes, "again") {
+        verdict(&r, "1\n", &wk);
+    }
+    let calls = idhal_test_support::oar::logged_calls(&w.log);
+    let sets = count(&calls, "oarnodesetting");
+    eprintln!("Absent again: {sets} oarnodesetting calls for 20 nodes");
+    assert!(sets < 20, "{calls:#?}");
+    let r = oar.resources(Some("network_address LIKE 'vnode-41-%'"));
+    assert_eq!(r.len(), 20);
+    assert!(r.iter().all(|r| oar_prop(r, "state") == "Alive"), "{r:?}");
+}
+
+#[test]
+fn a_node_oar_refuses_gets_0_and_the_rest_of_its_batch_1() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let domain = "batchrefuse.test";
+    let refused = format!("vnode-42-3.{domain}");
+    let w = wrapped(oar, d.path(), Some(&refused), None);
+    let s = setup_with(&batch_config(domain, 5, &w.section));
+    let wk = worker(&s);
+    let nodes = batch_nodes(42, 5, now() - 100);
+    let results = connect_all(&s, &nodes, "r");
+    for (k, r) in results.iter().enumerate() {
+        verdict(r, if k == 2 { "0\n" } else { "1\n" }, &wk);
+    }
+    assert!(oar.host(&refused).is_empty());
+    for (label, _) in nodes.iter().filter(|(l, _)| l != "vnode-42-3") {
+        let r = oar.host(&format!("{label}.{domain}"));
+        assert_eq!(oar_prop(&r[0], "state"), "Alive", "{label}");
+    }
+    let log = wk.log();
+    assert!(log.contains("batch of 5: 5 registered together"), "{log}");
+    assert!(
+        log.contains(&format!("registering {refused}")) && log.contains("refused by the test"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_disconnect_during_its_batch_leaves_the_node_absent() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let domain = "batchdown.test";
+    let held = format!("vnode-43-2.{domain}");
+    let w = wrapped(oar, d.path(), None, Some(&held));
+    let s = setup_with(&batch_config(domain, 4, &w.section));
+    let wk = worker(&s);
+    let nodes = batch_nodes(43, 4, now() - 100);
+    let batch = std::thread::scope(|sc| {
+        let batch = sc.spawn(|| connect_all(&s, &nodes, "d"));
+        wait_for(
+            "the batch is inside OAR for the held node",
+            Duration::from_secs(120),
+            || w.started.exists(),
+        );
+        // OpenVPN's disconnect of that node's session, while the batch holds its lock.
+        let mut down = Command::new(IDHAL)
+            .env_clear()
+            .envs(nodes[1].1.iter().map(|(k, v)| (k, v)))
+            .arg("--config")
+            .arg(&s.cfg)
+            .arg("--state-dir")
+            .arg(&s.state)
+            .args(["hook", "client-disconnect"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lock = s.state.join("locks/node-vnode-43-2.lock");
+        let fd_dir = PathBuf::from(format!("/proc/{}/fd", down.id()));
+        wait_for(
+            "the disconnect waits for the node's lock",
+            Duration::from_secs(60),
+            || {
+                std::fs::read_dir(&fd_dir)
+                    .map(|fds| {
+                        fds.flatten()
+                            .any(|f| std::fs::read_link(f.path()).ok().as_deref() == Some(&lock))
+                    })
+                    .unwrap_or(false)
+            },
+        );
+        assert!(
+            down.try_wait().unwrap().is_none(),
+            "the disconnect did not wait for the batch"
+        );
+        std::fs::write(&w.gate, "").unwrap();
+        let results = batch.join().unwrap();
+        let o = down.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("OAR Absent"), "{}", stderr(&o));
+        results
+    });
+    for r in &batch {
+        verdict(r, "1\n", &wk);
+    }
+    // Batch, then disconnect: the node ends Absent (with its session's properties).
+    let r = oar.host(&held);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(oar_prop(&r[0], "state"), "Absent", "{r:?}");
+    assert_eq!(oar_prop(&r[0], "idhalcn"), "client4302");
+    for label in ["vnode-43-1", "vnode-43-3", "vnode-43-4"] {
+        let r = oar.host(&format!("{label}.{domain}"));
+        assert_eq!(oar_prop(&r[0], "state"), "Alive", "{label}");
+    }
 }

@@ -1,8 +1,9 @@
 //! Deferred client-connect: `idhal hook client-connect` hands a checked session to the
 //! long-running `idhal hook worker` over a unix socket and returns; the worker registers the
-//! node (the same `connect_session`, budget and on_failure rules) and writes OpenVPN's verdict.
+//! nodes that arrive together in one batch (`connect_batch`: one scheduler call, each node's
+//! own budget, on_failure rules and verdict) and writes OpenVPN's verdicts.
 
-use super::{admit, connect_session, decide, Verdict};
+use super::{admit, connect_batch, decide, Connect, Failure, Verdict};
 use crate::config::ServerConfig;
 use crate::openvpn::tmpfile::{sweep, Kind, TmpFile, TmpFileError};
 use crate::process::Deadline;
@@ -179,12 +180,13 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
         let (cfg, rx, state_dir, pending) =
             (cfg.clone(), rx.clone(), state_dir.clone(), pending.clone());
         std::thread::spawn(move || loop {
-            let job = match rx.lock().map(|r| r.recv()) {
-                Ok(Ok(job)) => job,
-                _ => return,
+            let Some(jobs) = gather(&rx, cfg.hook.max_batch as usize, cfg.hook.batch_window())
+            else {
+                return;
             };
-            work(&cfg, &state_dir, job);
-            pending.fetch_sub(1, Ordering::SeqCst);
+            let n = jobs.len();
+            work(&cfg, &state_dir, jobs);
+            pending.fetch_sub(n, Ordering::SeqCst);
         });
     }
     {
@@ -438,12 +440,63 @@ fn receive(
     }))
 }
 
-/// One queued connect: the same checks and registration as the synchronous hook, then the
-/// verdict byte. A client that left meanwhile has no file any more: logged, nothing written.
-fn work(cfg: &ServerConfig, state_dir: &Path, job: Job) {
+/// Waits for one job, then gathers what else arrives within `window`, up to `max` jobs. The
+/// queue stays with this thread meanwhile: the other threads gather their batches after it.
+/// `None` once the queue is closed.
+fn gather(rx: &Mutex<mpsc::Receiver<Job>>, max: usize, window: Duration) -> Option<Vec<Job>> {
+    let rx = rx.lock().ok()?;
+    let mut jobs = vec![rx.recv().ok()?];
+    let until = Instant::now() + window;
+    while jobs.len() < max {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
+/// A batch of queued connects: the same checks as the synchronous hook for each, one
+/// registration for all that pass (`connect_batch`), then each client's verdict byte.
+fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
+    let mut results: Vec<Option<Result<String, Failure>>> = jobs.iter().map(|_| None).collect();
+    let mut admitted = Vec::new();
+    let mut connects = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match admit(cfg, state_dir, &job.env) {
+            Ok(a) => {
+                admitted.push(i);
+                connects.push(Connect {
+                    session: a.session,
+                    host: a.host,
+                    deadline: job.deadline,
+                });
+            }
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    let batch = connect_batch(cfg, state_dir, &connects);
+    for (i, r) in admitted.into_iter().zip(batch.results) {
+        results[i] = Some(r);
+    }
+    let mut accepted = 0;
+    for (job, r) in jobs.iter().zip(results) {
+        accepted += usize::from(answer(cfg, job, r.expect("every job has a result")));
+    }
+    eprintln!(
+        "idhal hook worker: batch of {}: {} registered together in {:.2} s, {} alone, {} refused before; {accepted} accepted",
+        jobs.len(),
+        batch.together,
+        batch.scheduler.as_secs_f64(),
+        batch.alone,
+        jobs.len() - connects.len(),
+    );
+}
+
+/// Writes one client's verdict byte and logs why. A client that left meanwhile has no file
+/// any more: logged, nothing written. Whether it was accepted.
+fn answer(cfg: &ServerConfig, job: &Job, result: Result<String, Failure>) -> bool {
     let queued = job.received.elapsed();
-    let result = admit(cfg, state_dir, &job.env)
-        .and_then(|a| connect_session(cfg, state_dir, &a.session, &a.host, job.deadline));
     let Verdict { accept, lines } = decide("client-connect", cfg, result);
     let byte = if accept { b'1' } else { b'0' };
     let wrote = match job.result.write_result(Some(byte)) {
@@ -454,9 +507,10 @@ fn work(cfg: &ServerConfig, state_dir: &Path, job: Job) {
         eprintln!("idhal hook worker: {line}");
     }
     eprintln!(
-        "idhal hook worker: {} {} ({wrote}; waited {:.2} s in the queue)",
+        "idhal hook worker: {} {} ({wrote}; {:.2} s after the hand-off)",
         job.result.path().display(),
         if accept { "accepted" } else { "refused" },
         queued.as_secs_f64()
     );
+    accept
 }

@@ -12,7 +12,7 @@ use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId};
 use crate::openvpn::env::{has_pool_address, node_from_env, EnvError, NodeAddresses, Session};
 use crate::openvpn::status::StatusError;
 use crate::process::{Deadline, LockError, NodeLock};
-use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp, SchedulerError};
+use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp, SchedulerError, UpOutcome};
 use idhal_manifest::time::{now, rfc3339};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -316,12 +316,29 @@ impl Steps {
             deadline.cap(cfg.limits.lock_wait()),
         )
         .map_err(Failure::backend)?;
-        Ok(Self {
+        Ok(Self::holding(lock))
+    }
+
+    fn holding(lock: NodeLock) -> Self {
+        Self {
             started: Instant::now(),
             done: Vec::new(),
             errors: Vec::new(),
             _lock: lock,
-        })
+        }
+    }
+
+    /// The node's lock if it is free now, `None` if another holder has it (a batch never waits).
+    fn try_lock(state_dir: &Path, host: &HostName) -> Result<Option<Self>, Failure> {
+        match NodeLock::acquire(
+            state_dir,
+            &format!("node-{}", host.label),
+            std::time::Duration::ZERO,
+        ) {
+            Ok(lock) => Ok(Some(Self::holding(lock))),
+            Err(LockError::Busy { .. }) => Ok(None),
+            Err(e) => Err(Failure::backend(e)),
+        }
     }
 
     fn record(&mut self, r: Result<Option<String>, NodeError>) {
@@ -348,14 +365,14 @@ impl Steps {
     }
 }
 
-/// Registers one connected node. Shared by the hook and `idhal reconcile`.
-pub fn connect_session(
+/// The checks a registration repeats under the worker's time (a node revoked in the database
+/// since, or since `admit`), and what the scheduler is told about the node.
+fn prepare(
     cfg: &ServerConfig,
     state_dir: &Path,
     session: &Session,
     host: &HostName,
-    deadline: Deadline,
-) -> Result<String, Failure> {
+) -> Result<NodeUp, Failure> {
     // Defence in depth behind OpenVPN's crl-verify and `admit`: a node revoked in the database
     // since is refused even if OpenVPN let it through (a stale CRL on another server).
     let record = state_view(cfg, state_dir, Some(session.node.as_str()))
@@ -367,39 +384,142 @@ pub fn connect_session(
             at,
         }));
     }
-    let server = cfg.server_name().map_err(Failure::backend)?;
+    Ok(NodeUp {
+        node: session.node.clone(),
+        host: host.clone(),
+        vpn_ip: session.vpn_ip,
+        client_ip: session.client_ip,
+        client_port: session.client_port,
+        since: session.since,
+        node_type: node_type(cfg, record.as_ref()),
+        server: cfg.server_name().map_err(Failure::backend)?,
+    })
+}
+
+/// One node's scheduler verdict as a step of its event.
+fn registered_line(
+    backend: &'static str,
+    host: &HostName,
+    r: Result<UpOutcome, SchedulerError>,
+) -> Result<Option<String>, NodeError> {
+    r.map(|o| {
+        let created = if o.created { " (created)" } else { "" };
+        Some(format!(
+            "{backend} resource {:?} Alive{created}",
+            o.resource_ids
+        ))
+    })
+    .map_err(|source| NodeError::Scheduler {
+        backend,
+        doing: format!("registering {host}"),
+        source,
+    })
+}
+
+fn connected(session: &Session, host: &HostName) -> String {
+    format!("{} → {host} ({})", session.node, session.vpn_ip)
+}
+
+/// Registers one connected node. Shared by the hook (sync mode), `idhal reconcile`, and the
+/// worker for a node a batch could not take.
+pub fn connect_session(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    session: &Session,
+    host: &HostName,
+    deadline: Deadline,
+) -> Result<String, Failure> {
+    let up = prepare(cfg, state_dir, session, host)?;
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     if let Some(sched) = backend::open(cfg, state_dir) {
-        let up = NodeUp {
-            node: session.node.clone(),
-            host: host.clone(),
-            vpn_ip: session.vpn_ip,
-            client_ip: session.client_ip,
-            client_port: session.client_port,
-            since: session.since,
-            node_type: node_type(cfg, record.as_ref()),
-            server,
-        };
-        steps.record(
-            sched
-                .node_up(&up, deadline)
-                .map(|o| {
-                    let created = if o.created { " (created)" } else { "" };
-                    Some(format!(
-                        "{} resource {:?} Alive{created}",
-                        sched.name(),
-                        o.resource_ids
-                    ))
-                })
-                .map_err(|source| NodeError::Scheduler {
-                    backend: sched.name(),
-                    doing: format!("registering {host}"),
-                    source,
-                }),
-        );
+        let r = sched.node_up(&up, deadline);
+        steps.record(registered_line(sched.name(), host, r));
     }
     steps.record(dns_upsert(cfg, session, host, deadline));
-    steps.finish(format!("{} → {host} ({})", session.node, session.vpn_ip))
+    steps.finish(connected(session, host))
+}
+
+/// One connect of a batch: its checked session and its own time budget.
+pub struct Connect {
+    pub session: Session,
+    pub host: HostName,
+    pub deadline: Deadline,
+}
+
+/// What `connect_batch` did: each connect's result, in order, and figures for the log.
+pub struct Batch {
+    pub results: Vec<Result<String, Failure>>,
+    /// Nodes registered in the one scheduler call (the others were refused first, or their
+    /// lock was busy and they went alone).
+    pub together: usize,
+    /// Nodes whose lock was busy: registered alone after the batch, as `connect_session`.
+    pub alone: usize,
+    /// Time of the one scheduler call.
+    pub scheduler: std::time::Duration,
+}
+
+/// Registers many connected nodes with ONE `Scheduler::nodes_up` call, each under its lock,
+/// then DNS per node; every node gets its own verdict (a refused or failed node never fails the
+/// others). Locks are taken in label order without waiting: a node whose lock is busy (its
+/// disconnect is running, or it is twice in the batch) is registered alone afterwards, waiting
+/// for its lock as `connect_session` does, so two lock holders never wait for each other.
+pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) -> Batch {
+    let mut results: Vec<Option<Result<String, Failure>>> = batch.iter().map(|_| None).collect();
+    let mut ready = Vec::new();
+    for (i, c) in batch.iter().enumerate() {
+        match prepare(cfg, state_dir, &c.session, &c.host) {
+            Ok(up) => ready.push((i, up)),
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    ready.sort_by(|a, b| a.1.host.label.cmp(&b.1.host.label));
+    let mut locked: Vec<(usize, NodeUp, Steps)> = Vec::new();
+    let mut alone = Vec::new();
+    for (i, up) in ready {
+        match Steps::try_lock(state_dir, &up.host) {
+            Ok(Some(steps)) => locked.push((i, up, steps)),
+            Ok(None) => alone.push(i),
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    let mut took = std::time::Duration::ZERO;
+    if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
+        let ups: Vec<NodeUp> = locked.iter().map(|(_, up, _)| up.clone()).collect();
+        // The batch ends when its earliest connect's budget does: no verdict comes late.
+        let deadline = locked
+            .iter()
+            .map(|&(i, _, _)| batch[i].deadline)
+            .min_by_key(|d| d.remaining())
+            .expect("not empty");
+        let started = Instant::now();
+        let verdicts = sched.nodes_up(&ups, deadline);
+        took = started.elapsed();
+        for ((_, up, steps), r) in locked.iter_mut().zip(verdicts) {
+            steps.record(registered_line(sched.name(), &up.host, r));
+        }
+    }
+    let together = locked.len();
+    for (i, _, mut steps) in locked {
+        let c = &batch[i];
+        steps.record(dns_upsert(cfg, &c.session, &c.host, c.deadline));
+        results[i] = Some(steps.finish(connected(&c.session, &c.host)));
+    }
+    // The batch's locks are released: a node whose lock was busy waits for it now.
+    for &i in &alone {
+        let c = &batch[i];
+        results[i] = Some(connect_session(
+            cfg, state_dir, &c.session, &c.host, c.deadline,
+        ));
+    }
+    Batch {
+        results: results
+            .into_iter()
+            .map(|r| r.expect("every connect has a result"))
+            .collect(),
+        together,
+        alone: alone.len(),
+        scheduler: took,
+    }
 }
 
 /// Re-asserts one node's A and PTR records only (`idhal reconcile --refresh-dns`).
@@ -412,7 +532,7 @@ pub fn refresh_node_dns(
 ) -> Result<String, Failure> {
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
     steps.record(dns_upsert(cfg, session, host, deadline));
-    steps.finish(format!("{} → {host} ({})", session.node, session.vpn_ip))
+    steps.finish(connected(session, host))
 }
 
 /// What `disconnect_host` did: its log line, and whether a newer session was left up.

@@ -97,8 +97,6 @@ pub trait Scheduler {
     /// only once the scheduler shows it up with its properties), one verdict per entry, in
     /// order; one node's failure is its own. For the hook worker, which holds every node's
     /// lock while the batch runs. A backend batches what it can; this default goes one by one.
-    // Its first caller is the hook worker of issue 13 (deferred client-connect).
-    #[cfg_attr(not(test), expect(dead_code, reason = "the hook worker will call it"))]
     fn nodes_up(
         &self,
         ups: &[NodeUp],
