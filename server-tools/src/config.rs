@@ -68,6 +68,23 @@ impl ServerConfig {
             .template
             .check_one_to_one(&cfg.names.pool)
             .map_err(|e| invalid(format!("[names] template: {e}")))?;
+        if cfg.scheduler.backend == SchedulerBackend::Oar {
+            // The longest name of the pool: its broadcast address has the most digits in
+            // every octet the prefix leaves free.
+            let longest = cfg
+                .names
+                .template
+                .render(cfg.names.pool.broadcast())
+                .map(|l| format!("{l}.{}", cfg.names.domain))
+                .map_err(|e| invalid(format!("[names] template: {e}")))?;
+            let max = crate::scheduler::oar::NETWORK_ADDRESS_MAX;
+            if longest.len() > max {
+                return Err(invalid(format!(
+                    "[names] template and domain make host names of up to {} characters ({longest}), over the {max} OAR stores (network_address): OAR would silently create nothing for them; shorten the template or the domain",
+                    longest.len()
+                )));
+            }
+        }
         if cfg.dns.update == DnsUpdate::Rfc2136 && cfg.dns.tsig_key_file.is_none() {
             return Err(invalid(
                 "[dns] update = \"rfc2136\" needs tsig_key_file (unsigned updates are not sent)"
@@ -860,6 +877,33 @@ mod tests {
             let text = format!("{:#}", anyhow::Error::new(err));
             assert!(text.contains(says), "{bad}: {text}");
         }
+    }
+
+    #[test]
+    fn host_names_must_fit_oars_network_address() {
+        // n-255-255 (9) + . + 90 = 100: fits; one more character does not, with OAR (only).
+        let domain = |n: usize| format!("{}.{}.test", "a".repeat(40), "b".repeat(n - 46));
+        let toml = |d: &str, extra: &str| {
+            format!("[names]\npool = \"10.134.0.0/16\"\ntemplate = \"n-{{3}}-{{4}}\"\ndomain = \"{d}\"\n{extra}")
+        };
+        let e = |n| {
+            parse(&toml(&domain(n), ""))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(e(90).is_ok(), "{:?}", e(90));
+        let err = e(91).unwrap_err();
+        assert!(
+            err.ends_with(&format!("[names] template and domain make host names of up to 101 characters (n-255-255.{}), over the 100 OAR stores (network_address): OAR would silently create nothing for them; shorten the template or the domain", domain(91))),
+            "{err}"
+        );
+        assert!(parse(&toml(&domain(91), "[scheduler]\nbackend = \"none\"")).is_ok());
+        // A /24 leaves one octet free: its fixed octets count as they are.
+        let small = format!(
+            "[names]\npool = \"10.134.7.0/24\"\ntemplate = \"n-{{3}}-{{4}}\"\ndomain = \"{}\"",
+            domain(92)
+        );
+        assert!(parse(&small).is_ok());
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub const PROPERTIES: [&str; 9] = [
     "idhalserver",
 ];
 
+/// Longest host name OAR stores: `resources.network_address` is varchar(100), and
+/// `oarnodesetting -a` of a longer name prints "New resource added", exits 0 and creates
+/// nothing. The configuration refuses a `[names]` template and domain that can exceed it.
+pub const NETWORK_ADDRESS_MAX: usize = 100;
+
 /// Bumped when `PROPERTIES` changes, so an old marker file makes the hook look again.
 const PROPERTIES_MARKER: &str = "oar-properties-v2";
 
