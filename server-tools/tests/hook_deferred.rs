@@ -779,3 +779,31 @@ fn a_disconnect_during_its_batch_leaves_the_node_absent() {
         assert_eq!(oar_prop(&r[0], "state"), "Alive", "{label}");
     }
 }
+
+#[test]
+fn a_node_twice_in_a_batch_goes_alone_after_it_and_stays_one_resource() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let domain = "batchtwice.test";
+    let w = wrapped(oar, d.path(), None, None);
+    let s = setup_with(&batch_config(domain, 3, &w.section));
+    let wk = worker(&s);
+    let since = now() - 100;
+    let mut nodes = batch_nodes(44, 2, since);
+    // A second session of vnode-44-1 (a reconnect a second later) in the same batch.
+    nodes.push((
+        "vnode-44-1".into(),
+        node_env("client4401", "10.134.44.1", since + 1),
+    ));
+    for r in connect_all(&s, &nodes, "t") {
+        verdict(&r, "1\n", &wk);
+    }
+    let r = oar.host(&format!("vnode-44-1.{domain}"));
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(oar_prop(&r[0], "state"), "Alive");
+    let log = wk.log();
+    assert!(
+        log.contains("batch of 3: 2 registered together") && log.contains(", 1 alone,"),
+        "{log}"
+    );
+}

@@ -484,12 +484,12 @@ fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
         accepted += usize::from(answer(cfg, job, r.expect("every job has a result")));
     }
     eprintln!(
-        "idhal hook worker: batch of {}: {} registered together in {:.2} s, {} alone, {} refused before; {accepted} accepted",
+        "idhal hook worker: batch of {}: {} registered together in {:.2} s, {} alone, {} refused before registering; {accepted} accepted",
         jobs.len(),
         batch.together,
         batch.scheduler.as_secs_f64(),
         batch.alone,
-        jobs.len() - connects.len(),
+        jobs.len() - batch.together - batch.alone,
     );
 }
 
