@@ -30,6 +30,8 @@ pub struct Rig {
     pub enroll_key: EnrollKey,
     pub serves: Vec<Serve>,
     pub openvpn: Logged,
+    /// `idhal hook worker`, in deferred mode: held, stopped with the rig.
+    _worker: Option<Logged>,
     pub management: u16,
     pub management_pw: PathBuf,
     /// OpenVPN's own status file (written every second).
@@ -83,8 +85,8 @@ impl Rig {
             ),
         };
         let hook = match a.hook_mode {
-            HookMode::Sync => String::new(),
-            HookMode::Deferred => "[hook]\nmode = \"deferred\"\n".to_owned(),
+            HookMode::Sync => "[hook]\nmode = \"sync\"\n",
+            HookMode::Deferred => "[hook]\nmode = \"deferred\"\n",
         };
         let extra = a
             .config_extra
@@ -148,6 +150,23 @@ impl Rig {
             })
             .collect::<Vec<_>>();
 
+        // Deferred: the worker answers the hooks' hand-offs (without it they work synchronously).
+        let worker = matches!(a.hook_mode, HookMode::Deferred).then(|| {
+            let mut w = Logged::spawn(
+                Command::new(&idhal)
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["hook", "worker"])
+                    .process_group(0),
+                dir.join("hook-worker.log"),
+            );
+            reaper.watch(w.pid());
+            w.wait_log("idhal hook worker: listening on", Duration::from_secs(30));
+            w
+        });
+
         // The rendered config, with three overrides after it (later options win): a tun device
         // name of our own (other suites run OpenVPN at the same time), the status every second
         // (reconcile reads a fresh one), and nothing on the host's network (NO_HOST_NETWORK).
@@ -182,6 +201,7 @@ impl Rig {
             enroll_key,
             serves,
             openvpn: server,
+            _worker: worker,
             management,
             management_pw,
             status,

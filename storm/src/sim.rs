@@ -54,7 +54,9 @@ pub fn connect_all(
     }
     let give_up = Instant::now() + Duration::from_secs(a.deadline_secs());
     let pending = std::sync::atomic::AtomicUsize::new(nodes.len() - first);
-    let tmp = rig.dir.join("sim-tmp");
+    // OpenVPN's tmp-dir as the rendered config names it ([openvpn] tmp_dir's default): the
+    // hook writes only files there.
+    let tmp = rig.state.join("openvpn-tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     let refuse = |i: usize, attempt: u32, why: String| {
         let mut f = failures.lock().unwrap();
@@ -200,8 +202,9 @@ fn connect_once(
     session: (u16, u64),
 ) -> Result<Verdict, String> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let cc = tmp.join(format!("openvpn_cc_{i}_{attempt}.tmp"));
-    let ccr = tmp.join(format!("openvpn_ccr_{i}_{attempt}.tmp"));
+    // Named as OpenVPN names them (a hex random part): the hook refuses any other name.
+    let cc = tmp.join(format!("openvpn_cc_{i:08x}{attempt:04x}.tmp"));
+    let ccr = tmp.join(format!("openvpn_ccr_{i:08x}{attempt:04x}.tmp"));
     for f in [&cc, &ccr] {
         std::fs::OpenOptions::new()
             .write(true)

@@ -9,7 +9,11 @@ use crate::config::ServerConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a connection waits for another one's lock (SQLite's busy handler, and the retries
+/// that handler does not cover).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const FILE: &str = "idhal.sqlite";
 /// The state's error, named for this backend's callers.
@@ -78,11 +82,23 @@ impl Db {
                 })?;
         }
         let conn = Connection::open_with_flags(&path, flags).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        // Processes creating the database at once each hold a shared lock while one turns it to
+        // WAL: SQLite answers the others BUSY at once, without its busy handler (waiting could
+        // deadlock). Retried here, within the same timeout.
+        let until = Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match conn.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            ) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && Instant::now() < until =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                done => break done.map_err(err)?,
+            }
+        }
         let mut db = Db { conn, path };
         // Hooks open the database on every connect: reading the version takes no write lock.
         match mode {
