@@ -17,7 +17,7 @@ pub struct VpnPorts {
 
 pub struct Ca {
     idhal: PathBuf,
-    /// `--state-dir`: the database, the project's CA, ccd entries; also the hooks' locks.
+    /// `--state-dir`: the database, the project's CA; also the hooks' locks.
     pub state: PathBuf,
     /// `--config`.
     pub config: PathBuf,

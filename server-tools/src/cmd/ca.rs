@@ -14,9 +14,9 @@ use idhal_manifest::time::{now, rfc3339};
     about = "The project CA: create it, issue VPN server certificates, show the enrollment key",
     long_about = "Each project has its own CA, enrollment key and address pool: nodes of one \
         project are never trusted by another's VPN servers. State lives under --state-dir \
-        (default /var/lib/idhal-server): idhal.sqlite (node ids, addresses, tokens, serials) and \
-        projects/NAME/ (keys 0600, ca.crt, crl.pem, ccd/, servers/). Back up the whole \
-        directory; see docs/enrollment.md."
+        (default /var/lib/idhal-server): idhal.sqlite (node ids, addresses, tokens, serials, CRLs; \
+        or PostgreSQL with [state] database) and projects/NAME/ (keys 0600, ca.crt, crl.pem, \
+        servers/). Back up the whole directory (and the database); see docs/state.md."
 )]
 pub struct Args {
     #[command(subcommand)]

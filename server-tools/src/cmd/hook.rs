@@ -146,7 +146,8 @@ fn connect(
             }
         }
         // No file to write to (not OpenVPN's way of running a hook): only when OpenVPN gave
-        // the node its database address already (an older server config with its ccd).
+        // the node its database address already (a pool or client-config-dir of the
+        // admin's own).
         (Some(_), None)
             if env.get("ifconfig_pool_remote_ip").map(String::as_str)
                 != Some(admission.session.vpn_ip.to_string().as_str()) =>
