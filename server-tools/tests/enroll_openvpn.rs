@@ -15,18 +15,14 @@ use std::time::Duration;
 
 /// An OpenVPN client with the files and config a node got from enrollment.
 fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Logged {
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, text) in [
-        ("ca.crt", &r.ca),
-        ("node.crt", &r.certificate),
-        ("openvpn.conf", &r.openvpn),
-        ("node.key", &key.pem()),
-    ] {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-    openvpn::spawn(
-        openvpn::command(dir).args(["--config", "openvpn.conf", "--dev", "null", "--verb", "3"]),
-        &dir.join("client.log"),
+    openvpn::enrolled_client(
+        dir,
+        [
+            ("ca.crt", &r.ca),
+            ("node.crt", &r.certificate),
+            ("openvpn.conf", &r.openvpn),
+            ("node.key", &key.pem()),
+        ],
     )
 }
 

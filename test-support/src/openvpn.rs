@@ -39,6 +39,19 @@ pub fn spawn(cmd: &mut Command, log: &Path) -> Logged {
     Logged::spawn(cmd.args(NO_HOST_NETWORK), log)
 }
 
+/// A client on `--dev null` from what enrollment gave a node: its files (`ca.crt`,
+/// `node.crt`, `openvpn.conf`, `node.key`, as name and text) written into `dir`, its log there.
+pub fn enrolled_client(dir: &Path, files: [(&str, &str); 4]) -> Logged {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    spawn(
+        command(dir).args(["--config", "openvpn.conf", "--dev", "null", "--verb", "3"]),
+        &dir.join("client.log"),
+    )
+}
+
 /// [`spawn`] of `--config CONF` (a rendered server config) and waits until it is [`UP`].
 pub fn server_from_config(dir: &Path, conf: &Path, log: &Path) -> Logged {
     let mut s = spawn(command(dir).arg("--config").arg(conf), log);
