@@ -60,6 +60,26 @@ impl Console {
         self.lines().into_iter().find(|l| pred(l))
     }
 
+    /// What the guest reported, for a failure message: the lines of idhal's markers, the agent,
+    /// OpenVPN and systemd's failures, control sequences removed, the last `max` of them. The
+    /// whole console is printed too, but a CI log keeps only its head and tail.
+    pub fn digest(&self, max: usize) -> String {
+        let keep = |l: &str| {
+            [
+                "IDHAL-", "idhal", "openvpn", "FAILED", "OpenVPN", "TLS", "AUTH", "error", "Error",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        };
+        let lines: Vec<String> = self
+            .lines()
+            .iter()
+            .map(|l| strip_controls(l))
+            .filter(|l| keep(l))
+            .collect();
+        lines[lines.len().saturating_sub(max)..].join("\n")
+    }
+
     /// How many agent runs have started (`run-start` lines).
     pub fn runs_started(&self) -> usize {
         self.lines()
@@ -122,6 +142,31 @@ impl Console {
         self.shown += nl + 1;
         Some(line)
     }
+}
+
+/// A console line without terminal control sequences (systemd's colours and its status
+/// spinner's cursor moves): `ESC [ … letter`, `ESC letter`, and other control characters.
+fn strip_controls(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters and intermediates, then one final byte in @..~.
+                for f in chars.by_ref() {
+                    if ('@'..='~').contains(&f) {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -191,6 +236,28 @@ mod tests {
         assert_eq!(c.run(1).unwrap().unwrap().exit, 0);
         assert!(c.run(0).is_none());
         assert!(c.run(3).is_none());
+    }
+
+    /// systemd's spinner and colours around the markers (as in a CI log of a stuck boot).
+    #[test]
+    fn a_digest_keeps_the_reported_lines_without_control_sequences() {
+        let (_d, c) = console(
+            "\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mgetty@tty1.service\x1b[0m\n\
+             IDHAL-TEST enrolled node=client1 addr=10.134.7.2 uptime=10.55\n\
+             \x1bM\r\x1b[K[ \x1b[0;31m*\x1b[0m] Job dev-ttyS0.device/start running (1min 1s / 1min 30s)\r\n\
+             [\x1b[0;1;31mFAILED\x1b[0m] Failed to start \x1b[0;1;39midhal-openvpn.service\x1b[0m\n\
+             2026-12-03 TLS Error: TLS handshake failed\n\
+             IDHAL-TEST tunnel-failed uptime=55.1\n",
+        );
+        assert_eq!(
+            c.digest(10),
+            "IDHAL-TEST enrolled node=client1 addr=10.134.7.2 uptime=10.55\n\
+             [FAILED] Failed to start idhal-openvpn.service\n\
+             2026-12-03 TLS Error: TLS handshake failed\n\
+             IDHAL-TEST tunnel-failed uptime=55.1"
+        );
+        assert_eq!(c.digest(1), "IDHAL-TEST tunnel-failed uptime=55.1");
+        assert_eq!(c.digest(0), "");
     }
 
     #[test]

@@ -11,9 +11,9 @@ pub const FW_CFG_TOKEN: &str = "opt/idhal/token";
 /// says "already enrolled" without any network, and every boot starts the tunnel. Differences
 /// from the example: the agent's enroll lines go to the console (the harness and the demo show
 /// them), OpenVPN logs to a file and runs without kernel DCO (the test kernel has none) and, as
-/// in the example, under systemd in a unit of its own; and the scriptlet waits, bounded (30 s),
-/// for the tunnel's address and prints it, or OpenVPN's
-/// log on failure.
+/// in the example, under systemd in a unit of its own; and the scriptlet waits, bounded (45 s of
+/// guest uptime, whatever each poll costs under TCG), for the tunnel's address and prints it, or
+/// `tunnel-failed` and OpenVPN's log.
 pub const SCRIPTLET: &str = r#"#!/bin/sh
 # idhal: frequency=boot
 d="$IDHAL_STATE_DIR/enroll"
@@ -29,12 +29,13 @@ if [ -d /run/systemd/system ]; then
 else
   openvpn --daemon --cd "$d" --config openvpn.conf --disable-dco --log /tmp/openvpn.log || exit $?
 fi
-i=0
-while [ $i -lt 300 ]; do
+end=$(( $(cut -d. -f1 /proc/uptime) + 45 ))
+while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
   a=$(ip -4 addr show tun0 2>/dev/null | sed -n 's/.*inet \([0-9.]*\).*/\1/p')
   [ -n "$a" ] && { echo "IDHAL-TEST tunnel-up addr=$a uptime=$(up)" > /dev/console; exit 0; }
-  sleep 0.1; i=$((i + 1))
+  sleep 0.1
 done
+echo "IDHAL-TEST tunnel-failed uptime=$(up)" > /dev/console
 cat /tmp/openvpn.log > /dev/console
 exit 1
 "#;

@@ -207,7 +207,11 @@ impl Vm {
             }
             self.check_running(what);
             if Instant::now() > deadline {
-                panic!("{}: no {what} on the console within {timeout:?}", self.name);
+                panic!(
+                    "{}: no {what} on the console within {timeout:?}; what it reported last:\n{}",
+                    self.name,
+                    self.log.digest(60)
+                );
             }
             // Polling a file the guest appends to; the deadline, not this period, bounds the wait.
             std::thread::sleep(Duration::from_millis(25));

@@ -83,7 +83,18 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
     vm.wait_for("IDHAL-EVENT image=/dev/vda1", Limits::BOOT);
     vm.wait_for("IDHAL-EVENT switch-root", Limits::BOOT);
     let enrolled = vm.wait_for("IDHAL-TEST enrolled ", Limits::BOOT);
-    let up = vm.wait_for("IDHAL-TEST tunnel-up ", Limits::RUN);
+    // The scriptlet gives up after 45 s of uptime and says so, with OpenVPN's log.
+    let up = vm.wait_line(
+        "the tunnel's address (or the scriptlet giving up)",
+        Limits::RUN,
+        |l| l.starts_with("IDHAL-TEST tunnel-up ") || l.starts_with("IDHAL-TEST tunnel-failed"),
+    );
+    assert!(
+        up.starts_with("IDHAL-TEST tunnel-up "),
+        "no tunnel: {up}; the guest reported:\n{}\nOpenVPN server log (tail):\n{}",
+        vm.log().digest(80),
+        idhal_test_support::tail(&env.vpn().log)
+    );
     let field = |line: &str, key: &str| {
         line.split_whitespace()
             .find_map(|kv| kv.strip_prefix(key))
