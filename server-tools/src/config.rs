@@ -117,14 +117,15 @@ impl ServerConfig {
             }
         }
         for (key, n) in [
-            ("workers", cfg.hook.workers),
-            ("max_batch", cfg.hook.max_batch),
-            ("max_queued", cfg.hook.max_queued),
-            ("max_connections", cfg.hook.max_connections),
-            ("max_request_bytes", cfg.hook.max_request_bytes),
+            ("[hook] workers", cfg.hook.workers),
+            ("[hook] max_batch", cfg.hook.max_batch),
+            ("[hook] max_queued", cfg.hook.max_queued),
+            ("[hook] max_connections", cfg.hook.max_connections),
+            ("[hook] max_request_bytes", cfg.hook.max_request_bytes),
+            ("[oar] parallel_calls", cfg.oar.parallel_calls),
         ] {
             if n == 0 {
-                return Err(invalid(format!("[hook] {key} must be at least 1")));
+                return Err(invalid(format!("{key} must be at least 1")));
             }
         }
         for (key, ms) in [
@@ -135,11 +136,16 @@ impl ServerConfig {
                 return Err(invalid(format!("[hook] {key} must be at least 1 (ms)")));
             }
         }
-        if cfg.hook.batch_window() >= cfg.limits.hook_budget() {
+        if cfg.hook.batch_window() >= cfg.hook.deferred_budget() {
             return Err(invalid(format!(
-                "[hook] batch_window_ms ({}) must be below [limits] hook_budget_ms ({}): the window is part of each connect's budget",
-                cfg.hook.batch_window_ms,
-                cfg.limits.hook_budget().as_millis()
+                "[hook] batch_window_ms ({}) must be below [hook] deferred_budget_ms ({}): the window is part of each deferred connect's budget",
+                cfg.hook.batch_window_ms, cfg.hook.deferred_budget_ms
+            )));
+        }
+        if cfg.hook.deferred_budget_ms > MAX_DEFERRED_BUDGET_MS {
+            return Err(invalid(format!(
+                "[hook] deferred_budget_ms ({}) is over {MAX_DEFERRED_BUDGET_MS}: OpenVPN's clients give up after their hand-window (60 s unless raised); keep the budget below it",
+                cfg.hook.deferred_budget_ms
             )));
         }
         for r in &cfg.openvpn.remotes {
@@ -295,8 +301,15 @@ pub struct HookSection {
     /// socket 0600).
     pub socket: Option<PathBuf>,
     /// Connects the worker registers at once (each runs the OAR and DNS steps, under
-    /// `[limits] hook_budget_ms` counted from the hand-off).
+    /// `deferred_budget_ms` counted from the hand-off).
     pub workers: u32,
+    /// A deferred connect's budget, from the hand-off to its verdict (queue wait included).
+    /// OpenVPN serves everyone else meanwhile: only this client waits, and it gives up after its
+    /// `hand-window` (60 s by default, counted from its first packet). So this is longer than
+    /// `[limits] hook_budget_ms` (which bounds a hook OpenVPN waits for) and below the
+    /// hand-window: a connect that cannot be registered within it is refused (the client
+    /// retries) rather than registered for a client that has already left.
+    pub deferred_budget_ms: u64,
     /// Most connects one worker thread registers together (one `nodes_up` call: with OAR one
     /// read and one read-back for all, instead of per node).
     pub max_batch: u32,
@@ -311,7 +324,11 @@ pub struct HookSection {
     pub max_request_bytes: u32,
     /// A hand-off request must arrive whole within this (a slow writer is cut off).
     pub request_timeout_ms: u64,
-    /// How long the hook waits for the worker's answer before doing the work itself.
+    /// How long the hook waits for the worker's answer to a hand-off. A refusal or a worker
+    /// that cannot be reached makes the hook do the work itself; a whole request left
+    /// unanswered stays with the worker (it may have queued it: doing it here too would
+    /// register the node twice), and the client retries after its hand-window if it never
+    /// gets a verdict.
     pub handoff_timeout_ms: u64,
     /// The worker's janitor removes OpenVPN's client-connect files older than this from
     /// `[openvpn] tmp_dir` (OpenVPN leaks them for clients that leave while deferred). Keep it
@@ -326,6 +343,7 @@ impl Default for HookSection {
             mode: HookMode::Deferred,
             socket: None,
             workers: 16,
+            deferred_budget_ms: 45_000,
             max_batch: 50,
             batch_window_ms: 100,
             max_queued: 4096,
@@ -338,9 +356,17 @@ impl Default for HookSection {
     }
 }
 
+/// Above any hand-window an admin would set: a budget past it only registers nodes whose
+/// client has left.
+const MAX_DEFERRED_BUDGET_MS: u64 = 600_000;
+
 impl HookSection {
     pub fn batch_window(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.batch_window_ms)
+    }
+
+    pub fn deferred_budget(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.deferred_budget_ms)
     }
 
     pub fn socket(&self, state_dir: &Path) -> PathBuf {
@@ -374,6 +400,11 @@ pub struct OarSection {
     /// Extra environment for the OAR commands. OAR's setuid wrappers reset it; it matters when
     /// the Perl tools in /usr/lib/oar are run directly as root with another `OARCONFFILE`.
     pub env: BTreeMap<String, String>,
+    /// Per-node `oarnodesetting` calls (a new node's creation, changed properties) one process
+    /// runs at once, across all its batches: the hook worker runs `[hook] workers` batches at
+    /// once, and each call is a Perl start-up (mostly CPU) behind OAR's table lock, so more
+    /// calls than cores only make each slower.
+    pub parallel_calls: u32,
 }
 
 impl Default for OarSection {
@@ -383,6 +414,7 @@ impl Default for OarSection {
             oarnodesetting: "/usr/sbin/oarnodesetting".into(),
             oarproperty: "/usr/sbin/oarproperty".into(),
             env: BTreeMap::new(),
+            parallel_calls: 4,
         }
     }
 }
@@ -843,8 +875,23 @@ mod tests {
             Refusal::Check("[hook] max_batch must be at least 1".into())
         );
         assert_eq!(
-            refusal("[hook]\nbatch_window_ms = 3000\n[limits]\nhook_budget_ms = 3000"),
-            Refusal::Check("[hook] batch_window_ms (3000) must be below [limits] hook_budget_ms (3000): the window is part of each connect's budget".into())
+            (c.hook.deferred_budget_ms, c.oar.parallel_calls),
+            (45_000, 4),
+            "defaults"
+        );
+        // The window is part of the deferred budget (the hook's own budget is not involved).
+        parse("[hook]\nbatch_window_ms = 3000\n[limits]\nhook_budget_ms = 3000").unwrap();
+        assert_eq!(
+            refusal("[hook]\nbatch_window_ms = 3000\ndeferred_budget_ms = 3000"),
+            Refusal::Check("[hook] batch_window_ms (3000) must be below [hook] deferred_budget_ms (3000): the window is part of each deferred connect's budget".into())
+        );
+        assert_eq!(
+            refusal("[hook]\ndeferred_budget_ms = 600001"),
+            Refusal::Check("[hook] deferred_budget_ms (600001) is over 600000: OpenVPN's clients give up after their hand-window (60 s unless raised); keep the budget below it".into())
+        );
+        assert_eq!(
+            refusal("[oar]\nparallel_calls = 0"),
+            Refusal::Check("[oar] parallel_calls must be at least 1".into())
         );
         assert_eq!(
             refusal("[hook]\nmode = \"async\""),

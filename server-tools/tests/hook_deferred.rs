@@ -209,6 +209,75 @@ fn without_a_worker_the_hook_works_synchronously_and_says_so() {
     assert_eq!(read(&f.1), "");
 }
 
+/// A worker that got the whole request and did not answer in time may have queued it: the
+/// hook must leave it there (`2` stays, exit 0) and not register the node itself too. A worker
+/// that declines has not queued it: the hook does the work.
+#[test]
+fn a_whole_request_left_unanswered_stays_with_the_worker_a_declined_one_does_not() {
+    use std::os::unix::net::UnixListener;
+    let s = setup_with(&format!("{CONFIG}handoff_timeout_ms = 300\n"));
+    std::fs::create_dir_all(s.socket.parent().unwrap()).unwrap();
+    let listener = UnixListener::bind(&s.socket).unwrap();
+    // A stand-in worker: reads each request whole, then answers per the script below.
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Option<&'static str>)>();
+    let answers: std::sync::Arc<std::sync::Mutex<Vec<Option<&'static str>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![None, Some("busy: test")]));
+    let script = answers.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while stream.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let answer = script.lock().unwrap().remove(0);
+            match answer {
+                // Silent past the hook's timeout, holding the connection open.
+                None => std::thread::sleep(Duration::from_secs(2)),
+                Some(a) => {
+                    let _ = writeln!(stream, "{a}");
+                }
+            }
+            let _ = tx.send((String::from_utf8_lossy(&line).into_owned(), answer));
+        }
+    });
+
+    let f = files(&s, "u1");
+    let env = with_files(&node_env("client520", "10.134.5.20", now()), &f);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("no answer to the whole request") && err.contains("left to the worker"),
+        "{err}"
+    );
+    assert!(!err.contains("synchronously"), "{err}");
+    assert!(
+        !err.contains("connected"),
+        "registered in the hook too: {err}"
+    );
+    assert_eq!(
+        read(&f.1).trim_end(),
+        "2",
+        "the deferral must stay for the worker"
+    );
+    let (got, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(got.contains("client520"), "{got}");
+
+    let f = files(&s, "u2");
+    let env = with_files(&node_env("client521", "10.134.5.21", now()), &f);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("said: busy: test") && err.contains("doing it synchronously"),
+        "{err}"
+    );
+    assert_eq!(read(&f.1), "", "declined: the hook answered itself");
+    assert!(answers.lock().unwrap().is_empty());
+}
+
 #[test]
 fn hostile_requests_change_nothing_and_the_worker_carries_on() {
     let s = setup_with(CONFIG);
@@ -364,7 +433,10 @@ fn a_hand_off_from_another_user_is_refused_even_when_the_socket_is_opened_up() {
     );
     // The same bytes from user nobody (65534), through a real client process.
     // Perl: in every Debian base system (and OAR's language), readable by nobody.
-    let send = "use IO::Socket::UNIX; my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die $!; \
+    // SIGPIPE ignored: the worker refuses before reading, and may close before this client has
+    // written its request (a print to a closed socket must not kill it before it reads).
+    let send = "$SIG{PIPE} = 'IGNORE'; use IO::Socket::UNIX; \
+        my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die $!; \
         print $s $ARGV[1]; shutdown($s, 1); local $/; print scalar <$s>;";
     let o = Command::new("setpriv")
         .args([
@@ -805,5 +877,37 @@ fn a_node_twice_in_a_batch_goes_alone_after_it_and_stays_one_resource() {
     assert!(
         log.contains("batch of 3: 2 registered together") && log.contains(", 1 alone,"),
         "{log}"
+    );
+}
+
+/// In the worker a connect has `[hook] deferred_budget_ms` from its hand-off, not the hook's
+/// `[limits] hook_budget_ms` (which bounds what OpenVPN itself waits for): an OAR slower than
+/// the hook's budget still gets the node registered and accepted.
+#[test]
+fn a_deferred_connect_has_the_deferred_budget_not_the_hooks() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let domain = "budget.test";
+    let w = wrapped(oar, d.path(), None, Some(&format!("vnode-47-1.{domain}")));
+    let s = setup_with(&format!(
+        "[names]\ndomain = \"{domain}\"\npool = \"10.134.0.0/16\"\n\
+         [hook]\nworkers = 2\ndeferred_budget_ms = 60000\n\
+         [limits]\nhook_budget_ms = 2000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 30000\nlock_wait_ms = 120000\n\
+         {}",
+        w.section
+    ));
+    let wk = worker(&s);
+    let nodes = batch_nodes(47, 1, now() - 10);
+    let r = connect_all(&s, &nodes, "budget");
+    wait_for("the held oarnodesetting", Duration::from_secs(60), || {
+        w.started.exists()
+    });
+    // Held past the hook's whole budget (2 s) before OAR does the work.
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(&w.gate, "").unwrap();
+    verdict(&r[0], "1\n", &wk);
+    assert_eq!(
+        oar_prop(&oar.host(&format!("vnode-47-1.{domain}"))[0], "state"),
+        "Alive"
     );
 }

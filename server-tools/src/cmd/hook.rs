@@ -33,8 +33,11 @@ from its VPN address through [names] template (vnode-{3}-{4} → vnode-7-38 for 
 [hook] mode = \"deferred\" (default, OpenVPN >= 2.5): after those checks the hook writes 2 to
 client_connect_deferred_file, hands the node to `idhal hook worker` (a service; its unix socket is
 [hook] socket) and exits at once; the worker registers the node and writes 1 (accept) or 0
-(refuse). If the worker cannot be reached the hook does the work itself and says so. OpenVPN's
-files must be in [openvpn] tmp_dir (rendered as tmp-dir). mode = \"sync\": always the latter.
+(refuse) within [hook] deferred_budget_ms (45 s: below the clients' 60 s hand-window). If the
+worker cannot be reached or declines, the hook does the work itself and says so; a request the
+worker got whole but did not answer within [hook] handoff_timeout_ms stays with it (never done
+twice). OpenVPN's files must be in [openvpn] tmp_dir (rendered as tmp-dir). mode = \"sync\":
+always the hook itself.
 
 On connect: OAR resource created once, properties set (idhalserver: this server's [openvpn]
 name), state Alive (read back to confirm); DNS A and PTR replaced ([dns] update = \"rfc2136\").
@@ -45,7 +48,8 @@ registered (later, or the same second from another client port); DNS records rem
 Exit codes: 0 done, handed to the worker, or failed with [hook] on_failure = \"admit\"; 1 refused:
 invalid, unknown or revoked node, or a backend failed with on_failure = \"refuse\" (OpenVPN then
 refuses the client); 2 usage or config error. Every backend call has a timeout and the whole
-registration is capped by [limits] hook_budget_ms. The worker exits 1 if it cannot start (another
+registration is capped by [limits] hook_budget_ms (in the hook) or [hook] deferred_budget_ms (in
+the worker). The worker exits 1 if it cannot start (another
 worker answers on the socket). See docs/hooks.md.";
 
 #[derive(Debug, clap::Args)]
@@ -197,6 +201,18 @@ fn defer(
             say(&format!(
                 "{} → {} ({}): handed to the worker",
                 admission.session.node, admission.host, admission.session.vpn_ip
+            ));
+            Ok(Exit::Ok)
+        }
+        Err(e @ deferred::HandOffError::Unanswered { .. }) => {
+            // The worker may have queued it: registering here too would do it twice (and its
+            // verdict could land after this one). The `2` stays; the worker answers, or the
+            // client gives up after its hand-window and connects again.
+            say(&format!(
+                "{} → {}: {}: left to the worker",
+                admission.session.node,
+                admission.host,
+                one_line(&e)
             ));
             Ok(Exit::Ok)
         }

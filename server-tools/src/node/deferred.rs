@@ -47,8 +47,15 @@ pub enum HandOffError {
         #[source]
         source: std::io::Error,
     },
-    #[error("worker socket {path}: no answer")]
-    Io {
+    #[error("worker socket {path}: the request could not be sent")]
+    Send {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The whole request went out and no answer came: the worker may have queued it.
+    #[error("worker socket {path}: no answer to the whole request")]
+    Unanswered {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -57,8 +64,8 @@ pub enum HandOffError {
     Declined { path: PathBuf, said: String },
 }
 
-/// Hands one checked connect to the worker. `Ok` only once the worker has queued it: from then
-/// on the worker writes the verdict.
+/// Hands one checked connect to the worker. `Ok` once the worker has queued it: from then on the
+/// worker writes the verdict. `Unanswered` when it may have: the caller must not do the work too.
 pub fn hand_off(
     cfg: &ServerConfig,
     state_dir: &Path,
@@ -67,7 +74,7 @@ pub fn hand_off(
     deferred_file: &Path,
 ) -> Result<(), HandOffError> {
     let path = cfg.hook.socket(state_dir);
-    let io = |source| HandOffError::Io {
+    let io = |source| HandOffError::Send {
         path: path.clone(),
         source,
     };
@@ -90,7 +97,12 @@ pub fn hand_off(
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
     let mut answer = Vec::new();
-    s.take(512).read_to_end(&mut answer).map_err(io)?;
+    s.take(512)
+        .read_to_end(&mut answer)
+        .map_err(|source| HandOffError::Unanswered {
+            path: path.clone(),
+            source,
+        })?;
     let said = String::from_utf8_lossy(&answer).trim().to_owned();
     if said == "queued" {
         Ok(())
@@ -435,7 +447,7 @@ fn receive(
     Ok(Some(Job {
         env: request.env,
         result,
-        deadline: Deadline::after(cfg.limits.hook_budget()),
+        deadline: Deadline::after(cfg.hook.deferred_budget()),
         received,
     }))
 }

@@ -96,6 +96,7 @@ pub struct Oar {
     command_timeout: Duration,
     state_confirm: Duration,
     lock_wait: Duration,
+    parallel_calls: usize,
 }
 
 impl Oar {
@@ -109,6 +110,7 @@ impl Oar {
             command_timeout: cfg.limits.command_timeout(),
             state_confirm: cfg.limits.state_confirm(),
             lock_wait: cfg.limits.lock_wait(),
+            parallel_calls: cfg.oar.parallel_calls as usize,
         }
     }
 

@@ -10,15 +10,38 @@ use crate::process::Deadline;
 use crate::scheduler::{NodeUp, UpOutcome};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// Hosts per `oarnodes --sql "network_address IN (…)"` and per `oarnodesetting -s -h … -h …`:
 /// keeps each command line and OAR's SQL statement short (200 names are ~6 KB).
 const HOSTS_PER_CALL: usize = 200;
 
-/// Per-host `oarnodesetting` calls (creations, properties) that run at once. Each is a Perl
-/// start-up, mostly CPU, and OAR serialises their writes on one table lock: a few suffice.
-const PARALLEL_CALLS: usize = 4;
+/// Per-host `oarnodesetting` calls running in this process, across all batches (the hook
+/// worker runs several batches at once); `[oar] parallel_calls` is the limit.
+static RUNNING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// One of the `limit` slots of `RUNNING`, held for one call.
+struct Slot;
+
+impl Slot {
+    fn take(limit: usize) -> Slot {
+        let (m, c) = &RUNNING;
+        let mut n = m.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= limit.max(1) {
+            n = c.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Slot
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (m, c) = &RUNNING;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        c.notify_one();
+    }
+}
 
 /// `network_address IN ('h1','h2',…)`. Safe to paste into OAR's SQL: a `HostName` can only be
 /// made by parsing, and its labels are [a-z0-9-] joined by dots (no quote, space or `\`).
@@ -27,15 +50,17 @@ fn in_list(hosts: &[&HostName]) -> String {
     format!("network_address IN ({})", quoted.join(","))
 }
 
-/// `f` over `items`, `PARALLEL_CALLS` at a time; results in the items' order.
-fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// `f` over `items`, at most `limit` at a time in this whole process; results in the items'
+/// order.
+fn parallel<T: Sync, R: Send>(limit: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let next = AtomicUsize::new(0);
     let out: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
-        for _ in 0..PARALLEL_CALLS.min(items.len()) {
+        for _ in 0..limit.max(1).min(items.len()) {
             s.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(item) = items.get(k) else { break };
+                let _slot = Slot::take(limit);
                 let r = f(item);
                 *out[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
@@ -160,7 +185,7 @@ impl Oar {
                 },
             }
         }
-        let calls = parallel(&per_host, |&(i, change)| {
+        let calls = parallel(self.parallel_calls, &per_host, |&(i, change)| {
             let args = property_args(&ups[i].host, change, &node_properties(&ups[i]));
             self.run(&self.oarnodesetting, &args, deadline)
         });
@@ -258,7 +283,7 @@ impl Oar {
                         }
                     }
                     Ok(()) => {
-                        let calls = parallel(&retry, |&(i, change)| {
+                        let calls = parallel(self.parallel_calls, &retry, |&(i, change)| {
                             let props = node_properties(&ups[i]);
                             self.set_properties(&ups[i].host, change, &props, deadline)
                         });

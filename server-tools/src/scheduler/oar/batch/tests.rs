@@ -196,6 +196,76 @@ fn a_batch_of_new_and_existing_hosts_comes_up_with_each_hosts_own_properties() {
     assert_eq!(rig.take(), Vec::<String>::new());
 }
 
+/// The hook worker runs several batches at once: `[oar] parallel_calls` bounds the per-host
+/// `oarnodesetting` processes of all of them together, not of each.
+#[test]
+fn parallel_calls_bound_the_whole_process_not_each_batch() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(oar) = oar() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (section, _) = oar.logged_config_section(dir.path());
+    // oarnodesetting behind a wrapper that marks its start and end (and lasts ≥ 0.3 s, so
+    // calls of the two batches overlap unless something keeps them apart).
+    let marks = dir.path().join("marks.log");
+    std::fs::write(
+        dir.path().join("oarnodesetting"),
+        format!(
+            "#!/bin/sh\necho + >> '{m}'\nsleep 0.3\n{OARDIR}/oarnodesetting \"$@\"; rc=$?\necho - >> '{m}'\nexit $rc\n",
+            m = marks.display(),
+            OARDIR = "/usr/lib/oar"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        dir.path().join("oarnodesetting"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let section = section.replacen("[oar]\n", "[oar]\nparallel_calls = 2\n", 1);
+    let text = format!(
+        "[limits]\nhook_budget_ms = 300000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 60000\nlock_wait_ms = 120000\n{section}"
+    );
+    let cfg = ServerConfig::parse(&text, Path::new("test.toml")).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let sched = Oar::new(&cfg, &state);
+    let d = "parallel.test";
+    let t0 = idhal_test_support::now();
+    let batches: Vec<Vec<NodeUp>> = (0..2u8)
+        .map(|b| (1..=4).map(|i| node(d, 40 + b, i, t0)).collect())
+        .collect();
+    // The property columns exist before the batches start (both would create them at once).
+    sched.ensure_properties(deadline(), false).unwrap();
+    std::fs::write(&marks, "").unwrap();
+    let results: Vec<Vec<Result<UpOutcome, OarError>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = batches
+            .iter()
+            .map(|b| s.spawn(|| sched.ups(b, deadline())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in results.iter().flatten() {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let (mut running, mut most, mut calls) = (0i32, 0i32, 0);
+    for l in std::fs::read_to_string(&marks).unwrap().lines() {
+        if l == "+" {
+            running += 1;
+            calls += 1;
+            most = most.max(running);
+        } else {
+            running -= 1;
+        }
+    }
+    // 8 creations, at most 2 at once over both batches (each batch alone allows 2).
+    assert_eq!(calls, 8);
+    assert!(
+        most <= 2,
+        "{most} oarnodesetting at once with parallel_calls = 2"
+    );
+    assert_eq!(most, 2, "the calls never ran in parallel at all");
+}
+
 #[test]
 fn a_bad_host_or_a_repeated_one_fails_alone() {
     let Some(oar) = oar() else { return };
