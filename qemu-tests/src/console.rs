@@ -45,13 +45,15 @@ impl Console {
         String::from_utf8_lossy(&self.bytes()).into_owned()
     }
 
-    /// Every whole line printed so far (the guest may be mid-line: that one is left out).
+    /// Every whole line printed so far (the guest may be mid-line: that one is left out), as a
+    /// terminal shows it: systemd's status spinner shares the console with the markers, and a
+    /// marker printed as it erases itself starts with `ESC [K` or follows a carriage return.
     pub fn lines(&self) -> Vec<String> {
         let bytes = self.bytes();
         let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         String::from_utf8_lossy(&bytes[..end])
             .lines()
-            .map(|l| l.trim_end_matches('\r').to_string())
+            .map(shown)
             .collect()
     }
 
@@ -71,12 +73,7 @@ impl Console {
             .iter()
             .any(|k| l.contains(k))
         };
-        let lines: Vec<String> = self
-            .lines()
-            .iter()
-            .map(|l| strip_controls(l))
-            .filter(|l| keep(l))
-            .collect();
+        let lines: Vec<String> = self.lines().into_iter().filter(|l| keep(l)).collect();
         lines[lines.len().saturating_sub(max)..].join("\n")
     }
 
@@ -136,12 +133,19 @@ impl Console {
         let bytes = self.bytes();
         let rest = &bytes[self.shown.min(bytes.len())..];
         let nl = rest.iter().position(|&b| b == b'\n')?;
-        let line = String::from_utf8_lossy(&rest[..nl])
-            .trim_end_matches('\r')
-            .to_string();
+        let line = shown(&String::from_utf8_lossy(&rest[..nl]));
         self.shown += nl + 1;
         Some(line)
     }
+}
+
+/// What a terminal shows of one raw console line: the text written after its last carriage
+/// return (a return to the line's start) that shows anything, without control sequences.
+fn shown(raw: &str) -> String {
+    raw.split('\r')
+        .map(strip_controls)
+        .rfind(|s| !s.is_empty())
+        .unwrap_or_default()
 }
 
 /// A console line without terminal control sequences (systemd's colours and its status
@@ -258,6 +262,36 @@ mod tests {
         );
         assert_eq!(c.digest(1), "IDHAL-TEST tunnel-failed uptime=55.1");
         assert_eq!(c.digest(0), "");
+    }
+
+    /// A CI run: the marker followed systemd's spinner erasing itself (`ESC [K`), so the raw
+    /// line did not start with it and the wait missed it for 60 s.
+    #[test]
+    fn markers_after_the_spinner_erased_itself_are_found() {
+        let (_d, c) = console(
+            "[  OK  ] Started x\r\n\
+             \x1bM\r\x1b[K[ \x1b[0;31m*\x1b[0m] Job dev-ttyS0.device/start running (1min 1s / 1min 30s)\r\n\
+             \x1b[KIDHAL-TEST tunnel-up addr=10.134.7.2 uptime=19.24\r\n\
+             [ *** ] Job y running\rIDHAL-TEST enrolled node=client1\r\n\
+             IDHAL-TEST done\r\x1b[K\n",
+        );
+        let starts = |p: &str| c.find(|l| l.starts_with(p));
+        assert_eq!(
+            starts("IDHAL-TEST tunnel-up ").as_deref(),
+            Some("IDHAL-TEST tunnel-up addr=10.134.7.2 uptime=19.24")
+        );
+        assert_eq!(
+            starts("IDHAL-TEST enrolled").as_deref(),
+            Some("IDHAL-TEST enrolled node=client1")
+        );
+        assert_eq!(
+            starts("IDHAL-TEST done").as_deref(),
+            Some("IDHAL-TEST done")
+        );
+        assert_eq!(
+            c.lines()[1],
+            "[ *] Job dev-ttyS0.device/start running (1min 1s / 1min 30s)"
+        );
     }
 
     #[test]
