@@ -911,3 +911,36 @@ fn a_deferred_connect_has_the_deferred_budget_not_the_hooks() {
         "Alive"
     );
 }
+
+/// A batch runs until its latest connect's budget ends, and a node registered past its own
+/// budget is still accepted (refusing it would leave it Alive for a client sent away, and its
+/// retry would do the work again). Here A's registration is held past A's 20 s budget, within
+/// B's: both are accepted.
+#[test]
+fn a_batch_runs_to_its_latest_budget_and_late_nodes_are_still_accepted() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let domain = "late.test";
+    let w = wrapped(oar, d.path(), None, Some(&format!("vnode-48-1.{domain}")));
+    let s = setup_with(&format!(
+        "[names]\ndomain = \"{domain}\"\npool = \"10.134.0.0/16\"\n\
+         [hook]\nworkers = 1\nmax_batch = 2\nbatch_window_ms = 15000\ndeferred_budget_ms = 20000\n\
+         [limits]\nhook_budget_ms = 10000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 30000\nlock_wait_ms = 120000\n\
+         {}",
+        w.section
+    ));
+    let wk = worker(&s);
+    let nodes = batch_nodes(48, 2, now() - 10);
+    let a = connect_all(&s, &nodes[..1], "latea");
+    let t = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    let b = connect_all(&s, &nodes[1..], "lateb");
+    wait_for("the held oarnodesetting", Duration::from_secs(60), || {
+        w.started.exists()
+    });
+    // Past A's budget (20 s from its hand-off), well inside B's (28 s).
+    std::thread::sleep(Duration::from_secs(22).saturating_sub(t.elapsed()));
+    std::fs::write(&w.gate, "").unwrap();
+    verdict(&a[0], "1\n", &wk);
+    verdict(&b[0], "1\n", &wk);
+}

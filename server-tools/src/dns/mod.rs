@@ -16,6 +16,18 @@ pub use rfc2136::DnsError;
 pub trait NodeDns {
     /// Replaces the node's A and PTR. `Ok(false)`: this backend makes no live updates.
     fn upsert(&self, host: &HostName, ip: Ipv4Addr, deadline: Deadline) -> Result<bool, DnsError>;
+    /// `upsert` for several nodes, one result per entry in order; a backend sends what it can
+    /// together (the hook worker's batches).
+    fn upsert_many(
+        &self,
+        nodes: &[(&HostName, Ipv4Addr)],
+        deadline: Deadline,
+    ) -> Vec<Result<bool, DnsError>> {
+        nodes
+            .iter()
+            .map(|(host, ip)| self.upsert(host, *ip, deadline))
+            .collect()
+    }
     /// Deletes the node's A and PTR. `Ok(false)`: this backend makes no live updates.
     fn remove(&self, host: &HostName, ip: Ipv4Addr, deadline: Deadline) -> Result<bool, DnsError>;
     /// Whether records change per node (`idhal reconcile --refresh-dns` has work to do).

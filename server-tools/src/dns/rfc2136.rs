@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DnsError {
     #[error("TSIG key file {path}: {msg}")]
     KeyFile { path: PathBuf, msg: String },
@@ -197,6 +197,20 @@ impl Rfc2136<'_> {
 }
 
 impl NodeDns for Rfc2136<'_> {
+    fn upsert_many(
+        &self,
+        nodes: &[(&HostName, Ipv4Addr)],
+        deadline: Deadline,
+    ) -> Vec<Result<bool, DnsError>> {
+        match self.updater(deadline) {
+            Ok((u, fwd, rev)) => u
+                .upsert_many(nodes, &fwd, &rev, self.cfg.dns.ttl)
+                .into_iter()
+                .map(|r| r.map(|()| true))
+                .collect(),
+            Err(e) => nodes.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
     fn upsert(&self, host: &HostName, ip: Ipv4Addr, deadline: Deadline) -> Result<bool, DnsError> {
         let (u, fwd, rev) = self.updater(deadline)?;
         u.upsert(host, ip, &fwd, &rev, self.cfg.dns.ttl)?;
@@ -216,6 +230,28 @@ impl NodeDns for Rfc2136<'_> {
 enum Change {
     Replace(RData),
     Delete,
+}
+
+impl Change {
+    fn borrowed(&self) -> Change {
+        match self {
+            Change::Replace(r) => Change::Replace(r.clone()),
+            Change::Delete => Change::Delete,
+        }
+    }
+}
+
+/// Hosts per batched update message: ~80 bytes of changes each, so 12 stay well inside one
+/// unfragmented UDP datagram (1,232 bytes, the DNS flag day's size) with the TSIG record.
+const PER_MESSAGE: usize = 12;
+
+/// How errors name the changes of one message: the owner, or the first and how many more.
+fn describe(changes: &[(String, RecordType, Change)]) -> String {
+    match changes {
+        [] => String::new(),
+        [one] => one.0.clone(),
+        [first, rest @ ..] => format!("{} and {} more", first.0, rest.len()),
+    }
 }
 
 /// `38.7.134.10.in-addr.arpa` for 10.134.7.38.
@@ -271,6 +307,81 @@ impl Updater {
         )
     }
 
+    /// A and PTR for several hosts, replacing whatever was there, one result per host in
+    /// order: the forward changes go together in messages of up to `PER_MESSAGE` hosts, and so
+    /// do the reverse ones (each message one transaction on the server), instead of two
+    /// messages per host. A message that fails fails each of its hosts.
+    pub fn upsert_many(
+        &self,
+        nodes: &[(&HostName, Ipv4Addr)],
+        forward: &Domain,
+        reverse: &Domain,
+        ttl: u32,
+    ) -> Vec<Result<(), DnsError>> {
+        let mut results: Vec<Result<(), DnsError>> = nodes.iter().map(|_| Ok(())).collect();
+        // A host that cannot go in a message fails alone, before any message is made.
+        let inside = |name: &str, zone: &Domain| -> Result<Name, DnsError> {
+            let owner = fqdn(name)?;
+            if fqdn(zone.as_str())?.zone_of(&owner) {
+                Ok(owner)
+            } else {
+                Err(DnsError::OutOfZone {
+                    name: name.to_owned(),
+                    zone: zone.to_string(),
+                })
+            }
+        };
+        let mut entries = Vec::with_capacity(nodes.len());
+        for (i, (host, ip)) in nodes.iter().enumerate() {
+            let checked = inside(&host.to_string(), forward)
+                .and_then(|name| inside(&reverse_name(*ip), reverse).map(|_| name));
+            match checked {
+                Ok(name) => entries.push((i, host.to_string(), *ip, name)),
+                Err(e) => results[i] = Err(e),
+            }
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let e = self.protocol("a batch of hosts", e.to_string());
+                return results.into_iter().map(|_| Err(e.clone())).collect();
+            }
+        };
+        runtime.block_on(async {
+            for chunk in entries.chunks(PER_MESSAGE) {
+                let a: Vec<(String, RecordType, Change)> = chunk
+                    .iter()
+                    .map(|(_, h, ip, _)| {
+                        (h.clone(), RecordType::A, Change::Replace(RData::A(A(*ip))))
+                    })
+                    .collect();
+                let ptr: Vec<(String, RecordType, Change)> = chunk
+                    .iter()
+                    .map(|(_, _, ip, name)| {
+                        (
+                            reverse_name(*ip),
+                            RecordType::PTR,
+                            Change::Replace(RData::PTR(PTR(name.clone()))),
+                        )
+                    })
+                    .collect();
+                for (zone, changes) in [(forward, a), (reverse, ptr)] {
+                    if let Err(e) = self.timed(zone, &changes, ttl).await {
+                        for (i, ..) in chunk {
+                            if results[*i].is_ok() {
+                                results[*i] = Err(e.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        results
+    }
+
     fn send_all(
         &self,
         changes: &[(String, &Domain, RecordType, Change)],
@@ -282,24 +393,30 @@ impl Updater {
             .map_err(|e| self.protocol(&changes[0].0, e.to_string()))?;
         runtime.block_on(async {
             for (name, zone, rtype, change) in changes {
-                let result = tokio::time::timeout(
-                    self.timeout,
-                    self.send_one(name, zone, *rtype, change, ttl),
-                )
-                .await;
-                match result {
-                    Err(_) => {
-                        return Err(DnsError::Timeout {
-                            server: self.server,
-                            name: name.clone(),
-                            after: self.timeout,
-                        })
-                    }
-                    Ok(r) => r?,
-                }
+                // One change per message: `Change` is not `Clone`, so borrow it whole.
+                let one = [(name.clone(), *rtype, change.borrowed())];
+                self.timed(zone, &one, ttl).await?;
             }
             Ok(())
         })
+    }
+
+    /// One update message for `changes` (all in `zone`), within this updater's timeout.
+    async fn timed(
+        &self,
+        zone: &Domain,
+        changes: &[(String, RecordType, Change)],
+        ttl: u32,
+    ) -> Result<(), DnsError> {
+        let name = describe(changes);
+        match tokio::time::timeout(self.timeout, self.send_one(&name, zone, changes, ttl)).await {
+            Err(_) => Err(DnsError::Timeout {
+                server: self.server,
+                name,
+                after: self.timeout,
+            }),
+            Ok(r) => r,
+        }
     }
 
     fn protocol(&self, name: &str, msg: String) -> DnsError {
@@ -310,31 +427,44 @@ impl Updater {
         }
     }
 
+    /// One message: for each change, delete the RRset, then (for a replace) add the new
+    /// record. One transaction on the server. `name` names the changes in errors.
     async fn send_one(
         &self,
         name: &str,
         zone: &Domain,
-        rtype: RecordType,
-        change: &Change,
+        changes: &[(String, RecordType, Change)],
         ttl: u32,
     ) -> Result<(), DnsError> {
-        let owner = fqdn(name)?;
         let origin = fqdn(zone.as_str())?;
-        if !origin.zone_of(&owner) {
-            return Err(DnsError::OutOfZone {
-                name: name.to_owned(),
-                zone: zone.to_string(),
-            });
+        let mut msg: Option<hickory_proto::op::Message> = None;
+        for (owner_name, rtype, change) in changes {
+            let owner = fqdn(owner_name)?;
+            if !origin.zone_of(&owner) {
+                return Err(DnsError::OutOfZone {
+                    name: owner_name.clone(),
+                    zone: zone.to_string(),
+                });
+            }
+            let delete = Record::update0(owner.clone(), 0, *rtype);
+            let m = match msg.as_mut() {
+                None => msg.insert(update_message::delete_rrset(delete, origin.clone(), false)),
+                Some(m) => {
+                    // As `delete_rrset` makes it: class ANY, TTL 0, no data.
+                    let mut delete = delete;
+                    delete.set_dns_class(DNSClass::ANY);
+                    delete.set_ttl(0);
+                    m.add_update(delete);
+                    m
+                }
+            };
+            if let Change::Replace(rdata) = change {
+                let mut add = Record::from_rdata(owner, ttl, rdata.clone());
+                add.set_dns_class(DNSClass::IN);
+                m.add_update(add);
+            }
         }
-        // Delete the RRset, then (for a replace) add the new record: one message, one
-        // transaction on the server.
-        let mut msg =
-            update_message::delete_rrset(Record::update0(owner.clone(), 0, rtype), origin, false);
-        if let Change::Replace(rdata) = change {
-            let mut add = Record::from_rdata(owner, ttl, rdata.clone());
-            add.set_dns_class(DNSClass::IN);
-            msg.add_update(add);
-        }
+        let Some(msg) = msg else { return Ok(()) };
         let signer = TSigner::new(
             self.key.secret.clone(),
             self.key.algorithm.clone(),
@@ -430,6 +560,97 @@ mod tests {
         assert_eq!(
             reverse_name("10.134.7.38".parse().unwrap()),
             "38.7.134.10.in-addr.arpa"
+        );
+    }
+
+    /// Update messages Knot has logged ("DDNS, processing N updates" counts messages).
+    fn ddns_updates(log: &Path) -> usize {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split("DDNS, processing ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse::<usize>().ok())
+            .sum()
+    }
+
+    /// The worker's batches: 30 hosts' A and PTR in a few messages, against a real Knot; a
+    /// host outside the zones fails alone; a wrong key fails every host with its own error.
+    #[test]
+    fn a_batch_of_hosts_gets_its_records_in_a_few_messages() {
+        use idhal_test_support::knot::{empty_zone, Knot, TSIG_SECRET};
+        assert!(Knot::available(), "Knot (knotd, kdig) is needed");
+        let knot = Knot::start(&[
+            ("batch.test", empty_zone("batch.test")),
+            ("134.10.in-addr.arpa", empty_zone("134.10.in-addr.arpa")),
+        ]);
+        let key_path = knot.dir.join("tsig.key");
+        knot.write_key(&key_path, TSIG_SECRET);
+        let u = Updater {
+            server: format!("127.0.0.1:{}", knot.port).parse().unwrap(),
+            key: TsigKey::load(&key_path).unwrap(),
+            timeout: Duration::from_secs(10),
+        };
+        let (fwd, rev) = (
+            Domain::parse("batch.test").unwrap(),
+            Domain::parse("134.10.in-addr.arpa").unwrap(),
+        );
+        let host = |i: u8, domain: &str| HostName {
+            label: crate::names::Label::parse(&format!("vnode-9-{i}")).unwrap(),
+            domain: Domain::parse(domain).unwrap(),
+        };
+        let mut hosts: Vec<(HostName, Ipv4Addr)> = (1..=30)
+            .map(|i| (host(i, "batch.test"), Ipv4Addr::new(10, 134, 9, i)))
+            .collect();
+        // One outside the forward zone, one outside the reverse zone.
+        hosts.push((host(31, "elsewhere.test"), Ipv4Addr::new(10, 134, 9, 31)));
+        hosts.push((host(32, "batch.test"), Ipv4Addr::new(10, 135, 9, 32)));
+        let refs: Vec<(&HostName, Ipv4Addr)> = hosts.iter().map(|(h, ip)| (h, *ip)).collect();
+        let log = knot.dir.join("knot.log");
+        let updates_before = ddns_updates(&log);
+        let results = u.upsert_many(&refs, &fwd, &rev, 60);
+        // 30 hosts, 12 per message, two zones: 6 messages (two per host would be 60).
+        assert_eq!(ddns_updates(&log) - updates_before, 6);
+        for (k, r) in results.iter().enumerate().take(30) {
+            assert!(r.is_ok(), "host {k}: {r:?}");
+        }
+        assert!(
+            matches!(&results[30], Err(DnsError::OutOfZone { zone, .. }) if zone == "batch.test")
+        );
+        assert!(
+            matches!(&results[31], Err(DnsError::OutOfZone { zone, .. }) if zone == "134.10.in-addr.arpa")
+        );
+        for i in 1..=30u8 {
+            assert_eq!(
+                knot.dig(&format!("vnode-9-{i}.batch.test"), "A"),
+                [format!("10.134.9.{i}")]
+            );
+            assert_eq!(
+                knot.dig(&format!("{i}.9.134.10.in-addr.arpa"), "PTR"),
+                [format!("vnode-9-{i}.batch.test.")]
+            );
+        }
+        // Replaced, not added to: a second batch moves three hosts.
+        let moved: Vec<(HostName, Ipv4Addr)> = (1..=3)
+            .map(|i| (host(i, "batch.test"), Ipv4Addr::new(10, 134, 8, i)))
+            .collect();
+        let refs: Vec<(&HostName, Ipv4Addr)> = moved.iter().map(|(h, ip)| (h, *ip)).collect();
+        assert!(u
+            .upsert_many(&refs, &fwd, &rev, 60)
+            .iter()
+            .all(Result::is_ok));
+        assert_eq!(knot.dig("vnode-9-2.batch.test", "A"), ["10.134.8.2"]);
+        // A key the server does not know: each host gets the refusal.
+        let bad = knot.dir.join("bad.key");
+        knot.write_key(&bad, "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=");
+        let u = Updater {
+            key: TsigKey::load(&bad).unwrap(),
+            ..u
+        };
+        let results = u.upsert_many(&refs, &fwd, &rev, 60);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(DnsError::TsigRejected { .. }))),
+            "{results:?}"
         );
     }
 }

@@ -485,12 +485,11 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
     let mut took = std::time::Duration::ZERO;
     if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
         let ups: Vec<NodeUp> = locked.iter().map(|(_, up, _)| up.clone()).collect();
-        // The batch ends when its earliest connect's budget does: no verdict comes late.
-        let deadline = locked
-            .iter()
-            .map(|&(i, _, _)| batch[i].deadline)
-            .min_by_key(|d| d.remaining())
-            .expect("not empty");
+        // The batch runs until its latest connect's budget ends. A node registered after its
+        // own budget is still accepted: refusing it would leave it Alive for a client told to
+        // go away, and its retry would do the work again (a client that left has no verdict
+        // file any more, and the verdict is only logged).
+        let deadline = latest(locked.iter().map(|&(i, _, _)| batch[i].deadline));
         let started = Instant::now();
         let verdicts = sched.nodes_up(&ups, deadline);
         took = started.elapsed();
@@ -499,9 +498,24 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         }
     }
     let together = locked.len();
-    for (i, _, mut steps) in locked {
+    // DNS for the whole batch at once (with RFC 2136: a few messages per zone, not two per
+    // node), then each node's verdict from its own steps.
+    let hosts: Vec<(&HostName, Ipv4Addr)> = locked
+        .iter()
+        .map(|&(i, _, _)| (&batch[i].host, batch[i].session.vpn_ip))
+        .collect();
+    let dns = if hosts.is_empty() {
+        Vec::new()
+    } else {
+        let deadline = latest(locked.iter().map(|&(i, _, _)| batch[i].deadline));
+        dns::backend::open(cfg).upsert_many(&hosts, deadline)
+    };
+    for ((i, _, mut steps), d) in locked.into_iter().zip(dns) {
         let c = &batch[i];
-        steps.record(dns_upsert(cfg, &c.session, &c.host, c.deadline));
+        steps.record(
+            d.map(|did| did.then(|| "DNS A+PTR set".to_owned()))
+                .map_err(NodeError::from),
+        );
         results[i] = Some(steps.finish(connected(&c.session, &c.host)));
     }
     // The batch's locks are released: a node whose lock was busy waits for it now.
@@ -520,6 +534,13 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         alone: alone.len(),
         scheduler: took,
     }
+}
+
+/// The deadline of several that ends last.
+fn latest(deadlines: impl Iterator<Item = Deadline>) -> Deadline {
+    deadlines
+        .max_by_key(|d| d.remaining())
+        .expect("at least one deadline")
 }
 
 /// Re-asserts one node's A and PTR records only (`idhal reconcile --refresh-dns`).
