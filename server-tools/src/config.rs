@@ -501,6 +501,19 @@ pub struct ReconcileSection {
     pub max_status_age_secs: u64,
     /// A status file larger than this is refused unread (about 200 bytes a client).
     pub max_status_bytes: u64,
+    /// How often OpenVPN writes its status file (`status FILE 10`, as `idhal openvpn
+    /// server-config` renders it): part of the take-down grace.
+    pub status_interval_secs: u64,
+}
+
+impl ReconcileSection {
+    /// How long before a status was written a session may have started and still be missing
+    /// from it: a deferred connect is answered up to two hook budgets after its session
+    /// started (the hand-off wait, then the worker's budget), and OpenVPN lists it at its next
+    /// status write. Reconcile never takes down a node registered from such a session.
+    pub fn take_down_grace_secs(&self, limits: &Limits) -> u64 {
+        2 * limits.hook_budget_ms.div_ceil(1000) + self.status_interval_secs
+    }
 }
 
 impl Default for ReconcileSection {
@@ -512,6 +525,7 @@ impl Default for ReconcileSection {
             management_password_file: None,
             max_status_age_secs: 120,
             max_status_bytes: 64 << 20,
+            status_interval_secs: 10,
         }
     }
 }
@@ -843,6 +857,17 @@ mod tests {
 
     fn parse(s: &str) -> Result<ServerConfig, ConfigError> {
         ServerConfig::parse(s, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn reconcile_take_down_grace() {
+        let c = parse("").unwrap();
+        // Two hook budgets (15 s each) and one status interval (10 s).
+        assert_eq!(c.reconcile.take_down_grace_secs(&c.limits), 40);
+        let c = parse("[limits]\nhook_budget_ms = 1500\n[reconcile]\nstatus_interval_secs = 60")
+            .unwrap();
+        // A budget's part of a second counts as a whole one.
+        assert_eq!(c.reconcile.take_down_grace_secs(&c.limits), 2 * 2 + 60);
     }
 
     #[test]

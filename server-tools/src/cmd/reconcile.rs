@@ -21,12 +21,15 @@ use std::time::Duration;
           is registered again (exactly as `idhal hook client-connect` does, DNS included);\n\
         - a node idhal manages that this server registered ([openvpn] name, default the host \
           name; OAR property idhalserver) and that is Alive but no longer connected is set \
-          Absent (never removed), unless it registered in or after the second the status was \
-          written. A node whose id is listed at all (a client still connecting has no address \
-          yet) is left alone, and so are other servers' nodes.\n\n\
-        A status file older than [reconcile] max_status_age_secs is refused (OpenVPN is not \
-        writing it: acting on it could take every node down). Runs hold the same per-node locks \
-        as the hooks, and a second concurrent reconcile exits at once.\n\n\
+          Absent (never removed), unless its session started less than a grace before the \
+          status was written (2 x [limits] hook_budget_ms + [reconcile] status_interval_secs: \
+          a deferred connect answered after the write is not listed yet). A node that really \
+          left within that grace is taken down by a later run. A node whose id is listed at \
+          all (a client still connecting has no address yet) is left alone, and so are other \
+          servers' nodes.\n\n\
+        A status file older than [reconcile] max_status_age_secs is refused \
+        (OpenVPN is not writing it: acting on it could take every node down). Runs hold the \
+        same per-node locks as the hooks, and a second concurrent reconcile exits at once.\n\n\
         Exit codes: 0 all consistent (or repaired); 1 the status was unreadable or stale, a \
         repair failed or an entry was \
         invalid; 2 usage or config error.\n\n\

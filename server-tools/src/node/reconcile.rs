@@ -193,6 +193,7 @@ pub fn reconcile(
             }
         }
     }
+    let grace_secs = cfg.reconcile.take_down_grace_secs(&cfg.limits);
     for m in &managed {
         let is_up = sched.as_ref().is_some_and(|s| s.is_up_state(&m.state));
         if !is_up || connected.contains_key(&m.host) {
@@ -239,10 +240,11 @@ pub fn reconcile(
             continue;
         }
         let deadline = Deadline::after(cfg.limits.hook_budget());
-        // A node that registered in or after the second the status was written is simply
-        // not in it yet, and must stay up.
+        // A session that started shortly before the status was written may have been
+        // answered (deferred) after it: simply not in it yet, it must stay up.
         let guard = DownGuard::ListedAt {
             written: status.written,
+            grace_secs,
         };
         match disconnect_host(cfg, state_dir, &host, vpn_ip, guard, deadline) {
             Ok(d) if d.spared => println!("idhal reconcile: left up {}", d.line),

@@ -47,9 +47,10 @@ pub enum DownGuard {
         client: (IpAddr, Option<u16>),
     },
     /// `idhal reconcile`, from a listing written at `written` that does not hold the node:
-    /// a session registered at or after that second may simply be too new for the listing,
-    /// and is left up (the next run decides).
-    ListedAt { written: u64 },
+    /// a session that started less than `grace_secs` before that second (or later) may
+    /// simply not be listed yet (its deferred connect was answered after the write), and is
+    /// left up; the next run decides. `grace_secs`: `ReconcileSection::take_down_grace_secs`.
+    ListedAt { written: u64, grace_secs: u64 },
 }
 
 /// The session a scheduler holds for a node, as recorded at registration.
@@ -67,7 +68,10 @@ impl DownGuard {
                 registered.since > since
                     || (registered.since == since && registered.client.is_some_and(|c| c != client))
             }
-            DownGuard::ListedAt { written } => registered.since >= written,
+            DownGuard::ListedAt {
+                written,
+                grace_secs,
+            } => registered.since >= written.saturating_sub(grace_secs),
         }
     }
 }
@@ -158,8 +162,36 @@ mod tests {
             since: 100,
             client: None
         }));
-        let listed = DownGuard::ListedAt { written: 100 };
+        let listed = DownGuard::ListedAt {
+            written: 100,
+            grace_secs: 0,
+        };
         assert!(listed.spares(&reg(100, None)));
         assert!(!listed.spares(&reg(99, None)));
+    }
+
+    #[test]
+    fn a_listing_spares_sessions_that_started_within_its_grace() {
+        let reg = |since| Registered {
+            since,
+            client: None,
+        };
+        let listed = DownGuard::ListedAt {
+            written: 1_000,
+            grace_secs: 40,
+        };
+        // Started before the write but answered after it: not listed yet, left up.
+        assert!(listed.spares(&reg(995)));
+        assert!(listed.spares(&reg(960)));
+        assert!(listed.spares(&reg(1_001)));
+        // Older than the grace: it would be listed if it were connected.
+        assert!(!listed.spares(&reg(959)));
+        assert!(!listed.spares(&reg(0)));
+        // A grace longer than the clock spares everything rather than wrapping.
+        let early = DownGuard::ListedAt {
+            written: 10,
+            grace_secs: 40,
+        };
+        assert!(early.spares(&reg(0)));
     }
 }
