@@ -148,6 +148,11 @@ impl ServerConfig {
                 cfg.hook.deferred_budget_ms
             )));
         }
+        if cfg.reconcile.listing_timeout_ms == 0 {
+            return Err(invalid(
+                "[reconcile] listing_timeout_ms must be at least 1 (ms)".into(),
+            ));
+        }
         for r in &cfg.openvpn.remotes {
             Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
         }
@@ -501,12 +506,19 @@ pub struct ReconcileSection {
     pub max_status_age_secs: u64,
     /// A status file larger than this is refused unread (about 200 bytes a client).
     pub max_status_bytes: u64,
+    /// The scheduler's one listing of idhal's nodes (hundreds of them, under load, take longer
+    /// than a hook's `command_timeout_ms`).
+    pub listing_timeout_ms: u64,
     /// How often OpenVPN writes its status file (`status FILE 10`, as `idhal openvpn
     /// server-config` renders it): part of the take-down grace.
     pub status_interval_secs: u64,
 }
 
 impl ReconcileSection {
+    pub fn listing_timeout(&self) -> Duration {
+        Duration::from_millis(self.listing_timeout_ms)
+    }
+
     /// How long before a status was written a session may have started and still be missing
     /// from it: a deferred connect is answered up to two hook budgets after its session
     /// started (the hand-off wait, then the worker's budget), and OpenVPN lists it at its next
@@ -525,6 +537,7 @@ impl Default for ReconcileSection {
             management_password_file: None,
             max_status_age_secs: 120,
             max_status_bytes: 64 << 20,
+            listing_timeout_ms: 30_000,
             status_interval_secs: 10,
         }
     }
@@ -860,14 +873,19 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_take_down_grace() {
+    fn reconcile_limits_and_its_take_down_grace() {
         let c = parse("").unwrap();
+        assert_eq!(c.reconcile.listing_timeout(), Duration::from_secs(30));
         // Two hook budgets (15 s each) and one status interval (10 s).
         assert_eq!(c.reconcile.take_down_grace_secs(&c.limits), 40);
         let c = parse("[limits]\nhook_budget_ms = 1500\n[reconcile]\nstatus_interval_secs = 60")
             .unwrap();
         // A budget's part of a second counts as a whole one.
         assert_eq!(c.reconcile.take_down_grace_secs(&c.limits), 2 * 2 + 60);
+        assert_eq!(
+            refusal("[reconcile]\nlisting_timeout_ms = 0"),
+            Refusal::Check("[reconcile] listing_timeout_ms must be at least 1 (ms)".into())
+        );
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! `idhal reconcile` against a real OAR 2.5 (PostgreSQL + Almighty, its own, on 127.0.0.1)
 //! where the 1,000-node storm caught it wrong: a deferred connect answered after the status was
-//! written. Each test has its own `[names] domain`: a run acts only on its domain's nodes.
+//! written, the listing of hundreds of nodes. Each test has its own `[names] domain`: a run acts only on its domain's nodes.
 
 mod hook_support;
 
 use hook_support::*;
+use idhal_test_support::oar::logged_calls;
 use idhal_test_support::ok;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 fn oar() -> Option<&'static Oar> {
     static OAR: OnceLock<Option<Oar>> = OnceLock::new();
@@ -114,4 +116,152 @@ fn a_session_answered_after_the_status_was_written_stays_alive() {
     let o = reconcile(&cfg, &state, &status);
     assert!(out(&o).contains("1 taken down, 0 failures"), "{}", out(&o));
     assert_eq!(state_of(oar, "vnode-21-1.grace.test"), "Absent");
+}
+
+#[test]
+fn the_listing_asks_oar_for_idhals_resources_only() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (section, log) = oar.logged_config_section(d.path());
+    let (d, cfg, state) = setup(&config(&section, "list.test", ""));
+    // A site's own resource, in the same domain, that idhal does not manage.
+    let added = Command::new(format!("{OARDIR}/oarnodesetting"))
+        .envs(oar.env())
+        .args(["-a", "-h", "plain-1.list.test"])
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{}", out(&added));
+    let since = now() - 1000;
+    ok(hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env("client2201", "10.134.22.1", since),
+    ));
+    std::fs::write(&log, "").unwrap();
+    let status = d.path().join("status.log");
+    write_status(&status, now(), &[("client2201", "10.134.22.1", since)]);
+    let o = reconcile(&cfg, &state, &status);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("1 connected, 0 registered again, 0 taken down, 0 failures"),
+        "{text}"
+    );
+    assert!(!text.contains("plain-1"), "{text}");
+    let listings: Vec<String> = logged_calls(&log)
+        .into_iter()
+        .filter(|c| c.starts_with("oarnodes"))
+        .collect();
+    assert_eq!(
+        listings,
+        ["oarnodes -J --sql idhalcn IS NOT NULL"],
+        "reconcile must list only idhal's resources"
+    );
+    // What OAR answers to that filter: idhal's node, not the site's.
+    let listed: Vec<String> = oar
+        .resources(Some("idhalcn IS NOT NULL"))
+        .iter()
+        .map(|r| r["network_address"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        listed.contains(&"vnode-22-1.list.test".to_string()),
+        "{listed:?}"
+    );
+    assert!(
+        !listed.contains(&"plain-1.list.test".to_string()),
+        "{listed:?}"
+    );
+    assert_eq!(state_of(oar, "plain-1.list.test"), "Alive");
+}
+
+#[test]
+fn the_listing_has_its_own_limit() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    // OAR slow to list (hundreds of nodes under load): 2 s, then the real answer. Other
+    // calls go straight through.
+    let wrapper = d.path().join("oarnodes");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh
+case \"$*\" in *\"idhalcn IS NOT NULL\"*) sleep 2;; esac\nexec {OARDIR}/oarnodes \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let section = oar.config_section().replace(
+        &format!("\"{OARDIR}/oarnodes\""),
+        &format!("\"{}\"", wrapper.display()),
+    );
+    let status = d.path().join("status.log");
+    write_status(&status, now(), &[]);
+
+    // Longer than a hook's command_timeout_ms, within listing_timeout_ms: the run goes on.
+    let (_r, roomy, state) = setup(
+        &config(&section, "slow-list.test", "listing_timeout_ms = 60000")
+            .replace("command_timeout_ms = 60000", "command_timeout_ms = 1000"),
+    );
+    let t = Instant::now();
+    let o = reconcile(&roomy, &state, &status);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("0 connected, 0 registered again, 0 taken down, 0 failures"),
+        "{text}"
+    );
+    eprintln!(
+        "slow listing (2 s): reconcile done in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Beyond listing_timeout_ms: killed, the run fails and names the limit.
+    let (_t, tight, state) = setup(&config(
+        &section,
+        "slow-list.test",
+        "listing_timeout_ms = 1000",
+    ));
+    let t = Instant::now();
+    let o = reconcile(&tight, &state, &status);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "OAR: listing idhal's nodes: `oarnodes -J --sql \"idhalcn IS NOT NULL\"` did not finish within [reconcile] listing_timeout_ms (1000 ms) and was killed"
+        ),
+        "{text}"
+    );
+    eprintln!(
+        "slow listing (2 s), limit 1 s: reconcile failed after {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn the_first_reconcile_on_a_new_oar_lists_nothing_and_changes_nothing() {
+    // Its own OAR: the shared one has idhal's columns since the first connect. Without the
+    // idhalcn column OAR cannot run the listing's clause; it answers `{}`, exit 0.
+    if !Oar::available() {
+        return;
+    }
+    let fresh = Oar::start();
+    let d = tempfile::tempdir().unwrap();
+    let (section, log) = fresh.logged_config_section(d.path());
+    let (d, cfg, state) = setup(&config(&section, "new.test", ""));
+    let status = d.path().join("status.log");
+    write_status(&status, now(), &[]);
+    let o = reconcile(&cfg, &state, &status);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("0 connected, 0 registered again, 0 taken down, 0 failures"),
+        "{text}"
+    );
+    // One listing, nothing else: no column created, no resource touched.
+    assert_eq!(
+        logged_calls(&log),
+        ["oarnodes -J --sql idhalcn IS NOT NULL"]
+    );
 }

@@ -27,7 +27,8 @@ use std::time::Duration;
           left within that grace is taken down by a later run. A node whose id is listed at \
           all (a client still connecting has no address yet) is left alone, and so are other \
           servers' nodes.\n\n\
-        A status file older than [reconcile] max_status_age_secs is refused \
+        The scheduler is listed in one call (only idhal's nodes, within [reconcile] \
+        listing_timeout_ms). A status file older than [reconcile] max_status_age_secs is refused \
         (OpenVPN is not writing it: acting on it could take every node down). Runs hold the \
         same per-node locks as the hooks, and a second concurrent reconcile exits at once.\n\n\
         Exit codes: 0 all consistent (or repaired); 1 the status was unreadable or stale, a \

@@ -123,10 +123,10 @@ pub fn reconcile(
     let sched = backend::open(cfg, state_dir);
     let managed = match &sched {
         Some(s) => s
-            .managed_nodes(Deadline::after(cfg.limits.hook_budget()))
+            .managed_nodes(Deadline::after(cfg.reconcile.listing_timeout()))
             .map_err(|source| NodeError::Scheduler {
                 backend: s.name(),
-                doing: "listing nodes".into(),
+                doing: "listing idhal's nodes".into(),
                 source,
             })?,
         None => Vec::new(),

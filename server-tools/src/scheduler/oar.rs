@@ -33,6 +33,10 @@ pub const PROPERTIES: [&str; 9] = [
 /// nothing. The configuration refuses a `[names]` template and domain that can exceed it.
 pub const NETWORK_ADDRESS_MAX: usize = 100;
 
+/// Which resources are idhal's: those carrying an idhal node id. A constant, never built from
+/// input (OAR pastes it into its SQL as is).
+pub const IDHAL_RESOURCES: &str = "idhalcn IS NOT NULL";
+
 /// Bumped when `PROPERTIES` changes, so an old marker file makes the hook look again.
 const PROPERTIES_MARKER: &str = "oar-properties-v2";
 
@@ -65,6 +69,8 @@ pub enum OarError {
     OutOfTime { step: &'static str },
     #[error("OAR: {host} is in this batch twice; only its first entry was registered")]
     TwiceInBatch { host: String },
+    #[error("`oarnodes -J --sql \"{IDHAL_RESOURCES}\"` did not finish within [reconcile] listing_timeout_ms ({} ms) and was killed", after.as_millis())]
+    ListingTimedOut { after: Duration },
     #[error("OAR: {host}: the batch failed while {step}: {cause}")]
     BatchFailed {
         host: String,
@@ -97,6 +103,7 @@ pub struct Oar {
     state_confirm: Duration,
     lock_wait: Duration,
     parallel_calls: usize,
+    listing_timeout: Duration,
 }
 
 impl Oar {
@@ -111,6 +118,7 @@ impl Oar {
             state_confirm: cfg.limits.state_confirm(),
             lock_wait: cfg.limits.lock_wait(),
             parallel_calls: cfg.oar.parallel_calls as usize,
+            listing_timeout: cfg.reconcile.listing_timeout(),
         }
     }
 
@@ -120,6 +128,17 @@ impl Oar {
         args: &[String],
         deadline: Deadline,
     ) -> Result<Finished, OarError> {
+        self.run_for(program, args, deadline, self.command_timeout)
+    }
+
+    /// `run` with its own limit instead of `command_timeout_ms`.
+    fn run_for(
+        &self,
+        program: &Path,
+        args: &[String],
+        deadline: Deadline,
+        limit: Duration,
+    ) -> Result<Finished, OarError> {
         if deadline.passed() {
             return Err(OarError::OutOfTime {
                 step: "an OAR command",
@@ -127,7 +146,7 @@ impl Oar {
         }
         let mut cmd = Command::new(program);
         cmd.args(args).envs(&self.env);
-        let done = process::run(&mut cmd, deadline.cap(self.command_timeout))?;
+        let done = process::run(&mut cmd, deadline.cap(limit))?;
         if !done.success() {
             return Err(OarError::Failed {
                 cmd: format!(
@@ -161,10 +180,22 @@ impl Oar {
         parse_oarnodes(&out.stdout, &host.to_string())
     }
 
-    /// Every resource (for reconcile).
-    pub fn all_resources(&self, deadline: Deadline) -> Result<Vec<Resource>, OarError> {
-        let out = self.run(&self.oarnodes, &["-J".into()], deadline)?;
-        parse_oarnodes(&out.stdout, "all resources")
+    /// The resources idhal manages (for reconcile), in one call under `[reconcile]
+    /// listing_timeout_ms`: only those, since OAR reads each listed resource one by one and a
+    /// site's other resources would only slow the listing down.
+    pub fn idhal_resources(&self, deadline: Deadline) -> Result<Vec<Resource>, OarError> {
+        // Before idhal's first connect there is no idhalcn column: OAR cannot run the clause
+        // and answers `{}` with exit 0 (measured, OAR 2.5), which is right then.
+        let args = ["-J".into(), "--sql".into(), IDHAL_RESOURCES.into()];
+        let out = match self.run_for(&self.oarnodes, &args, deadline, self.listing_timeout) {
+            Err(OarError::Run(RunError::Timeout { .. })) => {
+                return Err(OarError::ListingTimedOut {
+                    after: self.listing_timeout,
+                })
+            }
+            other => other?,
+        };
+        parse_oarnodes(&out.stdout, "idhal's resources")
     }
 
     /// Creates idhal's property columns once. A marker under --state-dir saves the listing on
@@ -572,8 +603,9 @@ impl Scheduler for Oar {
 
     fn managed_nodes(&self, deadline: Deadline) -> Result<Vec<ManagedNode>, SchedulerError> {
         Ok(self
-            .all_resources(deadline)?
+            .idhal_resources(deadline)?
             .into_iter()
+            // OAR's JSON shows a NULL as null, which parse_oarnodes drops.
             .filter(|r| r.props.contains_key("idhalcn"))
             .filter_map(|r| {
                 Some(ManagedNode {
