@@ -509,6 +509,9 @@ pub struct ReconcileSection {
     /// The scheduler's one listing of idhal's nodes (hundreds of them, under load, take longer
     /// than a hook's `command_timeout_ms`).
     pub listing_timeout_ms: u64,
+    /// How long a run waits for OpenVPN to rewrite its status file when only a status written
+    /// after the scheduler's listing can tell whether a node held down is still connected.
+    pub status_wait_secs: u64,
     /// How often OpenVPN writes its status file (`status FILE 10`, as `idhal openvpn
     /// server-config` renders it): part of the take-down grace.
     pub status_interval_secs: u64,
@@ -538,6 +541,7 @@ impl Default for ReconcileSection {
             max_status_age_secs: 120,
             max_status_bytes: 64 << 20,
             listing_timeout_ms: 30_000,
+            status_wait_secs: 15,
             status_interval_secs: 10,
         }
     }
@@ -876,6 +880,7 @@ mod tests {
     fn reconcile_limits_and_its_take_down_grace() {
         let c = parse("").unwrap();
         assert_eq!(c.reconcile.listing_timeout(), Duration::from_secs(30));
+        assert_eq!(c.reconcile.status_wait_secs, 15);
         // Two hook budgets (15 s each) and one status interval (10 s).
         assert_eq!(c.reconcile.take_down_grace_secs(&c.limits), 40);
         let c = parse("[limits]\nhook_budget_ms = 1500\n[reconcile]\nstatus_interval_secs = 60")

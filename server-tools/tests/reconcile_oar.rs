@@ -1,14 +1,16 @@
 //! `idhal reconcile` against a real OAR 2.5 (PostgreSQL + Almighty, its own, on 127.0.0.1)
 //! where the 1,000-node storm caught it wrong: a deferred connect answered after the status was
-//! written, the listing of hundreds of nodes. Each test has its own `[names] domain`: a run acts only on its domain's nodes.
+//! written, the listing of hundreds of nodes, and a disconnect that ran after the status was
+//! written. Each test has its own `[names] domain`: a run acts only on its domain's nodes.
 
 mod hook_support;
 
 use hook_support::*;
 use idhal_test_support::oar::logged_calls;
 use idhal_test_support::ok;
+use std::io::BufRead as _;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -79,6 +81,18 @@ fn state_of(oar: &Oar, host: &str) -> String {
     let r = oar.host(host);
     assert_eq!(r.len(), 1, "{host}: {r:?}");
     r[0]["state"].as_str().unwrap().to_owned()
+}
+
+/// Connects then disconnects `cn`'s session started at `since`: OAR holds its node Absent
+/// with that same start, as after a disconnect hook that ran after the status was written.
+fn connected_then_gone(cfg: &Path, state: &Path, cn: &str, ip: &str, since: u64) {
+    ok(hook(cfg, state, "client-connect", &node_env(cn, ip, since)));
+    ok(hook(
+        cfg,
+        state,
+        "client-disconnect",
+        &node_env(cn, ip, since),
+    ));
 }
 
 #[test]
@@ -240,6 +254,105 @@ case \"$*\" in *\"idhalcn IS NOT NULL\"*) sleep 2;; esac\nexec {OARDIR}/oarnodes
 }
 
 #[test]
+fn a_session_whose_disconnect_ran_waits_for_a_newer_status() {
+    let Some(oar) = oar() else { return };
+    let (d, cfg, state) = setup(&config(
+        &oar.config_section(),
+        "held.test",
+        "status_wait_secs = 1",
+    ));
+    let since = now() - 1000;
+    let node = ("client2301", "10.134.23.1", since);
+    let host = "vnode-23-1.held.test";
+    connected_then_gone(&cfg, &state, node.0, node.1, since);
+    assert_eq!(state_of(oar, host), "Absent");
+
+    // The status was written before reconcile listed OAR, and OpenVPN does not rewrite it
+    // within status_wait_secs: the node's own disconnect may have come after the write.
+    let status = d.path().join("status.log");
+    write_status(&status, now() - 1, &[node]);
+    let o = reconcile(&cfg, &state, &status);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "{host}: OAR holds this very session down (its disconnect may have run after the status was written)"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("no status written after"), "{text}");
+    assert!(
+        text.contains("0 registered again, 0 taken down, 0 failures, 1 left for a newer status"),
+        "{text}"
+    );
+    assert_eq!(state_of(oar, host), "Absent");
+
+    // A status written after the listing still lists it: the session is live (a connect
+    // that half failed), and is registered again.
+    write_status(&status, now() + 30, &[node]);
+    let o = reconcile(&cfg, &state, &status);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("1 registered again, 0 taken down, 0 failures"),
+        "{text}"
+    );
+    assert_eq!(state_of(oar, host), "Alive");
+}
+
+#[test]
+fn reconcile_rereads_the_status_file_until_openvpn_rewrites_it() {
+    let Some(oar) = oar() else { return };
+    let (d, cfg, state) = setup(&config(
+        &oar.config_section(),
+        "reread.test",
+        "status_wait_secs = 120",
+    ));
+    let since = now() - 1000;
+    let held = ("client2401", "10.134.24.1", since);
+    let gone = ("client2402", "10.134.24.2", since);
+    connected_then_gone(&cfg, &state, held.0, held.1, since);
+    connected_then_gone(&cfg, &state, gone.0, gone.1, since);
+    let status = d.path().join("status.log");
+    write_status(&status, now() - 1, &[held, gone]);
+    let mut child = reconcile_cmd(&cfg, &state, &status)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    // The run says it waits; then OpenVPN "rewrites" the file: 2401 is still there, 2402 left.
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("reconcile ended without waiting:\n{seen}"))
+            .unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(
+            "the scheduler holds 2 listed sessions down (same node, same start): waiting up to 120 s",
+        ) {
+            break;
+        }
+    }
+    write_status(&status, now() + 1, &[held]);
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let o = child.wait_with_output().unwrap();
+    seen.push_str(&String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{seen}");
+    assert!(
+        seen.contains("1 registered again, 0 taken down, 0 failures"),
+        "{seen}"
+    );
+    assert_eq!(state_of(oar, "vnode-24-1.reread.test"), "Alive");
+    assert_eq!(state_of(oar, "vnode-24-2.reread.test"), "Absent");
+}
+
+#[test]
 fn the_first_reconcile_on_a_new_oar_lists_nothing_and_changes_nothing() {
     // Its own OAR: the shared one has idhal's columns since the first connect. Without the
     // idhalcn column OAR cannot run the listing's clause; it answers `{}`, exit 0.
@@ -264,4 +377,69 @@ fn the_first_reconcile_on_a_new_oar_lists_nothing_and_changes_nothing() {
         logged_calls(&log),
         ["oarnodes -J --sql idhalcn IS NOT NULL"]
     );
+}
+
+#[test]
+fn a_status_file_broken_while_reconcile_waits_changes_nothing() {
+    let Some(oar) = oar() else { return };
+    let (d, cfg, state) = setup(&config(
+        &oar.config_section(),
+        "broken-wait.test",
+        "status_wait_secs = 3\nmax_status_bytes = 100000",
+    ));
+    let since = now() - 1000;
+    let held = ("client2501", "10.134.25.1", since);
+    let host = "vnode-25-1.broken-wait.test";
+    connected_then_gone(&cfg, &state, held.0, held.1, since);
+    let status = d.path().join("status.log");
+    write_status(&status, now() - 1, &[held]);
+    let mut child = reconcile_cmd(&cfg, &state, &status)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("reconcile ended without waiting:\n{seen}"))
+            .unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("waiting up to 3 s") {
+            break;
+        }
+    }
+    // What a reader may meet while OpenVPN rewrites the file, then a file too large: each
+    // read fails, none is acted on, and the run ends on the status it had.
+    let tmp = status.with_extension("tmp");
+    for bytes in [
+        b"".to_vec(),
+        b"TIME,x,1\nCLIENT_LIST,client2501".to_vec(),
+        [0xff, 0xfe, 0, 1].to_vec(),
+        format!(
+            "{}{}",
+            status_text(now() + 30, &[held]),
+            "#".repeat(200_000)
+        )
+        .into_bytes(),
+    ] {
+        std::fs::write(&tmp, bytes).unwrap();
+        std::fs::rename(&tmp, &status).unwrap();
+    }
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let o = child.wait_with_output().unwrap();
+    seen.push_str(&String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{seen}");
+    assert!(seen.contains("no status written after"), "{seen}");
+    assert!(
+        seen.contains("0 registered again, 0 taken down, 0 failures, 1 left for a newer status"),
+        "{seen}"
+    );
+    eprintln!("{seen}");
+    assert_eq!(state_of(oar, host), "Absent");
 }

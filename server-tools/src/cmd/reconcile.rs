@@ -2,11 +2,13 @@
 //! interface) and has `node::reconcile` replay the missed events. Idempotent, for a timer.
 
 use crate::cmd::{load_config, Exit, Global};
-use crate::node::reconcile::{reconcile, require_fresh, Options};
-use crate::openvpn::status::Source;
-use crate::process::NodeLock;
+use crate::config::ServerConfig;
+use crate::node::reconcile::{list_managed, reconcile, require_fresh, Listing, Options, StatusAge};
+use crate::openvpn::status::{Source, Status};
+use crate::process::{Deadline, NodeLock};
 use idhal_manifest::time::now;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
@@ -18,7 +20,11 @@ use std::time::Duration;
         OpenVPN's config; the password from [reconcile] management_password_file, else the \
         [ca] project's, as `idhal openvpn server-config` renders it), and compares the connected clients with the scheduler:\n\
         - a connected node that is missing, not Alive, or registered with another CN or address \
-          is registered again (exactly as `idhal hook client-connect` does, DNS included);\n\
+          is registered again (exactly as `idhal hook client-connect` does, DNS included); \
+          except a node the scheduler holds down from the very session listed (same start: its \
+          disconnect ran): only a status written after the scheduler was listed can show that \
+          session is still connected, so reconcile waits up to [reconcile] status_wait_secs \
+          for OpenVPN to rewrite its status file, else leaves the node for a newer status;\n\
         - a node idhal manages that this server registered ([openvpn] name, default the host \
           name; OAR property idhalserver) and that is Alive but no longer connected is set \
           Absent (never removed), unless its session started less than a grace before the \
@@ -27,10 +33,11 @@ use std::time::Duration;
           left within that grace is taken down by a later run. A node whose id is listed at \
           all (a client still connecting has no address yet) is left alone, and so are other \
           servers' nodes.\n\n\
-        The scheduler is listed in one call (only idhal's nodes, within [reconcile] \
-        listing_timeout_ms). A status file older than [reconcile] max_status_age_secs is refused \
-        (OpenVPN is not writing it: acting on it could take every node down). Runs hold the \
-        same per-node locks as the hooks, and a second concurrent reconcile exits at once.\n\n\
+        The scheduler is listed first (only idhal's nodes, within [reconcile] \
+        listing_timeout_ms), then the status is read. A status file older than [reconcile] \
+        max_status_age_secs is refused (OpenVPN is not writing it: acting on it could take \
+        every node down). Runs hold the same per-node locks as the hooks, and a second \
+        concurrent reconcile exits at once.\n\n\
         Exit codes: 0 all consistent (or repaired); 1 the status was unreadable or stale, a \
         repair failed or an entry was \
         invalid; 2 usage or config error.\n\n\
@@ -65,21 +72,81 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         return Ok(Exit::Ok);
     };
     let source = Source::pick(args.status_file, args.management, &cfg);
-    let status = source.read(&cfg, state_dir)?;
-    require_fresh(
-        &status,
-        &source.to_string(),
-        cfg.reconcile.max_status_age_secs,
-        now(),
-    )?;
+    // The scheduler first, then the status: a status written after the listing proves that
+    // the clients it lists were connected after the scheduler was looked at.
+    let listing = list_managed(&cfg, state_dir)?;
+    let mut status = read_fresh(&source, &cfg, state_dir)?;
+    let live = matches!(source, Source::Management(_));
+    let mut age = listing.status_age(&status, live);
+    let held = listing.held_down(&status);
+    if age == StatusAge::MaybeBefore && held > 0 {
+        if let Some(newer) = wait_for_newer(&source, &cfg, state_dir, &listing, held) {
+            status = newer;
+            age = StatusAge::AfterListing;
+        }
+    }
     let options = Options {
         dry_run: args.dry_run,
         refresh_dns: args.refresh_dns,
     };
-    let done = reconcile(&cfg, state_dir, &status, options)?;
+    let done = reconcile(&cfg, state_dir, &listing, &status, age, options)?;
     Ok(if done.failures == 0 {
         Exit::Ok
     } else {
         Exit::Failed
     })
 }
+
+fn read_fresh(source: &Source, cfg: &ServerConfig, state_dir: &Path) -> anyhow::Result<Status> {
+    let status = source.read(cfg, state_dir)?;
+    require_fresh(
+        &status,
+        &source.to_string(),
+        cfg.reconcile.max_status_age_secs,
+        now(),
+    )?;
+    Ok(status)
+}
+
+/// Re-reads the status file until OpenVPN rewrites it after the listing, for at most
+/// `[reconcile] status_wait_secs`; `None` when it did not (the run then leaves the nodes
+/// held down for the next run). A management interface's status is live: nothing to wait for.
+fn wait_for_newer(
+    source: &Source,
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    listing: &Listing,
+    held: usize,
+) -> Option<Status> {
+    if !matches!(source, Source::File(_)) {
+        return None;
+    }
+    let wait = cfg.reconcile.status_wait_secs;
+    println!(
+        "idhal reconcile: the scheduler holds {held} listed sessions down (same node, same start): waiting up to {wait} s for a status written after {}",
+        listing.at
+    );
+    let until = Deadline::after(Duration::from_secs(wait));
+    loop {
+        // A read can catch OpenVPN rewriting the file: an error is retried, not acted on.
+        let last_error = match read_fresh(source, cfg, state_dir) {
+            Ok(s) if s.written > listing.at => return Some(s),
+            Ok(_) => None,
+            Err(e) => Some(e),
+        };
+        if until.remaining() < STATUS_POLL {
+            let why = last_error
+                .map(|e| format!(" (last read: {e:#})"))
+                .unwrap_or_default();
+            println!(
+                "idhal reconcile: no status written after {} within {wait} s{why}",
+                listing.at
+            );
+            return None;
+        }
+        std::thread::sleep(STATUS_POLL);
+    }
+}
+
+/// How often the status file is read again while waiting for OpenVPN to rewrite it.
+const STATUS_POLL: Duration = Duration::from_millis(250);

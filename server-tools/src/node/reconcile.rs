@@ -11,7 +11,8 @@ use crate::node::{
 use crate::openvpn::env::Session;
 use crate::openvpn::status::{real_ip, Status};
 use crate::process::Deadline;
-use crate::scheduler::{self, backend, DownGuard};
+use crate::scheduler::{self, backend, DownGuard, Scheduler};
+use idhal_manifest::time::now;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -45,12 +46,91 @@ pub fn require_fresh(status: &Status, from: &str, limit: u64, now: u64) -> Resul
     Ok(())
 }
 
+/// What the scheduler held when reconcile looked, taken BEFORE the status is read.
+pub struct Listing {
+    sched: Option<Box<dyn Scheduler>>,
+    pub managed: Vec<scheduler::ManagedNode>,
+    /// The unix second right after the scheduler answered: a status whose TIME is later was
+    /// written after the listing.
+    pub at: u64,
+}
+
+/// Asks the scheduler for idhal's nodes, under `[reconcile] listing_timeout_ms`.
+pub fn list_managed(cfg: &ServerConfig, state_dir: &Path) -> Result<Listing, NodeError> {
+    let sched = backend::open(cfg, state_dir);
+    let managed = match &sched {
+        Some(s) => s
+            .managed_nodes(Deadline::after(cfg.reconcile.listing_timeout()))
+            .map_err(|source| NodeError::Scheduler {
+                backend: s.name(),
+                doing: "listing idhal's nodes".into(),
+                source,
+            })?,
+        None => Vec::new(),
+    };
+    Ok(Listing {
+        sched,
+        managed,
+        at: now(),
+    })
+}
+
+/// Whether a status is known to have been written after the scheduler's listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAge {
+    /// A management interface's live answer, or a status file whose TIME is past the
+    /// listing's second.
+    AfterListing,
+    /// Written in the listing's second or before: it may predate a disconnect the listing
+    /// already shows.
+    MaybeBefore,
+}
+
+impl Listing {
+    /// `live`: the status was asked for after the listing returned (management interface).
+    pub fn status_age(&self, status: &Status, live: bool) -> StatusAge {
+        if live || status.written > self.at {
+            StatusAge::AfterListing
+        } else {
+            StatusAge::MaybeBefore
+        }
+    }
+
+    /// How many of `status`'s clients the scheduler holds down from that very session (same
+    /// node id, same start): their disconnect hook ran. Only a status written after the
+    /// listing tells whether they are still connected (a half-failed connect) or gone (the
+    /// status predates their disconnect). Raw fields: the run validates each line later.
+    pub fn held_down(&self, status: &Status) -> usize {
+        let Some(sched) = &self.sched else { return 0 };
+        status
+            .clients
+            .iter()
+            .filter(|e| {
+                let cn = e.fields.get("common_name");
+                let since = e
+                    .fields
+                    .get("time_unix")
+                    .and_then(|t| t.parse::<u64>().ok());
+                self.managed.iter().any(|m| {
+                    !sched.is_up_state(&m.state)
+                        && m.node.as_ref().is_some_and(|n| Some(n) == cn)
+                        && since.is_some()
+                        && m.since == since
+                })
+            })
+            .count()
+    }
+}
+
 /// Registers the connected nodes the scheduler lacks (or has wrong) and takes down this
-/// server's nodes `status` no longer lists, under the hooks' per-node locks.
+/// server's nodes `status` no longer lists, under the hooks' per-node locks. `listing` was
+/// taken before `status` was read; `age` says whether `status` is known to be newer.
 pub fn reconcile(
     cfg: &ServerConfig,
     state_dir: &Path,
+    listing: &Listing,
     status: &Status,
+    age: StatusAge,
     options: Options,
 ) -> Result<Reconciled, NodeError> {
     let dry_run = options.dry_run;
@@ -120,29 +200,40 @@ pub fn reconcile(
         }
     }
 
-    let sched = backend::open(cfg, state_dir);
-    let managed = match &sched {
-        Some(s) => s
-            .managed_nodes(Deadline::after(cfg.reconcile.listing_timeout()))
-            .map_err(|source| NodeError::Scheduler {
-                backend: s.name(),
-                doing: "listing idhal's nodes".into(),
-                source,
-            })?,
-        None => Vec::new(),
-    };
+    let sched = &listing.sched;
+    let managed = &listing.managed;
     let by_host: HashMap<&str, &scheduler::ManagedNode> =
         managed.iter().map(|m| (m.host.as_str(), m)).collect();
 
     let (mut repaired, mut downed, mut refreshed, mut others) = (0usize, 0usize, 0usize, 0usize);
+    let mut waiting = 0usize;
     let refresh_dns = options.refresh_dns && dns::backend::open(cfg).is_live();
     for (name, (session, host)) in &connected {
-        let ok = match (&sched, by_host.get(name.as_str())) {
+        let ok = match (sched, by_host.get(name.as_str())) {
             (Some(_), Some(m)) if m.since.is_some_and(|since| since > session.since) => {
                 // Registered from a newer session than this listing shows (the node moved
                 // to another server, or reconnected since): the newer registration stands.
                 println!(
                     "idhal reconcile: {host}: registered from a newer session than listed here, left alone"
+                );
+                continue;
+            }
+            (Some(s), Some(m))
+                if age == StatusAge::MaybeBefore
+                    && !s.is_up_state(&m.state)
+                    && m.since == Some(session.since)
+                    && m.node.as_deref() == Some(session.node.as_str()) =>
+            {
+                // This very session's disconnect hook took it down, maybe after the status
+                // was written: registering it again from this status could make a ghost.
+                // OpenVPN drops a client from its status once its disconnect script is done,
+                // so a status written after the listing will tell.
+                waiting += 1;
+                println!(
+                    "idhal reconcile: {host}: {} holds this very session down (its disconnect may have run after the status was written), and the status (written {}) is not newer than the listing ({}): left for a newer status",
+                    s.name(),
+                    status.written,
+                    listing.at
                 );
                 continue;
             }
@@ -194,7 +285,7 @@ pub fn reconcile(
         }
     }
     let grace_secs = cfg.reconcile.take_down_grace_secs(&cfg.limits);
-    for m in &managed {
+    for m in managed {
         let is_up = sched.as_ref().is_some_and(|s| s.is_up_state(&m.state));
         if !is_up || connected.contains_key(&m.host) {
             continue;
@@ -269,6 +360,9 @@ pub fn reconcile(
     if others > 0 {
         tail.push_str(&format!(", {others} left to other servers"));
     }
+    if waiting > 0 {
+        tail.push_str(&format!(", {waiting} left for a newer status"));
+    }
     println!(
         "idhal reconcile ({server}): {} connected, {repaired} registered again, {downed} taken down{tail}",
         connected.len()
@@ -316,6 +410,26 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn only_a_live_or_later_status_is_newer_than_the_listing() {
+        let listing = Listing {
+            sched: None,
+            managed: Vec::new(),
+            at: 1_000,
+        };
+        let written = |written| Status {
+            written,
+            clients: Vec::new(),
+        };
+        // Written in the listing's second: maybe before it returned.
+        let age = |w, live| listing.status_age(&written(w), live);
+        assert_eq!(age(1_000, false), StatusAge::MaybeBefore);
+        assert_eq!(age(999, false), StatusAge::MaybeBefore);
+        assert_eq!(age(1_001, false), StatusAge::AfterListing);
+        // A management interface answers after the listing, whatever its TIME says.
+        assert_eq!(age(999, true), StatusAge::AfterListing);
     }
 
     #[test]
