@@ -443,3 +443,58 @@ fn a_status_file_broken_while_reconcile_waits_changes_nothing() {
     eprintln!("{seen}");
     assert_eq!(state_of(oar, host), "Absent");
 }
+
+/// What the listing costs: `cargo test -p idhal-server-tools --test reconcile_oar --
+/// --ignored --nocapture bench_listing`. Its own OAR with 150 of idhal's resources and 150
+/// others; prints the time of `oarnodes -J` (every resource) and of reconcile's listing.
+#[test]
+#[ignore]
+fn bench_listing() {
+    if !Oar::available() {
+        return;
+    }
+    let bench = Oar::start();
+    let setting = |args: &[String]| {
+        let o = Command::new(format!("{OARDIR}/oarnodesetting"))
+            .envs(bench.env())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", out(&o));
+    };
+    let o = Command::new(format!("{OARDIR}/oarproperty"))
+        .envs(bench.env())
+        .args(["-a", "idhalcn", "-c"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let t = Instant::now();
+    for i in 0..150 {
+        setting(&["-a".into(), "-h".into(), format!("site-{i}.bench.test")]);
+        setting(&[
+            "-a".into(),
+            "-h".into(),
+            format!("vnode-30-{i}.bench.test"),
+            "-p".into(),
+            format!("idhalcn=client30{i}"),
+        ]);
+    }
+    eprintln!(
+        "300 resources created in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    for (what, sql) in [("all", None), ("idhal's", Some("idhalcn IS NOT NULL"))] {
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let n = bench.resources(sql).len();
+            took.push(t.elapsed().as_secs_f64());
+            assert_eq!(n, if sql.is_some() { 150 } else { 300 });
+        }
+        took.sort_by(f64::total_cmp);
+        eprintln!(
+            "oarnodes -J, {what} resources: median {:.2} s, min {:.2} s, max {:.2} s (5 runs)",
+            took[2], took[0], took[4]
+        );
+    }
+}
