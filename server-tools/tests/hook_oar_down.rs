@@ -132,17 +132,29 @@ fn oar_down_fails_fast_and_reconcile_repairs() {
     // OAR back: reconcile registers what was missed.
     oar.start_postgres();
     oar.start_almighty();
-    let status = write(
-        "status.log",
+    let text = move |written: u64| {
         format!(
             "TITLE,OpenVPN\nTIME,x,{}\nHEADER,CLIENT_LIST,Common Name,Real Address,Virtual Address,Virtual IPv6 Address,Bytes Received,Bytes Sent,Connected Since,Connected Since (time_t),Username,Client ID,Peer ID,Data Channel Cipher\n\
              CLIENT_LIST,client601,127.0.0.1:1,10.134.6.1,,1,1,x,{},UNDEF,1,0,AES-256-GCM\n\
              CLIENT_LIST,client602,127.0.0.1:2,10.134.6.2,,1,1,x,{t0},UNDEF,2,0,AES-256-GCM\n\
              CLIENT_LIST,client603,127.0.0.1:3,10.134.6.3,,1,1,x,{t0},UNDEF,3,0,AES-256-GCM\nEND\n",
-            now(),
+            written,
             t0 + 10
-        ),
-    );
+        )
+    };
+    let status = write("status.log", text(now()));
+    // client601's half-failed connect left OAR holding its session down: reconcile registers
+    // it again only from a status written after it listed OAR (else the session could have
+    // ended since), so it waits for OpenVPN's next write, done here 3 s later.
+    let rewrite = {
+        let (status, text) = (status.clone(), text);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            let tmp = status.with_extension("new");
+            std::fs::write(&tmp, text(now())).unwrap();
+            std::fs::rename(&tmp, &status).unwrap();
+        })
+    };
     let t = Instant::now();
     let o = std::process::Command::new(IDHAL)
         .arg("--config")
@@ -154,7 +166,13 @@ fn oar_down_fails_fast_and_reconcile_repairs() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    rewrite.join().unwrap();
     assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.contains("registered") && l.contains("client601")),
+        "reconcile did not register client601 itself: {out}"
+    );
     eprintln!(
         "reconcile after restart: {:.1} s\n{out}",
         t.elapsed().as_secs_f64()

@@ -507,7 +507,14 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
     let dns = if hosts.is_empty() {
         Vec::new()
     } else {
-        let deadline = latest(locked.iter().map(|&(i, _, _)| batch[i].deadline));
+        // At least one DNS timeout after a scheduler step that took the budget: the nodes are
+        // registered and will be accepted; their records must not fail for want of time.
+        let deadline = latest(
+            locked
+                .iter()
+                .map(|&(i, _, _)| batch[i].deadline)
+                .chain([Deadline::after(cfg.limits.dns_timeout())]),
+        );
         dns::backend::open(cfg).upsert_many(&hosts, deadline)
     };
     for ((i, _, mut steps), d) in locked.into_iter().zip(dns) {

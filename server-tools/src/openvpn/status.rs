@@ -15,6 +15,10 @@ pub enum StatusError {
     ClientBeforeHeader,
     #[error("no TIME line (status-version 2 or 3 needed)")]
     NoTime,
+    /// OpenVPN rewrites its status file in place: a read while it writes sees a cut list, and
+    /// acting on it could take connected nodes down.
+    #[error("no END line: cut short (read while OpenVPN was rewriting it?); nothing changed")]
+    NoEnd,
     #[error("reading OpenVPN status file {}", path.display())]
     Read {
         path: PathBuf,
@@ -94,6 +98,15 @@ pub fn parse_status(text: &str) -> Result<Status, StatusError> {
         }
     }
     let written = written.ok_or(StatusError::NoTime)?;
+    if text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::trim)
+        != Some("END")
+    {
+        return Err(StatusError::NoEnd);
+    }
     Ok(Status { written, clients })
 }
 
@@ -138,7 +151,9 @@ pub fn read_management(
         password_file: password.as_deref(),
         timeout: cfg.limits.command_timeout(),
     };
-    let text = m.command("status 2", Answer::UntilEnd)?;
+    let mut text = m.command("status 2", Answer::UntilEnd)?;
+    // `UntilEnd` answers once OpenVPN's END line arrived, and leaves it out.
+    text.push_str("END\n");
     parse_status(&text).map_err(|e| StatusError::FromManagement {
         addr,
         source: Box::new(e),
@@ -250,6 +265,22 @@ mod tests {
             Err(StatusError::ClientBeforeHeader)
         ));
         assert!(matches!(parse_status(""), Err(StatusError::NoTime)));
+        // Cut anywhere before its END (OpenVPN rewrites the file in place): refused whole.
+        let body = v2.trim_end_matches("END\n");
+        for cut in [body, &body[..body.len() - 20], "TIME,x,1\n"] {
+            assert!(
+                matches!(parse_status(cut), Err(StatusError::NoEnd)),
+                "{cut:?}"
+            );
+        }
+        // Management's `status 2` answer ends the same way, with CRLF.
+        assert_eq!(
+            parse_status(&v2.replace('\n', "\r\n"))
+                .unwrap()
+                .clients
+                .len(),
+            1
+        );
         assert_eq!(
             real_ip("192.0.2.7:1194").unwrap(),
             ("192.0.2.7".into(), Some("1194".into()))
@@ -272,7 +303,7 @@ mod tests {
             std::fs::write(&p, bytes).unwrap();
             p
         };
-        let ok = file("ok", b"TIME,x,1795000000\n");
+        let ok = file("ok", b"TIME,x,1795000000\nEND\n");
         assert_eq!(read_status_file(&ok, 100).unwrap().written, 1_795_000_000);
         // One byte over the cap is refused unread (unparsed); at the cap it is read.
         let big = file("big", &[b'x'; 101]);

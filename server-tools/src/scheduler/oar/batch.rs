@@ -9,37 +9,58 @@ use crate::names::HostName;
 use crate::process::Deadline;
 use crate::scheduler::{NodeUp, UpOutcome};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// Hosts per `oarnodes --sql "network_address IN (…)"` and per `oarnodesetting -s -h … -h …`:
 /// keeps each command line and OAR's SQL statement short (200 names are ~6 KB).
 const HOSTS_PER_CALL: usize = 200;
 
-/// Per-host `oarnodesetting` calls running in this process, across all batches (the hook
-/// worker runs several batches at once); `[oar] parallel_calls` is the limit.
-static RUNNING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+/// Per-host `oarnodesetting` calls of this process, across all batches (the hook worker runs
+/// several batches at once): how many run (at most `[oar] parallel_calls`), and who waits, in
+/// the order they go: the batch that reached its calls first, then its calls in order. A batch
+/// that started earlier finishes first instead of every batch sharing the slots and all of them
+/// finishing late.
+struct Calls {
+    running: usize,
+    waiting: BTreeSet<(u64, usize)>,
+}
 
-/// One of the `limit` slots of `RUNNING`, held for one call.
+static CALLS: (Mutex<Calls>, Condvar) = (
+    Mutex::new(Calls {
+        running: 0,
+        waiting: BTreeSet::new(),
+    }),
+    Condvar::new(),
+);
+
+/// Numbers the batches as they reach their per-host calls.
+static BATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// One of the `limit` slots, held for one call.
 struct Slot;
 
 impl Slot {
-    fn take(limit: usize) -> Slot {
-        let (m, c) = &RUNNING;
-        let mut n = m.lock().unwrap_or_else(|p| p.into_inner());
-        while *n >= limit.max(1) {
-            n = c.wait(n).unwrap_or_else(|p| p.into_inner());
+    fn take(limit: usize, turn: (u64, usize)) -> Slot {
+        let (m, c) = &CALLS;
+        let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+        g.waiting.insert(turn);
+        while g.running >= limit.max(1) || g.waiting.first() != Some(&turn) {
+            g = c.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        *n += 1;
+        g.waiting.remove(&turn);
+        g.running += 1;
+        // The next in line may go too if a slot is still free.
+        c.notify_all();
         Slot
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let (m, c) = &RUNNING;
-        *m.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        c.notify_one();
+        let (m, c) = &CALLS;
+        m.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
+        c.notify_all();
     }
 }
 
@@ -54,13 +75,14 @@ fn in_list(hosts: &[&HostName]) -> String {
 /// order.
 fn parallel<T: Sync, R: Send>(limit: usize, items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let next = AtomicUsize::new(0);
+    let batch = BATCHES.fetch_add(1, Ordering::Relaxed);
     let out: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..limit.max(1).min(items.len()) {
             s.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(item) = items.get(k) else { break };
-                let _slot = Slot::take(limit);
+                let _slot = Slot::take(limit, (batch, k));
                 let r = f(item);
                 *out[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });

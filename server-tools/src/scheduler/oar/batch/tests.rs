@@ -210,7 +210,7 @@ fn parallel_calls_bound_the_whole_process_not_each_batch() {
     std::fs::write(
         dir.path().join("oarnodesetting"),
         format!(
-            "#!/bin/sh\necho + >> '{m}'\nsleep 0.3\n{OARDIR}/oarnodesetting \"$@\"; rc=$?\necho - >> '{m}'\nexit $rc\n",
+            "#!/bin/sh\necho \"+ $*\" >> '{m}'\nsleep 0.3\n{OARDIR}/oarnodesetting \"$@\"; rc=$?\necho - >> '{m}'\nexit $rc\n",
             m = marks.display(),
             OARDIR = "/usr/lib/oar"
         ),
@@ -247,23 +247,36 @@ fn parallel_calls_bound_the_whole_process_not_each_batch() {
     for r in results.iter().flatten() {
         assert!(r.is_ok(), "{r:?}");
     }
-    let (mut running, mut most, mut calls) = (0i32, 0i32, 0);
+    let (mut running, mut most) = (0i32, 0i32);
+    // Which batch (third octet) each call belonged to, in the order they started.
+    let mut order = String::new();
     for l in std::fs::read_to_string(&marks).unwrap().lines() {
-        if l == "+" {
+        if let Some(args) = l.strip_prefix("+ ") {
             running += 1;
-            calls += 1;
             most = most.max(running);
+            let host = args.split(" -h ").nth(1).unwrap_or("");
+            order.push(if host.starts_with("vnode-40-") {
+                'A'
+            } else {
+                'B'
+            });
         } else {
             running -= 1;
         }
     }
     // 8 creations, at most 2 at once over both batches (each batch alone allows 2).
-    assert_eq!(calls, 8);
+    assert_eq!(order.len(), 8, "{order}");
     assert!(
         most <= 2,
         "{most} oarnodesetting at once with parallel_calls = 2"
     );
     assert_eq!(most, 2, "the calls never ran in parallel at all");
+    // The batch that reached its calls first has them all before the other's: it finishes in
+    // its own time instead of both finishing late.
+    assert!(
+        order == "AAAABBBB" || order == "BBBBAAAA",
+        "calls of the two batches interleaved: {order}"
+    );
 }
 
 #[test]
