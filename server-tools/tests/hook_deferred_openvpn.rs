@@ -254,6 +254,15 @@ fn a_slow_registration_delays_no_other_client_and_a_refusal_reaches_the_client()
         },
     );
     assert_eq!(oar.host(&host(&c))[0]["state"], "Alive");
+    // A refusal is for now (a backend failed): the node's client tries again by itself
+    // (`auth-retry nointeract` in its config; OpenVPN's default exits on AUTH_FAILED, and a
+    // node would stay out until someone restarted it), and gets in once OAR works.
+    std::fs::remove_file(&c_fails).unwrap();
+    wait_for(
+        "C connects again by itself after AUTH_FAILED",
+        Duration::from_secs(90),
+        || cc.log().contains("Initialization Sequence Completed"),
+    );
     drop(cc);
 
     // A CN of the project's CA that was never enrolled: refused by the hook itself, at once.

@@ -84,15 +84,23 @@ impl Rig {
                 format!("PostgreSQL {url}"),
             ),
         };
-        let hook = match a.hook_mode {
-            HookMode::Sync => "[hook]\nmode = \"sync\"\n",
-            HookMode::Deferred => "[hook]\nmode = \"deferred\"\n",
+        let mode = match a.hook_mode {
+            HookMode::Sync => "mode = \"sync\"\n",
+            HookMode::Deferred => "mode = \"deferred\"\n",
         };
-        let extra = a
+        let mut extra = a
             .config_extra
             .as_ref()
             .map(|f| std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())))
             .unwrap_or_default();
+        // TOML allows one [hook] table: when the extra file has its own, the mode goes in it.
+        let hook = match extra.find("[hook]\n") {
+            Some(at) => {
+                extra.insert_str(at + "[hook]\n".len(), mode);
+                String::new()
+            }
+            None => format!("[hook]\n{mode}"),
+        };
         let config = dir.join("server.toml");
         std::fs::write(
             &config,

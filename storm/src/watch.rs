@@ -22,11 +22,15 @@ pub struct Watched {
 }
 
 /// OAR's resources: host → states (one per resource), straight from its database (a psql
-/// call is ~20 ms; `oarnodes -J` for 1,000 nodes would be a Perl start-up and seconds).
+/// call is ~20 ms; `oarnodes -J` for 1,000 nodes would be a Perl start-up and seconds). A
+/// resource without idhal's node id (a creation cut short before its properties) is not the
+/// node registered: it reads as `NoIdhalcn`, whatever its state. `to_jsonb` because the column
+/// only exists once idhal made it.
 fn oar_states(rig: &Rig) -> HashMap<String, Vec<String>> {
     let text = rig.oar.pg.psql(
         "oar",
-        "SELECT network_address, state FROM resources ORDER BY resource_id",
+        "SELECT network_address, CASE WHEN to_jsonb(r)->>'idhalcn' IS NULL THEN 'NoIdhalcn' \
+         ELSE state END FROM resources r ORDER BY resource_id",
     );
     let mut m: HashMap<String, Vec<String>> = HashMap::new();
     for l in text.lines() {
@@ -212,7 +216,22 @@ pub fn reconcile_loop(a: &Args, rig: &Rig, nodes: &[Node], shared: &Shared) -> V
             continue;
         }
         let start = shared.now();
-        let out = rig.idhal(&["reconcile"]);
+        // OpenVPN rewrites its status every second (`status FILE 1`), and reconcile may wait
+        // for a status written after its OAR listing: keep the merged one as fresh meanwhile.
+        let running = std::sync::atomic::AtomicBool::new(true);
+        let out = std::thread::scope(|s| {
+            s.spawn(|| {
+                while running.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if running.load(Ordering::Relaxed) {
+                        let _ = merge_status(rig, nodes, shared);
+                    }
+                }
+            });
+            let out = rig.idhal(&["reconcile"]);
+            running.store(false, Ordering::Relaxed);
+            out
+        });
         let secs = began.elapsed().as_secs_f64();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -165,8 +165,10 @@ pub fn client_config(project: &str, node: &str, remotes: &[String]) -> String {
             s.push_str(&format!("remote {} {}\n", r.host, r.port));
         }
     }
+    // auth-retry: the server refuses a node (AUTH_FAILED) when a backend failed for now (OAR,
+    // DNS, a storm's queue); OpenVPN's default then exits for good, this makes it try again.
     s.push_str(
-        "connect-retry 1 10\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\
+        "connect-retry 1 10\nauth-retry nointeract\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\
          tls-version-min 1.2\nca ca.crt\ncert node.crt\nkey node.key\npersist-key\nverb 3\n",
     );
     s
@@ -185,6 +187,7 @@ mod tests {
         );
         assert!(c.contains("remote vpn1.example.org 1194\nremote 10.0.2.100 443\n"));
         assert!(c.contains("remote-cert-tls server"));
+        assert!(c.contains("auth-retry nointeract\n"), "a refused node must try again");
     }
 
     /// The files as `ca::pki::ProjectDir` lays them out for project "p", server "vpn1".

@@ -246,6 +246,14 @@ impl Oar {
         created: &[bool],
         deadline: Deadline,
     ) {
+        // The changes are made: confirming them gets at least one read and the confirm time
+        // even when the budget ran out meanwhile (a storm's queue). Giving up here would
+        // refuse nodes OAR now holds Alive, and their retries would do it all again.
+        let deadline = Deadline::after(
+            deadline
+                .remaining()
+                .max(self.state_confirm + self.command_timeout),
+        );
         let limit = deadline.cap(self.state_confirm);
         let until = Deadline::after(limit);
         let mut pause = FIRST_POLL;
