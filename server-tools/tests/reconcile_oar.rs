@@ -300,6 +300,26 @@ fn a_session_whose_disconnect_ran_waits_for_a_newer_status() {
     assert_eq!(state_of(oar, host), "Alive");
 }
 
+/// Reads a running reconcile's output (kept in `seen`) up to a line containing `needle`;
+/// panics if the run ends first.
+fn read_until(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    needle: &str,
+    seen: &mut String,
+) {
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("reconcile ended without waiting:\n{seen}"))
+            .unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(needle) {
+            return;
+        }
+    }
+}
+
 #[test]
 fn reconcile_rereads_the_status_file_until_openvpn_rewrites_it() {
     let Some(oar) = oar() else { return };
@@ -323,19 +343,11 @@ fn reconcile_rereads_the_status_file_until_openvpn_rewrites_it() {
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = String::new();
     // The run says it waits; then OpenVPN "rewrites" the file: 2401 is still there, 2402 left.
-    loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("reconcile ended without waiting:\n{seen}"))
-            .unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains(
-            "the scheduler holds 2 listed sessions down (same node, same start): waiting up to 120 s",
-        ) {
-            break;
-        }
-    }
+    read_until(
+        &mut lines,
+        "the scheduler holds 2 listed sessions down (same node, same start): waiting up to 120 s",
+        &mut seen,
+    );
     write_status(&status, now() + 1, &[held]);
     for line in lines {
         seen.push_str(&line.unwrap());
@@ -400,17 +412,7 @@ fn a_status_file_broken_while_reconcile_waits_changes_nothing() {
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let mut seen = String::new();
-    loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("reconcile ended without waiting:\n{seen}"))
-            .unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("waiting up to 3 s") {
-            break;
-        }
-    }
+    read_until(&mut lines, "waiting up to 3 s", &mut seen);
     // What a reader may meet while OpenVPN rewrites the file, then a file too large: each
     // read fails, none is acted on, and the run ends on the status it had.
     let tmp = status.with_extension("tmp");

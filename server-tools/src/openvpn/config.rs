@@ -187,7 +187,10 @@ mod tests {
         );
         assert!(c.contains("remote vpn1.example.org 1194\nremote 10.0.2.100 443\n"));
         assert!(c.contains("remote-cert-tls server"));
-        assert!(c.contains("auth-retry nointeract\n"), "a refused node must try again");
+        assert!(
+            c.contains("auth-retry nointeract\n"),
+            "a refused node must try again"
+        );
     }
 
     /// The files as `ca::pki::ProjectDir` lays them out for project "p", server "vpn1".
