@@ -114,6 +114,23 @@ fn a_session_answered_after_the_status_was_written_stays_alive() {
     }
     let status = d.path().join("status.log");
     write_status(&status, written, &[]);
+    // --dry-run says what the run will do, grace included, and changes nothing.
+    let o = reconcile_cmd(&cfg, &state, &status)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("would leave up vnode-21-1.grace.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("would take down vnode-21-2.grace.test"),
+        "{text}"
+    );
+    assert!(!text.contains("would take down vnode-21-1"), "{text}");
+    assert_eq!(state_of(oar, "vnode-21-2.grace.test"), "Alive");
     let o = reconcile(&cfg, &state, &status);
     let text = out(&o);
     assert!(o.status.success(), "{text}");

@@ -326,17 +326,29 @@ pub fn reconcile(
             );
             continue;
         };
-        if dry_run {
-            println!("would take down {host} ({vpn_ip})");
-            continue;
-        }
-        let deadline = Deadline::after(cfg.limits.hook_budget());
         // A session that started shortly before the status was written may have been
         // answered (deferred) after it: simply not in it yet, it must stay up.
         let guard = DownGuard::ListedAt {
             written: status.written,
             grace_secs,
         };
+        if dry_run {
+            // The same guard as the real run, on the session OAR listed (the real run reads
+            // it again under the node's lock).
+            let spared = m.since.is_some_and(|since| {
+                guard.spares(&scheduler::Registered {
+                    since,
+                    client: None,
+                })
+            });
+            if spared {
+                println!("would leave up {host} ({vpn_ip}): its session started within {grace_secs} s of the status");
+            } else {
+                println!("would take down {host} ({vpn_ip})");
+            }
+            continue;
+        }
+        let deadline = Deadline::after(cfg.limits.hook_budget());
         match disconnect_host(cfg, state_dir, &host, vpn_ip, guard, deadline) {
             Ok(d) if d.spared => println!("idhal reconcile: left up {}", d.line),
             Ok(d) => {
