@@ -233,12 +233,13 @@ fn crl_resigning_by_many_at_once_signs_once_when_due_and_never_goes_back() {
             .map(|t| t.join().unwrap())
             .collect::<Vec<_>>()
     };
-    // Made due (nextUpdate in the past): exactly one of them re-signs.
+    // Made due (nextUpdate in the past): exactly one re-signs, one of the ten or a server's
+    // own CRL thread that got there first (then all ten find it not due).
     pg.psql(db, "UPDATE projects SET crl_next_update = 0");
     let out = refresh(&["crl", "refresh"]);
     let signed = out.iter().filter(|o| o.contains("CRL re-signed")).count();
-    assert_eq!(signed, 1, "{out:?}");
-    assert_eq!(out.iter().filter(|o| o.contains("CRL not due")).count(), 9);
+    let not_due = out.iter().filter(|o| o.contains("CRL not due")).count();
+    assert!(signed <= 1 && signed + not_due == 10, "{out:?}");
     assert_eq!(pg.psql(db, "SELECT crl_number FROM projects").trim(), "2");
     // Forced, all ten sign: ten new numbers, and the published file holds the last one.
     refresh(&["crl", "refresh", "--force"]);
