@@ -6,25 +6,11 @@
 mod enroll_support;
 mod hook_support;
 
-use enroll_support::{enroll, ok, wait_for, NodeKey, Project};
+use enroll_support::{client, enroll, ok, wait_for, NodeKey, Project};
+use idhal_test_support::free_port;
 use idhal_test_support::openvpn;
-use idhal_test_support::{free_port, Logged};
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
 use std::time::Duration;
-
-/// An OpenVPN client with the files and config a node got from enrollment.
-fn client(dir: &Path, r: &idhal_manifest::enroll::Response, key: &NodeKey) -> Logged {
-    openvpn::enrolled_client(
-        dir,
-        [
-            ("ca.crt", &r.ca),
-            ("node.crt", &r.certificate),
-            ("openvpn.conf", &r.openvpn),
-            ("node.key", &key.pem()),
-        ],
-    )
-}
 
 #[test]
 fn enrolled_nodes_connect_and_a_revoked_one_is_dropped_and_stays_out() {

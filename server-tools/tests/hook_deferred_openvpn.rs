@@ -12,7 +12,7 @@
 mod enroll_support;
 mod hook_support;
 
-use enroll_support::{enroll, ok, wait_for, NodeKey, Project};
+use enroll_support::{client, enroll, ok, wait_for, NodeKey, Project};
 use hook_support::{node_env, now, stderr, Oar, OARDIR};
 use idhal_manifest::enroll::Response;
 use idhal_test_support::{free_port, openvpn, Logged};
@@ -20,19 +20,6 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// An OpenVPN client with the files and config a node got from enrollment.
-fn client(dir: &Path, r: &Response, key: &NodeKey) -> Logged {
-    openvpn::enrolled_client(
-        dir,
-        [
-            ("ca.crt", &r.ca),
-            ("node.crt", &r.certificate),
-            ("openvpn.conf", &r.openvpn),
-            ("node.key", &key.pem()),
-        ],
-    )
-}
 
 fn host(r: &Response) -> String {
     let o = r.address.octets();

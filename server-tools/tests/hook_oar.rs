@@ -486,20 +486,6 @@ fn status_rows(dir: &Path, name: &str, written: u64, rows: &[(&str, &str, &str, 
     p
 }
 
-fn out(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn state_of(oar: &Oar, host: &str) -> String {
-    let r = oar.host(host);
-    assert_eq!(r.len(), 1, "{host}: {r:?}");
-    prop(&r[0], "state")
-}
-
 #[test]
 fn reconcile_never_takes_down_a_client_that_is_still_connecting() {
     let Some(oar) = oar() else { return };

@@ -69,20 +69,6 @@ fn reconcile(cfg: &Path, state: &Path, status: &Path) -> Output {
     reconcile_cmd(cfg, state, status).output().unwrap()
 }
 
-fn out(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn state_of(oar: &Oar, host: &str) -> String {
-    let r = oar.host(host);
-    assert_eq!(r.len(), 1, "{host}: {r:?}");
-    r[0]["state"].as_str().unwrap().to_owned()
-}
-
 /// Connects then disconnects `cn`'s session started at `since`: OAR holds its node Absent
 /// with that same start, as after a disconnect hook that ran after the status was written.
 fn connected_then_gone(cfg: &Path, state: &Path, cn: &str, ip: &str, since: u64) {

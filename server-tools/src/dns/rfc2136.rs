@@ -227,18 +227,10 @@ impl NodeDns for Rfc2136<'_> {
 }
 
 /// What one update does to one zone.
+#[derive(Clone)]
 enum Change {
     Replace(RData),
     Delete,
-}
-
-impl Change {
-    fn borrowed(&self) -> Change {
-        match self {
-            Change::Replace(r) => Change::Replace(r.clone()),
-            Change::Delete => Change::Delete,
-        }
-    }
 }
 
 /// Hosts per batched update message: ~80 bytes of changes each, so 12 stay well inside one
@@ -393,8 +385,7 @@ impl Updater {
             .map_err(|e| self.protocol(&changes[0].0, e.to_string()))?;
         runtime.block_on(async {
             for (name, zone, rtype, change) in changes {
-                // One change per message: `Change` is not `Clone`, so borrow it whole.
-                let one = [(name.clone(), *rtype, change.borrowed())];
+                let one = [(name.clone(), *rtype, change.clone())];
                 self.timed(zone, &one, ttl).await?;
             }
             Ok(())

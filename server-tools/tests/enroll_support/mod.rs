@@ -186,3 +186,16 @@ pub fn enroll(
     }
     Ok(Response::verify(&body, enroll_key, &request_digest(&req)).expect("a verified response"))
 }
+
+/// An OpenVPN client (`--dev null`) with the files and config a node got from enrollment.
+pub fn client(dir: &Path, r: &Response, key: &NodeKey) -> idhal_test_support::Logged {
+    idhal_test_support::openvpn::enrolled_client(
+        dir,
+        [
+            ("ca.crt", &r.ca),
+            ("node.crt", &r.certificate),
+            ("openvpn.conf", &r.openvpn),
+            ("node.key", &key.pem()),
+        ],
+    )
+}

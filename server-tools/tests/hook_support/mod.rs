@@ -41,6 +41,22 @@ pub fn hook(config: &Path, state_dir: &Path, event: &str, env: &[(String, String
     cmd.output().unwrap()
 }
 
+/// A run's stdout then stderr, for assertions and failure messages.
+pub fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The OAR state of `host`'s one resource (panics when it has none or several).
+pub fn state_of(oar: &Oar, host: &str) -> String {
+    let r = oar.host(host);
+    assert_eq!(r.len(), 1, "{host}: {r:?}");
+    r[0]["state"].as_str().unwrap().to_owned()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
