@@ -347,10 +347,14 @@ impl Default for HookSection {
             on_failure: OnFailure::Refuse,
             mode: HookMode::Deferred,
             socket: None,
-            workers: 16,
+            // Measured with the 1,000-node storm (docs/benchmarks.md): 16 threads gathering
+            // for 100 ms made batches of 1–4 while connects trickled in, each paying its own
+            // read and read-backs (229.5 s for all); 4 threads of up to 100 gathered for
+            // 500 ms took 152.9 s. A lone connect waits the 500 ms once.
+            workers: 4,
             deferred_budget_ms: 45_000,
-            max_batch: 50,
-            batch_window_ms: 100,
+            max_batch: 100,
+            batch_window_ms: 500,
             max_queued: 4096,
             max_connections: 64,
             max_request_bytes: 16 << 10,
@@ -765,7 +769,10 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             hook_budget_ms: 15_000,
-            command_timeout_ms: 5_000,
+            // A node's creation waits behind OAR's table lock under load: killed at 5 s it
+            // left resources without their properties (refused nodes) in the storm. A hook's
+            // commands are still cut at hook_budget_ms.
+            command_timeout_ms: 20_000,
             state_confirm_ms: 3_000,
             dns_timeout_ms: 2_000,
             lock_wait_ms: 10_000,
@@ -914,8 +921,12 @@ mod tests {
             Refusal::Check("[hook] workers must be at least 1".into())
         );
         assert_eq!(
-            (c.hook.max_batch, c.hook.batch_window_ms),
-            (50, 100),
+            (
+                c.hook.max_batch,
+                c.hook.batch_window_ms,
+                c.limits.command_timeout_ms
+            ),
+            (100, 500, 20_000),
             "defaults"
         );
         assert_eq!(

@@ -346,6 +346,35 @@ fn a_host_name_that_would_break_oars_sql_cannot_reach_a_batch() {
 }
 
 #[test]
+fn changes_made_are_confirmed_even_when_the_budget_ran_out_meanwhile() {
+    // A storm's queue can spend a batch's budget before its read-back: the changes are made
+    // by then, and refusing nodes OAR holds Alive would make their retries do it all again.
+    let Some(oar) = oar() else { return };
+    let rig = Rig::new(oar);
+    let t0 = idhal_test_support::now() - 100;
+    let ups: Vec<NodeUp> = (1..=3).map(|i| node("late.test", 5, i, t0)).collect();
+    for up in &ups {
+        rig.sched.node_up(up, deadline()).unwrap();
+    }
+    rig.take();
+    let spent = Deadline::after(Duration::ZERO);
+    std::thread::sleep(Duration::from_millis(10));
+    assert!(spent.remaining().is_zero());
+    let mut v = Verdicts(ups.iter().map(|_| None).collect());
+    rig.sched
+        .confirm_batch(&ups, &mut v, &[false, true, false], spent);
+    let got: Vec<_> = v.0.into_iter().map(|r| r.expect("a verdict")).collect();
+    for (i, r) in got.iter().enumerate() {
+        let out = r.as_ref().unwrap_or_else(|e| panic!("node {i}: {e}"));
+        assert_eq!(out.created, i == 1, "node {i}: its own created flag");
+        assert_eq!(out.resource_ids.len(), 1, "node {i}");
+    }
+    let calls = rig.take();
+    assert_eq!(calls.len(), 1, "one read-back for the batch: {calls:?}");
+    assert!(calls[0].contains("oarnodes"), "{calls:?}");
+}
+
+#[test]
 fn a_state_request_oar_dropped_is_made_again() {
     // Its own OAR: Almighty is stopped and started here.
     if !TestOar::available() {
