@@ -104,7 +104,7 @@ fn request(env: &[(&str, &str)], c: &Path, r: &Path) -> Vec<u8> {
         .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
         .collect();
     let mut line = serde_json::to_vec(&serde_json::json!({
-        "env": env, "config_file": c, "deferred_file": r,
+        "event": "client-connect", "env": env, "config_file": c, "deferred_file": r,
     }))
     .unwrap();
     line.push(b'\n');
@@ -164,6 +164,32 @@ fn the_hook_hands_off_and_the_worker_answers() {
             .contains("client-connect: REFUSED: OpenVPN variable common_name")
     });
 
+    // A disconnect is handed off too (OpenVPN waits for no verdict); the worker does it.
+    let env = node_env("client501", "10.134.5.1", now());
+    let o = hook(&s.cfg, &s.state, "client-disconnect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("client-disconnect: client501: handed to the worker"),
+        "{}",
+        stderr(&o)
+    );
+    wait_for(
+        "the worker did the disconnect",
+        Duration::from_secs(30),
+        || {
+            w.log()
+                .contains("idhal hook worker: disconnect of client501 done")
+        },
+    );
+    // A session that never came up (no address) is not handed off: nothing to take down.
+    let never: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| k != "ifconfig_pool_remote_ip")
+        .cloned()
+        .collect();
+    let o = hook(&s.cfg, &s.state, "client-disconnect", &never);
+    assert!(!stderr(&o).contains("worker"), "{}", stderr(&o));
+
     // A second worker on the same socket refuses to start.
     let o = Command::new(IDHAL)
         .arg("--config")
@@ -197,6 +223,15 @@ fn without_a_worker_the_hook_works_synchronously_and_says_so() {
     // Empty again: with exit 0 that is "accepted" on OpenVPN's synchronous path, never a
     // `2` left with nobody to answer.
     assert_eq!(read(&f.1), "");
+    let o = hook(&s.cfg, &s.state, "client-disconnect", &env);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("client-disconnect: worker not reached (worker socket")
+            && err.contains("doing it synchronously"),
+        "{err}"
+    );
+    assert!(err.contains("client-disconnect: client502: "), "{err}");
 
     // sync mode never hands off, even with a worker running.
     let s = setup_with(&format!("{CONFIG}mode = \"sync\"\n"));
@@ -207,6 +242,9 @@ fn without_a_worker_the_hook_works_synchronously_and_says_so() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("worker"), "{}", stderr(&o));
     assert_eq!(read(&f.1), "");
+    let o = hook(&s.cfg, &s.state, "client-disconnect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("worker"), "{}", stderr(&o));
 }
 
 /// A worker that got the whole request and did not answer in time may have queued it: the
@@ -308,7 +346,20 @@ fn hostile_requests_change_nothing_and_the_worker_carries_on() {
         (&b"hello\n"[..], "refused: not a hand-off request"),
         (
             b"{}\n",
+            "refused: not a hand-off request: missing field `event`",
+        ),
+        (
+            b"{\"event\":\"client-connect\"}\n",
             "refused: not a hand-off request: missing field `env`",
+        ),
+        (
+            b"{\"event\":\"learn-address\",\"env\":{}}\n",
+            "refused: not a hand-off request: unknown variant `learn-address`",
+        ),
+        // A disconnect carries no files: one that names some is not one the hook sends.
+        (
+            b"{\"event\":\"client-disconnect\",\"env\":{},\"deferred_file\":\"/etc/passwd\"}\n",
+            "refused: not a hand-off request: unknown field `deferred_file`",
         ),
         (b"\xff\xfe\n", "refused: not a hand-off request"),
         (&req[..req.len() - 1], "refused: no end of line"),
@@ -328,6 +379,36 @@ fn hostile_requests_change_nothing_and_the_worker_carries_on() {
     assert_eq!(
         raw(&s.socket, &smuggled),
         "refused: variable \"LD_PRELOAD\" is not one a hand-off carries\n"
+    );
+    let disconnect = |env: serde_json::Value| {
+        let mut line =
+            serde_json::to_vec(&serde_json::json!({"event": "client-disconnect", "env": env}))
+                .unwrap();
+        line.push(b'\n');
+        raw(&s.socket, &line)
+    };
+    assert_eq!(
+        disconnect(serde_json::json!({"LD_PRELOAD": "/x.so"})),
+        "refused: variable \"LD_PRELOAD\" is not one a hand-off carries\n"
+    );
+    assert_eq!(
+        disconnect(serde_json::json!({"common_name": "a".repeat(300)})),
+        "refused: common_name is over 256 bytes\n"
+    );
+    // Queued, then refused by the same checks as the synchronous hook: nothing taken down.
+    assert_eq!(
+        disconnect(
+            serde_json::json!({"common_name": "x' OR '1'='1", "ifconfig_pool_remote_ip": "10.134.5.5"})
+        ),
+        "queued\n"
+    );
+    wait_for(
+        "the hostile disconnect is refused",
+        Duration::from_secs(30),
+        || {
+            w.log()
+                .contains("client-disconnect: REFUSED: OpenVPN variable common_name")
+        },
     );
     let long = "a".repeat(300);
     let a = raw(
@@ -395,6 +476,22 @@ fn hostile_requests_change_nothing_and_the_worker_carries_on() {
     for (f, _) in &all {
         verdict(&f.1, "1\n", &w);
     }
+    // And 20 disconnects at once: each queued, each done.
+    let before = w.log().matches("disconnect of client504 done").count();
+    let mut down = serde_json::to_vec(&serde_json::json!({"event": "client-disconnect", "env": {
+        "common_name": "client504", "ifconfig_pool_remote_ip": "10.134.5.5", "trusted_ip": "127.0.0.1",
+    }}))
+    .unwrap();
+    down.push(b'\n');
+    std::thread::scope(|sc| {
+        for _ in 0..20 {
+            let (socket, down) = (&s.socket, &down);
+            sc.spawn(move || assert_eq!(raw(socket, down), "queued\n"));
+        }
+    });
+    wait_for("20 disconnects done", Duration::from_secs(60), || {
+        w.log().matches("disconnect of client504 done").count() == before + 20
+    });
     // Still serving, and it said why it refused each one.
     assert_eq!(raw(&s.socket, &req), "queued\n");
     verdict(&f.1, "1\n", &w);
@@ -801,43 +898,31 @@ fn a_disconnect_during_its_batch_leaves_the_node_absent() {
             Duration::from_secs(120),
             || w.started.exists(),
         );
-        // OpenVPN's disconnect of that node's session, while the batch holds its lock.
-        let mut down = Command::new(IDHAL)
-            .env_clear()
-            .envs(nodes[1].1.iter().map(|(k, v)| (k, v)))
-            .arg("--config")
-            .arg(&s.cfg)
-            .arg("--state-dir")
-            .arg(&s.state)
-            .args(["hook", "client-disconnect"])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lock = s.state.join("locks/node-vnode-43-2.lock");
-        let fd_dir = PathBuf::from(format!("/proc/{}/fd", down.id()));
-        wait_for(
-            "the disconnect waits for the node's lock",
-            Duration::from_secs(60),
-            || {
-                std::fs::read_dir(&fd_dir)
-                    .map(|fds| {
-                        fds.flatten()
-                            .any(|f| std::fs::read_link(f.path()).ok().as_deref() == Some(&lock))
-                    })
-                    .unwrap_or(false)
-            },
-        );
+        // OpenVPN's disconnect of that node's session, while the batch holds its lock: the
+        // hook hands it off and returns (OpenVPN serves nobody while it runs) with OAR still
+        // held; done here, it would wait for the lock until lock_wait_ms and fail.
+        let o = hook(&s.cfg, &s.state, "client-disconnect", &nodes[1].1);
+        assert!(o.status.success(), "{}", stderr(&o));
         assert!(
-            down.try_wait().unwrap().is_none(),
-            "the disconnect did not wait for the batch"
+            stderr(&o).contains("client4302: handed to the worker"),
+            "{}",
+            stderr(&o)
         );
         std::fs::write(&w.gate, "").unwrap();
-        let results = batch.join().unwrap();
-        let o = down.wait_with_output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert!(stderr(&o).contains("OAR Absent"), "{}", stderr(&o));
-        results
+        batch.join().unwrap()
     });
+    // The worker takes the node down after the batch that holds its lock.
+    wait_for("the disconnect is done", Duration::from_secs(120), || {
+        wk.log()
+            .contains("idhal hook worker: disconnect of client4302 done")
+    });
+    assert!(
+        wk.log()
+            .contains("client-disconnect: client4302: vnode-43-2"),
+        "{}",
+        wk.log()
+    );
+    assert!(wk.log().contains("OAR Absent"), "{}", wk.log());
     for r in &batch {
         verdict(r, "1\n", &wk);
     }

@@ -6,6 +6,7 @@
 use crate::cmd::{load_config, Exit, Global};
 use crate::config::{HookMode, ServerConfig};
 use crate::node::{self, deferred, one_line, Admission, Failure};
+use crate::openvpn::env::{has_pool_address, node_from_env};
 use crate::openvpn::tmpfile::{Kind, TmpFile};
 use crate::process::Deadline;
 use std::collections::HashMap;
@@ -36,8 +37,9 @@ client_connect_deferred_file, hands the node to `idhal hook worker` (a service; 
 (refuse) within [hook] deferred_budget_ms (45 s: below the clients' 60 s hand-window). If the
 worker cannot be reached or declines, the hook does the work itself and says so; a request the
 worker got whole but did not answer within [hook] handoff_timeout_ms stays with it (never done
-twice). OpenVPN's files must be in [openvpn] tmp_dir (rendered as tmp-dir). mode = \"sync\":
-always the hook itself.
+twice). OpenVPN's files must be in [openvpn] tmp_dir (rendered as tmp-dir). A disconnect is
+handed to the worker too (OpenVPN waits for no verdict, and serves nobody while the script runs).
+mode = \"sync\": always the hook itself.
 
 On connect: OAR resource created once, properties set (idhalserver: this server's [openvpn]
 name), state Alive (read back to confirm); DNS A and PTR replaced ([dns] update = \"rfc2136\").
@@ -69,9 +71,11 @@ pub enum Event {
         #[arg(value_name = "OPENVPN_TMPFILE")]
         options_file: Option<PathBuf>,
     },
-    /// A client disconnected: mark it Absent in the scheduler (and drop DNS if configured).
+    /// A client disconnected: mark it Absent in the scheduler (and drop DNS if configured),
+    /// through the worker in deferred mode.
     ClientDisconnect,
-    /// The deferred-connect worker: a service that listens on [hook] socket until stopped.
+    /// The deferred worker (connects and disconnects): a service that listens on [hook] socket
+    /// until stopped.
     #[command(after_help = "systemd unit (docs/hooks.md):\n  \
         [Service]\n  \
         ExecStart=/usr/local/bin/idhal hook worker\n  \
@@ -100,11 +104,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         Event::ClientConnect { options_file } => {
             connect(&cfg, state_dir, &env, options_file.as_deref())
         }
-        Event::ClientDisconnect => exit_code(
-            "client-disconnect",
-            &cfg,
-            node::disconnect(&cfg, state_dir, &env),
-        ),
+        Event::ClientDisconnect => disconnect(&cfg, state_dir, &env),
         Event::Worker => {
             deferred::serve(cfg, state_dir.clone())?;
             Exit::Ok
@@ -225,6 +225,35 @@ fn defer(
             Err(format!("worker not reached ({})", one_line(&e)))
         }
     }
+}
+
+const DISCONNECT: &str = "client-disconnect";
+
+/// Deferred mode: hands the disconnect to the worker and returns (OpenVPN serves nobody while
+/// this script runs, and waits for no verdict); without a worker, does it here.
+fn disconnect(cfg: &ServerConfig, state_dir: &Path, env: &HashMap<String, String>) -> Exit {
+    let say = |line: String| eprintln!("idhal hook {DISCONNECT}: {line}");
+    let node = node_from_env(env).map_or_else(|e| format!("({e})"), |n| n.to_string());
+    // A session OpenVPN gave no address never came up: nothing to hand off (refused here).
+    if cfg.hook.mode == HookMode::Deferred && has_pool_address(env) {
+        match deferred::hand_off_disconnect(cfg, state_dir, env) {
+            Ok(()) => {
+                say(format!("{node}: handed to the worker"));
+                return Exit::Ok;
+            }
+            Err(e @ deferred::HandOffError::Unanswered { .. }) => {
+                say(format!("{node}: {}: left to the worker", one_line(&e)));
+                return Exit::Ok;
+            }
+            // Without the node's name, like the connect's: the line that names it says what
+            // was done.
+            Err(e) => say(format!(
+                "worker not reached ({}): doing it synchronously",
+                one_line(&e)
+            )),
+        }
+    }
+    exit_code(DISCONNECT, cfg, node::disconnect(cfg, state_dir, env))
 }
 
 fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> Exit {

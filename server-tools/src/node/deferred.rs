@@ -2,6 +2,11 @@
 //! long-running `idhal hook worker` over a unix socket and returns; the worker registers the
 //! nodes that arrive together in one batch (`connect_batch`: one scheduler call, each node's
 //! own budget, on_failure rules and verdict) and writes OpenVPN's verdicts.
+//!
+//! `idhal hook client-disconnect` hands off too: OpenVPN runs that script synchronously and
+//! serves nobody meanwhile, but waits for no verdict, so the hook returns once the worker
+//! holds the disconnect, and the worker takes the node down (under its lock, guarded by its
+//! session as the synchronous hook is).
 
 use super::{admit, connect_batch, decide, Connect, Failure, Verdict};
 use crate::config::ServerConfig;
@@ -30,13 +35,25 @@ pub const VARS: [&str; 7] = [
 /// Longest value of one variable in a hand-off (a node id is at most 64 characters).
 const MAX_VALUE: usize = 256;
 
-/// One hand-off, one JSON line on the socket.
+/// One hand-off, one JSON line on the socket: `{"event":"client-connect",…}`.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Request {
-    env: HashMap<String, String>,
-    config_file: PathBuf,
-    deferred_file: PathBuf,
+#[serde(tag = "event", rename_all = "kebab-case", deny_unknown_fields)]
+enum Request {
+    /// A checked connect: the worker registers it and writes the verdict to `deferred_file`.
+    ClientConnect {
+        env: HashMap<String, String>,
+        config_file: PathBuf,
+        deferred_file: PathBuf,
+    },
+    /// A disconnect: nobody waits for its outcome, the worker logs it.
+    ClientDisconnect { env: HashMap<String, String> },
+}
+
+/// The variables of `VARS` that `env` has.
+fn carried(env: &HashMap<String, String>) -> HashMap<String, String> {
+    VARS.iter()
+        .filter_map(|v| env.get(*v).map(|x| (v.to_string(), x.clone())))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +90,30 @@ pub fn hand_off(
     config_file: &Path,
     deferred_file: &Path,
 ) -> Result<(), HandOffError> {
+    let request = Request::ClientConnect {
+        env: carried(env),
+        config_file: config_file.to_owned(),
+        deferred_file: deferred_file.to_owned(),
+    };
+    send(cfg, state_dir, &request)
+}
+
+/// Hands one disconnect to the worker: `Ok` once queued, `Unanswered` when it may have been
+/// (the caller must not take the node down too: a late second take-down is harmless to the
+/// node's session guard, but it is the work twice while OpenVPN waits).
+pub fn hand_off_disconnect(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<(), HandOffError> {
+    send(
+        cfg,
+        state_dir,
+        &Request::ClientDisconnect { env: carried(env) },
+    )
+}
+
+fn send(cfg: &ServerConfig, state_dir: &Path, request: &Request) -> Result<(), HandOffError> {
     let path = cfg.hook.socket(state_dir);
     let io = |source| HandOffError::Send {
         path: path.clone(),
@@ -85,15 +126,7 @@ pub fn hand_off(
     let wait = Some(Duration::from_millis(cfg.hook.handoff_timeout_ms));
     s.set_read_timeout(wait).map_err(io)?;
     s.set_write_timeout(wait).map_err(io)?;
-    let request = Request {
-        env: VARS
-            .iter()
-            .filter_map(|v| env.get(*v).map(|x| (v.to_string(), x.clone())))
-            .collect(),
-        config_file: config_file.to_owned(),
-        deferred_file: deferred_file.to_owned(),
-    };
-    let mut line = serde_json::to_vec(&request).expect("serialisable");
+    let mut line = serde_json::to_vec(request).expect("serialisable");
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
     let mut answer = Vec::new();
@@ -124,12 +157,19 @@ pub enum WorkerError {
     },
 }
 
-/// A queued connect.
+/// A queued hand-off.
 struct Job {
     env: HashMap<String, String>,
-    result: TmpFile,
-    deadline: Deadline,
+    task: Task,
     received: Instant,
+}
+
+enum Task {
+    /// The verdict goes to `result`; the connect's budget counts from the hand-off.
+    Connect { result: TmpFile, deadline: Deadline },
+    /// Its budget (`hook_budget_ms`, as the synchronous hook's) counts from when a worker
+    /// thread starts it: no client waits for it.
+    Disconnect,
 }
 
 /// Why a request was not queued: the one line the hook gets back.
@@ -425,14 +465,16 @@ fn receive(
     };
     let request: Request = serde_json::from_slice(line)
         .map_err(|e| Decline::Refused(format!("not a hand-off request: {e}")))?;
-    if let Some(k) = request.env.keys().find(|k| !VARS.contains(&k.as_str())) {
+    let env = match &request {
+        Request::ClientConnect { env, .. } | Request::ClientDisconnect { env } => env,
+    };
+    if let Some(k) = env.keys().find(|k| !VARS.contains(&k.as_str())) {
         return Err(Decline::Refused(format!(
             "variable {:?} is not one a hand-off carries",
             k.chars().take(40).collect::<String>()
         )));
     }
-    if let Some(k) = request
-        .env
+    if let Some(k) = env
         .iter()
         .find(|(_, v)| v.len() > MAX_VALUE)
         .map(|(k, _)| k)
@@ -442,13 +484,28 @@ fn receive(
     let check = |p: &Path, kind| {
         TmpFile::check(p, kind, tmp_dir).map_err(|e: TmpFileError| Decline::Refused(e.to_string()))
     };
-    check(&request.config_file, Kind::Config)?;
-    let result = check(&request.deferred_file, Kind::Result)?;
-    Ok(Some(Job {
-        env: request.env,
-        result,
-        deadline: Deadline::after(cfg.hook.deferred_budget()),
-        received,
+    Ok(Some(match request {
+        Request::ClientConnect {
+            env,
+            config_file,
+            deferred_file,
+        } => {
+            check(&config_file, Kind::Config)?;
+            let result = check(&deferred_file, Kind::Result)?;
+            Job {
+                env,
+                task: Task::Connect {
+                    result,
+                    deadline: Deadline::after(cfg.hook.deferred_budget()),
+                },
+                received,
+            }
+        }
+        Request::ClientDisconnect { env } => Job {
+            env,
+            task: Task::Disconnect,
+            received,
+        },
     }))
 }
 
@@ -468,20 +525,52 @@ fn gather(rx: &Mutex<mpsc::Receiver<Job>>, max: usize, window: Duration) -> Opti
     Some(jobs)
 }
 
-/// A batch of queued connects: the same checks as the synchronous hook for each, one
-/// registration for all that pass (`connect_batch`), then each client's verdict byte.
+/// A batch of queued hand-offs: the connects first (clients wait for them), then the
+/// disconnects one by one, each as the synchronous hook does it.
 fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
+    let (connects, disconnects): (Vec<Job>, Vec<Job>) = jobs
+        .into_iter()
+        .partition(|j| matches!(j.task, Task::Connect { .. }));
+    if !connects.is_empty() {
+        work_connects(cfg, state_dir, &connects);
+    }
+    for job in &disconnects {
+        let waited = job.received.elapsed();
+        let verdict = decide(
+            "client-disconnect",
+            cfg,
+            super::disconnect(cfg, state_dir, &job.env),
+        );
+        for line in &verdict.lines {
+            eprintln!("idhal hook worker: {line}");
+        }
+        eprintln!(
+            "idhal hook worker: disconnect of {} done {:.2} s after the hand-off (started after {:.2} s)",
+            crate::openvpn::env::node_from_env(&job.env)
+                .map_or_else(|e| format!("({e})"), |n| n.to_string()),
+            job.received.elapsed().as_secs_f64(),
+            waited.as_secs_f64()
+        );
+    }
+}
+
+/// Connects: the same checks as the synchronous hook for each, one registration for all that
+/// pass (`connect_batch`), then each client's verdict byte.
+fn work_connects(cfg: &ServerConfig, state_dir: &Path, jobs: &[Job]) {
     let mut results: Vec<Option<Result<String, Failure>>> = jobs.iter().map(|_| None).collect();
     let mut admitted = Vec::new();
     let mut connects = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
+        let Task::Connect { deadline, .. } = job.task else {
+            continue;
+        };
         match admit(cfg, state_dir, &job.env) {
             Ok(a) => {
                 admitted.push(i);
                 connects.push(Connect {
                     session: a.session,
                     host: a.host,
-                    deadline: job.deadline,
+                    deadline,
                 });
             }
             Err(f) => results[i] = Some(Err(f)),
@@ -493,7 +582,10 @@ fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
     }
     let mut accepted = 0;
     for (job, r) in jobs.iter().zip(results) {
-        accepted += usize::from(answer(cfg, job, r.expect("every job has a result")));
+        if let Task::Connect { result, .. } = &job.task {
+            let r = r.expect("every connect has a result");
+            accepted += usize::from(answer(cfg, job, result, r));
+        }
     }
     eprintln!(
         "idhal hook worker: batch of {}: {} registered together in {:.2} s, {} alone, {} refused before registering; {accepted} accepted",
@@ -507,11 +599,11 @@ fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
 
 /// Writes one client's verdict byte and logs why. A client that left meanwhile has no file
 /// any more: logged, nothing written. Whether it was accepted.
-fn answer(cfg: &ServerConfig, job: &Job, result: Result<String, Failure>) -> bool {
+fn answer(cfg: &ServerConfig, job: &Job, file: &TmpFile, result: Result<String, Failure>) -> bool {
     let queued = job.received.elapsed();
     let Verdict { accept, lines } = decide("client-connect", cfg, result);
     let byte = if accept { b'1' } else { b'0' };
-    let wrote = match job.result.write_result(Some(byte)) {
+    let wrote = match file.write_result(Some(byte)) {
         Ok(()) => format!("wrote {}", byte as char),
         Err(e) => format!("verdict not written: {e}"),
     };
@@ -520,7 +612,7 @@ fn answer(cfg: &ServerConfig, job: &Job, result: Result<String, Failure>) -> boo
     }
     eprintln!(
         "idhal hook worker: {} {} ({wrote}; {:.2} s after the hand-off)",
-        job.result.path().display(),
+        file.path().display(),
         if accept { "accepted" } else { "refused" },
         queued.as_secs_f64()
     );
