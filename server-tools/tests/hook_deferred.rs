@@ -178,7 +178,7 @@ fn the_hook_hands_off_and_the_worker_answers() {
         Duration::from_secs(30),
         || {
             w.log()
-                .contains("idhal hook worker: disconnect of client501 done")
+                .contains("idhal hook worker: client-disconnect: client501: vnode-5-1")
         },
     );
     // A session that never came up (no address) is not handed off: nothing to take down.
@@ -477,7 +477,10 @@ fn hostile_requests_change_nothing_and_the_worker_carries_on() {
         verdict(&f.1, "1\n", &w);
     }
     // And 20 disconnects at once: each queued, each done.
-    let before = w.log().matches("disconnect of client504 done").count();
+    let before = w
+        .log()
+        .matches("client-disconnect: client504: vnode-5-5")
+        .count();
     let mut down = serde_json::to_vec(&serde_json::json!({"event": "client-disconnect", "env": {
         "common_name": "client504", "ifconfig_pool_remote_ip": "10.134.5.5", "trusted_ip": "127.0.0.1",
     }}))
@@ -490,7 +493,10 @@ fn hostile_requests_change_nothing_and_the_worker_carries_on() {
         }
     });
     wait_for("20 disconnects done", Duration::from_secs(60), || {
-        w.log().matches("disconnect of client504 done").count() == before + 20
+        w.log()
+            .matches("client-disconnect: client504: vnode-5-5")
+            .count()
+            == before + 20
     });
     // Still serving, and it said why it refused each one.
     assert_eq!(raw(&s.socket, &req), "queued\n");
@@ -852,6 +858,35 @@ fn twenty_hand_offs_are_registered_in_one_batch() {
     let r = oar.resources(Some("network_address LIKE 'vnode-41-%'"));
     assert_eq!(r.len(), 20);
     assert!(r.iter().all(|r| oar_prop(r, "state") == "Alive"), "{r:?}");
+
+    // All 20 disconnect at once: each hook hands off and returns; the worker takes them down
+    // together, in ONE oarnodesetting call (one by one: 20, each after its own read).
+    std::fs::write(&w.log, "").unwrap();
+    std::thread::scope(|sc| {
+        for (_, env) in &nodes {
+            let s = &s;
+            sc.spawn(move || {
+                let o = hook(&s.cfg, &s.state, "client-disconnect", env);
+                assert!(
+                    o.status.success() && stderr(&o).contains("handed to the worker"),
+                    "{}",
+                    stderr(&o)
+                );
+            });
+        }
+    });
+    wait_for(
+        "the worker took the 20 down",
+        Duration::from_secs(120),
+        || wk.log().contains("disconnects: batch of 20: 20 done"),
+    );
+    let r = oar.resources(Some("network_address LIKE 'vnode-41-%'"));
+    assert!(r.iter().all(|r| oar_prop(r, "state") == "Absent"), "{r:?}");
+    let calls = idhal_test_support::oar::logged_calls(&w.log);
+    let (reads, sets) = (count(&calls, "oarnodes"), count(&calls, "oarnodesetting"));
+    eprintln!("disconnects: {reads} oarnodes, {sets} oarnodesetting calls for 20 nodes");
+    assert_eq!(sets, 1, "{calls:#?}");
+    assert!(reads < 10, "{calls:#?}");
 }
 
 #[test]
@@ -914,7 +949,7 @@ fn a_disconnect_during_its_batch_leaves_the_node_absent() {
     // The worker takes the node down after the batch that holds its lock.
     wait_for("the disconnect is done", Duration::from_secs(120), || {
         wk.log()
-            .contains("idhal hook worker: disconnect of client4302 done")
+            .contains("idhal hook worker: client-disconnect: client4302: vnode-43-2")
     });
     assert!(
         wk.log()

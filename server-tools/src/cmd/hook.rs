@@ -6,7 +6,6 @@
 use crate::cmd::{load_config, Exit, Global};
 use crate::config::{HookMode, ServerConfig};
 use crate::node::{self, deferred, one_line, Admission, Failure};
-use crate::openvpn::env::{has_pool_address, node_from_env};
 use crate::openvpn::tmpfile::{Kind, TmpFile};
 use crate::process::Deadline;
 use std::collections::HashMap;
@@ -229,13 +228,17 @@ fn defer(
 
 const DISCONNECT: &str = "client-disconnect";
 
-/// Deferred mode: hands the disconnect to the worker and returns (OpenVPN serves nobody while
-/// this script runs, and waits for no verdict); without a worker, does it here.
+/// Deferred mode: checks the session as the synchronous hook does (a refusal is said here, in
+/// one line, and never reaches the worker), hands the disconnect to the worker and returns
+/// (OpenVPN serves nobody while this script runs, and waits for no verdict); without a worker,
+/// does it here.
 fn disconnect(cfg: &ServerConfig, state_dir: &Path, env: &HashMap<String, String>) -> Exit {
-    let say = |line: String| eprintln!("idhal hook {DISCONNECT}: {line}");
-    let node = node_from_env(env).map_or_else(|e| format!("({e})"), |n| n.to_string());
-    // A session OpenVPN gave no address never came up: nothing to hand off (refused here).
-    if cfg.hook.mode == HookMode::Deferred && has_pool_address(env) {
+    if cfg.hook.mode == HookMode::Deferred {
+        let say = |line: String| eprintln!("idhal hook {DISCONNECT}: {line}");
+        let node = match node::session_down(cfg, state_dir, env) {
+            Ok((node, _)) => node,
+            Err(f) => return exit_code(DISCONNECT, cfg, Err(f)),
+        };
         match deferred::hand_off_disconnect(cfg, state_dir, env) {
             Ok(()) => {
                 say(format!("{node}: handed to the worker"));

@@ -8,7 +8,9 @@
 //! holds the disconnect, and the worker takes the node down (under its lock, guarded by its
 //! session as the synchronous hook is).
 
-use super::{admit, connect_batch, decide, Connect, Failure, Verdict};
+use super::{
+    admit, connect_batch, decide, disconnect_hosts, session_down, Connect, Failure, Verdict,
+};
 use crate::config::ServerConfig;
 use crate::openvpn::tmpfile::{sweep, Kind, TmpFile, TmpFileError};
 use crate::process::Deadline;
@@ -526,7 +528,7 @@ fn gather(rx: &Mutex<mpsc::Receiver<Job>>, max: usize, window: Duration) -> Opti
 }
 
 /// A batch of queued hand-offs: the connects first (clients wait for them), then the
-/// disconnects one by one, each as the synchronous hook does it.
+/// disconnects, together.
 fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
     let (connects, disconnects): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
@@ -534,24 +536,48 @@ fn work(cfg: &ServerConfig, state_dir: &Path, jobs: Vec<Job>) {
     if !connects.is_empty() {
         work_connects(cfg, state_dir, &connects);
     }
-    for job in &disconnects {
-        let waited = job.received.elapsed();
-        let verdict = decide(
-            "client-disconnect",
-            cfg,
-            super::disconnect(cfg, state_dir, &job.env),
-        );
-        for line in &verdict.lines {
+    if !disconnects.is_empty() {
+        work_disconnects(cfg, state_dir, &disconnects);
+    }
+}
+
+/// Disconnects: each checked as the synchronous hook does (`session_down`), then all taken
+/// down together (`disconnect_hosts`: one scheduler call), within one `hook_budget_ms` from
+/// now (no client waits for them: the time in the queue does not count).
+fn work_disconnects(cfg: &ServerConfig, state_dir: &Path, jobs: &[Job]) {
+    let started = Instant::now();
+    let deadline = Deadline::after(cfg.limits.hook_budget());
+    let mut results: Vec<Option<Result<String, Failure>>> = jobs.iter().map(|_| None).collect();
+    let mut checked = Vec::new();
+    let mut downs = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match session_down(cfg, state_dir, &job.env) {
+            Ok((node, down)) => {
+                checked.push((i, node));
+                downs.push(down);
+            }
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    let done = disconnect_hosts(cfg, state_dir, &downs, deadline);
+    for ((i, node), r) in checked.into_iter().zip(done) {
+        results[i] = Some(r.map(|d| format!("{node}: {}", d.line)));
+    }
+    let mut marked = 0;
+    for r in results {
+        let r = r.expect("every disconnect has a result");
+        marked += usize::from(r.is_ok());
+        for line in decide("client-disconnect", cfg, r).lines {
             eprintln!("idhal hook worker: {line}");
         }
-        eprintln!(
-            "idhal hook worker: disconnect of {} done {:.2} s after the hand-off (started after {:.2} s)",
-            crate::openvpn::env::node_from_env(&job.env)
-                .map_or_else(|e| format!("({e})"), |n| n.to_string()),
-            job.received.elapsed().as_secs_f64(),
-            waited.as_secs_f64()
-        );
     }
+    let waited = jobs.iter().map(|j| j.received).min().map(|t| started - t);
+    eprintln!(
+        "idhal hook worker: disconnects: batch of {}: {marked} done in {:.2} s (the first waited {:.2} s in the queue)",
+        jobs.len(),
+        started.elapsed().as_secs_f64(),
+        waited.unwrap_or_default().as_secs_f64()
+    );
 }
 
 /// Connects: the same checks as the synchronous hook for each, one registration for all that

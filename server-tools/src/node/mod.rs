@@ -569,29 +569,29 @@ pub struct Disconnected {
     pub spared: bool,
 }
 
-/// Takes one node down, unless the scheduler holds a session `guard` spares (a newer one).
-pub fn disconnect_host(
-    cfg: &ServerConfig,
-    state_dir: &Path,
+/// One node to take down: `disconnect_host`'s arguments.
+#[derive(Debug, Clone)]
+pub struct Down {
+    pub host: HostName,
+    pub vpn_ip: Ipv4Addr,
+    pub guard: DownGuard,
+}
+
+/// The scheduler's side of a take-down, as a step of the node's log line; whether a newer
+/// session was left up.
+fn down_step(
+    name: &'static str,
     host: &HostName,
-    vpn_ip: Ipv4Addr,
-    guard: DownGuard,
-    deadline: Deadline,
-) -> Result<Disconnected, Failure> {
-    let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
-    let mut stale = false;
-    if let Some(sched) = backend::open(cfg, state_dir) {
-        let name = sched.name();
-        let outcome =
-            sched
-                .node_down(host, guard, deadline)
-                .map_err(|source| NodeError::Scheduler {
-                    backend: name,
-                    doing: format!("taking {host} down"),
-                    source,
-                });
-        stale = matches!(outcome, Ok(DownOutcome::NewerSession));
-        steps.record(outcome.map(|o| {
+    outcome: Result<DownOutcome, SchedulerError>,
+) -> (Result<Option<String>, NodeError>, bool) {
+    let stale = matches!(outcome, Ok(DownOutcome::NewerSession));
+    let step = outcome
+        .map_err(|source| NodeError::Scheduler {
+            backend: name,
+            doing: format!("taking {host} down"),
+            source,
+        })
+        .map(|o| {
             Some(match o {
                 DownOutcome::MarkedDown => format!("{name} Absent"),
                 DownOutcome::AlreadyDown => format!("{name} already Absent"),
@@ -600,33 +600,114 @@ pub fn disconnect_host(
                     format!("ignored: {name} holds a newer session for this node")
                 }
             })
-        }));
-    }
+        });
+    (step, stale)
+}
+
+/// The rest of a take-down once the scheduler's step is recorded: DNS (unless a newer session
+/// was left up), then the node's line.
+fn finish_down(
+    cfg: &ServerConfig,
+    mut steps: Steps,
+    d: &Down,
+    stale: bool,
+    deadline: Deadline,
+) -> Result<Disconnected, Failure> {
     if cfg.dns.on_disconnect == OnDisconnect::Remove && !stale {
         steps.record(
             dns::backend::open(cfg)
-                .remove(host, vpn_ip, deadline)
+                .remove(&d.host, d.vpn_ip, deadline)
                 .map(|did| did.then(|| "DNS A+PTR removed".to_owned()))
                 .map_err(NodeError::from),
         );
     }
     steps
-        .finish(format!("{host} ({vpn_ip})"))
+        .finish(format!("{} ({})", d.host, d.vpn_ip))
         .map(|line| Disconnected {
             line,
             spared: stale,
         })
 }
 
-/// The client-disconnect hook. A session without an address never came up (OpenVPN runs the
-/// disconnect script after a refused connect too): nothing changes, or a refused duplicate
-/// would take the live node down.
-pub fn disconnect(
+/// Takes one node down, unless the scheduler holds a session `guard` spares (a newer one).
+pub fn disconnect_host(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    d: &Down,
+    deadline: Deadline,
+) -> Result<Disconnected, Failure> {
+    let mut steps = Steps::lock(cfg, state_dir, &d.host, deadline)?;
+    let mut stale = false;
+    if let Some(sched) = backend::open(cfg, state_dir) {
+        let (step, spared) = down_step(
+            sched.name(),
+            &d.host,
+            sched.node_down(&d.host, d.guard, deadline),
+        );
+        steps.record(step);
+        stale = spared;
+    }
+    finish_down(cfg, steps, d, stale, deadline)
+}
+
+/// Takes many nodes down as `disconnect_host` does each, with ONE `Scheduler::nodes_down`
+/// call (with OAR: one read, one state change and one read-back per round for all). Locks are
+/// taken in label order without waiting: a node whose lock is busy (its connect is running, or
+/// it is twice in the batch) is taken down alone afterwards, waiting for its lock, so two lock
+/// holders never wait for each other. One result per node, in order.
+pub fn disconnect_hosts(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    downs: &[Down],
+    deadline: Deadline,
+) -> Vec<Result<Disconnected, Failure>> {
+    let mut results: Vec<Option<Result<Disconnected, Failure>>> =
+        downs.iter().map(|_| None).collect();
+    let mut order: Vec<usize> = (0..downs.len()).collect();
+    order.sort_by(|&a, &b| downs[a].host.label.cmp(&downs[b].host.label));
+    let mut locked = Vec::new();
+    let mut alone = Vec::new();
+    for i in order {
+        match Steps::try_lock(state_dir, &downs[i].host) {
+            Ok(Some(steps)) => locked.push((i, steps, false)),
+            Ok(None) => alone.push(i),
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
+        let batch: Vec<(HostName, DownGuard)> = locked
+            .iter()
+            .map(|&(i, _, _)| (downs[i].host.clone(), downs[i].guard))
+            .collect();
+        let outcomes = sched.nodes_down(&batch, deadline);
+        for ((i, steps, stale), o) in locked.iter_mut().zip(outcomes) {
+            let (step, spared) = down_step(sched.name(), &downs[*i].host, o);
+            steps.record(step);
+            *stale = spared;
+        }
+    }
+    for (i, steps, stale) in locked {
+        results[i] = Some(finish_down(cfg, steps, &downs[i], stale, deadline));
+    }
+    // The batch's locks are released: a node whose lock was busy waits for it now.
+    for i in alone {
+        results[i] = Some(disconnect_host(cfg, state_dir, &downs[i], deadline));
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every node has a result"))
+        .collect()
+}
+
+/// What a client-disconnect takes down, from OpenVPN's environment: the node and its session.
+/// A session without an address never came up (OpenVPN runs the disconnect script after a
+/// refused connect too): refused, so that nothing changes, or a refused duplicate would take
+/// the live node down.
+pub fn session_down(
     cfg: &ServerConfig,
     state_dir: &Path,
     env: &HashMap<String, String>,
-) -> Result<String, Failure> {
-    let deadline = Deadline::after(cfg.limits.hook_budget());
+) -> Result<(NodeId, Down), Failure> {
     if !has_pool_address(env) {
         let node = node_from_env(env).map_err(|e| Failure::Refused(e.into()))?;
         return Err(Failure::Refused(NodeError::NeverUp { node }));
@@ -636,8 +717,25 @@ pub fn disconnect(
         since: session.since,
         client: (session.client_ip, session.client_port),
     };
-    disconnect_host(cfg, state_dir, &host, session.vpn_ip, guard, deadline)
-        .map(|d| format!("{}: {}", session.node, d.line))
+    Ok((
+        session.node,
+        Down {
+            host,
+            vpn_ip: session.vpn_ip,
+            guard,
+        },
+    ))
+}
+
+/// The client-disconnect hook.
+pub fn disconnect(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<String, Failure> {
+    let deadline = Deadline::after(cfg.limits.hook_budget());
+    let (node, down) = session_down(cfg, state_dir, env)?;
+    disconnect_host(cfg, state_dir, &down, deadline).map(|d| format!("{node}: {}", d.line))
 }
 
 /// The node's type: from its enrollment record (the token it enrolled with decided it), else

@@ -5,7 +5,7 @@ use crate::config::ServerConfig;
 use crate::dns;
 use crate::names::HostName;
 use crate::node::{
-    connect_session, disconnect_host, node_addresses, one_line, refresh_node_dns, Failure,
+    connect_session, disconnect_hosts, node_addresses, one_line, refresh_node_dns, Down, Failure,
     NodeError,
 };
 use crate::openvpn::env::Session;
@@ -285,6 +285,7 @@ pub fn reconcile(
         }
     }
     let grace_secs = cfg.reconcile.take_down_grace_secs(&cfg.limits);
+    let mut take_down = Vec::new();
     for m in managed {
         let is_up = sched.as_ref().is_some_and(|s| s.is_up_state(&m.state));
         if !is_up || connected.contains_key(&m.host) {
@@ -348,16 +349,30 @@ pub fn reconcile(
             }
             continue;
         }
+        take_down.push(Down {
+            host,
+            vpn_ip,
+            guard,
+        });
+    }
+    // Together, as the hook worker takes its batches down (with OAR: one read, one state
+    // change, one read-back per round for each batch), each batch within one hook budget.
+    for batch in take_down.chunks(cfg.hook.max_batch as usize) {
         let deadline = Deadline::after(cfg.limits.hook_budget());
-        match disconnect_host(cfg, state_dir, &host, vpn_ip, guard, deadline) {
-            Ok(d) if d.spared => println!("idhal reconcile: left up {}", d.line),
-            Ok(d) => {
-                downed += 1;
-                println!("idhal reconcile: took down {}", d.line);
-            }
-            Err(e) => {
-                failures += 1;
-                report(&e, &host);
+        for (d, r) in batch
+            .iter()
+            .zip(disconnect_hosts(cfg, state_dir, batch, deadline))
+        {
+            match r {
+                Ok(r) if r.spared => println!("idhal reconcile: left up {}", r.line),
+                Ok(r) => {
+                    downed += 1;
+                    println!("idhal reconcile: took down {}", r.line);
+                }
+                Err(e) => {
+                    failures += 1;
+                    report(&e, &d.host);
+                }
             }
         }
     }

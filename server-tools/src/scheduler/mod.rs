@@ -117,6 +117,18 @@ pub trait Scheduler {
         guard: DownGuard,
         deadline: Deadline,
     ) -> Result<DownOutcome, SchedulerError>;
+    /// Takes several nodes down as `node_down` does each (same guard, same confirmation), in
+    /// as few scheduler calls as it allows; one result per node, in order.
+    fn nodes_down(
+        &self,
+        downs: &[(HostName, DownGuard)],
+        deadline: Deadline,
+    ) -> Vec<Result<DownOutcome, SchedulerError>> {
+        downs
+            .iter()
+            .map(|(host, guard)| self.node_down(host, *guard, deadline))
+            .collect()
+    }
     /// Nodes that carry idhal's properties, for `idhal reconcile`.
     fn managed_nodes(&self, deadline: Deadline) -> Result<Vec<ManagedNode>, SchedulerError>;
     /// Whether `managed_nodes` state means "usable".

@@ -67,7 +67,7 @@ pub enum OarError {
     Lock(#[from] process::LockError),
     #[error("OAR: the hook's time budget ran out before {step}")]
     OutOfTime { step: &'static str },
-    #[error("OAR: {host} is in this batch twice; only its first entry was registered")]
+    #[error("OAR: {host} is in this batch twice; only its first entry was acted on")]
     TwiceInBatch { host: String },
     #[error("`oarnodes -J --sql \"{IDHAL_RESOURCES}\"` did not finish within [reconcile] listing_timeout_ms ({} ms) and was killed", after.as_millis())]
     ListingTimedOut { after: Duration },
@@ -599,6 +599,17 @@ impl Scheduler for Oar {
         deadline: Deadline,
     ) -> Result<DownOutcome, SchedulerError> {
         Ok(self.down(host, guard, deadline)?)
+    }
+
+    fn nodes_down(
+        &self,
+        downs: &[(HostName, DownGuard)],
+        deadline: Deadline,
+    ) -> Vec<Result<DownOutcome, SchedulerError>> {
+        self.downs(downs, deadline)
+            .into_iter()
+            .map(|r| r.map_err(SchedulerError::from))
+            .collect()
     }
 
     fn managed_nodes(&self, deadline: Deadline) -> Result<Vec<ManagedNode>, SchedulerError> {

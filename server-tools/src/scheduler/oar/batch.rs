@@ -1,13 +1,14 @@
-//! OAR's side of `Scheduler::nodes_up`: a batch of connected nodes registered with as few OAR
-//! processes as OAR allows, each node's verdict still taken from its own read-back.
+//! OAR's side of `Scheduler::nodes_up` and `nodes_down`: a batch of nodes registered (or taken
+//! down) with as few OAR processes as OAR allows, each node's verdict still taken from its own
+//! read-back.
 
 use super::{
-    check, node_properties, parse_oarnodes, property_args, props_match, update_change, Change,
-    Check, Oar, OarError, Resource, ASK_AGAIN, FIRST_POLL, LAST_POLL,
+    check, node_properties, parse_oarnodes, property_args, props_match, registered, update_change,
+    Change, Check, Oar, OarError, PropValue, Resource, ASK_AGAIN, FIRST_POLL, LAST_POLL,
 };
 use crate::names::HostName;
 use crate::process::Deadline;
-use crate::scheduler::{NodeUp, UpOutcome};
+use crate::scheduler::{DownGuard, DownOutcome, NodeUp, UpOutcome};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -98,28 +99,81 @@ fn parallel<T: Sync, R: Send>(limit: usize, items: &[T], f: impl Fn(&T) -> R + S
 }
 
 /// The batch's verdicts so far: `None` while a node is still pending.
-struct Verdicts(Vec<Option<Result<UpOutcome, OarError>>>);
+struct Verdicts<T>(Vec<Option<Result<T, OarError>>>);
 
-impl Verdicts {
+impl<T> Verdicts<T> {
+    fn new(n: usize) -> Self {
+        Verdicts((0..n).map(|_| None).collect())
+    }
+
     fn pending(&self) -> Vec<usize> {
         (0..self.0.len()).filter(|&i| self.0[i].is_none()).collect()
     }
 
-    fn set(&mut self, i: usize, r: Result<UpOutcome, OarError>) {
+    fn set(&mut self, i: usize, r: Result<T, OarError>) {
         self.0[i] = Some(r);
     }
 
     /// A step every pending node shared failed: each gets it as its own error.
-    fn fail_pending(&mut self, ups: &[NodeUp], step: &'static str, e: &OarError) {
+    fn fail_pending(&mut self, hosts: &[&HostName], step: &'static str, e: &OarError) {
         for i in self.pending() {
             self.set(
                 i,
                 Err(OarError::BatchFailed {
-                    host: ups[i].host.to_string(),
+                    host: hosts[i].to_string(),
                     step,
                     cause: e.to_string(),
                 }),
             );
+        }
+    }
+
+    /// A host given twice is refused (each node's lock is the caller's: a second entry for
+    /// one host is a caller's mistake, refused rather than guessed at).
+    fn refuse_repeats(&mut self, hosts: &[&HostName]) {
+        let mut seen = BTreeSet::new();
+        for (i, h) in hosts.iter().enumerate() {
+            if !seen.insert(h.to_string()) {
+                self.set(
+                    i,
+                    Err(OarError::TwiceInBatch {
+                        host: h.to_string(),
+                    }),
+                );
+            }
+        }
+    }
+
+    fn into_results(self) -> Vec<Result<T, OarError>> {
+        self.0
+            .into_iter()
+            .map(|r| r.expect("every node has a verdict"))
+            .collect()
+    }
+}
+
+/// `oarnodesetting -n -s STATE -h h1 -h h2 …` for `which` of `hosts`, `HOSTS_PER_CALL` at a
+/// time; when a call fails (one missing host fails it, exit 4, after setting the others) each
+/// host of it alone, so each gets its own error.
+fn set_states<T>(
+    oar: &Oar,
+    hosts: &[&HostName],
+    which: &[usize],
+    state: &'static str,
+    v: &mut Verdicts<T>,
+    deadline: Deadline,
+) {
+    for chunk in which.chunks(HOSTS_PER_CALL) {
+        let mut args: Vec<String> = vec!["-n".into(), "-s".into(), state.into()];
+        for &i in chunk {
+            args.extend(["-h".to_string(), hosts[i].to_string()]);
+        }
+        if oar.run(&oar.oarnodesetting, &args, deadline).is_err() {
+            for &i in chunk {
+                if let Err(e) = oar.set_state(hosts[i], state, deadline) {
+                    v.set(i, Err(e));
+                }
+            }
         }
     }
 }
@@ -160,36 +214,13 @@ impl Oar {
         ups: &[NodeUp],
         deadline: Deadline,
     ) -> Vec<Result<UpOutcome, OarError>> {
-        let mut v = Verdicts(ups.iter().map(|_| None).collect());
-        // One entry per host: the caller holds each node's lock, so a second entry for one
-        // host is a caller's mistake, refused rather than guessed at.
-        let mut seen = BTreeSet::new();
-        for (i, up) in ups.iter().enumerate() {
-            if !seen.insert(up.host.to_string()) {
-                v.set(
-                    i,
-                    Err(OarError::TwiceInBatch {
-                        host: up.host.to_string(),
-                    }),
-                );
-            }
-        }
+        let all: Vec<&HostName> = ups.iter().map(|u| &u.host).collect();
+        let mut v = Verdicts::new(ups.len());
+        v.refuse_repeats(&all);
         if let Err(e) = self.ensure_properties(deadline, false) {
-            v.fail_pending(ups, "creating idhal's property columns", &e);
+            v.fail_pending(&all, "creating idhal's property columns", &e);
         }
-        let todo = v.pending();
-        let hosts: Vec<&HostName> = todo.iter().map(|&i| &ups[i].host).collect();
-        let existing = if todo.is_empty() {
-            BTreeMap::new()
-        } else {
-            match self.resources_of(&hosts, deadline) {
-                Ok(found) => found,
-                Err(e) => {
-                    v.fail_pending(ups, "reading the hosts", &e);
-                    BTreeMap::new()
-                }
-            }
-        };
+        let existing = self.read_pending(&all, &mut v, "reading the hosts", deadline);
         let mut created = vec![false; ups.len()];
         let mut per_host = Vec::new();
         let mut state_only = Vec::new();
@@ -216,34 +247,86 @@ impl Oar {
                 v.set(i, Err(e));
             }
         }
-        for chunk in state_only.chunks(HOSTS_PER_CALL) {
-            let mut args: Vec<String> = vec!["-n".into(), "-s".into(), "Alive".into()];
-            for &i in chunk {
-                args.extend(["-h".to_string(), ups[i].host.to_string()]);
-            }
-            if self.run(&self.oarnodesetting, &args, deadline).is_err() {
-                // One missing host fails the call (exit 4) after setting the others: each
-                // host alone, so each gets its own verdict.
-                for &i in chunk {
-                    if let Err(e) = self.set_state(&ups[i].host, "Alive", deadline) {
-                        v.set(i, Err(e));
-                    }
-                }
-            }
-        }
-        self.confirm_batch(ups, &mut v, &created, deadline);
-        v.0.into_iter()
-            .map(|r| r.expect("every node has a verdict"))
-            .collect()
+        set_states(self, &all, &state_only, "Alive", &mut v, deadline);
+        let props = |i: usize| node_properties(&ups[i]);
+        let done = |i: usize, rs: &[Resource]| UpOutcome {
+            created: created[i],
+            resource_ids: rs.iter().map(|r| r.id).collect(),
+        };
+        self.confirm_batch(&all, "Alive", &props, &done, &mut v, deadline);
+        v.into_results()
     }
 
-    /// Reads the pending hosts back, all in one call per round, until each is Alive with its
-    /// properties. A host whose properties did not stick is retried once, as `up` does.
-    fn confirm_batch(
+    /// The resources of the pending hosts, in one read; a failed read fails them all.
+    fn read_pending<T>(
         &self,
-        ups: &[NodeUp],
-        v: &mut Verdicts,
-        created: &[bool],
+        hosts: &[&HostName],
+        v: &mut Verdicts<T>,
+        step: &'static str,
+        deadline: Deadline,
+    ) -> BTreeMap<String, Vec<Resource>> {
+        let todo: Vec<&HostName> = v.pending().into_iter().map(|i| hosts[i]).collect();
+        if todo.is_empty() {
+            return BTreeMap::new();
+        }
+        self.resources_of(&todo, deadline).unwrap_or_else(|e| {
+            v.fail_pending(hosts, step, &e);
+            BTreeMap::new()
+        })
+    }
+
+    /// `Scheduler::nodes_down` for OAR, `down` for many hosts:
+    /// 1. one `oarnodes -J --sql "network_address IN (…)"` for the whole batch; each host's
+    ///    guard decides from it (unknown, a newer session spared, already Absent);
+    /// 2. one `oarnodesetting -n -s Absent -h h1 -h h2 …` for the rest;
+    /// 3. one read-back of all pending hosts per poll round, until each is Absent or
+    ///    `state_confirm` passes: each node's verdict comes from it.
+    pub(super) fn downs(
+        &self,
+        downs: &[(HostName, DownGuard)],
+        deadline: Deadline,
+    ) -> Vec<Result<DownOutcome, OarError>> {
+        let all: Vec<&HostName> = downs.iter().map(|(h, _)| h).collect();
+        let mut v = Verdicts::new(downs.len());
+        v.refuse_repeats(&all);
+        let existing = self.read_pending(&all, &mut v, "reading the hosts", deadline);
+        let mut to_set = Vec::new();
+        for i in v.pending() {
+            let (host, guard) = &downs[i];
+            let found = existing
+                .get(&host.to_string())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            if found.is_empty() {
+                v.set(i, Ok(DownOutcome::Unknown));
+            } else if found
+                .iter()
+                .filter_map(registered)
+                .any(|r| guard.spares(&r))
+            {
+                v.set(i, Ok(DownOutcome::NewerSession));
+            } else if found.iter().all(|r| r.state == "Absent") {
+                v.set(i, Ok(DownOutcome::AlreadyDown));
+            } else {
+                to_set.push(i);
+            }
+        }
+        set_states(self, &all, &to_set, "Absent", &mut v, deadline);
+        let done = |_: usize, _: &[Resource]| DownOutcome::MarkedDown;
+        self.confirm_batch(&all, "Absent", &|_| Vec::new(), &done, &mut v, deadline);
+        v.into_results()
+    }
+
+    /// Reads the pending hosts back, all in one call per round, until each is `wanted` with
+    /// its `props`; `done` makes its verdict. A host whose properties did not stick is retried
+    /// once, as `up` does.
+    fn confirm_batch<T>(
+        &self,
+        hosts: &[&HostName],
+        wanted: &'static str,
+        props: &(dyn Fn(usize) -> Vec<(&'static str, PropValue)> + Sync),
+        done: &dyn Fn(usize, &[Resource]) -> T,
+        v: &mut Verdicts<T>,
         deadline: Deadline,
     ) {
         // The changes are made: confirming them gets at least one read and the confirm time
@@ -257,34 +340,28 @@ impl Oar {
         let limit = deadline.cap(self.state_confirm);
         let until = Deadline::after(limit);
         let mut pause = FIRST_POLL;
-        let mut retried = vec![false; ups.len()];
+        let mut retried = vec![false; hosts.len()];
         let mut asked = std::time::Instant::now();
         loop {
             let pending = v.pending();
             if pending.is_empty() {
                 return;
             }
-            let hosts: Vec<&HostName> = pending.iter().map(|&i| &ups[i].host).collect();
-            let found = match self.resources_of(&hosts, deadline) {
+            let asking: Vec<&HostName> = pending.iter().map(|&i| hosts[i]).collect();
+            let found = match self.resources_of(&asking, deadline) {
                 Ok(found) => found,
-                Err(e) => return v.fail_pending(ups, "reading the hosts back", &e),
+                Err(e) => return v.fail_pending(hosts, "reading the hosts back", &e),
             };
             let mut retry = Vec::new();
             let mut waiting = Vec::new();
             let mut lost_hosts = Vec::new();
             for &i in &pending {
                 let rs = found
-                    .get(&ups[i].host.to_string())
+                    .get(&hosts[i].to_string())
                     .map(Vec::as_slice)
                     .unwrap_or(&[]);
-                match check(&ups[i].host, rs, "Alive", &node_properties(&ups[i])) {
-                    Check::Done => v.set(
-                        i,
-                        Ok(UpOutcome {
-                            created: created[i],
-                            resource_ids: rs.iter().map(|r| r.id).collect(),
-                        }),
-                    ),
+                match check(hosts[i], rs, wanted, &props(i)) {
+                    Check::Done => v.set(i, Ok(done(i, rs))),
                     Check::Failed(OarError::PropertiesRejected { .. }) if !retried[i] => {
                         retry.push((i, update_change(rs)));
                     }
@@ -305,7 +382,7 @@ impl Oar {
                             v.set(
                                 i,
                                 Err(OarError::BatchFailed {
-                                    host: ups[i].host.to_string(),
+                                    host: hosts[i].to_string(),
                                     step: "re-creating idhal's property columns",
                                     cause: e.to_string(),
                                 }),
@@ -314,8 +391,7 @@ impl Oar {
                     }
                     Ok(()) => {
                         let calls = parallel(self.parallel_calls, &retry, |&(i, change)| {
-                            let props = node_properties(&ups[i]);
-                            self.set_properties(&ups[i].host, change, &props, deadline)
+                            self.set_properties(hosts[i], change, &props(i), deadline)
                         });
                         for (&(i, _), r) in retry.iter().zip(calls) {
                             retried[i] = true;
@@ -330,12 +406,12 @@ impl Oar {
             if !lost_hosts.is_empty() && asked.elapsed() >= ASK_AGAIN {
                 // Requests NodeChangeState dropped (see `Check`): asked again, together.
                 for chunk in lost_hosts.chunks(HOSTS_PER_CALL) {
-                    let mut args: Vec<String> = vec!["-n".into(), "-s".into(), "Alive".into()];
+                    let mut args: Vec<String> = vec!["-n".into(), "-s".into(), wanted.into()];
                     for &i in chunk {
-                        args.extend(["-h".to_string(), ups[i].host.to_string()]);
+                        args.extend(["-h".to_string(), hosts[i].to_string()]);
                     }
                     if let Err(e) = self.run(&self.oarnodesetting, &args, deadline) {
-                        return v.fail_pending(ups, "asking OAR again for Alive", &e);
+                        return v.fail_pending(hosts, "asking OAR again for the state", &e);
                     }
                 }
                 asked = std::time::Instant::now();
@@ -345,8 +421,8 @@ impl Oar {
                     v.set(
                         i,
                         Err(OarError::NotApplied {
-                            host: ups[i].host.to_string(),
-                            wanted: "Alive",
+                            host: hosts[i].to_string(),
+                            wanted,
                             seen,
                             after: limit,
                         }),

@@ -307,7 +307,7 @@ fn a_bad_host_or_a_repeated_one_fails_alone() {
     );
     assert_eq!(
         v[3].as_ref().unwrap_err().to_string(),
-        "OAR: vnode-2-1.alone.test is in this batch twice; only its first entry was registered"
+        "OAR: vnode-2-1.alone.test is in this batch twice; only its first entry was acted on"
     );
     assert_eq!(held(oar, &good), expected(&good));
     assert_eq!(held(oar, &other), expected(&other));
@@ -360,9 +360,15 @@ fn changes_made_are_confirmed_even_when_the_budget_ran_out_meanwhile() {
     let spent = Deadline::after(Duration::ZERO);
     std::thread::sleep(Duration::from_millis(10));
     assert!(spent.remaining().is_zero());
-    let mut v = Verdicts(ups.iter().map(|_| None).collect());
+    let hosts: Vec<&HostName> = ups.iter().map(|u| &u.host).collect();
+    let mut v = Verdicts::new(ups.len());
+    let props = |i: usize| node_properties(&ups[i]);
+    let done = |i: usize, rs: &[Resource]| UpOutcome {
+        created: i == 1,
+        resource_ids: rs.iter().map(|r| r.id).collect(),
+    };
     rig.sched
-        .confirm_batch(&ups, &mut v, &[false, true, false], spent);
+        .confirm_batch(&hosts, "Alive", &props, &done, &mut v, spent);
     let got: Vec<_> = v.0.into_iter().map(|r| r.expect("a verdict")).collect();
     for (i, r) in got.iter().enumerate() {
         let out = r.as_ref().unwrap_or_else(|e| panic!("node {i}: {e}"));
@@ -372,6 +378,73 @@ fn changes_made_are_confirmed_even_when_the_budget_ran_out_meanwhile() {
     let calls = rig.take();
     assert_eq!(calls.len(), 1, "one read-back for the batch: {calls:?}");
     assert!(calls[0].contains("oarnodes"), "{calls:?}");
+}
+
+#[test]
+fn a_batch_of_take_downs_keeps_each_guard_in_three_oar_calls() {
+    let Some(oar) = oar() else { return };
+    let rig = Rig::new(oar);
+    let d = "downs.test";
+    let t0 = idhal_test_support::now() - 100;
+    // 1–3 Alive from the session that ends; 4 reconnected since (a newer session); 5 Absent
+    // already; 6 never registered.
+    let ups: Vec<NodeUp> = (1..=5)
+        .map(|i| node(d, 6, i, if i == 4 { t0 + 50 } else { t0 }))
+        .collect();
+    for up in &ups {
+        rig.sched.node_up(up, deadline()).unwrap();
+    }
+    down(&rig, &ups[4]);
+    rig.take();
+    let guard = DownGuard::Session {
+        since: t0,
+        client: ("127.0.0.1".parse().unwrap(), Some(40000)),
+    };
+    let mut batch: Vec<(HostName, DownGuard)> =
+        (1..=6).map(|i| (node(d, 6, i, t0).host, guard)).collect();
+    batch.push(batch[0].clone());
+    let got: Vec<String> = rig
+        .sched
+        .downs(&batch, deadline())
+        .into_iter()
+        .map(|r| match r {
+            Ok(o) => format!("{o:?}"),
+            Err(e) => e.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        got[..6],
+        [
+            "MarkedDown",
+            "MarkedDown",
+            "MarkedDown",
+            "NewerSession",
+            "AlreadyDown",
+            "Unknown"
+        ],
+        "{got:?}"
+    );
+    assert!(got[6].contains("twice"), "{got:?}");
+    let state = |i: u8| prop(&oar.host(&node(d, 6, i, t0).host.to_string())[0], "state");
+    assert_eq!(
+        (1..=5).map(state).collect::<Vec<_>>(),
+        ["Absent", "Absent", "Absent", "Alive", "Absent"]
+    );
+    // One read, ONE state change for the three, and the read-backs.
+    let calls = rig.take();
+    let set: Vec<&String> = calls
+        .iter()
+        .filter(|c| c.starts_with("oarnodesetting"))
+        .collect();
+    assert_eq!(set.len(), 1, "{calls:?}");
+    for i in 1..=3 {
+        assert!(set[0].contains(&format!("-h vnode-6-{i}.{d}")), "{set:?}");
+    }
+    assert!(set[0].contains("-s Absent"), "{set:?}");
+    assert!(
+        !set[0].contains("vnode-6-4") && !set[0].contains("vnode-6-5"),
+        "{set:?}"
+    );
 }
 
 #[test]
