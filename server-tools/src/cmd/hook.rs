@@ -233,30 +233,33 @@ const DISCONNECT: &str = "client-disconnect";
 /// (OpenVPN serves nobody while this script runs, and waits for no verdict); without a worker,
 /// does it here.
 fn disconnect(cfg: &ServerConfig, state_dir: &Path, env: &HashMap<String, String>) -> Exit {
-    if cfg.hook.mode == HookMode::Deferred {
-        let say = |line: String| eprintln!("idhal hook {DISCONNECT}: {line}");
-        let node = match node::session_down(cfg, state_dir, env) {
-            Ok((node, _)) => node,
-            Err(f) => return exit_code(DISCONNECT, cfg, Err(f)),
-        };
-        match deferred::hand_off_disconnect(cfg, state_dir, env) {
-            Ok(()) => {
-                say(format!("{node}: handed to the worker"));
-                return Exit::Ok;
-            }
-            Err(e @ deferred::HandOffError::Unanswered { .. }) => {
-                say(format!("{node}: {}: left to the worker", one_line(&e)));
-                return Exit::Ok;
-            }
-            // Without the node's name, like the connect's: the line that names it says what
-            // was done.
-            Err(e) => say(format!(
-                "worker not reached ({}): doing it synchronously",
-                one_line(&e)
-            )),
-        }
+    if cfg.hook.mode != HookMode::Deferred {
+        return exit_code(DISCONNECT, cfg, node::disconnect(cfg, state_dir, env));
     }
-    exit_code(DISCONNECT, cfg, node::disconnect(cfg, state_dir, env))
+    let deadline = Deadline::after(cfg.limits.hook_budget());
+    let say = |line: String| eprintln!("idhal hook {DISCONNECT}: {line}");
+    let (node, down) = match node::session_down(cfg, state_dir, env) {
+        Ok(checked) => checked,
+        Err(f) => return exit_code(DISCONNECT, cfg, Err(f)),
+    };
+    match deferred::hand_off_disconnect(cfg, state_dir, env) {
+        Ok(()) => {
+            say(format!("{node}: handed to the worker"));
+            return Exit::Ok;
+        }
+        Err(e @ deferred::HandOffError::Unanswered { .. }) => {
+            say(format!("{node}: {}: left to the worker", one_line(&e)));
+            return Exit::Ok;
+        }
+        // Without the node's name, like the connect's: the line that names it says what was
+        // done.
+        Err(e) => say(format!(
+            "worker not reached ({}): doing it synchronously",
+            one_line(&e)
+        )),
+    }
+    let done = node::disconnect_host(cfg, state_dir, &down, deadline);
+    exit_code(DISCONNECT, cfg, done.map(|d| format!("{node}: {}", d.line)))
 }
 
 fn exit_code(name: &str, cfg: &ServerConfig, result: Result<String, Failure>) -> Exit {

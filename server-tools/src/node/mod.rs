@@ -472,16 +472,7 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
             Err(f) => results[i] = Some(Err(f)),
         }
     }
-    ready.sort_by(|a, b| a.1.host.label.cmp(&b.1.host.label));
-    let mut locked: Vec<(usize, NodeUp, Steps)> = Vec::new();
-    let mut alone = Vec::new();
-    for (i, up) in ready {
-        match Steps::try_lock(state_dir, &up.host) {
-            Ok(Some(steps)) => locked.push((i, up, steps)),
-            Ok(None) => alone.push(i),
-            Err(f) => results[i] = Some(Err(f)),
-        }
-    }
+    let (mut locked, alone) = lock_in_order(state_dir, ready, |up| &up.host, &mut results);
     let mut took = std::time::Duration::ZERO;
     if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
         let ups: Vec<NodeUp> = locked.iter().map(|(_, up, _)| up.clone()).collect();
@@ -541,6 +532,27 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         alone: alone.len(),
         scheduler: took,
     }
+}
+
+/// A batch's node locks, taken in label order without waiting: `(locked, busy)`. A busy node
+/// is done alone once the batch has released its locks, waiting for its lock then, so two lock
+/// holders never wait for each other; a lock that cannot be taken at all is that item's result.
+fn lock_in_order<T, R>(
+    state_dir: &Path,
+    mut items: Vec<(usize, T)>,
+    host: impl Fn(&T) -> &HostName,
+    results: &mut [Option<Result<R, Failure>>],
+) -> (Vec<(usize, T, Steps)>, Vec<usize>) {
+    items.sort_by(|a, b| host(&a.1).label.cmp(&host(&b.1).label));
+    let (mut locked, mut busy) = (Vec::new(), Vec::new());
+    for (i, item) in items {
+        match Steps::try_lock(state_dir, host(&item)) {
+            Ok(Some(steps)) => locked.push((i, item, steps)),
+            Ok(None) => busy.push(i),
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    (locked, busy)
 }
 
 /// The deadline of several that ends last.
@@ -663,31 +675,27 @@ pub fn disconnect_hosts(
 ) -> Vec<Result<Disconnected, Failure>> {
     let mut results: Vec<Option<Result<Disconnected, Failure>>> =
         downs.iter().map(|_| None).collect();
-    let mut order: Vec<usize> = (0..downs.len()).collect();
-    order.sort_by(|&a, &b| downs[a].host.label.cmp(&downs[b].host.label));
-    let mut locked = Vec::new();
-    let mut alone = Vec::new();
-    for i in order {
-        match Steps::try_lock(state_dir, &downs[i].host) {
-            Ok(Some(steps)) => locked.push((i, steps, false)),
-            Ok(None) => alone.push(i),
-            Err(f) => results[i] = Some(Err(f)),
-        }
-    }
+    let (mut locked, alone) = lock_in_order(
+        state_dir,
+        downs.iter().enumerate().collect(),
+        |d| &d.host,
+        &mut results,
+    );
+    let mut stale = vec![false; downs.len()];
     if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
         let batch: Vec<(HostName, DownGuard)> = locked
             .iter()
-            .map(|&(i, _, _)| (downs[i].host.clone(), downs[i].guard))
+            .map(|(_, d, _)| (d.host.clone(), d.guard))
             .collect();
         let outcomes = sched.nodes_down(&batch, deadline);
-        for ((i, steps, stale), o) in locked.iter_mut().zip(outcomes) {
-            let (step, spared) = down_step(sched.name(), &downs[*i].host, o);
+        for ((i, d, steps), o) in locked.iter_mut().zip(outcomes) {
+            let (step, spared) = down_step(sched.name(), &d.host, o);
             steps.record(step);
-            *stale = spared;
+            stale[*i] = spared;
         }
     }
-    for (i, steps, stale) in locked {
-        results[i] = Some(finish_down(cfg, steps, &downs[i], stale, deadline));
+    for (i, d, steps) in locked {
+        results[i] = Some(finish_down(cfg, steps, d, stale[i], deadline));
     }
     // The batch's locks are released: a node whose lock was busy waits for it now.
     for i in alone {
