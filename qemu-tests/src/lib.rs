@@ -46,7 +46,7 @@ impl Limits {
     /// Power-off or revocation to Absent in OAR (client-disconnect hook).
     pub const ABSENT: Duration = Duration::from_secs(20);
     /// A revoked node is watched until the server has refused three more of its reconnections
-    /// (its client retries every 1-10 s: `connect-retry 1 10`); it must stay out all along.
+    /// (its client retries every 2 s: `connect-retry 1 2`); it must stay out all along.
     pub const REVOKED_WATCH: Duration = Duration::from_secs(60);
 }
 

@@ -253,7 +253,7 @@ fn vm_revoked_node_is_dropped_at_once_and_cannot_reconnect() {
     );
     assert!(said.contains("dropped by the OpenVPN server"), "{said}");
     let absent = leaves(env.vpn(), cluster, &m, t);
-    // The node's OpenVPN tries again (connect-retry 1 10); the CRL refuses its certificate.
+    // The node's OpenVPN tries again (every `connect-retry` MAX, 2 s); the CRL refuses its certificate.
     let vpn = env.vpn();
     idhal_qemu_tests::wait_until("a refused reconnection", Limits::ABSENT, || {
         (vpn.count("certificate revoked") > 0).then_some(())

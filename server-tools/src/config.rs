@@ -148,6 +148,24 @@ impl ServerConfig {
                 cfg.hook.deferred_budget_ms
             )));
         }
+        if cfg.hook.down_grace_secs > MAX_DOWN_GRACE_SECS {
+            return Err(invalid(format!(
+                "[hook] down_grace_secs ({}) is over {MAX_DOWN_GRACE_SECS}: the scheduler would keep giving jobs to nodes that are gone; a failover takes seconds",
+                cfg.hook.down_grace_secs
+            )));
+        }
+        let (first, max) = cfg.openvpn.connect_retry;
+        if first == 0 || max < first || max > 300 {
+            return Err(invalid(format!(
+                "[openvpn] connect_retry = [{first}, {max}]: the first pause must be at least 1 s and the longest between it and 300 s"
+            )));
+        }
+        if !(1..=120).contains(&cfg.openvpn.server_poll_timeout_secs) {
+            return Err(invalid(format!(
+                "[openvpn] server_poll_timeout_secs = {}: 1 to 120 (how long a node waits on a remote before trying the next one)",
+                cfg.openvpn.server_poll_timeout_secs
+            )));
+        }
         if cfg.reconcile.listing_timeout_ms == 0 {
             return Err(invalid(
                 "[reconcile] listing_timeout_ms must be at least 1 (ms)".into(),
@@ -339,6 +357,14 @@ pub struct HookSection {
     /// `[openvpn] tmp_dir` (OpenVPN leaks them for clients that leave while deferred). Keep it
     /// well above hook_budget_ms and the clients' hand-window (60 s).
     pub stale_tmp_secs: u64,
+    /// How long a node that disconnected stays Alive in the scheduler before it is taken
+    /// down, in case it comes back (to this server or another one): a failover or a drain then
+    /// moves it without marking it Absent, and its jobs live on. The take-down, when it comes,
+    /// is guarded by the session as always (a node registered again meanwhile is left up).
+    /// 0: at once. Done by the worker in deferred mode; in sync mode, and when the worker
+    /// cannot be reached, the hook leaves the node up and `idhal reconcile` takes it down
+    /// once it has been gone this long. Its route is withdrawn at once either way.
+    pub down_grace_secs: u64,
 }
 
 impl Default for HookSection {
@@ -361,6 +387,7 @@ impl Default for HookSection {
             request_timeout_ms: 2_000,
             handoff_timeout_ms: 2_000,
             stale_tmp_secs: 600,
+            down_grace_secs: 0,
         }
     }
 }
@@ -368,6 +395,10 @@ impl Default for HookSection {
 /// Above any hand-window an admin would set: a budget past it only registers nodes whose
 /// client has left.
 const MAX_DEFERRED_BUDGET_MS: u64 = 600_000;
+
+/// A node gone longer than this is not coming back by itself: a longer grace only keeps dead
+/// nodes Alive (OAR keeps scheduling jobs on them).
+const MAX_DOWN_GRACE_SECS: u64 = 3_600;
 
 impl HookSection {
     pub fn batch_window(&self) -> std::time::Duration {
@@ -684,8 +715,19 @@ pub struct OpenVpnSection {
     pub push_routes: Vec<String>,
     /// DNS servers pushed to nodes (`dhcp-option DNS`).
     pub push_dns: Vec<std::net::Ipv4Addr>,
-    /// `keepalive PING RESTART` seconds.
+    /// `keepalive PING RESTART` seconds. With several servers, a short restart (`[1, 3]`)
+    /// makes nodes leave a server whose host died within seconds (docs/multi-server.md).
     pub keepalive: (u32, u32),
+    /// Nodes' `connect-retry FIRST MAX` seconds. Every pause between two connection attempts
+    /// is at most MAX, and with `auth-retry nointeract` (which nodes use) OpenVPN starts each
+    /// pause at 10 s: MAX is the pause a node waits after losing its server before it tries
+    /// again (the same one first, then the next remote), so it bounds failover time; it also
+    /// spaces the retries of nodes a busy server refused.
+    pub connect_retry: (u32, u32),
+    /// Nodes' `server-poll-timeout`: how long a node waits on one remote (its TCP connect)
+    /// before trying the next. OpenVPN's default, 120 s, keeps nodes on a dead host for two
+    /// minutes.
+    pub server_poll_timeout_secs: u32,
     /// The `idhal` binary OpenVPN runs as its hook (default: this one).
     pub idhal: Option<PathBuf>,
     /// OpenVPN's status file (`status FILE 10`), read by `idhal reconcile`.
@@ -716,6 +758,8 @@ impl Default for OpenVpnSection {
             push_routes: Vec::new(),
             push_dns: Vec::new(),
             keepalive: (10, 60),
+            connect_retry: (1, 2),
+            server_poll_timeout_secs: 4,
             idhal: None,
             status_file: "/run/openvpn-server/status-server.log".into(),
             tmp_dir: None,
@@ -881,6 +925,51 @@ mod tests {
 
     fn parse(s: &str) -> Result<ServerConfig, ConfigError> {
         ServerConfig::parse(s, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn failover_settings_are_bounded() {
+        let c = parse("").unwrap();
+        assert_eq!(c.hook.down_grace_secs, 0, "one server: down at once");
+        assert_eq!(c.openvpn.connect_retry, (1, 2));
+        assert_eq!(c.openvpn.server_poll_timeout_secs, 4);
+        let c =
+            parse("[hook]\ndown_grace_secs = 60\n[openvpn]\nconnect_retry = [2, 30]\n").unwrap();
+        assert_eq!(
+            (c.hook.down_grace_secs, c.openvpn.connect_retry),
+            (60, (2, 30))
+        );
+        for (bad, says) in [
+            (
+                "[hook]\ndown_grace_secs = 3601",
+                "down_grace_secs (3601) is over 3600",
+            ),
+            ("[hook]\ndown_grace_secs = -1", "down_grace_secs"),
+            (
+                "[openvpn]\nconnect_retry = [0, 2]",
+                "connect_retry = [0, 2]",
+            ),
+            (
+                "[openvpn]\nconnect_retry = [5, 2]",
+                "connect_retry = [5, 2]",
+            ),
+            (
+                "[openvpn]\nconnect_retry = [1, 301]",
+                "connect_retry = [1, 301]",
+            ),
+            ("[openvpn]\nconnect_retry = [1]", "connect_retry"),
+            (
+                "[openvpn]\nserver_poll_timeout_secs = 0",
+                "server_poll_timeout_secs = 0",
+            ),
+            (
+                "[openvpn]\nserver_poll_timeout_secs = 121",
+                "server_poll_timeout_secs = 121",
+            ),
+        ] {
+            let e = format!("{:#}", anyhow::Error::new(parse(bad).unwrap_err()));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

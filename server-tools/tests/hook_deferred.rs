@@ -1064,3 +1064,120 @@ fn a_batch_runs_to_its_latest_budget_and_late_nodes_are_still_accepted() {
     verdict(&a[0], "1\n", &wk);
     verdict(&b[0], "1\n", &wk);
 }
+
+/// `[hook] down_grace_secs`: a disconnect is held for the grace before its take-down, so a node
+/// that comes back meanwhile (a failover, a drain: a newer session, here or on another server)
+/// is never marked Absent; one that stays gone is, after the grace.
+#[test]
+fn within_the_down_grace_a_node_that_comes_back_is_never_taken_down() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let w = wrapped(oar, d.path(), None, None);
+    let domain = "grace.test";
+    let config = format!(
+        "[names]\ndomain = \"{domain}\"\npool = \"10.134.0.0/16\"\n\
+         [hook]\nworkers = 2\nmax_batch = 2\nbatch_window_ms = 200\ndown_grace_secs = 4\n\
+         [limits]\nhook_budget_ms = 120000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 30000\nlock_wait_ms = 120000\n\
+         {}",
+        w.section
+    );
+    let s = setup_with(&config);
+    let wk = worker(&s);
+    let since = now() - 100;
+    let nodes = batch_nodes(51, 2, since);
+    for r in connect_all(&s, &nodes, "g") {
+        verdict(&r, "1\n", &wk);
+    }
+    for (_, env) in &nodes {
+        let o = hook(&s.cfg, &s.state, "client-disconnect", env);
+        assert!(
+            o.status.success() && stderr(&o).contains("handed to the worker"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    for cn in ["client5101", "client5102"] {
+        wait_for(
+            "the worker holds the disconnect",
+            Duration::from_secs(30),
+            || {
+                wk.log().contains(&format!(
+                    "client-disconnect: {cn}: left up for [hook] down_grace_secs (4 s)"
+                ))
+            },
+        );
+    }
+    // Node 1 comes back (a newer session) within the grace; node 2 stays gone.
+    let back = node_env("client5101", "10.134.51.1", since + 50);
+    let f = files(&s, "back");
+    let o = hook(&s.cfg, &s.state, "client-connect", &with_files(&back, &f));
+    assert!(o.status.success(), "{}", stderr(&o));
+    verdict(&f.1, "1\n", &wk);
+    let host = |k: u8| format!("vnode-51-{k}.{domain}");
+    wait_for(
+        "node 2 taken down after the grace",
+        Duration::from_secs(60),
+        || {
+            oar.host(&host(2))
+                .first()
+                .is_some_and(|r| oar_prop(r, "state") == "Absent")
+        },
+    );
+    wait_for(
+        "both held disconnects worked",
+        Duration::from_secs(60),
+        || {
+            wk.log().contains("disconnects: batch of 2")
+                || wk.log().matches("disconnects: batch of 1").count() == 2
+        },
+    );
+    let r = oar.host(&host(1));
+    assert_eq!(oar_prop(&r[0], "state"), "Alive", "{r:?}\n{}", wk.log());
+    assert_eq!(
+        oar_prop(&r[0], "idhalconnectedsince"),
+        (since + 50).to_string()
+    );
+    // Node 1 never went Absent: no take-down named it.
+    let calls = std::fs::read_to_string(&w.log).unwrap();
+    let downs: Vec<&str> = calls.lines().filter(|l| l.contains("Absent")).collect();
+    assert!(
+        downs.iter().all(|l| !l.contains(&host(1))),
+        "{downs:?}\n{}",
+        wk.log()
+    );
+    assert!(downs.iter().any(|l| l.contains(&host(2))), "{downs:?}");
+}
+
+/// In sync mode (and when the worker cannot be reached) no process outlives the hook to wait
+/// out the grace: the hook leaves the node up and says who takes it down.
+#[test]
+fn a_sync_disconnect_within_the_down_grace_leaves_the_node_up() {
+    let Some(oar) = oar() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let w = wrapped(oar, d.path(), None, None);
+    let domain = "gracesync.test";
+    let config = format!(
+        "[names]\ndomain = \"{domain}\"\npool = \"10.134.0.0/16\"\n\
+         [hook]\nmode = \"sync\"\ndown_grace_secs = 30\n\
+         [limits]\nhook_budget_ms = 120000\ncommand_timeout_ms = 60000\nstate_confirm_ms = 30000\nlock_wait_ms = 120000\n\
+         {}",
+        w.section
+    );
+    let s = setup_with(&config);
+    let env = node_env("client5201", "10.134.52.1", now() - 100);
+    let o = hook(&s.cfg, &s.state, "client-connect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = hook(&s.cfg, &s.state, "client-disconnect", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "client5201: left up for [hook] down_grace_secs (30 s): `idhal reconcile` takes it down"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let r = oar.host(&format!("vnode-52-1.{domain}"));
+    assert_eq!(oar_prop(&r[0], "state"), "Alive", "{r:?}");
+    let calls = std::fs::read_to_string(&w.log).unwrap();
+    assert!(!calls.contains("Absent"), "{calls}");
+}

@@ -223,7 +223,7 @@ impl Enroller {
             address,
             certificate: cert_pem,
             ca: ca.cert_pem.clone(),
-            openvpn: client_config(&project, &node, &self.cfg.openvpn_for(&project).remotes),
+            openvpn: client_config(&project, &node, &self.cfg.openvpn_for(&project)),
         }
         .sign(&ca.enroll);
         Ok(Enrolled {

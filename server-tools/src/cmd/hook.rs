@@ -228,35 +228,42 @@ fn defer(
 
 const DISCONNECT: &str = "client-disconnect";
 
-/// Deferred mode: checks the session as the synchronous hook does (a refusal is said here, in
-/// one line, and never reaches the worker), hands the disconnect to the worker and returns
-/// (OpenVPN serves nobody while this script runs, and waits for no verdict); without a worker,
-/// does it here.
+/// Checks the session (a refusal is said here, in one line, and never reaches the worker),
+/// then in deferred mode hands the disconnect to the worker and returns (OpenVPN serves nobody
+/// while this script runs, and waits for no verdict); without a worker, or in sync mode, takes
+/// the node down here, unless `[hook] down_grace_secs` leaves it up for a while.
 fn disconnect(cfg: &ServerConfig, state_dir: &Path, env: &HashMap<String, String>) -> Exit {
-    if cfg.hook.mode != HookMode::Deferred {
-        return exit_code(DISCONNECT, cfg, node::disconnect(cfg, state_dir, env));
-    }
     let deadline = Deadline::after(cfg.limits.hook_budget());
     let say = |line: String| eprintln!("idhal hook {DISCONNECT}: {line}");
     let (node, down) = match node::session_down(cfg, state_dir, env) {
         Ok(checked) => checked,
         Err(f) => return exit_code(DISCONNECT, cfg, Err(f)),
     };
-    match deferred::hand_off_disconnect(cfg, state_dir, env) {
-        Ok(()) => {
-            say(format!("{node}: handed to the worker"));
-            return Exit::Ok;
+    if cfg.hook.mode == HookMode::Deferred {
+        match deferred::hand_off_disconnect(cfg, state_dir, env) {
+            Ok(()) => {
+                say(format!("{node}: handed to the worker"));
+                return Exit::Ok;
+            }
+            Err(e @ deferred::HandOffError::Unanswered { .. }) => {
+                say(format!("{node}: {}: left to the worker", one_line(&e)));
+                return Exit::Ok;
+            }
+            // Without the node's name, like the connect's: the line that names it says what
+            // was done.
+            Err(e) => say(format!(
+                "worker not reached ({}): doing it synchronously",
+                one_line(&e)
+            )),
         }
-        Err(e @ deferred::HandOffError::Unanswered { .. }) => {
-            say(format!("{node}: {}: left to the worker", one_line(&e)));
-            return Exit::Ok;
-        }
-        // Without the node's name, like the connect's: the line that names it says what was
-        // done.
-        Err(e) => say(format!(
-            "worker not reached ({}): doing it synchronously",
-            one_line(&e)
-        )),
+    }
+    if cfg.hook.down_grace_secs > 0 {
+        // No process here outlives the hook to wait out the grace: reconcile counts it.
+        say(format!(
+            "{node}: left up for [hook] down_grace_secs ({} s): `idhal reconcile` takes it down if it stays gone",
+            cfg.hook.down_grace_secs
+        ));
+        return Exit::Ok;
     }
     let done = node::disconnect_host(cfg, state_dir, &down, deadline);
     exit_code(DISCONNECT, cfg, done.map(|d| format!("{node}: {}", d.line)))

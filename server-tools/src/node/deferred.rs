@@ -14,13 +14,13 @@ use super::{
 use crate::config::ServerConfig;
 use crate::openvpn::tmpfile::{sweep, Kind, TmpFile, TmpFileError};
 use crate::process::Deadline;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The OpenVPN variables a hand-off carries: what `admit` and `connect_session` read.
@@ -174,6 +174,64 @@ enum Task {
     Disconnect,
 }
 
+/// Disconnects held for `[hook] down_grace_secs` before they join the queue: a node that
+/// comes back meanwhile (to this server or another) has a newer session by then, and its
+/// take-down's session guard leaves it up. One grace for all, so they come due in arrival
+/// order. Not kept across a restart: `idhal reconcile` takes down whoever stays gone.
+struct Grace {
+    grace: Duration,
+    held: Mutex<VecDeque<Job>>,
+    changed: Condvar,
+}
+
+impl Grace {
+    /// Holds `job`, or gives it back when `limit` are held already.
+    fn hold(&self, job: Job, limit: usize) -> Result<(), Job> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() >= limit {
+            return Err(job);
+        }
+        held.push_back(job);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// The next disconnect whose grace is over, waiting for it; `None` once `stopping`.
+    fn next_due(&self, stopping: &AtomicBool) -> Option<Job> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if stopping.load(Ordering::SeqCst) {
+                return None;
+            }
+            let wait = match held.front() {
+                Some(job) => {
+                    let due = job.received + self.grace;
+                    let now = Instant::now();
+                    if due <= now {
+                        return held.pop_front();
+                    }
+                    due - now
+                }
+                // Woken by `hold`; the timeout only rechecks `stopping`.
+                None => Duration::from_secs(1),
+            };
+            held = self
+                .changed
+                .wait_timeout(held, wait.min(Duration::from_secs(1)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The nodes still held (a stop leaves them to reconcile).
+    fn held_nodes(&self) -> Vec<String> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter()
+            .map(|j| j.env.get("common_name").cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
 /// Why a request was not queued: the one line the hook gets back.
 #[derive(Debug, thiserror::Error)]
 enum Decline {
@@ -230,6 +288,26 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
     // Hand-offs queued and not yet answered: a stop waits for them.
     let pending = Arc::new(AtomicUsize::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
+    let grace = (cfg.hook.down_grace_secs > 0).then(|| {
+        Arc::new(Grace {
+            grace: Duration::from_secs(cfg.hook.down_grace_secs),
+            held: Mutex::new(VecDeque::new()),
+            changed: Condvar::new(),
+        })
+    });
+    if let Some(grace) = &grace {
+        let (grace, tx, pending, stopping) =
+            (grace.clone(), tx.clone(), pending.clone(), stopping.clone());
+        std::thread::spawn(move || {
+            while let Some(job) = grace.next_due(&stopping) {
+                pending.fetch_add(1, Ordering::SeqCst);
+                if tx.send(job).is_err() {
+                    pending.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
+    }
     for _ in 0..cfg.hook.workers {
         let (cfg, rx, state_dir, pending) =
             (cfg.clone(), rx.clone(), state_dir.clone(), pending.clone());
@@ -244,13 +322,16 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
         });
     }
     {
-        let (cfg, socket, pending, stopping) = (
+        let (cfg, socket, pending, stopping, grace) = (
             cfg.clone(),
             socket.clone(),
             pending.clone(),
             stopping.clone(),
+            grace.clone(),
         );
-        std::thread::spawn(move || stop_on_signal(&cfg, &socket, &pending, &stopping));
+        std::thread::spawn(move || {
+            stop_on_signal(&cfg, &socket, &pending, &stopping, grace.as_deref())
+        });
     }
     {
         let (tmp_dir, stale) = (
@@ -298,19 +379,41 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
             continue;
         }
         let reading_total = reading.clone();
-        let (cfg, tx, tmp_dir, reading, pending, stopping) = (
+        let (cfg, tx, tmp_dir, reading, pending, stopping, grace) = (
             cfg.clone(),
             tx.clone(),
             tmp_dir.clone(),
             reading.clone(),
             pending.clone(),
             stopping.clone(),
+            grace.clone(),
         );
         let spawned = std::thread::Builder::new().spawn(move || {
             let answer = match receive(&cfg, &tmp_dir, &mut stream) {
                 Ok(None) => None,
                 Ok(Some(_)) if stopping.load(Ordering::SeqCst) => {
                     Some(Decline::Busy("shutting down".into()).to_string())
+                }
+                Ok(Some(job)) if grace.is_some() && matches!(job.task, Task::Disconnect) => {
+                    let grace = grace.as_deref().expect("checked");
+                    let node = job.env.get("common_name").cloned().unwrap_or_default();
+                    Some(match grace.hold(job, cfg.hook.max_queued as usize) {
+                        Ok(()) => {
+                            eprintln!(
+                                "idhal hook worker: client-disconnect: {node}: left up for [hook] down_grace_secs ({} s), then taken down unless it is back",
+                                grace.grace.as_secs()
+                            );
+                            "queued".to_owned()
+                        }
+                        Err(_) => {
+                            let d = Decline::Busy(format!(
+                                "{} disconnects held for their grace already",
+                                cfg.hook.max_queued
+                            ));
+                            eprintln!("idhal hook worker: {node}: {d}");
+                            d.to_string()
+                        }
+                    })
                 }
                 Ok(Some(job)) => {
                     let node = job.env.get("common_name").cloned().unwrap_or_default();
@@ -359,7 +462,13 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
 /// still arriving are answered busy, and the queued ones are finished (within
 /// `hook_budget_ms`, their own limit) before the process exits: a restart leaves no client
 /// deferred with nobody to answer.
-fn stop_on_signal(cfg: &ServerConfig, socket: &Path, pending: &AtomicUsize, stopping: &AtomicBool) {
+fn stop_on_signal(
+    cfg: &ServerConfig,
+    socket: &Path,
+    pending: &AtomicUsize,
+    stopping: &AtomicBool,
+    grace: Option<&Grace>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let waited = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -382,6 +491,14 @@ fn stop_on_signal(cfg: &ServerConfig, socket: &Path, pending: &AtomicUsize, stop
     }
     stopping.store(true, Ordering::SeqCst);
     let _ = std::fs::remove_file(socket);
+    if let Some(held) = grace.map(Grace::held_nodes).filter(|h| !h.is_empty()) {
+        // Taking them down now would end the grace of nodes on their way to another server.
+        eprintln!(
+            "idhal hook worker: stopping: {} disconnect(s) within their down grace left to `idhal reconcile`: {}",
+            held.len(),
+            held.join(" ")
+        );
+    }
     let left = pending.load(Ordering::SeqCst);
     eprintln!("idhal hook worker: stopping: socket removed, finishing {left} queued hand-off(s)");
     let until = Instant::now() + cfg.limits.hook_budget() + Duration::from_secs(1);

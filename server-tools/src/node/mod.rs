@@ -735,17 +735,6 @@ pub fn session_down(
     ))
 }
 
-/// The client-disconnect hook.
-pub fn disconnect(
-    cfg: &ServerConfig,
-    state_dir: &Path,
-    env: &HashMap<String, String>,
-) -> Result<String, Failure> {
-    let deadline = Deadline::after(cfg.limits.hook_budget());
-    let (node, down) = session_down(cfg, state_dir, env)?;
-    disconnect_host(cfg, state_dir, &down, deadline).map(|d| format!("{node}: {}", d.line))
-}
-
 /// The node's type: from its enrollment record (the token it enrolled with decided it), else
 /// the configured default (nodes certified outside idhal's CA).
 pub fn node_type(cfg: &ServerConfig, record: Option<&NodeRow>) -> Label {

@@ -153,22 +153,32 @@ fn check_line_lengths(config: &str) -> Result<(), RenderError> {
 
 /// The client configuration an enrolled node receives. It names its files relative to its own
 /// directory (`openvpn --cd DIR --config openvpn.conf`).
-pub fn client_config(project: &str, node: &str, remotes: &[String]) -> String {
+pub fn client_config(project: &str, node: &str, o: &OpenVpnSection) -> String {
     let mut s = format!(
         "# idhal node {node} (project {project}): OpenVPN client configuration from enrollment.\n\
          # Run: openvpn --cd DIR --config openvpn.conf (DIR holds ca.crt, node.crt, node.key)\n\
          client\ndev tun\nproto tcp-client\n"
     );
-    for r in remotes {
+    for r in &o.remotes {
         // Validated when the config was loaded.
         if let Ok(r) = Remote::parse(r) {
             s.push_str(&format!("remote {} {}\n", r.host, r.port));
         }
     }
+    // After a lost connection or a refusal the node tries the same remote once, then the next
+    // ones in order. connect-retry's MAX caps every pause (auth-retry nointeract starts them
+    // at 10 s); server-poll-timeout bounds the wait on a dead host (120 s by default).
+    let (first, max) = o.connect_retry;
+    let _ = writeln!(
+        s,
+        "connect-retry {first} {max}\nserver-poll-timeout {}",
+        o.server_poll_timeout_secs
+    );
     // auth-retry: the server refuses a node (AUTH_FAILED) when a backend failed for now (OAR,
-    // DNS, a storm's queue); OpenVPN's default then exits for good, this makes it try again.
+    // DNS, a storm's queue) or it is being drained; OpenVPN's default then exits for good,
+    // this makes it try again.
     s.push_str(
-        "connect-retry 1 10\nauth-retry nointeract\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\
+        "auth-retry nointeract\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\
          tls-version-min 1.2\nca ca.crt\ncert node.crt\nkey node.key\npersist-key\nverb 3\n",
     );
     s
@@ -180,12 +190,17 @@ mod tests {
 
     #[test]
     fn client_config_lists_every_remote() {
-        let c = client_config(
-            "p",
-            "client7",
-            &["vpn1.example.org:1194".into(), "10.0.2.100:443".into()],
-        );
+        let o = OpenVpnSection {
+            remotes: vec!["vpn1.example.org:1194".into(), "10.0.2.100:443".into()],
+            ..OpenVpnSection::default()
+        };
+        let c = client_config("p", "client7", &o);
         assert!(c.contains("remote vpn1.example.org 1194\nremote 10.0.2.100 443\n"));
+        // The failover settings: a dead remote is left after 4 s, no pause is over 2 s.
+        assert!(
+            c.contains("\nconnect-retry 1 2\nserver-poll-timeout 4\n"),
+            "{c}"
+        );
         assert!(c.contains("remote-cert-tls server"));
         assert!(
             c.contains("auth-retry nointeract\n"),

@@ -187,6 +187,16 @@ pub fn kill_everywhere(
         .collect()
 }
 
+/// The password file for this server's own management interface, as `idhal reconcile` and
+/// `idhal openvpn drain` use it: `[reconcile] management_password_file`, else the one of
+/// `[ca] project`'s servers.
+pub fn own_password_file(cfg: &ServerConfig, state_dir: &Path) -> Option<PathBuf> {
+    match &cfg.reconcile.management_password_file {
+        Some(p) => Some(p.clone()),
+        None => password_file(cfg, state_dir, &cfg.ca.project),
+    }
+}
+
 /// The management password file of `project`'s OpenVPN servers, or `None` when
 /// `[openvpn] management_auth = "none"`: `[openvpn] management_password_file`, else
 /// `STATE/projects/PROJECT/management.pw`.

@@ -1,7 +1,8 @@
-//! OpenVPN as idhal sees it: the hooks' environment (env) and the management interface
-//! (management).
+//! OpenVPN as idhal sees it: the hooks' environment (env), the management interface
+//! (management) and draining a server through it (drain).
 
 pub mod config;
+pub mod drain;
 pub mod env;
 pub mod management;
 pub mod status;

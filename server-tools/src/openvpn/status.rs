@@ -3,7 +3,7 @@
 //! (callers validate each entry as they would a hook's environment).
 
 use crate::config::{ServerConfig, StatusSource};
-use crate::openvpn::management::{password_file, Answer, Management, ManagementError};
+use crate::openvpn::management::{own_password_file, Answer, Management, ManagementError};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -84,6 +84,7 @@ pub fn parse_status(text: &str) -> Result<Status, StatusError> {
                     ("real", "Real Address"),
                     ("ifconfig_pool_remote_ip", "Virtual Address"),
                     ("time_unix", "Connected Since (time_t)"),
+                    ("client_id", "Client ID"),
                 ] {
                     if let Some(v) = get(col) {
                         fields.insert(key, v);
@@ -142,10 +143,7 @@ pub fn read_management(
     cfg: &ServerConfig,
     state_dir: &Path,
 ) -> Result<Status, StatusError> {
-    let password = match &cfg.reconcile.management_password_file {
-        Some(p) => Some(p.clone()),
-        None => password_file(cfg, state_dir, &cfg.ca.project),
-    };
+    let password = own_password_file(cfg, state_dir);
     let m = Management {
         addr,
         password_file: password.as_deref(),
