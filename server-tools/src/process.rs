@@ -30,6 +30,8 @@ pub struct Finished {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    /// stdout or stderr went past the read limit: the rest was thrown away.
+    pub overflow: bool,
 }
 
 impl Finished {
@@ -50,9 +52,24 @@ impl Finished {
 
 /// Runs `cmd` with stdin closed, collecting its output, killing it after `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
+    run_with(cmd, timeout, None, 1 << 20)
+}
+
+/// As `run`, feeding `stdin` (from a thread: a child that never reads cannot block the
+/// caller past `timeout`) and reading at most `max_output` bytes of each stream.
+pub fn run_with(
+    cmd: &mut Command,
+    timeout: Duration,
+    stdin: Option<Vec<u8>>,
+    max_output: u64,
+) -> Result<Finished, RunError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -60,14 +77,24 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
             program: program.clone(),
             source,
         })?;
-    // Pipes are drained on threads so a chatty child cannot block on a full pipe.
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A child that exits early or is killed breaks the pipe: the write then fails, ignored.
+        thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    // Pipes are drained on threads so a chatty child cannot block on a full pipe; past the
+    // limit the rest is read and dropped, so the child still finishes.
     let drain = |r: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut buf = Vec::new();
-            if let Some(r) = r {
-                let _ = r.take(1 << 20).read_to_end(&mut buf);
+            let mut overflow = false;
+            if let Some(mut r) = r {
+                let _ = (&mut r).take(max_output).read_to_end(&mut buf);
+                overflow = std::io::copy(&mut r, &mut std::io::sink()).is_ok_and(|n| n > 0);
             }
-            String::from_utf8_lossy(&buf).into_owned()
+            (String::from_utf8_lossy(&buf).into_owned(), overflow)
         })
     };
     let out = drain(
@@ -105,10 +132,13 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
         thread::sleep(pause.min(timeout.saturating_sub(started.elapsed())));
         pause = (pause * 2).min(Duration::from_millis(20));
     };
+    let (stdout, over_out) = out.join().unwrap_or_default();
+    let (stderr, over_err) = err.join().unwrap_or_default();
     Ok(Finished {
         code: status.code(),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout,
+        stderr,
+        overflow: over_out || over_err,
     })
 }
 
