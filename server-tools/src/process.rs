@@ -245,6 +245,37 @@ mod tests {
     }
 
     #[test]
+    fn stdin_is_fed_and_output_bounded() {
+        let f = run_with(
+            &mut Command::new("cat"),
+            Duration::from_secs(30),
+            Some(b"route add\n".to_vec()),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!((f.stdout.as_str(), f.overflow), ("route add\n", false));
+        // 1 MiB of output against a 100-byte limit: cut, flagged, and the child still finishes.
+        let f = run_with(
+            Command::new("head").args(["-c", "1048576", "/dev/zero"]),
+            Duration::from_secs(60),
+            None,
+            100,
+        )
+        .unwrap();
+        assert!(f.success() && f.overflow && f.stdout.len() == 100, "{f:?}");
+        // A child that never reads 8 MiB of stdin: killed at the timeout, the caller not
+        // blocked on the full pipe.
+        let e = run_with(
+            Command::new("sleep").arg("600"),
+            Duration::from_millis(200),
+            Some(vec![b'x'; 8 << 20]),
+            100,
+        )
+        .unwrap_err();
+        assert!(matches!(e, RunError::Timeout { .. }), "{e}");
+    }
+
+    #[test]
     fn lock_is_exclusive() {
         let d = tempfile::tempdir().unwrap();
         let a = NodeLock::acquire(d.path(), "n1", Duration::from_millis(10)).unwrap();

@@ -377,6 +377,42 @@ fn hostile_dev_and_address_write_nothing() {
     assert_eq!(ns.routes(100), Vec::<String>::new());
 }
 
+/// A node refused for another backend's failure (DNS unreachable, default on_failure) gets no
+/// route: it is written last, and only for a node that will be accepted; with on_failure =
+/// "admit" it is written.
+#[test]
+fn a_node_refused_for_another_backend_gets_no_route() {
+    let ns = Netns::new();
+    let (d, _, _) = setup("");
+    let key = d.path().join("tsig.key");
+    std::fs::write(
+        &key,
+        "key \"idhal-update\" {\n\talgorithm hmac-sha256;\n\tsecret \"aWRoYWwtdGVzdC1rZXktaWRoYWwtdGVzdC1rZXk=\";\n};\n",
+    )
+    .unwrap();
+    // Nothing listens on port 9 of the namespace's own loopback.
+    let dns = |on_failure: &str| {
+        format!(
+            "[names]\ndomain = \"idhal.test\"\n[scheduler]\nbackend = \"none\"\n\
+             [hook]\non_failure = \"{on_failure}\"\n\
+             [dns]\nupdate = \"rfc2136\"\nserver = \"127.0.0.1:9\"\ntsig_key_file = \"{}\"\n\
+             [limits]\ndns_timeout_ms = 300\n[routing]\ntable = 100\n",
+            key.display()
+        )
+    };
+    let e = env("client738", "10.134.7.38", 1_000_000);
+    let (_d1, cfg, state) = setup(&dns("refuse"));
+    fails(
+        ns.hook(&cfg, &state, "client-connect", &e),
+        "failing (on_failure = \"refuse\")",
+    );
+    assert_eq!(ns.routes(100), Vec::<String>::new());
+    let (_d2, cfg, state) = setup(&dns("admit"));
+    let o = ok(ns.hook(&cfg, &state, "client-connect", &e));
+    assert!(stderr(&o).contains("admitting anyway"), "{}", out(&o));
+    assert_eq!(ns.routes(100), ["10.134.7.38 dev tun0 metric 1000000"]);
+}
+
 /// The kernel's own tables are refused when the config is read.
 #[test]
 fn kernel_tables_are_refused_at_config_load() {

@@ -384,6 +384,12 @@ impl Steps {
         }
     }
 
+    /// Whether the node will be accepted as things stand: no error yet, or `on_failure =
+    /// "admit"`. Its route is written only then, last (a refused node would leave one behind).
+    fn admitted(&self, cfg: &ServerConfig) -> bool {
+        self.errors.is_empty() || cfg.hook.on_failure == OnFailure::Admit
+    }
+
     fn finish(self, subject: String) -> Result<String, Failure> {
         if !self.errors.is_empty() {
             return Err(Failure::Backend(self.errors));
@@ -470,8 +476,10 @@ pub fn connect_session(
         let r = sched.node_up(&up, deadline);
         steps.record(registered_line(sched.name(), host, r));
     }
-    steps.record(route_up(cfg, session, deadline));
     steps.record(dns_upsert(cfg, session, host, deadline));
+    if steps.admitted(cfg) {
+        steps.record(route_up(cfg, session, deadline));
+    }
     steps.finish(connected(session, host))
 }
 
@@ -524,29 +532,6 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
             steps.record(registered_line(sched.name(), &up.host, r));
         }
     }
-    // The batch's routes in one `ip -batch`, before any verdict.
-    if let Some(table) = cfg.routing.table().filter(|_| !locked.is_empty()) {
-        let mut routes = Vec::new();
-        let mut whose = Vec::new();
-        for (k, (i, _, steps)) in locked.iter_mut().enumerate() {
-            match route_of(cfg, &batch[*i].session) {
-                Some(Ok(r)) => {
-                    routes.push(r);
-                    whose.push(k);
-                }
-                Some(Err(e)) => steps.record(Err(e.into())),
-                None => {}
-            }
-        }
-        let deadline = latest(locked.iter().map(|&(i, _, _)| batch[i].deadline));
-        let done = table.announce_many(&routes, deadline.cap(cfg.limits.command_timeout()));
-        for ((k, route), r) in whose.into_iter().zip(&routes).zip(done) {
-            locked[k].2.record(
-                r.map(|()| Some(format!("route {route} in table {}", table.table)))
-                    .map_err(NodeError::from),
-            );
-        }
-    }
     let together = locked.len();
     // DNS for the whole batch at once (with RFC 2136: a few messages per zone, not two per
     // node), then each node's verdict from its own steps.
@@ -567,12 +552,40 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         );
         dns::backend::open(cfg).upsert_many(&hosts, deadline)
     };
-    for ((i, _, mut steps), d) in locked.into_iter().zip(dns) {
-        let c = &batch[i];
+    for ((_, _, steps), d) in locked.iter_mut().zip(dns) {
         steps.record(
             d.map(|did| did.then(|| "DNS A+PTR set".to_owned()))
                 .map_err(NodeError::from),
         );
+    }
+    // The routes of the nodes that will be accepted, in one `ip -batch`, before any verdict.
+    if let Some(table) = cfg.routing.table().filter(|_| !locked.is_empty()) {
+        let mut routes = Vec::new();
+        let mut whose = Vec::new();
+        for (k, (i, _, steps)) in locked.iter_mut().enumerate() {
+            if !steps.admitted(cfg) {
+                continue;
+            }
+            match route_of(cfg, &batch[*i].session) {
+                Some(Ok(r)) => {
+                    routes.push(r);
+                    whose.push(k);
+                }
+                Some(Err(e)) => steps.record(Err(e.into())),
+                None => {}
+            }
+        }
+        let deadline = latest(locked.iter().map(|&(i, _, _)| batch[i].deadline));
+        let done = table.announce_many(&routes, deadline.cap(cfg.limits.command_timeout()));
+        for ((k, route), r) in whose.into_iter().zip(&routes).zip(done) {
+            locked[k].2.record(
+                r.map(|()| Some(format!("route {route} in table {}", table.table)))
+                    .map_err(NodeError::from),
+            );
+        }
+    }
+    for (i, _, steps) in locked {
+        let c = &batch[i];
         results[i] = Some(steps.finish(connected(&c.session, &c.host)));
     }
     // The batch's locks are released: a node whose lock was busy waits for it now.
