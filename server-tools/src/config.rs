@@ -2,6 +2,7 @@
 //! with a documented default (docs/server-config.md). Values are validated while parsing, so a
 //! bad name template or domain stops every command at start, not a node at connect time.
 
+use crate::bird::BirdSection;
 use crate::names::{Domain, Ipv4Net, Label, NameError, NameTemplate, ServerName};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -40,6 +41,8 @@ pub struct ServerConfig {
     pub openvpn: OpenVpnSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
     pub projects: BTreeMap<String, ProjectSection>,
+    /// Several VPN servers: the BIRD 2 configs `idhal bird config` renders.
+    pub bird: BirdSection,
 }
 
 impl ServerConfig {
@@ -1097,7 +1100,7 @@ mod tests {
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `projects`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `projects`, `bird`")
         );
         assert_eq!(
             refusal("[dns]\nupdate = \"rfc2136\""),
