@@ -340,6 +340,9 @@ impl Lab {
     /// Runs BIRD in `ns` with `config` (foreground, its own log).
     fn bird(&mut self, ns: &str, config: &str) {
         let conf = self.dir.path().join(format!("{ns}.conf"));
+        // BIRD's own words into its log (the rendered config leaves logging to the host's
+        // syslog), printed when a test fails.
+        let config = format!("log stderr all;\ndebug protocols {{ states, events }};\n{config}");
         std::fs::write(&conf, config).unwrap();
         let mut cmd = Command::new(IP);
         cmd.args(["netns", "exec", ns, BIRD, "-f", "-c"])
@@ -378,6 +381,22 @@ impl Lab {
             || {
                 let p = self.birdc(ns, &["show", "protocols", "head1"]);
                 p.contains("Established").then_some(())
+            },
+        );
+    }
+
+    /// Waits until `ns`'s BFD session with `peer` is Up.
+    fn bfd_up(&self, ns: &str, peer: &str) {
+        wait_logged_every(
+            &format!("{ns}: BFD session with {peer} Up"),
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            &[],
+            || {
+                let out = self.birdc(ns, &["show", "bfd", "sessions"]);
+                out.lines()
+                    .any(|l| l.starts_with(&format!("{peer} ")) && l.contains(" Up "))
+                    .then_some(())
             },
         );
     }
@@ -436,11 +455,12 @@ fn live_available() -> bool {
 }
 
 /// The rendered configs of `lab`'s servers (vpnA, vpnB, … by index) and head.
-fn start_birds(lab: &mut Lab, n: usize) {
+fn start_birds(lab: &mut Lab, n: usize, bfd: bool) {
     let d = lab.dir.path().to_owned();
     let names = ["vpnA", "vpnB", "vpnC"];
-    let mut toml =
-        "[bird]\nlan = \"172.31.0.0/24\"\nheads = [\"172.31.0.1\"]\n[bird.servers]\n".to_owned();
+    let mut toml = format!(
+        "[bird]\nlan = \"172.31.0.0/24\"\nheads = [\"172.31.0.1\"]\nbfd = {bfd}\n[bird.servers]\n"
+    );
     for (i, name) in names.iter().take(n).enumerate() {
         toml.push_str(&format!("{name} = \"172.31.0.{}\"\n", 11 + i));
     }
@@ -461,8 +481,13 @@ fn start_birds(lab: &mut Lab, n: usize) {
 const NODE: &str = "10.134.7.38";
 
 fn node_route(ns: &str, op: &str, metric: u32) {
+    route_of(ns, op, NODE, metric)
+}
+
+fn route_of(ns: &str, op: &str, node: &str, metric: u32) {
     let m = metric.to_string();
-    let mut args = vec!["-n", ns, "route", op, "10.134.7.38/32"];
+    let prefix = format!("{node}/32");
+    let mut args = vec!["-n", ns, "route", op, &prefix];
     if op == "add" {
         args.extend([
             "dev", "tun0", "table", "100", "proto", "static", "metric", &m,
@@ -481,7 +506,7 @@ fn a_node_route_reaches_the_head_and_goes() {
         return;
     }
     let mut lab = Lab::new("one", 1);
-    start_birds(&mut lab, 1);
+    start_birds(&mut lab, 1, true);
     let a = lab.servers[0].clone();
     // Something outside the pool in table 100 stays on the server (the export filter).
     ip(&[
@@ -542,7 +567,7 @@ fn the_bigger_metric_wins_at_the_head() {
         return;
     }
     let mut lab = Lab::new("two", 2);
-    start_birds(&mut lab, 2);
+    start_birds(&mut lab, 2, true);
     let (a, b) = (lab.servers[0].clone(), lab.servers[1].clone());
     let only = |via: &'static str, not: &'static str| {
         move |r: &str| r.contains(via) && !r.contains(not) && !r.contains("nexthop")
@@ -597,5 +622,93 @@ fn the_bigger_metric_wins_at_the_head() {
                 .contains("via 172.31.0.11 dev lan0 proto bird")
                 .then_some(())
         },
+    );
+}
+
+/// A server that dies takes its nodes' routes off the head: its BIRD killed (the kernel closes
+/// its BGP session at once), or its host cut off the LAN (BFD notices, or else the 3 s hold
+/// time). Prints how long each took.
+#[test]
+fn a_dead_servers_routes_leave_the_head() {
+    if !live_available() {
+        return;
+    }
+    let mut figures = Vec::new();
+    for bfd in [true, false] {
+        let mut lab = Lab::new(if bfd { "bfd" } else { "hold" }, 2);
+        start_birds(&mut lab, 2, bfd);
+        let (a, b) = (lab.servers[0].clone(), lab.servers[1].clone());
+        const OTHER: &str = "10.134.7.39";
+        route_of(&a, "add", NODE, 1_800_000_000);
+        route_of(&b, "add", OTHER, 1_800_000_000);
+        lab.head_until(NODE, "via A", |r| r.contains("via 172.31.0.11"));
+        lab.head_until(OTHER, "via B", |r| r.contains("via 172.31.0.12"));
+        if bfd {
+            // A's BIRD SIGKILLed (lab.birds: the head's, then the servers' in order).
+            let t = Instant::now();
+            lab.birds[1].child.kill().unwrap();
+            let gone = lab.head_until_from(t, NODE, "gone after A's BIRD died", |r| r.is_empty());
+            figures.push(format!(
+                "BIRD killed: {:.0} ms",
+                gone.as_secs_f64() * 1000.0
+            ));
+        }
+        if bfd {
+            // Measured from a BFD session up on both ends: cut before it is, the session is
+            // only protected by the hold time (seen here: 4-5 s).
+            let h = lab.head.clone();
+            lab.bfd_up(&h, "172.31.0.12");
+            lab.bfd_up(&b, "172.31.0.1");
+        }
+        // B cut off: its LAN link down on its side only (the head's bridge stays up through
+        // A's port, so only BGP, BFD or the hold time can tell the head).
+        let t = Instant::now();
+        ip(&["-n", &b, "link", "set", "lan0", "down"]);
+        let gone = lab.head_until_from(t, OTHER, "gone after B was cut off", |r| r.is_empty());
+        figures.push(format!(
+            "host cut off, bfd {bfd}: {:.0} ms",
+            gone.as_secs_f64() * 1000.0
+        ));
+    }
+    println!(
+        "bird: a dead server's routes gone at the head: {}",
+        figures.join("; ")
+    );
+}
+
+/// Not a check of its own: the child of the test below, which makes a lab and panics.
+#[test]
+fn child_lab_that_panics() {
+    if std::env::var_os("IDHAL_BIRD_TEST_CHILD").is_some() && live_available() {
+        let lab = Lab::new("panic", 1);
+        assert!(ip(&["netns", "list"]).contains(&lab.head));
+        panic!("the child's deliberate panic in {}", lab.head);
+    }
+}
+
+/// A test that fails half-way leaves no namespace behind.
+#[test]
+fn a_panicking_test_removes_its_namespaces() {
+    if !live_available() {
+        return;
+    }
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_lab_that_panics", "--nocapture"])
+        .env("IDHAL_BIRD_TEST_CHILD", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&child.stderr);
+    assert!(text.contains("the child's deliberate panic"), "{text}");
+    assert_eq!(child.status.code(), Some(101), "{text}");
+    // The child's namespaces are named after its pid, which its panic message carries.
+    let pid = text
+        .split("idhal-t-")
+        .nth(1)
+        .and_then(|t| t.split('-').next())
+        .unwrap_or_else(|| panic!("the child names its lab: {text}"));
+    let left = ip(&["netns", "list"]);
+    assert!(
+        !left.contains(&format!("idhal-t-{pid}-")),
+        "left behind:\n{left}"
     );
 }
