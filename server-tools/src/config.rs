@@ -2,6 +2,7 @@
 //! with a documented default (docs/server-config.md). Values are validated while parsing, so a
 //! bad name template or domain stops every command at start, not a node at connect time.
 
+use crate::bird::BirdSection;
 use crate::names::{Domain, Ipv4Net, Label, NameError, NameTemplate, ServerName};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -41,6 +42,8 @@ pub struct ServerConfig {
     pub routing: RoutingSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
     pub projects: BTreeMap<String, ProjectSection>,
+    /// Several VPN servers: the BIRD 2 configs `idhal bird config` renders.
+    pub bird: BirdSection,
 }
 
 impl ServerConfig {
@@ -594,7 +597,7 @@ pub struct RoutingSection {
     pub ip: PathBuf,
     /// The device `idhal reconcile` writes a missing route on (the hooks use OpenVPN's `dev`;
     /// a status names none).
-    pub dev: crate::routing::Dev,
+    pub dev: crate::names::IfName,
     /// Most output read from one `ip` run (`ip -j route show` prints ~90 bytes a route).
     pub max_output_bytes: u64,
 }
@@ -604,7 +607,7 @@ impl Default for RoutingSection {
         Self {
             table: None,
             ip: "/usr/sbin/ip".into(),
-            dev: crate::routing::Dev::parse("tun0").expect("valid default"),
+            dev: crate::names::IfName::parse("tun0").expect("valid default"),
             max_output_bytes: 16 << 20,
         }
     }
@@ -1222,7 +1225,7 @@ mod tests {
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `routing`, `projects`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `routing`, `projects`, `bird`")
         );
         assert_eq!(
             refusal("[routing]\ntable = 254"),
@@ -1230,7 +1233,7 @@ mod tests {
         );
         assert_eq!(
             refusal("[routing]\ndev = \"tun 0\""),
-            toml("interface name \"tun 0\" holds ' ' (no '/', ':', spaces or control characters)")
+            toml("interface name \"tun 0\" is not valid: 1-15 of A-Z a-z 0-9 _ . - (not . or ..)")
         );
         assert_eq!(
             refusal("[dns]\nupdate = \"rfc2136\""),

@@ -74,6 +74,42 @@ impl fmt::Display for ServerName {
     }
 }
 
+/// A network interface name (OpenVPN's `dev`, `tun0`; a LAN interface, `lan0`): what the kernel
+/// takes (IFNAMSIZ - 1 = 15 bytes), in a charset that is safe in an argv, an `ip -batch` line
+/// and a quoted BIRD string: A-Z a-z 0-9 _ . - (not `.` or `..`, which the kernel refuses).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct IfName(String);
+
+impl IfName {
+    pub const RULE: &'static str = "1-15 of A-Z a-z 0-9 _ . - (not . or ..)";
+
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+        if s.is_empty() || s.len() > 15 || !s.chars().all(ok) || s == "." || s == ".." {
+            return Err(invalid("interface name", s, Self::RULE));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for IfName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Self::parse(&s)
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One DNS label (RFC 1123 host name rules), lower case: `vnode-7-38`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Label(String);
@@ -428,6 +464,32 @@ mod tests {
 
     /// Node ids and server names follow the manifest crate's one rule, and their refusals
     /// state that rule's one text.
+    #[test]
+    fn interface_names_are_what_the_kernel_takes_in_a_safe_charset() {
+        for ok in ["tun0", "lan0", "a23456789012345", "br-lan.10", "tun_0", "a"] {
+            assert_eq!(IfName::parse(ok).unwrap().to_string(), ok);
+        }
+        for bad in [
+            "",
+            "a234567890123456",
+            "lan 0",
+            "lan0\"",
+            "eth0;",
+            "tun0\nroute",
+            "tun0:1",
+            "é",
+            ".",
+            "..",
+            "a/b",
+        ] {
+            let e = IfName::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("interface name") && e.contains(IfName::RULE),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn node_ids_and_server_names() {
         assert_eq!(node_id("client317").unwrap().as_str(), "client317");

@@ -1,8 +1,8 @@
 //! What OpenVPN tells a client-connect/client-disconnect script, parsed into validated types.
 //! Raw environment strings never leave this module: a value that does not parse is refused here.
 
+use crate::names::IfName;
 use crate::names::{node_id, Ipv4Net, NameError, NodeId};
-use crate::routing::Dev;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -112,7 +112,7 @@ pub struct Session {
     /// When the session started (unix seconds).
     pub since: u64,
     /// OpenVPN's tun device (`dev`), where the node's route goes; none in a status file.
-    pub dev: Option<Dev>,
+    pub dev: Option<IfName>,
 }
 
 fn shorten(s: &str) -> String {
@@ -228,10 +228,10 @@ impl Session {
         // It goes into `ip` commands: refused here unless the kernel could name a device so.
         let dev = match get("dev") {
             None => None,
-            Some(d) => Some(Dev::parse(d).map_err(|_| EnvError::Bad {
+            Some(d) => Some(IfName::parse(d).map_err(|_| EnvError::Bad {
                 var: "dev",
                 value: shorten(d),
-                expected: "a network interface name (1-15 bytes, no '/', ':' or spaces)",
+                expected: "a network interface name (1-15 of A-Z a-z 0-9 _ . -)",
             })?),
         };
         Ok(Self {
