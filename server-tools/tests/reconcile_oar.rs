@@ -135,6 +135,83 @@ fn a_session_answered_after_the_status_was_written_stays_alive() {
     assert_eq!(state_of(oar, "vnode-21-1.grace.test"), "Absent");
 }
 
+/// `[hook] down_grace_secs`: a node gone from the status (on its way to another server, or
+/// left by a sync disconnect hook within its grace) is taken down only once it has been gone
+/// that long, counted from the first run that saw it gone; one that is back meanwhile is not.
+#[test]
+fn a_node_gone_from_the_status_goes_down_only_after_the_down_grace() {
+    let Some(oar) = oar() else { return };
+    let extra = "[hook]\nmode = \"sync\"\ndown_grace_secs = 3\n";
+    let (d, cfg, state) = setup(&config(&oar.config_section(), "gonegrace.test", extra));
+    let since = now() - GRACE - 100;
+    let (gone, back) = (
+        ("client2301", "10.134.23.1", since),
+        ("client2302", "10.134.23.2", since),
+    );
+    for (cn, ip, since) in [gone, back] {
+        ok(hook(
+            &cfg,
+            &state,
+            "client-connect",
+            &node_env(cn, ip, since),
+        ));
+        // The sync hook leaves the take-down to reconcile within the grace.
+        let o = hook(&cfg, &state, "client-disconnect", &node_env(cn, ip, since));
+        assert!(
+            out(&o).contains("left up for [hook] down_grace_secs"),
+            "{}",
+            out(&o)
+        );
+    }
+    let status = d.path().join("status.log");
+    write_status(&status, now(), &[]);
+    let o = reconcile(&cfg, &state, &status);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    for h in ["vnode-23-1", "vnode-23-2"] {
+        assert!(
+            text.contains(&format!(
+                "{h}.gonegrace.test: gone from the status for 0 s, left up within [hook] down_grace_secs (3 s)"
+            )),
+            "{text}"
+        );
+        assert_eq!(state_of(oar, &format!("{h}.gonegrace.test")), "Alive");
+    }
+    assert!(text.contains("2 gone within their down grace"), "{text}");
+    // 2302 comes back (a newer session, listed); 2301 stays gone and goes after the grace.
+    let newer = since + 50;
+    ok(hook(
+        &cfg,
+        &state,
+        "client-connect",
+        &node_env(back.0, back.1, newer),
+    ));
+    let t = Instant::now();
+    let text = loop {
+        write_status(&status, now(), &[(back.0, back.1, newer)]);
+        let o = reconcile(&cfg, &state, &status);
+        let text = out(&o);
+        assert!(o.status.success(), "{text}");
+        if text.contains("1 taken down") || t.elapsed().as_secs() > 60 {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert!(
+        text.contains("took down vnode-23-1.gonegrace.test"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed().as_secs() >= 2,
+        "taken down before its grace: {text}"
+    );
+    assert_eq!(state_of(oar, "vnode-23-1.gonegrace.test"), "Absent");
+    assert_eq!(state_of(oar, "vnode-23-2.gonegrace.test"), "Alive");
+    // The record keeps nothing of nodes taken down or back.
+    let record = std::fs::read_to_string(state.join("reconcile-gone")).unwrap();
+    assert!(!record.contains("vnode-23"), "{record}");
+}
+
 #[test]
 fn the_listing_asks_oar_for_idhals_resources_only() {
     let Some(oar) = oar() else { return };

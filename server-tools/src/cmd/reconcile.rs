@@ -32,7 +32,11 @@ use std::time::Duration;
           a deferred connect answered after the write is not listed yet). A node that really \
           left within that grace is taken down by a later run. A node whose id is listed at \
           all (a client still connecting has no address yet) is left alone, and so are other \
-          servers' nodes.\n\n\
+          servers' nodes. With [hook] down_grace_secs, a node is taken down only once it has \
+          been gone that long, counted from the first run that saw it gone \
+          (STATE/reconcile-gone): a node moving to another server is not.\n\
+        - with [routing] table, the table is made to hold exactly the listed nodes' routes \
+          (one ip -batch).\n\n\
         The scheduler is listed first (only idhal's nodes, within [reconcile] \
         listing_timeout_ms), then the status is read. A status file older than [reconcile] \
         max_status_age_secs is refused (OpenVPN is not writing it: acting on it could take \

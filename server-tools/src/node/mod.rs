@@ -3,6 +3,7 @@
 //! (`cmd/hook.rs`) and `idhal reconcile` (`node/reconcile.rs`).
 
 pub mod deferred;
+mod gone;
 pub mod reconcile;
 
 use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow, ProjectRow};

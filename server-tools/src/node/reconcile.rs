@@ -4,6 +4,7 @@
 use crate::config::ServerConfig;
 use crate::dns;
 use crate::names::HostName;
+use crate::node::gone::Gone;
 use crate::node::{
     connect_session, disconnect_hosts, node_addresses, one_line, refresh_node_dns, Down, Failure,
     NodeError,
@@ -286,6 +287,19 @@ pub fn reconcile(
         }
     }
     let grace_secs = cfg.reconcile.take_down_grace_secs(&cfg.limits);
+    let down_grace = cfg.hook.down_grace_secs;
+    let (mut gone, why) = if down_grace > 0 {
+        Gone::load(state_dir)
+    } else {
+        (Gone::default(), None)
+    };
+    if let Some(why) = why {
+        eprintln!("idhal reconcile: {why}");
+    }
+    // Gone nodes still within their down grace, and take-downs that failed: kept in the
+    // record for the next run.
+    let mut still_gone: BTreeSet<(String, u64)> = BTreeSet::new();
+    let mut within_grace = 0usize;
     let mut take_down = Vec::new();
     for m in managed {
         let is_up = sched.as_ref().is_some_and(|s| s.is_up_state(&m.state));
@@ -328,6 +342,20 @@ pub fn reconcile(
             );
             continue;
         };
+        if down_grace > 0 {
+            // Gone from the status, maybe on its way to another server: down only once it has
+            // been gone [hook] down_grace_secs.
+            let key = (m.host.clone(), m.since.unwrap_or(0));
+            let gone_for = gone.gone_for(&key.0, key.1, now());
+            if gone_for < down_grace {
+                within_grace += 1;
+                println!(
+                    "idhal reconcile: {host}: gone from the status for {gone_for} s, left up within [hook] down_grace_secs ({down_grace} s)"
+                );
+                still_gone.insert(key);
+                continue;
+            }
+        }
         // A session that started shortly before the status was written may have been
         // answered (deferred) after it: simply not in it yet, it must stay up.
         let guard = DownGuard::ListedAt {
@@ -373,8 +401,18 @@ pub fn reconcile(
                 Err(e) => {
                     failures += 1;
                     report(&e, &d.host);
+                    if let Some(m) = by_host.get(d.host.to_string().as_str()) {
+                        still_gone.insert((m.host.clone(), m.since.unwrap_or(0)));
+                    }
                 }
             }
+        }
+    }
+    if down_grace > 0 && !dry_run {
+        gone.retain(|h, s| still_gone.contains(&(h.to_owned(), s)));
+        if let Err(e) = gone.save(state_dir) {
+            failures += 1;
+            eprintln!("idhal reconcile: error: {}", one_line(&e));
         }
     }
     let routes = match sync_routes(cfg, &connected, status, dry_run) {
@@ -402,6 +440,9 @@ pub fn reconcile(
     }
     if waiting > 0 {
         tail.push_str(&format!(", {waiting} left for a newer status"));
+    }
+    if within_grace > 0 {
+        tail.push_str(&format!(", {within_grace} gone within their down grace"));
     }
     println!(
         "idhal reconcile ({server}): {} connected, {repaired} registered again, {downed} taken down{tail}",
