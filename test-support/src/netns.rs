@@ -62,8 +62,20 @@ pub fn prefix_for(pid: u32, n: u32) -> String {
 
 /// The pid that owns namespace `name`, when it is one of ours.
 pub fn owner(name: &str) -> Option<u32> {
-    let tag = name.strip_prefix(PREFIX)?.get(..PID_CHARS)?;
-    u32::from_str_radix(tag, 36).ok()
+    // Only the exact shape this module makes: another tool's `idhal-…` names are not ours.
+    let rest = name.strip_prefix(PREFIX)?;
+    if name.len() > 15
+        || !(PID_CHARS + 2..=PID_CHARS + 1 + SHORT_MAX).contains(&rest.len())
+        || !rest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b.is_ascii_uppercase())
+        || !rest[..PID_CHARS + 1]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    {
+        return None;
+    }
+    u32::from_str_radix(&rest[..PID_CHARS], 36).ok()
 }
 
 /// Every namespace's name (`ip netns list`).
@@ -312,6 +324,10 @@ mod tests {
         assert_eq!(owner("r10-vpnA"), None);
         assert_eq!(owner("idhal-"), None);
         assert_eq!(owner("idhal-zz"), None);
+        // Other tools' names that start the same are never ours (never swept).
+        assert_eq!(owner("idhal-t-5326-two-s0"), None);
+        assert_eq!(owner("idhal-00abc0"), None);
+        assert_eq!(owner("idhal-00abc0toolong"), None);
     }
 
     fn ours(prefix: &str) -> Vec<String> {
