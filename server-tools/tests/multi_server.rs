@@ -520,10 +520,15 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
     }
     let mut reach: Vec<f64> = results.iter().map(|r| r.0).collect();
     reach.sort_by(f64::total_cmp);
+    let mut moved: Vec<f64> = results.iter().map(|r| r.1).collect();
+    moved.sort_by(f64::total_cmp);
+    let stale = results.iter().map(|r| r.2).fold(0.0, f64::max);
     eprintln!(
         "multi-server benchmark: {} servers, {n} clients; all tunnels up {:.2} s after the first \
          client started, every head route {:.2} s; SIGKILL of vpnA's OpenVPN: {} nodes moved, \
-         reachable from the head again after p50 {:.2} s / p99 {:.2} s (max {:.2} s)",
+         reachable from the head again after p50 {:.2} s / p99 {:.2} s (max {:.2} s); their \
+         tunnels up again after p50 {:.2} s / p99 {:.2} s; the head's last route to vpnA {:.2} s \
+         after the kill",
         SERVERS.len(),
         all_up.as_secs_f64(),
         routed.as_secs_f64(),
@@ -531,6 +536,9 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
         percentile(&reach, 0.5),
         percentile(&reach, 0.99),
         reach.last().copied().unwrap_or(0.0),
+        percentile(&moved, 0.5),
+        percentile(&moved, 0.99),
+        stale,
     );
     drop(nodes);
     drop(web);
