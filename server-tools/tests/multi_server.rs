@@ -118,7 +118,7 @@ struct Server {
     lan: String,
     state: PathBuf,
     conf: PathBuf,
-    _worker: Logged,
+    worker: Logged,
     openvpn: Option<Logged>,
     bird: Bird,
 }
@@ -297,7 +297,7 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
             lan: lan(i),
             state,
             conf,
-            _worker: worker,
+            worker,
             openvpn: None,
             bird,
         };
@@ -539,6 +539,127 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
         percentile(&moved, 0.5),
         percentile(&moved, 0.99),
         stale,
+    );
+
+    // d. vpnB's host cut off (its links down, its OpenVPN alive and unaware: TCP half-open).
+    // Its nodes reconnect elsewhere; B runs their client-disconnect only at its own
+    // ping-restart (6 s with keepalive 1 3), around the time they register on another server.
+    start_openvpn(&t, &mut servers[0], &d);
+    let on_b: Vec<usize> = (0..n).filter(|&i| nodes[i].server() == Some(1)).collect();
+    let ups: Vec<usize> = nodes.iter().map(Node::ups).collect();
+    let cut = Instant::now();
+    for dev in ["pub0", "lan0"] {
+        t.run(servers[1].ns, &[IP, "link", "set", "dev", dev, "down"]);
+    }
+    // What OAR said about each of B's nodes meanwhile: (s after the cut, host, state, server)
+    // at each change, and when B's worker finished its late disconnect.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (back, timeline) = std::thread::scope(|sc| {
+        let watcher = sc.spawn(|| {
+            let mut seen: Vec<(f64, String, String)> = Vec::new();
+            let mut last = vec![Vec::new(); on_b.len()];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = cut.elapsed().as_secs_f64();
+                for (k, &i) in on_b.iter().enumerate() {
+                    let st = oar_state(&oar, &nodes[i]);
+                    if st != last[k] {
+                        seen.push((at, nodes[i].host.clone(), format!("{st:?}")));
+                        last[k] = st;
+                    }
+                    let cn = nodes[i].r.node.to_string();
+                    let said = format!("client-disconnect: {cn}: ");
+                    if !seen
+                        .iter()
+                        .any(|(_, h, w)| h == &nodes[i].host && w.starts_with("vpnB"))
+                        && servers[1].worker.log().contains(&said)
+                    {
+                        seen.push((
+                            at,
+                            nodes[i].host.clone(),
+                            "vpnB's late disconnect done".into(),
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        });
+        let mut back = Vec::new();
+        for &i in &on_b {
+            let node = &nodes[i];
+            wait_until_every(
+                &format!("{} reachable from the head after vpnB's cut", node.addr()),
+                Duration::from_secs(120),
+                Duration::from_millis(50),
+                || (node.ups() > ups[i] && pings(&t, "hd", &node.addr(), "0.2")).then_some(()),
+            );
+            back.push(cut.elapsed().as_secs_f64());
+        }
+        for &i in &on_b {
+            let cn = nodes[i].r.node.to_string();
+            wait_logged(
+                &format!("vpnB's worker did {cn}'s late disconnect"),
+                Duration::from_secs(120),
+                &[&servers[1].worker.log],
+                || {
+                    servers[1]
+                        .worker
+                        .log()
+                        .contains(&format!("client-disconnect: {cn}: "))
+                },
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (back, watcher.join().unwrap())
+    });
+    for (at, host, what) in &timeline {
+        eprintln!("vpnB cut +{at:.2} s: {host}: {what}");
+    }
+    let mut absent_after: Vec<String> = timeline
+        .iter()
+        .filter(|(_, _, what)| what.contains("Absent"))
+        .map(|(at, host, what)| format!("{host} {what} at +{at:.2} s"))
+        .collect();
+    for &i in &on_b {
+        let node = &nodes[i];
+        let now_on = node.server().unwrap();
+        assert_ne!(now_on, 1, "{} back on the cut vpnB", node.addr());
+        assert!(
+            !head_route(&t, &node.addr()).contains(&format!("via {} ", servers[1].lan)),
+            "{}",
+            head_route(&t, &node.addr())
+        );
+        // One resource, registered by the server it is on now (B's take-down changes the
+        // state only).
+        let st = oar_state(&oar, node);
+        assert_eq!(st.len(), 1, "{}: {st:?}", node.host);
+        assert_eq!(st[0].1, SERVERS[now_on].1, "{}: {st:?}", node.host);
+        if st[0].0 != "Alive" {
+            absent_after.push(format!("{} {} at the end", node.host, st[0].0));
+        }
+    }
+    // TODO(lead: [hook] down_grace_secs): with the grace, B's late disconnect must leave every
+    // moved node Alive; set this to true then. Measured without it (see the timeline above): B's
+    // worker sets some nodes Absent while, or just after, their new server registers them, and
+    // they stay Absent although connected (the node locks are per state dir, so B and C do not
+    // serialize; the session guard only sees a registration that landed before B's read).
+    const ALIVE_AFTER_A_LATE_DISCONNECT: bool = false;
+    if ALIVE_AFTER_A_LATE_DISCONNECT {
+        assert!(absent_after.is_empty(), "{absent_after:?}");
+    } else if !absent_after.is_empty() {
+        eprintln!(
+            "TODO(lead: down grace): connected nodes not Alive around vpnB's late \
+             disconnects: {absent_after:?}"
+        );
+    }
+    let mut back = back;
+    back.sort_by(f64::total_cmp);
+    eprintln!(
+        "multi-server benchmark: vpnB cut off (links down, OpenVPN alive): {} nodes reachable \
+         from the head again after p50 {:.2} s / p99 {:.2} s",
+        back.len(),
+        percentile(&back, 0.5),
+        percentile(&back, 0.99)
     );
     drop(nodes);
     drop(web);
