@@ -38,6 +38,7 @@ pub struct ServerConfig {
     pub ca: CaSection,
     pub state: StateSection,
     pub openvpn: OpenVpnSection,
+    pub routing: RoutingSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
     pub projects: BTreeMap<String, ProjectSection>,
 }
@@ -548,6 +549,41 @@ impl Default for ReconcileSection {
             status_wait_secs: 15,
             status_interval_secs: 10,
         }
+    }
+}
+
+/// `[routing]`: the kernel table idhal writes each connected node's /32 into, for BIRD to
+/// export (several VPN servers). Without `table`, no route is written (one server).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSection {
+    /// 1-252 or 256-2147483647 (0 and the kernel's default/main/local 253-255 are refused).
+    pub table: Option<crate::routing::TableId>,
+    /// The ip(8) binary.
+    pub ip: PathBuf,
+    /// The device `idhal reconcile` writes a missing route on (the hooks use OpenVPN's `dev`;
+    /// a status names none).
+    pub dev: crate::routing::Dev,
+    /// Most output read from one `ip` run (`ip -j route show` prints ~90 bytes a route).
+    pub max_output_bytes: u64,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        Self {
+            table: None,
+            ip: "/usr/sbin/ip".into(),
+            dev: crate::routing::Dev::parse("tun0").expect("valid default"),
+            max_output_bytes: 16 << 20,
+        }
+    }
+}
+
+impl RoutingSection {
+    /// The table to write, when routing is on.
+    pub fn table(&self) -> Option<crate::routing::RouteTable> {
+        self.table
+            .map(|t| crate::routing::RouteTable::new(t, &self.ip, self.max_output_bytes))
     }
 }
 
@@ -1097,7 +1133,15 @@ mod tests {
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `projects`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `routing`, `projects`")
+        );
+        assert_eq!(
+            refusal("[routing]\ntable = 254"),
+            toml("[routing] table = 254 (the kernel's main table) is refused: idhal deletes every /32 in its table that no connected node holds, so it needs a table of its own (1-252 or 256-2147483647)")
+        );
+        assert_eq!(
+            refusal("[routing]\ndev = \"tun 0\""),
+            toml("interface name \"tun 0\" holds ' ' (no '/', ':', spaces or control characters)")
         );
         assert_eq!(
             refusal("[dns]\nupdate = \"rfc2136\""),

@@ -14,6 +14,7 @@ mod node;
 mod openvpn;
 mod process;
 mod publish;
+mod routing;
 mod scheduler;
 mod signing;
 

@@ -30,6 +30,8 @@ pub struct Finished {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    /// stdout or stderr went past the read limit: the rest was thrown away.
+    pub overflow: bool,
 }
 
 impl Finished {
@@ -50,9 +52,24 @@ impl Finished {
 
 /// Runs `cmd` with stdin closed, collecting its output, killing it after `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
+    run_with(cmd, timeout, None, 1 << 20)
+}
+
+/// As `run`, feeding `stdin` (from a thread: a child that never reads cannot block the
+/// caller past `timeout`) and reading at most `max_output` bytes of each stream.
+pub fn run_with(
+    cmd: &mut Command,
+    timeout: Duration,
+    stdin: Option<Vec<u8>>,
+    max_output: u64,
+) -> Result<Finished, RunError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -60,14 +77,24 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
             program: program.clone(),
             source,
         })?;
-    // Pipes are drained on threads so a chatty child cannot block on a full pipe.
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A child that exits early or is killed breaks the pipe: the write then fails, ignored.
+        thread::spawn(move || {
+            use std::io::Write as _;
+            let _ = pipe.write_all(&bytes);
+        });
+    }
+    // Pipes are drained on threads so a chatty child cannot block on a full pipe; past the
+    // limit the rest is read and dropped, so the child still finishes.
     let drain = |r: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut buf = Vec::new();
-            if let Some(r) = r {
-                let _ = r.take(1 << 20).read_to_end(&mut buf);
+            let mut overflow = false;
+            if let Some(mut r) = r {
+                let _ = (&mut r).take(max_output).read_to_end(&mut buf);
+                overflow = std::io::copy(&mut r, &mut std::io::sink()).is_ok_and(|n| n > 0);
             }
-            String::from_utf8_lossy(&buf).into_owned()
+            (String::from_utf8_lossy(&buf).into_owned(), overflow)
         })
     };
     let out = drain(
@@ -105,10 +132,13 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
         thread::sleep(pause.min(timeout.saturating_sub(started.elapsed())));
         pause = (pause * 2).min(Duration::from_millis(20));
     };
+    let (stdout, over_out) = out.join().unwrap_or_default();
+    let (stderr, over_err) = err.join().unwrap_or_default();
     Ok(Finished {
         code: status.code(),
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout,
+        stderr,
+        overflow: over_out || over_err,
     })
 }
 
@@ -212,6 +242,37 @@ mod tests {
         let f = run(Command::new("echo").arg("hi"), Duration::from_secs(5)).unwrap();
         assert!(f.success());
         assert_eq!(f.last_line(), "hi");
+    }
+
+    #[test]
+    fn stdin_is_fed_and_output_bounded() {
+        let f = run_with(
+            &mut Command::new("cat"),
+            Duration::from_secs(30),
+            Some(b"route add\n".to_vec()),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!((f.stdout.as_str(), f.overflow), ("route add\n", false));
+        // 1 MiB of output against a 100-byte limit: cut, flagged, and the child still finishes.
+        let f = run_with(
+            Command::new("head").args(["-c", "1048576", "/dev/zero"]),
+            Duration::from_secs(60),
+            None,
+            100,
+        )
+        .unwrap();
+        assert!(f.success() && f.overflow && f.stdout.len() == 100, "{f:?}");
+        // A child that never reads 8 MiB of stdin: killed at the timeout, the caller not
+        // blocked on the full pipe.
+        let e = run_with(
+            Command::new("sleep").arg("600"),
+            Duration::from_millis(200),
+            Some(vec![b'x'; 8 << 20]),
+            100,
+        )
+        .unwrap_err();
+        assert!(matches!(e, RunError::Timeout { .. }), "{e}");
     }
 
     #[test]

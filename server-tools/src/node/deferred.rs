@@ -9,7 +9,7 @@
 //! session as the synchronous hook is).
 
 use super::{
-    admit, connect_batch, decide, disconnect_hosts, session_down, Connect, Failure, Verdict,
+    admit, check_down, connect_batch, decide, disconnect_hosts, Connect, Failure, Verdict,
 };
 use crate::config::ServerConfig;
 use crate::openvpn::tmpfile::{sweep, Kind, TmpFile, TmpFileError};
@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The OpenVPN variables a hand-off carries: what `admit` and `connect_session` read.
-pub const VARS: [&str; 7] = [
+pub const VARS: [&str; 8] = [
     "common_name",
     "X509_0_CN",
     "ifconfig_pool_remote_ip",
@@ -32,6 +32,7 @@ pub const VARS: [&str; 7] = [
     "trusted_ip6",
     "trusted_port",
     "time_unix",
+    "dev",
 ];
 
 /// Longest value of one variable in a hand-off (a node id is at most 64 characters).
@@ -551,7 +552,7 @@ fn work_disconnects(cfg: &ServerConfig, state_dir: &Path, jobs: &[Job]) {
     let mut checked = Vec::new();
     let mut downs = Vec::new();
     for (i, job) in jobs.iter().enumerate() {
-        match session_down(cfg, state_dir, &job.env) {
+        match check_down(cfg, state_dir, &job.env) {
             Ok((node, down)) => {
                 checked.push((i, node));
                 downs.push(down);

@@ -12,6 +12,7 @@ use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId};
 use crate::openvpn::env::{has_pool_address, node_from_env, EnvError, NodeAddresses, Session};
 use crate::openvpn::status::StatusError;
 use crate::process::{Deadline, LockError, NodeLock};
+use crate::routing::{Route, RoutingError, Withdrawn};
 use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp, SchedulerError, UpOutcome};
 use idhal_manifest::time::{now, rfc3339};
 use std::collections::HashMap;
@@ -62,6 +63,8 @@ pub enum NodeError {
     Dns(#[from] DnsError),
     #[error(transparent)]
     Status(#[from] StatusError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
     #[error("OpenVPN status from {from} was written {age} s ago (limit {limit} s): is OpenVPN running and writing it? Nothing changed")]
     StaleStatus { from: String, age: u64, limit: u64 },
 }
@@ -233,6 +236,9 @@ pub fn admit(
         ),
         None => return Err(refused(NodeError::Unknown { node })),
     };
+    if cfg.routing.table.is_some() && session.dev.is_none() {
+        return Err(refused(EnvError::Missing { var: "dev" }.into()));
+    }
     let host = host_of(cfg, &session)?;
     Ok(Admission {
         session,
@@ -294,6 +300,35 @@ fn dns_upsert(
     Ok(did.then(|| "DNS A+PTR set".to_owned()))
 }
 
+/// The node's route, when `[routing] table` is set and the session names its device (a
+/// session read from a status names none: reconcile syncs the table itself).
+fn route_of(cfg: &ServerConfig, session: &Session) -> Option<Result<Route, RoutingError>> {
+    cfg.routing
+        .table
+        .and(session.dev.as_ref())
+        .map(|dev| Route::of_session(session.vpn_ip, dev, session.since))
+}
+
+/// Writes the node's route (replacing any other route of its address): a step of its connect,
+/// after the scheduler's and before the verdict. Failing it is a backend failure.
+fn route_up(
+    cfg: &ServerConfig,
+    session: &Session,
+    deadline: Deadline,
+) -> Result<Option<String>, NodeError> {
+    let (Some(table), Some(route)) = (cfg.routing.table(), route_of(cfg, session)) else {
+        return Ok(None);
+    };
+    let route = route?;
+    let started = Instant::now();
+    table.announce(&route, deadline.cap(cfg.limits.command_timeout()))?;
+    Ok(Some(format!(
+        "route {route} in table {} ({:.1} ms)",
+        table.table,
+        started.elapsed().as_secs_f64() * 1000.0
+    )))
+}
+
 /// What one node's event did: one line for the log, or every error (all backends are tried).
 struct Steps {
     started: Instant,
@@ -347,6 +382,12 @@ impl Steps {
             Ok(None) => {}
             Err(e) => self.errors.push(e),
         }
+    }
+
+    /// Whether the node will be accepted as things stand: no error yet, or `on_failure =
+    /// "admit"`. Its route is written only then, last (a refused node would leave one behind).
+    fn admitted(&self, cfg: &ServerConfig) -> bool {
+        self.errors.is_empty() || cfg.hook.on_failure == OnFailure::Admit
     }
 
     fn finish(self, subject: String) -> Result<String, Failure> {
@@ -436,6 +477,9 @@ pub fn connect_session(
         steps.record(registered_line(sched.name(), host, r));
     }
     steps.record(dns_upsert(cfg, session, host, deadline));
+    if steps.admitted(cfg) {
+        steps.record(route_up(cfg, session, deadline));
+    }
     steps.finish(connected(session, host))
 }
 
@@ -508,12 +552,40 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         );
         dns::backend::open(cfg).upsert_many(&hosts, deadline)
     };
-    for ((i, _, mut steps), d) in locked.into_iter().zip(dns) {
-        let c = &batch[i];
+    for ((_, _, steps), d) in locked.iter_mut().zip(dns) {
         steps.record(
             d.map(|did| did.then(|| "DNS A+PTR set".to_owned()))
                 .map_err(NodeError::from),
         );
+    }
+    // The routes of the nodes that will be accepted, in one `ip -batch`, before any verdict.
+    if let Some(table) = cfg.routing.table().filter(|_| !locked.is_empty()) {
+        let mut routes = Vec::new();
+        let mut whose = Vec::new();
+        for (k, (i, _, steps)) in locked.iter_mut().enumerate() {
+            if !steps.admitted(cfg) {
+                continue;
+            }
+            match route_of(cfg, &batch[*i].session) {
+                Some(Ok(r)) => {
+                    routes.push(r);
+                    whose.push(k);
+                }
+                Some(Err(e)) => steps.record(Err(e.into())),
+                None => {}
+            }
+        }
+        let deadline = latest(locked.iter().map(|&(i, _, _)| batch[i].deadline));
+        let done = table.announce_many(&routes, deadline.cap(cfg.limits.command_timeout()));
+        for ((k, route), r) in whose.into_iter().zip(&routes).zip(done) {
+            locked[k].2.record(
+                r.map(|()| Some(format!("route {route} in table {}", table.table)))
+                    .map_err(NodeError::from),
+            );
+        }
+    }
+    for (i, _, steps) in locked {
+        let c = &batch[i];
         results[i] = Some(steps.finish(connected(&c.session, &c.host)));
     }
     // The batch's locks are released: a node whose lock was busy waits for it now.
@@ -711,28 +783,77 @@ pub fn disconnect_hosts(
 /// A session without an address never came up (OpenVPN runs the disconnect script after a
 /// refused connect too): refused, so that nothing changes, or a refused duplicate would take
 /// the live node down.
+///
+/// The hook's own: with `[routing] table`, it withdraws the session's route at once, before
+/// any hand-off or take-down (a node that moved must not stay routed here), and says so.
 pub fn session_down(
     cfg: &ServerConfig,
     state_dir: &Path,
     env: &HashMap<String, String>,
 ) -> Result<(NodeId, Down), Failure> {
+    let (session, host) = ending_session(cfg, state_dir, env)?;
+    if let Some(line) = route_down(cfg, &session) {
+        eprintln!("idhal hook client-disconnect: {}: {line}", session.node);
+    }
+    Ok(take_down_of(session, host))
+}
+
+/// As `session_down`, without touching the route: the worker's (the hook withdrew it).
+pub fn check_down(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<(NodeId, Down), Failure> {
+    let (session, host) = ending_session(cfg, state_dir, env)?;
+    Ok(take_down_of(session, host))
+}
+
+fn ending_session(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<(Session, HostName), Failure> {
     if !has_pool_address(env) {
         let node = node_from_env(env).map_err(|e| Failure::Refused(e.into()))?;
         return Err(Failure::Refused(NodeError::NeverUp { node }));
     }
-    let (session, host) = session_and_host(cfg, state_dir, env)?;
+    session_and_host(cfg, state_dir, env)
+}
+
+/// Deletes the ending session's own route (its metric): a newer session's stays. The log line;
+/// a failure is only said (the take-down goes on; `idhal reconcile` deletes the route).
+fn route_down(cfg: &ServerConfig, session: &Session) -> Option<String> {
+    let table = cfg.routing.table()?;
+    let route = match route_of(cfg, session) {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return Some(format!("error: {}", one_line(&e))),
+        None => {
+            return Some(format!(
+                "error: {}: its route cannot be deleted",
+                one_line(&EnvError::Missing { var: "dev" })
+            ))
+        }
+    };
+    Some(match table.withdraw(&route, cfg.limits.command_timeout()) {
+        Ok(Withdrawn::Removed) => format!("route {route} deleted from table {}", table.table),
+        Ok(Withdrawn::AlreadyGone) => format!("route {route} was not in table {} (replaced by a newer session, or gone with its device)", table.table),
+        Err(e) => format!("error: {}; `idhal reconcile` deletes it", one_line(&e)),
+    })
+}
+
+fn take_down_of(session: Session, host: HostName) -> (NodeId, Down) {
     let guard = DownGuard::Session {
         since: session.since,
         client: (session.client_ip, session.client_port),
     };
-    Ok((
+    (
         session.node,
         Down {
             host,
             vpn_ip: session.vpn_ip,
             guard,
         },
-    ))
+    )
 }
 
 /// The client-disconnect hook.

@@ -11,6 +11,7 @@ use crate::node::{
 use crate::openvpn::env::Session;
 use crate::openvpn::status::{real_ip, Status};
 use crate::process::Deadline;
+use crate::routing::{plan, Change, Route, RoutingError};
 use crate::scheduler::{self, backend, DownGuard, Scheduler};
 use idhal_manifest::time::now;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -376,7 +377,19 @@ pub fn reconcile(
             }
         }
     }
+    let routes = match sync_routes(cfg, &connected, status, dry_run) {
+        Ok(Some(line)) => Some(line),
+        Ok(None) => None,
+        Err(e) => {
+            failures += 1;
+            eprintln!("idhal reconcile: error: {}", one_line(&e));
+            None
+        }
+    };
     let mut tail = String::new();
+    if let Some(line) = routes {
+        tail.push_str(&format!(", {line}"));
+    }
     if refresh_dns {
         tail.push_str(&format!(", {refreshed} DNS refreshed"));
     }
@@ -395,6 +408,74 @@ pub fn reconcile(
         connected.len()
     );
     Ok(Reconciled { failures })
+}
+
+/// Makes `[routing] table` hold exactly the listed clients' routes, in one `ip -batch`: a
+/// client without its route gets it (on `[routing] dev`, metric = its session's start), a
+/// route no client holds goes, unless its session started within the take-down grace of the
+/// status (it may be connected and simply not listed yet). Counts failed lines as failures.
+fn sync_routes(
+    cfg: &ServerConfig,
+    connected: &BTreeMap<String, (Session, HostName)>,
+    status: &Status,
+    dry_run: bool,
+) -> Result<Option<String>, NodeError> {
+    let Some(table) = cfg.routing.table() else {
+        return Ok(None);
+    };
+    let wanted = connected
+        .values()
+        .map(|(s, _)| Route::of_session(s.vpn_ip, &cfg.routing.dev, s.since))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grace = cfg.reconcile.take_down_grace_secs(&cfg.limits);
+    let keep_from = u32::try_from(status.written.saturating_sub(grace)).unwrap_or(u32::MAX);
+    let timeout = cfg.reconcile.listing_timeout();
+    let t = table.table;
+    if dry_run {
+        let changes = plan(&table.list(timeout)?, &wanted, keep_from);
+        for r in &changes.del {
+            println!("would delete route {r} from table {t}");
+        }
+        for r in &changes.add {
+            println!("would add route {r} to table {t}");
+        }
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let (changes, applied) = table.sync(&wanted, keep_from, timeout)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let failed: Vec<&Change> = applied.failed.iter().map(|(c, _)| c).collect();
+    for (c, why) in &applied.failed {
+        let (doing, r) = match c {
+            Change::Add(r) => ("adding", r),
+            Change::Del(r) => ("deleting", r),
+        };
+        eprintln!("idhal reconcile: error: {doing} route {r} in table {t}: {why}");
+    }
+    for r in &changes.del {
+        if !failed.contains(&&Change::Del(r.clone())) {
+            println!("idhal reconcile: deleted route {r} from table {t}");
+        }
+    }
+    for r in &changes.add {
+        if !failed.contains(&&Change::Add(r.clone())) {
+            println!("idhal reconcile: added route {r} to table {t}");
+        }
+    }
+    if !applied.failed.is_empty() {
+        return Err(NodeError::Routing(RoutingError::Batch {
+            doing: format!("repairing table {t}"),
+            why: format!(
+                "{} of {} changes failed",
+                applied.failed.len(),
+                changes.add.len() + changes.del.len()
+            ),
+        }));
+    }
+    Ok(Some(format!(
+        "table {t}: {} routes added, {} deleted in {ms:.1} ms",
+        applied.added, applied.deleted
+    )))
 }
 
 fn report(e: &Failure, host: &HostName) {

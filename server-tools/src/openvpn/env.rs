@@ -2,6 +2,7 @@
 //! Raw environment strings never leave this module: a value that does not parse is refused here.
 
 use crate::names::{node_id, Ipv4Net, NameError, NodeId};
+use crate::routing::Dev;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -110,6 +111,8 @@ pub struct Session {
     pub client_port: Option<u16>,
     /// When the session started (unix seconds).
     pub since: u64,
+    /// OpenVPN's tun device (`dev`), where the node's route goes; none in a status file.
+    pub dev: Option<Dev>,
 }
 
 fn shorten(s: &str) -> String {
@@ -222,12 +225,22 @@ impl Session {
                     expected: "a unix time in seconds",
                 })?,
         };
+        // It goes into `ip` commands: refused here unless the kernel could name a device so.
+        let dev = match get("dev") {
+            None => None,
+            Some(d) => Some(Dev::parse(d).map_err(|_| EnvError::Bad {
+                var: "dev",
+                value: shorten(d),
+                expected: "a network interface name (1-15 bytes, no '/', ':' or spaces)",
+            })?),
+        };
         Ok(Self {
             node,
             vpn_ip,
             client_ip,
             client_port,
             since,
+            dev,
         })
     }
 }
@@ -277,6 +290,11 @@ mod tests {
             ("time_unix", "17;"),
             ("trusted_port", "70000"),
             ("trusted_port", "+1"),
+            ("dev", "tun0 table 254"),
+            ("dev", ""),
+            ("dev", "../tun0"),
+            ("dev", "tun0\nroute"),
+            ("dev", "tun0123456789012"),
         ] {
             let mut e = env(&base);
             e.insert(k.into(), bad.into());
