@@ -2,6 +2,7 @@
 //! with a documented default (docs/server-config.md). Values are validated while parsing, so a
 //! bad name template or domain stops every command at start, not a node at connect time.
 
+use crate::bird::BirdSection;
 use crate::names::{Domain, Ipv4Net, Label, NameError, NameTemplate, ServerName};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -41,6 +42,8 @@ pub struct ServerConfig {
     pub routing: RoutingSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
     pub projects: BTreeMap<String, ProjectSection>,
+    /// Several VPN servers: the BIRD 2 configs `idhal bird config` renders.
+    pub bird: BirdSection,
 }
 
 impl ServerConfig {
@@ -1133,7 +1136,7 @@ mod tests {
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `routing`, `projects`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `routing`, `projects`, `bird`")
         );
         assert_eq!(
             refusal("[routing]\ntable = 254"),

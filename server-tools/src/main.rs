@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod bird;
 mod ca;
 mod cmd;
 mod config;
@@ -33,7 +34,9 @@ use cmd::{Exit, Global};
         `idhal openvpn server-config --name vpn1`, then `idhal token create --type vnode` per \
         node (or batch); sign manifests with `--param enroll-key=$(idhal ca enroll-key)`; \
         `idhal serve --root /srv/idhal` then also answers POST /enroll. `idhal nodes` lists \
-        nodes, `idhal revoke NODE` cuts one off."
+        nodes, `idhal revoke NODE` cuts one off.\n\n\
+        Several VPN servers: `idhal bird config` renders BIRD 2 configs that route each node's \
+        address to the server it is on (docs/multi-server.md)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -59,6 +62,7 @@ pub enum Command {
     Crl(cmd::crl::Args),
     Db(cmd::db::Args),
     Openvpn(cmd::openvpn::Args),
+    Bird(cmd::bird::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         Command::Crl(a) => cmd::crl::run(a, &cli.global),
         Command::Db(a) => cmd::db::run(a, &cli.global),
         Command::Openvpn(a) => cmd::openvpn::run(a, &cli.global),
+        Command::Bird(a) => cmd::bird::run(a, &cli.global),
     };
     let exit = result.unwrap_or_else(|e| {
         eprintln!("idhal: error: {e:#}");

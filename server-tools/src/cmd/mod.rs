@@ -1,6 +1,7 @@
 //! The subcommands, one module each: every one parses its own arguments (`Args`) and calls the
 //! domain code in the sibling folders (`run`). Nothing outside `cmd/` imports from here.
 
+pub mod bird;
 pub mod ca;
 pub mod crl;
 pub mod db;
