@@ -9,7 +9,8 @@
 //!   c1..cN                  pub0 10.99.0.101… real OpenVPN clients (tun)     "public" brpub
 //! ```
 //!
-//! Each server has its own idhal config (`[openvpn] name`), state dir and worker; all share one
+//! Each server has its own idhal config (`[openvpn] name`, `[routing] table = 100` for its node
+//! /32s, `[bird]` for `idhal bird config`), state dir and worker; all share one
 //! state database and one OAR, both on the test's PostgreSQL reached through its Unix socket
 //! (loopback is per namespace, Unix sockets are not). Nodes are enrolled through `idhal serve`
 //! and spread over the servers by the order of their `remote` lines. Checked: every node ends
@@ -36,8 +37,6 @@ use std::time::{Duration, Instant};
 
 const DOMAIN: &str = "multi.test";
 const HEAD: &str = "172.16.0.1";
-/// Where the BIRD configs and the interim route writer put node /32s (`[routing] table`).
-const TABLE: &str = "100";
 /// The servers: (namespace, `[openvpn] name`).
 const SERVERS: [(&str, &str); 3] = [("vA", "vpnA"), ("vB", "vpnB"), ("vC", "vpnC")];
 
@@ -62,55 +61,6 @@ fn host(r: &Response) -> String {
     let o = r.address.octets();
     format!("vnode-{}-{}.{DOMAIN}", o[2], o[3])
 }
-
-/// BIRD 2 for VPN server `i`, as R10-findings.md recommends (iBGP to the head, BFD, the
-/// newest session wins at the head through `bgp_local_pref = krt_metric`).
-/// TODO(r10-bird): render it with `idhal bird config --name vpnX --out FILE` once merged.
-fn server_bird(i: usize) -> String {
-    let me = lan(i);
-    format!(
-        "router id {me};\n\
-         protocol device {{ scan time 10; }}\n\
-         ipv4 table nodes4;\n\
-         protocol kernel nodes {{ kernel table {TABLE}; learn; scan time 10;\n\
-           ipv4 {{ table nodes4; import all; export none; preference 200; }}; }}\n\
-         protocol pipe {{ table nodes4; peer table master4; import none; export all; }}\n\
-         protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths yes; }}\n\
-         {BFD}\n\
-         protocol bgp head {{ local {me} as 65000; neighbor {HEAD} as 65000; direct; bfd yes;\n\
-           hold time 3; keepalive time 1; error wait time 1, 5; connect retry time 1;\n\
-           ipv4 {{ import all; next hop self; gateway direct;\n\
-             export filter {{ if proto = \"nodes\" then {{ bgp_local_pref = krt_metric; accept; }} reject; }}; }}; }}\n"
-    )
-}
-
-const BFD: &str = "protocol bfd { interface \"lan0\" { min rx interval 100 ms; min tx interval 100 ms; multiplier 5; }; }";
-
-/// BIRD 2 for the head (route reflector). TODO(r10-bird): `idhal bird config --head`.
-fn head_bird() -> String {
-    format!(
-        "router id {HEAD};\n\
-         protocol device {{ scan time 10; }}\n\
-         protocol kernel {{ ipv4 {{ import none; export where source = RTS_BGP; }}; merge paths yes; }}\n\
-         {BFD}\n\
-         protocol bgp vpns {{ local {HEAD} as 65000; neighbor range 172.16.0.0/24 internal; direct;\n\
-           rr client; bfd yes; hold time 3; keepalive time 1; error wait time 1, 5;\n\
-           ipv4 {{ import all; export all; gateway direct; }}; }}\n"
-    )
-}
-
-/// The interim route writer: OpenVPN's `learn-address` writes the node's /32 into table 100
-/// with the time as metric (delete any, add one, in one `ip -batch`), as the research's fixture
-/// did. It ignores `delete` (OpenVPN's reaper sends stray ones: R10-findings.md §1); a killed
-/// server's routes go with its tun device. TODO(r10-route): drop it for `[routing] table =
-/// 100`, idhal's own route writer in the connect/disconnect path.
-const LEARN_ADDRESS: &str = r#"#!/bin/sh
-case "$1" in add|update) ;; *) exit 0;; esac
-printf 'route del %s/32 table 100\nroute add %s/32 dev %s table 100 proto static metric %s\n' \
-  "$2" "$2" "$dev" "$(date +%s)" | /usr/sbin/ip -force -batch -
-# A non-zero exit would refuse the address ("Learn FAILED"); the `del` of a first route fails.
-exit 0
-"#;
 
 struct Server {
     ns: &'static str,
@@ -225,6 +175,11 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
     let remotes: Vec<String> = (0..SERVERS.len())
         .map(|i| format!("\"{}:1194\"", public(i)))
         .collect();
+    let bird_servers: String = SERVERS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, name))| format!("{name} = \"{}\"\n", lan(i)))
+        .collect();
     let config = |extra: &str| {
         format!(
             "[names]\ndomain = \"{DOMAIN}\"\n\
@@ -233,7 +188,11 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
              # No DNS in this test: the servers would all update one zone; issue 10 is about routes.\n\
              [dns]\nupdate = \"off\"\n\
              [limits]\nhook_budget_ms = 60000\ncommand_timeout_ms = 30000\nstate_confirm_ms = 30000\nlock_wait_ms = 60000\n\
+             [routing]\ntable = 100\n\
+             [bird]\nlan = \"172.16.0.0/24\"\nheads = [\"{HEAD}\"]\n\
+             [bird.servers]\n{}\n\
              [openvpn]\nremotes = [{}]\nkeepalive = [1, 3]\npush_routes = [\"172.16.0.0/24\"]\n{extra}\n{}",
+            bird_servers,
             remotes.join(", "),
             oar.config_section_for(&oar_conf),
         )
@@ -242,7 +201,8 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
     let d = p.dir.path().to_owned();
 
     // The BIRDs: the head's first, then each server's (it learns table 100 from the start).
-    let _head_bird = Bird::start(&t, "hd", &d, "head", &head_bird());
+    let head_conf = ok(p.idhal(&["bird", "config", "--head"]));
+    let _head_bird = Bird::start(&t, "hd", &d, "head", &head_conf);
 
     let mut servers = Vec::new();
     for (i, (ns, name)) in SERVERS.iter().enumerate() {
@@ -272,17 +232,14 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
             Some(&cfg),
             &["openvpn", "server-config", "--name", name],
         ));
-        let learn = d.join("learn-address.sh");
-        std::fs::write(&learn, LEARN_ADDRESS).unwrap();
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&learn, std::fs::Permissions::from_mode(0o755)).unwrap();
         let conf = d.join(format!("openvpn-{name}.conf"));
-        std::fs::write(
-            &conf,
-            format!("{rendered}learn-address {}\n", learn.display()),
-        )
-        .unwrap();
-        let bird = Bird::start(&t, ns, &d, &format!("bird-{name}"), &server_bird(i));
+        std::fs::write(&conf, rendered).unwrap();
+        let bird_conf = ok(enroll_support::idhal(
+            &state,
+            Some(&cfg),
+            &["bird", "config", "--name", name],
+        ));
+        let bird = Bird::start(&t, ns, &d, &format!("bird-{name}"), &bird_conf);
         let mut wcmd = t.command(ns, IDHAL);
         wcmd.arg("--config")
             .arg(&cfg)
@@ -306,7 +263,8 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
     }
     // The head's `neighbor range` makes one dynamic session per server: watch the servers' side.
     for s in &servers {
-        s.bird.wait_up("head", Duration::from_secs(60));
+        // `idhal bird config` names the session to the first head `head1`.
+        s.bird.wait_up("head1", Duration::from_secs(60));
     }
 
     // Enrollment on the head side (`idhal serve` on 127.0.0.1 of the root namespace, the shared

@@ -91,7 +91,11 @@ impl Bird {
 
     /// Whether protocol `proto` is up (`Established` for BGP, `up` otherwise).
     pub fn up(&self, proto: &str) -> bool {
-        self.show(&["protocols", proto]).lines().any(|l| {
+        // birdc fails for a protocol BIRD does not have (yet): not up.
+        let shown = self
+            .try_birdc(&["show", "protocols", proto])
+            .unwrap_or_default();
+        shown.lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             f.first() == Some(&proto) && f.get(3) == Some(&"up")
         })
