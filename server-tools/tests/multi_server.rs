@@ -542,17 +542,26 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
             }
             seen
         });
-        let mut back = Vec::new();
-        for &i in &on_b {
-            let node = &nodes[i];
-            wait_until_every(
-                &format!("{} reachable from the head after vpnB's cut", node.addr()),
-                Duration::from_secs(120),
-                Duration::from_millis(50),
-                || (node.ups() > ups[i] && pings(&t, "hd", &node.addr(), "0.2")).then_some(()),
-            );
-            back.push(cut.elapsed().as_secs_f64());
-        }
+        // One waiter per node, so each figure is its own.
+        let waiters: Vec<_> = on_b
+            .iter()
+            .map(|&i| {
+                let (t, node, before) = (&t, &nodes[i], ups[i]);
+                sc.spawn(move || {
+                    wait_until_every(
+                        &format!("{} reachable from the head after vpnB's cut", node.addr()),
+                        Duration::from_secs(120),
+                        Duration::from_millis(50),
+                        || {
+                            (node.ups() > before && pings(t, "hd", &node.addr(), "0.2"))
+                                .then_some(())
+                        },
+                    );
+                    cut.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        let back: Vec<f64> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
         for &i in &on_b {
             let cn = nodes[i].r.node.to_string();
             wait_logged(
