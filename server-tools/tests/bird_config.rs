@@ -712,3 +712,66 @@ fn a_panicking_test_removes_its_namespaces() {
         "left behind:\n{left}"
     );
 }
+
+/// Big and odd inputs: a [bird.servers] of 4,000 servers, a config path that tries to end the
+/// header comment, and renders racing to one --out file.
+#[test]
+fn big_odd_and_concurrent_inputs() {
+    if !require(&[BIRD]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut toml =
+        "[bird]\nlan = \"172.20.0.0/16\"\nheads = [\"172.20.0.1\"]\n[bird.servers]\n".to_owned();
+    for i in 0..4000u32 {
+        toml.push_str(&format!(
+            "vpn{i} = \"172.20.{}.{}\"\n",
+            1 + i / 250,
+            1 + i % 250
+        ));
+    }
+    let cfg = write_config(d.path(), &toml);
+    let t = Instant::now();
+    let r = render(&cfg, &["--name", "vpn3999"]).ok();
+    println!(
+        "bird: rendering a server's config from 4,000 servers took {:.0} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(
+        r.stdout.contains("router id 172.20.16.250;"),
+        "{}",
+        r.stdout
+    );
+    bird_parse(d.path(), "big.conf", &r.stdout).unwrap();
+    // A config whose path holds a newline and BIRD syntax: quoted, it stays in the comment.
+    let odd_dir = d.path().join("x\nrouter id 9.9.9.9;\nprotocol static {");
+    std::fs::create_dir(&odd_dir).unwrap();
+    let odd = write_config(&odd_dir, &bird_toml(&["172.31.0.1"], true));
+    let text = render(&odd, &[]).ok().stdout;
+    assert!(!text.contains("\nrouter id 9.9.9.9;"), "{text}");
+    bird_parse(d.path(), "odd.conf", &text).unwrap();
+    // Eight renders of two different servers to one file at once: it ends whole, one of the two.
+    let cfg = write_config(d.path(), &bird_toml(&["172.31.0.1"], true));
+    let out = d.path().join("etc");
+    std::fs::create_dir(&out).unwrap();
+    let out = out.join("bird.conf");
+    let a = render(&cfg, &["--name", "vpnA"]).ok().stdout;
+    let b = render(&cfg, &["--name", "vpnB"]).ok().stdout;
+    let runs: Vec<_> = (0..8)
+        .map(|i| {
+            let name = if i % 2 == 0 { "vpnA" } else { "vpnB" };
+            cli_support::idhal()
+                .args(["--config", s(&cfg), "bird", "config", "--name", name])
+                .args(["--out", s(&out)])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in runs {
+        assert!(c.wait().unwrap().success());
+    }
+    let got = std::fs::read_to_string(&out).unwrap();
+    assert!(got == a || got == b, "a torn file:\n{got}");
+    assert_eq!(std::fs::read_dir(out.parent().unwrap()).unwrap().count(), 1);
+}
