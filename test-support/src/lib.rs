@@ -14,14 +14,18 @@
 //!   binary);
 //! - throwaway certificates from the real openssl ([`x509`]);
 //! - real components on 127.0.0.1 with ephemeral ports, stopped by pid ([`pg::Postgres`],
-//!   [`oar::Oar`] on it, [`knot::Knot`], [`openvpn`]).
+//!   [`oar::Oar`] on it, [`knot::Knot`], [`openvpn`]);
+//! - network namespaces a test makes and removes ([`netns::Topology`]: bridges in a switch
+//!   namespace, veth pairs, processes inside), and BIRD 2 inside them ([`bird::Bird`]).
 //!
 //! It owns one rule: what a test does when it cannot run here (a Debian package missing, not
 //! root, no QEMU). Under the README's test command (`scripts/test.sh`, which exports
 //! `IDHAL_TEST_STRICT=1`) and in CI that is a FAILURE; in a developer's plain `cargo test` it is a
 //! loud `SKIPPED` line. Every such site calls [`skip_or_fail`]; none decides for itself.
 pub mod bins;
+pub mod bird;
 pub mod knot;
+pub mod netns;
 pub mod oar;
 pub mod openvpn;
 pub mod pg;

@@ -120,25 +120,46 @@ impl Oar {
     }
 
     pub fn start_almighty(&self) {
+        self.start_almighty_as(&[], "127.0.0.1", &self.conf);
+        let port = self.server_port;
+        let log = self.dir.join("almighty.log");
+        crate::wait_logged("Almighty", Duration::from_secs(30), &[&log], || {
+            listening(port).0
+        });
+        assert!(!listening(port).1, "Almighty listens beyond loopback");
+    }
+
+    /// Almighty run as `WRAP… perl Almighty` (`ip netns exec NS`: in a namespace, whose
+    /// processes it then starts too), bound to `addr` only, reading OAR config `conf`.
+    fn start_almighty_as(&self, wrap: &[&str], addr: &str, conf: &Path) -> u32 {
         // Almighty binds 0.0.0.0 with no option to change it: run a copy whose listening
-        // socket gets LocalAddr 127.0.0.1, and check the patch applied.
+        // socket gets LocalAddr ADDR, and check the patch applied.
         let src = std::fs::read_to_string(format!("{OARDIR}/Almighty")).unwrap();
         let needle = "IO::Socket::INET->new(LocalPort=> $serverport,";
         assert_eq!(
             src.matches(needle).count(),
             1,
-            "OAR's Almighty changed: cannot bind it to 127.0.0.1, refusing to start it on all addresses"
+            "OAR's Almighty changed: cannot bind it to {addr}, refusing to start it on all addresses"
         );
         let patched = src.replace(
             needle,
-            "IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort=> $serverport,",
+            &format!("IO::Socket::INET->new(LocalAddr => '{addr}', LocalPort=> $serverport,"),
         );
         let bin = self.dir.join("Almighty");
         std::fs::write(&bin, patched).unwrap();
         let log = std::fs::File::create(self.dir.join("almighty.log")).unwrap();
-        let child = Command::new("/usr/bin/perl")
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("/usr/bin/perl");
+                c
+            }
+            None => Command::new("/usr/bin/perl"),
+        };
+        let child = cmd
             .arg(&bin)
             .envs(self.env())
+            .env("OARCONFFILE", conf)
             .env("OARDO_USER", "oar")
             .current_dir(&self.dir)
             .process_group(0)
@@ -147,14 +168,50 @@ impl Oar {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.reaper.watch(child.id());
+        let pid = child.id();
+        self.reaper.watch(pid);
         *self.almighty.lock().unwrap() = Some(child);
+        pid
+    }
+
+    /// OAR reachable from other network namespaces (where the VPN servers' hooks run):
+    /// loopback is per namespace, Unix sockets are not. Writes `oar-ns.conf`, whose
+    /// `DB_HOSTNAME` is PostgreSQL's socket dir (libpq reads a leading `/` as one) and whose
+    /// `SERVER_HOSTNAME` is `addr`, then restarts Almighty as `WRAP… perl Almighty` (`ip netns
+    /// exec HEAD`) bound to `addr:server_port` with that config. Without it `oarnodesetting`
+    /// in a namespace still exits 0, but its "ChState" to 127.0.0.1 reaches nobody and the
+    /// state it wrote waits for Almighty's own timer. Returns the config; give it to the
+    /// tools with [`Oar::env_for`] / [`Oar::config_section_for`].
+    pub fn serve_namespaces(&self, wrap: &[&str], addr: &str) -> PathBuf {
+        let base = std::fs::read_to_string(&self.conf).unwrap();
+        let mut text = String::new();
+        for line in base.lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            if !line.trim_start().starts_with('#')
+                && matches!(key, "DB_HOSTNAME" | "SERVER_HOSTNAME")
+            {
+                continue;
+            }
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "DB_HOSTNAME=\"{}\"\nSERVER_HOSTNAME=\"{addr}\"\n",
+            self.pg.dir.display()
+        ));
+        let conf = self.dir.join("oar-ns.conf");
+        std::fs::write(&conf, text).unwrap();
+        self.stop_almighty();
+        let pid = self.start_almighty_as(wrap, addr, &conf);
         let port = self.server_port;
         let log = self.dir.join("almighty.log");
-        crate::wait_logged("Almighty", Duration::from_secs(30), &[&log], || {
-            listening(port).0
-        });
-        assert!(!listening(port).1, "Almighty listens beyond loopback");
+        crate::wait_logged(
+            "Almighty in its namespace",
+            Duration::from_secs(30),
+            &[&log],
+            || listens_in(pid, port),
+        );
+        conf
     }
 
     /// SIGTERM to Almighty's whole process group, waited for.
@@ -182,10 +239,26 @@ impl Oar {
 
     /// The `[oar]` section for idhal's config.
     pub fn config_section(&self) -> String {
+        self.config_section_for(&self.conf)
+    }
+
+    /// [`Oar::env`] with OAR config `conf` ([`Oar::serve_namespaces`]'s).
+    pub fn env_for(&self, conf: &Path) -> Vec<(String, String)> {
+        let mut env = self.env();
+        for (k, v) in &mut env {
+            if k == "OARCONFFILE" {
+                *v = conf.display().to_string();
+            }
+        }
+        env
+    }
+
+    /// [`Oar::config_section`] with OAR config `conf` ([`Oar::serve_namespaces`]'s).
+    pub fn config_section_for(&self, conf: &Path) -> String {
         let mut s = format!(
             "[oar]\noarnodes = \"{OARDIR}/oarnodes\"\noarnodesetting = \"{OARDIR}/oarnodesetting\"\noarproperty = \"{OARDIR}/oarproperty\"\n[oar.env]\n"
         );
-        for (k, v) in self.env() {
+        for (k, v) in self.env_for(conf) {
             s.push_str(&format!("{k} = \"{v}\"\n"));
         }
         s
@@ -257,6 +330,20 @@ impl Drop for Oar {
             crate::process::stop(&mut c, true);
         }
     }
+}
+
+/// Whether process `pid` (in whatever network namespace it runs) has a TCP socket listening
+/// on `port`: /proc/PID/net/tcp is that process's namespace's table.
+fn listens_in(pid: u32, port: u16) -> bool {
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    tcp.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3
+            && f[3] == "0A"
+            && f[1]
+                .split_once(':')
+                .is_some_and(|(_, p)| u16::from_str_radix(p, 16).ok() == Some(port))
+    })
 }
 
 /// The calls a [`Oar::logged_config_section`] log holds, one `TOOL ARGS…` string each.
