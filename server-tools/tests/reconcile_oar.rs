@@ -212,6 +212,87 @@ fn a_node_gone_from_the_status_goes_down_only_after_the_down_grace() {
     assert!(!record.contains("vnode-23"), "{record}");
 }
 
+/// `--gone-server NAME`: another server died for good; any server takes down the nodes it had
+/// registered that no server registered again, and only those.
+#[test]
+fn the_nodes_of_a_gone_server_are_taken_down_by_another_one() {
+    let Some(oar) = oar() else { return };
+    let domain = "goneserver.test";
+    let named = |name: &str| format!("[openvpn]\nname = \"{name}\"\n");
+    let (d, here, state) = setup(&config(&oar.config_section(), domain, &named("vpnx")));
+    let gone = d.path().join("gone.toml");
+    std::fs::write(
+        &gone,
+        config(&oar.config_section(), domain, &named("vpngone")),
+    )
+    .unwrap();
+    let since = now() - GRACE - 100;
+    // 2401 stayed with the gone server; 2402 moved here since (a newer session); 2403 is a
+    // session of the gone server that started just now (within the take-down grace).
+    ok(hook(
+        &gone,
+        &state,
+        "client-connect",
+        &node_env("client2401", "10.134.24.1", since),
+    ));
+    ok(hook(
+        &gone,
+        &state,
+        "client-connect",
+        &node_env("client2402", "10.134.24.2", since),
+    ));
+    ok(hook(
+        &here,
+        &state,
+        "client-connect",
+        &node_env("client2402", "10.134.24.2", since + 60),
+    ));
+    ok(hook(
+        &gone,
+        &state,
+        "client-connect",
+        &node_env("client2403", "10.134.24.3", now()),
+    ));
+    let run = |args: &[&str]| {
+        Command::new(IDHAL)
+            .arg("--config")
+            .arg(&here)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("reconcile")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--gone-server", "vpngone", "--dry-run"]);
+    assert!(
+        out(&o).contains("would take down vnode-24-1"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(state_of(oar, &format!("vnode-24-1.{domain}")), "Alive");
+    let o = run(&["--gone-server", "vpngone"]);
+    let text = out(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("took down vnode-24-1.{domain}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("(vpngone): 0 connected, 0 registered again, 1 taken down"),
+        "{text}"
+    );
+    assert_eq!(state_of(oar, &format!("vnode-24-1.{domain}")), "Absent");
+    assert_eq!(state_of(oar, &format!("vnode-24-2.{domain}")), "Alive");
+    assert_eq!(state_of(oar, &format!("vnode-24-3.{domain}")), "Alive");
+    // This server is not gone: refused, nothing changed.
+    let o = run(&["--gone-server", "vpnx"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("is this server"), "{}", out(&o));
+    let o = run(&["--gone-server", "../x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+}
+
 #[test]
 fn the_listing_asks_oar_for_idhals_resources_only() {
     let Some(oar) = oar() else { return };

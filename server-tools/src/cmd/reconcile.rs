@@ -3,7 +3,10 @@
 
 use crate::cmd::{load_config, Exit, Global};
 use crate::config::ServerConfig;
-use crate::node::reconcile::{list_managed, reconcile, require_fresh, Listing, Options, StatusAge};
+use crate::names::ServerName;
+use crate::node::reconcile::{
+    list_managed, reconcile, require_fresh, Listing, Options, Reconciled, StatusAge,
+};
 use crate::openvpn::status::{Source, Status};
 use crate::process::{Deadline, NodeLock};
 use idhal_manifest::time::now;
@@ -63,6 +66,12 @@ pub struct Args {
     /// OpenVPN management interface (IP:port) to ask instead of [reconcile]'s source.
     #[arg(long, value_name = "ADDR")]
     pub management: Option<SocketAddr>,
+    /// Another VPN server ([openvpn] name) that is gone for good (its host died, it was
+    /// removed): take down its nodes that no server has registered again, as its own
+    /// reconcile would with nobody connected. Run it on any server once the gone server's
+    /// nodes have had time to move (a minute): a node registered again elsewhere is left up.
+    #[arg(long, value_name = "NAME", value_parser = ServerName::parse, conflicts_with_all = ["status_file", "management", "refresh_dns"])]
+    pub gone_server: Option<ServerName>,
 }
 
 pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
@@ -75,6 +84,9 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         eprintln!("idhal reconcile: another reconcile is running; nothing done");
         return Ok(Exit::Ok);
     };
+    if let Some(gone) = args.gone_server {
+        return for_gone_server(&cfg, state_dir, gone, args.dry_run);
+    }
     let source = Source::pick(args.status_file, args.management, &cfg);
     // The scheduler first, then the status: a status written after the listing proves that
     // the clients it lists were connected after the scheduler was looked at.
@@ -92,13 +104,54 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
     let options = Options {
         dry_run: args.dry_run,
         refresh_dns: args.refresh_dns,
+        gone_server: None,
     };
     let done = reconcile(&cfg, state_dir, &listing, &status, age, options)?;
-    Ok(if done.failures == 0 {
+    Ok(exit(done))
+}
+
+fn exit(done: Reconciled) -> Exit {
+    if done.failures == 0 {
         Exit::Ok
     } else {
         Exit::Failed
-    })
+    }
+}
+
+/// `--gone-server NAME`: reconcile for a server that lists nobody any more.
+fn for_gone_server(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    gone: ServerName,
+    dry_run: bool,
+) -> anyhow::Result<Exit> {
+    let me = cfg.server_name()?;
+    if gone == me {
+        anyhow::bail!(
+            "--gone-server {gone} is this server ([openvpn] name): run `idhal reconcile` without it here"
+        );
+    }
+    let listing = list_managed(cfg, state_dir)?;
+    // Nobody connected, as of now: the guard still spares sessions younger than the
+    // take-down grace, and every take-down keeps its session guard.
+    let nobody = Status {
+        written: now(),
+        clients: Vec::new(),
+    };
+    let options = Options {
+        dry_run,
+        refresh_dns: false,
+        gone_server: Some(gone),
+    };
+    let done = reconcile(
+        cfg,
+        state_dir,
+        &listing,
+        &nobody,
+        StatusAge::AfterListing,
+        options,
+    )?;
+    Ok(exit(done))
 }
 
 fn read_fresh(source: &Source, cfg: &ServerConfig, state_dir: &Path) -> anyhow::Result<Status> {

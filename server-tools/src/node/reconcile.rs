@@ -3,7 +3,7 @@
 
 use crate::config::ServerConfig;
 use crate::dns;
-use crate::names::HostName;
+use crate::names::{HostName, ServerName};
 use crate::node::gone::Gone;
 use crate::node::{
     connect_session, disconnect_hosts, node_addresses, one_line, refresh_node_dns, Down, Failure,
@@ -20,12 +20,16 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 /// What `reconcile` may do besides repairing.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Print what would change without changing anything.
     pub dry_run: bool,
     /// Also re-assert the A and PTR records of nodes the scheduler already has right.
     pub refresh_dns: bool,
+    /// Act for this other server, gone for good (`--gone-server`), as if its OpenVPN listed no
+    /// client: its nodes no server registered again are taken down at once (no down grace:
+    /// the admin says the server is gone), this host's routes are left alone.
+    pub gone_server: Option<ServerName>,
 }
 
 /// How a run ended: every repair tried, `failures` of them (or of the entries) failed.
@@ -136,7 +140,10 @@ pub fn reconcile(
     options: Options,
 ) -> Result<Reconciled, NodeError> {
     let dry_run = options.dry_run;
-    let server = cfg.server_name()?;
+    let server = match &options.gone_server {
+        Some(gone) => gone.clone(),
+        None => cfg.server_name()?,
+    };
     let addresses = node_addresses(cfg, state_dir)?;
     let mut failures = 0usize;
     let mut connected: BTreeMap<String, (Session, HostName)> = BTreeMap::new();
@@ -287,7 +294,10 @@ pub fn reconcile(
         }
     }
     let grace_secs = cfg.reconcile.take_down_grace_secs(&cfg.limits);
-    let down_grace = cfg.hook.down_grace_secs;
+    let down_grace = match options.gone_server {
+        Some(_) => 0,
+        None => cfg.hook.down_grace_secs,
+    };
     let (mut gone, why) = if down_grace > 0 {
         Gone::load(state_dir)
     } else {
@@ -415,7 +425,12 @@ pub fn reconcile(
             eprintln!("idhal reconcile: error: {}", one_line(&e));
         }
     }
-    let routes = match sync_routes(cfg, &connected, status, dry_run) {
+    let routes = match options.gone_server {
+        // The table here is this server's: nothing of the gone one's.
+        Some(_) => Ok(None),
+        None => sync_routes(cfg, &connected, status, dry_run),
+    };
+    let routes = match routes {
         Ok(Some(line)) => Some(line),
         Ok(None) => None,
         Err(e) => {
