@@ -15,6 +15,7 @@ mod node;
 mod openvpn;
 mod process;
 mod publish;
+mod report;
 mod routing;
 mod scheduler;
 mod signing;

@@ -70,18 +70,7 @@ pub enum NodeError {
     StaleStatus { from: String, age: u64, limit: u64 },
 }
 
-/// An error and its causes on one line, `a: b: c`, as the hooks' and reconcile's log lines
-/// show them.
-pub fn one_line(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
+pub use crate::report::one_line;
 
 /// Why a node event (a hook, or a repair by reconcile) did not complete.
 #[derive(Debug)]

@@ -183,7 +183,7 @@ impl RouteTable {
         let failed = match self.batch(batch, timeout) {
             Ok(failed) => failed,
             Err(e) => {
-                let why = crate::node::one_line(&e);
+                let why = crate::report::one_line(&e);
                 return routes
                     .iter()
                     .map(|r| {
