@@ -763,9 +763,10 @@ pub struct OpenVpnSection {
     /// again (the same one first, then the next remote), so it bounds failover time; it also
     /// spaces the retries of nodes a busy server refused.
     pub connect_retry: (u32, u32),
-    /// Nodes' `server-poll-timeout`: how long a node waits on one remote (its TCP connect)
-    /// before trying the next. OpenVPN's default, 120 s, keeps nodes on a dead host for two
-    /// minutes.
+    /// Nodes' `server-poll-timeout` (rendered with several remotes): how long a node waits
+    /// for a remote's first answer before trying the next. OpenVPN's default, 120 s, keeps
+    /// nodes on a dead host for two minutes; a server too busy to answer within it (a boot
+    /// storm) sends nodes to the next remote.
     pub server_poll_timeout_secs: u32,
     /// The `idhal` binary OpenVPN runs as its hook (default: this one).
     pub idhal: Option<PathBuf>,

@@ -470,7 +470,13 @@ fn nodes_spread_over_three_servers_reach_each_other_and_fail_over() {
     // The others never moved.
     for (i, node) in nodes.iter().enumerate() {
         if !on_a.contains(&i) {
-            assert_eq!(node.ups(), ups[i], "{} reconnected", node.addr());
+            assert_eq!(
+                node.ups(),
+                ups[i],
+                "{} reconnected:\n{}",
+                node.addr(),
+                idhal_test_support::tail(&node.client.log)
+            );
         }
     }
     let mut reach: Vec<f64> = results.iter().map(|r| r.0).collect();

@@ -167,13 +167,14 @@ pub fn client_config(project: &str, node: &str, o: &OpenVpnSection) -> String {
     }
     // After a lost connection or a refusal the node tries the same remote once, then the next
     // ones in order. connect-retry's MAX caps every pause (auth-retry nointeract starts them
-    // at 10 s); server-poll-timeout bounds the wait on a dead host (120 s by default).
+    // at 10 s). server-poll-timeout bounds the wait for a remote's first answer (120 s by
+    // default) so a node leaves a dead host for the next remote; with one remote there is no
+    // next one, and giving up on a server busy with a boot storm would only add a reconnect.
     let (first, max) = o.connect_retry;
-    let _ = writeln!(
-        s,
-        "connect-retry {first} {max}\nserver-poll-timeout {}",
-        o.server_poll_timeout_secs
-    );
+    let _ = writeln!(s, "connect-retry {first} {max}");
+    if o.remotes.len() > 1 {
+        let _ = writeln!(s, "server-poll-timeout {}", o.server_poll_timeout_secs);
+    }
     // auth-retry: the server refuses a node (AUTH_FAILED) when a backend failed for now (OAR,
     // DNS, a storm's queue) or it is being drained; OpenVPN's default then exits for good,
     // this makes it try again.
@@ -199,6 +200,16 @@ mod tests {
         // The failover settings: a dead remote is left after 4 s, no pause is over 2 s.
         assert!(
             c.contains("\nconnect-retry 1 2\nserver-poll-timeout 4\n"),
+            "{c}"
+        );
+        // One remote: nowhere to go, OpenVPN's own poll timeout stays.
+        let one = OpenVpnSection {
+            remotes: vec!["vpn1.example.org:1194".into()],
+            ..OpenVpnSection::default()
+        };
+        let c = client_config("p", "client7", &one);
+        assert!(
+            c.contains("\nconnect-retry 1 2\n") && !c.contains("server-poll-timeout"),
             "{c}"
         );
         assert!(c.contains("remote-cert-tls server"));
