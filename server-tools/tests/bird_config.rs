@@ -90,7 +90,13 @@ fn every_rendered_config_passes_bird_parse() {
                 assert!(text.contains("rendered by `idhal bird config"), "{label}");
                 assert!(text.contains(&format!("{:?}", s(&cfg))), "{label}");
                 if what.starts_with("head") {
-                    assert!(text.contains("neighbor range 172.31.0.0/24 internal;"));
+                    // One session per listed server, none for the rest of the LAN.
+                    assert!(!text.contains("neighbor range"), "{text}");
+                    assert!(
+                        text.contains("protocol bgp srv1 from vpn_server { description \"vpnA\"; neighbor 172.31.0.11 as 65000; }")
+                            && text.contains("protocol bgp srv2 from vpn_server { description \"vpnB\"; neighbor 172.31.0.12 as 65000; }"),
+                        "{text}"
+                    );
                     assert!(text.contains("rr client;"), "{label}");
                 } else {
                     let me = if what == "vpnB" { ".12" } else { ".11" };
@@ -123,7 +129,13 @@ fn hostile_inputs_are_refused_in_one_line_and_out_is_kept() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("bird.conf");
     let base = bird_toml(&["172.31.0.1"], true);
+    let no_servers = base[..base.find("[bird.servers]").unwrap()].to_owned();
     let cases: Vec<(String, Vec<&str>, &str)> = vec![
+        (
+            no_servers,
+            vec!["--head"],
+            "[bird.servers] is empty: a head peers only with the VPN servers listed there (vpnA = \"172.16.0.11\")",
+        ),
         (
             base.clone(),
             vec!["--name", "vpnX"],

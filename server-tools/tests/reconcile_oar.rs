@@ -291,6 +291,34 @@ fn the_nodes_of_a_gone_server_are_taken_down_by_another_one() {
     assert!(out(&o).contains("is this server"), "{}", out(&o));
     let o = run(&["--gone-server", "../x"]);
     assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    // With [bird.servers], a name that is not there (a typo) is refused.
+    let listed = d.path().join("listed.toml");
+    std::fs::write(
+        &listed,
+        config(
+            &oar.config_section(),
+            domain,
+            &format!(
+                "{}[bird.servers]\nvpnx = \"172.16.0.11\"\nvpngone = \"172.16.0.12\"\n",
+                named("vpnx")
+            ),
+        ),
+    )
+    .unwrap();
+    let o = Command::new(IDHAL)
+        .arg("--config")
+        .arg(&listed)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["reconcile", "--gone-server", "vpngonne"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("--gone-server vpngonne is not in [bird.servers] (vpngone, vpnx)"),
+        "{}",
+        out(&o)
+    );
 }
 
 #[test]

@@ -22,6 +22,8 @@ pub enum BirdError {
     Lan(String),
     #[error("[bird] lan is not set: it is the cluster LAN the VPN servers and the head share (e.g. lan = \"172.16.0.0/24\")")]
     NoLan,
+    #[error("[bird.servers] is empty: a head peers only with the VPN servers listed there (vpnA = \"172.16.0.11\")")]
+    NoServers,
     #[error("[bird] heads is empty: every VPN server peers with at least one head (route reflector); e.g. heads = [\"172.16.0.1\"]")]
     NoHeads,
     #[error(
@@ -167,7 +169,6 @@ impl Default for BirdSection {
 #[derive(Debug, Clone)]
 pub struct Cluster<'a> {
     pub bird: &'a BirdSection,
-    pub lan: Ipv4Net,
     pub pool: Ipv4Net,
     pub table: TableId,
 }
@@ -216,12 +217,7 @@ impl<'a> Cluster<'a> {
                 });
             }
         }
-        Ok(Self {
-            bird,
-            lan,
-            pool,
-            table,
-        })
+        Ok(Self { bird, pool, table })
     }
 
     /// The LAN address (router id) of VPN server `name`.

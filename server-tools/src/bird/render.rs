@@ -144,8 +144,9 @@ pub fn render_server(
     Ok(out)
 }
 
-/// The config of a head node: a route reflector for every VPN server on the LAN (none listed:
-/// a new server needs no change here), installing all node /32s in its main table.
+/// The config of a head node: a route reflector for each VPN server of `[bird.servers]`, by
+/// address (not the whole LAN: any host there could otherwise announce a node's /32 with a
+/// higher local_pref and draw its traffic), installing all node /32s in its main table.
 pub fn render_head(
     cluster: &Cluster<'_>,
     router_id: Option<Ipv4Addr>,
@@ -153,6 +154,9 @@ pub fn render_head(
 ) -> Result<String, BirdError> {
     let me = cluster.head(router_id)?;
     let b = cluster.bird;
+    if b.servers.iter().next().is_none() {
+        return Err(BirdError::NoServers);
+    }
     let mut out = String::new();
     let command = match router_id {
         Some(a) => format!("idhal bird config --head --router-id {a}"),
@@ -164,17 +168,23 @@ pub fn render_head(
     let _ = writeln!(
         out,
         "\n\
-         # Every VPN server on the LAN connects here (`birdc show protocols`: vpns1, vpns2...).\n\
-         protocol bgp vpns {{\n\
+         # One session per VPN server of [bird.servers], and none for anyone else on the LAN\n\
+         # (`birdc show protocols`: srv1, srv2..., each with its server's name as description).\n\
+         template bgp vpn_server {{\n\
          \x20 local {me} as {asn};\n\
-         \x20 neighbor range {lan} internal;\n\
-         \x20 dynamic name \"vpns\";\n\
          \x20 direct; rr client;{bfd}\n\
-         \x20 {TIMERS}\n\
+         \x20 {TIMERS} connect retry time 1;\n\
          \x20 ipv4 {{ import where net ~ NODE_POOL; export all; gateway direct; }};\n\
          }}",
         asn = b.asn,
-        lan = cluster.lan,
     );
+    for (i, (name, addr)) in b.servers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "protocol bgp srv{n} from vpn_server {{ description \"{name}\"; neighbor {addr} as {asn}; }}",
+            n = i + 1,
+            asn = b.asn,
+        );
+    }
     Ok(out)
 }

@@ -204,6 +204,7 @@ pub fn server_config(
         idhal: hooks.idhal,
         config: hooks.config,
         state_dir: hooks.state_dir,
+        route_dev: cfg.routing.table.map(|_| &cfg.routing.dev),
     }
     .render()?;
     // Made only once the config renders: a refused config changes nothing.

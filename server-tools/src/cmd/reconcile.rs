@@ -131,6 +131,18 @@ fn for_gone_server(
             "--gone-server {gone} is this server ([openvpn] name): run `idhal reconcile` without it here"
         );
     }
+    let known: Vec<String> = cfg
+        .bird
+        .servers
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    if !known.is_empty() && !known.contains(&gone.to_string()) {
+        anyhow::bail!(
+            "--gone-server {gone} is not in [bird.servers] ({}): a typo would take down a live server's nodes",
+            known.join(", ")
+        );
+    }
     let listing = list_managed(cfg, state_dir)?;
     // Nobody connected, as of now: the guard still spares sessions younger than the
     // take-down grace, and every take-down keeps its session guard.

@@ -197,8 +197,9 @@ impl Grace {
         Ok(())
     }
 
-    /// The next disconnect whose grace is over, waiting for it; `None` once `stopping`.
-    fn next_due(&self, stopping: &AtomicBool) -> Option<Job> {
+    /// The next disconnect whose grace is over, waiting for it, counted in `pending` before
+    /// it leaves the lock (a stop then waits for it); `None` once `stopping`.
+    fn next_due(&self, stopping: &AtomicBool, pending: &AtomicUsize) -> Option<Job> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if stopping.load(Ordering::SeqCst) {
@@ -209,6 +210,7 @@ impl Grace {
                     let due = job.received + self.grace;
                     let now = Instant::now();
                     if due <= now {
+                        pending.fetch_add(1, Ordering::SeqCst);
                         return held.pop_front();
                     }
                     due - now
@@ -300,8 +302,7 @@ pub fn serve(cfg: ServerConfig, state_dir: PathBuf) -> Result<(), WorkerError> {
         let (grace, tx, pending, stopping) =
             (grace.clone(), tx.clone(), pending.clone(), stopping.clone());
         std::thread::spawn(move || {
-            while let Some(job) = grace.next_due(&stopping) {
-                pending.fetch_add(1, Ordering::SeqCst);
+            while let Some(job) = grace.next_due(&stopping, &pending) {
                 if tx.send(job).is_err() {
                     pending.fetch_sub(1, Ordering::SeqCst);
                     return;

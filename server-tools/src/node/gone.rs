@@ -6,8 +6,10 @@
 //! node that came back and left again starts a new grace.
 //!
 //! The file is idhal's own, but a state dir is an admin's to edit: a line that does not parse
-//! is dropped (its node starts a new grace: the late side, never an early take-down), and a
-//! file over `MAX_BYTES` is read as empty.
+//! is dropped (its node starts a new grace: the late side), a first sighting in the future
+//! counts from now (else the node would never age), and a file over `MAX_BYTES` is read as
+//! empty. An earlier first sighting written by hand does shorten a grace: that is the admin's
+//! call, as setting the node Absent would be.
 
 use crate::publish::{write_atomic, PublishError};
 use std::collections::BTreeMap;
@@ -85,9 +87,12 @@ impl Gone {
 
     /// How long `host`'s session `since` has been gone at `now`, recording `now` as its first
     /// sighting when it is new.
+    /// A first sighting in the future (a clock stepped back, a hand edit) counts from now:
+    /// kept as it was, the node would never age and stay Alive for good.
     pub fn gone_for(&mut self, host: &str, since: u64, now: u64) -> u64 {
-        let first = *self.seen.entry((host.to_owned(), since)).or_insert(now);
-        now.saturating_sub(first)
+        let first = self.seen.entry((host.to_owned(), since)).or_insert(now);
+        *first = (*first).min(now);
+        now - *first
     }
 
     /// Keeps only the entries `keep` says are still gone and not taken down.
@@ -137,6 +142,11 @@ mod tests {
         assert!(why.unwrap().contains("3 line(s)"));
         assert_eq!(g.gone_for("a.x", 100, 1005), 5);
         assert_eq!(g.gone_for("b.x", 5, 1005), 0);
+        // A first sighting in the future (the clock stepped back) counts from now, and ages.
+        std::fs::write(path(d.path()), "f.x 7 999999\n").unwrap();
+        let (mut g, _) = Gone::load(d.path());
+        assert_eq!(g.gone_for("f.x", 7, 2000), 0);
+        assert_eq!(g.gone_for("f.x", 7, 2030), 30);
         // Too large: read as empty, every node starts its grace again.
         std::fs::write(path(d.path()), vec![b'a'; MAX_BYTES as usize + 1]).unwrap();
         let (g, why) = Gone::load(d.path());

@@ -824,7 +824,10 @@ fn route_down(cfg: &ServerConfig, session: &Session) -> Option<String> {
             ))
         }
     };
-    Some(match table.withdraw(&route, cfg.limits.command_timeout()) {
+    // The hook's first step: within its budget as well as a command's (OpenVPN serves nobody
+    // while a disconnect script runs).
+    let timeout = cfg.limits.command_timeout().min(cfg.limits.hook_budget());
+    Some(match table.withdraw(&route, timeout) {
         Ok(Withdrawn::Removed) => format!("route {route} deleted from table {}", table.table),
         Ok(Withdrawn::AlreadyGone) => format!("route {route} was not in table {} (replaced by a newer session, or gone with its device)", table.table),
         Err(e) => format!("error: {}; `idhal reconcile` deletes it", one_line(&e)),

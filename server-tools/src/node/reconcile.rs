@@ -12,7 +12,7 @@ use crate::node::{
 use crate::openvpn::env::Session;
 use crate::openvpn::status::{real_ip, Status};
 use crate::process::Deadline;
-use crate::routing::{plan, Change, Route, RoutingError};
+use crate::routing::{plan, Change, Keep, Route, RoutingError};
 use crate::scheduler::{self, backend, DownGuard, Scheduler};
 use idhal_manifest::time::now;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -484,11 +484,19 @@ fn sync_routes(
         .map(|(s, _)| Route::of_session(s.vpn_ip, &cfg.routing.dev, s.since))
         .collect::<Result<Vec<_>, _>>()?;
     let grace = cfg.reconcile.take_down_grace_secs(&cfg.limits);
-    let keep_from = u32::try_from(status.written.saturating_sub(grace)).unwrap_or(u32::MAX);
+    let keep = Keep {
+        from_metric: u32::try_from(status.written.saturating_sub(grace)).unwrap_or(u32::MAX),
+        // Every address the status lists, usable line or not: a listed client is connected.
+        listed: status
+            .clients
+            .iter()
+            .filter_map(|e| e.fields.get("ifconfig_pool_remote_ip")?.parse().ok())
+            .collect(),
+    };
     let timeout = cfg.reconcile.listing_timeout();
     let t = table.table;
     if dry_run {
-        let changes = plan(&table.list(timeout)?, &wanted, keep_from);
+        let changes = plan(&table.list(timeout)?, &wanted, &keep);
         for r in &changes.del {
             println!("would delete route {r} from table {t}");
         }
@@ -498,7 +506,7 @@ fn sync_routes(
         return Ok(None);
     }
     let started = std::time::Instant::now();
-    let (changes, applied) = table.sync(&wanted, keep_from, timeout)?;
+    let (changes, applied) = table.sync(&wanted, &keep, timeout)?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let failed: Vec<&Change> = applied.failed.iter().map(|(c, _)| c).collect();
     for (c, why) in &applied.failed {

@@ -2,7 +2,7 @@
 //! server-config`) and the one an enrolled node receives (`client_config`).
 
 use crate::config::{OpenVpnSection, Remote};
-use crate::names::{Ipv4Net, NameError};
+use crate::names::{IfName, Ipv4Net, NameError};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,9 @@ pub struct ServerSetup<'a> {
     pub idhal: &'a Path,
     pub config: Option<PathBuf>,
     pub state_dir: &'a Path,
+    /// `[routing] dev` when idhal writes node routes (`[routing] table`): the tun device is
+    /// named so that OpenVPN, the hooks and reconcile agree on it. `None`: `dev tun`.
+    pub route_dev: Option<&'a IfName>,
 }
 
 impl ServerSetup<'_> {
@@ -86,7 +89,12 @@ impl ServerSetup<'_> {
         put!("proto tcp-server");
         put!("local {}", o.listen.ip());
         put!("port {}", o.listen.port());
-        put!("dev tun");
+        match self.route_dev {
+            // Reconcile writes missing routes on [routing] dev: the device must be that one,
+            // not whichever tunN the kernel hands out.
+            Some(dev) => put!("dev {dev}\ndev-type tun"),
+            None => put!("dev tun"),
+        }
         put!("topology subnet");
         put!("server {} {} nopool", self.pool.addr, self.pool.netmask());
         put!("ca {}", plain(&self.files.ca_cert)?);
@@ -230,29 +238,51 @@ mod tests {
         }
     }
 
+    /// Server vpn1 of project "p" in state dir /s, with `o` and the management password `pw`.
+    fn vpn1<'a>(o: &'a OpenVpnSection, pw: Option<&str>) -> ServerSetup<'a> {
+        ServerSetup {
+            project: "p",
+            management_password: pw.map(PathBuf::from),
+            name: "vpn1",
+            pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
+            files: files("/s"),
+            openvpn: o,
+            idhal: Path::new("/usr/bin/idhal"),
+            config: None,
+            state_dir: Path::new("/s"),
+            route_dev: None,
+        }
+    }
+
+    #[test]
+    fn with_node_routes_the_tun_device_is_the_one_reconcile_writes_on() {
+        let o = OpenVpnSection::default();
+        let dev = IfName::parse("tun7").unwrap();
+        let with = ServerSetup {
+            route_dev: Some(&dev),
+            ..vpn1(&o, None)
+        }
+        .render()
+        .unwrap();
+        assert!(with.contains("\ndev tun7\ndev-type tun\n"), "{with}");
+        let without = vpn1(&o, None).render().unwrap();
+        assert!(without.contains("\ndev tun\n"), "{without}");
+    }
+
     #[test]
     fn the_management_interface_gets_a_password_unless_told_otherwise() {
         let o = OpenVpnSection {
             management: vec!["127.0.0.1:7505".parse().unwrap()],
             ..OpenVpnSection::default()
         };
-        let setup = |pw: Option<&str>| ServerSetup {
-            project: "p",
-            management_password: pw.map(PathBuf::from),
-            name: "vpn1",
-            pool: Ipv4Net::parse("10.134.0.0/16").unwrap(),
-            files: files("/s"),
-            openvpn: &o,
-            idhal: Path::new("/usr/bin/idhal"),
-            config: None,
-            state_dir: Path::new("/s"),
-        };
-        let with = setup(Some("/s/projects/p/management.pw")).render().unwrap();
+        let with = vpn1(&o, Some("/s/projects/p/management.pw"))
+            .render()
+            .unwrap();
         assert!(
             with.contains("\nmanagement 127.0.0.1 7505 /s/projects/p/management.pw\n"),
             "{with}"
         );
-        let without = setup(None).render().unwrap();
+        let without = vpn1(&o, None).render().unwrap();
         assert!(without.contains("management_auth = \"none\""), "{without}");
         assert!(
             without.contains("\nmanagement 127.0.0.1 7505\n"),
@@ -275,6 +305,7 @@ mod tests {
                 idhal: Path::new("/usr/local/bin/idhal"),
                 config: Some(PathBuf::from(format!("{deep}/server.toml"))),
                 state_dir: state,
+                route_dev: None,
             }
             .render()
         };
@@ -315,6 +346,7 @@ mod tests {
                 idhal: Path::new("/usr/bin/idhal"),
                 config: None,
                 state_dir: Path::new("/s"),
+                route_dev: None,
             }
             .render()
         };

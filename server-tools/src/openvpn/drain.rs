@@ -87,7 +87,7 @@ pub fn move_everyone(
     let mut told: HashSet<u64> = HashSet::new();
     let mut done = Drained::default();
     loop {
-        let (clients, unusable) = connected(&read()?);
+        let (clients, unusable) = connected(&with_retries(&mut read)?);
         if clients.is_empty() && unusable.is_empty() {
             return Ok(done);
         }
@@ -109,10 +109,12 @@ pub fn move_everyone(
             fresh.len()
         ));
         for c in fresh {
-            let answer = management.command(
-                &format!("client-kill {} RESTART,[N]", c.client_id),
-                Answer::OneLine,
-            )?;
+            let answer = with_retries(|| {
+                management.command(
+                    &format!("client-kill {} RESTART,[N]", c.client_id),
+                    Answer::OneLine,
+                )
+            })?;
             told.insert(c.client_id);
             if answer.starts_with("SUCCESS") {
                 done.told += 1;
@@ -128,6 +130,25 @@ pub fn move_everyone(
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// OpenVPN serves one management client at a time: a reconcile asking for `status 2` at the
+/// same moment makes a command fail now and work a moment later. A drain half done is worse
+/// than a drain a second late.
+fn with_retries<T, E>(mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let mut tries = 1;
+    loop {
+        match f() {
+            Err(_) if tries < RETRIES => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Tries of one management command before the drain gives up.
+const RETRIES: u32 = 3;
 
 #[cfg(test)]
 mod tests {
@@ -152,5 +173,25 @@ mod tests {
         );
         assert_eq!(bad.len(), 2, "{bad:?}");
         assert!(bad[0].starts_with("n2 (line 5"), "{bad:?}");
+    }
+
+    #[test]
+    fn a_command_that_fails_for_a_moment_is_tried_again_a_few_times() {
+        let mut calls = 0;
+        let r: Result<u32, &str> = with_retries(|| {
+            calls += 1;
+            if calls < 3 {
+                Err("busy")
+            } else {
+                Ok(7)
+            }
+        });
+        assert_eq!((r, calls), (Ok(7), 3));
+        let mut calls = 0;
+        let r: Result<u32, &str> = with_retries(|| {
+            calls += 1;
+            Err("down")
+        });
+        assert_eq!((r, calls), (Err("down"), RETRIES));
     }
 }

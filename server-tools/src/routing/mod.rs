@@ -299,11 +299,11 @@ impl RouteTable {
     pub fn sync(
         &self,
         wanted: &[Route],
-        keep_from: u32,
+        keep: &Keep,
         timeout: Duration,
     ) -> Result<(Changes, Applied), RoutingError> {
         let deadline = crate::process::Deadline::after(timeout);
-        let changes = plan(&self.list(timeout)?, wanted, keep_from);
+        let changes = plan(&self.list(timeout)?, wanted, keep);
         let applied = self.apply(&changes, deadline.remaining())?;
         Ok((changes, applied))
     }
@@ -424,12 +424,22 @@ fn parse_list(json: &str) -> Result<Vec<Route>, String> {
         .collect())
 }
 
+/// Routes that no wanted route replaces and that stay anyway.
+#[derive(Debug, Default)]
+pub struct Keep {
+    /// A route whose metric (its session's start) is this or later: its session started after
+    /// what `wanted` was read from (a status file) and may simply not be listed yet.
+    pub from_metric: u32,
+    /// Addresses the status lists on a line that could not be used (a client there is
+    /// connected, whatever its line says): its route is not taken away.
+    pub listed: BTreeSet<Ipv4Addr>,
+}
+
 /// The changes that make `current` equal to `wanted` (one route per address): a missing route
-/// is added, a route with another metric or device is replaced, a route no one wants goes. A
-/// route whose metric (its session's start) is `keep_from` or later stays: its session started
-/// after what `wanted` was read from (a status file) and may simply not be listed yet. For the
-/// same reason a route newer than the wanted one stays as it is.
-pub fn plan(current: &[Route], wanted: &[Route], keep_from: u32) -> Changes {
+/// is added, a route with another metric or device is replaced, a route no one wants goes,
+/// unless `keep` keeps it. A route newer than the wanted one stays as it is (its session
+/// started after the status was written).
+pub fn plan(current: &[Route], wanted: &[Route], keep: &Keep) -> Changes {
     let want: BTreeMap<Ipv4Addr, &Route> = wanted.iter().map(|r| (r.addr, r)).collect();
     let mut by_addr: BTreeMap<Ipv4Addr, Vec<&Route>> = BTreeMap::new();
     for r in current {
@@ -457,9 +467,10 @@ pub fn plan(current: &[Route], wanted: &[Route], keep_from: u32) -> Changes {
                     changes.add.push(w.clone());
                 }
             }
+            None if keep.listed.contains(addr) => {}
             None => changes.del.extend(
                 have.iter()
-                    .filter(|r| r.metric < keep_from)
+                    .filter(|r| r.metric < keep.from_metric)
                     .map(|r| (*r).clone()),
             ),
         }
@@ -539,7 +550,11 @@ mod tests {
             r("10.8.0.8", "tun0", 80),
             r("10.8.0.9", "tun0", 80), // missing: added
         ];
-        let c = plan(&current, &wanted, 800);
+        let keep = |from_metric| Keep {
+            from_metric,
+            listed: BTreeSet::new(),
+        };
+        let c = plan(&current, &wanted, &keep(800));
         assert_eq!(
             c.del,
             [
@@ -557,6 +572,13 @@ mod tests {
                 r("10.8.0.9", "tun0", 80)
             ]
         );
-        assert!(plan(&wanted, &wanted, 0).is_empty());
+        assert!(plan(&wanted, &wanted, &keep(0)).is_empty());
+        // An address the status lists on a line that did not validate keeps its route.
+        let listed = Keep {
+            from_metric: 800,
+            listed: ["10.8.0.5".parse().unwrap()].into(),
+        };
+        let c = plan(&current, &wanted, &listed);
+        assert!(!c.del.contains(&r("10.8.0.5", "tun0", 10)), "{c:?}");
     }
 }
