@@ -184,7 +184,7 @@ pub fn client_config(project: &str, node: &str, o: &OpenVpnSection) -> String {
         let _ = writeln!(s, "server-poll-timeout {}", o.server_poll_timeout_secs);
     }
     // auth-retry: the server refuses a node (AUTH_FAILED) when a backend failed for now (OAR,
-    // DNS, a storm's queue) or it is being drained; OpenVPN's default then exits for good,
+    // DNS, a storm's queue); OpenVPN's default then exits for good,
     // this makes it try again.
     s.push_str(
         "auth-retry nointeract\nresolv-retry infinite\nnobind\nremote-cert-tls server\n\

@@ -60,7 +60,7 @@ pub fn connected(status: &Status) -> (Vec<Connected>, Vec<String>) {
 pub struct Pace {
     /// Clients told per second at most.
     pub per_second: u32,
-    /// Give up (the flag stays) when clients are still listed after this.
+    /// Give up when clients are still listed after this.
     pub timeout: Duration,
 }
 
@@ -74,8 +74,8 @@ pub struct Drained {
 }
 
 /// Tells every listed client to move on, paced, and reads the status again (telling newcomers
-/// too) until nobody is listed or the timeout. `read` gives the current status (the management interface's
-/// `status 2`); `progress` gets one line per round.
+/// too) until nobody is listed or the timeout. `read` gives the current status (the management
+/// interface's `status 2`); `progress` gets one line per round.
 pub fn move_everyone(
     management: &Management,
     mut read: impl FnMut() -> Result<Status, StatusError>,
