@@ -11,8 +11,8 @@
 
 use crate::der;
 use crate::id::{NodeId, ProjectName};
-use ct_codecs::{Base64, Base64UrlSafeNoPadding, Decoder, Encoder, Hex};
-use ed25519_compact::{PublicKey as EdKey, Signature};
+use crate::wire::{self, b64, hex, unhex, Lines, Malformed};
+use ct_codecs::{Base64, Base64UrlSafeNoPadding, Decoder, Encoder};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -52,25 +52,16 @@ pub enum EnrollError {
 }
 
 fn malformed(what: &'static str, why: impl Into<String>) -> EnrollError {
-    EnrollError::Malformed {
-        what,
-        why: why.into(),
+    wire::malformed(what, why).into()
+}
+
+impl From<Malformed> for EnrollError {
+    fn from(m: Malformed) -> Self {
+        EnrollError::Malformed {
+            what: m.what,
+            why: m.why,
+        }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    Hex::encode_to_string(bytes).expect("hex of a small buffer")
-}
-
-fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N || s.bytes().any(|b| b.is_ascii_uppercase()) {
-        return None;
-    }
-    Hex::decode_to_vec(s, None).ok()?.try_into().ok()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    Base64::encode_to_string(bytes).expect("base64 of a small buffer")
 }
 
 /// The public id of a token: how the server finds it. Not secret.
@@ -174,55 +165,6 @@ impl FromStr for EnrollKey {
     }
 }
 
-/// Reads `\n`-terminated lines of printable ASCII and length-prefixed blocks.
-struct Lines<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    what: &'static str,
-}
-
-impl<'a> Lines<'a> {
-    fn line(&mut self) -> Result<&'a str, EnrollError> {
-        let rest = &self.buf[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| malformed(self.what, "ends without a newline"))?;
-        let line = &rest[..end];
-        if line.iter().any(|&b| !(0x20..0x7f).contains(&b)) {
-            return Err(malformed(self.what, "control or non-ASCII byte in a line"));
-        }
-        self.pos += end + 1;
-        Ok(std::str::from_utf8(line).expect("ASCII"))
-    }
-
-    /// `keyword VALUE`, exactly.
-    fn field(&mut self, keyword: &str) -> Result<&'a str, EnrollError> {
-        let line = self.line()?;
-        line.strip_prefix(keyword)
-            .and_then(|r| r.strip_prefix(' '))
-            .ok_or_else(|| malformed(self.what, format!("expected `{keyword} ...`")))
-    }
-
-    /// `keyword LEN`, LEN bytes of UTF-8 text, `\n`.
-    fn block(&mut self, keyword: &str) -> Result<&'a str, EnrollError> {
-        let len: usize = self
-            .field(keyword)?
-            .parse()
-            .map_err(|_| malformed(self.what, format!("{keyword}: bad length")))?;
-        let rest = &self.buf[self.pos..];
-        if rest.len() < len + 1 || rest[len] != b'\n' {
-            return Err(malformed(self.what, format!("{keyword}: truncated")));
-        }
-        let text = std::str::from_utf8(&rest[..len])
-            .ok()
-            .filter(|t| !t.contains('\0'))
-            .ok_or_else(|| malformed(self.what, format!("{keyword}: not text")))?;
-        self.pos += len + 1;
-        Ok(text)
-    }
-}
-
 /// What a node asks for: a certificate for the key in `csr`, paid with token `token`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -258,9 +200,7 @@ impl Request {
     /// The encoded request, signed with the token's key.
     pub fn sign(&self, token: &Token) -> Vec<u8> {
         assert_eq!(token.id, self.token, "signing with another token");
-        let body = self.body();
-        let sig = token.signing_key().sk.sign(body.as_bytes(), None);
-        format!("{body}signature {}\n", b64(sig.as_ref())).into_bytes()
+        wire::sign(self.body(), &token.signing_key())
     }
 
     /// Parses a request strictly (canonical encoding only). The signature is not checked yet:
@@ -270,27 +210,18 @@ impl Request {
         if buf.len() > MAX_REQUEST {
             return Err(malformed(W, "too large"));
         }
-        let mut l = Lines {
-            buf,
-            pos: 0,
-            what: W,
-        };
+        let (signed, signature) = wire::split_signed(buf, W)?;
+        let mut l = Lines::new(signed, W);
         if l.line()? != REQUEST_FORMAT {
             return Err(malformed(W, format!("expected {REQUEST_FORMAT:?}")));
         }
         let token = l.field("token")?.parse()?;
-        let time = crate::format::canonical_u64(l.field("time")?)
-            .ok_or_else(|| malformed(W, "time is not a number"))?;
+        let time = l.number("time")?;
         let nonce = unhex(l.field("nonce")?).ok_or_else(|| malformed(W, "bad nonce"))?;
         let csr = Base64::decode_to_vec(l.field("csr")?, None)
             .map_err(|_| malformed(W, "csr is not base64"))?;
-        let signed_len = l.pos;
-        let signature = Base64::decode_to_vec(l.field("signature")?, None)
-            .ok()
-            .and_then(|v| <[u8; 64]>::try_from(v).ok())
-            .ok_or_else(|| malformed(W, "bad signature encoding"))?;
-        if l.pos != buf.len() {
-            return Err(malformed(W, "data after the signature"));
+        if !l.at_end() {
+            return Err(malformed(W, "data after the csr"));
         }
         let request = Request {
             token,
@@ -298,14 +229,13 @@ impl Request {
             nonce,
             csr,
         };
-        let signed = buf[..signed_len].to_vec();
-        if request.body().as_bytes() != signed.as_slice() {
+        if request.body().as_bytes() != signed {
             return Err(malformed(W, "not in canonical form"));
         }
         Ok(SignedRequest {
             request,
             digest: hmac_sha256::Hash::hash(buf),
-            signed,
+            signed: signed.to_vec(),
             signature,
         })
     }
@@ -314,9 +244,11 @@ impl Request {
 impl SignedRequest {
     /// Checks the token signature against the verifier the server stored for the token.
     pub fn verify(&self, verifier: &[u8; 32]) -> Result<(), EnrollError> {
-        let key = EdKey::from_slice(verifier).map_err(|_| EnrollError::RequestSignature)?;
-        key.verify(&self.signed, &Signature::new(self.signature))
-            .map_err(|_| EnrollError::RequestSignature)
+        if wire::signed_by(&self.signed, &self.signature, verifier) {
+            Ok(())
+        } else {
+            Err(EnrollError::RequestSignature)
+        }
     }
 }
 
@@ -373,9 +305,7 @@ impl Response {
                 && ProjectName::try_from(self.project.as_str()).is_ok(),
             "the server made an invalid node id or project name"
         );
-        let body = self.body();
-        let sig = key.sk.sign(body.as_bytes(), None);
-        format!("{body}signature {}\n", b64(sig.as_ref())).into_bytes()
+        wire::sign(self.body(), key)
     }
 
     /// Verifies, in order: the signature with the key the manifest named, then the format, then
@@ -389,28 +319,11 @@ impl Response {
         if buf.len() > MAX_RESPONSE {
             return Err(malformed(W, "too large"));
         }
-        let body_end = buf
-            .strip_suffix(b"\n")
-            .and_then(|b| b.iter().rposition(|&c| c == b'\n'))
-            .map(|i| i + 1)
-            .ok_or_else(|| malformed(W, "no signature line"))?;
-        let (body, sig_line) = buf.split_at(body_end);
-        let sig = std::str::from_utf8(sig_line)
-            .ok()
-            .and_then(|l| l.strip_prefix("signature "))
-            .and_then(|l| l.strip_suffix('\n'))
-            .and_then(|l| Base64::decode_to_vec(l, None).ok())
-            .and_then(|v| <[u8; 64]>::try_from(v).ok())
-            .ok_or_else(|| malformed(W, "no signature line"))?;
-        let ed = EdKey::from_slice(&key.0).map_err(|_| EnrollError::ResponseSignature)?;
-        ed.verify(body, &Signature::new(sig))
-            .map_err(|_| EnrollError::ResponseSignature)?;
-
-        let mut l = Lines {
-            buf: body,
-            pos: 0,
-            what: W,
-        };
+        let (body, sig) = wire::split_signed(buf, W)?;
+        if !wire::signed_by(body, &sig, &key.0) {
+            return Err(EnrollError::ResponseSignature);
+        }
+        let mut l = Lines::new(body, W);
         if l.line()? != RESPONSE_FORMAT {
             return Err(malformed(W, format!("expected {RESPONSE_FORMAT:?}")));
         }
@@ -427,7 +340,7 @@ impl Response {
         let certificate = l.block("certificate")?.to_owned();
         let ca = l.block("ca")?.to_owned();
         let openvpn = l.block("openvpn")?.to_owned();
-        if l.line()? != "end" || l.pos != body.len() {
+        if l.line()? != "end" || !l.at_end() {
             return Err(malformed(W, "expected end"));
         }
         if &answered != request {

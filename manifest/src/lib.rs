@@ -10,9 +10,11 @@ pub mod enroll;
 pub mod format;
 pub mod id;
 pub mod key;
+pub mod peers;
 pub mod sig;
 pub mod time;
 pub mod verify;
+mod wire;
 
 pub use format::{Frequency, Manifest, Param, Scriptlet, MAX_MANIFEST};
 pub use id::{IdError, NodeId, ParamName, ProjectName, ScriptletId};
