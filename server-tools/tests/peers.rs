@@ -5,7 +5,7 @@
 mod enroll_support;
 
 use enroll_support::*;
-use idhal_manifest::peers::{self, Peer, Request, Response, WgKey};
+use idhal_manifest::peers::{self, Peer, Response, WgKey};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
@@ -42,19 +42,8 @@ fn endpoints(list: &[&str]) -> Vec<SocketAddr> {
     list.iter().map(|e| e.parse().unwrap()).collect()
 }
 
-/// A request for `node` as the agent makes it, signed with `signer` (the node's own key unless
-/// a test forges one), made at `time`.
 fn request(node: &str, wg: WgKey, eps: &[&str], time: u64, signer: &NodeKey) -> Vec<u8> {
-    let mut nonce = [0u8; 16];
-    getrandom::fill(&mut nonce).unwrap();
-    Request {
-        node: node.into(),
-        time,
-        nonce,
-        wg_key: wg,
-        endpoints: endpoints(eps),
-    }
-    .sign(&signer.kp)
+    peers_request(node, wg, eps, time, signer)
 }
 
 /// (status, the server's one line) of a refused exchange, or the verified list.
@@ -63,10 +52,8 @@ fn post(p: &Project, server: &Server, req: &[u8]) -> Result<Response, (u16, Stri
     if status != 200 {
         let text = String::from_utf8_lossy(&body).into_owned();
         assert_eq!(text.matches('\n').count(), 1, "not one line: {text:?}");
-        return Err((status, text.trim_end().to_owned()));
     }
-    let digest = Request::parse(req).unwrap().digest;
-    Ok(Response::verify(&body, &p.enroll_key, &digest).expect("a list the agent accepts"))
+    peers_exchange(&server.addr, &p.enroll_key, req)
 }
 
 fn register(
@@ -309,6 +296,18 @@ fn a_revoked_node_is_refused_and_gone_from_every_list() {
         register(&p, &server, &nodes[1], &eps).unwrap_err(),
         (410, format!("node {} was revoked", nodes[1].id))
     );
+    // Only the node itself learns that it is revoked: another key still gets 401.
+    let forged = request(&nodes[1].id, nodes[1].wg, &eps, now(), &nodes[0].key);
+    assert_eq!(post(&p, &server, &forged).unwrap_err().0, 401);
+    // Revoked comes before the clock and the endpoints: it is what the node must hear.
+    let late = request(
+        &nodes[1].id,
+        nodes[1].wg,
+        &["10.134.0.9:1"],
+        now() - 3600,
+        &nodes[1].key,
+    );
+    assert_eq!(post(&p, &server, &late).unwrap_err().0, 410);
     for (me, other) in [(0, 2), (2, 0)] {
         assert_eq!(
             register(&p, &server, &nodes[me], &eps).unwrap().peers,

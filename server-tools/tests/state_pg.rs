@@ -7,6 +7,7 @@
 mod enroll_support;
 
 use enroll_support::*;
+use idhal_manifest::peers::WgKey;
 use idhal_test_support::pg::{shared, Postgres};
 use std::collections::HashSet;
 use std::path::Path;
@@ -366,21 +367,21 @@ fn each_wrong_database_is_refused_in_one_clear_line() {
         lines(&o),
         (
             Some(0),
-            format!("{pw_url}: schema migrated from version 0 to 2\n"),
+            format!("{pw_url}: schema migrated from version 0 to 3\n"),
             String::new()
         )
     );
     let o = status(dir, &config, &[], &["db", "migrate"]);
     assert_eq!(
         lines(&o).1,
-        format!("{pw_url}: schema version 2, up to date\n")
+        format!("{pw_url}: schema version 3, up to date\n")
     );
     let o = status(dir, &config, &[], &["db", "status"]);
     assert_eq!(
         lines(&o),
         (
             Some(0),
-            format!("{pw_url}: schema version 2 (this idhal: 2), up to date\n"),
+            format!("{pw_url}: schema version 3 (this idhal: 3), up to date\n"),
             String::new()
         )
     );
@@ -391,7 +392,7 @@ fn each_wrong_database_is_refused_in_one_clear_line() {
         "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
     );
     let newer = format!(
-        "state database {pw_url} has schema version 99; this idhal knows 2 (upgrade idhal)"
+        "state database {pw_url} has schema version 99; this idhal knows 3 (upgrade idhal)"
     );
     let o = status(dir, &config, &[], &["nodes"]);
     assert_eq!(one_line_error(&o), format!("idhal: error: {newer}"));
@@ -432,7 +433,7 @@ fn a_unix_socket_works_too() {
         lines(&o),
         (
             Some(0),
-            format!("{kv}: schema migrated from version 0 to 2\n"),
+            format!("{kv}: schema migrated from version 0 to 3\n"),
             String::new()
         )
     );
@@ -445,20 +446,26 @@ fn db_copy_moves_a_sqlite_state_to_postgresql_where_enrollment_goes_on() {
     };
     let p = Project::new("");
     let token = p.token(&["--uses", "3"]);
+    let wg = idhal_manifest::peers::WgKey([0xa1; 32]);
+    let second = NodeKey::random();
     {
         let server = p.serve();
-        for _ in 0..2 {
-            enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap();
-        }
+        let first = NodeKey::random();
+        enroll(&server.addr, &p.enroll_key, &token, &first).unwrap();
+        enroll(&server.addr, &p.enroll_key, &token, &second).unwrap();
+        // client1 registers a WireGuard key and an endpoint: copied with its node.
+        let req = peers_request("client1", wg, &["192.168.7.1:51820"], now(), &first);
+        peers_exchange(&server.addr, &p.enroll_key, &req).unwrap();
     }
     let nodes_before = ok(p.idhal(&["nodes", "--json"]));
+    assert!(nodes_before.contains(&wg.to_string()), "{nodes_before}");
     let url = pg.fresh_db();
     let out = ok(p.idhal(&["db", "copy", "--to", &url]));
     assert_eq!(
         out,
         format!(
             "copied 1 project(s), 1 token(s), 2 certificate(s), 2 node(s) from {} to {url} \
-             (schema version 2, next node number 3); set [state] database to use it\n",
+             (schema version 3, next node number 3); set [state] database to use it\n",
             p.state.join("idhal.sqlite").display()
         )
     );
@@ -483,6 +490,25 @@ fn db_copy_moves_a_sqlite_state_to_postgresql_where_enrollment_goes_on() {
     );
     let refused = enroll(&server.addr, &p.enroll_key, &token, &NodeKey::random()).unwrap_err();
     assert_eq!(refused, (409, "token used up".into()));
+    // POST /peers on PostgreSQL: client2 gets client1 as copied, and its key stays client1's.
+    let req = peers_request("client2", WgKey([0xb2; 32]), &[], now(), &second);
+    let list = peers_exchange(&server.addr, &p.enroll_key, &req).unwrap();
+    assert_eq!(
+        list.peers,
+        [idhal_manifest::peers::Peer {
+            node: "client1".into(),
+            address: "10.134.0.2".parse().unwrap(),
+            wg_key: wg,
+            endpoints: vec!["192.168.7.1:51820".parse().unwrap()],
+        }]
+    );
+    let req = peers_request("client2", wg, &[], now(), &second);
+    assert_eq!(
+        peers_exchange(&server.addr, &p.enroll_key, &req)
+            .unwrap_err()
+            .0,
+        409
+    );
 }
 
 #[test]

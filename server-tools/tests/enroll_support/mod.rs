@@ -199,3 +199,41 @@ pub fn client(dir: &Path, r: &Response, key: &NodeKey) -> idhal_test_support::Lo
         ],
     )
 }
+
+/// A `POST /peers` request for enrolled `node`, as the agent makes it, signed with `signer`
+/// (the node's own key unless a test forges one), made at `time`.
+pub fn peers_request(
+    node: &str,
+    wg: idhal_manifest::peers::WgKey,
+    endpoints: &[&str],
+    time: u64,
+    signer: &NodeKey,
+) -> Vec<u8> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).unwrap();
+    idhal_manifest::peers::Request {
+        node: node.into(),
+        time,
+        nonce,
+        wg_key: wg,
+        endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
+    }
+    .sign(&signer.kp)
+}
+
+/// Registers through `POST /peers`: the verified list, or (status, the server's line).
+pub fn peers_exchange(
+    addr: &str,
+    enroll_key: &EnrollKey,
+    req: &[u8],
+) -> Result<idhal_manifest::peers::Response, (u16, String)> {
+    let (status, body) = http(addr, "POST", "/peers", req);
+    if status != 200 {
+        return Err((status, String::from_utf8_lossy(&body).trim_end().to_owned()));
+    }
+    let digest = idhal_manifest::peers::Request::parse(req).unwrap().digest;
+    Ok(
+        idhal_manifest::peers::Response::verify(&body, enroll_key, &digest)
+            .expect("a list the agent accepts"),
+    )
+}
