@@ -207,6 +207,19 @@ fn every_refusal_has_its_own_status_and_one_line() {
         )
     );
     assert!(server.log().contains(&format!("(held by {})", b.id)));
+    // A request older than b's last registration (a replay of an old one): refused.
+    let t = now();
+    register(&p, &server, &b, &eps).unwrap();
+    let old_b = request(&b.id, random_wg(), &eps, t - 60, &b.key);
+    let (status, line) = post(&p, &server, &old_b).unwrap_err();
+    assert_eq!(status, 409);
+    assert!(
+        line.starts_with(&format!(
+            "request time {} is older than the node's last registration (",
+            t - 60
+        )) && line.ends_with("): a replayed request, or the node's clock went back"),
+        "{line}"
+    );
 
     // Malformed: empty, garbage, every truncation of a good request, non-canonical forms.
     let good = request(&stolen.id, random_wg(), &eps, now(), &stolen.key);

@@ -5,7 +5,8 @@
 //!
 //! Checks run in one fixed order, each with its own refusal: parse, node known, signature with
 //! the key stored at enrollment, revoked, clock, endpoints outside the project's pool, then the
-//! registration (one transaction that checks the revocation and the key's holder again).
+//! registration (one transaction that checks the revocation again, that no later request of
+//! the node registered already, and the key's holder).
 
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
@@ -41,6 +42,8 @@ pub enum Refusal {
         /// Who holds it: for the server's log only.
         holder: String,
     },
+    #[error("request time {time} is older than the node's last registration ({last}): a replayed request, or the node's clock went back")]
+    Older { time: u64, last: u64 },
     #[error("project {project} has more than {MAX_PEERS} registered peers: a list cannot carry them all")]
     TooManyPeers { project: String },
     #[error("internal error")]
@@ -53,7 +56,7 @@ impl Refusal {
             Refusal::Malformed(_) | Refusal::Endpoint { .. } => 400,
             Refusal::BadSignature(_) => 401,
             Refusal::UnknownNode(_) => 403,
-            Refusal::KeyInUse { .. } => 409,
+            Refusal::KeyInUse { .. } | Refusal::Older { .. } => 409,
             Refusal::Revoked(_) => 410,
             Refusal::ClockSkew(_) => 422,
             Refusal::Internal(_) => 500,
@@ -150,6 +153,7 @@ impl Peers {
             wg_key: &req.wg_key.0,
             endpoints: &endpoints,
             now,
+            request_time: req.time,
         };
         let rows = self.enroller.with_writer(|db| {
             match db.register_peer(&registration)? {
@@ -157,6 +161,12 @@ impl Peers {
                 Registered::NoNode => return Err(Refusal::UnknownNode(req.node.clone())),
                 Registered::Revoked => return Err(Refusal::Revoked(req.node.clone())),
                 Registered::KeyHeldBy(holder) => return Err(Refusal::KeyInUse { holder }),
+                Registered::Older { last } => {
+                    return Err(Refusal::Older {
+                        time: req.time,
+                        last,
+                    })
+                }
             }
             // Read through the same connection right after the commit: the list holds this
             // node's own registration's effects (none: it is never listed) and every other

@@ -146,19 +146,23 @@ const V2_POSTGRES: &str = "ALTER TABLE projects ADD COLUMN crl_pem TEXT NOT NULL
 
 /// Direct paths (docs/direct-paths.md): a node's WireGuard public key (32 bytes, unique over
 /// every node: one key is one node's, even after a revocation), its candidate endpoints (the
-/// canonical `ADDR:PORT` texts, space-separated, as `POST /peers` accepted them) and when it
-/// last registered (server time). NULL key: never registered. A unique index, not a column
+/// canonical `ADDR:PORT` texts, space-separated, as `POST /peers` accepted them), when it
+/// last registered (server time) and the time its request carried (node time: an older request
+/// is refused, so a replayed one cannot bring back a key the node replaced). NULL key: never
+/// registered. A unique index, not a column
 /// constraint: SQLite's ALTER TABLE cannot add one; both treat NULLs as distinct.
 const V3_SQLITE: &str = "
 ALTER TABLE nodes ADD COLUMN wg_key BLOB CHECK (wg_key IS NULL OR length(wg_key) = 32);
 ALTER TABLE nodes ADD COLUMN wg_endpoints TEXT NOT NULL DEFAULT '';
 ALTER TABLE nodes ADD COLUMN wg_registered_at INTEGER;
+ALTER TABLE nodes ADD COLUMN wg_request_time INTEGER;
 CREATE UNIQUE INDEX nodes_wg_key ON nodes (wg_key);
 ";
 const V3_POSTGRES: &str = "
 ALTER TABLE nodes ADD COLUMN wg_key BYTEA CHECK (wg_key IS NULL OR length(wg_key) = 32);
 ALTER TABLE nodes ADD COLUMN wg_endpoints TEXT NOT NULL DEFAULT '';
 ALTER TABLE nodes ADD COLUMN wg_registered_at BIGINT;
+ALTER TABLE nodes ADD COLUMN wg_request_time BIGINT;
 CREATE UNIQUE INDEX nodes_wg_key ON nodes (wg_key);
 ";
 

@@ -289,6 +289,7 @@ pub struct StoredNode {
     pub wg_key: Option<Vec<u8>>,
     pub wg_endpoints: String,
     pub wg_registered_at: Option<i64>,
+    pub wg_request_time: Option<i64>,
 }
 
 /// A node's WireGuard registration (`POST /peers`, checked by the caller): its public key and
@@ -299,6 +300,8 @@ pub struct PeerRegistration<'a> {
     pub wg_key: &'a [u8; 32],
     pub endpoints: &'a str,
     pub now: u64,
+    /// The time the signed request carries (node time).
+    pub request_time: u64,
 }
 
 /// What `register_peer` did, decided inside its transaction.
@@ -312,6 +315,9 @@ pub enum Registered {
     Revoked,
     /// Another node (named) holds that key: nothing stored.
     KeyHeldBy(String),
+    /// The node registered with a later request time (`last`) already: this one is a replay,
+    /// or its clock went back; nothing stored.
+    Older { last: u64 },
 }
 
 /// One row of a project's peer list, as stored (the caller parses and checks it).
@@ -330,7 +336,7 @@ impl Snapshot {
         "project, serial, kind, subject, issued, not_after, revoked_at, pem";
     pub(crate) const NODE_COLUMNS: &'static str =
         "id, num, project, node_type, address, enrolled_at, cert_serial, public_key, token, revoked_at, \
-         wg_key, wg_endpoints, wg_registered_at";
+         wg_key, wg_endpoints, wg_registered_at, wg_request_time";
 }
 
 /// The state database, whatever holds it. Synchronous: callers are threads of `idhal serve`
@@ -395,8 +401,9 @@ pub trait StateStore: Send {
     /// /peers` requests), if any (read).
     fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError>;
     /// Stores `reg`'s key and endpoints for its node, in one transaction that reads the node
-    /// (unknown or revoked: nothing stored) and the key's holder (another node: nothing
-    /// stored); a registration of the node before is replaced whole.
+    /// (unknown or revoked: nothing stored), its last request time (later than this one's:
+    /// nothing stored) and the key's holder (another node: nothing stored); a registration of
+    /// the node before is replaced whole.
     fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError>;
     /// `project`'s peers as a node gets them: every node with a registered key, revoked ones
     /// and `except` (the asker) left out, in enrollment order, at most `limit` (read).

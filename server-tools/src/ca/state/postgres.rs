@@ -678,17 +678,20 @@ impl StateStore for PgStore {
         let mut tx = self.client.transaction().map_err(&err)?;
         // The node's row locked until commit: a revocation waits for this registration, or
         // this one sees it.
-        let revoked: Option<Option<i64>> = tx
+        let node: Option<(Option<i64>, Option<i64>)> = tx
             .query_opt(
-                "SELECT revoked_at FROM nodes WHERE id = $1 FOR UPDATE",
+                "SELECT revoked_at, wg_request_time FROM nodes WHERE id = $1 FOR UPDATE",
                 &[&reg.node],
             )
             .map_err(&err)?
-            .map(|r| r.get(0));
-        match revoked {
+            .map(|r| (r.get(0), r.get(1)));
+        match node {
             None => return Ok(Registered::NoNode),
-            Some(Some(_)) => return Ok(Registered::Revoked),
-            Some(None) => {}
+            Some((Some(_), _)) => return Ok(Registered::Revoked),
+            Some((None, Some(last))) if last as u64 > reg.request_time => {
+                return Ok(Registered::Older { last: last as u64 })
+            }
+            Some(_) => {}
         }
         let key = &reg.wg_key[..];
         let holder = |tx: &mut postgres::Transaction| -> Result<Option<String>, StateError> {
@@ -704,8 +707,16 @@ impl StateStore for PgStore {
             return Ok(Registered::KeyHeldBy(h));
         }
         let updated = tx.execute(
-            "UPDATE nodes SET wg_key = $2, wg_endpoints = $3, wg_registered_at = $4 WHERE id = $1",
-            &[&reg.node, &key, &reg.endpoints, &(reg.now as i64)],
+            "UPDATE nodes SET wg_key = $2, wg_endpoints = $3, wg_registered_at = $4,
+                              wg_request_time = $5
+             WHERE id = $1",
+            &[
+                &reg.node,
+                &key,
+                &reg.endpoints,
+                &(reg.now as i64),
+                &(reg.request_time as i64),
+            ],
         );
         match updated {
             // Another node registered the same key at the same moment and committed first: the
@@ -829,6 +840,7 @@ impl StateStore for PgStore {
             wg_key: r.get(10),
             wg_endpoints: r.get(11),
             wg_registered_at: r.get(12),
+            wg_request_time: r.get(13),
         })
         .collect();
         tx.commit().map_err(&err)?;
@@ -929,7 +941,7 @@ impl StateStore for PgStore {
             tx.execute(
                 &format!(
                     "INSERT INTO nodes ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-                                                     $11, $12, $13)",
+                                                     $11, $12, $13, $14)",
                     Snapshot::NODE_COLUMNS
                 ),
                 &[
@@ -946,6 +958,7 @@ impl StateStore for PgStore {
                     &n.wg_key,
                     &n.wg_endpoints,
                     &n.wg_registered_at,
+                    &n.wg_request_time,
                 ],
             )
             .map_err(&err)?;

@@ -389,18 +389,21 @@ impl StateStore for Db {
     fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError> {
         // BEGIN IMMEDIATE: no revocation nor other registration between the reads and the write.
         self.immediate(|tx, err| {
-            let revoked: Option<Option<i64>> = tx
+            let node: Option<(Option<i64>, Option<i64>)> = tx
                 .query_row(
-                    "SELECT revoked_at FROM nodes WHERE id = ?1",
+                    "SELECT revoked_at, wg_request_time FROM nodes WHERE id = ?1",
                     [reg.node],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .map_err(err)?;
-            match revoked {
+            match node {
                 None => return Ok(Registered::NoNode),
-                Some(Some(_)) => return Ok(Registered::Revoked),
-                Some(None) => {}
+                Some((Some(_), _)) => return Ok(Registered::Revoked),
+                Some((None, Some(last))) if last as u64 > reg.request_time => {
+                    return Ok(Registered::Older { last: last as u64 })
+                }
+                Some(_) => {}
             }
             let holder: Option<String> = tx
                 .query_row(
@@ -414,9 +417,16 @@ impl StateStore for Db {
                 return Ok(Registered::KeyHeldBy(h));
             }
             tx.execute(
-                "UPDATE nodes SET wg_key = ?2, wg_endpoints = ?3, wg_registered_at = ?4
+                "UPDATE nodes SET wg_key = ?2, wg_endpoints = ?3, wg_registered_at = ?4,
+                                  wg_request_time = ?5
                  WHERE id = ?1",
-                params![reg.node, &reg.wg_key[..], reg.endpoints, reg.now as i64],
+                params![
+                    reg.node,
+                    &reg.wg_key[..],
+                    reg.endpoints,
+                    reg.now as i64,
+                    reg.request_time as i64
+                ],
             )
             .map_err(err)?;
             Ok::<_, StateError>(Registered::Done)
@@ -549,6 +559,7 @@ impl StateStore for Db {
                         wg_key: r.get(10)?,
                         wg_endpoints: r.get(11)?,
                         wg_registered_at: r.get(12)?,
+                        wg_request_time: r.get(13)?,
                     })
                 })
                 .map_err(err)?
@@ -656,7 +667,7 @@ impl StateStore for Db {
                 tx.execute(
                     &format!(
                         "INSERT INTO nodes ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
-                                                     ?11, ?12, ?13)",
+                                                     ?11, ?12, ?13, ?14)",
                         Snapshot::NODE_COLUMNS
                     ),
                     params![
@@ -672,7 +683,8 @@ impl StateStore for Db {
                         n.revoked_at,
                         n.wg_key,
                         n.wg_endpoints,
-                        n.wg_registered_at
+                        n.wg_registered_at,
+                        n.wg_request_time
                     ],
                 )
                 .map_err(err)?;

@@ -471,6 +471,7 @@ fn register(s: &mut dyn StateStore, node: &str, k: u8, endpoints: &str, now: u64
         wg_key: &[k; 32],
         endpoints,
         now,
+        request_time: now,
     })
     .unwrap()
 }
@@ -533,6 +534,12 @@ mod peers {
             assert_eq!(register(s, "client3", 0xc4, "192.168.1.3:1", 31), Registered::KeyHeldBy(other.node.clone()));
             assert_eq!(s.node("client3").unwrap().unwrap().wg_key, None);
             // A new key for client1 frees its old one.
+            assert_eq!(register(s, "client1", 0xa2, "", 32), Registered::Done);
+            // A request older than the one registered (a replay bringing back key 0xa1): refused,
+            // nothing changed; the same time again is accepted (a retry within the second).
+            let replay = PeerRegistration { node: "client1", wg_key: &[0xa1; 32], endpoints: "", now: 33, request_time: 31 };
+            assert_eq!(s.register_peer(&replay).unwrap(), Registered::Older { last: 32 });
+            assert_eq!(s.node("client1").unwrap().unwrap().wg_key, Some(idhal_manifest::peers::WgKey([0xa2; 32]).to_string()));
             assert_eq!(register(s, "client1", 0xa2, "", 32), Registered::Done);
             assert_eq!(register(s, "client3", 0xa1, "192.168.1.3:1", 33), Registered::Done);
 
