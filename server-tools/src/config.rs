@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub ca: CaSection,
     pub state: StateSection,
+    /// Direct paths: the timings `POST /peers` hands to nodes.
+    pub peers: PeersSection,
     pub openvpn: OpenVpnSection,
     pub routing: RoutingSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
@@ -99,6 +101,7 @@ impl ServerConfig {
             cfg.reverse_zone().map_err(|e| invalid(e.to_string()))?;
         }
         cfg.limits.http.check().map_err(invalid)?;
+        cfg.peers.check().map_err(invalid)?;
         for name in cfg.projects.keys() {
             if let Err(e) = idhal_manifest::ProjectName::try_from(name.as_str()) {
                 return Err(invalid(format!("[projects.{name:?}]: {e}")));
@@ -657,6 +660,49 @@ impl CaSection {
     }
 }
 
+/// `[peers]`: the path-switch timings every peer list carries (docs/direct-paths.md), the same
+/// for every node of every project, so all of them switch paths alike.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeersSection {
+    /// Seconds between two refreshes of a node's peer list: how long a revoked node stays
+    /// another node's peer at most.
+    pub refresh_secs: u32,
+    /// WireGuard persistent keepalive, seconds.
+    pub keepalive_secs: u32,
+    /// A peer not heard from this long loses its direct route (traffic goes back through the
+    /// tunnel): at least twice the keepalive.
+    pub fallback_secs: u32,
+}
+
+impl Default for PeersSection {
+    fn default() -> Self {
+        Self {
+            refresh_secs: 60,
+            keepalive_secs: 5,
+            fallback_secs: 15,
+        }
+    }
+}
+
+impl PeersSection {
+    /// The wire format's own rule (`peers::timings_problem`): a list the agents would refuse
+    /// is refused here, at load, in one line.
+    fn check(&self) -> Result<(), String> {
+        match idhal_manifest::peers::timings_problem(
+            self.refresh_secs,
+            self.keepalive_secs,
+            self.fallback_secs,
+        ) {
+            None => Ok(()),
+            Some(why) => Err(format!(
+                "[peers] {why} (refresh_secs = {}, keepalive_secs = {}, fallback_secs = {})",
+                self.refresh_secs, self.keepalive_secs, self.fallback_secs
+            )),
+        }
+    }
+}
+
 /// Where the CA's state lives (docs/state.md): SQLite in `--state-dir` unless `database` names
 /// a PostgreSQL database, which several `idhal serve` can share.
 #[derive(Debug, Clone, Deserialize)]
@@ -1013,6 +1059,49 @@ mod tests {
     }
 
     #[test]
+    fn peer_timings_are_checked_at_load_in_one_line() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            (
+                c.peers.refresh_secs,
+                c.peers.keepalive_secs,
+                c.peers.fallback_secs
+            ),
+            (60, 5, 15)
+        );
+        let c = parse(
+            "[peers]
+refresh_secs = 10
+keepalive_secs = 1
+fallback_secs = 2",
+        )
+        .unwrap();
+        assert_eq!(c.peers.fallback_secs, 2);
+        for (bad, says) in [
+            (
+                "[peers]
+fallback_secs = 9",
+                "config t.toml: [peers] fallback 9 s: use at least twice the keepalive (5 s), at most 86400 (refresh_secs = 60, keepalive_secs = 5, fallback_secs = 9)",
+            ),
+            ("[peers]
+refresh_secs = 0", "[peers] refresh 0 s: use 1-86400"),
+            (
+                "[peers]
+keepalive_secs = 3601
+fallback_secs = 8000",
+                "[peers] keepalive 3601 s: use 1-3600",
+            ),
+            ("[peers]
+refresh_secs = -1", "refresh_secs"),
+            ("[peers]
+refresh = 5", "unknown field `refresh`"),
+        ] {
+            let e = format!("{:#}", anyhow::Error::new(parse(bad).unwrap_err()));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn reconcile_limits_and_its_take_down_grace() {
         let c = parse("").unwrap();
         assert_eq!(c.reconcile.listing_timeout(), Duration::from_secs(30));
@@ -1226,7 +1315,7 @@ mod tests {
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `openvpn`, `routing`, `projects`, `bird`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `peers`, `openvpn`, `routing`, `projects`, `bird`")
         );
         assert_eq!(
             refusal("[routing]\ntable = 254"),

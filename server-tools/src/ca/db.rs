@@ -192,12 +192,26 @@ pub struct NodeRow {
     pub enrolled_at: u64,
     pub cert_serial: u64,
     pub revoked_at: Option<u64>,
+    /// Its WireGuard public key as `wg pubkey` prints it, once it registered one (`POST
+    /// /peers`).
+    pub wg_key: Option<String>,
+    /// When it last registered its key and endpoints (server time).
+    pub wg_registered_at: Option<u64>,
+}
+
+/// A stored WireGuard key in `wg pubkey`'s spelling (the schema holds 32 bytes only).
+pub(crate) fn wg_key_text(bytes: Vec<u8>) -> String {
+    match <[u8; 32]>::try_from(bytes) {
+        Ok(k) => idhal_manifest::peers::WgKey(k).to_string(),
+        Err(b) => format!("(invalid: {} bytes)", b.len()),
+    }
 }
 
 impl NodeRow {
     /// The columns `from_row` reads, in its order.
     pub(crate) const COLUMNS: &'static str =
-        "id, project, node_type, address, enrolled_at, cert_serial, revoked_at";
+        "id, project, node_type, address, enrolled_at, cert_serial, revoked_at, wg_key, \
+         wg_registered_at";
 
     pub(crate) fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
         Ok(NodeRow {
@@ -208,6 +222,8 @@ impl NodeRow {
             enrolled_at: r.get::<_, i64>(4)? as u64,
             cert_serial: r.get::<_, i64>(5)? as u64,
             revoked_at: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
+            wg_key: r.get::<_, Option<Vec<u8>>>(7)?.map(wg_key_text),
+            wg_registered_at: r.get::<_, Option<i64>>(8)?.map(|t| t as u64),
         })
     }
 }

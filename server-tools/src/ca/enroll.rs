@@ -67,6 +67,18 @@ impl From<DbError> for Refusal {
     }
 }
 
+/// A refusal of a service that borrows the pool's connections (enrollment, peers): whether the
+/// connection it came through is to be closed rather than kept (the database failed).
+pub(crate) trait PoolFailure: From<DbError> {
+    fn closes_connection(&self) -> bool;
+}
+
+impl PoolFailure for Refusal {
+    fn closes_connection(&self) -> bool {
+        matches!(self, Refusal::Internal(_))
+    }
+}
+
 pub(crate) fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::Internal(e.to_string())
 }
@@ -132,13 +144,19 @@ impl Enroller {
         }
     }
 
+    /// The configuration it was started with (`POST /peers` reads `[peers]` and `[ca]` there).
+    pub(crate) fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
     /// Runs `f` with an idle connection, or a new one while fewer than `[state]
     /// max_connections exist, or waits for one. A connection whose call failed is closed (a
-    /// PostgreSQL server restarted: the next call reconnects).
-    fn with_db<T>(
+    /// PostgreSQL server restarted: the next call reconnects). `POST /peers` borrows the same
+    /// connections.
+    pub(crate) fn with_db<T, E: PoolFailure>(
         &self,
-        f: impl FnOnce(&mut dyn StateStore) -> Result<T, Refusal>,
-    ) -> Result<T, Refusal> {
+        f: impl FnOnce(&mut dyn StateStore) -> Result<T, E>,
+    ) -> Result<T, E> {
         let max = self.cfg.state.max_connections.max(1) as usize;
         let mut conns = self.conns.lock().expect("pool lock");
         let pooled = loop {
@@ -166,7 +184,7 @@ impl Enroller {
         let out = f(db.as_mut());
         let mut conns = self.conns.lock().expect("pool lock");
         match &out {
-            Err(Refusal::Internal(_)) => conns.open -= 1,
+            Err(e) if e.closes_connection() => conns.open -= 1,
             _ => conns.idle.push(db),
         }
         drop(conns);
@@ -174,7 +192,18 @@ impl Enroller {
         out
     }
 
-    fn ca(&self, project: &str) -> Result<Arc<ProjectCa>, Refusal> {
+    /// `with_db` as the one writer of this process (see `writer`).
+    pub(crate) fn with_writer<T, E: PoolFailure>(
+        &self,
+        f: impl FnOnce(&mut dyn StateStore) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.with_db(|db| {
+            let _one_writer = self.writer.lock().expect("writer lock");
+            f(db)
+        })
+    }
+
+    pub(crate) fn ca(&self, project: &str) -> Result<Arc<ProjectCa>, Refusal> {
         if let Some(ca) = self.cas.read().expect("ca lock").get(project) {
             return Ok(ca.clone());
         }
@@ -196,7 +225,7 @@ impl Enroller {
             node_type,
             verifier,
         } = self
-            .with_db(|db| Ok(db.token_for_enroll(&token_id)?))?
+            .with_db(|db| Ok::<_, Refusal>(db.token_for_enroll(&token_id)?))?
             .ok_or(Refusal::UnknownToken)?;
         let verifier: [u8; 32] = verifier
             .try_into()
@@ -212,10 +241,8 @@ impl Enroller {
         let public_key = csr_public_key(&req.csr)?;
         let ca = self.ca(&project)?;
 
-        let (node, address, cert_pem, fresh) = self.with_db(|db| {
-            let _one_writer = self.writer.lock().expect("writer lock");
-            self.allocate(db, &ca, &token_id, &node_type, &public_key, now)
-        })?;
+        let (node, address, cert_pem, fresh) =
+            self.with_writer(|db| self.allocate(db, &ca, &token_id, &node_type, &public_key, now))?;
         let response = Response {
             request: signed.digest,
             project: project.clone(),

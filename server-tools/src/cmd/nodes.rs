@@ -1,5 +1,5 @@
 //! `idhal nodes`: every enrolled node with its id, type, address, enrollment time, certificate
-//! serial and revocation.
+//! serial, revocation, and when it last registered a WireGuard key (direct paths).
 
 use crate::ca::db::Open;
 use crate::ca::state;
@@ -10,10 +10,13 @@ use idhal_manifest::time::rfc3339;
 #[command(
     about = "List enrolled nodes",
     long_about = "Lists every enrolled node: id (its certificate's CN), type, VPN address, \
-        enrollment time, certificate serial and whether it is revoked. Read-only."
+        enrollment time, certificate serial, whether it is revoked, and when it last registered \
+        a WireGuard key for direct paths (`POST /peers`; `no`: never, so no other node reaches it \
+        directly). Read-only.\n\n\
+        --json adds `wg_key` (as `wg pubkey` prints it, or null) and `wg_registered_at`."
 )]
 pub struct Args {
-    /// Machine-readable output (an array of objects; times in unix seconds).
+    /// Machine-readable output (an array of objects; times in unix seconds; null: never).
     #[arg(long)]
     pub json: bool,
     /// Only this project's nodes.
@@ -33,19 +36,21 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         return Ok(Exit::Ok);
     }
     println!(
-        "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  REVOKED",
-        "NODE", "PROJECT", "TYPE", "ADDRESS", "ENROLLED", "SERIAL"
+        "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  {:<20}  WIREGUARD",
+        "NODE", "PROJECT", "TYPE", "ADDRESS", "ENROLLED", "SERIAL", "REVOKED"
     );
+    let or_no = |t: Option<u64>| t.map_or_else(|| "no".to_owned(), rfc3339);
     for n in nodes {
         println!(
-            "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  {}",
+            "{:<14} {:<12} {:<10} {:<15} {:<20}  {:>6}  {:<20}  {}",
             n.id,
             n.project,
             n.node_type,
             n.address,
             rfc3339(n.enrolled_at),
             n.cert_serial,
-            n.revoked_at.map_or_else(|| "no".to_owned(), rfc3339)
+            or_no(n.revoked_at),
+            or_no(n.wg_registered_at)
         );
     }
     Ok(Exit::Ok)

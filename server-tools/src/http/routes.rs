@@ -1,14 +1,15 @@
-//! What `idhal serve` answers: the routes (PUBDIR's files; `POST /enroll` when the state dir
-//! holds a CA), the one place errors become status codes, the access log, and the bodies.
+//! What `idhal serve` answers: the routes (PUBDIR's files; `POST /enroll` and `POST /peers`
+//! when the state dir holds a CA), the one place errors become status codes, the access log, and the bodies.
 
 use crate::ca::enroll::{Enroller, Refusal};
+use crate::ca::peers::{self as peers_service, Peers};
 use crate::config::HttpLimits;
 use crate::http::io::Busy;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use idhal_manifest::enroll;
+use idhal_manifest::{enroll, peers};
 use std::io::{self, Read as _};
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
@@ -197,6 +198,8 @@ pub(crate) struct App {
     pub(crate) files: StaticFiles,
     /// `POST /enroll`, when the state dir holds a CA.
     pub(crate) enroller: Option<Arc<Enroller>>,
+    /// `POST /peers`, beside enrollment.
+    pub(crate) peers: Option<Arc<Peers>>,
     pub(crate) limits: HttpLimits,
 }
 
@@ -264,21 +267,33 @@ impl App {
                     .ok_or_else(|| HttpError::BadRequest("malformed Content-Length".into()))?,
             ),
         };
-        let max = self.limits.max_body_bytes;
+        let path = request.uri().path().to_owned();
+        let peers_path = self.peers.is_some() && path == format!("/{}", peers::PATH);
+        let mut max = self.limits.max_body_bytes;
+        if peers_path {
+            // The format's own bound, below the general one.
+            max = max.min(peers::MAX_REQUEST as u64);
+        }
         if declared.is_some_and(|n| n > max) {
             return Err(HttpError::TooLarge { max });
         }
-        let path = request.uri().path().to_owned();
         if !path.starts_with('/') {
             return Err(HttpError::BadRequest("the path must start with /".into()));
         }
-        match &self.enroller {
-            Some(enroller) if path == format!("/{}", enroll::PATH) => {
+        match (&self.enroller, &self.peers) {
+            (Some(enroller), _) if path == format!("/{}", enroll::PATH) => {
                 if request.method() != Method::POST {
                     return Err(HttpError::MethodNotAllowed { allow: "POST" });
                 }
-                let body = self.read_body(request.into_body()).await?;
+                let body = self.read_body(request.into_body(), max).await?;
                 enrollment(Arc::clone(enroller), body, remote).await
+            }
+            (_, Some(service)) if peers_path => {
+                if request.method() != Method::POST {
+                    return Err(HttpError::MethodNotAllowed { allow: "POST" });
+                }
+                let body = self.read_body(request.into_body(), max).await?;
+                registration(Arc::clone(service), body, remote).await
             }
             _ => {
                 if !matches!(*request.method(), Method::GET | Method::HEAD) {
@@ -289,9 +304,8 @@ impl App {
         }
     }
 
-    /// The whole body within `max_body_bytes` (chunked ones are cut there) and `body_timeout_ms`.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, HttpError> {
-        let max = self.limits.max_body_bytes;
+    /// The whole body within `max` bytes (chunked ones are cut there) and `body_timeout_ms`.
+    async fn read_body(&self, body: Incoming, max: u64) -> Result<Bytes, HttpError> {
         let limited = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
         let collected = tokio::time::timeout(
             HttpLimits::ms(self.limits.body_timeout_ms),
@@ -346,6 +360,49 @@ async fn enrollment(
                 .unwrap_or_else(|_| "-".into());
             eprintln!("idhal serve: enrollment refused for {remote} (token {token}): {r}");
             if let Refusal::Internal(detail) = &r {
+                return Err(HttpError::Internal(detail.clone()));
+            }
+            Err(HttpError::Refused {
+                status: r.status(),
+                message: r.to_string(),
+            })
+        }
+    }
+}
+
+/// `POST /peers`: like enrollment, on a blocking thread (the PostgreSQL client blocks) and
+/// never cancelled half way.
+async fn registration(
+    service: Arc<Peers>,
+    body: Bytes,
+    remote: SocketAddr,
+) -> Result<Reply, HttpError> {
+    let result = tokio::task::spawn_blocking(move || {
+        let result = service.register(&body, idhal_manifest::time::now());
+        (result, body)
+    })
+    .await
+    .map_err(|e| HttpError::Internal(format!("peers task: {e}")))?;
+    match result {
+        (Ok(r), _) => {
+            eprintln!(
+                "idhal serve: registered the WireGuard key {} of {} ({} endpoint(s), project {}, {} peer(s) listed) for {remote}",
+                r.wg_key, r.node, r.endpoints, r.project, r.peers
+            );
+            Ok(Reply::ok(peers::CONTENT_TYPE, ReplyBody::bytes(r.response)))
+        }
+        (Err(r), body) => {
+            let node = peers::Request::parse(&body)
+                .map(|s| s.request.node)
+                .unwrap_or_else(|_| "-".into());
+            let held = match &r {
+                peers_service::Refusal::KeyInUse { holder } => format!(" (held by {holder})"),
+                _ => String::new(),
+            };
+            eprintln!(
+                "idhal serve: peer registration refused for {remote} (node {node}): {r}{held}"
+            );
+            if let peers_service::Refusal::Internal(detail) = &r {
                 return Err(HttpError::Internal(detail.clone()));
             }
             Err(HttpError::Refused {

@@ -886,6 +886,8 @@ mod tests {
                 enrolled_at: 0,
                 cert_serial: 2,
                 revoked_at: None,
+                wg_key: None,
+                wg_registered_at: None,
             };
             match stored_address(&node, &record, &projects, &addresses) {
                 Ok((ip, mask)) => Ok(format!("{ip} {mask}")),

@@ -25,6 +25,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: V2_SQLITE,
         postgres: V2_POSTGRES,
     },
+    Migration {
+        version: 3,
+        sqlite: V3_SQLITE,
+        postgres: V3_POSTGRES,
+    },
 ];
 
 /// The version this idhal reads and writes.
@@ -138,6 +143,24 @@ INSERT INTO meta (key, value) VALUES ('next_node', 1);
 /// re-signing after the upgrade (which an empty one makes due).
 const V2_SQLITE: &str = "ALTER TABLE projects ADD COLUMN crl_pem TEXT NOT NULL DEFAULT '';";
 const V2_POSTGRES: &str = "ALTER TABLE projects ADD COLUMN crl_pem TEXT NOT NULL DEFAULT '';";
+
+/// Direct paths (docs/direct-paths.md): a node's WireGuard public key (32 bytes, unique over
+/// every node: one key is one node's, even after a revocation), its candidate endpoints (the
+/// canonical `ADDR:PORT` texts, space-separated, as `POST /peers` accepted them) and when it
+/// last registered (server time). NULL key: never registered. A unique index, not a column
+/// constraint: SQLite's ALTER TABLE cannot add one; both treat NULLs as distinct.
+const V3_SQLITE: &str = "
+ALTER TABLE nodes ADD COLUMN wg_key BLOB CHECK (wg_key IS NULL OR length(wg_key) = 32);
+ALTER TABLE nodes ADD COLUMN wg_endpoints TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN wg_registered_at INTEGER;
+CREATE UNIQUE INDEX nodes_wg_key ON nodes (wg_key);
+";
+const V3_POSTGRES: &str = "
+ALTER TABLE nodes ADD COLUMN wg_key BYTEA CHECK (wg_key IS NULL OR length(wg_key) = 32);
+ALTER TABLE nodes ADD COLUMN wg_endpoints TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN wg_registered_at BIGINT;
+CREATE UNIQUE INDEX nodes_wg_key ON nodes (wg_key);
+";
 
 /// Records `version` in `meta` (both dialects): the last statement of each step's transaction.
 pub(crate) const SET_VERSION_SQLITE: &str =

@@ -286,6 +286,41 @@ pub struct StoredNode {
     pub public_key: Vec<u8>,
     pub token: String,
     pub revoked_at: Option<i64>,
+    pub wg_key: Option<Vec<u8>>,
+    pub wg_endpoints: String,
+    pub wg_registered_at: Option<i64>,
+}
+
+/// A node's WireGuard registration (`POST /peers`, checked by the caller): its public key and
+/// its candidate endpoints in their canonical text, space-separated.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRegistration<'a> {
+    pub node: &'a str,
+    pub wg_key: &'a [u8; 32],
+    pub endpoints: &'a str,
+    pub now: u64,
+}
+
+/// What `register_peer` did, decided inside its transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// Stored (a key and endpoints registered before are replaced).
+    Done,
+    /// No node has that id.
+    NoNode,
+    /// The node is revoked: nothing stored.
+    Revoked,
+    /// Another node (named) holds that key: nothing stored.
+    KeyHeldBy(String),
+}
+
+/// One row of a project's peer list, as stored (the caller parses and checks it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRow {
+    pub node: String,
+    pub address: String,
+    pub wg_key: Vec<u8>,
+    pub endpoints: String,
 }
 
 impl Snapshot {
@@ -294,7 +329,8 @@ impl Snapshot {
     pub(crate) const CERT_COLUMNS: &'static str =
         "project, serial, kind, subject, issued, not_after, revoked_at, pem";
     pub(crate) const NODE_COLUMNS: &'static str =
-        "id, num, project, node_type, address, enrolled_at, cert_serial, public_key, token, revoked_at";
+        "id, num, project, node_type, address, enrolled_at, cert_serial, public_key, token, revoked_at, \
+         wg_key, wg_endpoints, wg_registered_at";
 }
 
 /// The state database, whatever holds it. Synchronous: callers are threads of `idhal serve`
@@ -355,6 +391,21 @@ pub trait StateStore: Send {
     /// transaction; a node already revoked keeps its time. Returns the row as it was before
     /// (`revoked_at` set: it was revoked already), or `None` for no such node.
     fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError>;
+    /// The node `id` and the Ed25519 key its certificate certifies (what signs its `POST
+    /// /peers` requests), if any (read).
+    fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError>;
+    /// Stores `reg`'s key and endpoints for its node, in one transaction that reads the node
+    /// (unknown or revoked: nothing stored) and the key's holder (another node: nothing
+    /// stored); a registration of the node before is replaced whole.
+    fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError>;
+    /// `project`'s peers as a node gets them: every node with a registered key, revoked ones
+    /// and `except` (the asker) left out, in enrollment order, at most `limit` (read).
+    fn peers(
+        &mut self,
+        project: &str,
+        except: &str,
+        limit: usize,
+    ) -> Result<Vec<PeerRow>, StateError>;
     /// Every row, read in one transaction (a consistent copy while servers run).
     fn export(&mut self) -> Result<Snapshot, StateError>;
     /// Writes every row of `snapshot` and its counters, in one transaction; refused unless

@@ -8,11 +8,11 @@
 
 use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, Resign, SignCert, SignCrl,
-    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
-    TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, PeerRegistration, PeerRow, PublishCert,
+    Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert,
+    StoredNode, StoredToken, TokenInfo, TokenRecord,
 };
-use crate::ca::db::{NodeRow, Open, ProjectRow};
+use crate::ca::db::{wg_key_text, NodeRow, Open, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
 use crate::ca::ProjectError;
 use crate::names::Ipv4Net;
@@ -284,6 +284,8 @@ fn node_row(r: &Row) -> NodeRow {
         enrolled_at: r.get::<_, i64>(4) as u64,
         cert_serial: r.get::<_, i64>(5) as u64,
         revoked_at: r.get::<_, Option<i64>>(6).map(|t| t as u64),
+        wg_key: r.get::<_, Option<Vec<u8>>>(7).map(wg_key_text),
+        wg_registered_at: r.get::<_, Option<i64>>(8).map(|t| t as u64),
     }
 }
 
@@ -659,6 +661,93 @@ impl StateStore for PgStore {
         Ok(Some(node))
     }
 
+    fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError> {
+        let sql = format!(
+            "SELECT {}, public_key FROM nodes WHERE id = $1",
+            NodeRow::COLUMNS
+        );
+        let row = self
+            .client
+            .query_opt(&sql, &[&id])
+            .map_err(pg_err(&self.url))?;
+        Ok(row.map(|r| (node_row(&r), r.get(9))))
+    }
+
+    fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // The node's row locked until commit: a revocation waits for this registration, or
+        // this one sees it.
+        let revoked: Option<Option<i64>> = tx
+            .query_opt(
+                "SELECT revoked_at FROM nodes WHERE id = $1 FOR UPDATE",
+                &[&reg.node],
+            )
+            .map_err(&err)?
+            .map(|r| r.get(0));
+        match revoked {
+            None => return Ok(Registered::NoNode),
+            Some(Some(_)) => return Ok(Registered::Revoked),
+            Some(None) => {}
+        }
+        let key = &reg.wg_key[..];
+        let holder = |tx: &mut postgres::Transaction| -> Result<Option<String>, StateError> {
+            Ok(tx
+                .query_opt(
+                    "SELECT id FROM nodes WHERE wg_key = $1 AND id <> $2",
+                    &[&key, &reg.node],
+                )
+                .map_err(&err)?
+                .map(|r| r.get(0)))
+        };
+        if let Some(h) = holder(&mut tx)? {
+            return Ok(Registered::KeyHeldBy(h));
+        }
+        let updated = tx.execute(
+            "UPDATE nodes SET wg_key = $2, wg_endpoints = $3, wg_registered_at = $4 WHERE id = $1",
+            &[&reg.node, &key, &reg.endpoints, &(reg.now as i64)],
+        );
+        match updated {
+            // Another node registered the same key at the same moment and committed first: the
+            // unique index refused this one (the transaction is over; the holder is read anew).
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                drop(tx);
+                let mut tx = self.client.transaction().map_err(&err)?;
+                let h = holder(&mut tx)?.unwrap_or_else(|| "another node".into());
+                return Ok(Registered::KeyHeldBy(h));
+            }
+            other => other.map_err(&err)?,
+        };
+        tx.commit().map_err(&err)?;
+        Ok(Registered::Done)
+    }
+
+    fn peers(
+        &mut self,
+        project: &str,
+        except: &str,
+        limit: usize,
+    ) -> Result<Vec<PeerRow>, StateError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, address, wg_key, wg_endpoints FROM nodes
+                 WHERE project = $1 AND id <> $2 AND wg_key IS NOT NULL AND revoked_at IS NULL
+                 ORDER BY num LIMIT $3",
+                &[&project, &except, &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .map_err(pg_err(&self.url))?;
+        Ok(rows
+            .iter()
+            .map(|r| PeerRow {
+                node: r.get(0),
+                address: r.get(1),
+                wg_key: r.get(2),
+                endpoints: r.get(3),
+            })
+            .collect())
+    }
+
     fn export(&mut self) -> Result<Snapshot, StateError> {
         let err = pg_err(&self.url);
         // REPEATABLE READ: every table read in one snapshot while servers keep writing.
@@ -737,6 +826,9 @@ impl StateStore for PgStore {
             public_key: r.get(7),
             token: r.get(8),
             revoked_at: r.get(9),
+            wg_key: r.get(10),
+            wg_endpoints: r.get(11),
+            wg_registered_at: r.get(12),
         })
         .collect();
         tx.commit().map_err(&err)?;
@@ -836,7 +928,8 @@ impl StateStore for PgStore {
         for n in &snap.nodes {
             tx.execute(
                 &format!(
-                    "INSERT INTO nodes ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO nodes ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                                                     $11, $12, $13)",
                     Snapshot::NODE_COLUMNS
                 ),
                 &[
@@ -850,6 +943,9 @@ impl StateStore for PgStore {
                     &n.public_key,
                     &n.token,
                     &n.revoked_at,
+                    &n.wg_key,
+                    &n.wg_endpoints,
+                    &n.wg_registered_at,
                 ],
             )
             .map_err(&err)?;

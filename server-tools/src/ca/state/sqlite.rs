@@ -2,9 +2,9 @@
 
 use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, PublishCert, Resign, SignCert, SignCrl,
-    SignNode, Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo,
-    TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, PeerRegistration, PeerRow, PublishCert,
+    Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert,
+    StoredNode, StoredToken, TokenInfo, TokenRecord,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -375,6 +375,85 @@ impl StateStore for Db {
         })
     }
 
+    fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError> {
+        let sql = format!(
+            "SELECT {}, public_key FROM nodes WHERE id = ?1",
+            NodeRow::COLUMNS
+        );
+        self.conn
+            .query_row(&sql, [id], |r| Ok((NodeRow::from_row(r)?, r.get(9)?)))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError> {
+        // BEGIN IMMEDIATE: no revocation nor other registration between the reads and the write.
+        self.immediate(|tx, err| {
+            let revoked: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT revoked_at FROM nodes WHERE id = ?1",
+                    [reg.node],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(err)?;
+            match revoked {
+                None => return Ok(Registered::NoNode),
+                Some(Some(_)) => return Ok(Registered::Revoked),
+                Some(None) => {}
+            }
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM nodes WHERE wg_key = ?1 AND id <> ?2",
+                    params![&reg.wg_key[..], reg.node],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(err)?;
+            if let Some(h) = holder {
+                return Ok(Registered::KeyHeldBy(h));
+            }
+            tx.execute(
+                "UPDATE nodes SET wg_key = ?2, wg_endpoints = ?3, wg_registered_at = ?4
+                 WHERE id = ?1",
+                params![reg.node, &reg.wg_key[..], reg.endpoints, reg.now as i64],
+            )
+            .map_err(err)?;
+            Ok::<_, StateError>(Registered::Done)
+        })
+    }
+
+    fn peers(
+        &mut self,
+        project: &str,
+        except: &str,
+        limit: usize,
+    ) -> Result<Vec<PeerRow>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, address, wg_key, wg_endpoints FROM nodes
+                 WHERE project = ?1 AND id <> ?2 AND wg_key IS NOT NULL AND revoked_at IS NULL
+                 ORDER BY num LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(
+                params![project, except, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(PeerRow {
+                        node: r.get(0)?,
+                        address: r.get(1)?,
+                        wg_key: r.get(2)?,
+                        endpoints: r.get(3)?,
+                    })
+                },
+            )
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
+        drop(stmt);
+        rows.map_err(|e| self.err(e))
+    }
+
     fn export(&mut self) -> Result<Snapshot, StateError> {
         let path = self.path.clone();
         let err = |source| StateError::Sqlite {
@@ -467,6 +546,9 @@ impl StateStore for Db {
                         public_key: r.get(7)?,
                         token: r.get(8)?,
                         revoked_at: r.get(9)?,
+                        wg_key: r.get(10)?,
+                        wg_endpoints: r.get(11)?,
+                        wg_registered_at: r.get(12)?,
                     })
                 })
                 .map_err(err)?
@@ -573,7 +655,8 @@ impl StateStore for Db {
             for n in &snap.nodes {
                 tx.execute(
                     &format!(
-                        "INSERT INTO nodes ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        "INSERT INTO nodes ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
+                                                     ?11, ?12, ?13)",
                         Snapshot::NODE_COLUMNS
                     ),
                     params![
@@ -586,7 +669,10 @@ impl StateStore for Db {
                         n.cert_serial,
                         n.public_key,
                         n.token,
-                        n.revoked_at
+                        n.revoked_at,
+                        n.wg_key,
+                        n.wg_endpoints,
+                        n.wg_registered_at
                     ],
                 )
                 .map_err(err)?;

@@ -464,6 +464,126 @@ both! {
     }
 }
 
+/// Registers `key` (32 bytes of `k`) for `node` with `endpoints` at `now`.
+fn register(s: &mut dyn StateStore, node: &str, k: u8, endpoints: &str, now: u64) -> Registered {
+    s.register_peer(&PeerRegistration {
+        node,
+        wg_key: &[k; 32],
+        endpoints,
+        now,
+    })
+    .unwrap()
+}
+
+/// `(node, first key byte, endpoints)` of each peer `asker` gets.
+fn listed(s: &mut dyn StateStore, project: &str, asker: &str) -> Vec<(String, u8, String)> {
+    s.peers(project, asker, 100)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.node, p.wg_key[0], p.endpoints))
+        .collect()
+}
+
+/// The WireGuard registrations of direct paths (`POST /peers`).
+mod peers {
+    use super::*;
+
+    both! {
+        fn peers_register_replace_and_list_without_the_asker_the_revoked_and_the_unregistered(s, _c) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.insert_project("q", 0, "10.9.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 10)).unwrap();
+            let mut q = token("tq", 1, 10);
+            q.project = "q".into();
+            s.create_token(&q).unwrap();
+            for k in 1..=3u8 {
+                enroll(s, "t", &[k; 32], 10).unwrap();
+            }
+            let other = s
+                .enroll(&Claim { project: "q", ..claim("tq", &[4; 32], 10) }, &mut |a| Ok(format!("pem {}", a.serial)))
+                .unwrap();
+            // The enrollment key, for the signature check.
+            let (row, key) = s.node_key("client2").unwrap().unwrap();
+            assert_eq!((row.id.as_str(), key), ("client2", vec![2u8; 32]));
+            assert_eq!((row.wg_key, row.wg_registered_at), (None, None));
+            assert_eq!(s.node_key("client9").unwrap(), None);
+
+            assert_eq!(register(s, "client1", 0xa1, "192.168.1.1:51820", 20), Registered::Done);
+            assert_eq!(register(s, "client2", 0xb2, "192.168.1.2:51820 [2001:db8::2]:51820", 21), Registered::Done);
+            assert_eq!(register(s, other.node.as_str(), 0xc4, "192.168.1.4:51820", 22), Registered::Done);
+            let one = ("client1".to_owned(), 0xa1, "192.168.1.1:51820".to_owned());
+            let two = ("client2".to_owned(), 0xb2, "192.168.1.2:51820 [2001:db8::2]:51820".to_owned());
+            // Never the asker, never another project's node, never one without a key.
+            assert_eq!(listed(s, "p", "client1"), std::slice::from_ref(&two));
+            assert_eq!(listed(s, "p", "client2"), std::slice::from_ref(&one));
+            assert_eq!(listed(s, "p", "client3"), [one.clone(), two.clone()]);
+            assert_eq!(s.peers("p", "client3", 1).unwrap().len(), 1, "limit");
+            assert_eq!(listed(s, "q", other.node.as_str()), []);
+            let n = s.node("client2").unwrap().unwrap();
+            assert_eq!(n.wg_key, Some(idhal_manifest::peers::WgKey([0xb2; 32]).to_string()));
+            assert_eq!(n.wg_registered_at, Some(21));
+            assert_eq!(s.node("client3").unwrap().unwrap().wg_registered_at, None);
+
+            // Again with the same key and new endpoints (none): replaced whole.
+            assert_eq!(register(s, "client1", 0xa1, "", 30), Registered::Done);
+            assert_eq!(listed(s, "p", "client3")[0], ("client1".to_owned(), 0xa1, String::new()));
+            assert_eq!(s.node("client1").unwrap().unwrap().wg_registered_at, Some(30));
+            // A key another node holds, in this project or another: refused, nothing changed.
+            assert_eq!(register(s, "client3", 0xb2, "192.168.1.3:1", 31), Registered::KeyHeldBy("client2".into()));
+            assert_eq!(register(s, "client3", 0xc4, "192.168.1.3:1", 31), Registered::KeyHeldBy(other.node.clone()));
+            assert_eq!(s.node("client3").unwrap().unwrap().wg_key, None);
+            // A new key for client1 frees its old one.
+            assert_eq!(register(s, "client1", 0xa2, "", 32), Registered::Done);
+            assert_eq!(register(s, "client3", 0xa1, "192.168.1.3:1", 33), Registered::Done);
+
+            // Revoked: gone from every list, and it cannot register again; its key stays taken.
+            s.revoke("client2", 40).unwrap();
+            assert_eq!(register(s, "client2", 0xb3, "", 41), Registered::Revoked);
+            assert_eq!(s.node("client2").unwrap().unwrap().wg_registered_at, Some(21));
+            let names = |v: Vec<(String, u8, String)>| v.into_iter().map(|p| p.0).collect::<Vec<_>>();
+            assert_eq!(names(listed(s, "p", "client1")), ["client3"]);
+            assert_eq!(names(listed(s, "p", "client3")), ["client1"]);
+            assert_eq!(register(s, "client1", 0xb2, "", 42), Registered::KeyHeldBy("client2".into()));
+            assert_eq!(register(s, "client9", 0xd9, "", 42), Registered::NoNode);
+        }
+
+        fn concurrent_registrations_all_land_and_a_contested_key_goes_to_one(s, connect) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 100)).unwrap();
+            for k in 1..=16u8 {
+                enroll(s, "t", &[k; 32], 10).unwrap();
+            }
+            let connect = std::sync::Arc::new(connect);
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let threads: Vec<_> = (0..8u8)
+                .map(|t| {
+                    let (connect, start) = (connect.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        let mut store = connect();
+                        start.wait();
+                        // Its own key for client(t+1), then the same key for client(t+9) as all others.
+                        let own = register(store.as_mut(), &format!("client{}", t + 1), t + 1, "192.168.2.1:1", 50);
+                        let contested = register(store.as_mut(), &format!("client{}", t + 9), 0xee, "192.168.2.2:2", 50);
+                        (own, contested)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            assert!(results.iter().all(|(own, _)| *own == Registered::Done), "{results:?}");
+            let winners = results.iter().filter(|(_, c)| *c == Registered::Done).count();
+            assert_eq!(winners, 1, "{results:?}");
+            let listed_all = listed(s, "p", "client16");
+            assert_eq!(listed_all.len(), 9, "{listed_all:?}");
+            let holder = listed_all.iter().find(|p| p.1 == 0xee).unwrap().0.clone();
+            for (_, c) in &results {
+                if *c != Registered::Done {
+                    assert_eq!(*c, Registered::KeyHeldBy(holder.clone()));
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn an_empty_database_is_refused_until_migrated() {
     let dir = tempfile::tempdir().unwrap();
@@ -535,6 +655,10 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
     for k in 1..=3u8 {
         enroll(s, "t", &[k; 32], 10).unwrap();
     }
+    assert_eq!(
+        register(s, "client1", 0xa1, "192.168.1.1:51820", 15),
+        Registered::Done
+    );
     s.revoke("client2", 20).unwrap();
     s.issue_server_cert(
         "p",
@@ -558,6 +682,14 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
         (2, 2, 4, 3)
     );
     assert_eq!((snap.next_node, snap.schema_version), (4, SCHEMA_VERSION));
+    assert_eq!(
+        (
+            snap.nodes[0].wg_key.as_deref(),
+            snap.nodes[0].wg_endpoints.as_str(),
+            snap.nodes[0].wg_registered_at
+        ),
+        (Some(&[0xa1; 32][..]), "192.168.1.1:51820", Some(15))
+    );
 
     let mut target = PgStore::connect(&pg.fresh_db(), None, Open::Create).unwrap();
     target.import(&snap).unwrap();
@@ -577,6 +709,15 @@ fn a_copy_keeps_every_row_and_counter_and_fills_only_an_empty_database() {
         enroll(&mut target, "t", &[2; 32], 40),
         Err(Refusal::KeyInUse)
     ));
+    // The WireGuard registration came along: listed, and its key still one node's.
+    assert_eq!(
+        listed(&mut target, "p", "client3"),
+        [("client1".to_owned(), 0xa1, "192.168.1.1:51820".to_owned())]
+    );
+    assert_eq!(
+        register(&mut target, "client3", 0xa1, "", 41),
+        Registered::KeyHeldBy("client1".into())
+    );
 
     // Filled once: a second copy is refused and changes nothing.
     let before = target.export().unwrap();
@@ -707,5 +848,45 @@ fn a_version_1_database_migrates_and_its_first_check_stores_a_crl() {
                 .unwrap(),
             None
         );
+    }
+}
+
+/// A database of version 2 with enrolled nodes: migrated to 3, every node is there with no
+/// WireGuard key, and registering one works on both backends.
+#[test]
+fn a_version_2_database_migrates_with_its_nodes_unregistered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores: Vec<Box<dyn StateStore>> =
+        vec![Box::new(Db::open(dir.path(), Open::Migrate).unwrap())];
+    if let Some(pg) = idhal_test_support::pg::shared() {
+        stores.push(Box::new(
+            PgStore::connect(&pg.fresh_db(), None, Open::Migrate).unwrap(),
+        ));
+    }
+    for mut s in stores {
+        let s = s.as_mut();
+        migrate(s, &MIGRATIONS[..2]).unwrap();
+        s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(()))
+            .unwrap();
+        s.create_token(&token("t", 1, 5)).unwrap();
+        enroll(s, "t", &[1; 32], 10).unwrap();
+        enroll(s, "t", &[2; 32], 10).unwrap();
+        assert_eq!(
+            migrate(s, MIGRATIONS).unwrap(),
+            migrate::Migrated { from: 2, to: 3 }
+        );
+        let n = s.node("client1").unwrap().unwrap();
+        assert_eq!(
+            (n.enrolled_at, n.wg_key, n.wg_registered_at),
+            (10, None, None),
+            "{}",
+            s.describe()
+        );
+        assert_eq!(listed(s, "p", "client2"), []);
+        assert_eq!(
+            register(s, "client1", 7, "192.168.0.1:1", 20),
+            Registered::Done
+        );
+        assert_eq!(listed(s, "p", "client2").len(), 1, "{}", s.describe());
     }
 }

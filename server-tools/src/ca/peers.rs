@@ -1,0 +1,233 @@
+//! The peers service behind `POST /peers` (mounted by `idhal serve` beside enrollment, sharing
+//! its connections and CA cache): a node registers its WireGuard key and endpoints in a request
+//! signed with its enrollment key, and gets its project's peer list signed with the project's
+//! enrollment key (docs/direct-paths.md).
+//!
+//! Checks run in one fixed order, each with its own refusal: parse, node known, signature with
+//! the key stored at enrollment, revoked, clock, endpoints outside the project's pool, then the
+//! registration (one transaction that checks the revocation and the key's holder again).
+
+use crate::ca::db::DbError;
+use crate::ca::enroll::{Enroller, PoolFailure};
+use crate::ca::state::{PeerRegistration, PeerRow, Registered};
+use idhal_manifest::peers::{
+    endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_PEERS,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Why a registration was refused. `status` and the Display text are what the node sees (one
+/// line); the one mapping to HTTP is here and in docs/direct-paths.md.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("unknown node {0}: enroll it first")]
+    UnknownNode(String),
+    #[error("the request is not signed by node {0}'s enrollment key")]
+    BadSignature(String),
+    #[error("node {0} was revoked")]
+    Revoked(String),
+    #[error("request time is {0} s away from the server's clock (more than the allowed skew): fix the node's clock")]
+    ClockSkew(i64),
+    #[error("endpoint {endpoint} is {why} {pool}: register addresses other nodes reach without the tunnel")]
+    Endpoint {
+        endpoint: SocketAddr,
+        why: &'static str,
+        pool: Net4,
+    },
+    #[error("this WireGuard key is registered by another node: make a new key pair (wg genkey)")]
+    KeyInUse {
+        /// Who holds it: for the server's log only.
+        holder: String,
+    },
+    #[error("project {project} has more than {MAX_PEERS} registered peers: a list cannot carry them all")]
+    TooManyPeers { project: String },
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::Malformed(_) | Refusal::Endpoint { .. } => 400,
+            Refusal::BadSignature(_) => 401,
+            Refusal::UnknownNode(_) => 403,
+            Refusal::KeyInUse { .. } => 409,
+            Refusal::Revoked(_) => 410,
+            Refusal::ClockSkew(_) => 422,
+            Refusal::Internal(_) => 500,
+            Refusal::TooManyPeers { .. } => 503,
+        }
+    }
+}
+
+impl From<DbError> for Refusal {
+    fn from(e: DbError) -> Self {
+        Refusal::Internal(format!("{e:#}"))
+    }
+}
+
+impl PoolFailure for Refusal {
+    fn closes_connection(&self) -> bool {
+        matches!(self, Refusal::Internal(_))
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    Refusal::Internal(e.to_string())
+}
+
+/// What one registration gave: the signed list, and what the log line names.
+#[derive(Debug)]
+pub struct Registration {
+    pub response: Vec<u8>,
+    pub node: String,
+    pub project: String,
+    pub wg_key: WgKey,
+    pub endpoints: usize,
+    pub peers: usize,
+}
+
+pub struct Peers {
+    enroller: Arc<Enroller>,
+}
+
+impl Peers {
+    /// Borrows `enroller`'s connections, CA cache and configuration.
+    pub fn new(enroller: Arc<Enroller>) -> Self {
+        Self { enroller }
+    }
+
+    /// Handles one encoded request at time `now`.
+    pub fn register(&self, body: &[u8], now: u64) -> Result<Registration, Refusal> {
+        let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let req = &signed.request;
+        let (row, node_key) = self
+            .enroller
+            .with_db(|db| Ok::<_, Refusal>(db.node_key(&req.node)?))?
+            .ok_or_else(|| Refusal::UnknownNode(req.node.clone()))?;
+        let node_key: [u8; 32] = node_key
+            .try_into()
+            .map_err(|_| internal(format!("stored key of node {} is not 32 bytes", req.node)))?;
+        signed.verify(&node_key).map_err(|e| match e {
+            PeersError::RequestSignature => Refusal::BadSignature(req.node.clone()),
+            other => Refusal::Malformed(other.to_string()),
+        })?;
+        if row.revoked_at.is_some() {
+            return Err(Refusal::Revoked(req.node.clone()));
+        }
+        let cfg = self.enroller.config();
+        let skew = req.time as i64 - now as i64;
+        if skew.unsigned_abs() > cfg.ca.max_clock_skew_secs {
+            return Err(Refusal::ClockSkew(skew));
+        }
+        let project = self
+            .enroller
+            .with_db(|db| Ok::<_, Refusal>(db.project(&row.project)?))?
+            .ok_or_else(|| internal(format!("node {}'s project is missing", req.node)))?;
+        let pool: Net4 = project
+            .pool
+            .parse()
+            .map_err(|e| internal(format!("project {}'s pool: {e}", project.name)))?;
+        for e in &req.endpoints {
+            if let Some(why) = endpoint_problem(e, Some(&pool)) {
+                return Err(Refusal::Endpoint {
+                    endpoint: *e,
+                    why,
+                    pool,
+                });
+            }
+        }
+        let endpoints = req
+            .endpoints
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let registration = PeerRegistration {
+            node: &req.node,
+            wg_key: &req.wg_key.0,
+            endpoints: &endpoints,
+            now,
+        };
+        let rows = self.enroller.with_writer(|db| {
+            match db.register_peer(&registration)? {
+                Registered::Done => {}
+                Registered::NoNode => return Err(Refusal::UnknownNode(req.node.clone())),
+                Registered::Revoked => return Err(Refusal::Revoked(req.node.clone())),
+                Registered::KeyHeldBy(holder) => return Err(Refusal::KeyInUse { holder }),
+            }
+            // Read through the same connection right after the commit: the list holds this
+            // node's own registration's effects (none: it is never listed) and every other
+            // committed one.
+            Ok(db.peers(&project.name, &req.node, MAX_PEERS + 1)?)
+        })?;
+        if rows.len() > MAX_PEERS {
+            return Err(Refusal::TooManyPeers {
+                project: project.name.clone(),
+            });
+        }
+        let peers = rows
+            .into_iter()
+            .map(|r| peer(r, &pool))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ca = self.enroller.ca(&project.name).map_err(|e| match e {
+            crate::ca::enroll::Refusal::Internal(d) => Refusal::Internal(d),
+            other => internal(other),
+        })?;
+        let response = Response {
+            request: signed.digest,
+            project: project.name.clone(),
+            node: req.node.clone(),
+            pool,
+            refresh: cfg.peers.refresh_secs,
+            keepalive: cfg.peers.keepalive_secs,
+            fallback: cfg.peers.fallback_secs,
+            peers,
+        };
+        let count = response.peers.len();
+        Ok(Registration {
+            response: response.sign(&ca.enroll),
+            node: req.node.clone(),
+            project: project.name,
+            wg_key: req.wg_key,
+            endpoints: req.endpoints.len(),
+            peers: count,
+        })
+    }
+}
+
+/// A stored row as the list carries it, checked as the agent will check it (a row that breaks
+/// a rule would make `Response::sign` panic: it is refused here, naming the node).
+fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, Refusal> {
+    let bad = |why: String| internal(format!("stored peer {}: {why}", r.node));
+    let address = r
+        .address
+        .parse()
+        .ok()
+        .filter(|a| pool.contains(*a))
+        .ok_or_else(|| bad(format!("address {:?} not in pool {pool}", r.address)))?;
+    let wg_key = WgKey(
+        r.wg_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("key is not 32 bytes".into()))?,
+    );
+    let endpoints = r
+        .endpoints
+        .split_ascii_whitespace()
+        .map(|e| {
+            e.parse::<SocketAddr>()
+                .ok()
+                .filter(|a| a.to_string() == e && endpoint_problem(a, Some(pool)).is_none())
+                .ok_or_else(|| bad(format!("endpoint {e:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Peer {
+        node: r.node,
+        address,
+        wg_key,
+        endpoints,
+    })
+}
