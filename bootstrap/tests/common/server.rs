@@ -43,8 +43,17 @@ pub struct Project {
 
 impl Project {
     pub fn new() -> Project {
+        Project::with_openvpn("")
+    }
+
+    /// With `extra` lines in server.toml's `[openvpn]` section.
+    pub fn with_openvpn(extra: &str) -> Project {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("server.toml"), SERVER_CONFIG).unwrap();
+        std::fs::write(
+            dir.path().join("server.toml"),
+            format!("{SERVER_CONFIG}{extra}"),
+        )
+        .unwrap();
         let p = Project {
             dir,
             enroll_key: String::new(),
