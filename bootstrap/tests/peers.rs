@@ -158,6 +158,33 @@ fn two_enrolled_nodes_see_each_other() {
             0o600
         );
     }
+
+    // Eight at once: each either runs or finds the lock held, and the files end up whole.
+    let runs: Vec<_> = (0..8)
+        .map(|_| {
+            t.a.command("peers", &["--server", &t.server.url])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let codes: Vec<i32> = runs
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().status.code().unwrap())
+        .collect();
+    assert!(codes.iter().all(|c| *c == 0 || *c == 7), "{codes:?}");
+    assert!(codes.contains(&0), "{codes:?}");
+    assert_eq!(
+        t.a.read("state/peers/list").unwrap(),
+        format!("{timings}peer {} 10.134.0.3 client2\n", t.wg_b)
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert_eq!(names, Vec::<String>::new(), "temp files left behind");
     drop(t.project);
 }
 
@@ -400,6 +427,24 @@ fn preconditions_are_refused_before_any_network() {
         ["/peers", "/peers", "/peers"]
     );
     assert_eq!(outputs(&node), (None, None));
+
+    // A server that trickles its answer, or sends one without end: each bounded (the request's
+    // deadline, the list's 1 MiB cap), a fetch failure, nothing written.
+    for (fault, want) in [
+        (Fault::Trickle, "timed out"),
+        (
+            Fault::Endless,
+            "response larger than the 1048576-byte limit",
+        ),
+    ] {
+        watch.set_fault(fault);
+        let run = Run(node
+            .command("peers", &["--server", &watch.url, "--timeout", "1s"])
+            .output()
+            .unwrap());
+        run.expect(4, want);
+        assert_eq!(outputs(&node), (None, None));
+    }
 }
 
 #[test]
