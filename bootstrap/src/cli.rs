@@ -18,14 +18,16 @@ USAGE:
     idhal-bootstrap run [OPTIONS]      fetch, verify, run pending scriptlets
     idhal-bootstrap enroll [OPTIONS]   get this node's identity, certificate and OpenVPN config
                                        with a one-time token (from the first scriptlet)
+    idhal-bootstrap peers [OPTIONS]    register this node's WireGuard key and endpoints, get
+                                       the signed list of its project's peers (from a scriptlet)
     idhal-bootstrap status [--json]    show what was pinned, accepted, run, enrolled (no network)
     idhal-bootstrap --help | --version
 
 OPTIONS (all commands):
     --config FILE       settings file [default: /etc/idhal/bootstrap.conf]
     --state-dir DIR     node state [default: /var/lib/idhal]
-    --proc DIR          where to read cmdline and boot_id [default: /proc]
-OPTIONS (run and enroll; each overrides bootstrap.conf and the kernel command line):
+    --proc DIR          where to read cmdline, boot_id, net/route [default: /proc]
+OPTIONS (run, enroll and peers; each overrides bootstrap.conf and the kernel command line):
     --server URL        manifest server, e.g. http://10.0.2.100:8080/ (kernel: idhal.server=)
     --retries N         retries after a transient failure, exponential backoff with jitter
                         [default: 5]
@@ -48,11 +50,25 @@ ENROLL:
     the token without sending it, accepts only an answer signed by that key, and enrolls
     once (later: \"already enrolled\", exit 0, no network).
 
+PEERS:
+    Runs from a scriptlet (see 050-direct-paths.sh.example) after `enroll`, every refresh.
+    Reads STATE/peers/wg.pub (`wg pubkey` output; wg.key is never read) and
+    STATE/peers/endpoints (one ADDR:PORT per line, at most 8, may be empty), sends them signed
+    with the node's enrollment key to the manifest's param peers-url (else SERVER/peers), and
+    accepts only a list signed by the enrollment key that answers this very request. Then it
+    writes STATE/peers/wg.conf (`wg addconf` input: per peer its key, the endpoint it picked,
+    a keepalive; no AllowedIPs) and STATE/peers/list (`refresh N`, `keepalive N`, `fallback N`,
+    then `peer KEY VPNADDR NODEID` lines). Per peer it picks the first endpoint in one of this
+    node's connected subnets (/proc/net/route), else the first other one, never its own address
+    nor one in the VPN pool. Refused (exit 5): nothing is written, except when the server says
+    the node is unknown (403) or revoked (410): then both files list no peer, so every direct
+    path is dropped and traffic goes back to the tunnel.
+
 EXIT CODES:
     0 ok    2 usage    3 configuration    4 fetch failed (after retries)
-    5 refused (signature, key, pin, rollback, expiry; enroll: token refused by the server,
-      answer not signed by the enrollment key)    6 a scriptlet failed
-    7 a lock is held: another run or enroll, or a scriptlet an earlier run started
+    5 refused (signature, key, pin, rollback, expiry; enroll, peers: the server said no, or its
+      answer is not signed by the enrollment key)    6 a scriptlet failed
+    7 a lock is held: another run, enroll or peers, or a scriptlet an earlier run started
     8 state directory error
     9 (status) nothing failed but scriptlets are pending or no manifest was accepted yet
 
@@ -62,7 +78,8 @@ FILES:
                                 retries, max_manifest_size, splay
     /var/lib/idhal/             server.pub (pinned key), serial, manifest, manifest.minisig,
                                 last-run, scriptlets/<id>/{script,log,done,failed,lock},
-                                enroll/{node.key,node.crt,ca.crt,openvpn.conf,address,node-id}
+                                enroll/{node.key,node.crt,ca.crt,openvpn.conf,address,node-id},
+                                peers/{wg.pub,endpoints (the scriptlet's), wg.conf,list,state.lock}
 ";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -79,6 +96,7 @@ pub struct Common {
 pub enum Cli {
     Run(Common),
     Enroll { common: Common, args: EnrollArgs },
+    Peers(Common),
     Status { common: Common, json: bool },
     Help,
     Version,
@@ -95,7 +113,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         Some(other) => return Err(usage(other.unexpected())),
         None => {
             return Err(AgentError::Usage(
-                "missing command: run, enroll or status (see --help)".into(),
+                "missing command: run, enroll, peers or status (see --help)".into(),
             ))
         }
     };
@@ -110,7 +128,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         token_file: None,
         fw_cfg: enroll::FW_CFG.into(),
     };
-    let (run, net) = (cmd == "run", cmd == "run" || cmd == "enroll");
+    let run = cmd == "run";
+    let net = matches!(cmd.as_str(), "run" | "enroll" | "peers");
     while let Some(arg) = p.next().map_err(usage)? {
         let setting = match arg {
             Long("help") | Short('h') => return Ok(Cli::Help),
@@ -156,9 +175,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
     match cmd.as_str() {
         "run" => Ok(Cli::Run(common)),
         "enroll" => Ok(Cli::Enroll { common, args }),
+        "peers" => Ok(Cli::Peers(common)),
         "status" => Ok(Cli::Status { common, json }),
         other => Err(AgentError::Usage(format!(
-            "unknown command {other:?}: expected run, enroll or status (see --help)"
+            "unknown command {other:?}: expected run, enroll, peers or status (see --help)"
         ))),
     }
 }
@@ -225,6 +245,28 @@ mod tests {
     }
 
     #[test]
+    fn parses_peers() {
+        let Cli::Peers(c) = parse(args(
+            "peers --state-dir /s --config /c --server http://a/ --retries 2 --timeout 9s --proc /p",
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.overrides,
+            vec![
+                ("state_dir".into(), "/s".into()),
+                ("server".into(), "http://a/".into()),
+                ("retries".into(), "2".into()),
+                ("timeout".into(), "9s".into()),
+            ]
+        );
+        assert!(c.config_required);
+        assert_eq!(c.proc_root, PathBuf::from("/p"));
+        assert_eq!(parse(args("peers --help")).unwrap(), Cli::Help);
+    }
+
+    #[test]
     fn refuses_bad_usage() {
         for bad in [
             "",
@@ -241,6 +283,15 @@ mod tests {
             "enroll --insecure-trust-first-use",
             "enroll --json",
             "enroll --token-file",
+            "peers --token-file /t",
+            "peers --fw-cfg /f",
+            "peers --key /k",
+            "peers --pin sha256:x",
+            "peers --splay 1m",
+            "peers --insecure-trust-first-use",
+            "peers --json",
+            "peers --server",
+            "peers extra",
         ] {
             assert!(
                 matches!(parse(args(bad)), Err(AgentError::Usage(_))),

@@ -8,12 +8,12 @@
 use crate::config::{Config, Proc};
 use crate::error::AgentError;
 use crate::fetch::{fetch_error, Fetcher};
-use crate::http::{HttpError, Url};
+use crate::http::HttpError;
 use crate::random::fill_random;
 use crate::state::{write_atomic, StateDir};
-use crate::{log, pin};
-use idhal_manifest::enroll::{self, EnrollKey, KeyPair, Request, Response, Seed, Token};
-use idhal_manifest::{der, time::now, Expiry, Policy};
+use crate::{log, trust};
+use idhal_manifest::enroll::{self, KeyPair, Request, Response, Seed, Token};
+use idhal_manifest::{der, time::now};
 use std::fs;
 use std::io::{Error, ErrorKind};
 use std::os::unix::fs::PermissionsExt;
@@ -60,15 +60,8 @@ pub fn enrolled(state: &StateDir) -> Result<Option<(String, String)>, AgentError
 #[inline(never)]
 pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> {
     let state = StateDir::new(&cfg.state_dir);
-    let not_yet = || {
-        AgentError::Config(format!(
-            "{}: no accepted manifest yet: `enroll` runs after `idhal-bootstrap run` accepted a \
-             signed manifest (call it from a scriptlet)",
-            cfg.state_dir.display()
-        ))
-    };
     if !state.root.is_dir() {
-        return Err(not_yet());
+        return Err(trust::no_manifest(cfg, "enroll"));
     }
     let _lock = state.lock(LOCK)?;
     if let Some((node, address)) = enrolled(&state)? {
@@ -77,38 +70,8 @@ pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> 
     }
 
     // The enrollment key comes only from the manifest `run` accepted, verified again here.
-    let key = pin::load_pinned(&state)?.ok_or_else(not_yet)?;
-    let policy = Policy {
-        now: now(),
-        expiry: Expiry::Enforce,
-        last_serial: state.last_serial()?,
-    };
-    let mut bytes = Vec::new();
-    let manifest = state
-        .accepted_manifest(&key, &policy, &mut bytes)?
-        .ok_or_else(not_yet)?;
-    let param_error = |why: String| {
-        AgentError::Config(format!(
-            "the signed manifest (serial {}) {why}: sign it with `idhal sign --param {}=$(idhal ca \
-             enroll-key) ...`",
-            manifest.serial,
-            enroll::KEY_PARAM
-        ))
-    };
-    let enroll_key: EnrollKey = manifest
-        .param(enroll::KEY_PARAM)
-        .ok_or_else(|| param_error(format!("has no param {}", enroll::KEY_PARAM)))?
-        .parse()
-        .map_err(|e| param_error(format!("has a bad param {}: {e}", enroll::KEY_PARAM)))?;
-    let url = match manifest.param(enroll::URL_PARAM) {
-        Some(u) => Url::parse(u).map_err(|e| {
-            AgentError::Config(format!(
-                "the signed manifest's param {}: {e}",
-                enroll::URL_PARAM
-            ))
-        })?,
-        None => cfg.server_url()?.join(enroll::PATH),
-    };
+    let (enroll_key, url) =
+        trust::exchange(cfg, &state, "enroll", enroll::URL_PARAM, enroll::PATH)?;
     let fetcher = Fetcher {
         base: url,
         limits: cfg.limits.clone(),
@@ -219,20 +182,37 @@ pub fn find_token(
 /// The node's key: the one at `path`, or a new one written there durably before it is used,
 /// so that a retry after a crash asks for the same key (and spends no second use of the token).
 fn node_key(path: &Path) -> Result<KeyPair, AgentError> {
-    let bad = |why: &str| AgentError::state(path, Error::new(ErrorKind::InvalidData, why));
-    let seed = match fs::read_to_string(path) {
-        Ok(text) => seed_from_pem(&text).ok_or_else(|| {
-            bad("not an Ed25519 PKCS#8 key as idhal-bootstrap writes it; refusing to replace it")
-        })?,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            let mut seed = [0u8; 32];
-            fill_random(&mut seed)?;
-            write_atomic(path, enroll::node_key_pem(&seed).as_bytes(), 0o600)?;
-            seed
-        }
-        Err(e) => return Err(AgentError::state(path, e)),
-    };
-    KeyPair::try_from_seed(Seed::new(seed)).map_err(|_| bad("not a usable Ed25519 seed"))
+    if let Some(kp) = read_node_key(path)? {
+        return Ok(kp);
+    }
+    let mut seed = [0u8; 32];
+    fill_random(&mut seed)?;
+    write_atomic(path, enroll::node_key_pem(&seed).as_bytes(), 0o600)?;
+    key_pair(path, seed)
+}
+
+/// The node's key at `path` (`None` if there is none), refused unless it is exactly what
+/// `node_key` writes: `peers` signs with it, and nothing ever replaces it.
+pub fn read_node_key(path: &Path) -> Result<Option<KeyPair>, AgentError> {
+    match fs::read_to_string(path) {
+        Ok(text) => match seed_from_pem(&text) {
+            Some(seed) => key_pair(path, seed).map(Some),
+            None => Err(bad_key(
+                path,
+                "not an Ed25519 PKCS#8 key as idhal-bootstrap writes it; refusing to replace it",
+            )),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::state(path, e)),
+    }
+}
+
+fn key_pair(path: &Path, seed: [u8; 32]) -> Result<KeyPair, AgentError> {
+    KeyPair::try_from_seed(Seed::new(seed)).map_err(|_| bad_key(path, "not a usable Ed25519 seed"))
+}
+
+fn bad_key(path: &Path, why: &str) -> AgentError {
+    AgentError::state(path, Error::new(ErrorKind::InvalidData, why))
 }
 
 /// The seed of a key file of exactly the shape `enroll::node_key_pem` writes, proven by encoding

@@ -36,15 +36,20 @@ pub enum AgentError {
     /// its answer did not verify.
     #[error("refused: {0}")]
     EnrollRefused(String),
+    /// `peers`: the server refused the registration (unknown or revoked node, bad signature,
+    /// clock skew, bad request), or its peer list did not verify.
+    #[error("refused: {0}")]
+    PeersRefused(String),
     #[error("scriptlet {id} failed with {outcome}; see {}", log.display())]
     Scriptlet {
         id: String,
         outcome: String,
         log: PathBuf,
     },
-    /// `lock` (another run), `enroll.lock` (another enroll), or `scriptlets/<id>/lock`: that
-    /// scriptlet, started by an earlier run, is still alive (that agent was killed, what the
-    /// scriptlet ran was not), or a process that kept its standard input is.
+    /// `lock` (another run), `enroll.lock` (another enroll), `peers/state.lock` (another
+    /// `peers`), or `scriptlets/<id>/lock`: that scriptlet, started by an earlier run, is still
+    /// alive (that agent was killed, what the scriptlet ran was not), or a process that kept its
+    /// standard input is.
     #[error("{} is held by another idhal-bootstrap run or a scriptlet one started; not running twice", .0.display())]
     Busy(PathBuf),
     #[error("state {}: {source}", path.display())]
@@ -60,9 +65,10 @@ impl AgentError {
             AgentError::Usage(_) => Exit::Usage,
             AgentError::Config(_) => Exit::Config,
             AgentError::Fetch { .. } => Exit::Fetch,
-            AgentError::Refused(_) | AgentError::Pin(_) | AgentError::EnrollRefused(_) => {
-                Exit::Refused
-            }
+            AgentError::Refused(_)
+            | AgentError::Pin(_)
+            | AgentError::EnrollRefused(_)
+            | AgentError::PeersRefused(_) => Exit::Refused,
             AgentError::Scriptlet { .. } => Exit::ScriptletFailed,
             AgentError::Busy(_) => Exit::Busy,
             AgentError::State { .. } => Exit::State,

@@ -8,11 +8,13 @@ mod enroll;
 mod error;
 mod fetch;
 mod http;
+mod peers;
 mod pin;
 mod random;
 mod run;
 mod state;
 mod status;
+mod trust;
 
 use cli::{Cli, Common};
 use config::{Config, Proc};
@@ -94,6 +96,18 @@ fn main() -> ExitCode {
                 root: &common.proc_root,
             };
             match config(&common, &proc).and_then(|c| enroll::enroll(&c, &proc, &args)) {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    log(&e.to_string());
+                    e.exit()
+                }
+            }
+        }
+        Cli::Peers(common) => {
+            let proc = Proc {
+                root: &common.proc_root,
+            };
+            match config(&common, &proc).and_then(|c| peers::peers(&c, &proc)) {
                 Ok(()) => Exit::Ok,
                 Err(e) => {
                     log(&e.to_string());

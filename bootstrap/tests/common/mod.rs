@@ -21,6 +21,8 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub use idhal_test_support::process::{alive, Reaped};
 pub use idhal_test_support::{free_port, now, ok, openssl, wait_for};
 
+pub mod server;
+
 /// How the test server misbehaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
