@@ -16,9 +16,8 @@ use crate::http::HttpError;
 use crate::random::fill_random;
 use crate::state::{write_atomic, StateDir};
 use crate::{log, trust};
-use idhal_manifest::enroll::request_digest;
 use idhal_manifest::peers::{
-    self, endpoint_problem, timings_problem, Net4, Peer, Request, Response, WgKey,
+    self, endpoint_problem, request_digest, timings_problem, Net4, Peer, Request, Response, WgKey,
 };
 use idhal_manifest::time::{now, rfc3339};
 use idhal_manifest::NodeId;

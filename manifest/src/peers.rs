@@ -297,6 +297,11 @@ impl SignedRequest {
     }
 }
 
+/// SHA-256 of an encoded request, as the answer names it.
+pub fn request_digest(encoded: &[u8]) -> [u8; 32] {
+    wire::sha256(encoded)
+}
+
 /// One other node of the project, as the list gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
