@@ -433,3 +433,37 @@ fn vm_direct_lan_segment_between_two_guests_and_set_link() {
     a.set_link(LAN, true).unwrap();
     assert_eq!(ping(&mut b, "192.168.77.11").0, 0);
 }
+
+/// The way a node gets it: the scriptlet in a signed manifest with its params, run by the agent
+/// at boot. The daemon it starts outlives the run, and the agent's next run is not held up.
+#[test]
+fn vm_direct_scriptlet_from_a_signed_manifest_starts_a_switch_that_outlives_the_run() {
+    let mut env = env_or_skip!("directagent");
+    env.project.scriptlet("050-direct-paths", SCRIPTLET);
+    env.project
+        .params
+        .push("direct-networks=10.0.2.0/24,192.168.77.0/24".into());
+    env.project.params.push("direct-port=51999".into());
+    assert_eq!(env.project.sign(&[]), 1);
+    let mut vm = env.boot();
+    let r = vm.wait_boot_run();
+    assert_eq!(r.exit, 0, "{}", r.last_message());
+    assert_eq!(
+        r.scriptlet_state("050-direct-paths").as_deref(),
+        Some("done")
+    );
+    let out = sh(
+        &mut vm,
+        "cat /var/lib/idhal/scriptlets/050-direct-paths/log /var/lib/idhal/peers/endpoints; \
+         wg show wg0 listen-port; kill -0 $(cat /run/idhal-direct/pid) && echo switch-alive",
+    );
+    assert!(out.contains("path switch started"), "{out}");
+    // user-net's address is this node's only one inside direct-networks here.
+    assert!(
+        out.contains("\n10.0.2.15:51999\n51999\nswitch-alive"),
+        "{out}"
+    );
+    let again = vm.run_again();
+    assert_eq!(again.exit, 0, "{}", again.last_message());
+    vm.kill();
+}
