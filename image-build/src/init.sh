@@ -4,9 +4,14 @@
 # (ttyS0) with one-line markers the test harness waits for:
 #   IDHAL-EVENT <what> uptime=<seconds>      progress; `run-exit=N` carries the agent's exit code
 #   IDHAL-STATUS <json>                      `idhal-bootstrap status --json`, one line
-# Then it serves requests, one per line, on the second serial port (ttyS1): `run`, `poweroff`.
+#   IDHAL-SH <seq> begin | IDHAL-SH <seq> | <line> | IDHAL-SH <seq> truncated | IDHAL-SH <seq> exit=N
+#                                            the framed output of the <seq>-th `sh` request
+# Then it serves requests, one per line, on the second serial port (ttyS1): `run`, `poweroff`,
+# `sh COMMAND` (this init is the TEST vnode's /init only: whoever holds ttyS1 is root here).
 # Kernel command line: idhal.server=URL (read by the agent), idhal.period=SECONDS (run again
-# every SECONDS when no request comes; default: only on request), idhal.mode=:
+# every SECONDS when no request comes; default: only on request), idhal.lan=ADDR/PREFIX (the
+# address of eth1, a second NIC such as the direct-path tests' LAN; without it eth1 stays down),
+# idhal.mode=:
 #   (none)  the test vnode described above;
 #   bake    copy /bake/* into the image on the first virtio disk, then power off (idhal-image bake);
 #   root    mount the image on the first virtio disk and hand over to its /sbin/init (systemd):
@@ -31,6 +36,38 @@ ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
     || ev net-failed
 hostname "$(sed -n 's/.*idhal\.name=\([^ ]*\).*/\1/p' /proc/cmdline)" 2>/dev/null
+
+# ADDR/PREFIX with ADDR four decimal octets (0-255, no leading zero) and PREFIX 1-32: checked
+# here, so a typo is one clear event instead of whatever busybox ip makes of it.
+valid_cidr() {
+    case "$1" in */*) ;; *) return 1 ;; esac
+    _p=${1#*/}
+    case "$_p" in '' | *[!0-9]* | 0*) return 1 ;; esac
+    [ ${#_p} -le 2 ] && [ "$_p" -ge 1 ] && [ "$_p" -le 32 ] || return 1
+    _a=${1%/*}
+    case "$_a" in '' | *[!0-9.]* | *..* | .* | *.) return 1 ;; esac
+    _n=0
+    for _o in $(echo "$_a" | tr . ' '); do
+        case "$_o" in 0?*) return 1 ;; esac
+        [ ${#_o} -le 3 ] && [ "$_o" -le 255 ] || return 1
+        _n=$((_n + 1))
+    done
+    [ $_n -eq 4 ]
+}
+
+# The second NIC (the direct-path tests' LAN segment), only when idhal.lan= is given.
+lan=$(sed -n 's/.*idhal\.lan=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$lan" ]; then
+    if ! valid_cidr "$lan"; then
+        ev lan-failed
+    elif [ ! -e /sys/class/net/eth1 ]; then
+        ev lan=no-eth1
+    elif ip link set eth1 up && ip addr add "$lan" dev eth1; then
+        ev "lan=$lan"
+    else
+        ev lan-failed
+    fi
+fi
 
 mode=$(sed -n 's/.*idhal\.mode=\([a-z]*\).*/\1/p' /proc/cmdline)
 
@@ -103,6 +140,28 @@ shutdown() {
     poweroff -f
 }
 
+# `sh COMMAND`: the test harness's shell in the guest. COMMAND runs in a shell of its own with a
+# deadline (timeout 60: exit=143 when it fired), stdin from /dev/null, stdout and stderr to one
+# file bounded by RLIMIT_FSIZE (a runaway writer is stopped by SIGXFSZ, exit=153; its children
+# inherit the limit). Framed on the console: every output line prefixed, CR and ESC replaced, so
+# nothing the command prints can pass for a frame line (the harness reads what a terminal shows:
+# text after a CR). One request at a time, numbered from 1 in each boot.
+SH_MAX=65536
+sh_seq=0
+run_sh() {
+    sh_seq=$((sh_seq + 1))
+    _out=/tmp/idhal-sh.out
+    # The outer subshell keeps this shell's "File size limit exceeded" report off the console.
+    _rc=$( ( (ulimit -f $((SH_MAX / 512 + 1)) && exec timeout 60 sh -c "$1") </dev/null >$_out 2>&1 3<&-
+        echo $?) 2>/dev/null)
+    echo "IDHAL-SH $sh_seq begin"
+    # Tabs too: the harness drops control characters, and `wg show` separates fields with tabs.
+    head -c $SH_MAX $_out | tr '\r\033\t' '?? ' | awk -v p="IDHAL-SH $sh_seq | " '{ print p $0 }'
+    [ "$(wc -c <$_out)" -gt $SH_MAX ] && echo "IDHAL-SH $sh_seq truncated"
+    echo "IDHAL-SH $sh_seq exit=$_rc"
+    rm -f $_out
+}
+
 run_agent
 
 period=$(sed -n 's/.*idhal\.period=\([0-9]*\).*/\1/p' /proc/cmdline)
@@ -119,6 +178,7 @@ if [ -c $ctl ] && stty -F $ctl raw -echo 2>/dev/null; then
         case "$cmd" in
             run) run_agent ;;
             poweroff) shutdown ;;
+            "sh "*) run_sh "${cmd#sh }" ;;
             "") ;;
             *) ev "unknown-request=$cmd" ;;
         esac

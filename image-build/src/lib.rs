@@ -1,6 +1,7 @@
 //! idhal-image: builds the bootable test vnode (Debian cloud kernel + a small busybox initramfs
-//! with the agent, OpenVPN and the modules they need) from pinned Debian packages, reproducibly
-//! and cached, plus the ext4 state disk, without mounting anything on the host.
+//! with the agent, OpenVPN, WireGuard's `wg` and the modules they need) from pinned Debian
+//! packages, reproducibly and cached, plus the ext4 state disk, without mounting anything on the
+//! host.
 pub mod bake;
 pub mod cpio;
 pub mod disk;
@@ -16,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Kernel modules in load order (insmod does not resolve dependencies): virtio transport, then
-/// the network and block drivers, tun for OpenVPN, fw_cfg for the enrollment token.
+/// the network and block drivers, tun for OpenVPN, fw_cfg for the enrollment token, then
+/// WireGuard for direct paths between nodes (docs/direct-paths.md) after the crypto and UDP
+/// tunnel modules it needs (read from each module's `depends=`; libblake2s is built in).
 pub const MODULES: &[&str] = &[
     "kernel/drivers/virtio/virtio_ring",
     "kernel/drivers/virtio/virtio",
@@ -29,10 +32,23 @@ pub const MODULES: &[&str] = &[
     "kernel/drivers/block/virtio_blk",
     "kernel/drivers/net/tun",
     "kernel/drivers/firmware/qemu_fw_cfg",
+    "kernel/lib/crypto/libchacha",
+    "kernel/arch/x86/crypto/chacha-x86_64",
+    "kernel/arch/x86/crypto/poly1305-x86_64",
+    "kernel/lib/crypto/libchacha20poly1305",
+    "kernel/lib/crypto/libcurve25519-generic",
+    "kernel/arch/x86/crypto/curve25519-x86_64",
+    "kernel/net/ipv4/udp_tunnel",
+    "kernel/net/ipv6/ip6_udp_tunnel",
+    "kernel/drivers/net/wireguard/wireguard",
 ];
 
-/// Dynamic executables copied into the initramfs with the libraries they need (from the pins).
-const ELF_PROGRAMS: &[(&str, &str)] = &[("openvpn", "usr/sbin/openvpn")];
+/// Dynamic executables copied into the initramfs with the libraries they need (from the pins):
+/// OpenVPN, and `wg` for the direct paths (busybox's `ip` creates the WireGuard link).
+const ELF_PROGRAMS: &[(&str, &str)] = &[
+    ("openvpn", "usr/sbin/openvpn"),
+    ("wireguard-tools", "usr/bin/wg"),
+];
 
 pub const INIT_SCRIPT: &str = include_str!("init.sh");
 

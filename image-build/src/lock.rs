@@ -49,7 +49,7 @@ impl Lock {
                 sha256: f[2].to_ascii_lowercase(),
             });
         }
-        for required in ["busybox-static", "openvpn", "libc6"] {
+        for required in ["busybox-static", "openvpn", "wireguard-tools", "libc6"] {
             if !pins.iter().any(|p| p.name == required) {
                 return Err(Error::Lock(format!("no pin for {required}")));
             }
@@ -225,5 +225,13 @@ mod tests {
             "line 3: expected `name version sha256`, got \"openvpn 1 abc\""
         );
         assert_eq!(refusal(""), "no pin for busybox-static");
+        // `wg` is one of the image's programs: a lock without it is refused up front, not
+        // halfway through an assembly.
+        let without_wg: String = DEFAULT_LOCK
+            .lines()
+            .filter(|l| !l.starts_with("wireguard-tools "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(refusal(&without_wg), "no pin for wireguard-tools");
     }
 }

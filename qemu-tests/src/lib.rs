@@ -22,7 +22,7 @@ pub mod vpn;
 pub use ca::Ca;
 pub use cluster::Cluster;
 pub use server::{Project, Serve};
-pub use vm::{Forward, RunResult, Vm, VmSpec};
+pub use vm::{Forward, LanNic, RunResult, Vm, VmSpec};
 pub use vpn::OpenVpnServer;
 
 use idhal_image_build as ib;
@@ -262,6 +262,7 @@ impl Env {
                 "idhal.server=http://{GUEST_HOST_IP}:{GUEST_SERVE_PORT}/"
             )],
             memory_mib: 256,
+            lan: None,
         }
     }
 

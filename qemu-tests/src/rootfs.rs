@@ -1,4 +1,5 @@
-//! A minimal Debian 12 root file system with systemd as init and OpenVPN (debootstrap), as a raw ext4 disk
+//! A minimal Debian 12 root file system with systemd as init, OpenVPN and wireguard-tools
+//! (debootstrap), as a raw ext4 disk
 //! image made with `mkfs.ext4 -d`: the stand-in for a user's Debian image in the real-init smoke
 //! test. Cached (it takes ~40 s); not pinned like the vnode (it is a smoke test of baking).
 //! Partitioned like Debian's cloud images (root on partition 1), so baking has to find it there.
@@ -6,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const MIRROR: &str = "http://deb.debian.org/debian";
-const NAME: &str = "debootstrap-bookworm-minbase-systemd-openvpn-v3.img";
+// v4: wireguard-tools, as in the test vnode (issue 11); the module comes from the helper
+// initramfs, which loads its list before switch_root.
+const NAME: &str = "debootstrap-bookworm-minbase-systemd-openvpn-wireguard-v4.img";
 
 /// Returns the cached image, building it first if needed.
 pub fn debian_systemd_image(cache: &Path) -> Result<PathBuf, String> {
@@ -37,7 +40,7 @@ pub fn debian_systemd_image(cache: &Path) -> Result<PathBuf, String> {
     let r = run(Command::new("/usr/sbin/debootstrap")
         .args([
             "--variant=minbase",
-            "--include=systemd-sysv,openvpn,iproute2",
+            "--include=systemd-sysv,openvpn,iproute2,wireguard-tools",
             "bookworm",
         ])
         .arg(&root)

@@ -1,9 +1,11 @@
 //! One QEMU guest: started from a [`VmSpec`], console (ttyS0) to a file the harness reads as
 //! state ([`Console`]: waits ask "was this printed in this boot", never "what comes next"),
-//! requests (`run`, `poweroff`) on the second serial port (a unix socket). Killed with SIGKILL
-//! by pid when dropped; its console log is printed when the test is failing.
+//! requests (`run`, `poweroff`, `sh`) on the second serial port (a unix socket), the QEMU
+//! monitor on a third (`set_link`), and optionally a second NIC on a LAN segment shared with
+//! another guest ([`LanNic`]). Killed with SIGKILL by pid when dropped; its console log is
+//! printed when the test is failing.
 use crate::console::{Console, READY};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,7 +31,125 @@ pub struct VmSpec {
     /// Kernel command line words after the harness's own (`idhal.server=…`, …).
     pub cmdline: Vec<String>,
     pub memory_mib: u32,
+    /// A second NIC (the guest's eth1) on a LAN segment with one other guest; the guest gives it
+    /// an address with `idhal.lan=ADDR/PREFIX` in `cmdline`.
+    pub lan: Option<LanNic>,
 }
+
+/// QEMU's netdev id of the LAN NIC, for [`Vm::set_link`].
+pub const LAN: &str = "lan";
+
+/// One guest's end of a LAN segment between two guests: QEMU's `-netdev socket` over one TCP
+/// connection on 127.0.0.1 (Ethernet frames, length-prefixed). One side listens, the other
+/// connects, and QEMU refuses to start a connecting side that finds nobody listening; so the
+/// connect side can only be made from the started listening [`Vm`]. The listening QEMU binds
+/// port 0 itself and the harness reads the port the kernel gave it from QEMU's own socket
+/// (`/proc`): no port picked in advance that another process could take meanwhile.
+/// ```text
+/// let mut a = Vm::start("a", dir, VmSpec { lan: Some(LanNic::listen()), .. });
+/// let b = Vm::start("b", dir, VmSpec { lan: Some(LanNic::connect_to(&mut a)?), .. });
+/// ```
+#[derive(Debug, Clone)]
+pub struct LanNic {
+    /// `listen=127.0.0.1:0` or `connect=127.0.0.1:PORT`.
+    backend: String,
+    mac: &'static str,
+}
+
+impl LanNic {
+    /// The listening end; start its guest first.
+    pub fn listen() -> LanNic {
+        LanNic {
+            backend: "listen=127.0.0.1:0".into(),
+            mac: "52:54:00:77:00:01",
+        }
+    }
+
+    /// The connecting end, once `listener` (started with [`LanNic::listen`]) listens: waits for
+    /// its QEMU's listening socket, bounded. Once per listener: a segment has two ends.
+    pub fn connect_to(listener: &mut Vm) -> Result<LanNic, String> {
+        match listener.lan {
+            LanEnd::Listening => {}
+            LanEnd::None | LanEnd::Connecting => {
+                return Err(format!(
+                    "{}: its spec has no LanNic::listen(); nothing to connect to",
+                    listener.name
+                ))
+            }
+            LanEnd::Taken => {
+                return Err(format!(
+                    "{}: its LAN segment has its other end already",
+                    listener.name
+                ))
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(port) = listening_port(listener.child.id())? {
+                listener.lan = LanEnd::Taken;
+                return Ok(LanNic {
+                    backend: format!("connect=127.0.0.1:{port}"),
+                    mac: "52:54:00:77:00:02",
+                });
+            }
+            if let Ok(Some(st)) = listener.child.try_wait() {
+                return Err(format!(
+                    "{}: QEMU exited ({st}) before it listened",
+                    listener.name
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: QEMU has no listening socket on 127.0.0.1 after 20 s",
+                    listener.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Which end of a LAN segment a [`Vm`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LanEnd {
+    None,
+    Listening,
+    /// Listening, and [`LanNic::connect_to`] handed out the other end.
+    Taken,
+    Connecting,
+}
+
+/// The port of the TCP socket process `pid` listens on at 127.0.0.1, if any: the inodes of its
+/// sockets (`/proc/PID/fd`) matched against `/proc/net/tcp`'s LISTEN entries (state 0A).
+fn listening_port(pid: u32) -> Result<Option<u16>, String> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| format!("{e}"))?;
+    let inodes: Vec<String> = fds
+        .flatten()
+        .filter_map(|f| std::fs::read_link(f.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").map_err(|e| e.to_string())?;
+    let mut ports = tcp.lines().skip(1).filter_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (addr, port) = f.get(1)?.split_once(':')?;
+        (addr == "0100007F"
+            && f.get(3) == Some(&"0A")
+            && inodes.iter().any(|i| f.get(9) == Some(&i.as_str())))
+        .then(|| u16::from_str_radix(port, 16).ok())
+        .flatten()
+    });
+    match (ports.next(), ports.next()) {
+        (Some(p), None) => Ok(Some(p)),
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(format!("QEMU {pid} listens on several TCP ports")),
+    }
+}
+
+/// A one-line command for [`Vm::sh`]: no line breaks (the request is one line), bounded.
+const SH_MAX_COMMAND: usize = 4096;
 
 /// The outcome of one agent run, as the guest reported it.
 #[derive(Debug)]
@@ -70,6 +190,10 @@ pub struct Vm {
     pub console: PathBuf,
     ctl_path: PathBuf,
     ctl: Option<UnixStream>,
+    monitor_path: PathBuf,
+    lan: LanEnd,
+    /// `sh` requests sent in this boot: the guest numbers them the same way, from 1.
+    sh_sent: u32,
     log: Console,
     pub started: Instant,
 }
@@ -82,6 +206,7 @@ impl Vm {
     pub fn start(name: &str, dir: &Path, spec: VmSpec) -> Vm {
         let console = dir.join(format!("{name}.console.log"));
         let ctl_path = dir.join(format!("{name}.ctl"));
+        let monitor_path = dir.join(format!("{name}.mon"));
         let mut netdev = String::from("user,id=n0,restrict=on");
         for f in &spec.forwards {
             // The `-cmd:` form: one socat per guest connection (the `tcp:` form serves only one
@@ -149,6 +274,20 @@ impl Vm {
             .arg("-netdev")
             .arg(netdev)
             .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+        cmd.arg("-monitor").arg(format!(
+            "unix:{},server=on,wait=off",
+            monitor_path.display()
+        ));
+        if let Some(lan) = &spec.lan {
+            // Still only 127.0.0.1: the segment is one TCP connection between two QEMUs.
+            cmd.arg("-netdev")
+                .arg(format!("socket,id={LAN},{}", lan.backend))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev={LAN},mac={},romfile=",
+                    lan.mac
+                ));
+        }
         for (name, file) in &spec.fw_cfg {
             cmd.arg("-fw_cfg")
                 .arg(format!("name={name},file={}", file.display()));
@@ -166,6 +305,13 @@ impl Vm {
             console,
             ctl_path,
             ctl: None,
+            monitor_path,
+            lan: match &spec.lan {
+                None => LanEnd::None,
+                Some(l) if l.backend.starts_with("listen=") => LanEnd::Listening,
+                Some(_) => LanEnd::Connecting,
+            },
+            sh_sent: 0,
             started: Instant::now(),
         }
     }
@@ -291,6 +437,90 @@ impl Vm {
         self.wait_run(k, crate::Limits::RUN)
     }
 
+    /// Runs `cmd` in the guest (`sh -c`, stdin /dev/null, a 60 s deadline of its own, output
+    /// bounded to 64 KiB: see image-build's init.sh) and returns its exit code and output
+    /// (stdout and stderr, one string, tabs turned into spaces). `Err` when `cmd` is not one line
+    /// of at most 4 KiB, or no exit code came within `timeout` (or QEMU exited first).
+    pub fn sh(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String), String> {
+        if cmd.contains(['\n', '\r']) || cmd.len() > SH_MAX_COMMAND {
+            return Err(format!(
+                "{}: sh: the command must be one line of at most {SH_MAX_COMMAND} bytes",
+                self.name
+            ));
+        }
+        self.sh_sent += 1;
+        let seq = self.sh_sent;
+        self.request(&format!("sh {cmd}"));
+        let (exit, out) = (
+            format!("IDHAL-SH {seq} exit="),
+            format!("IDHAL-SH {seq} | "),
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log.lines();
+            if let Some(code) = lines.iter().find_map(|l| l.strip_prefix(&exit)) {
+                let code = code
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{}: sh: bad exit line {code:?}", self.name))?;
+                let mut text: Vec<&str> =
+                    lines.iter().filter_map(|l| l.strip_prefix(&out)).collect();
+                let note = "[sh: output truncated at 64 KiB]".to_string();
+                if lines
+                    .iter()
+                    .any(|l| *l == format!("IDHAL-SH {seq} truncated"))
+                {
+                    text.push(&note);
+                }
+                return Ok((code, text.join("\n")));
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "{}: QEMU exited ({st}) during `sh {cmd}`",
+                    self.name
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: `sh {cmd}` gave no exit code within {timeout:?}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `set_link ID on|off` on the QEMU monitor: the NIC (or netdev) `id` loses or regains its
+    /// link, both ways (the guest sees no carrier, frames are dropped). Waits for the monitor's
+    /// answer; `Err` on an error answer (an unknown id) or none within 10 s.
+    pub fn set_link(&mut self, id: &str, up: bool) -> Result<(), String> {
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!("{}: set_link: bad id {id:?}", self.name));
+        }
+        let what = format!("set_link {id} {}", if up { "on" } else { "off" });
+        let fail = |e: String| format!("{}: monitor, {what}: {e}", self.name);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = UnixStream::connect(&self.monitor_path).map_err(|e| fail(e.to_string()))?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| fail(e.to_string()))?;
+        monitor_reply(&mut s, deadline).map_err(fail)?;
+        s.write_all(format!("{what}\n").as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+        let reply = monitor_reply(&mut s, deadline).map_err(fail)?;
+        // The monitor echoes the command (with cursor moves) up to the first CRLF; what follows
+        // before the next prompt is its answer, empty on success.
+        let answer = reply.split_once("\r\n").map_or("", |(_, a)| a).trim();
+        if answer.is_empty() {
+            Ok(())
+        } else {
+            Err(fail(answer.to_string()))
+        }
+    }
+
     /// Clean power-off (sync, unmount, poweroff -f) and waits for QEMU to exit.
     pub fn poweroff(mut self) {
         self.request("poweroff");
@@ -319,6 +549,33 @@ impl Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What the monitor sent up to its next `(qemu) ` prompt (which is left out).
+fn monitor_reply(s: &mut UnixStream, deadline: Instant) -> Result<String, String> {
+    const PROMPT: &[u8] = b"(qemu) ";
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(PROMPT) {
+        if Instant::now() > deadline || got.len() > 1 << 20 {
+            return Err(format!(
+                "no prompt; got {:?}",
+                String::from_utf8_lossy(&got)
+            ));
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err("the monitor closed the connection".into()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    got.truncate(got.len() - PROMPT.len());
+    Ok(String::from_utf8_lossy(&got).into_owned())
 }
 
 impl Drop for Vm {

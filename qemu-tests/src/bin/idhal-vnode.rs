@@ -84,6 +84,7 @@ fn main() -> Result<()> {
             "idhal.server=http://{GUEST_HOST_IP}:{GUEST_SERVE_PORT}/"
         )],
         memory_mib: 256,
+        lan: None,
     };
     println!(
         "boot: qemu-system-x86_64 -accel tcg (kernel {})",
