@@ -32,8 +32,15 @@ impl Ca {
     /// Writes the config (`server_toml` + the harness's own `[openvpn]` section: listen and
     /// management on 127.0.0.1 with free ports, `keepalive [1, 5]` so a vanished guest is
     /// noticed in seconds, the default `remotes`, 10.0.2.100:1194, which is how guests reach
-    /// that port), then `ca init [--pool POOL]` and `ca issue-server vpn1`.
-    pub fn init(idhal: &Path, dir: &Path, server_toml: &str, pool: Option<&str>) -> Ca {
+    /// that port, and `openvpn_toml`'s keys), then `ca init [--pool POOL]` and
+    /// `ca issue-server vpn1`.
+    pub fn init(
+        idhal: &Path,
+        dir: &Path,
+        server_toml: &str,
+        openvpn_toml: &str,
+        pool: Option<&str>,
+    ) -> Ca {
         std::fs::create_dir_all(dir).unwrap();
         let ports = VpnPorts {
             port: idhal_test_support::free_port(),
@@ -45,7 +52,7 @@ impl Ca {
             &config,
             format!(
                 "{server_toml}\n[openvpn]\nlisten = \"127.0.0.1:{}\"\nmanagement = [\"127.0.0.1:{}\"]\n\
-                 keepalive = [1, 5]\nstatus_file = \"{}\"\n",
+                 keepalive = [1, 5]\nstatus_file = \"{}\"\n{openvpn_toml}",
                 ports.port,
                 ports.management,
                 status_file.display()

@@ -130,6 +130,8 @@ pub struct EnvOptions {
     pub pool: Option<String>,
     /// Start the rendered OpenVPN server, and forward the guests' 10.0.2.100:1194 to it.
     pub vpn: bool,
+    /// More keys of the `[openvpn]` section the harness writes (`client_to_client = true\n`).
+    pub openvpn_toml: String,
 }
 
 impl Default for EnvOptions {
@@ -138,6 +140,7 @@ impl Default for EnvOptions {
             server_toml: "[scheduler]\nbackend = \"none\"\n[dns]\nupdate = \"off\"\n".into(),
             pool: None,
             vpn: false,
+            openvpn_toml: String::new(),
         }
     }
 }
@@ -177,6 +180,7 @@ impl Env {
             &shared.idhal,
             &dir.path().join("server"),
             &opts.server_toml,
+            &opts.openvpn_toml,
             opts.pool.as_deref(),
         );
         // Nodes learn the enrollment key only from their signed manifest.

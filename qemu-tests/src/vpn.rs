@@ -79,6 +79,57 @@ impl OpenVpnServer {
             .cloned()
     }
 
+    /// Each connected client's link byte counters now, `(CN, received, sent)`, from the
+    /// management interface's `status 2` (live, unlike the status file, which OpenVPN rewrites
+    /// only every few seconds). `password` is the management password file.
+    pub fn client_bytes(&self, password: &std::path::Path) -> Vec<(String, u64, u64)> {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let pw = std::fs::read_to_string(password).unwrap();
+        let pw = pw.lines().next().unwrap_or_default();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.management)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The prompt has no newline, and OpenVPN drops what arrives before it asked: answer it
+        // first, then wait for the verdict before the command.
+        let mut prompt = Vec::new();
+        let mut byte = [0u8; 1];
+        while !prompt.ends_with(b"ENTER PASSWORD:") {
+            s.read_exact(&mut byte)
+                .expect("the management prompt within 10 s");
+            prompt.push(byte[0]);
+        }
+        writeln!(s, "{pw}").unwrap();
+        let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
+        let mut seen = String::new();
+        let mut next = || {
+            let line = lines
+                .next()
+                .and_then(Result::ok)
+                .unwrap_or_else(|| panic!("management: the answer stopped after:\n{seen}"));
+            seen.push_str(&line);
+            seen.push('\n');
+            line
+        };
+        while !next().starts_with("SUCCESS: password is correct") {}
+        writeln!(s, "status 2").unwrap();
+        let mut out = Vec::new();
+        loop {
+            let line = next();
+            if line == "END" {
+                break;
+            }
+            let f: Vec<&str> = line.split(',').collect();
+            if f.len() > 6 && f[0] == "CLIENT_LIST" {
+                out.push((
+                    f[1].to_string(),
+                    f[5].parse().unwrap(),
+                    f[6].parse().unwrap(),
+                ));
+            }
+        }
+        let _ = writeln!(s, "quit");
+        out
+    }
+
     /// How many times `needle` occurs in the server's log.
     pub fn count(&self, needle: &str) -> usize {
         self.log_text().matches(needle).count()

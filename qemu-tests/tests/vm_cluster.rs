@@ -25,6 +25,7 @@ fn setup(name: &str, pool: &str) -> Option<(Env, &'static Cluster)> {
             server_toml: cluster.server_toml(),
             pool: Some(pool.into()),
             vpn: true,
+            ..EnvOptions::default()
         },
     )?;
     env.project.scriptlet("000-enroll", enroll::SCRIPTLET);
@@ -326,5 +327,306 @@ fn vm_two_nodes_at_once_get_distinct_ids_addresses_and_resources() {
     vm2.poweroff();
     for m in [m1, m2] {
         leaves(vpn, cluster, &m, t);
+    }
+}
+
+/// bootstrap/dist/050-direct-paths.sh.example, with the path switch's log on the console (the
+/// test times its transitions there) instead of `peers/log`.
+fn direct_scriptlet() -> String {
+    let shipped = include_str!("../../bootstrap/dist/050-direct-paths.sh.example");
+    let log = "LOG=${IDHAL_DIRECT_LOG:-$P/log}";
+    assert!(shipped.contains(log), "the scriptlet's log line moved");
+    shipped.replacen(log, "LOG=/dev/console", 1)
+}
+
+/// The timings the server hands out in the test (`[peers]`): a short refresh, so the first node
+/// learns about the second within seconds, and revocation shows within the test.
+const PEERS_REFRESH: u64 = 3;
+const PEERS_KEEPALIVE: u64 = 1;
+const PEERS_FALLBACK: u64 = 3;
+
+/// Runs `cmd` in the guest; panics (with the output) unless it exits 0.
+fn sh(vm: &mut Vm, cmd: &str) -> String {
+    let (code, out) = vm
+        .sh(cmd, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code, 0, "{}: `{cmd}` failed:\n{out}", vm.name);
+    out
+}
+
+/// Waits until the console has at least `n` lines containing `needle`; returns when (host).
+fn wait_count(vm: &mut Vm, needle: &str, n: usize, timeout: Duration) -> Instant {
+    vm.wait(&format!("{n} × {needle:?}"), timeout, |c| {
+        (c.lines().iter().filter(|l| l.contains(needle)).count() >= n).then_some(())
+    });
+    Instant::now()
+}
+
+/// busybox ping's summary: (received, average round trip in ms).
+fn ping_summary(out: &str) -> (u64, f64) {
+    let received = out
+        .lines()
+        .find_map(|l| l.split_once(" packets received"))
+        .and_then(|(l, _)| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no packets line in:\n{out}"));
+    let avg = out
+        .lines()
+        .find_map(|l| l.split_once("min/avg/max = "))
+        .and_then(|(_, v)| v.split('/').nth(1)?.parse().ok())
+        .unwrap_or(f64::NAN);
+    (received, avg)
+}
+
+/// Bytes OpenVPN moved for `node` (received from it + sent to it), from the management
+/// interface, now.
+fn tunnel_bytes(env: &Env, node: &str) -> u64 {
+    let pw = env.ca.state.join("projects/default/management.pw");
+    let clients = env.vpn().client_bytes(&pw);
+    clients
+        .iter()
+        .find(|(cn, _, _)| cn == node)
+        .map(|(_, rx, tx)| rx + tx)
+        .unwrap_or_else(|| panic!("{node} is not connected: {clients:?}"))
+}
+
+/// `wget`s `to`'s OpenVPN binary 4 times from its busybox httpd (port 8000, serving
+/// /usr/sbin: `sh` requests may not write big files) through whatever path `from` has to it;
+/// returns MiB/s (guest clock).
+fn transfer(from: &mut Vm, to_addr: &str, bytes: u64) -> f64 {
+    let out = sh(
+        from,
+        &format!(
+            "s=$(cut -d' ' -f1 /proc/uptime); for i in 1 2 3 4; do \
+             wget -q -O /dev/null http://{to_addr}:8000/openvpn || exit 1; done; \
+             echo \"took $s $(cut -d' ' -f1 /proc/uptime)\""
+        ),
+    );
+    let t: Vec<f64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("took "))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split(' ')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (4 * bytes) as f64 / f64::from(1 << 20) / (t[1] - t[0]).max(0.01)
+}
+
+/// Issue 11 end to end: two vnodes with a LAN segment between them enroll, come up Alive, and
+/// run the shipped direct-paths scriptlet from their signed manifest: each registers its
+/// WireGuard key with `POST /peers` (signed by its enrollment key) through
+/// `idhal-bootstrap peers`, gets the other in the signed list, and node-to-node traffic goes
+/// over WireGuard: OpenVPN's per-client byte counters stand still during 1,000 pings between
+/// their VPN addresses. The LAN is cut: traffic falls back through the tunnel (OpenVPN
+/// `client-to-client`) with no manual step, and comes back. One node is revoked: the other drops
+/// it as a peer within the refresh interval, and the revoked one drops every peer.
+#[test]
+fn vm_direct_paths_between_two_nodes_go_over_wireguard_and_fall_back_to_the_tunnel() {
+    let Some(cluster) = Cluster::shared() else {
+        return;
+    };
+    let mut env = Env::with(
+        "direct",
+        EnvOptions {
+            server_toml: format!(
+                "{}[peers]\nrefresh_secs = {PEERS_REFRESH}\nkeepalive_secs = {PEERS_KEEPALIVE}\n\
+                 fallback_secs = {PEERS_FALLBACK}\n",
+                cluster.server_toml()
+            ),
+            pool: Some("10.134.6.0/24".into()),
+            vpn: true,
+            openvpn_toml: "client_to_client = true\n".into(),
+        },
+    )
+    .expect("the cluster runs, so does the VM harness");
+    env.project.scriptlet("000-enroll", enroll::SCRIPTLET);
+    env.project
+        .scriptlet("050-direct-paths", &direct_scriptlet());
+    env.project
+        .params
+        .push("direct-networks=192.168.77.0/24".into());
+    assert_eq!(env.project.sign(&[]), 1);
+
+    let (_, token) = env.token("vnode", &["--uses", "2"]);
+    let mut spec = spec_with_token(&env, &token);
+    spec.cmdline.push("idhal.lan=192.168.77.11/24".into());
+    spec.lan = Some(idhal_qemu_tests::LanNic::listen());
+    let mut vm_a = env.boot_spec(spec);
+    let mut spec = spec_with_token(&env, &token);
+    spec.disk = env.new_disk("b.img");
+    spec.cmdline.push("idhal.lan=192.168.77.12/24".into());
+    spec.lan = Some(idhal_qemu_tests::LanNic::connect_to(&mut vm_a).unwrap());
+    let mut vm_b = env.boot_spec(spec);
+    let vpn = env.vpn();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| joins(&mut vm_a, vpn, cluster, "vnode"));
+        let b = s.spawn(|| joins(&mut vm_b, vpn, cluster, "vnode"));
+        (a.join(), b.join())
+    });
+    let (a, b) = match (a, b) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => std::panic::resume_unwind(e),
+    };
+    let both_alive = Instant::now();
+    for m in [&a, &b] {
+        assert_eq!(m.run.exit, 0, "{}", m.run.last_message());
+        assert_eq!(
+            m.run.scriptlet_state("050-direct-paths").as_deref(),
+            Some("done"),
+            "{}",
+            m.run.last_message()
+        );
+    }
+    let (id_a, id_b) = (a.joined.node.clone(), b.joined.node.clone());
+    let (vpn_a, vpn_b) = (a.joined.address.clone(), b.joined.address.clone());
+
+    // Both registered (the server's view), and each gets the other as a direct peer.
+    let up_a = format!("idhal-direct: direct up {id_b}");
+    let up_b = format!("idhal-direct: direct up {id_a}");
+    let limit = Duration::from_secs(60);
+    let t_a = wait_count(&mut vm_a, &up_a, 1, limit);
+    let t_b = wait_count(&mut vm_b, &up_b, 1, limit);
+    eprintln!(
+        "FIGURE direct: both Alive to the direct path up {:.2} s ({id_a}) / {:.2} s ({id_b}) wall \
+         (refresh {PEERS_REFRESH} s, keepalive {PEERS_KEEPALIVE} s)",
+        t_a.saturating_duration_since(both_alive).as_secs_f64(),
+        t_b.saturating_duration_since(both_alive).as_secs_f64()
+    );
+    let nodes = env.ca.nodes();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(
+        nodes.iter().all(|n| n["wg_registered_at"].is_u64()),
+        "{nodes:?}"
+    );
+    let routes = sh(&mut vm_a, "ip route show dev wg0; wg show wg0 allowed-ips");
+    assert!(
+        routes.contains(&format!("{vpn_b} "))
+            && routes.contains(&format!("src {vpn_a}"))
+            && routes.contains(&format!("{vpn_b}/32")),
+        "{routes}"
+    );
+
+    // 1,000 pings between the VPN addresses: none through the server.
+    let before = (tunnel_bytes(&env, &id_a), tunnel_bytes(&env, &id_b));
+    let direct = sh(&mut vm_a, &format!("ping -q -c 1000 -i 0.01 -W 5 {vpn_b}"));
+    let after = (tunnel_bytes(&env, &id_a), tunnel_bytes(&env, &id_b));
+    let (received, rtt_direct) = ping_summary(&direct);
+    let delta = |after: u64, before: u64| {
+        after
+            .checked_sub(before)
+            .expect("OpenVPN's counters went back: a node reconnected")
+    };
+    let moved = (delta(after.0, before.0), delta(after.1, before.1));
+    eprintln!(
+        "FIGURE direct: 1,000 pings {id_a}→{id_b} over WireGuard: {received} answered, RTT avg \
+         {rtt_direct:.3} ms; bytes through the OpenVPN server meanwhile: {} ({id_a}), {} ({id_b})",
+        moved.0, moved.1
+    );
+    assert!(received >= 990, "{direct}");
+    // OpenVPN's own keepalives (1 s) pass meanwhile: a few hundred bytes. Through the server,
+    // the pings alone would be 1,000 × 2 × 84 bytes and more for each node.
+    assert!(
+        moved.0 < 16_384 && moved.1 < 16_384,
+        "node-to-node traffic went through the server: {moved:?}"
+    );
+    let served: u64 = sh(
+        &mut vm_b,
+        "httpd -p 8000 -h /usr/sbin && wc -c < /usr/sbin/openvpn",
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let mibs_direct = transfer(&mut vm_a, &vpn_b, served);
+
+    // Cut the LAN: with a ping running, the path falls back to the tunnel by itself.
+    sh(
+        &mut vm_a,
+        &format!("ping -i 0.1 -c 300 -W 1 {vpn_b} > /tmp/cut.ping 2>&1 &"),
+    );
+    let down_a = format!("idhal-direct: direct down {id_b}");
+    let cut = Instant::now();
+    vm_a.set_link(idhal_qemu_tests::vm::LAN, false).unwrap();
+    let fell = wait_count(&mut vm_a, &down_a, 1, limit);
+    let fallback = fell - cut;
+    let moving = tunnel_bytes(&env, &id_a);
+    let through = sh(&mut vm_a, &format!("ping -c 20 -i 0.1 -W 2 {vpn_b}"));
+    let (received, rtt_tunnel) = ping_summary(&through);
+    assert!(received >= 18, "no fallback through the tunnel:\n{through}");
+    assert!(
+        delta(tunnel_bytes(&env, &id_a), moving) >= 20 * 84,
+        "the fallback pings did not go through the server"
+    );
+    let mibs_tunnel = transfer(&mut vm_a, &vpn_b, served);
+    // The running ping: how many of its packets the cut cost.
+    let ping_log = wait_ping_done(&mut vm_a);
+    let (got, _) = ping_summary(&ping_log);
+    eprintln!(
+        "FIGURE direct: LAN cut to the /32 off wg0 {:.2} s wall (keepalive {PEERS_KEEPALIVE} s, \
+         fallback {PEERS_FALLBACK} s); a 10/s ping lost {} of 300 meanwhile",
+        fallback.as_secs_f64(),
+        300 - got
+    );
+    eprintln!(
+        "FIGURE direct: RTT avg direct {rtt_direct:.3} ms, through the tunnel {rtt_tunnel:.3} ms; \
+         HTTP transfer ({served} B × 4) direct {mibs_direct:.2} MiB/s, through the tunnel \
+         {mibs_tunnel:.2} MiB/s (TCG guests)"
+    );
+    assert!(
+        got >= 200,
+        "the fallback took too long or never came:\n{ping_log}"
+    );
+
+    // The LAN comes back: the direct path too.
+    let on = Instant::now();
+    vm_a.set_link(idhal_qemu_tests::vm::LAN, true).unwrap();
+    let back = wait_count(&mut vm_a, &up_a, 2, limit);
+    eprintln!(
+        "FIGURE direct: LAN back to the /32 on wg0 {:.2} s wall",
+        (back - on).as_secs_f64()
+    );
+
+    // Revoke b: a drops it as a peer within the refresh interval; b drops every peer.
+    let key_b = sh(&mut vm_b, "cat /var/lib/idhal/peers/wg.pub")
+        .trim()
+        .to_string();
+    let revoked = Instant::now();
+    env.ca.ok(&["revoke", &id_b]);
+    let removed = wait_count(
+        &mut vm_a,
+        &format!("idhal-direct: peer {key_b} removed: not in the list"),
+        1,
+        limit,
+    );
+    eprintln!(
+        "FIGURE direct: revoke to the peer dropped by {id_a} {:.2} s wall (refresh {PEERS_REFRESH} s)",
+        (removed - revoked).as_secs_f64()
+    );
+    let peers_a = sh(&mut vm_a, "wg show wg0 peers; ip route show dev wg0");
+    assert!(
+        !peers_a.contains(&key_b) && !peers_a.contains(&vpn_b),
+        "{peers_a}"
+    );
+    wait_count(&mut vm_b, "removed: not in the list", 1, limit);
+    let peers_b = sh(
+        &mut vm_b,
+        "wg show wg0 peers | wc -l; cat /var/lib/idhal/peers/list",
+    );
+    assert!(peers_b.starts_with("0\n"), "{peers_b}");
+    vm_a.kill();
+    vm_b.kill();
+}
+
+/// The output of the ping started in the background before the cut, once it ended.
+fn wait_ping_done(vm: &mut Vm) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = sh(vm, "cat /tmp/cut.ping");
+        if out.contains("packets received") {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the background ping never ended:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -21,6 +21,7 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
             server_toml: cluster.server_toml(),
             pool: Some("10.134.7.0/24".into()),
             vpn: true,
+            ..EnvOptions::default()
         },
     ) else {
         return;

@@ -800,6 +800,12 @@ pub struct OpenVpnSection {
     pub push_routes: Vec<String>,
     /// DNS servers pushed to nodes (`dhcp-option DNS`).
     pub push_dns: Vec<std::net::Ipv4Addr>,
+    /// `client-to-client`: OpenVPN passes node-to-node packets between its clients itself
+    /// instead of handing them to the server's kernel. Off by default: with it, that traffic
+    /// never meets the server's firewall. Needed where the server's tun device has no address
+    /// (the QEMU tests run OpenVPN with --ifconfig-noexec); direct paths (docs/direct-paths.md)
+    /// fall back to whichever way node-to-node traffic takes through the tunnel.
+    pub client_to_client: bool,
     /// `keepalive PING RESTART` seconds. With several servers, a short restart (`[1, 3]`)
     /// makes nodes leave a server whose host died within seconds (docs/multi-server.md).
     pub keepalive: (u32, u32),
@@ -843,6 +849,7 @@ impl Default for OpenVpnSection {
             name: None,
             push_routes: Vec::new(),
             push_dns: Vec::new(),
+            client_to_client: false,
             keepalive: (10, 60),
             connect_retry: (1, 2),
             server_poll_timeout_secs: 4,

@@ -127,6 +127,7 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
             server_toml: cluster.server_toml(),
             pool: None,
             vpn: true,
+            ..EnvOptions::default()
         },
     ) else {
         bail!("this host cannot run the vnode (see above)")

@@ -115,6 +115,9 @@ impl ServerSetup<'_> {
         for d in &o.push_dns {
             put!("push \"dhcp-option DNS {d}\"");
         }
+        if o.client_to_client {
+            put!("client-to-client");
+        }
         if let Some(m) = o.management.first() {
             if !m.ip().is_loopback() {
                 return Err(RenderError::ManagementNotLoopback(*m));
@@ -267,6 +270,23 @@ mod tests {
         assert!(with.contains("\ndev tun7\ndev-type tun\n"), "{with}");
         let without = vpn1(&o, None).render().unwrap();
         assert!(without.contains("\ndev tun\n"), "{without}");
+    }
+
+    #[test]
+    fn client_to_client_only_when_asked() {
+        let o = OpenVpnSection::default();
+        assert!(!vpn1(&o, None)
+            .render()
+            .unwrap()
+            .contains("client-to-client"));
+        let on = OpenVpnSection {
+            client_to_client: true,
+            ..OpenVpnSection::default()
+        };
+        assert!(vpn1(&on, None)
+            .render()
+            .unwrap()
+            .contains("\nclient-to-client\n"));
     }
 
     #[test]
