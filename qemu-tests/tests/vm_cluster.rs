@@ -545,8 +545,12 @@ fn vm_direct_paths_between_two_nodes_go_over_wireguard_and_fall_back_to_the_tunn
     let down_a = format!("idhal-direct: direct down {id_b}");
     let cut = Instant::now();
     vm_a.set_link(idhal_qemu_tests::vm::LAN, false).unwrap();
-    let fell = wait_count(&mut vm_a, &down_a, 1, limit);
-    let fallback = fell - cut;
+    let down_b = format!("idhal-direct: direct down {id_a}");
+    // Both ends must fall back: until b does, its answers still go to wg0 (QEMU drops the
+    // segment's frames both ways, so b stops hearing a at the same time).
+    let fell_a = wait_count(&mut vm_a, &down_a, 1, limit);
+    let fell_b = wait_count(&mut vm_b, &down_b, 1, limit);
+    let fallback = fell_a.max(fell_b) - cut;
     let moving = tunnel_bytes(&env, &id_a);
     let through = sh(&mut vm_a, &format!("ping -c 20 -i 0.1 -W 2 {vpn_b}"));
     let (received, rtt_tunnel) = ping_summary(&through);
@@ -560,9 +564,11 @@ fn vm_direct_paths_between_two_nodes_go_over_wireguard_and_fall_back_to_the_tunn
     let ping_log = wait_ping_done(&mut vm_a);
     let (got, _) = ping_summary(&ping_log);
     eprintln!(
-        "FIGURE direct: LAN cut to the /32 off wg0 {:.2} s wall (keepalive {PEERS_KEEPALIVE} s, \
-         fallback {PEERS_FALLBACK} s); a 10/s ping lost {} of 300 meanwhile",
+        "FIGURE direct: LAN cut to the /32 off wg0 on both nodes {:.2} s wall ({id_a} {:.2} s; \
+         keepalive {PEERS_KEEPALIVE} s, fallback {PEERS_FALLBACK} s); a 10/s ping lost {} of 300 \
+         meanwhile",
         fallback.as_secs_f64(),
+        (fell_a - cut).as_secs_f64(),
         300 - got
     );
     eprintln!(
