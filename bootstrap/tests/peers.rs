@@ -12,8 +12,6 @@ use common::server::*;
 use common::*;
 use idhal_manifest::enroll::{EnrollKey, KeyPair, Seed};
 use idhal_manifest::peers::{Request, Response, WgKey};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
@@ -186,66 +184,6 @@ fn two_enrolled_nodes_see_each_other() {
         .collect();
     assert_eq!(names, Vec::<String>::new(), "temp files left behind");
     drop(t.project);
-}
-
-/// What a man in the middle does to an answer's body, given the request it answers.
-type Rewrite = Arc<dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync>;
-
-/// Forwards each exchange to `upstream`, and hands the answer's body to `rewrite` before
-/// passing it on. Returns its base URL.
-fn rewriting_proxy(upstream: &str, rewrite: Rewrite) -> String {
-    let upstream = upstream
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let (upstream, rewrite) = (upstream.clone(), rewrite.clone());
-            std::thread::spawn(move || relay(client, &upstream, &rewrite));
-        }
-    });
-    url
-}
-
-fn relay(mut client: TcpStream, upstream: &str, rewrite: &Rewrite) {
-    let mut req = Vec::new();
-    let mut buf = [0u8; 4096];
-    let head_end = loop {
-        let n = client.read(&mut buf).unwrap();
-        assert!(n > 0, "client closed mid-request");
-        req.extend_from_slice(&buf[..n]);
-        if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&req[..head_end]).to_ascii_lowercase();
-    let len: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    while req.len() < head_end + len {
-        let n = client.read(&mut buf).unwrap();
-        assert!(n > 0, "client closed mid-body");
-        req.extend_from_slice(&buf[..n]);
-    }
-    let mut server = TcpStream::connect(upstream).unwrap();
-    server.write_all(&req).unwrap();
-    let mut resp = Vec::new();
-    server.read_to_end(&mut resp).unwrap();
-    let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let body = rewrite(&req[head_end..], resp.split_off(body_at));
-    let head = String::from_utf8(resp).unwrap();
-    let head: String = head
-        .lines()
-        .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:") && !l.is_empty())
-        .map(|l| format!("{l}\r\n"))
-        .collect();
-    client
-        .write_all(format!("{head}content-length: {}\r\n\r\n", body.len()).as_bytes())
-        .unwrap();
-    client.write_all(&body).unwrap();
 }
 
 /// Each man in the middle sits between client2 and the server after a good exchange: the

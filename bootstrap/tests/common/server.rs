@@ -154,19 +154,38 @@ pub fn token_file(node: &Node, token: &str) -> String {
 /// A man in the middle: forwards each exchange to `upstream` and flips one byte in the middle
 /// of the response body. Returns its base URL.
 pub fn tampering_proxy(upstream: &str) -> String {
-    let upstream = upstream.trim_start_matches("http://").to_owned();
+    rewriting_proxy(
+        upstream,
+        std::sync::Arc::new(|_, mut body: Vec<u8>| {
+            let middle = body.len() / 2;
+            body[middle] ^= 0x01;
+            body
+        }),
+    )
+}
+
+/// What a man in the middle does to an answer's body, given the request it answers.
+pub type Rewrite = Arc<dyn Fn(&[u8], Vec<u8>) -> Vec<u8> + Send + Sync>;
+
+/// Forwards each exchange to `upstream`, and hands the answer's body to `rewrite` before
+/// passing it on. Returns its base URL.
+pub fn rewriting_proxy(upstream: &str, rewrite: Rewrite) -> String {
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         for client in listener.incoming().flatten() {
-            let upstream = upstream.clone();
-            std::thread::spawn(move || relay(client, &upstream));
+            let (upstream, rewrite) = (upstream.clone(), rewrite.clone());
+            std::thread::spawn(move || relay(client, &upstream, &rewrite));
         }
     });
     url
 }
 
-fn relay(mut client: TcpStream, upstream: &str) {
+fn relay(mut client: TcpStream, upstream: &str, rewrite: &Rewrite) {
     let mut req = Vec::new();
     let mut buf = [0u8; 4096];
     let head_end = loop {
@@ -191,8 +210,16 @@ fn relay(mut client: TcpStream, upstream: &str) {
     server.write_all(&req).unwrap();
     let mut resp = Vec::new();
     server.read_to_end(&mut resp).unwrap();
-    let body = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let middle = body + (resp.len() - body) / 2;
-    resp[middle] ^= 0x01;
-    client.write_all(&resp).unwrap();
+    let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let body = rewrite(&req[head_end..], resp.split_off(body_at));
+    let head = String::from_utf8(resp).unwrap();
+    let head: String = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:") && !l.is_empty())
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    client
+        .write_all(format!("{head}content-length: {}\r\n\r\n", body.len()).as_bytes())
+        .unwrap();
+    client.write_all(&body).unwrap();
 }
