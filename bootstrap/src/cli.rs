@@ -56,13 +56,13 @@ PEERS:
     STATE/peers/endpoints (one ADDR:PORT per line, at most 8, may be empty), sends them signed
     with the node's enrollment key to the manifest's param peers-url (else SERVER/peers), and
     accepts only a list signed by the enrollment key that answers this very request. Then it
-    writes STATE/peers/wg.conf (`wg addconf` input: per peer its key, the endpoint it picked,
-    a keepalive; no AllowedIPs) and STATE/peers/list (`refresh N`, `keepalive N`, `fallback N`,
-    then `peer KEY VPNADDR NODEID` lines). Per peer it picks the first endpoint in one of this
-    node's connected subnets (/proc/net/route), else the first other one, never its own address
-    nor one in the VPN pool. Refused (exit 5): nothing is written, except when the server says
-    the node is unknown (403) or revoked (410): then both files list no peer, so every direct
-    path is dropped and traffic goes back to the tunnel.
+    writes STATE/peers/wg.conf (per peer its key, the endpoint it picked, a keepalive; no
+    AllowedIPs; input for `wg set` peer by peer, never `wg addconf`, which empties AllowedIPs)
+    and STATE/peers/list (`refresh N`, `keepalive N`, `fallback N`, then `peer KEY VPNADDR
+    NODEID` lines), both at every verified answer. Per peer it picks the first endpoint in one
+    of this node's connected subnets (/proc/net/route), else the first other one, never its own
+    address nor one in the VPN pool. Refused (exit 5), unknown (403) and revoked (410) too:
+    nothing is written; the path switch drops every peer once `list` is older than 3 x refresh.
 
 EXIT CODES:
     0 ok    2 usage    3 configuration    4 fetch failed (after retries)

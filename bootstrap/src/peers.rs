@@ -4,9 +4,10 @@
 //! `peers/endpoints`, which the scriptlet writes (docs/direct-paths.md).
 //!
 //! Nothing is written unless the list is signed by the enrollment key the signed manifest names
-//! and answers this very request, but for one refusal: a server that says this node is unknown or
-//! revoked gets it an empty list, so the path switch drops every peer and traffic goes back to
-//! the tunnel (fail safe). The private key (`wg.key`) is never read: X25519 is not in the agent.
+//! and answers this very request: a refusal (even "unknown" or "revoked", which are unsigned
+//! bytes too) leaves both files as they were, and the path switch drops every peer once `list`
+//! is older than 3 × refresh (fail safe). The private key (`wg.key`) is never read: X25519 is
+//! not in the agent.
 
 use crate::config::{Config, Proc};
 use crate::enroll::{self, enrolled, read_node_key};
@@ -17,9 +18,9 @@ use crate::random::fill_random;
 use crate::state::{write_atomic, StateDir};
 use crate::{log, trust};
 use idhal_manifest::peers::{
-    self, endpoint_problem, request_digest, timings_problem, Net4, Peer, Request, Response, WgKey,
+    self, endpoint_problem, request_digest, Net4, Peer, Request, Response, WgKey,
 };
-use idhal_manifest::time::{now, rfc3339};
+use idhal_manifest::time::now;
 use idhal_manifest::NodeId;
 use std::fs::File;
 use std::io::{ErrorKind, Read};
@@ -34,12 +35,13 @@ const LOCK: &str = "peers/state.lock";
 pub const WG_PUB: &str = "wg.pub";
 /// Written by the scriptlet: one `ADDR:PORT` per line, blank lines ignored; may be empty.
 pub const ENDPOINTS: &str = "endpoints";
-/// Written by us: `wg addconf` input, one `[Peer]` per peer, no AllowedIPs.
+/// Written by us: one `[Peer]` per peer, no AllowedIPs; the switch applies it with `wg set`
+/// (`wg addconf` would empty the AllowedIPs of every peer it names).
 pub const WG_CONF: &str = "wg.conf";
-/// Written by us, after `wg.conf`: the timings, then `peer KEY VPNADDR NODEID` lines.
+/// Written by us, after `wg.conf`, at every verified answer (its mtime is the last
+/// verification): the timings, then `peer KEY VPNADDR NODEID` lines.
 pub const LIST: &str = "list";
-/// Most bytes read of `wg.pub` and `endpoints` (8 IPv6 endpoints take ~400), and of an old
-/// `list` for its timings.
+/// Most bytes read of `wg.pub` and `endpoints` (8 IPv6 endpoints take ~400).
 const MAX_INPUT: u64 = 4 << 10;
 /// Most bytes read of `/proc/net/route` (~8,000 routes) and most connected subnets kept: a
 /// node with a full routing table must not cost megabytes and seconds per refresh. A subnet
@@ -47,10 +49,9 @@ const MAX_INPUT: u64 = 4 << 10;
 const MAX_ROUTES: u64 = 1 << 20;
 const MAX_SUBNETS: usize = 256;
 /// How the server refuses (malformed request, bad signature, unknown or revoked node, clock
-/// skew, a bad endpoint): exit 5, never retried. Any other failed exchange is exit 4.
+/// skew, a bad endpoint): exit 5, never retried, nothing written. Any other failed exchange
+/// is exit 4.
 const REFUSALS: [u16; 6] = [400, 401, 403, 409, 410, 422];
-/// Unknown (403) or revoked (410): this node may have no peers at all.
-const DROP_ALL: [u16; 2] = [403, 410];
 
 /// The path-switch timings a list carries, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +60,6 @@ pub struct Timings {
     pub keepalive: u32,
     pub fallback: u32,
 }
-
-/// The timings of an empty list when no earlier list gives them.
-pub const DEFAULT_TIMINGS: Timings = Timings {
-    refresh: 60,
-    keepalive: 5,
-    fallback: 15,
-};
 
 // Not inlined into main, like `enroll`: inlined, it made the agent's code 848 B larger.
 #[inline(never)]
@@ -136,14 +130,12 @@ pub fn peers(cfg: &Config, proc: &Proc) -> Result<(), AgentError> {
     });
     let body = match result {
         Ok(body) => body,
+        // Unknown (403) and revoked (410) too: a status is no signature, and acting on it would
+        // let anyone on the path empty a node's list. The switch expires the list instead.
         Err((url, e @ HttpError::Status { code, .. })) if REFUSALS.contains(&code) => {
-            let mut why = format!("peers {url}: {e}");
-            if DROP_ALL.contains(&code) {
-                let timings = previous_timings(&read_prefix(&dir.join(LIST), MAX_INPUT));
-                record(&dir, &node, &timings, &[])?;
-                why.push_str("; wrote an empty peer list (every direct path dropped)");
-            }
-            return Err(AgentError::PeersRefused(why));
+            return Err(AgentError::PeersRefused(format!(
+                "peers {url}: {e}; the peer files are unchanged"
+            )));
         }
         Err(e) => return Err(fetch_error(e)),
     };
@@ -204,8 +196,8 @@ fn read_input(path: &Path) -> Result<String, AgentError> {
 }
 
 /// At most `limit` bytes of a file, cut after its last whole line when that limit was hit;
-/// empty when it cannot be read. For the kernel's files and our own old list: what cannot be
-/// read there only loses a preference or a timing.
+/// empty when it cannot be read. For the kernel's files: what cannot be read there only loses
+/// a preference.
 fn read_prefix(path: &Path, limit: u64) -> String {
     let mut bytes = Vec::new();
     if let Ok(f) = File::open(path) {
@@ -324,15 +316,12 @@ pub fn list_text(t: &Timings, peers: &[(&Peer, Option<SocketAddr>)]) -> String {
     s
 }
 
-/// `wg.conf`, for `wg addconf`: a comment naming the node and the time, then one `[Peer]` per
-/// peer. No AllowedIPs: the scriptlet's path switch gives a peer its /32 while its path lives.
-pub fn wg_conf_text(
-    node: &str,
-    time: u64,
-    keepalive: u32,
-    peers: &[(&Peer, Option<SocketAddr>)],
-) -> String {
-    let mut s = format!("# idhal-bootstrap peers for {node} at {}\n", rfc3339(time));
+/// `wg.conf`, read by the switch and applied with `wg set` (never `wg addconf`, which empties
+/// AllowedIPs): a comment naming the node, then one `[Peer]` per peer. No AllowedIPs: the
+/// switch gives a peer its /32 while its path lives. No time either: the text changes only
+/// when the list does, so the switch re-applies nothing (and resets no roaming) per refresh.
+pub fn wg_conf_text(node: &str, keepalive: u32, peers: &[(&Peer, Option<SocketAddr>)]) -> String {
+    let mut s = format!("# idhal-bootstrap peers for {node}\n");
     for (p, endpoint) in peers {
         s.push_str(&format!("\n[Peer]\nPublicKey = {}\n", p.wg_key));
         if let Some(e) = endpoint {
@@ -343,38 +332,15 @@ pub fn wg_conf_text(
     s
 }
 
-/// The timings an earlier `list` holds, if it starts with three valid ones; else the defaults.
-pub fn previous_timings(list: &str) -> Timings {
-    let mut lines = list.lines();
-    let mut field = |k: &str| {
-        lines
-            .next()
-            .and_then(|l| l.strip_prefix(k))
-            .and_then(|l| l.strip_prefix(' '))
-            .and_then(|v| v.parse::<u32>().ok())
-    };
-    match (field("refresh"), field("keepalive"), field("fallback")) {
-        (Some(refresh), Some(keepalive), Some(fallback))
-            if timings_problem(refresh, keepalive, fallback).is_none() =>
-        {
-            Timings {
-                refresh,
-                keepalive,
-                fallback,
-            }
-        }
-        _ => DEFAULT_TIMINGS,
-    }
-}
-
-/// Writes `wg.conf`, then `list` (last: the scriptlet reads it first), each atomically.
+/// Writes `wg.conf`, then `list` (last: the scriptlet reads it first), each atomically, even
+/// when unchanged: `list`'s mtime tells the switch when a list was last verified.
 fn record(
     dir: &Path,
     node: &str,
     t: &Timings,
     peers: &[(&Peer, Option<SocketAddr>)],
 ) -> Result<(), AgentError> {
-    let conf = wg_conf_text(node, now(), t.keepalive, peers);
+    let conf = wg_conf_text(node, t.keepalive, peers);
     write_atomic(&dir.join(WG_CONF), conf.as_bytes(), 0o600)?;
     write_atomic(&dir.join(LIST), list_text(t, peers).as_bytes(), 0o600)
 }
@@ -601,9 +567,9 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             )
         );
         assert_eq!(
-            wg_conf_text("client3", 1_800_000_000, 1, &chosen),
+            wg_conf_text("client3", 1, &chosen),
             format!(
-                "# idhal-bootstrap peers for client3 at 2027-01-15T08:00:00Z\n\n[Peer]\n\
+                "# idhal-bootstrap peers for client3\n\n[Peer]\n\
                  PublicKey = {}\nEndpoint = 192.168.77.12:51820\nPersistentKeepalive = 1\n\n\
                  [Peer]\nPublicKey = {}\nPersistentKeepalive = 1\n",
                 a.wg_key, b.wg_key
@@ -615,10 +581,10 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         );
     }
 
-    /// Unknown or revoked: an empty list with the timings kept from the last one (or the
-    /// defaults), and a wg.conf without a single peer.
+    /// Every verified answer rewrites both files, unchanged or not: `list`'s mtime is when a
+    /// list was last verified (the switch expires an old one), and `wg.conf`'s text is the same.
     #[test]
-    fn a_refusal_leaves_an_empty_list() {
+    fn record_rewrites_list_and_keeps_wg_conf_text() {
         let dir = tempfile::tempdir().unwrap();
         let a = peer("client4", "10.134.0.4", 1);
         let t = Timings {
@@ -628,20 +594,24 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         };
         record(dir.path(), "client3", &t, &[(&a, None)]).unwrap();
         let list = std::fs::read_to_string(dir.path().join(LIST)).unwrap();
-        assert!(list.contains("peer "), "{list}");
-
-        let kept = previous_timings(&read_prefix(&dir.path().join(LIST), MAX_INPUT));
-        assert_eq!(kept, t);
-        record(dir.path(), "client3", &kept, &[]).unwrap();
+        let conf = std::fs::read_to_string(dir.path().join(WG_CONF)).unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        File::options()
+            .write(true)
+            .open(dir.path().join(LIST))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        record(dir.path(), "client3", &t, &[(&a, None)]).unwrap();
+        let meta = std::fs::metadata(dir.path().join(LIST)).unwrap();
+        assert!(meta.modified().unwrap() > old, "list not rewritten");
         assert_eq!(
             std::fs::read_to_string(dir.path().join(LIST)).unwrap(),
-            "refresh 30\nkeepalive 2\nfallback 6\n"
+            list
         );
-        let conf = std::fs::read_to_string(dir.path().join(WG_CONF)).unwrap();
-        assert!(
-            conf.starts_with("# idhal-bootstrap peers for client3 at ")
-                && conf.lines().count() == 1,
-            "{conf:?}"
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(WG_CONF)).unwrap(),
+            conf
         );
         let mut names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -649,28 +619,6 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             .collect();
         names.sort();
         assert_eq!(names, [LIST, WG_CONF], "temp files left behind");
-
-        // No list, or one that is not ours to trust: the defaults.
-        for old in [
-            "",
-            "garbage",
-            "refresh 30\nkeepalive 2\n",
-            "keepalive 2\nrefresh 30\nfallback 6\n",
-            "refresh 30\nkeepalive 5\nfallback 6\n",
-            "refresh 0\nkeepalive 1\nfallback 2\n",
-            "refresh  30\nkeepalive 2\nfallback 6\n",
-            "refresh 99999999999\nkeepalive 2\nfallback 6\n",
-        ] {
-            assert_eq!(previous_timings(old), DEFAULT_TIMINGS, "{old:?}");
-        }
-        assert_eq!(
-            timings_problem(
-                DEFAULT_TIMINGS.refresh,
-                DEFAULT_TIMINGS.keepalive,
-                DEFAULT_TIMINGS.fallback
-            ),
-            None
-        );
     }
 
     /// The answer names the request by the digest enrollment uses: both are SHA-256 of the

@@ -1,7 +1,8 @@
 //! `idhal-bootstrap peers` end to end against the real server (`idhal serve`'s `POST /peers`,
 //! common/server.rs): two enrolled nodes see each other with the endpoint each picks, a man in
 //! the middle who flips a byte or re-signs the list with his own key is refused and changes
-//! nothing, a revoked or unknown node drops every peer and the others drop a revoked one; and
+//! nothing, a revoked or unknown node's refusal changes nothing either (a status is no
+//! signature: the path switch expires the list instead) and the others drop a revoked one; and
 //! every precondition is refused before any network.
 //!
 //! No `wg` here: a WireGuard public key is 32 opaque bytes to the agent and the server (neither
@@ -124,10 +125,8 @@ fn two_enrolled_nodes_see_each_other() {
     let keepalive = timings.lines().nth(1).unwrap()["keepalive ".len()..].to_owned();
     let conf_b = conf_b.unwrap();
     let (head, body) = conf_b.split_once('\n').unwrap();
-    assert!(
-        head.starts_with("# idhal-bootstrap peers for client2 at "),
-        "{conf_b}"
-    );
+    // No time in it: the same list gives the same text.
+    assert_eq!(head, "# idhal-bootstrap peers for client2", "{conf_b}");
     // The shared segment is a connected subnet, so it goes before the public address; and
     // 10.0.2.15 is client2's own address too.
     assert_eq!(
@@ -137,6 +136,13 @@ fn two_enrolled_nodes_see_each_other() {
              {keepalive}\n",
             t.wg_a
         )
+    );
+
+    peers(&t.b, &t.server.url).expect(0, "peers: 1 peers");
+    assert_eq!(
+        outputs(&t.b),
+        (Some(list_b), Some(conf_b)),
+        "a second answer"
     );
 
     peers(&t.a, &t.server.url).expect(0, "peers: 1 peers (project default)");
@@ -234,27 +240,37 @@ fn a_list_signed_by_another_key_is_refused() {
     );
 }
 
+/// Revoked: the server's 410 is unsigned, so the node changes nothing (its path switch expires
+/// the list after 3 × refresh); its peers drop it at their next refresh.
 #[test]
-fn a_revoked_node_drops_every_peer_and_the_others_drop_it() {
+fn a_revoked_node_changes_nothing_and_the_others_drop_it() {
     let t = two_nodes();
     peers(&t.a, &t.server.url).expect(0, "peers: 0 peers");
     peers(&t.b, &t.server.url).expect(0, "peers: 1 peers");
     peers(&t.a, &t.server.url).expect(0, "peers: 1 peers");
     let (timings, _) = split_list(&t.a.read("state/peers/list").unwrap());
+    let before = outputs(&t.a);
+    let mtime = || {
+        std::fs::metadata(t.a.state().join("peers/list"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let written = mtime();
 
     let out = ok(t.project.idhal(&["revoke", "client1"]));
     assert!(out.contains("client1: revoked (project default"), "{out}");
     let run = peers(&t.a, &t.server.url);
-    run.expect(5, "refused: peers ");
-    run.expect(5, "; wrote an empty peer list (every direct path dropped)");
-    let (list, conf) = outputs(&t.a);
-    assert_eq!(list.unwrap(), timings, "the timings kept, no peer");
-    let conf = conf.unwrap();
-    assert!(
-        conf.starts_with("# idhal-bootstrap peers for client1 at ") && conf.lines().count() == 1,
-        "{conf}"
+    run.expect(
+        5,
+        &format!(
+            "refused: peers {}/peers: server answered HTTP 410: node client1 was revoked; the \
+             peer files are unchanged",
+            t.server.url.trim_end_matches('/')
+        ),
     );
-    assert!(!conf.contains("[Peer]"), "{conf}");
+    assert_eq!(outputs(&t.a), before);
+    assert_eq!(mtime(), written, "an unverified answer is no verification");
 
     // client2 drops it at its next refresh.
     peers(&t.b, &t.server.url).expect(0, "peers: 0 peers (project default)");
@@ -386,24 +402,26 @@ fn preconditions_are_refused_before_any_network() {
 }
 
 #[test]
-fn a_node_the_server_does_not_know_drops_every_peer() {
+fn a_node_the_server_does_not_know_changes_nothing() {
     let t = two_nodes();
     peers(&t.b, &t.server.url).expect(0, "peers: 0 peers");
     peers(&t.a, &t.server.url).expect(0, "peers: 1 peers");
     // Another server, whose database never saw client1 (a state directory lost, a node
-    // pointed at the wrong project): it cannot sign for this project, but its 403 is enough
-    // to stop trusting direct paths. The timings of the last list are kept.
+    // pointed at the wrong project, or anyone on the path): its 403 is signed by nobody, so
+    // client1 keeps the list it verified last.
     let other = Project::new();
     other.sign_with_enroll_key();
     let elsewhere = other.serve();
-    let (timings, _) = split_list(&t.a.read("state/peers/list").unwrap());
-    peers(&t.a, &elsewhere.url).expect(
+    let before = outputs(&t.a);
+    let run = peers(&t.a, &elsewhere.url);
+    run.expect(
         5,
         &format!(
             "refused: peers {}/peers: server answered HTTP 403: unknown node client1",
             elsewhere.url.trim_end_matches('/')
         ),
     );
-    assert_eq!(t.a.read("state/peers/list").unwrap(), timings);
-    assert!(!t.a.read("state/peers/wg.conf").unwrap().contains("[Peer]"));
+    run.expect(5, "; the peer files are unchanged");
+    assert_eq!(outputs(&t.a), before);
+    assert!(before.1.unwrap().contains("[Peer]"));
 }
