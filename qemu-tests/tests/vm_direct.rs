@@ -144,7 +144,7 @@ fn vm_direct_path_goes_over_wireguard_and_falls_back_when_the_lan_is_cut() {
         );
         assert!(out.contains("path switch started"), "{out}");
         assert!(
-            out.contains("direct-networks: 10.1.2/8 is not A.B.C.D/N; ignored"),
+            out.contains("direct-networks: 10.1.2/8 is not A.B.C.D/N (N 1-32); ignored"),
             "{out}"
         );
         eprintln!(
@@ -305,7 +305,7 @@ fn vm_direct_rig_refuses_hostile_input() {
 }
 
 /// The switch reads a peer list with malformed and duplicate lines (the agent validates it, but
-/// the switch acts on it as root).
+/// the switch acts on it as root); then, on the same guest, `switch_hardening`.
 #[test]
 fn vm_direct_switch_ignores_malformed_peer_list_lines() {
     let mut env = env_or_skip!("directlist");
@@ -377,6 +377,8 @@ fn vm_direct_switch_ignores_malformed_peer_list_lines() {
         "FIGURE switch: one apply-once pass {:.0} ms of guest time (TCG, mean of 10)",
         (t[1] - t[0]) * 100.0
     );
+    switch_hardening(&mut vm, env_vars, good);
+
     // While the switch runs, a second pass would share its files: refused.
     let started = vm.sh(&format!("{env_vars} sh {SCRIPT_PATH}"), SH).unwrap();
     assert_eq!(started.0, 0, "{}", started.1);
@@ -386,6 +388,167 @@ fn vm_direct_switch_ignores_malformed_peer_list_lines() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("apply-once is for when it does not"), "{out}");
     vm.kill();
+}
+
+/// Issue 11's review, on one guest with wg0 set up and no switch running: rp_filter, endpoints,
+/// `/0`, IPv6 endpoints, roaming kept, one-way peers, the list's lifetime. Every finding is
+/// collected, so one run against an old scriptlet shows each that fails. Every endpoint here is
+/// on the guest's loopback or never dialled (no keepalive): nothing leaves the guest.
+fn switch_hardening(vm: &mut Vm, env_vars: &str, good: &str) {
+    let mut wrong: Vec<String> = Vec::new();
+    let mut check = |ok: bool, what: &str, out: &str| {
+        if !ok {
+            wrong.push(format!("{what}:\n{out}"));
+        }
+    };
+    let apply = format!("{env_vars} sh {SCRIPT_PATH} apply-once");
+    let d = "/var/lib/idhal/peers";
+    let conf = "/proc/sys/net/ipv4/conf";
+
+    // rp_filter: loose on wg0 and on a tun device made after setup (OpenVPN's, recreated at
+    // each reconnect; a wireguard link named tun0 stands in for it), `all` untouched.
+    let all = sh(vm, &format!("cat {conf}/all/rp_filter"));
+    let out = sh(
+        vm,
+        &format!(
+            "echo 0 > {conf}/all/rp_filter; ip link add tun0 type wireguard && {apply} && \
+             cat {conf}/all/rp_filter {conf}/wg0/rp_filter {conf}/tun0/rp_filter; \
+             echo {all} > {conf}/all/rp_filter; ip link del tun0"
+        ),
+    );
+    let last3: Vec<&str> = out.lines().rev().take(3).collect();
+    check(last3 == ["2", "2", "0"], "rp_filter all, wg0, tun0", &out);
+
+    // One address on two interfaces is one endpoint; a /0 in direct-networks is refused.
+    let out = sh(
+        vm,
+        &format!(
+            "for x in x0 x1; do ip link add $x type wireguard && \
+             ip addr add 192.168.77.11/24 dev $x || exit 1; done; \
+             IDHAL_STATE_DIR=/var/lib/idhal IDHAL_PARAM_DIRECT_NETWORKS=192.168.77.0/24,0.0.0.0/0 \
+             sh {SCRIPT_PATH} setup; echo rc=$?; cat {d}/endpoints; ip link del x0; ip link del x1"
+        ),
+    );
+    check(
+        out.contains("direct-networks: 0.0.0.0/0 is not A.B.C.D/N (N 1-32); ignored"),
+        "/0 refused",
+        &out,
+    );
+    check(
+        out.ends_with("rc=0\n192.168.77.11:51820"),
+        "endpoints: the address once, user-net's not at all",
+        &out,
+    );
+
+    // A one-way peer: wg1 (same guest) initiates to wg0 with a preshared key wg0 lacks, so
+    // wg0's rx grows from its initiations while no handshake ever completes.
+    let k17 = sh(
+        vm,
+        "umask 077; wg genkey > /tmp/k1 && wg genpsk > /tmp/psk && \
+         ip link add wg1 type wireguard && wg set wg1 private-key /tmp/k1 listen-port 51821 \
+         peer $(wg show wg0 public-key) preshared-key /tmp/psk endpoint 127.0.0.1:51820 \
+         persistent-keepalive 1 && ip link set wg1 up && wg pubkey < /tmp/k1",
+    );
+    let e = "EAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let list = format!(
+        "refresh 3600\\nkeepalive 1\\nfallback 10\\npeer {good} 10.134.0.12 client12\\n\
+         peer {e} 10.134.0.16 client16\\npeer {k17} 10.134.0.17 client17\\n"
+    );
+    let peer = |k: &str, ep: &str, ka: u8| {
+        format!("\\n[Peer]\\nPublicKey = {k}\\n{ep}PersistentKeepalive = {ka}\\n")
+    };
+    let wg_conf = format!(
+        "# idhal-bootstrap peers for client11\\n{}{}",
+        peer(good, "Endpoint = [::1]:51899\\n", 0),
+        peer(e, "Endpoint = 127.0.0.16:51899\\n", 0),
+    );
+    let write = |conf: &str| {
+        format!(
+            "printf '{conf}' > {d}/wg.conf.tmp && mv {d}/wg.conf.tmp {d}/wg.conf && \
+             printf '{list}' > {d}/list.tmp && mv {d}/list.tmp {d}/list"
+        )
+    };
+    // IPv6: `[v6]:port` is an endpoint too.
+    let out = sh(
+        vm,
+        &format!("{} && {apply} && wg show wg0 endpoints", write(&wg_conf)),
+    );
+    check(
+        out.contains(&format!("{good} [::1]:51899")),
+        "IPv6 endpoint applied",
+        &out,
+    );
+    // WireGuard roams client16 to another address; the same files again, then a list with one
+    // more peer (a new wg.conf): the roamed endpoint stays.
+    let wg_conf2 = format!("{wg_conf}{}", peer(&k17, "", 1));
+    let out = sh(
+        vm,
+        &format!(
+            "wg set wg0 peer {e} endpoint 127.0.0.3:51899 && {w1} && {apply} && {w2} && \
+             {apply} && wg show wg0 endpoints",
+            w1 = write(&wg_conf),
+            w2 = write(&wg_conf2)
+        ),
+    );
+    check(
+        out.contains(&format!("{e} 127.0.0.3:51899")),
+        "roaming kept across refreshes and a changed wg.conf",
+        &out,
+    );
+    // Passes until wg1's initiations have grown wg0's rx for it between two of them.
+    let (code, out) = vm
+        .sh(
+            &format!(
+                "rx() {{ wg show wg0 transfer | awk -v k={k17} '$1 == k {{ print $2 }}'; }}; \
+                 for i in $(seq 1 60); do r=$(rx); {apply} >> /tmp/hs.log 2>&1 || exit 1; \
+                 sleep 0.5; [ \"$(rx)\" != \"$r\" ] && [ \"$(rx)\" -gt 0 ] && break; done; \
+                 {apply} >> /tmp/hs.log 2>&1; cat /tmp/hs.log; echo rx=$(rx); \
+                 wg show wg0 latest-handshakes; wg show wg0 allowed-ips; ip route show dev wg0"
+            ),
+            SH,
+        )
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{k17} 0\n")) && !out.contains("rx=0\n"),
+        "the one-way setup itself (rx > 0, no handshake):\n{out}"
+    );
+    check(
+        out.contains(&format!("{k17} (none)")) && !out.contains("direct up client17"),
+        "a peer that only initiates is not up",
+        &out,
+    );
+    eprintln!(
+        "FIGURE switch: one-way peer, {}",
+        out.lines().find(|l| l.starts_with("rx=")).unwrap_or("")
+    );
+    sh(vm, "ip link del wg1");
+
+    // The list's lifetime: 3 × refresh (3 h here) after it was last written, every peer goes,
+    // with one log line; a fresh list brings them back.
+    let out = sh(
+        vm,
+        &format!(
+            "touch -d @$(($(date +%s) - 10900)) {d}/list && {apply} && {apply} && \
+             echo peers=$(wg show wg0 peers | wc -l) && touch {d}/list && {apply} && \
+             echo peers=$(wg show wg0 peers | wc -l)"
+        ),
+    );
+    let dropped = out
+        .lines()
+        .filter(|l| l.contains("idhal-direct: no verified peer list for "))
+        .count();
+    check(
+        dropped == 1 && out.contains("s: every peer dropped\n"),
+        "one log line when the list expires",
+        &out,
+    );
+    check(
+        out.contains("peers=0\n") && out.ends_with("peers=3"),
+        "an expired list drops every peer, a fresh one brings them back",
+        &out,
+    );
+    assert!(wrong.is_empty(), "{}", wrong.join("\n---\n"));
 }
 
 /// The segment between two guests carries frames, and `set_link` cuts and restores it; a
