@@ -341,6 +341,62 @@ fn a_revoked_node_is_refused_and_gone_from_every_list() {
 }
 
 #[test]
+fn a_node_that_stops_registering_leaves_the_lists_by_itself() {
+    // Registrations live 3 refresh intervals: 3 s here.
+    let p = Project::new("[peers]\nrefresh_secs = 1\nkeepalive_secs = 1\nfallback_secs = 2\n");
+    let server = p.serve();
+    let token = p.token(&["--uses", "2"]);
+    let (a, b) = (enrolled(&server, &p, &token), enrolled(&server, &p, &token));
+    register(&p, &server, &a, &[]).unwrap();
+    assert_eq!(
+        register(&p, &server, &b, &[]).unwrap().peers,
+        [as_peer(&a, &[])]
+    );
+    // a goes quiet (a vnode deleted without `idhal revoke`); b keeps refreshing.
+    let quiet = std::time::Instant::now();
+    wait_for(
+        "a to leave b's list",
+        std::time::Duration::from_secs(60),
+        || register(&p, &server, &b, &[]).unwrap().peers.is_empty(),
+    );
+    println!(
+        "a left b's list {:.1} s after its last registration (3 x refresh_secs = 3 s)",
+        quiet.elapsed().as_secs_f64()
+    );
+    // Back as soon as it registers again.
+    assert_eq!(
+        register(&p, &server, &a, &[]).unwrap().peers,
+        [as_peer(&b, &[])]
+    );
+    assert_eq!(
+        register(&p, &server, &b, &[]).unwrap().peers,
+        [as_peer(&a, &[])]
+    );
+}
+
+#[test]
+fn a_node_whose_certificate_expired_is_refused_like_a_revoked_one() {
+    let p = Project::new("[ca]\nnode_cert_validity = \"10s\"\n");
+    let server = p.serve();
+    let token = p.token(&[]);
+    let a = enrolled(&server, &p, &token);
+    register(&p, &server, &a, &[]).unwrap();
+    let mut refused = None;
+    wait_for(
+        "a's certificate to expire",
+        std::time::Duration::from_secs(60),
+        || {
+            refused = register(&p, &server, &a, &[]).err();
+            refused.is_some()
+        },
+    );
+    let (status, line) = refused.unwrap();
+    assert_eq!(status, 410, "{line}");
+    let expected = format!("certificate of node {} expired at ", a.id);
+    assert!(line.starts_with(&expected) && line.ends_with('Z'), "{line}");
+}
+
+#[test]
 fn fifty_parallel_registrations_all_land_and_the_lists_agree() {
     let p = Project::new(CONFIG);
     let server = Arc::new(p.serve());

@@ -4,13 +4,13 @@
 //! enrollment key (docs/direct-paths.md).
 //!
 //! Checks run in one fixed order, each with its own refusal: parse, node known, signature with
-//! the key stored at enrollment, revoked, clock, endpoints outside the project's pool, then the
+//! the key stored at enrollment, revoked, certificate expired, clock, endpoints outside the project's pool, then the
 //! registration (one transaction that checks the revocation again, that no later request of
 //! the node registered already, and the key's holder).
 
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
-use crate::ca::state::{PeerRegistration, PeerRow, Registered};
+use crate::ca::state::{NodeKey, PeerRegistration, PeerRow, Registered};
 use idhal_manifest::peers::{
     endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_PEERS,
 };
@@ -29,6 +29,8 @@ pub enum Refusal {
     BadSignature(String),
     #[error("node {0} was revoked")]
     Revoked(String),
+    #[error("certificate of node {node} expired at {}", idhal_manifest::time::rfc3339(*at))]
+    Expired { node: String, at: u64 },
     #[error("request time is {0} s away from the server's clock (more than the allowed skew): fix the node's clock")]
     ClockSkew(i64),
     #[error("endpoint {endpoint} is {why} {pool}: register addresses other nodes reach without the tunnel")]
@@ -57,7 +59,7 @@ impl Refusal {
             Refusal::BadSignature(_) => 401,
             Refusal::UnknownNode(_) => 403,
             Refusal::KeyInUse { .. } | Refusal::Older { .. } => 409,
-            Refusal::Revoked(_) => 410,
+            Refusal::Revoked(_) | Refusal::Expired { .. } => 410,
             Refusal::ClockSkew(_) => 422,
             Refusal::Internal(_) => 500,
             Refusal::TooManyPeers { .. } => 503,
@@ -106,11 +108,15 @@ impl Peers {
     pub fn register(&self, body: &[u8], now: u64) -> Result<Registration, Refusal> {
         let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let req = &signed.request;
-        let (row, node_key) = self
+        let NodeKey {
+            row,
+            public_key,
+            cert_not_after,
+        } = self
             .enroller
             .with_db(|db| Ok::<_, Refusal>(db.node_key(&req.node)?))?
             .ok_or_else(|| Refusal::UnknownNode(req.node.clone()))?;
-        let node_key: [u8; 32] = node_key
+        let node_key: [u8; 32] = public_key
             .try_into()
             .map_err(|_| internal(format!("stored key of node {} is not 32 bytes", req.node)))?;
         signed.verify(&node_key).map_err(|e| match e {
@@ -119,6 +125,17 @@ impl Peers {
         })?;
         if row.revoked_at.is_some() {
             return Err(Refusal::Revoked(req.node.clone()));
+        }
+        // Expired is revoked by the clock (`not_after <= now`, the CRL's rule): no new key, and
+        // `peers` leaves it out of every list. No certificate row at all is the same.
+        match cert_not_after {
+            Some(at) if at > now => {}
+            at => {
+                return Err(Refusal::Expired {
+                    node: req.node.clone(),
+                    at: at.unwrap_or(0),
+                })
+            }
         }
         let cfg = self.enroller.config();
         let skew = req.time as i64 - now as i64;
@@ -171,7 +188,13 @@ impl Peers {
             // Read through the same connection right after the commit: the list holds this
             // node's own registration's effects (none: it is never listed) and every other
             // committed one.
-            Ok(db.peers(&project.name, &req.node, MAX_PEERS + 1)?)
+            Ok(db.peers(
+                &project.name,
+                &req.node,
+                cfg.peers.registered_since(now),
+                now,
+                MAX_PEERS + 1,
+            )?)
         })?;
         if rows.len() > MAX_PEERS {
             return Err(Refusal::TooManyPeers {
