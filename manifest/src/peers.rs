@@ -217,13 +217,12 @@ impl Request {
         s
     }
 
-    /// The encoded request, signed with the node's enrollment key.
-    pub fn sign(&self, node_key: &KeyPair) -> Vec<u8> {
-        assert!(
-            NodeId::try_from(self.node.as_str()).is_ok() && self.check_endpoints().is_ok(),
-            "signing an invalid peers request"
-        );
-        wire::sign(self.body(), node_key)
+    /// The encoded request, signed with the node's enrollment key; refused (nothing signed)
+    /// when `parse` would refuse it: a bad node id or endpoint.
+    pub fn sign(&self, node_key: &KeyPair) -> Result<Vec<u8>, PeersError> {
+        NodeId::try_from(self.node.as_str()).map_err(|e| malformed("request", e.to_string()))?;
+        self.check_endpoints()?;
+        Ok(wire::sign(self.body(), node_key))
     }
 
     fn check_endpoints(&self) -> Result<(), PeersError> {
@@ -420,13 +419,11 @@ impl Response {
         Ok(())
     }
 
-    /// The encoded answer signed with the project's enrollment key. Panics on a list `verify`
-    /// would refuse: the server builds it from checked rows.
-    pub fn sign(&self, key: &KeyPair) -> Vec<u8> {
-        if let Err(e) = self.check() {
-            panic!("the server made an invalid peer list: {e}");
-        }
-        wire::sign(self.body(), key)
+    /// The encoded answer signed with the project's enrollment key; refused (nothing signed)
+    /// when `verify` would refuse the list: the server never signs what no agent accepts.
+    pub fn sign(&self, key: &KeyPair) -> Result<Vec<u8>, PeersError> {
+        self.check()?;
+        Ok(wire::sign(self.body(), key))
     }
 
     /// Verifies, in order: the size, the signature with the key the manifest named, then the
@@ -538,14 +535,14 @@ mod tests {
 
     #[test]
     fn request_roundtrip_verify_and_tamper() {
-        let enc = request().sign(&node_key());
+        let enc = request().sign(&node_key()).unwrap();
         let parsed = Request::parse(&enc).unwrap();
         assert_eq!(parsed.request, request());
         assert_eq!(parsed.digest, wire::sha256(&enc));
         parsed.verify(&node_key().pk).unwrap();
         let other = KeyPair::from_seed(Seed::new([8; 32]));
         assert_eq!(parsed.verify(&other.pk), Err(PeersError::RequestSignature));
-        let forged = Request::parse(&request().sign(&other)).unwrap();
+        let forged = Request::parse(&request().sign(&other).unwrap()).unwrap();
         assert_eq!(
             forged.verify(&node_key().pk),
             Err(PeersError::RequestSignature)
@@ -571,8 +568,31 @@ mod tests {
     }
 
     #[test]
+    fn a_request_parse_would_refuse_is_not_signed() {
+        let mut bad_node = request();
+        bad_node.node = "../x".into();
+        let mut bad_endpoint = request();
+        bad_endpoint
+            .endpoints
+            .push("127.0.0.1:51820".parse().unwrap());
+        let mut twice = request();
+        twice.endpoints.push(twice.endpoints[0]);
+        for (r, want) in [
+            (bad_node, "node id"),
+            (bad_endpoint, "not a unicast address"),
+            (twice, "twice"),
+        ] {
+            let err = r.sign(&node_key()).unwrap_err().to_string();
+            assert!(
+                err.starts_with("malformed peers request: ") && err.contains(want),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn hostile_requests_are_malformed() {
-        let text = String::from_utf8(request().sign(&node_key())).unwrap();
+        let text = String::from_utf8(request().sign(&node_key()).unwrap()).unwrap();
         let sig_line = text.lines().last().unwrap().to_owned();
         let with_body = |body: &str| format!("{body}{sig_line}\n").into_bytes();
         let head = "idhal-peers-request 1\nnode client3\ntime 1800000000\nnonce 04040404040404040404040404040404\n";
@@ -654,7 +674,7 @@ mod tests {
     #[test]
     fn response_roundtrip_and_refusals() {
         let key = EnrollKey(*enroll_key().pk);
-        let enc = response().sign(&enroll_key());
+        let enc = response().sign(&enroll_key()).unwrap();
         assert_eq!(Response::verify(&enc, &key, &[5; 32]).unwrap(), response());
         assert_eq!(
             Response::verify(&enc, &key, &[6; 32]),
@@ -722,6 +742,8 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(want), "{r:?}: {err}");
+            // The signer refuses it with the very error the verifier gives: nothing signed.
+            assert_eq!(r.sign(&enroll_key()).unwrap_err().to_string(), err);
         }
         let text = String::from_utf8(response().body().into_bytes()).unwrap();
         for (from, to, want) in [
@@ -758,7 +780,7 @@ mod tests {
                     .collect(),
             })
             .collect();
-        let enc = r.sign(&enroll_key());
+        let enc = r.sign(&enroll_key()).unwrap();
         assert!(enc.len() <= MAX_RESPONSE, "{} bytes", enc.len());
         let key = EnrollKey(*enroll_key().pk);
         assert_eq!(

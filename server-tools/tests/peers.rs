@@ -397,6 +397,49 @@ fn a_node_whose_certificate_expired_is_refused_like_a_revoked_one() {
 }
 
 #[test]
+fn a_bad_stored_row_is_left_out_with_one_log_line_and_the_list_still_goes_out() {
+    let p = Project::new(CONFIG);
+    let server = p.serve();
+    let token = p.token(&["--uses", "4"]);
+    let n: Vec<Node> = (0..4).map(|_| enrolled(&server, &p, &token)).collect();
+    let eps = ["192.168.77.30:51820"];
+    for x in &n {
+        register(&p, &server, x, &eps).unwrap();
+    }
+    // Rows neither enrollment nor registration writes (a hand edit, a bad restore): an id that
+    // is no node id, an endpoint the wire format refuses.
+    let db = rusqlite::Connection::open(p.state.join("idhal.sqlite")).unwrap();
+    db.execute("UPDATE nodes SET id = 'x/y' WHERE id = ?1", [&n[1].id])
+        .unwrap();
+    db.execute(
+        "UPDATE nodes SET wg_endpoints = '127.0.0.1:1' WHERE id = ?1",
+        [&n[2].id],
+    )
+    .unwrap();
+    drop(db);
+    assert_eq!(
+        register(&p, &server, &n[0], &eps).unwrap().peers,
+        [as_peer(&n[3], &eps)]
+    );
+    let log = server.log();
+    let head = format!(
+        "idhal serve: left out of {}'s peer list (fix or revoke the node): stored peer ",
+        n[0].id
+    );
+    assert!(
+        log.contains(&format!("{head}\"x/y\": node id \"x/y\" is invalid")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "{head}\"{}\": endpoint 127.0.0.1:1: not a unicast address another host can reach\n",
+            n[2].id
+        )),
+        "{log}"
+    );
+}
+
+#[test]
 fn fifty_parallel_registrations_all_land_and_the_lists_agree() {
     let p = Project::new(CONFIG);
     let server = Arc::new(p.serve());

@@ -11,9 +11,11 @@
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
 use crate::ca::state::{NodeKey, PeerRegistration, PeerRow, Registered};
+use idhal_manifest::id::NodeId;
 use idhal_manifest::peers::{
-    endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_PEERS,
+    endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_ENDPOINTS, MAX_PEERS,
 };
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -92,6 +94,8 @@ pub struct Registration {
     pub wg_key: WgKey,
     pub endpoints: usize,
     pub peers: usize,
+    /// Stored rows left out of the list, each with why (for the server's log: one line each).
+    pub skipped: Vec<String>,
 }
 
 pub struct Peers {
@@ -201,10 +205,7 @@ impl Peers {
                 project: project.name.clone(),
             });
         }
-        let peers = rows
-            .into_iter()
-            .map(|r| peer(r, &pool))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (peers, skipped) = checked_peers(rows, &pool);
         let ca = self.enroller.ca(&project.name).map_err(|e| match e {
             crate::ca::enroll::Refusal::Internal(d) => Refusal::Internal(d),
             other => internal(other),
@@ -220,8 +221,15 @@ impl Peers {
             peers,
         };
         let count = response.peers.len();
+        let response = response.sign(&ca.enroll).map_err(|e| {
+            internal(format!(
+                "the peer list of project {} for {}: {e}",
+                project.name, req.node
+            ))
+        })?;
         Ok(Registration {
-            response: response.sign(&ca.enroll),
+            response,
+            skipped,
             node: req.node.clone(),
             project: project.name,
             wg_key: req.wg_key,
@@ -231,10 +239,12 @@ impl Peers {
     }
 }
 
-/// A stored row as the list carries it, checked as the agent will check it (a row that breaks
-/// a rule would make `Response::sign` panic: it is refused here, naming the node).
-fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, Refusal> {
-    let bad = |why: String| internal(format!("stored peer {}: {why}", r.node));
+/// A stored row as the list carries it, checked by every rule the agent's verifier applies to a
+/// peer (`Response::check`); a row that breaks one gives the reason, naming the node, and is
+/// left out of the list: one bad row never costs every node its list (nor panics the server).
+fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, String> {
+    let bad = |why: String| format!("stored peer {:?}: {why}", r.node);
+    NodeId::try_from(r.node.as_str()).map_err(|e| bad(e.to_string()))?;
     let address = r
         .address
         .parse()
@@ -247,20 +257,58 @@ fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, Refusal> {
             .try_into()
             .map_err(|_| bad("key is not 32 bytes".into()))?,
     );
-    let endpoints = r
-        .endpoints
-        .split_ascii_whitespace()
-        .map(|e| {
-            e.parse::<SocketAddr>()
-                .ok()
-                .filter(|a| a.to_string() == e && endpoint_problem(a, Some(pool)).is_none())
-                .ok_or_else(|| bad(format!("endpoint {e:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut endpoints: Vec<SocketAddr> = Vec::new();
+    for e in r.endpoints.split_ascii_whitespace() {
+        let a = e
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(|a| a.to_string() == e)
+            .ok_or_else(|| bad(format!("endpoint {e:?} is not ADDR:PORT")))?;
+        if let Some(why) = endpoint_problem(&a, Some(pool)) {
+            return Err(bad(format!("endpoint {e}: {why}")));
+        }
+        if endpoints.contains(&a) {
+            return Err(bad(format!("endpoint {e} twice")));
+        }
+        if endpoints.len() == MAX_ENDPOINTS {
+            return Err(bad(format!("more than {MAX_ENDPOINTS} endpoints")));
+        }
+        endpoints.push(a);
+    }
     Ok(Peer {
         node: r.node,
         address,
         wg_key,
         endpoints,
     })
+}
+
+/// The rows a list can carry, in order, and why each other one was left out. Node ids are
+/// unique in the table, addresses per project and keys over all nodes, but the list's rule is
+/// checked here all the same: the first holder of an address or key stays.
+fn checked_peers(rows: Vec<PeerRow>, pool: &Net4) -> (Vec<Peer>, Vec<String>) {
+    let (mut peers, mut skipped) = (Vec::new(), Vec::new());
+    let (mut nodes, mut addresses, mut keys) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for r in rows {
+        match peer(r, pool) {
+            Ok(p)
+                if nodes.contains(&p.node)
+                    || addresses.contains(&p.address)
+                    || keys.contains(&p.wg_key) =>
+            {
+                skipped.push(format!(
+                    "stored peer {:?}: its id, address or key is listed already",
+                    p.node
+                ))
+            }
+            Ok(p) => {
+                nodes.insert(p.node.clone());
+                addresses.insert(p.address);
+                keys.insert(p.wg_key);
+                peers.push(p);
+            }
+            Err(why) => skipped.push(why),
+        }
+    }
+    (peers, skipped)
 }

@@ -219,6 +219,7 @@ pub fn peers_request(
         endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
     }
     .sign(&signer.kp)
+    .unwrap()
 }
 
 /// Registers through `POST /peers`: the verified list, or (status, the server's line).
