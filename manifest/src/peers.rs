@@ -26,12 +26,20 @@ pub const PATH: &str = "peers";
 pub const CONTENT_TYPE: &str = "application/x-idhal-peers";
 /// Largest request the server reads (8 endpoints: ~600 bytes).
 pub const MAX_REQUEST: usize = 4 << 10;
-/// Largest answer the agent reads: 4,096 peers with 8 IPv4 endpoints each fit.
-pub const MAX_RESPONSE: usize = 1 << 20;
 /// Most candidate endpoints one node registers.
 pub const MAX_ENDPOINTS: usize = 8;
 /// Most peers one answer lists.
 pub const MAX_PEERS: usize = 4096;
+/// Longest `peer` line: `peer `, a 64-character node id, a 15-character address, a 44-character
+/// key, then `MAX_ENDPOINTS` × (a space and `[8 groups of 4 hex digits]:65535`, 47 characters:
+/// no scope id, `endpoint_problem` refuses one), and the newline.
+const MAX_PEER_LINE: usize = 5 + 64 + 1 + 15 + 1 + 44 + MAX_ENDPOINTS * (1 + 47) + 1;
+/// Everything of an answer but its peer lines: the head with the longest names, pool and
+/// timings, `end` and the signature line come to 410 bytes; the rest is spare.
+const MAX_FRAME: usize = 1 << 10;
+/// Largest answer the agent reads, and the server signs: `MAX_PEERS` peers with
+/// `MAX_ENDPOINTS` IPv6 endpoints each, every text at its longest (2,110,464 bytes).
+pub const MAX_RESPONSE: usize = MAX_PEERS * MAX_PEER_LINE + MAX_FRAME;
 /// The manifest parameter that overrides where the exchange is served (default: server + PATH).
 pub const URL_PARAM: &str = "peers-url";
 
@@ -158,6 +166,11 @@ pub fn endpoint_problem(e: &SocketAddr, pool: Option<&Net4>) -> Option<&'static 
             }
         }
         IpAddr::V6(a) => {
+            if let SocketAddr::V6(v6) = e {
+                if v6.scope_id() != 0 {
+                    return Some("an interface scope id, which means nothing to another host");
+                }
+            }
             let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
             if a.is_unspecified() || a.is_loopback() || a.is_multicast() || link_local {
                 return Some("not a unicast address another host can reach");
@@ -794,6 +807,51 @@ mod tests {
         );
         let err = Response::verify(&wire::sign(body, &enroll_key()), &key, &[5; 32]).unwrap_err();
         assert!(err.to_string().contains("more than 4096 peers"), "{err}");
+    }
+
+    /// The longest list the rules allow: every id, address, endpoint and timing at its longest
+    /// text. It fits `MAX_RESPONSE`, which is no more than 1 KiB above it.
+    #[test]
+    fn the_worst_case_list_fits_max_response() {
+        let longest_ep = |k: usize| -> SocketAddr {
+            format!("[2fff:ffff:ffff:ffff:ffff:ffff:ffff:fff{k}]:65535")
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(longest_ep(0).to_string().len(), 47);
+        let r = Response {
+            request: [0xff; 32],
+            project: "p".repeat(64),
+            node: "n".repeat(64),
+            pool: "100.64.0.0/10".parse().unwrap(),
+            refresh: 86_400,
+            keepalive: 3600,
+            fallback: 86_400,
+            peers: (0..MAX_PEERS)
+                .map(|i| Peer {
+                    node: format!("c{i:063}"),
+                    address: Ipv4Addr::new(100, 100 + (i / 156) as u8, 100 + (i % 156) as u8, 200),
+                    wg_key: WgKey(hmac_sha256::Hash::hash(&i.to_le_bytes())),
+                    endpoints: (0..MAX_ENDPOINTS).map(longest_ep).collect(),
+                })
+                .collect(),
+        };
+        assert!(r.peers.iter().all(|p| p.address.to_string().len() == 15));
+        assert_eq!(r.pool.to_string().len(), 13);
+        let enc = r.sign(&enroll_key()).unwrap();
+        println!(
+            "worst-case list: {} bytes, MAX_RESPONSE {MAX_RESPONSE}",
+            enc.len()
+        );
+        // The pool at its longest spelling ("255.255.255.255/32") is 5 more bytes.
+        assert!(enc.len() + 5 <= MAX_RESPONSE, "{} bytes", enc.len());
+        assert!(MAX_RESPONSE - enc.len() <= 1 << 10, "{} bytes", enc.len());
+        let key = EnrollKey(*enroll_key().pk);
+        assert_eq!(Response::verify(&enc, &key, &[0xff; 32]).unwrap(), r);
+        let mut scoped = r.clone();
+        scoped.peers[0].endpoints[0] = "[2fff::1%4294967295]:65535".parse().unwrap();
+        let err = scoped.sign(&enroll_key()).unwrap_err().to_string();
+        assert!(err.contains("an interface scope id"), "{err}");
     }
 
     #[test]

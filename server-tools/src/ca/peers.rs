@@ -11,9 +11,11 @@
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
 use crate::ca::state::{NodeKey, PeerRegistration, PeerRow, Registered};
+use idhal_manifest::enroll::KeyPair;
 use idhal_manifest::id::NodeId;
 use idhal_manifest::peers::{
     endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_ENDPOINTS, MAX_PEERS,
+    MAX_RESPONSE,
 };
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -50,6 +52,12 @@ pub enum Refusal {
     Older { time: u64, last: u64 },
     #[error("project {project} has more than {MAX_PEERS} registered peers: a list cannot carry them all")]
     TooManyPeers { project: String },
+    #[error("the peer list of project {project} would be {bytes} bytes, more than the {limit} a node reads: fewer nodes or endpoints per project")]
+    ListTooLarge {
+        project: String,
+        bytes: usize,
+        limit: usize,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -64,7 +72,7 @@ impl Refusal {
             Refusal::Revoked(_) | Refusal::Expired { .. } => 410,
             Refusal::ClockSkew(_) => 422,
             Refusal::Internal(_) => 500,
-            Refusal::TooManyPeers { .. } => 503,
+            Refusal::TooManyPeers { .. } | Refusal::ListTooLarge { .. } => 503,
         }
     }
 }
@@ -221,12 +229,7 @@ impl Peers {
             peers,
         };
         let count = response.peers.len();
-        let response = response.sign(&ca.enroll).map_err(|e| {
-            internal(format!(
-                "the peer list of project {} for {}: {e}",
-                project.name, req.node
-            ))
-        })?;
+        let response = sign_list(&response, &ca.enroll, MAX_RESPONSE)?;
         Ok(Registration {
             response,
             skipped,
@@ -237,6 +240,25 @@ impl Peers {
             peers: count,
         })
     }
+}
+
+/// `list` signed, unless its encoding is over `limit` (the most a node reads: it would refuse
+/// the list whole) or it breaks a rule of the format (the rows were checked: a bug).
+fn sign_list(list: &Response, key: &KeyPair, limit: usize) -> Result<Vec<u8>, Refusal> {
+    let signed = list.sign(key).map_err(|e| {
+        internal(format!(
+            "the peer list of project {} for {}: {e}",
+            list.project, list.node
+        ))
+    })?;
+    if signed.len() > limit {
+        return Err(Refusal::ListTooLarge {
+            project: list.project.clone(),
+            bytes: signed.len(),
+            limit,
+        });
+    }
+    Ok(signed)
 }
 
 /// A stored row as the list carries it, checked by every rule the agent's verifier applies to a
@@ -311,4 +333,48 @@ fn checked_peers(rows: Vec<PeerRow>, pool: &Net4) -> (Vec<Peer>, Vec<String>) {
         }
     }
     (peers, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idhal_manifest::enroll::Seed;
+
+    fn list() -> Response {
+        Response {
+            request: [1; 32],
+            project: "default".into(),
+            node: "client3".into(),
+            pool: "10.134.0.0/16".parse().unwrap(),
+            refresh: 60,
+            keepalive: 5,
+            fallback: 15,
+            peers: vec![Peer {
+                node: "client4".into(),
+                address: "10.134.0.4".parse().unwrap(),
+                wg_key: WgKey([4; 32]),
+                endpoints: vec!["[2001:db8::4]:51820".parse().unwrap()],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_list_over_the_limit_is_not_signed_and_is_503() {
+        let key = KeyPair::from_seed(Seed::new([3; 32]));
+        let len = sign_list(&list(), &key, MAX_RESPONSE).unwrap().len();
+        assert_eq!(sign_list(&list(), &key, len).unwrap().len(), len);
+        let r = sign_list(&list(), &key, len - 1).unwrap_err();
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.to_string(),
+            format!("the peer list of project default would be {len} bytes, more than the {} a node reads: fewer nodes or endpoints per project", len - 1)
+        );
+        // A list the format refuses is never signed: an internal error, not a panic.
+        let mut bad = list();
+        bad.peers[0].node = "client3".into();
+        assert!(matches!(
+            sign_list(&bad, &key, MAX_RESPONSE),
+            Err(Refusal::Internal(d)) if d.contains("the asking node itself")
+        ));
+    }
 }
