@@ -158,7 +158,14 @@ pub fn endpoint_problem(e: &SocketAddr, pool: Option<&Net4>) -> Option<&'static 
     }
     match e.ip() {
         IpAddr::V4(a) => {
-            if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+            // Link-local (169.254.0.0/16, as fe80::/10 below): an address the host gave itself
+            // for one link, the same on many hosts.
+            if a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_link_local()
+            {
                 return Some("not a unicast address another host can reach");
             }
             if pool.is_some_and(|p| p.contains(a)) {
@@ -632,6 +639,14 @@ mod tests {
             ),
             (
                 format!("{head}{key}endpoint [fe80::1]:51820\n"),
+                "not a unicast address",
+            ),
+            (
+                format!("{head}{key}endpoint 169.254.10.1:51820\n"),
+                "not a unicast address",
+            ),
+            (
+                format!("{head}{key}endpoint [::ffff:169.254.10.1]:51820\n"),
                 "not a unicast address",
             ),
             (
