@@ -114,16 +114,27 @@ pub fn peers(cfg: &Config, proc: &Proc) -> Result<(), AgentError> {
     let mut nonce = [0u8; 16];
     fill_random(&mut nonce)?;
     let mut digest = [0u8; 32];
+    let request = Request {
+        node: node.clone(),
+        time: now(),
+        nonce,
+        wg_key,
+        endpoints: endpoints.clone(),
+    };
+    // Signing refuses a bad node id or endpoint, the same in every attempt: checked once,
+    // before anything is sent.
+    request
+        .sign(&node_key)
+        .map_err(|e| AgentError::Config(format!("peers request of node {node}: {e}")))?;
     // Each attempt is a new request (fresh time, next nonce), as for `enroll`.
     let result = fetcher.post(peers::CONTENT_TYPE, peers::MAX_RESPONSE, &mut || {
         let encoded = Request {
-            node: node.clone(),
             time: now(),
             nonce,
-            wg_key,
-            endpoints: endpoints.clone(),
+            ..request.clone()
         }
-        .sign(&node_key);
+        .sign(&node_key)
+        .unwrap_or_default(); // Cannot fail: checked above with the same node and endpoints.
         nonce = u128::from_le_bytes(nonce).wrapping_add(1).to_le_bytes();
         digest = request_digest(&encoded);
         encoded
@@ -634,7 +645,8 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
             wg_key: WgKey([9; 32]),
             endpoints: vec![addr("192.168.77.11:51820")],
         }
-        .sign(&kp);
+        .sign(&kp)
+        .unwrap();
         assert_eq!(Request::parse(&enc).unwrap().digest, request_digest(&enc));
     }
 }

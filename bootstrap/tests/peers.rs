@@ -234,6 +234,7 @@ fn a_list_signed_by_another_key_is_refused() {
                 let list = Response::verify(&body, &real, &digest).unwrap();
                 assert_eq!(list.peers.len(), 1);
                 list.sign(&KeyPair::from_seed(Seed::new([0x66; 32])))
+                    .unwrap()
             })
         },
         "the peer list is not signed by the enrollment key the signed manifest names",

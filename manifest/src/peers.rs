@@ -26,12 +26,20 @@ pub const PATH: &str = "peers";
 pub const CONTENT_TYPE: &str = "application/x-idhal-peers";
 /// Largest request the server reads (8 endpoints: ~600 bytes).
 pub const MAX_REQUEST: usize = 4 << 10;
-/// Largest answer the agent reads: 4,096 peers with 8 IPv4 endpoints each fit.
-pub const MAX_RESPONSE: usize = 1 << 20;
 /// Most candidate endpoints one node registers.
 pub const MAX_ENDPOINTS: usize = 8;
 /// Most peers one answer lists.
 pub const MAX_PEERS: usize = 4096;
+/// Longest `peer` line: `peer `, a 64-character node id, a 15-character address, a 44-character
+/// key, then `MAX_ENDPOINTS` × (a space and `[8 groups of 4 hex digits]:65535`, 47 characters:
+/// no scope id, `endpoint_problem` refuses one), and the newline.
+const MAX_PEER_LINE: usize = 5 + 64 + 1 + 15 + 1 + 44 + MAX_ENDPOINTS * (1 + 47) + 1;
+/// Everything of an answer but its peer lines: the head with the longest names, pool and
+/// timings, `end` and the signature line come to 410 bytes; the rest is spare.
+const MAX_FRAME: usize = 1 << 10;
+/// Largest answer the agent reads, and the server signs: `MAX_PEERS` peers with
+/// `MAX_ENDPOINTS` IPv6 endpoints each, every text at its longest (2,110,464 bytes).
+pub const MAX_RESPONSE: usize = MAX_PEERS * MAX_PEER_LINE + MAX_FRAME;
 /// The manifest parameter that overrides where the exchange is served (default: server + PATH).
 pub const URL_PARAM: &str = "peers-url";
 
@@ -150,7 +158,14 @@ pub fn endpoint_problem(e: &SocketAddr, pool: Option<&Net4>) -> Option<&'static 
     }
     match e.ip() {
         IpAddr::V4(a) => {
-            if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+            // Link-local (169.254.0.0/16, as fe80::/10 below): an address the host gave itself
+            // for one link, the same on many hosts.
+            if a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_link_local()
+            {
                 return Some("not a unicast address another host can reach");
             }
             if pool.is_some_and(|p| p.contains(a)) {
@@ -158,6 +173,11 @@ pub fn endpoint_problem(e: &SocketAddr, pool: Option<&Net4>) -> Option<&'static 
             }
         }
         IpAddr::V6(a) => {
+            if let SocketAddr::V6(v6) = e {
+                if v6.scope_id() != 0 {
+                    return Some("an interface scope id, which means nothing to another host");
+                }
+            }
             let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
             if a.is_unspecified() || a.is_loopback() || a.is_multicast() || link_local {
                 return Some("not a unicast address another host can reach");
@@ -217,13 +237,12 @@ impl Request {
         s
     }
 
-    /// The encoded request, signed with the node's enrollment key.
-    pub fn sign(&self, node_key: &KeyPair) -> Vec<u8> {
-        assert!(
-            NodeId::try_from(self.node.as_str()).is_ok() && self.check_endpoints().is_ok(),
-            "signing an invalid peers request"
-        );
-        wire::sign(self.body(), node_key)
+    /// The encoded request, signed with the node's enrollment key; refused (nothing signed)
+    /// when `parse` would refuse it: a bad node id or endpoint.
+    pub fn sign(&self, node_key: &KeyPair) -> Result<Vec<u8>, PeersError> {
+        NodeId::try_from(self.node.as_str()).map_err(|e| malformed("request", e.to_string()))?;
+        self.check_endpoints()?;
+        Ok(wire::sign(self.body(), node_key))
     }
 
     fn check_endpoints(&self) -> Result<(), PeersError> {
@@ -420,13 +439,11 @@ impl Response {
         Ok(())
     }
 
-    /// The encoded answer signed with the project's enrollment key. Panics on a list `verify`
-    /// would refuse: the server builds it from checked rows.
-    pub fn sign(&self, key: &KeyPair) -> Vec<u8> {
-        if let Err(e) = self.check() {
-            panic!("the server made an invalid peer list: {e}");
-        }
-        wire::sign(self.body(), key)
+    /// The encoded answer signed with the project's enrollment key; refused (nothing signed)
+    /// when `verify` would refuse the list: the server never signs what no agent accepts.
+    pub fn sign(&self, key: &KeyPair) -> Result<Vec<u8>, PeersError> {
+        self.check()?;
+        Ok(wire::sign(self.body(), key))
     }
 
     /// Verifies, in order: the size, the signature with the key the manifest named, then the
@@ -538,14 +555,14 @@ mod tests {
 
     #[test]
     fn request_roundtrip_verify_and_tamper() {
-        let enc = request().sign(&node_key());
+        let enc = request().sign(&node_key()).unwrap();
         let parsed = Request::parse(&enc).unwrap();
         assert_eq!(parsed.request, request());
         assert_eq!(parsed.digest, wire::sha256(&enc));
         parsed.verify(&node_key().pk).unwrap();
         let other = KeyPair::from_seed(Seed::new([8; 32]));
         assert_eq!(parsed.verify(&other.pk), Err(PeersError::RequestSignature));
-        let forged = Request::parse(&request().sign(&other)).unwrap();
+        let forged = Request::parse(&request().sign(&other).unwrap()).unwrap();
         assert_eq!(
             forged.verify(&node_key().pk),
             Err(PeersError::RequestSignature)
@@ -571,8 +588,31 @@ mod tests {
     }
 
     #[test]
+    fn a_request_parse_would_refuse_is_not_signed() {
+        let mut bad_node = request();
+        bad_node.node = "../x".into();
+        let mut bad_endpoint = request();
+        bad_endpoint
+            .endpoints
+            .push("127.0.0.1:51820".parse().unwrap());
+        let mut twice = request();
+        twice.endpoints.push(twice.endpoints[0]);
+        for (r, want) in [
+            (bad_node, "node id"),
+            (bad_endpoint, "not a unicast address"),
+            (twice, "twice"),
+        ] {
+            let err = r.sign(&node_key()).unwrap_err().to_string();
+            assert!(
+                err.starts_with("malformed peers request: ") && err.contains(want),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn hostile_requests_are_malformed() {
-        let text = String::from_utf8(request().sign(&node_key())).unwrap();
+        let text = String::from_utf8(request().sign(&node_key()).unwrap()).unwrap();
         let sig_line = text.lines().last().unwrap().to_owned();
         let with_body = |body: &str| format!("{body}{sig_line}\n").into_bytes();
         let head = "idhal-peers-request 1\nnode client3\ntime 1800000000\nnonce 04040404040404040404040404040404\n";
@@ -599,6 +639,14 @@ mod tests {
             ),
             (
                 format!("{head}{key}endpoint [fe80::1]:51820\n"),
+                "not a unicast address",
+            ),
+            (
+                format!("{head}{key}endpoint 169.254.10.1:51820\n"),
+                "not a unicast address",
+            ),
+            (
+                format!("{head}{key}endpoint [::ffff:169.254.10.1]:51820\n"),
                 "not a unicast address",
             ),
             (
@@ -654,7 +702,7 @@ mod tests {
     #[test]
     fn response_roundtrip_and_refusals() {
         let key = EnrollKey(*enroll_key().pk);
-        let enc = response().sign(&enroll_key());
+        let enc = response().sign(&enroll_key()).unwrap();
         assert_eq!(Response::verify(&enc, &key, &[5; 32]).unwrap(), response());
         assert_eq!(
             Response::verify(&enc, &key, &[6; 32]),
@@ -722,6 +770,8 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(want), "{r:?}: {err}");
+            // The signer refuses it with the very error the verifier gives: nothing signed.
+            assert_eq!(r.sign(&enroll_key()).unwrap_err().to_string(), err);
         }
         let text = String::from_utf8(response().body().into_bytes()).unwrap();
         for (from, to, want) in [
@@ -758,7 +808,7 @@ mod tests {
                     .collect(),
             })
             .collect();
-        let enc = r.sign(&enroll_key());
+        let enc = r.sign(&enroll_key()).unwrap();
         assert!(enc.len() <= MAX_RESPONSE, "{} bytes", enc.len());
         let key = EnrollKey(*enroll_key().pk);
         assert_eq!(
@@ -772,6 +822,51 @@ mod tests {
         );
         let err = Response::verify(&wire::sign(body, &enroll_key()), &key, &[5; 32]).unwrap_err();
         assert!(err.to_string().contains("more than 4096 peers"), "{err}");
+    }
+
+    /// The longest list the rules allow: every id, address, endpoint and timing at its longest
+    /// text. It fits `MAX_RESPONSE`, which is no more than 1 KiB above it.
+    #[test]
+    fn the_worst_case_list_fits_max_response() {
+        let longest_ep = |k: usize| -> SocketAddr {
+            format!("[2fff:ffff:ffff:ffff:ffff:ffff:ffff:fff{k}]:65535")
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(longest_ep(0).to_string().len(), 47);
+        let r = Response {
+            request: [0xff; 32],
+            project: "p".repeat(64),
+            node: "n".repeat(64),
+            pool: "100.64.0.0/10".parse().unwrap(),
+            refresh: 86_400,
+            keepalive: 3600,
+            fallback: 86_400,
+            peers: (0..MAX_PEERS)
+                .map(|i| Peer {
+                    node: format!("c{i:063}"),
+                    address: Ipv4Addr::new(100, 100 + (i / 156) as u8, 100 + (i % 156) as u8, 200),
+                    wg_key: WgKey(hmac_sha256::Hash::hash(&i.to_le_bytes())),
+                    endpoints: (0..MAX_ENDPOINTS).map(longest_ep).collect(),
+                })
+                .collect(),
+        };
+        assert!(r.peers.iter().all(|p| p.address.to_string().len() == 15));
+        assert_eq!(r.pool.to_string().len(), 13);
+        let enc = r.sign(&enroll_key()).unwrap();
+        println!(
+            "worst-case list: {} bytes, MAX_RESPONSE {MAX_RESPONSE}",
+            enc.len()
+        );
+        // The pool at its longest spelling ("255.255.255.255/32") is 5 more bytes.
+        assert!(enc.len() + 5 <= MAX_RESPONSE, "{} bytes", enc.len());
+        assert!(MAX_RESPONSE - enc.len() <= 1 << 10, "{} bytes", enc.len());
+        let key = EnrollKey(*enroll_key().pk);
+        assert_eq!(Response::verify(&enc, &key, &[0xff; 32]).unwrap(), r);
+        let mut scoped = r.clone();
+        scoped.peers[0].endpoints[0] = "[2fff::1%4294967295]:65535".parse().unwrap();
+        let err = scoped.sign(&enroll_key()).unwrap_err().to_string();
+        assert!(err.contains("an interface scope id"), "{err}");
     }
 
     #[test]

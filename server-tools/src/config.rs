@@ -685,7 +685,17 @@ impl Default for PeersSection {
     }
 }
 
+/// A node's registration stays in the lists this many refresh intervals after it was made:
+/// a live node re-registers every interval, so missing three in a row means it is gone (a
+/// vnode deleted without `idhal revoke`), and it leaves every list by itself.
+pub const REGISTRATION_LIFETIME_REFRESHES: u64 = 3;
+
 impl PeersSection {
+    /// The oldest registration time (server clock) a list made at `now` still carries.
+    pub fn registered_since(&self, now: u64) -> u64 {
+        now.saturating_sub(REGISTRATION_LIFETIME_REFRESHES * u64::from(self.refresh_secs))
+    }
+
     /// The wire format's own rule (`peers::timings_problem`): a list the agents would refuse
     /// is refused here, at load, in one line.
     fn check(&self) -> Result<(), String> {

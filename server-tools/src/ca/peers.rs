@@ -4,16 +4,20 @@
 //! enrollment key (docs/direct-paths.md).
 //!
 //! Checks run in one fixed order, each with its own refusal: parse, node known, signature with
-//! the key stored at enrollment, revoked, clock, endpoints outside the project's pool, then the
+//! the key stored at enrollment, revoked, certificate expired, clock, endpoints outside the project's pool, then the
 //! registration (one transaction that checks the revocation again, that no later request of
 //! the node registered already, and the key's holder).
 
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
-use crate::ca::state::{PeerRegistration, PeerRow, Registered};
+use crate::ca::state::{NodeKey, PeerRegistration, PeerRow, Registered};
+use idhal_manifest::enroll::KeyPair;
+use idhal_manifest::id::NodeId;
 use idhal_manifest::peers::{
-    endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_PEERS,
+    endpoint_problem, Net4, Peer, PeersError, Request, Response, WgKey, MAX_ENDPOINTS, MAX_PEERS,
+    MAX_RESPONSE,
 };
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -29,6 +33,8 @@ pub enum Refusal {
     BadSignature(String),
     #[error("node {0} was revoked")]
     Revoked(String),
+    #[error("certificate of node {node} expired at {}", idhal_manifest::time::rfc3339(*at))]
+    Expired { node: String, at: u64 },
     #[error("request time is {0} s away from the server's clock (more than the allowed skew): fix the node's clock")]
     ClockSkew(i64),
     #[error("endpoint {endpoint} is {why} {pool}: register addresses other nodes reach without the tunnel")]
@@ -46,6 +52,12 @@ pub enum Refusal {
     Older { time: u64, last: u64 },
     #[error("project {project} has more than {MAX_PEERS} registered peers: a list cannot carry them all")]
     TooManyPeers { project: String },
+    #[error("the peer list of project {project} would be {bytes} bytes, more than the {limit} a node reads: fewer nodes or endpoints per project")]
+    ListTooLarge {
+        project: String,
+        bytes: usize,
+        limit: usize,
+    },
     #[error("internal error")]
     Internal(String),
 }
@@ -57,10 +69,10 @@ impl Refusal {
             Refusal::BadSignature(_) => 401,
             Refusal::UnknownNode(_) => 403,
             Refusal::KeyInUse { .. } | Refusal::Older { .. } => 409,
-            Refusal::Revoked(_) => 410,
+            Refusal::Revoked(_) | Refusal::Expired { .. } => 410,
             Refusal::ClockSkew(_) => 422,
             Refusal::Internal(_) => 500,
-            Refusal::TooManyPeers { .. } => 503,
+            Refusal::TooManyPeers { .. } | Refusal::ListTooLarge { .. } => 503,
         }
     }
 }
@@ -90,6 +102,8 @@ pub struct Registration {
     pub wg_key: WgKey,
     pub endpoints: usize,
     pub peers: usize,
+    /// Stored rows left out of the list, each with why (for the server's log: one line each).
+    pub skipped: Vec<String>,
 }
 
 pub struct Peers {
@@ -106,11 +120,15 @@ impl Peers {
     pub fn register(&self, body: &[u8], now: u64) -> Result<Registration, Refusal> {
         let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let req = &signed.request;
-        let (row, node_key) = self
+        let NodeKey {
+            row,
+            public_key,
+            cert_not_after,
+        } = self
             .enroller
             .with_db(|db| Ok::<_, Refusal>(db.node_key(&req.node)?))?
             .ok_or_else(|| Refusal::UnknownNode(req.node.clone()))?;
-        let node_key: [u8; 32] = node_key
+        let node_key: [u8; 32] = public_key
             .try_into()
             .map_err(|_| internal(format!("stored key of node {} is not 32 bytes", req.node)))?;
         signed.verify(&node_key).map_err(|e| match e {
@@ -119,6 +137,17 @@ impl Peers {
         })?;
         if row.revoked_at.is_some() {
             return Err(Refusal::Revoked(req.node.clone()));
+        }
+        // Expired is revoked by the clock (`not_after <= now`, the CRL's rule): no new key, and
+        // `peers` leaves it out of every list. No certificate row at all is the same.
+        match cert_not_after {
+            Some(at) if at > now => {}
+            at => {
+                return Err(Refusal::Expired {
+                    node: req.node.clone(),
+                    at: at.unwrap_or(0),
+                })
+            }
         }
         let cfg = self.enroller.config();
         let skew = req.time as i64 - now as i64;
@@ -171,17 +200,20 @@ impl Peers {
             // Read through the same connection right after the commit: the list holds this
             // node's own registration's effects (none: it is never listed) and every other
             // committed one.
-            Ok(db.peers(&project.name, &req.node, MAX_PEERS + 1)?)
+            Ok(db.peers(
+                &project.name,
+                &req.node,
+                cfg.peers.registered_since(now),
+                now,
+                MAX_PEERS + 1,
+            )?)
         })?;
         if rows.len() > MAX_PEERS {
             return Err(Refusal::TooManyPeers {
                 project: project.name.clone(),
             });
         }
-        let peers = rows
-            .into_iter()
-            .map(|r| peer(r, &pool))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (peers, skipped) = checked_peers(rows, &pool);
         let ca = self.enroller.ca(&project.name).map_err(|e| match e {
             crate::ca::enroll::Refusal::Internal(d) => Refusal::Internal(d),
             other => internal(other),
@@ -197,8 +229,10 @@ impl Peers {
             peers,
         };
         let count = response.peers.len();
+        let response = sign_list(&response, &ca.enroll, MAX_RESPONSE)?;
         Ok(Registration {
-            response: response.sign(&ca.enroll),
+            response,
+            skipped,
             node: req.node.clone(),
             project: project.name,
             wg_key: req.wg_key,
@@ -208,10 +242,31 @@ impl Peers {
     }
 }
 
-/// A stored row as the list carries it, checked as the agent will check it (a row that breaks
-/// a rule would make `Response::sign` panic: it is refused here, naming the node).
-fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, Refusal> {
-    let bad = |why: String| internal(format!("stored peer {}: {why}", r.node));
+/// `list` signed, unless its encoding is over `limit` (the most a node reads: it would refuse
+/// the list whole) or it breaks a rule of the format (the rows were checked: a bug).
+fn sign_list(list: &Response, key: &KeyPair, limit: usize) -> Result<Vec<u8>, Refusal> {
+    let signed = list.sign(key).map_err(|e| {
+        internal(format!(
+            "the peer list of project {} for {}: {e}",
+            list.project, list.node
+        ))
+    })?;
+    if signed.len() > limit {
+        return Err(Refusal::ListTooLarge {
+            project: list.project.clone(),
+            bytes: signed.len(),
+            limit,
+        });
+    }
+    Ok(signed)
+}
+
+/// A stored row as the list carries it, checked by every rule the agent's verifier applies to a
+/// peer (`Response::check`); a row that breaks one gives the reason, naming the node, and is
+/// left out of the list: one bad row never costs every node its list (nor panics the server).
+fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, String> {
+    let bad = |why: String| format!("stored peer {:?}: {why}", r.node);
+    NodeId::try_from(r.node.as_str()).map_err(|e| bad(e.to_string()))?;
     let address = r
         .address
         .parse()
@@ -224,20 +279,102 @@ fn peer(r: PeerRow, pool: &Net4) -> Result<Peer, Refusal> {
             .try_into()
             .map_err(|_| bad("key is not 32 bytes".into()))?,
     );
-    let endpoints = r
-        .endpoints
-        .split_ascii_whitespace()
-        .map(|e| {
-            e.parse::<SocketAddr>()
-                .ok()
-                .filter(|a| a.to_string() == e && endpoint_problem(a, Some(pool)).is_none())
-                .ok_or_else(|| bad(format!("endpoint {e:?}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut endpoints: Vec<SocketAddr> = Vec::new();
+    for e in r.endpoints.split_ascii_whitespace() {
+        let a = e
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(|a| a.to_string() == e)
+            .ok_or_else(|| bad(format!("endpoint {e:?} is not ADDR:PORT")))?;
+        if let Some(why) = endpoint_problem(&a, Some(pool)) {
+            return Err(bad(format!("endpoint {e}: {why}")));
+        }
+        if endpoints.contains(&a) {
+            return Err(bad(format!("endpoint {e} twice")));
+        }
+        if endpoints.len() == MAX_ENDPOINTS {
+            return Err(bad(format!("more than {MAX_ENDPOINTS} endpoints")));
+        }
+        endpoints.push(a);
+    }
     Ok(Peer {
         node: r.node,
         address,
         wg_key,
         endpoints,
     })
+}
+
+/// The rows a list can carry, in order, and why each other one was left out. Node ids are
+/// unique in the table, addresses per project and keys over all nodes, but the list's rule is
+/// checked here all the same: the first holder of an address or key stays.
+fn checked_peers(rows: Vec<PeerRow>, pool: &Net4) -> (Vec<Peer>, Vec<String>) {
+    let (mut peers, mut skipped) = (Vec::new(), Vec::new());
+    let (mut nodes, mut addresses, mut keys) = (HashSet::new(), HashSet::new(), HashSet::new());
+    for r in rows {
+        match peer(r, pool) {
+            Ok(p)
+                if nodes.contains(&p.node)
+                    || addresses.contains(&p.address)
+                    || keys.contains(&p.wg_key) =>
+            {
+                skipped.push(format!(
+                    "stored peer {:?}: its id, address or key is listed already",
+                    p.node
+                ))
+            }
+            Ok(p) => {
+                nodes.insert(p.node.clone());
+                addresses.insert(p.address);
+                keys.insert(p.wg_key);
+                peers.push(p);
+            }
+            Err(why) => skipped.push(why),
+        }
+    }
+    (peers, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use idhal_manifest::enroll::Seed;
+
+    fn list() -> Response {
+        Response {
+            request: [1; 32],
+            project: "default".into(),
+            node: "client3".into(),
+            pool: "10.134.0.0/16".parse().unwrap(),
+            refresh: 60,
+            keepalive: 5,
+            fallback: 15,
+            peers: vec![Peer {
+                node: "client4".into(),
+                address: "10.134.0.4".parse().unwrap(),
+                wg_key: WgKey([4; 32]),
+                endpoints: vec!["[2001:db8::4]:51820".parse().unwrap()],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_list_over_the_limit_is_not_signed_and_is_503() {
+        let key = KeyPair::from_seed(Seed::new([3; 32]));
+        let len = sign_list(&list(), &key, MAX_RESPONSE).unwrap().len();
+        assert_eq!(sign_list(&list(), &key, len).unwrap().len(), len);
+        let r = sign_list(&list(), &key, len - 1).unwrap_err();
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.to_string(),
+            format!("the peer list of project default would be {len} bytes, more than the {} a node reads: fewer nodes or endpoints per project", len - 1)
+        );
+        // A list the format refuses is never signed: an internal error, not a panic.
+        let mut bad = list();
+        bad.peers[0].node = "client3".into();
+        assert!(matches!(
+            sign_list(&bad, &key, MAX_RESPONSE),
+            Err(Refusal::Internal(d)) if d.contains("the asking node itself")
+        ));
+    }
 }

@@ -385,6 +385,12 @@ async fn registration(
     .map_err(|e| HttpError::Internal(format!("peers task: {e}")))?;
     match result {
         (Ok(r), _) => {
+            for why in &r.skipped {
+                eprintln!(
+                    "idhal serve: left out of {}'s peer list (fix or revoke the node): {why}",
+                    r.node
+                );
+            }
             eprintln!(
                 "idhal serve: registered the WireGuard key {} of {} ({} endpoint(s), project {}, {} peer(s) listed) for {remote}",
                 r.wg_key, r.node, r.endpoints, r.project, r.peers

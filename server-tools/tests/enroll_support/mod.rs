@@ -219,9 +219,11 @@ pub fn peers_request(
         endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
     }
     .sign(&signer.kp)
+    .unwrap()
 }
 
-/// Registers through `POST /peers`: the verified list, or (status, the server's line).
+/// Registers through `POST /peers` (one request): the verified list, or (status, the server's
+/// line), which must be exactly one line.
 pub fn peers_exchange(
     addr: &str,
     enroll_key: &EnrollKey,
@@ -229,7 +231,9 @@ pub fn peers_exchange(
 ) -> Result<idhal_manifest::peers::Response, (u16, String)> {
     let (status, body) = http(addr, "POST", "/peers", req);
     if status != 200 {
-        return Err((status, String::from_utf8_lossy(&body).trim_end().to_owned()));
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(text.matches('\n').count(), 1, "not one line: {text:?}");
+        return Err((status, text.trim_end().to_owned()));
     }
     let digest = idhal_manifest::peers::Request::parse(req).unwrap().digest;
     Ok(

@@ -320,6 +320,20 @@ pub enum Registered {
     Older { last: u64 },
 }
 
+/// The `not_after` of a `nodes` row's certificate, as an SQL expression both backends run (the
+/// certificate is the row of `certs` with the node's project and `cert_serial`).
+pub(crate) const CERT_NOT_AFTER: &str = "(SELECT c.not_after FROM certs c \
+     WHERE c.project = nodes.project AND c.serial = nodes.cert_serial)";
+
+/// A node as `POST /peers` checks it: its row, the Ed25519 key its certificate certifies, and
+/// that certificate's `not_after` (`None`: no certificate row, which enrollment never leaves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeKey {
+    pub row: NodeRow,
+    pub public_key: Vec<u8>,
+    pub cert_not_after: Option<u64>,
+}
+
 /// One row of a project's peer list, as stored (the caller parses and checks it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRow {
@@ -397,20 +411,24 @@ pub trait StateStore: Send {
     /// transaction; a node already revoked keeps its time. Returns the row as it was before
     /// (`revoked_at` set: it was revoked already), or `None` for no such node.
     fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError>;
-    /// The node `id` and the Ed25519 key its certificate certifies (what signs its `POST
-    /// /peers` requests), if any (read).
-    fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError>;
+    /// The node `id`, the Ed25519 key its certificate certifies (what signs its `POST /peers`
+    /// requests) and that certificate's `not_after`, if any (read).
+    fn node_key(&mut self, id: &str) -> Result<Option<NodeKey>, StateError>;
     /// Stores `reg`'s key and endpoints for its node, in one transaction that reads the node
     /// (unknown or revoked: nothing stored), its last request time (later than this one's:
     /// nothing stored) and the key's holder (another node: nothing stored); a registration of
     /// the node before is replaced whole.
     fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError>;
-    /// `project`'s peers as a node gets them: every node with a registered key, revoked ones
-    /// and `except` (the asker) left out, in enrollment order, at most `limit` (read).
+    /// `project`'s peers as a node gets them: every node whose key was registered at or after
+    /// `registered_since` (server time), in enrollment order, at most `limit`; left out: revoked
+    /// nodes, nodes whose certificate expired at `now` (`not_after <= now`, as for the CRL), and
+    /// `except` (the asker) (read).
     fn peers(
         &mut self,
         project: &str,
         except: &str,
+        registered_since: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<PeerRow>, StateError>;
     /// Every row, read in one transaction (a consistent copy while servers run).

@@ -8,9 +8,9 @@
 
 use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, PeerRegistration, PeerRow, PublishCert,
-    Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert,
-    StoredNode, StoredToken, TokenInfo, TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, NodeKey, PeerRegistration, PeerRow,
+    PublishCert, Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore,
+    StoredCert, StoredNode, StoredToken, TokenInfo, TokenRecord, CERT_NOT_AFTER,
 };
 use crate::ca::db::{wg_key_text, NodeRow, Open, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -661,16 +661,20 @@ impl StateStore for PgStore {
         Ok(Some(node))
     }
 
-    fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError> {
+    fn node_key(&mut self, id: &str) -> Result<Option<NodeKey>, StateError> {
         let sql = format!(
-            "SELECT {}, public_key FROM nodes WHERE id = $1",
+            "SELECT {}, public_key, {CERT_NOT_AFTER} FROM nodes WHERE id = $1",
             NodeRow::COLUMNS
         );
         let row = self
             .client
             .query_opt(&sql, &[&id])
             .map_err(pg_err(&self.url))?;
-        Ok(row.map(|r| (node_row(&r), r.get(9))))
+        Ok(row.map(|r| NodeKey {
+            row: node_row(&r),
+            public_key: r.get(9),
+            cert_not_after: r.get::<_, Option<i64>>(10).map(|t| t as u64),
+        }))
     }
 
     fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError> {
@@ -737,15 +741,28 @@ impl StateStore for PgStore {
         &mut self,
         project: &str,
         except: &str,
+        registered_since: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<PeerRow>, StateError> {
+        let sql = format!(
+            "SELECT id, address, wg_key, wg_endpoints FROM nodes
+             WHERE project = $1 AND id <> $2 AND wg_key IS NOT NULL AND revoked_at IS NULL
+                   AND wg_registered_at >= $4 AND {CERT_NOT_AFTER} > $5
+             ORDER BY num LIMIT $3"
+        );
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let rows = self
             .client
             .query(
-                "SELECT id, address, wg_key, wg_endpoints FROM nodes
-                 WHERE project = $1 AND id <> $2 AND wg_key IS NOT NULL AND revoked_at IS NULL
-                 ORDER BY num LIMIT $3",
-                &[&project, &except, &i64::try_from(limit).unwrap_or(i64::MAX)],
+                &sql,
+                &[
+                    &project,
+                    &except,
+                    &big(limit as u64),
+                    &big(registered_since),
+                    &big(now),
+                ],
             )
             .map_err(pg_err(&self.url))?;
         Ok(rows

@@ -2,9 +2,9 @@
 
 use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, PeerRegistration, PeerRow, PublishCert,
-    Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore, StoredCert,
-    StoredNode, StoredToken, TokenInfo, TokenRecord,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, NodeKey, PeerRegistration, PeerRow,
+    PublishCert, Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore,
+    StoredCert, StoredNode, StoredToken, TokenInfo, TokenRecord, CERT_NOT_AFTER,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -375,13 +375,19 @@ impl StateStore for Db {
         })
     }
 
-    fn node_key(&mut self, id: &str) -> Result<Option<(NodeRow, Vec<u8>)>, StateError> {
+    fn node_key(&mut self, id: &str) -> Result<Option<NodeKey>, StateError> {
         let sql = format!(
-            "SELECT {}, public_key FROM nodes WHERE id = ?1",
+            "SELECT {}, public_key, {CERT_NOT_AFTER} FROM nodes WHERE id = ?1",
             NodeRow::COLUMNS
         );
         self.conn
-            .query_row(&sql, [id], |r| Ok((NodeRow::from_row(r)?, r.get(9)?)))
+            .query_row(&sql, [id], |r| {
+                Ok(NodeKey {
+                    row: NodeRow::from_row(r)?,
+                    public_key: r.get(9)?,
+                    cert_not_after: r.get::<_, Option<i64>>(10)?.map(|t| t as u64),
+                })
+            })
             .optional()
             .map_err(|e| self.err(e))
     }
@@ -437,19 +443,26 @@ impl StateStore for Db {
         &mut self,
         project: &str,
         except: &str,
+        registered_since: u64,
+        now: u64,
         limit: usize,
     ) -> Result<Vec<PeerRow>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT id, address, wg_key, wg_endpoints FROM nodes
-                 WHERE project = ?1 AND id <> ?2 AND wg_key IS NOT NULL AND revoked_at IS NULL
-                 ORDER BY num LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
+        let sql = format!(
+            "SELECT id, address, wg_key, wg_endpoints FROM nodes
+             WHERE project = ?1 AND id <> ?2 AND wg_key IS NOT NULL AND revoked_at IS NULL
+                   AND wg_registered_at >= ?4 AND {CERT_NOT_AFTER} > ?5
+             ORDER BY num LIMIT ?3"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(
-                params![project, except, i64::try_from(limit).unwrap_or(i64::MAX)],
+                params![
+                    project,
+                    except,
+                    i64::try_from(limit).unwrap_or(i64::MAX),
+                    i64::try_from(registered_since).unwrap_or(i64::MAX),
+                    i64::try_from(now).unwrap_or(i64::MAX)
+                ],
                 |r| {
                     Ok(PeerRow {
                         node: r.get(0)?,

@@ -476,9 +476,10 @@ fn register(s: &mut dyn StateStore, node: &str, k: u8, endpoints: &str, now: u64
     .unwrap()
 }
 
-/// `(node, first key byte, endpoints)` of each peer `asker` gets.
+/// `(node, first key byte, endpoints)` of each peer `asker` gets (any registration time, at
+/// time 0: no certificate expired).
 fn listed(s: &mut dyn StateStore, project: &str, asker: &str) -> Vec<(String, u8, String)> {
-    s.peers(project, asker, 100)
+    s.peers(project, asker, 0, 0, 100)
         .unwrap()
         .into_iter()
         .map(|p| (p.node, p.wg_key[0], p.endpoints))
@@ -504,8 +505,9 @@ mod peers {
                 .enroll(&Claim { project: "q", ..claim("tq", &[4; 32], 10) }, &mut |a| Ok(format!("pem {}", a.serial)))
                 .unwrap();
             // The enrollment key, for the signature check.
-            let (row, key) = s.node_key("client2").unwrap().unwrap();
+            let NodeKey { row, public_key: key, cert_not_after } = s.node_key("client2").unwrap().unwrap();
             assert_eq!((row.id.as_str(), key), ("client2", vec![2u8; 32]));
+            assert_eq!(cert_not_after, Some(1010));
             assert_eq!((row.wg_key, row.wg_registered_at), (None, None));
             assert_eq!(s.node_key("client9").unwrap(), None);
 
@@ -518,7 +520,7 @@ mod peers {
             assert_eq!(listed(s, "p", "client1"), std::slice::from_ref(&two));
             assert_eq!(listed(s, "p", "client2"), std::slice::from_ref(&one));
             assert_eq!(listed(s, "p", "client3"), [one.clone(), two.clone()]);
-            assert_eq!(s.peers("p", "client3", 1).unwrap().len(), 1, "limit");
+            assert_eq!(s.peers("p", "client3", 0, 0, 1).unwrap().len(), 1, "limit");
             assert_eq!(listed(s, "q", other.node.as_str()), []);
             let n = s.node("client2").unwrap().unwrap();
             assert_eq!(n.wg_key, Some(idhal_manifest::peers::WgKey([0xb2; 32]).to_string()));
@@ -552,6 +554,37 @@ mod peers {
             assert_eq!(names(listed(s, "p", "client3")), ["client1"]);
             assert_eq!(register(s, "client1", 0xb2, "", 42), Registered::KeyHeldBy("client2".into()));
             assert_eq!(register(s, "client9", 0xd9, "", 42), Registered::NoNode);
+        }
+
+        fn peers_leave_out_stale_registrations_and_expired_certificates(s, _c) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 10)).unwrap();
+            let sign = &mut |a: &Allocation| Ok(format!("pem {}", a.serial));
+            for (k, not_after) in [(1u8, 1010), (2, 2000), (3, 2000)] {
+                s.enroll(&Claim { not_after, ..claim("t", &[k; 32], 10) }, sign).unwrap();
+            }
+            assert_eq!(s.node_key("client1").unwrap().unwrap().cert_not_after, Some(1010));
+            assert_eq!(register(s, "client1", 0xa1, "", 100), Registered::Done);
+            assert_eq!(register(s, "client2", 0xa2, "", 200), Registered::Done);
+            let names = |s: &mut dyn StateStore, since: u64, now: u64| {
+                s.peers("p", "client3", since, now, 100)
+                    .unwrap()
+                    .into_iter()
+                    .map(|p| p.node)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(names(s, 0, 500), ["client1", "client2"]);
+            // Registered before the cutoff: left out (the cutoff itself still counts).
+            assert_eq!(names(s, 100, 500), ["client1", "client2"]);
+            assert_eq!(names(s, 101, 500), ["client2"]);
+            assert_eq!(names(s, 201, 500), Vec::<String>::new());
+            // Registering again brings it back.
+            assert_eq!(register(s, "client1", 0xa1, "", 300), Registered::Done);
+            assert_eq!(names(s, 201, 500), ["client1"]);
+            // A certificate at its not_after is expired (the CRL's rule): left out.
+            assert_eq!(names(s, 0, 1009), ["client1", "client2"]);
+            assert_eq!(names(s, 0, 1010), ["client2"]);
+            assert_eq!(names(s, 0, 2000), Vec::<String>::new());
         }
 
         fn concurrent_registrations_all_land_and_a_contested_key_goes_to_one(s, connect) {
