@@ -384,12 +384,15 @@ fn preconditions_are_refused_before_any_network() {
     assert_eq!(outputs(&node), (None, None));
 
     // A server that trickles its answer, or sends one without end: each bounded (the request's
-    // deadline, the list's 1 MiB cap), a fetch failure, nothing written.
+    // deadline, the list's cap), a fetch failure, nothing written.
     for (fault, want) in [
         (Fault::Trickle, "timed out"),
         (
             Fault::Endless,
-            "response larger than the 1048576-byte limit",
+            &format!(
+                "response larger than the {}-byte limit",
+                idhal_manifest::peers::MAX_RESPONSE
+            ),
         ),
     ] {
         watch.set_fault(fault);
