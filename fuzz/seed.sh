@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 data=../manifest/tests/data
 [ -f "$data/manifest" ] || { echo "seed.sh: $data/manifest missing" >&2; exit 1; }
-mkdir -p corpus/manifest_parse corpus/signature_verify corpus/enroll_parse
+mkdir -p corpus/manifest_parse corpus/signature_verify corpus/enroll_parse corpus/rotation_check
 
 # manifest_parse takes a manifest as is.
 cp "$data/manifest" corpus/manifest_parse/golden
@@ -49,5 +49,24 @@ done
 cp "$data/enroll/request" corpus/enroll_parse/golden-request
 sed '1d;$d' "$data/enroll/response" >corpus/enroll_parse/golden-response
 
+# rotation_check: a statement as is, and statement + both signatures behind the two bytes that
+# cut them apart again (found the same way as for signature_verify: pad with blank lines).
+n=0
+for d in "$data"/rotate/*/ "$data"/rotate/refuse/*/; do
+    [ -f "$d/keys/1" ] || continue
+    n=$((n + 1))
+    cp "$d/keys/1" "corpus/rotation_check/golden-$n"
+    s=$(wc -c <"$d/keys/1")
+    o=$(cat "$d/keys/1.minisig" | wc -c)
+    w=$({ cat "$d/keys/1.new.minisig" 2>/dev/null || true; } | wc -c)
+    len=$((s + o + w))
+    a=$(((s * 255 + len - 1) / len)); b=$((((s + o) * 255 + len - 1) / len))
+    {
+        printf "\\$(printf '%03o' "$a")\\$(printf '%03o' "$b")"
+        cat "$d/keys/1" "$d/keys/1.minisig"
+        cat "$d/keys/1.new.minisig" 2>/dev/null || true
+    } >"corpus/rotation_check/golden-files-$n"
+done
+
 echo "seed.sh: $(ls corpus/manifest_parse/golden* corpus/signature_verify/golden* \
-    corpus/enroll_parse/golden* | wc -l) seeds from $data"
+    corpus/enroll_parse/golden* corpus/rotation_check/golden* | wc -l) seeds from $data"

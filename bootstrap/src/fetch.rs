@@ -8,6 +8,7 @@ use crate::http::{self, HttpError, Method, Tls, Url};
 use crate::log;
 use crate::random::random_u64;
 use idhal_manifest::paths;
+use idhal_manifest::rotation::{StatementFiles, MAX_STATEMENT};
 use std::time::Duration;
 
 pub struct Fetcher {
@@ -84,6 +85,30 @@ impl Fetcher {
             http::request(&self.base, method, limit, &self.limits, &self.tls)
                 .map_err(|e| (self.base.clone(), e))
         })
+    }
+
+    /// Key rotation statement `n` and its two signatures; `None` when the statement is not
+    /// published (the chain ends). A missing signature reads as empty: the check refuses it.
+    pub fn statement(&self, n: u64) -> Result<Option<StatementFiles>, AgentError> {
+        // A 404 ends the chain: not worth waiting for, unlike a manifest being published.
+        let get = |rel: String, limit| match self
+            .with_retries(HttpError::is_transient_post, &mut || self.get(&rel, limit))
+        {
+            Err((_, HttpError::Status { code: 404, .. })) => Ok(None),
+            r => r.map(Some).map_err(fetch_error),
+        };
+        let Some(statement) = get(paths::rotation_statement(n), MAX_STATEMENT + 1)? else {
+            return Ok(None);
+        };
+        let sig = |rel| {
+            get(rel, self.limits.max_signature)
+                .map(|b| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned())
+        };
+        Ok(Some(StatementFiles {
+            statement,
+            old_signature: sig(paths::rotation_old_signature(n))?,
+            new_signature: sig(paths::rotation_new_signature(n))?,
+        }))
     }
 
     /// The latest signature and the manifest it signs.

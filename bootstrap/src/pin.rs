@@ -1,15 +1,23 @@
 //! First-boot key pinning. The key comes from the image, or from the server only if it matches
 //! the fingerprint the admin pinned; once pinned it is never fetched again and no other key is
 //! accepted. Trusting the first key offered exists only behind an explicit, loud opt-in.
+//!
+//! The one way the pinned key changes: a chain of rotation statements, each signed by the key
+//! pinned so far and by its successor (`idhal_manifest::rotation`), followed only when a manifest
+//! is signed by another key, and pinned only once that manifest verified with the chain's key.
 
 use crate::config::{Config, KeyTrust};
 use crate::error::AgentError;
 use crate::fetch::Fetcher;
 use crate::log;
 use crate::state::{write_atomic, StateDir};
-use idhal_manifest::PublicKey;
+use idhal_manifest::rotation::{self, ChainHead, WalkError};
+use idhal_manifest::{KeyId, PublicKey};
 
 pub const PINNED: &str = "server.pub";
+/// The line `server.pub` gains once a rotation was followed: the statement that made the key.
+/// minisign reads only the first two lines, so the file stays a minisign public key.
+const ROTATION_LINE: &str = "idhal-rotation ";
 
 fn baked_key(cfg: &Config) -> Result<Option<PublicKey>, AgentError> {
     match std::fs::read_to_string(&cfg.key) {
@@ -23,18 +31,59 @@ fn baked_key(cfg: &Config) -> Result<Option<PublicKey>, AgentError> {
 
 /// The key already pinned in the state directory, if any.
 pub fn load_pinned(state: &StateDir) -> Result<Option<PublicKey>, AgentError> {
+    Ok(load_head(state)?.map(|h| h.key))
+}
+
+/// The pinned key and the rotation statement it came from (0: the image's or the first key).
+pub fn load_head(state: &StateDir) -> Result<Option<ChainHead>, AgentError> {
     let path = state.path(PINNED);
-    state
-        .read(&path)?
-        .map(|t| {
-            PublicKey::parse(&t).map_err(|e| {
-                AgentError::state(
-                    &path,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-                )
-            })
-        })
-        .transpose()
+    let bad = |why: String| {
+        AgentError::state(
+            &path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+        )
+    };
+    let Some(text) = state.read(&path)? else {
+        return Ok(None);
+    };
+    let key = PublicKey::parse(&text).map_err(|e| bad(e.to_string()))?;
+    let sequence = match text.lines().find_map(|l| l.strip_prefix(ROTATION_LINE)) {
+        None => 0,
+        Some(n) => n
+            .parse()
+            .map_err(|_| bad(format!("bad {ROTATION_LINE}line")))?,
+    };
+    Ok(Some(ChainHead { key, sequence }))
+}
+
+fn pin(state: &StateDir, head: &ChainHead) -> Result<(), AgentError> {
+    let mut text = head.key.to_file_text();
+    if head.sequence > 0 {
+        text += &format!("{ROTATION_LINE}{}\n", head.sequence);
+    }
+    write_atomic(&state.path(PINNED), text.as_bytes(), 0o644)
+}
+
+/// Follows the published rotation chain from `head` to the key `target` that signed a manifest.
+/// Returns the new head; nothing is pinned here (see [`pin_rotated`]).
+pub fn follow(fetcher: &Fetcher, head: &ChainHead, target: KeyId) -> Result<ChainHead, AgentError> {
+    rotation::walk(head, Some(target), &mut |n| fetcher.statement(n)).map_err(|e| match e {
+        WalkError::Refused(r) => AgentError::Pin(r.to_string()),
+        WalkError::Fetch(e) => e,
+    })
+}
+
+/// Pins a key reached by [`follow`], once a manifest verified with it: from now on the old key
+/// signs nothing this node accepts.
+pub fn pin_rotated(state: &StateDir, old: &ChainHead, new: &ChainHead) -> Result<(), AgentError> {
+    pin(state, new)?;
+    log(&format!(
+        "pinned key {} (rotation {}) in place of key {}",
+        new.key.id(),
+        new.sequence,
+        old.key.id()
+    ));
+    Ok(())
 }
 
 /// Returns the pinned key, pinning it first if this is the first boot.
@@ -42,10 +91,12 @@ pub fn pinned_key(
     cfg: &Config,
     state: &StateDir,
     fetcher: &Fetcher,
-) -> Result<PublicKey, AgentError> {
+) -> Result<ChainHead, AgentError> {
     let baked = baked_key(cfg)?;
-    if let Some(pinned) = load_pinned(state)? {
-        if let Some(b) = baked.filter(|b| *b != pinned) {
+    if let Some(head) = load_head(state)? {
+        let pinned = &head.key;
+        // A rotated key differs from the image's by design: the image's was the chain's start.
+        if let Some(b) = baked.filter(|b| b != pinned && head.sequence == 0) {
             return Err(AgentError::Pin(format!(
                 "the image's key {} ({}) differs from the key {} pinned in {}; \
                  refusing both (remove the pinned key only if you re-keyed on purpose)",
@@ -55,7 +106,7 @@ pub fn pinned_key(
                 state.path(PINNED).display()
             )));
         }
-        return Ok(pinned);
+        return Ok(head);
     }
 
     let key = match baked {
@@ -117,6 +168,7 @@ pub fn pinned_key(
             key
         }
     };
-    write_atomic(&state.path(PINNED), key.to_file_text().as_bytes(), 0o644)?;
-    Ok(key)
+    let head = ChainHead { key, sequence: 0 };
+    pin(state, &head)?;
+    Ok(head)
 }

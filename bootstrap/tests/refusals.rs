@@ -55,6 +55,14 @@ fn file_for(dir: &Path, path: &str) -> Option<PathBuf> {
         "/manifest.minisig" => Some(dir.join("manifest.minisig")),
         "/idhal.pub" => Some(data("idhal.pub")),
         p if versioned(p) => Some(dir.join("manifest")),
+        // Key rotation statements (`keys/N`, `keys/N.minisig`, `keys/N.new.minisig`).
+        p if p.strip_prefix("/keys/").is_some_and(|f| {
+            let n = f.trim_end_matches(".minisig").trim_end_matches(".new");
+            !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        }) =>
+        {
+            Some(dir.join(&p[1..]))
+        }
         p if p.strip_suffix(".minisig").is_some_and(versioned) => {
             Some(dir.join("manifest.minisig"))
         }
@@ -97,23 +105,32 @@ fn answer(mut conn: TcpStream, dir: &Path, log: &Mutex<Vec<String>>) {
 /// A node that pinned the golden key on an earlier boot: its state dir, config and fake /proc.
 struct Node {
     dir: tempfile::TempDir,
+    /// The key baked into its image.
+    key: PathBuf,
 }
 
 impl Node {
     fn new(extra_conf: &str) -> Node {
+        Node::pinned(extra_conf, &data("idhal.pub"))
+    }
+    /// A node whose image holds `key` and that pinned it (the file as the state dir keeps it).
+    fn pinned(extra_conf: &str, key: &Path) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         std::fs::create_dir_all(p.join("proc/sys/kernel/random")).unwrap();
         // The layout an earlier run left (`scriptlets/` is made before anything is fetched).
         std::fs::create_dir_all(p.join("state/scriptlets")).unwrap();
         std::fs::write(p.join("proc/cmdline"), "ro quiet\n").unwrap();
-        std::fs::copy(data("idhal.pub"), p.join("state/server.pub")).unwrap();
+        std::fs::copy(key, p.join("state/server.pub")).unwrap();
         std::fs::write(
             p.join("bootstrap.conf"),
             format!("retries = 0\ntimeout = 10s\n{extra_conf}"),
         )
         .unwrap();
-        let node = Node { dir };
+        let node = Node {
+            dir,
+            key: key.to_owned(),
+        };
         node.set_boot_id("boot-1");
         node
     }
@@ -138,7 +155,7 @@ impl Node {
             .arg("--state-dir")
             .arg(self.path("state"))
             .arg("--key")
-            .arg(data("idhal.pub"))
+            .arg(&self.key)
             .args(["--server", &server.url])
             .output()
             .unwrap();
@@ -349,6 +366,91 @@ fn every_refusal_dir_is_refused_by_the_real_agent() {
             "{case}: a scriptlet ran"
         );
         eprintln!("{case}: refused, exit {}", expect(dir)["exit"]);
+    }
+}
+
+/// The requests a walk over statements `ns` makes, in order.
+fn statement_requests(ns: &[u64]) -> Vec<String> {
+    ns.iter()
+        .flat_map(|n| {
+            [
+                format!("/keys/{n}"),
+                format!("/keys/{n}.minisig"),
+                format!("/keys/{n}.new.minisig"),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn the_real_agent_follows_a_key_rotation_chain_and_refuses_every_broken_one() {
+    let base = data("rotate");
+    let k3 = "A168025966A00312";
+    for (case, walked) in [
+        ("follow", &[1, 2, 3][..]),
+        ("at-k2", &[3][..]),
+        ("baked-k2", &[1, 2, 3][..]),
+    ] {
+        let dir = base.join(case);
+        let server = Server::start(&dir);
+        let node = Node::pinned("", &dir.join("pinned.pub"));
+        let (code, err) = node.run(&server);
+        assert_eq!(code, 0, "{case}: {err}");
+        let mut want = vec!["/manifest.minisig".to_owned(), "/manifests/42".to_owned()];
+        want.extend(statement_requests(walked));
+        assert_eq!(server.requests(), want, "{case}");
+        // Pinned atomically once the manifest verified: the new key and the rotation that made it.
+        let pinned = node.read("state/server.pub").unwrap();
+        assert_eq!(
+            pinned,
+            format!(
+                "untrusted comment: minisign public key {k3}\n{}\nidhal-rotation 3\n",
+                pinned.lines().nth(1).unwrap()
+            ),
+            "{case}"
+        );
+        assert!(
+            err.contains(&format!("pinned key {k3} (rotation 3) in place of key ")),
+            "{err}"
+        );
+        assert_eq!(
+            node.read("state/golden.log").as_deref(),
+            Some(GOLDEN_LOG),
+            "{case}"
+        );
+        // The next run needs no statement: the manifest is signed by the pinned key.
+        server.requests.lock().unwrap().clear();
+        node.set_boot_id("boot-2");
+        assert_eq!(node.run(&server).0, 0, "{case}");
+        assert_eq!(
+            server.requests(),
+            ["/manifest.minisig", "/manifests/42"],
+            "{case}"
+        );
+
+        // Now the old key K0 cannot roll this node back, even with a higher serial.
+        let old = base.join("refuse/old-key-after-rotation");
+        assert_refused(case, &old, &node, &Server::start(&old));
+    }
+
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(base.join("refuse"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 13, "{dirs:?}");
+    for dir in &dirs {
+        let case = dir.file_name().unwrap().to_str().unwrap();
+        let node = Node::pinned("", &dir.join("pinned.pub"));
+        assert_refused(case, dir, &node, &Server::start(dir));
+        assert!(
+            node.read("state/golden.log").is_none(),
+            "{case}: a scriptlet ran"
+        );
+        eprintln!(
+            "rotate/refuse/{case}: refused, exit {}",
+            expect(dir)["exit"]
+        );
     }
 }
 

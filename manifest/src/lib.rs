@@ -11,6 +11,7 @@ pub mod format;
 pub mod id;
 pub mod key;
 pub mod peers;
+pub mod rotation;
 pub mod sig;
 pub mod time;
 pub mod verify;
@@ -40,5 +41,19 @@ pub mod paths {
     }
     pub fn versioned_signature(serial: u64) -> String {
         format!("{VERSIONS_DIR}/{serial}.minisig")
+    }
+
+    /// Directory of key rotation statements (`crate::rotation`), kept forever: `keys/1`, `keys/2`…
+    pub const KEYS_DIR: &str = "keys";
+
+    /// Rotation statement `n`, the old key's signature of it, the new key's.
+    pub fn rotation_statement(n: u64) -> String {
+        format!("{KEYS_DIR}/{n}")
+    }
+    pub fn rotation_old_signature(n: u64) -> String {
+        format!("{KEYS_DIR}/{n}.minisig")
+    }
+    pub fn rotation_new_signature(n: u64) -> String {
+        format!("{KEYS_DIR}/{n}.new.minisig")
     }
 }

@@ -73,13 +73,14 @@ pub fn unverified_serial(signature: &str) -> Option<u64> {
         .map(|m| m.serial)
 }
 
-/// Verifies `manifest` against `signature` (minisign file text) with the pinned key.
-pub fn verify<'a>(
+/// Checks a minisign signature file over `bytes` with `key`, in the fixed order (algorithm, key id,
+/// signature over the bytes, signature over the trusted comment), and returns it; its trusted
+/// comment is authenticated once this returned. The caller checks what the comment says.
+pub fn check_signature(
     key: &PublicKey,
-    manifest: &'a [u8],
+    bytes: &[u8],
     signature: &str,
-    policy: &Policy,
-) -> Result<Manifest<'a>, VerifyError> {
+) -> Result<SignatureFile, VerifyError> {
     let sig = SignatureFile::parse(signature)?;
     if sig.algorithm == SigAlgorithm::Legacy {
         return Err(VerifyError::LegacySignature);
@@ -91,7 +92,7 @@ pub fn verify<'a>(
         });
     }
     let pk = ed25519_compact::PublicKey::new(*key.ed25519());
-    let prehash = Blake2b512::digest(manifest);
+    let prehash = Blake2b512::digest(bytes);
     pk.verify(prehash, &ed25519_compact::Signature::new(sig.signature))
         .map_err(|_| VerifyError::BadSignature)?;
 
@@ -103,7 +104,17 @@ pub fn verify<'a>(
         &ed25519_compact::Signature::new(sig.global_signature),
     )
     .map_err(|_| VerifyError::BadTrustedComment)?;
+    Ok(sig)
+}
 
+/// Verifies `manifest` against `signature` (minisign file text) with the pinned key.
+pub fn verify<'a>(
+    key: &PublicKey,
+    manifest: &'a [u8],
+    signature: &str,
+    policy: &Policy,
+) -> Result<Manifest<'a>, VerifyError> {
+    let sig = check_signature(key, manifest, signature)?;
     let meta = TrustedMeta::parse(&sig.trusted_comment)?;
     if let Some(last) = policy.last_serial {
         if meta.serial < last {

@@ -10,6 +10,9 @@
 use ct_codecs::{Base64, Decoder, Encoder};
 use ed25519_compact::{KeyPair, Seed};
 use idhal_manifest::enroll::{self, EnrollKey, Request, Response, Token};
+use idhal_manifest::rotation::{
+    self, ChainHead, Rotation, StatementFiles, WalkError, MAX_CHAIN, MAX_STATEMENT,
+};
 use idhal_manifest::sig::TrustedMeta;
 use idhal_manifest::{
     der, verify, Expiry, Frequency, KeyId, Manifest, Param, Policy, PublicKey, Scriptlet,
@@ -391,7 +394,183 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         "refuse/oversized/bootstrap.conf",
         format!("max_manifest_size = {OVERSIZE_LIMIT}\n").into_bytes(),
     );
+    rotation_files(&mut put);
     out
+}
+
+// ---- Key rotation: publications with a chain in keys/, and the key a node pinned ----
+
+/// K0 is the golden signing key; K1, K2, … replace it one after the other.
+fn rot_key(n: u64) -> MiniKey {
+    match n {
+        0 => signing_key(),
+        n => MiniKey::new(&format!("rotation key {n}")),
+    }
+}
+
+/// Statement `r` and its two signatures, by `old` and `new`, as `idhal key rotate` writes them.
+fn rotation_sigs(r: &Rotation, old: &MiniKey, new: &MiniKey) -> (Vec<u8>, String, String) {
+    let body = r.encode().into_bytes();
+    let sign = |k: &MiniKey, role: &str| {
+        k.sign(
+            b"ED",
+            &body,
+            &r.comment(),
+            &format!(
+                "idhal key rotation {}: key {} replaced by key {}, signed by the {role} key",
+                r.sequence,
+                r.from.id(),
+                r.to.id()
+            ),
+        )
+    };
+    let (o, n) = (sign(old, "old"), sign(new, "new"));
+    (body, o, n)
+}
+
+fn rotation(sequence: u64, from: u64, to: u64) -> Rotation {
+    Rotation {
+        sequence,
+        from: rot_key(from).public(),
+        to: rot_key(to).public(),
+    }
+}
+
+/// What a node pinned: `server.pub` as the agent writes it (with the rotation that made the key).
+fn pinned_file(key: u64, sequence: u64) -> Vec<u8> {
+    let mut text = rot_key(key).public().to_file_text();
+    if sequence > 0 {
+        text += &format!("idhal-rotation {sequence}\n");
+    }
+    text.into_bytes()
+}
+
+fn rotation_files(put: &mut dyn FnMut(&str, Vec<u8>)) {
+    // One publication: statements (sequence, from, to) signed by (old, new), the manifest's key
+    // and serial, the node's pinned key and rotation.
+    struct Case<'a> {
+        dir: &'a str,
+        steps: Vec<(Rotation, u64, u64)>,
+        signer: u64,
+        serial: u64,
+        pinned: (u64, u64),
+    }
+    let chain = |n: u64| {
+        (1..=n)
+            .map(|i| (rotation(i, i - 1, i), i - 1, i))
+            .collect::<Vec<_>>()
+    };
+    let case = |dir, steps, signer, pinned| Case {
+        dir,
+        steps,
+        signer,
+        serial: SERIAL,
+        pinned,
+    };
+    let cases = [
+        case("follow", chain(3), 3, (0, 0)),
+        case("at-k2", chain(3), 3, (2, 2)),
+        case("baked-k2", chain(3), 3, (2, 0)),
+        case(
+            "refuse/skipped-step",
+            vec![(rotation(1, 0, 1), 0, 1), (rotation(2, 2, 3), 2, 3)],
+            3,
+            (0, 0),
+        ),
+        case("refuse/one-signature", chain(1), 1, (0, 0)),
+        case(
+            "refuse/new-signed-by-old",
+            vec![(rotation(1, 0, 1), 0, 0)],
+            1,
+            (0, 0),
+        ),
+        case(
+            "refuse/sequence-back",
+            vec![(rotation(1, 0, 1), 0, 1), (rotation(1, 1, 2), 1, 2)],
+            2,
+            (0, 0),
+        ),
+        case(
+            "refuse/too-long",
+            chain(MAX_CHAIN + 1),
+            MAX_CHAIN + 1,
+            (0, 0),
+        ),
+        Case {
+            serial: SERIAL + 1,
+            ..case("refuse/old-key-after-rotation", chain(3), 0, (3, 3))
+        },
+        case("refuse/tampered-statement", chain(1), 1, (0, 0)),
+        case("refuse/comment", chain(1), 1, (0, 0)),
+        case(
+            "refuse/key-reused",
+            vec![
+                (rotation(1, 0, 1), 0, 1),
+                (rotation(2, 1, 0), 1, 0),
+                (rotation(3, 0, 2), 0, 2),
+            ],
+            2,
+            (0, 0),
+        ),
+        case(
+            "refuse/same-key",
+            vec![(rotation(1, 0, 0), 0, 0)],
+            1,
+            (0, 0),
+        ),
+        case("refuse/too-large", chain(1), 1, (0, 0)),
+        case("refuse/malformed", chain(1), 1, (0, 0)),
+        case("refuse/no-chain", chain(1), 2, (0, 0)),
+    ];
+    for c in cases {
+        let d = format!("rotate/{}", c.dir);
+        let m = manifest(c.serial, EXPIRES, &[]);
+        let sig = rot_key(c.signer).idhal_sign(&m, meta(c.serial, EXPIRES));
+        put(&format!("{d}/manifest"), m);
+        put(&format!("{d}/manifest.minisig"), sig.into_bytes());
+        put(
+            &format!("{d}/pinned.pub"),
+            pinned_file(c.pinned.0, c.pinned.1),
+        );
+        // Statement i goes to keys/i, whatever sequence it says (`sequence-back`).
+        for (k, (r, old, new)) in (1..).zip(&c.steps) {
+            let (mut body, mut o, mut n) = rotation_sigs(r, &rot_key(*old), &rot_key(*new));
+            let first = k == 1;
+            match c.dir {
+                // A node at K2 never looks at statement 1: it may be anything.
+                "at-k2" | "baked-k2" | "refuse/tampered-statement" if first => {
+                    let at = find(&body, b"\nto ") + 5;
+                    body[at] ^= 0x01;
+                }
+                "refuse/one-signature" => n = String::new(),
+                "refuse/comment" => {
+                    let wrong = Rotation {
+                        sequence: 7,
+                        ..r.clone()
+                    }
+                    .comment();
+                    o = rot_key(*old).sign(b"ED", &body, &wrong, "old");
+                    n = rot_key(*new).sign(b"ED", &body, &wrong, "new");
+                }
+                "refuse/too-large" => {
+                    body.resize(MAX_STATEMENT + 1, b'\n');
+                }
+                "refuse/malformed" => {
+                    body.extend_from_slice(b"note: extra\n");
+                    (o, n) = (
+                        rot_key(*old).sign(b"ED", &body, &r.comment(), "old"),
+                        rot_key(*new).sign(b"ED", &body, &r.comment(), "new"),
+                    );
+                }
+                _ => {}
+            }
+            put(&format!("{d}/keys/{k}"), body);
+            put(&format!("{d}/keys/{k}.minisig"), o.into_bytes());
+            if !n.is_empty() {
+                put(&format!("{d}/keys/{k}.new.minisig"), n.into_bytes());
+            }
+        }
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> usize {
@@ -420,7 +599,7 @@ fn is_input(rel: &str) -> bool {
     rel == "README.md"
         || rel == "enroll/node.crt"
         || rel == "enroll/ca.crt"
-        || (rel.starts_with("refuse/") && rel.ends_with("/expect"))
+        || ((rel.starts_with("refuse/") || rel.starts_with("rotate/")) && rel.ends_with("/expect"))
 }
 
 fn committed_files() -> BTreeMap<String, Vec<u8>> {
@@ -882,6 +1061,82 @@ fn every_refusal_dir_gives_its_exact_error() {
         }
     }
     eprintln!("{} refusal dirs: {names:?}", dirs.len());
+}
+
+/// The head a rotation dir's node starts from: its `pinned.pub`, as the agent reads it.
+fn pinned_head(dir: &Path) -> ChainHead {
+    let text = std::fs::read_to_string(dir.join("pinned.pub")).unwrap();
+    let sequence = text
+        .lines()
+        .find_map(|l| l.strip_prefix("idhal-rotation "))
+        .map_or(0, |n| n.parse().unwrap());
+    ChainHead {
+        key: PublicKey::parse(&text).unwrap(),
+        sequence,
+    }
+}
+
+/// Statement `n` of a publication dir, read the way the agent fetches it.
+fn statement_files(dir: &Path, n: u64) -> Option<StatementFiles> {
+    let read = |rel: String| std::fs::read_to_string(dir.join(rel)).unwrap_or_default();
+    Some(StatementFiles {
+        statement: std::fs::read(dir.join(idhal_manifest::paths::rotation_statement(n))).ok()?,
+        old_signature: read(idhal_manifest::paths::rotation_old_signature(n)),
+        new_signature: read(idhal_manifest::paths::rotation_new_signature(n)),
+    })
+}
+
+#[test]
+fn every_rotation_dir_gives_its_exact_result() {
+    let base = Path::new(DATA).join("rotate");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(base.join("refuse"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    dirs.extend(["follow", "at-k2", "baked-k2"].map(|d| base.join(d)));
+    let policy = Policy {
+        now: NOW,
+        expiry: Expiry::Enforce,
+        last_serial: None,
+    };
+    for dir in &dirs {
+        let name = dir.strip_prefix(&base).unwrap().display().to_string();
+        let expect = Expect::read(dir);
+        let head = pinned_head(dir);
+        let sig = std::fs::read_to_string(dir.join("manifest.minisig")).unwrap();
+        let target = SignatureFile::parse(&sig).unwrap().key_id;
+        let mut fetched = Vec::new();
+        let got = rotation::walk(&head, Some(target), &mut |n| {
+            fetched.push(n);
+            Ok::<_, ()>(statement_files(dir, n))
+        });
+        let m = std::fs::read(dir.join("manifest")).unwrap();
+        // What the agent does next: verify the manifest with the key the walk reached.
+        let got = match got {
+            Ok(new) => verify(&new.key, &m, &sig, &policy)
+                .map(|_| new)
+                .map_err(|e| (format!("{e:?}"), e.to_string())),
+            Err(WalkError::Fetch(())) => unreachable!(),
+            Err(WalkError::Refused(e)) => Err((format!("{e:?}"), e.to_string())),
+        };
+        match got {
+            Ok(new) => {
+                assert_eq!(
+                    format!("{} rotation {}", new.key.id(), new.sequence),
+                    expect.get("pinned"),
+                    "{name}"
+                );
+                assert_eq!(format!("{fetched:?}"), expect.get("fetched"), "{name}");
+            }
+            Err((debug, message)) => {
+                let variant = debug.split(|c: char| !c.is_ascii_alphanumeric()).next();
+                assert_eq!(variant, Some(expect.get("error")), "{name}: {debug}");
+                assert_eq!(message, expect.get("message"), "{name}");
+            }
+        }
+    }
+    assert!(dirs.len() >= 16, "{dirs:?}");
 }
 
 // ---- Regeneration, on purpose only ----

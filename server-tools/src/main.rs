@@ -49,6 +49,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Keygen(cmd::keygen::Args),
+    Key(cmd::key::Args),
     Sign(cmd::sign::Args),
     Verify(cmd::verify::Args),
     Serve(cmd::serve::Args),
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keygen(a) => cmd::keygen::run(a, &cli.global),
+        Command::Key(a) => cmd::key::run(a, &cli.global),
         Command::Sign(a) => cmd::sign::run(a, &cli.global),
         Command::Verify(a) => cmd::verify::run(a, &cli.global),
         Command::Serve(a) => cmd::serve::run(a, &cli.global),

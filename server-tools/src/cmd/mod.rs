@@ -7,6 +7,7 @@ pub mod crl;
 pub mod db;
 pub mod dns;
 pub mod hook;
+pub mod key;
 pub mod keygen;
 pub mod nodes;
 pub mod openvpn;

@@ -3,6 +3,7 @@
 
 use crate::publish::{self, DirLock, PublishError};
 use crate::signing::keys::{KeyError, PassphraseSource, SigningKey, ENV_SIGNING_KEY};
+use crate::signing::rotate::{self, RotateError};
 use idhal_manifest::time::now;
 use idhal_manifest::{
     paths, verify, Expiry, Frequency, IdError, KeyId, Manifest, Param, ParamName, Policy,
@@ -65,7 +66,7 @@ pub(crate) enum SignError {
     SignatureFile(PathBuf, #[source] VerifyError),
     #[error("{}", .0.display())]
     TrustedComment(PathBuf, #[source] VerifyError),
-    #[error("{} is signed by key {signed_by}, but you are signing with key {ours}: nodes pinned to {signed_by} would refuse this manifest. Use the right key, or publish to a new directory if you are rotating keys", path.display())]
+    #[error("{} is signed by key {signed_by}, but you are signing with key {ours}, and no rotation published in keys/ leads from one to the other: nodes pinned to {signed_by} would refuse this manifest. Use the right key, or rotate first with `idhal key rotate --from OLD.key --to NEW.key --out PUBDIR`", path.display())]
     OtherKey {
         path: PathBuf,
         signed_by: KeyId,
@@ -104,6 +105,8 @@ pub(crate) enum SignError {
     SelfCheck(#[source] VerifyError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error(transparent)]
+    Rotation(#[from] RotateError),
 }
 
 /// `SignError::Io` for `doing` on `path`.
@@ -351,13 +354,17 @@ fn read_current(pubdir: &Path, key: &SigningKey) -> Result<Current, SignError> {
     };
     let sig = SignatureFile::parse(&sig_text)
         .map_err(|e| SignError::SignatureFile(sig_path.clone(), e))?;
-    if sig.key_id != key.public.id() {
-        return Err(SignError::OtherKey {
-            path: sig_path,
+    // Signed by an older key: fine only if the published rotation chain leads from it to ours
+    // (nodes follow that chain); the current manifest is then checked with the old key.
+    let signed_by = if sig.key_id == key.public.id() {
+        key.public.clone()
+    } else {
+        rotate::predecessor(pubdir, sig.key_id, &key.public)?.ok_or(SignError::OtherKey {
+            path: sig_path.clone(),
             signed_by: sig.key_id,
             ours: key.public.id(),
-        });
-    }
+        })?
+    };
     // The versioned copy is immutable and always matches its signature; `manifest` may lag
     // behind `manifest.minisig` if a publish died between the two renames.
     let claimed = TrustedMeta::parse(&sig.trusted_comment)
@@ -375,7 +382,7 @@ fn read_current(pubdir: &Path, key: &SigningKey) -> Result<Current, SignError> {
         expiry: Expiry::Ignore,
         last_serial: None,
     };
-    let m = verify(&key.public, &body, &sig_text, &policy).map_err(|source| {
+    let m = verify(&signed_by, &body, &sig_text, &policy).map_err(|source| {
         SignError::CurrentRefused {
             signature: sig_path.clone(),
             manifest: manifest_path.clone(),
@@ -406,7 +413,10 @@ fn prune(versions: &Path, keep: usize) -> Result<Vec<PathBuf>, SignError> {
     Ok(removed)
 }
 
-fn load_key(key: Option<&Path>, passphrase_file: Option<&Path>) -> Result<SigningKey, SignError> {
+pub(crate) fn load_key(
+    key: Option<&Path>,
+    passphrase_file: Option<&Path>,
+) -> Result<SigningKey, SignError> {
     let passphrase = PassphraseSource::resolve(passphrase_file, false);
     let (text, origin) = match key {
         Some(path) => {
@@ -475,7 +485,7 @@ fn check_size(size: usize, sources: &[SourceFile], limits: &Limits) -> Result<()
 }
 
 /// Takes PUBDIR's signer lock, waiting (and saying so) if another `idhal sign` holds it.
-fn lock_pubdir(pubdir: &Path) -> Result<DirLock, SignError> {
+pub(crate) fn lock_pubdir(pubdir: &Path) -> Result<DirLock, PublishError> {
     let lock_path = pubdir.join(LOCK_FILE);
     Ok(match DirLock::try_acquire(&lock_path) {
         Err(PublishError::Locked { .. }) => {
