@@ -11,8 +11,8 @@ use crate::error::AgentError;
 use crate::fetch::Fetcher;
 use crate::log;
 use crate::state::{write_atomic, StateDir};
-use idhal_manifest::rotation::{self, ChainHead, WalkError};
-use idhal_manifest::{KeyId, PublicKey};
+use idhal_manifest::rotation::{self, ChainHead, Rotation, WalkError};
+use idhal_manifest::{Fingerprint, KeyId, PublicKey};
 
 pub const PINNED: &str = "server.pub";
 /// The line `server.pub` gains once a rotation was followed: the statement that made the key.
@@ -140,13 +140,24 @@ pub fn pinned_key(
                         key.id()
                     ));
                 }
-                (Some(pin), _) => {
-                    return Err(AgentError::Pin(format!(
-                        "the server offered key {} with fingerprint {}, but idhal.pin is {pin}",
-                        key.id(),
-                        key.fingerprint()
-                    )))
-                }
+                (Some(pin), _) => match pinned_in_chain(fetcher, pin)? {
+                    Some(old) => {
+                        log(&format!(
+                            "pinning key {} (matches idhal.pin; the server has rotated to key {} \
+                             since, the chain is followed next)",
+                            old.id(),
+                            key.id()
+                        ));
+                        return pin_head(state, old);
+                    }
+                    None => {
+                        return Err(AgentError::Pin(format!(
+                            "the server offered key {} with fingerprint {}, but idhal.pin is {pin}",
+                            key.id(),
+                            key.fingerprint()
+                        )))
+                    }
+                },
                 (None, KeyTrust::TrustFirstUse) => {
                     for _ in 0..3 {
                         log(&format!(
@@ -168,7 +179,30 @@ pub fn pinned_key(
             key
         }
     };
+    pin_head(state, key)
+}
+
+/// Pins `key` as the chain's start, its place in the chain unknown (sequence 0).
+fn pin_head(state: &StateDir, key: PublicKey) -> Result<ChainHead, AgentError> {
     let head = ChainHead { key, sequence: 0 };
     pin(state, &head)?;
     Ok(head)
+}
+
+/// After a rotation the server offers its current key, while an image's `idhal.pin` names an
+/// older one: that key is in the published chain (a statement's `from` or `to`). It is taken
+/// for its fingerprint alone, with no place in the chain (sequence 0): the statements are
+/// checked later, by the walk from it, like for a key baked into the image.
+fn pinned_in_chain(fetcher: &Fetcher, pin: Fingerprint) -> Result<Option<PublicKey>, AgentError> {
+    for n in 1..=rotation::MAX_CHAIN {
+        let Some(files) = fetcher.statement(n)? else {
+            break;
+        };
+        if let Ok(r) = Rotation::parse(&files.statement, n) {
+            if let Some(k) = [r.from, r.to].into_iter().find(|k| k.fingerprint() == pin) {
+                return Ok(Some(k));
+            }
+        }
+    }
+    Ok(None)
 }

@@ -67,6 +67,12 @@ fn an_image_pinned_to_k0_follows_k0_k1_k2_k3_in_one_run_and_the_old_key_cannot_r
     let old_node = p.node(&server);
     let new_node = Node::new(&server.url);
     std::fs::copy(&k0.1, new_node.baked_key()).unwrap();
+    // And one whose image has no key, only K0's fingerprint on the kernel command line: after
+    // the rotations the server offers K3, and K0 is found in the chain by its fingerprint.
+    let pin_node = Node::new(&server.url);
+    let k0_key =
+        idhal_manifest::PublicKey::parse(&std::fs::read_to_string(&k0.1).unwrap()).unwrap();
+    pin_node.set_cmdline(&format!("ro idhal.pin={} quiet\n", k0_key.fingerprint()));
 
     let mut keys = vec![k0];
     for n in 1..=3 {
@@ -84,7 +90,24 @@ fn an_image_pinned_to_k0_follows_k0_k1_k2_k3_in_one_run_and_the_old_key_cannot_r
         keys.push(next);
     }
     let k3 = key_id(&keys[3].1);
-    for node in [&old_node, &new_node] {
+    let first = pin_node.run(&[]);
+    first.expect(0, "ok: serial 4");
+    assert!(
+        first.stderr().contains(&format!(
+            "pinning key {} (matches idhal.pin; the server has rotated to key {k3} since",
+            k0_key.id()
+        )),
+        "{}",
+        first.stderr()
+    );
+    // Another fingerprint is still refused, chain or not.
+    let stranger = Node::new(&server.url);
+    stranger.set_cmdline(&format!("ro idhal.pin=sha256:{} quiet\n", "ab".repeat(32)));
+    stranger
+        .run(&[])
+        .expect(5, &format!("the server offered key {k3} with fingerprint"));
+    assert!(stranger.read("state/server.pub").is_none());
+    for node in [&old_node, &new_node, &pin_node] {
         node.run(&[]).expect(0, "ok: serial 4");
         let pinned = node.read("state/server.pub").unwrap();
         assert!(
@@ -127,7 +150,7 @@ fn an_image_pinned_to_k0_follows_k0_k1_k2_k3_in_one_run_and_the_old_key_cannot_r
     for f in ["manifests/99", "manifests/99.minisig", "manifest.minisig"] {
         std::fs::copy(forged.join(f), p.path("pub").join(f)).unwrap();
     }
-    for node in [&old_node, &new_node] {
+    for node in [&old_node, &new_node, &pin_node] {
         node.run(&[]).expect(
             5,
             &format!(
