@@ -125,7 +125,11 @@ fn the_client_name_reaches_oar_confirmed_unconfirmed_or_as_the_address() {
         (4, "192.0.2.29", "192.0.2.29", "none", "client 192.0.2.29 (none: NXDOMAIN) in "),
     ] {
         let (log, took) = connect(&cfg, &state, &from(&format!("cn61-{k}"), &format!("10.134.61.{k}"), client));
-        eprintln!("connect from {client}: {:.0} ms", took.as_secs_f64() * 1e3);
+        eprintln!(
+            "connect from {client}: {:.0} ms: {}",
+            took.as_secs_f64() * 1e3,
+            log.trim()
+        );
         assert!(log.contains(says), "{log}");
         assert_eq!(
             names_of(oar, &format!("vnode-61-{k}.idhal.test")),

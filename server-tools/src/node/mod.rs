@@ -482,9 +482,28 @@ pub fn connect_session(
         .into_iter()
         .next()
         .expect("one name per address");
+    connect_named(
+        cfg,
+        state_dir,
+        session,
+        host,
+        (&found, names.took),
+        deadline,
+    )
+}
+
+/// `connect_session` with the client's name already looked up (and how long that took).
+fn connect_named(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    session: &Session,
+    host: &HostName,
+    (found, took): (&Found, Duration),
+    deadline: Deadline,
+) -> Result<String, Failure> {
     let up = prepare(cfg, state_dir, session, host, found.name.clone())?;
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
-    steps.record(Ok(name_step(cfg, &found, names.took)));
+    steps.record(Ok(name_step(cfg, found, took)));
     if let Some(sched) = backend::open(cfg, state_dir) {
         let r = sched.node_up(&up, deadline);
         steps.record(registered_line(sched.name(), host, r));
@@ -616,11 +635,17 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         let c = &batch[i];
         results[i] = Some(steps.finish(connected(&c.session, &c.host)));
     }
-    // The batch's locks are released: a node whose lock was busy waits for it now.
+    // The batch's locks are released: a node whose lock was busy waits for it now (with the
+    // name the batch found: never a second lookup).
     for &i in &alone {
         let c = &batch[i];
-        results[i] = Some(connect_session(
-            cfg, state_dir, &c.session, &c.host, c.deadline,
+        results[i] = Some(connect_named(
+            cfg,
+            state_dir,
+            &c.session,
+            &c.host,
+            (&found[i], names.took),
+            c.deadline,
         ));
     }
     Batch {
