@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub peers: PeersSection,
     pub openvpn: OpenVpnSection,
     pub routing: RoutingSection,
+    /// OAR `idhalclientname`: the host name of the machine a node connects from.
+    pub client_name: ClientNameSection,
     /// Per-project overrides of `[openvpn]`, keyed by project name.
     pub projects: BTreeMap<String, ProjectSection>,
     /// Several VPN servers: the BIRD 2 configs `idhal bird config` renders.
@@ -181,6 +183,7 @@ impl ServerConfig {
         for r in &cfg.openvpn.remotes {
             Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
         }
+        cfg.client_name.check(&cfg.limits).map_err(invalid)?;
         Ok(cfg)
     }
 
@@ -586,6 +589,118 @@ impl Default for ReconcileSection {
             status_wait_secs: 15,
             status_interval_secs: 10,
         }
+    }
+}
+
+/// Whether the connect path asks DNS for the client's host name (OAR `idhalclientname`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientNameLookup {
+    /// No query is sent: the client's address is its name. The default: a reverse lookup sends
+    /// every client's address to a resolver and costs a connect up to `timeout_ms` when the
+    /// resolver is slow (OpenSSH turned `UseDNS` off by default for the same reasons).
+    #[default]
+    Off,
+    /// The PTR of the client's address, checked against the name's A/AAAA (forward-confirmed).
+    Ptr,
+}
+
+/// The DNS server asked for client names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NameResolver {
+    /// The first `nameserver` of /etc/resolv.conf (port 53), read at each lookup.
+    #[default]
+    System,
+    /// This server (`IP:PORT`), over UDP.
+    At(SocketAddr),
+}
+
+impl<'de> Deserialize<'de> for NameResolver {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "system" {
+            return Ok(Self::System);
+        }
+        s.parse().map(Self::At).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{:?} is neither \"system\" nor IP:PORT (e.g. \"127.0.0.1:53\")",
+                s.chars().take(80).collect::<String>()
+            ))
+        })
+    }
+}
+
+/// `[client_name]`: the reverse DNS name of the client's address (OpenVPN's `trusted_ip`),
+/// shown in OAR so an admin sees which machine a node runs on. Informational only: never an
+/// identity (whoever controls an address's reverse zone chooses its PTR).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientNameSection {
+    pub lookup: ClientNameLookup,
+    pub resolver: NameResolver,
+    /// The whole lookup of one address (PTR, then the forward confirmation), also capped by
+    /// the connect's own budget. Past it the address is stored.
+    pub timeout_ms: u64,
+    /// How long a name found is reused without asking again.
+    pub cache_secs: u64,
+    /// How long a failure (no name, a refused answer, a timeout) is reused: shorter, so a
+    /// fixed PTR shows soon, long enough that a dead resolver costs one timeout per address
+    /// per period, not one per connect.
+    pub failure_cache_secs: u64,
+    /// Addresses the cache file holds at most (the soonest to expire are dropped first).
+    pub cache_entries: u32,
+    /// Lookups in flight at once (the worker's batches look their clients up together).
+    pub parallel: u32,
+}
+
+impl Default for ClientNameSection {
+    fn default() -> Self {
+        Self {
+            lookup: ClientNameLookup::Off,
+            resolver: NameResolver::System,
+            timeout_ms: 1_000,
+            cache_secs: 3_600,
+            failure_cache_secs: 300,
+            cache_entries: 4_096,
+            parallel: 32,
+        }
+    }
+}
+
+/// Above this a client's name would hold a connect longer than its registration.
+const MAX_CLIENT_NAME_TIMEOUT_MS: u64 = 10_000;
+
+impl ClientNameSection {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn check(&self, limits: &Limits) -> Result<(), String> {
+        if !(1..=MAX_CLIENT_NAME_TIMEOUT_MS).contains(&self.timeout_ms) {
+            return Err(format!(
+                "[client_name] timeout_ms = {}: 1 to {MAX_CLIENT_NAME_TIMEOUT_MS} (a name is worth less than a connect)",
+                self.timeout_ms
+            ));
+        }
+        if self.timeout_ms >= limits.hook_budget_ms {
+            return Err(format!(
+                "[client_name] timeout_ms ({}) must be below [limits] hook_budget_ms ({}): the lookup is one step of a connect",
+                self.timeout_ms, limits.hook_budget_ms
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.cache_entries) {
+            return Err(format!(
+                "[client_name] cache_entries = {}: 1 to 1000000",
+                self.cache_entries
+            ));
+        }
+        if !(1..=256).contains(&self.parallel) {
+            return Err(format!(
+                "[client_name] parallel = {}: 1 to 256",
+                self.parallel
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1076,6 +1191,70 @@ mod tests {
     }
 
     #[test]
+    fn client_name_settings_are_checked_at_load() {
+        let c = parse("").unwrap();
+        assert_eq!(c.client_name.lookup, ClientNameLookup::Off);
+        assert_eq!(c.client_name.resolver, NameResolver::System);
+        assert_eq!(c.client_name.timeout(), Duration::from_secs(1));
+        let c = parse(
+            "[client_name]\nlookup = \"ptr\"\nresolver = \"127.0.0.1:5353\"\ntimeout_ms = 300\n",
+        )
+        .unwrap();
+        assert_eq!(c.client_name.lookup, ClientNameLookup::Ptr);
+        assert_eq!(
+            c.client_name.resolver,
+            NameResolver::At("127.0.0.1:5353".parse().unwrap())
+        );
+        let c = parse("[client_name]\nresolver = \"[::1]:53\"\n").unwrap();
+        assert_eq!(
+            c.client_name.resolver,
+            NameResolver::At("[::1]:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse("[client_name]\nresolver = \"system\"\n")
+                .unwrap()
+                .client_name
+                .resolver,
+            NameResolver::System
+        );
+        for (bad, says) in [
+            (
+                "[client_name]\ntimeout_ms = 0",
+                "config t.toml: [client_name] timeout_ms = 0: 1 to 10000 (a name is worth less than a connect)",
+            ),
+            (
+                "[client_name]\ntimeout_ms = 10001",
+                "[client_name] timeout_ms = 10001: 1 to 10000",
+            ),
+            (
+                "[client_name]\ntimeout_ms = 2000\n[limits]\nhook_budget_ms = 2000",
+                "[client_name] timeout_ms (2000) must be below [limits] hook_budget_ms (2000)",
+            ),
+            (
+                "[client_name]\nresolver = \"ns1.example.org:53\"",
+                "\"ns1.example.org:53\" is neither \"system\" nor IP:PORT",
+            ),
+            (
+                "[client_name]\nresolver = \"127.0.0.1\"",
+                "\"127.0.0.1\" is neither \"system\" nor IP:PORT",
+            ),
+            ("[client_name]\nlookup = \"yes\"", "unknown variant `yes`"),
+            (
+                "[client_name]\ncache_entries = 0",
+                "[client_name] cache_entries = 0: 1 to 1000000",
+            ),
+            (
+                "[client_name]\nparallel = 0",
+                "[client_name] parallel = 0: 1 to 256",
+            ),
+            ("[client_name]\nttl = 5", "unknown field `ttl`"),
+        ] {
+            let e = format!("{:#}", anyhow::Error::new(parse(bad).unwrap_err()));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn peer_timings_are_checked_at_load_in_one_line() {
         let c = parse("").unwrap();
         assert_eq!(
@@ -1332,7 +1511,7 @@ refresh = 5", "unknown field `refresh`"),
         );
         assert_eq!(
             refusal("[bogus]\n"),
-            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `peers`, `openvpn`, `routing`, `projects`, `bird`")
+            toml("unknown field `bogus`, expected one of `names`, `hook`, `scheduler`, `oar`, `dns`, `reconcile`, `limits`, `ca`, `state`, `peers`, `openvpn`, `routing`, `client_name`, `projects`, `bird`")
         );
         assert_eq!(
             refusal("[routing]\ntable = 254"),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 mod bird;
 mod ca;
+mod client_name;
 mod cmd;
 mod config;
 mod dns;

@@ -361,15 +361,19 @@ impl NameTemplate {
 }
 
 /// A value written into an OAR property column. Restricted to what addresses, names, ids and
-/// timestamps need: no quote, space, backslash, comma, `=` or `;` can reach OAR's SQL.
+/// timestamps need: no quote, space, backslash, comma, `=` or `;` can reach OAR's SQL. At most
+/// 255 bytes: `oarproperty -c` makes VARCHAR(255) columns, which hold any host name (253).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PropValue(String);
 
 impl PropValue {
+    /// OAR's property columns: VARCHAR(255) (`oarproperty -c`).
+    pub const MAX: usize = 255;
+
     pub fn parse(s: &str) -> Result<Self, NameError> {
         let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':');
-        if s.is_empty() || s.len() > 200 || !s.chars().all(ok) {
-            return Err(invalid("property value", s, "1-200 of A-Z a-z 0-9 . _ - :"));
+        if s.is_empty() || s.len() > Self::MAX || !s.chars().all(ok) {
+            return Err(invalid("property value", s, "1-255 of A-Z a-z 0-9 . _ - :"));
         }
         Ok(Self(s.to_owned()))
     }
@@ -621,6 +625,12 @@ mod tests {
     #[test]
     fn prop_values_and_pools() {
         assert!(PropValue::parse("2001:db8::1").is_ok());
+        // The longest host name (253) fits OAR's VARCHAR(255); one byte over it does not.
+        assert!(PropValue::parse(&"a".repeat(255)).is_ok());
+        assert_eq!(
+            refused(PropValue::parse(&"a".repeat(256))).0,
+            "property value"
+        );
         assert_eq!(
             refused(PropValue::parse("a'b")),
             ("property value", "a'b".into())

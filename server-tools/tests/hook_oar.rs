@@ -80,7 +80,9 @@ fn connect_disconnect_reconnect() {
     assert_eq!(prop(r, "idhalcn"), "client101");
     assert_eq!(prop(r, "idhalclientip"), "127.0.0.1");
     assert_eq!(prop(r, "idhalconnectedsince"), since.to_string());
-    assert_eq!(prop(r, "idhalclientname"), "vnode-1-1");
+    // [client_name] lookup is off by default: the client's address, and the check says so.
+    assert_eq!(prop(r, "idhalclientname"), "127.0.0.1");
+    assert_eq!(prop(r, "idhalclientnamecheck"), "off");
     let id = prop(r, "resource_id");
 
     ok(hook(&cfg, &state, "client-disconnect", &env));
@@ -435,7 +437,7 @@ fn dropped_property_column_is_recreated() {
     );
     ok(o.clone());
     let r = oar.host("vnode-9-2.idhal.test");
-    assert_eq!(prop(&r[0], "idhalclientname"), "vnode-9-2");
+    assert_eq!(prop(&r[0], "idhalclientname"), "127.0.0.1");
     assert_eq!(prop(&r[0], "state"), "Alive");
 }
 

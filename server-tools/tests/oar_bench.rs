@@ -66,7 +66,8 @@ fn props(h: &str, i: u32, since: u64) -> Vec<String> {
         "idhalclientip=127.0.0.1".into(),
         "idhalclientport=40000".into(),
         format!("idhalconnectedsince={since}"),
-        format!("idhalclientname={label}"),
+        "idhalclientname=127.0.0.1".into(),
+        "idhalclientnamecheck=off".into(),
         "idhalserver=bench".into(),
     ]
     .into_iter()
@@ -207,6 +208,7 @@ fn oar_calls_one_host_and_many() {
         "idhalclientport",
         "idhalconnectedsince",
         "idhalclientname",
+        "idhalclientnamecheck",
         "idhalserver",
     ] {
         a.extend(["-a".to_string(), p.to_string()]);

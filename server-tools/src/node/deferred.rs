@@ -732,8 +732,17 @@ fn work_connects(cfg: &ServerConfig, state_dir: &Path, jobs: &[Job]) {
             accepted += usize::from(answer(cfg, job, result, r));
         }
     }
+    let names = batch
+        .client_names
+        .map(|(asked, took)| {
+            format!(
+                "; client names: {asked} looked up in {:.2} s",
+                took.as_secs_f64()
+            )
+        })
+        .unwrap_or_default();
     eprintln!(
-        "idhal hook worker: batch of {}: {} registered together in {:.2} s, {} alone, {} refused before registering; {accepted} accepted",
+        "idhal hook worker: batch of {}: {} registered together in {:.2} s, {} alone, {} refused before registering; {accepted} accepted{names}",
         jobs.len(),
         batch.together,
         batch.scheduler.as_secs_f64(),

@@ -7,7 +7,8 @@ mod gone;
 pub mod reconcile;
 
 use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow, ProjectRow};
-use crate::config::{OnDisconnect, OnFailure, ServerConfig};
+use crate::client_name::{client_names, ClientName, Found};
+use crate::config::{ClientNameLookup, OnDisconnect, OnFailure, ServerConfig};
 use crate::dns::{self, DnsError};
 use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId};
 use crate::openvpn::env::{has_pool_address, node_from_env, EnvError, NodeAddresses, Session};
@@ -17,9 +18,9 @@ use crate::routing::{Route, RoutingError, Withdrawn};
 use crate::scheduler::{backend, DownGuard, DownOutcome, NodeUp, SchedulerError, UpOutcome};
 use idhal_manifest::time::{now, rfc3339};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What went wrong with one node's event, or with a reconcile run: each names the node,
 /// host or backend it is about.
@@ -403,6 +404,7 @@ fn prepare(
     state_dir: &Path,
     session: &Session,
     host: &HostName,
+    client_name: ClientName,
 ) -> Result<NodeUp, Failure> {
     // Defence in depth behind OpenVPN's crl-verify and `admit`: a node revoked in the database
     // since is refused even if OpenVPN let it through (a stale CRL on another server).
@@ -421,6 +423,7 @@ fn prepare(
         vpn_ip: session.vpn_ip,
         client_ip: session.client_ip,
         client_port: session.client_port,
+        client_name,
         since: session.since,
         node_type: node_type(cfg, record.as_ref()),
         server: cfg.server_name().map_err(Failure::backend)?,
@@ -447,6 +450,17 @@ fn registered_line(
     })
 }
 
+/// The client name as a step of the node's line, when names are looked up at all.
+fn name_step(cfg: &ServerConfig, found: &Found, took: Duration) -> Option<String> {
+    (cfg.client_name.lookup != ClientNameLookup::Off).then(|| {
+        format!(
+            "{} in {:.1} ms",
+            found.describe(),
+            took.as_secs_f64() * 1000.0
+        )
+    })
+}
+
 fn connected(session: &Session, host: &HostName) -> String {
     format!("{} → {host} ({})", session.node, session.vpn_ip)
 }
@@ -460,8 +474,36 @@ pub fn connect_session(
     host: &HostName,
     deadline: Deadline,
 ) -> Result<String, Failure> {
-    let up = prepare(cfg, state_dir, session, host)?;
+    // First: the name is one of the properties the scheduler's one call writes. Bounded by
+    // [client_name] timeout_ms and this connect's deadline; it never fails the connect.
+    let names = client_names(cfg, state_dir, &[(session.client_ip, deadline)]);
+    let found = names
+        .found
+        .into_iter()
+        .next()
+        .expect("one name per address");
+    connect_named(
+        cfg,
+        state_dir,
+        session,
+        host,
+        (&found, names.took),
+        deadline,
+    )
+}
+
+/// `connect_session` with the client's name already looked up (and how long that took).
+fn connect_named(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    session: &Session,
+    host: &HostName,
+    (found, took): (&Found, Duration),
+    deadline: Deadline,
+) -> Result<String, Failure> {
+    let up = prepare(cfg, state_dir, session, host, found.name.clone())?;
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
+    steps.record(Ok(name_step(cfg, found, took)));
     if let Some(sched) = backend::open(cfg, state_dir) {
         let r = sched.node_up(&up, deadline);
         steps.record(registered_line(sched.name(), host, r));
@@ -490,6 +532,8 @@ pub struct Batch {
     pub alone: usize,
     /// Time of the one scheduler call.
     pub scheduler: std::time::Duration,
+    /// Client names looked up (not cached) and the time of all lookups, when names are on.
+    pub client_names: Option<(usize, Duration)>,
 }
 
 /// Registers many connected nodes with ONE `Scheduler::nodes_up` call, each under its lock,
@@ -499,14 +543,27 @@ pub struct Batch {
 /// for its lock as `connect_session` does, so two lock holders never wait for each other.
 pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) -> Batch {
     let mut results: Vec<Option<Result<String, Failure>>> = batch.iter().map(|_| None).collect();
+    // Every client's name at once (each address once, lookups side by side), before the one
+    // scheduler call that writes them.
+    let wanted: Vec<(IpAddr, Deadline)> = batch
+        .iter()
+        .map(|c| (c.session.client_ip, c.deadline))
+        .collect();
+    let names = client_names(cfg, state_dir, &wanted);
+    let client_names =
+        (cfg.client_name.lookup != ClientNameLookup::Off).then_some((names.asked, names.took));
+    let found = names.found;
     let mut ready = Vec::new();
     for (i, c) in batch.iter().enumerate() {
-        match prepare(cfg, state_dir, &c.session, &c.host) {
+        match prepare(cfg, state_dir, &c.session, &c.host, found[i].name.clone()) {
             Ok(up) => ready.push((i, up)),
             Err(f) => results[i] = Some(Err(f)),
         }
     }
     let (mut locked, alone) = lock_in_order(state_dir, ready, |up| &up.host, &mut results);
+    for (i, _, steps) in locked.iter_mut() {
+        steps.record(Ok(name_step(cfg, &found[*i], names.took)));
+    }
     let mut took = std::time::Duration::ZERO;
     if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
         let ups: Vec<NodeUp> = locked.iter().map(|(_, up, _)| up.clone()).collect();
@@ -578,11 +635,17 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         let c = &batch[i];
         results[i] = Some(steps.finish(connected(&c.session, &c.host)));
     }
-    // The batch's locks are released: a node whose lock was busy waits for it now.
+    // The batch's locks are released: a node whose lock was busy waits for it now (with the
+    // name the batch found: never a second lookup).
     for &i in &alone {
         let c = &batch[i];
-        results[i] = Some(connect_session(
-            cfg, state_dir, &c.session, &c.host, c.deadline,
+        results[i] = Some(connect_named(
+            cfg,
+            state_dir,
+            &c.session,
+            &c.host,
+            (&found[i], names.took),
+            c.deadline,
         ));
     }
     Batch {
@@ -593,6 +656,7 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
         together,
         alone: alone.len(),
         scheduler: took,
+        client_names,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod oar;
 
+use crate::client_name::ClientName;
 use crate::names::{HostName, Label, NodeId, ServerName};
 use crate::process::Deadline;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,6 +17,8 @@ pub struct NodeUp {
     pub vpn_ip: Ipv4Addr,
     pub client_ip: IpAddr,
     pub client_port: Option<u16>,
+    /// The client machine's host name (reverse DNS of `client_ip`), or that address.
+    pub client_name: ClientName,
     pub since: u64,
     /// The node's type: OAR's `cluster` and `idhaltype`.
     pub node_type: Label,

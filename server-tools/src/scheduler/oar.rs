@@ -16,7 +16,7 @@ use std::time::Duration;
 mod batch;
 
 /// The property columns idhal writes. `cluster` is the name OAR sites already use for the type.
-pub const PROPERTIES: [&str; 9] = [
+pub const PROPERTIES: [&str; 10] = [
     "ip",
     "cluster",
     "idhaltype",
@@ -25,6 +25,7 @@ pub const PROPERTIES: [&str; 9] = [
     "idhalclientport",
     "idhalconnectedsince",
     "idhalclientname",
+    "idhalclientnamecheck",
     "idhalserver",
 ];
 
@@ -38,7 +39,7 @@ pub const NETWORK_ADDRESS_MAX: usize = 100;
 pub const IDHAL_RESOURCES: &str = "idhalcn IS NOT NULL";
 
 /// Bumped when `PROPERTIES` changes, so an old marker file makes the hook look again.
-const PROPERTIES_MARKER: &str = "oar-properties-v2";
+const PROPERTIES_MARKER: &str = "oar-properties-v3";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OarError {
@@ -534,7 +535,11 @@ pub fn node_properties(up: &NodeUp) -> Vec<(&'static str, PropValue)> {
             v(up.client_port.unwrap_or(0).to_string()),
         ),
         ("idhalconnectedsince", v(up.since.to_string())),
-        ("idhalclientname", v(up.host.label.to_string())),
+        ("idhalclientname", up.client_name.value.clone()),
+        (
+            "idhalclientnamecheck",
+            v(up.client_name.check.as_str().to_owned()),
+        ),
         ("idhalserver", v(up.server.to_string())),
     ]
 }

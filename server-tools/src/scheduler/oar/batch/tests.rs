@@ -64,6 +64,10 @@ fn node(domain: &str, octet3: u8, i: u8, since: u64) -> NodeUp {
         vpn_ip: Ipv4Addr::new(10, 134, octet3, i),
         client_ip: "127.0.0.1".parse().unwrap(),
         client_port: Some(40000),
+        client_name: crate::client_name::ClientName::address(
+            "127.0.0.1".parse().unwrap(),
+            crate::client_name::Check::Off,
+        ),
         since,
         node_type: Label::parse("vnode").unwrap(),
         server: ServerName::parse("vpn1").unwrap(),
