@@ -116,6 +116,45 @@ fn rotate_publishes_statements_a_node_follows_and_sign_accepts_the_chain() {
     let (body, sig) = latest(&k.pubdir);
     assert_eq!(verify(&k3, &body, &sig, &policy()).unwrap().serial, 4);
 
+    // `idhal verify` with the old key follows the chain as a node would; with the last, plainly.
+    let v = idhal_run(&["verify", "--pub", s(&k.key(0).1), s(&k.pubdir)]).ok();
+    assert!(
+        v.stdout.contains(&format!(
+            "followed the key rotations from key {} to key {} (rotation 3)",
+            k.id(0),
+            k.id(3)
+        )),
+        "{}",
+        v.stdout
+    );
+    assert!(v.stdout.contains("serial 4"), "{}", v.stdout);
+    let v = idhal_run(&["verify", "--pub", s(&k.key(3).1), s(&k.pubdir)]).ok();
+    assert!(!v.stdout.contains("followed"), "{}", v.stdout);
+    // A key outside the chain: refused as by a node.
+    let stranger = idhal_run(&["verify", "--pub", s(&k.key(4).1), s(&k.pubdir)]);
+    assert_eq!(stranger.code, Some(3), "{}", stranger.stderr);
+    assert!(
+        stranger.stderr.contains(&format!(
+            "is signed by key {}, but this node pinned key {}",
+            k.id(3),
+            k.id(4)
+        )),
+        "{}",
+        stranger.stderr
+    );
+
+    // A damaged statement: a node pinned to K0 would refuse, and so does `idhal verify`.
+    let two = std::fs::read(k.keys_file("2")).unwrap();
+    std::fs::write(k.keys_file("2"), b"idhal-key-rotation 1\n").unwrap();
+    idhal_run(&["verify", "--pub", s(&k.key(0).1), s(&k.pubdir)]).fails(
+        3,
+        &format!(
+            "refused: a node pinned to key {}: key rotation statement 2 does not match",
+            k.id(0)
+        ),
+    );
+    std::fs::write(k.keys_file("2"), two).unwrap();
+
     let chain = idhal_run(&["key", "chain", s(&k.pubdir)]).ok().stdout;
     let lines: Vec<&str> = chain.lines().collect();
     assert_eq!(lines.len(), 4, "{chain}");

@@ -2,6 +2,7 @@
 //! agree, maps what it found to an exit code, and shows what the manifest holds.
 
 use crate::cmd::{Exit, Global};
+use crate::signing::rotate::{self, Followed};
 use crate::signing::verify::{verify_pubdir, Verdict};
 use anyhow::Context;
 use idhal_manifest::time::{now, rfc3339};
@@ -30,7 +31,8 @@ use std::path::PathBuf;
         Stock minisign checks the same signature: minisign -Vm /srv/idhal/manifest -p keys/idhal.pub"
 )]
 pub struct Args {
-    /// The public key (minisign format) nodes are pinned to.
+    /// The public key (minisign format) nodes are pinned to. After key rotations (PUBDIR/keys/)
+    /// an older key works too: its chain is followed to the signing key, as a node does.
     #[arg(long = "pub", value_name = "FILE")]
     pub public: PathBuf,
     /// Show an expired manifest instead of refusing it (never what an agent does).
@@ -53,6 +55,23 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
         Expiry::Ignore
     } else {
         Expiry::Enforce
+    };
+    // A PUBDIR signed by a later key after rotations: follow its chain from KEY, as a node would.
+    let key = match rotate::follow(dir, &key)? {
+        Followed::Same => key,
+        Followed::To(head) => {
+            println!(
+                "followed the key rotations from key {} to key {} (rotation {})",
+                key.id(),
+                head.key.id(),
+                head.sequence
+            );
+            head.key
+        }
+        Followed::Refused(e) => {
+            eprintln!("idhal: refused: a node pinned to key {}: {e}", key.id());
+            return Ok(Exit::Refused);
+        }
     };
     let mut body = Vec::new();
     let m = match verify_pubdir(&key, dir, now, expiry, &mut body) {

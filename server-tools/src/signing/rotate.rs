@@ -6,7 +6,8 @@ use crate::publish::{self, PublishError};
 use crate::signing::keys::SigningKey;
 use crate::signing::sign::lock_pubdir;
 use idhal_manifest::rotation::{
-    check_statement, ChainHead, Rotation, RotationError, StatementFiles, MAX_STATEMENT,
+    self, check_statement, ChainHead, Rotation, RotationError, StatementFiles, WalkError,
+    MAX_STATEMENT,
 };
 use idhal_manifest::{paths, KeyId, PublicKey, SignatureFile};
 use std::fs;
@@ -200,6 +201,39 @@ pub(crate) fn predecessor(
         (Some(o), Some(n)) if o < n && keys[n].key == *new => Some(keys[o].key.clone()),
         _ => None,
     })
+}
+
+/// What `follow` found when PUBDIR's manifest is signed by a later key than `from`.
+pub(crate) enum Followed {
+    /// Signed by `from` itself (or no signature to read): nothing to follow.
+    Same,
+    /// The chain leads from `from` to the signing key, checked as a node checks it.
+    To(ChainHead),
+    /// The chain does not lead there: a node pinned to `from` refuses the manifest.
+    Refused(RotationError),
+}
+
+/// Follows PUBDIR's rotation chain from `from` (a node's pinned key, place unknown) to the key
+/// that signs `manifest.minisig`, with the agent's own walk (`idhal verify --pub OLD.pub`).
+pub(crate) fn follow(pubdir: &Path, from: &PublicKey) -> Result<Followed, RotateError> {
+    let sig_path = pubdir.join(paths::SIGNATURE);
+    let Some(text) = read_capped(&sig_path, MAX_SIGNATURE)? else {
+        return Ok(Followed::Same);
+    };
+    let target = match SignatureFile::parse(&String::from_utf8_lossy(&text)) {
+        Ok(sig) if sig.key_id != from.id() => sig.key_id,
+        _ => return Ok(Followed::Same),
+    };
+    let head = ChainHead {
+        key: from.clone(),
+        sequence: 0,
+    };
+    match rotation::walk(&head, Some(target), &mut |n| read_statement(pubdir, n)) {
+        Ok(h) if h == head => Ok(Followed::Same),
+        Ok(h) => Ok(Followed::To(h)),
+        Err(WalkError::Refused(e)) => Ok(Followed::Refused(e)),
+        Err(WalkError::Fetch(e)) => Err(e),
+    }
 }
 
 fn sign_statement(key: &SigningKey, r: &Rotation, role: &str) -> Result<String, RotateError> {
