@@ -1,5 +1,6 @@
-//! Scriptlets die with the agent: the agent's only unsafe code, a system call musl already
-//! links (no crate: the size budget, scripts/agent-size.sh). Linux only, as the agent.
+//! Scriptlets die with the agent: with watchdog.rs, the agent's only unsafe code, a system call
+//! musl already links (no crate: the size budget, scripts/agent-size.sh). Linux only, as the
+//! agent.
 
 use std::io;
 use std::os::raw::c_long;

@@ -6,6 +6,7 @@ use crate::enroll::{self, Args as EnrollArgs};
 use crate::error::AgentError;
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub const HELP: &str = "\
 idhal-bootstrap: the idhal node agent
@@ -20,7 +21,9 @@ USAGE:
                                        with a one-time token (from the first scriptlet)
     idhal-bootstrap peers [OPTIONS]    register this node's WireGuard key and endpoints, get
                                        the signed list of its project's peers (from a scriptlet)
-    idhal-bootstrap status [--json]    show what was pinned, accepted, run, enrolled (no network)
+    idhal-bootstrap status [--json] [--wait [--timeout DURATION]]
+                                       show what was pinned, accepted, run, enrolled (no network);
+                                       --wait: once this boot's work is done or failed
     idhal-bootstrap --help | --version
 
 OPTIONS (all commands):
@@ -50,6 +53,11 @@ ENROLL:
     the token without sending it, accepts only an answer signed by that key, and enrolls
     once (later: \"already enrolled\", exit 0, no network).
 
+STATUS --WAIT:
+    Looks again (waiting for a run that holds the lock) until this boot's work is done or
+    failed and exits with the boot run's code: 0, 6, or 5, 4, 3, 8; 10 at the deadline,
+    never later. --json adds \"wait\". --timeout: 90s, 5m, 2h, 1s to 365d [default: 30m].
+
 PEERS:
     Runs from a scriptlet (see 050-direct-paths.sh.example) after `enroll`, every refresh.
     Reads STATE/peers/wg.pub (`wg pubkey` output; wg.key is never read) and
@@ -71,6 +79,7 @@ EXIT CODES:
     7 a lock is held: another run, enroll or peers, or a scriptlet an earlier run started
     8 state directory error
     9 (status) nothing failed but scriptlets are pending or no manifest was accepted yet
+    10 (status --wait) no outcome before the deadline
 
 FILES:
     /etc/idhal/bootstrap.conf   key = value settings: server, key, pin, state_dir,
@@ -95,9 +104,17 @@ pub struct Common {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cli {
     Run(Common),
-    Enroll { common: Common, args: EnrollArgs },
+    Enroll {
+        common: Common,
+        args: EnrollArgs,
+    },
     Peers(Common),
-    Status { common: Common, json: bool },
+    Status {
+        common: Common,
+        json: bool,
+        /// `--wait`, with `--timeout` if given (else `Limits::wait_timeout`).
+        wait: Option<Option<Duration>>,
+    },
     Help,
     Version,
 }
@@ -123,7 +140,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         proc_root: "/proc".into(),
         overrides: Vec::new(),
     };
-    let mut json = false;
+    let (mut json, mut wait, mut timeout) = (false, false, None);
     let mut args = EnrollArgs {
         token_file: None,
         fw_cfg: enroll::FW_CFG.into(),
@@ -144,6 +161,15 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
             }
             Long("json") if cmd == "status" => {
                 json = true;
+                continue;
+            }
+            Long("wait") if cmd == "status" => {
+                wait = true;
+                continue;
+            }
+            Long("timeout") if cmd == "status" => {
+                let v = p.value().map_err(usage)?.string().map_err(usage)?;
+                timeout = Some(wait_timeout(&v)?);
                 continue;
             }
             Long("token-file") if cmd == "enroll" => {
@@ -176,9 +202,27 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         "run" => Ok(Cli::Run(common)),
         "enroll" => Ok(Cli::Enroll { common, args }),
         "peers" => Ok(Cli::Peers(common)),
-        "status" => Ok(Cli::Status { common, json }),
+        "status" if timeout.is_some() && !wait => {
+            Err(AgentError::Usage("status --timeout needs --wait".into()))
+        }
+        "status" => Ok(Cli::Status {
+            common,
+            json,
+            wait: wait.then_some(timeout),
+        }),
         other => Err(AgentError::Usage(format!(
             "unknown command {other:?}: expected run, enroll, peers or status (see --help)"
+        ))),
+    }
+}
+
+/// `status --wait --timeout`: `90s`, `5m`, `2h` or plain seconds (the agent's one duration
+/// syntax), from 1 s (a zero deadline would race the first look) to 365 days.
+fn wait_timeout(v: &str) -> Result<Duration, AgentError> {
+    match idhal_manifest::time::parse_duration(v) {
+        Ok(s @ 1..=31_536_000) => Ok(Duration::from_secs(s)),
+        _ => Err(AgentError::Usage(format!(
+            "--timeout {v:?}: expected 1s to 365d, such as 90s, 5m or 2h"
         ))),
     }
 }
@@ -208,11 +252,74 @@ mod tests {
             ]
         );
         assert!(!c.config_required);
-        let Cli::Status { json, common } = parse(args("status --json --config /c")).unwrap() else {
+        let Cli::Status { json, common, wait } = parse(args("status --json --config /c")).unwrap()
+        else {
             panic!()
         };
-        assert!(json && common.config_required);
+        assert!(json && common.config_required && wait.is_none());
         assert_eq!(parse(args("--help")).unwrap(), Cli::Help);
+    }
+
+    #[test]
+    fn parses_status_wait() {
+        let wait = |s: &str| match parse(args(s)) {
+            Ok(Cli::Status { wait, common, .. }) => {
+                assert!(common.overrides.is_empty(), "{s}: {:?}", common.overrides);
+                Ok(wait)
+            }
+            Ok(other) => panic!("{s}: {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        let secs = |n| Ok(Some(Some(Duration::from_secs(n))));
+        assert_eq!(wait("status --wait"), Ok(Some(None)));
+        assert_eq!(wait("status --wait --timeout 90s"), secs(90));
+        assert_eq!(wait("status --timeout 5m --wait --json"), secs(300));
+        assert_eq!(wait("status --wait --timeout 90"), secs(90));
+        assert_eq!(wait("status --wait --timeout 2h"), secs(7200));
+        assert_eq!(wait("status --wait --timeout 1s"), secs(1));
+        assert_eq!(wait("status --wait --timeout 365d"), secs(31_536_000));
+        // The last one given wins, as for every other flag.
+        assert_eq!(wait("status --wait --timeout 1s --timeout 2s"), secs(2));
+        let range =
+            |v: &str| format!("usage: --timeout {v:?}: expected 1s to 365d, such as 90s, 5m or 2h");
+        for (bad, why) in [
+            (
+                "status --timeout 5m",
+                "usage: status --timeout needs --wait".into(),
+            ),
+            ("status --wait --timeout 0", range("0")),
+            ("status --wait --timeout 0s", range("0s")),
+            ("status --wait --timeout 366d", range("366d")),
+            (
+                "status --wait --timeout 18446744073709551615",
+                range("18446744073709551615"),
+            ),
+            (
+                "status --wait --timeout 99999999999999999999d",
+                range("99999999999999999999d"),
+            ),
+            ("status --wait --timeout 1y", range("1y")),
+            ("status --wait --timeout -5s", range("-5s")),
+            ("status --wait --timeout ''", range("''")),
+            (
+                "status --wait --timeout",
+                "usage: missing argument for option '--timeout'".into(),
+            ),
+            (
+                "status --wait=yes",
+                "usage: unexpected argument for option '--wait': \"yes\"".into(),
+            ),
+            ("run --wait", "usage: invalid option '--wait'".into()),
+            ("enroll --wait", "usage: invalid option '--wait'".into()),
+            ("peers --wait", "usage: invalid option '--wait'".into()),
+        ] {
+            assert_eq!(wait(bad), Err(why), "{bad}");
+        }
+        // `--timeout` of run, enroll and peers is still the request deadline (a setting).
+        let Cli::Run(c) = parse(args("run --timeout 5s")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.overrides, vec![("timeout".into(), "5s".into())]);
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub struct Limits {
     pub retries: u32,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    /// `status --wait` without `--timeout`: the boot run's own bound (`TimeoutStartSec=` of
+    /// idhal-bootstrap.service); past it systemd has stopped that run, so nothing will come.
+    pub wait_timeout: Duration,
+    /// `status --wait` looks at the state directory again after 50 ms, doubling up to this: a
+    /// quick answer for a short wait, at most a few looks a second (each one verifies the stored
+    /// manifest) beside a boot run that shares the CPU.
+    pub wait_poll_cap: Duration,
 }
 
 impl Default for Limits {
@@ -48,6 +55,8 @@ impl Default for Limits {
             retries: 5,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(60),
+            wait_timeout: Duration::from_secs(30 * 60),
+            wait_poll_cap: Duration::from_millis(500),
         }
     }
 }

@@ -18,6 +18,8 @@ pub enum Exit {
     State = 8,
     /// `status` only: nothing failed, but some scriptlets have not run yet.
     Pending = 9,
+    /// `status --wait` only: no outcome before the deadline.
+    TimedOut = 10,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@ mod run;
 mod state;
 mod status;
 mod trust;
+mod watchdog;
 
 use cli::{Cli, Common};
 use config::{Config, Proc};
@@ -78,13 +79,13 @@ fn main() -> ExitCode {
                             us % 1000 / 10
                         );
                         log(&msg);
-                        run::report(&cfg.state_dir, 0, &msg);
+                        run::report(&cfg.state_dir, &proc, 0, &msg);
                         Exit::Ok
                     }
                     Err(e) => {
                         log(&e.to_string());
                         if !matches!(e, AgentError::Busy(_)) {
-                            run::report(&cfg.state_dir, e.exit() as u8, &e.to_string());
+                            run::report(&cfg.state_dir, &proc, e.exit() as u8, &e.to_string());
                         }
                         e.exit()
                     }
@@ -115,11 +116,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cli::Status { common, json } => {
+        Cli::Status { common, json, wait } => {
             let proc = Proc {
                 root: &common.proc_root,
             };
-            match config(&common, &proc).and_then(|c| status::status(&c.state_dir, json, &proc)) {
+            match config(&common, &proc).and_then(|c| match wait {
+                None => status::status(&c.state_dir, json, &proc),
+                Some(t) => status::wait(
+                    &c.state_dir,
+                    json,
+                    &proc,
+                    t.unwrap_or(c.limits.wait_timeout),
+                    c.limits.wait_poll_cap,
+                ),
+            }) {
                 Ok(exit) => exit,
                 Err(e) => {
                     log(&e.to_string());

@@ -209,15 +209,17 @@ fn remove_if_exists(path: &Path) -> Result<(), AgentError> {
 }
 
 /// Writes the outcome of this run for `status` (a report, not state: a refused manifest
-/// changes nothing else).
-pub fn report(state_dir: &Path, exit: u8, message: &str) {
+/// changes nothing else). The boot id tells `status --wait` a report of this boot from one an
+/// earlier boot left.
+pub fn report(state_dir: &Path, proc: &Proc, exit: u8, message: &str) {
     let state = StateDir::new(state_dir);
     if File::open(state_dir).is_err() {
         return;
     }
     let text = format!(
-        "finished={}\nexit={exit}\nmessage={}\n",
+        "finished={}\nboot_id={}\nexit={exit}\nmessage={}\n",
         now(),
+        proc.boot_id(),
         message.replace('\n', " ")
     );
     let _ = write_file(

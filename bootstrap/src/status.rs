@@ -1,16 +1,24 @@
-//! `idhal-bootstrap status`: what this node pinned, accepted, ran and enrolled as, read from the
-//! state directory only (no network). Human text by default, `--json` for tools.
+//! `idhal-bootstrap status [--wait]`: what this node pinned, accepted, ran and enrolled as, read
+//! from the state directory only (no network); `--wait` looks again until this boot's work is
+//! done or failed, bounded by a deadline. Human text by default, `--json` for tools.
 
 use crate::config::Proc;
 use crate::enroll::enrolled;
 use crate::error::{AgentError, Exit};
 use crate::pin::load_pinned;
-use crate::run::is_due;
 use crate::state::StateDir;
+use crate::watchdog;
 use idhal_manifest::time::rfc3339;
-use idhal_manifest::{Expiry, Manifest, Policy};
+use idhal_manifest::{Expiry, Frequency, Manifest, Policy};
 use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// `last-run` is a few lines the agent writes; more than this is not its report.
+const MAX_REPORT: u64 = 4096;
 
 fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -41,16 +49,144 @@ struct Row {
     outcome: String,
     duration_ms: Option<u64>,
     log: String,
+    /// Its record (shown) was written in this boot.
+    this_boot: bool,
 }
 
 // Not inlined into main: at opt-level z that grew the agent by 2 KiB (scripts/agent-size.sh).
 #[inline(never)]
 pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentError> {
+    let (out, exit, _) = look(state_dir, json, proc)?;
+    print!("{out}{}", if json { "}\n" } else { "" });
+    Ok(exit)
+}
+
+/// `--wait`'s output so far: the last look, and whether the result was printed. The watchdog
+/// thread and the looking thread both finish through it, so exactly one of them prints.
+struct Waiting {
+    printed: bool,
+    last: String,
+    json: bool,
+    started: Option<Instant>,
+}
+
+static WAITING: Mutex<Waiting> = Mutex::new(Waiting {
+    printed: false,
+    last: String::new(),
+    json: false,
+    started: None,
+});
+
+fn waiting() -> std::sync::MutexGuard<'static, Waiting> {
+    WAITING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prints `out` (else the last look) with the wait's result, once; false if already printed.
+fn finish(out: Option<String>, exit: Exit) -> bool {
+    let mut w = waiting();
+    if w.printed {
+        return false;
+    }
+    w.printed = true;
+    let out = out.unwrap_or_else(|| std::mem::take(&mut w.last));
+    let result = match exit {
+        Exit::Ok => "done",
+        Exit::ScriptletFailed => "scriptlet-failed",
+        Exit::Refused => "refused",
+        Exit::Fetch => "fetch-failed",
+        Exit::Config => "config-error",
+        Exit::TimedOut => "timed-out",
+        _ => "state-error",
+    };
+    let ms = w.started.map_or(0, |s| s.elapsed().as_millis() as u64);
+    let code = exit as u8;
+    // Ends with a line break: stdout is flushed at once (and at `process::exit` anyway).
+    print!(
+        "{out}{}",
+        if w.json {
+            format!(",\"wait\":{{\"result\":\"{result}\",\"exit\":{code},\"waited_ms\":{ms}}}}}\n")
+        } else {
+            format!("wait:       {result} (exit {code}) after {ms} ms\n")
+        }
+    );
+    true
+}
+
+/// The watchdog's job at the deadline, whatever the looking thread is doing: the one way
+/// `--wait` times out.
+fn timed_out() {
+    if finish(None, Exit::TimedOut) {
+        std::process::exit(Exit::TimedOut as i32);
+    }
+}
+
+/// `status --wait`: looks at the state directory until this boot's work has an outcome, then
+/// prints the last look and the outcome. Never past `timeout` (monotonic clock): a watchdog
+/// thread prints the last look and exits 10, even while a read blocks (a FIFO, a hung disk).
+/// A run in progress holding `lock` is waited for, and an outcome counts once two looks
+/// 100 ms apart agree with no run holding `lock`: a run drops it just before it writes
+/// `last-run`, and a manifest read while a run replaces it may not verify for a moment.
+#[inline(never)]
+pub fn wait(
+    state_dir: &Path,
+    json: bool,
+    proc: &Proc,
+    timeout: Duration,
+    poll_cap: Duration,
+) -> Result<Exit, AgentError> {
+    *waiting() = Waiting {
+        printed: false,
+        last: head(state_dir, json),
+        json,
+        started: Some(Instant::now()),
+    };
+    watchdog::after(timeout, timed_out).map_err(|e| AgentError::state("watchdog thread", e))?;
+    let state = StateDir::new(state_dir);
+    // Milliseconds: Duration's checked arithmetic costs the agent more than it saves here.
+    let (mut pause, mut seen) = (50, None);
+    loop {
+        let (out, _, outcome) = look(state_dir, json, proc).inspect_err(|_| {
+            // Nothing to print: the error is the answer (logged by main).
+            waiting().printed = true;
+        })?;
+        match outcome {
+            Some(exit) if !run_in_progress(&state) => {
+                if seen.as_ref() == Some(&out) {
+                    finish(Some(out), exit);
+                    return Ok(exit);
+                }
+                seen = Some(out.clone());
+                pause = 100;
+            }
+            _ => seen = None,
+        }
+        waiting().last = out;
+        std::thread::sleep(Duration::from_millis(pause));
+        pause = (pause * 2).min(poll_cap.as_millis() as u64);
+    }
+}
+
+/// Whether a run holds `lock` now. Probed with a shared lock taken and dropped at once, only
+/// when a look found an outcome: a run starting in that instant exits 7 and the next one does
+/// its work, as with any other lock holder.
+fn run_in_progress(state: &StateDir) -> bool {
+    File::open(state.path("lock"))
+        .is_ok_and(|f| matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)))
+}
+
+/// One look: the text to print (JSON without its closing brace), `status`'s exit code, and the
+/// outcome `--wait` ends with (`None`: not yet).
+fn look(
+    state_dir: &Path,
+    json: bool,
+    proc: &Proc,
+) -> Result<(String, Exit, Option<Exit>), AgentError> {
     let state = StateDir::new(state_dir);
     let key = load_pinned(&state)?;
     let serial = state.last_serial()?;
-    let last_run = state.read(&state.path("last-run"))?;
+    let last_run = read_report(&state)?;
     let enrollment = enrolled(&state)?;
+    let boot_id = proc.boot_id();
     let (mut rows, mut problem, mut expires) = (Vec::new(), None, None);
     // Shown whatever its age: an expired manifest still says what ran.
     let policy = Policy {
@@ -67,7 +203,7 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
             Ok(Some(m)) => {
                 stored = true;
                 expires = Some(m.expires);
-                rows = rows_of(&state, &m, &proc.boot_id())?;
+                rows = rows_of(&state, &m, &boot_id)?;
             }
             Err(AgentError::Refused(e)) => {
                 stored = true;
@@ -99,17 +235,27 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
             get("finished").parse::<u64>().unwrap_or(0),
             get("exit"),
             get("message"),
+            get("boot_id") == boot_id,
         )
     });
+    // This boot's work: the last run of this boot failed before any scriptlet (its report is
+    // the only trace: a refusal changes nothing else), or a scriptlet failed in this boot, or
+    // an accepted manifest with everything done. A report or a failure an earlier boot left
+    // waits for this boot's run.
+    let outcome = match last.as_ref().filter(|l| l.3).map(|l| l.1.as_str()) {
+        Some("3") => Some(Exit::Config),
+        Some("4") => Some(Exit::Fetch),
+        Some("5") => Some(Exit::Refused),
+        Some("8") => Some(Exit::State),
+        _ if problem.is_some() => Some(Exit::Refused),
+        _ if rows.iter().any(|r| r.state == "failed" && r.this_boot) => Some(Exit::ScriptletFailed),
+        _ if exit == Exit::Ok => Some(Exit::Ok),
+        _ => None,
+    };
 
-    let mut out = String::new();
+    let mut out = head(state_dir, json);
     if json {
-        out.push('{');
-        let _ = write!(
-            out,
-            "\"state_dir\":{},",
-            json_str(&state_dir.display().to_string())
-        );
+        out.push(',');
         match &key {
             Some(k) => {
                 let _ = write!(
@@ -128,10 +274,10 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
             opt_num(expires)
         );
         match &last {
-            Some((t, code, msg)) => {
+            Some((t, code, msg, this_boot)) => {
                 let _ = write!(
                     out,
-                    "\"last_run\":{{\"finished\":{t},\"exit\":{},\"message\":{}}},",
+                    "\"last_run\":{{\"finished\":{t},\"exit\":{},\"message\":{},\"this_boot\":{this_boot}}},",
                     code.parse::<u8>().unwrap_or(1),
                     json_str(msg)
                 );
@@ -169,9 +315,8 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
                 json_str(&r.log)
             );
         }
-        out.push_str("]}\n");
+        out.push(']');
     } else {
-        let _ = writeln!(out, "state dir:  {}", state_dir.display());
         let _ = match &key {
             Some(k) => writeln!(out, "pinned key: {} ({})", k.id(), k.fingerprint()),
             None => writeln!(out, "pinned key: none yet"),
@@ -181,7 +326,7 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
             (Some(s), None) => writeln!(out, "serial:     {s}"),
             _ => writeln!(out, "serial:     no manifest accepted yet"),
         };
-        if let Some((t, code, msg)) = &last {
+        if let Some((t, code, msg, _)) = &last {
             let _ = writeln!(out, "last run:   {} exit {code}: {msg}", rfc3339(*t));
         }
         let _ = match &enrollment {
@@ -204,8 +349,31 @@ pub fn status(state_dir: &Path, json: bool, proc: &Proc) -> Result<Exit, AgentEr
             );
         }
     }
-    print!("{out}");
-    Ok(exit)
+    Ok((out, exit, outcome))
+}
+
+/// How every look starts (JSON: still open), and all a look that never came shows.
+fn head(state_dir: &Path, json: bool) -> String {
+    if json {
+        format!(
+            "{{\"state_dir\":{}",
+            json_str(&state_dir.display().to_string())
+        )
+    } else {
+        format!("state dir:  {}\n", state_dir.display())
+    }
+}
+
+/// `last-run`, at most `MAX_REPORT` bytes of it, whatever its bytes: a report, never a reason
+/// for `status` to fail.
+fn read_report(state: &StateDir) -> Result<Option<String>, AgentError> {
+    let path = state.path("last-run");
+    let mut bytes = Vec::new();
+    match File::open(&path).and_then(|f| f.take(MAX_REPORT).read_to_end(&mut bytes)) {
+        Ok(_) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::state(&path, e)),
+    }
 }
 
 fn rows_of(state: &StateDir, m: &Manifest, boot_id: &str) -> Result<Vec<Row>, AgentError> {
@@ -214,7 +382,13 @@ fn rows_of(state: &StateDir, m: &Manifest, boot_id: &str) -> Result<Vec<Row>, Ag
         let id = s.id.as_str();
         let done = state.record(id, "done")?;
         let failed = state.record(id, "failed")?;
-        let due = is_due(state, s, boot_id)?;
+        // `boot` and `always` are this boot's work: pending until this boot's run ran them.
+        let due = match s.frequency {
+            Frequency::Once => done.is_none(),
+            Frequency::Boot | Frequency::Always => {
+                done.as_ref().is_none_or(|r| r.boot_id != boot_id)
+            }
+        };
         // A failure newer than the last success is what the admin needs to see.
         let failed_last = match (&done, &failed) {
             (Some(d), Some(f)) => f.finished >= d.finished,
@@ -223,12 +397,10 @@ fn rows_of(state: &StateDir, m: &Manifest, boot_id: &str) -> Result<Vec<Row>, Ag
         };
         let (st, rec) = if failed_last {
             ("failed", failed.as_ref())
-        } else if due && s.frequency != idhal_manifest::Frequency::Always {
+        } else if due {
             ("pending", done.as_ref())
-        } else if done.is_some() {
-            ("done", done.as_ref())
         } else {
-            ("pending", None)
+            ("done", done.as_ref())
         };
         let log = state.scriptlet_dir(id).join("log");
         rows.push(Row {
@@ -243,6 +415,7 @@ fn rows_of(state: &StateDir, m: &Manifest, boot_id: &str) -> Result<Vec<Row>, Ag
             } else {
                 "-".into()
             },
+            this_boot: rec.is_some_and(|r| r.boot_id == boot_id),
         });
     }
     Ok(rows)

@@ -151,11 +151,15 @@ fn listening_port(pid: u32) -> Result<Option<u16>, String> {
 /// A one-line command for [`Vm::sh`]: no line breaks (the request is one line), bounded.
 const SH_MAX_COMMAND: usize = 4096;
 
+/// The guest's `status --wait` deadline in [`Vm::wait_boot_run`]: the boot run has ended by
+/// then (init serves requests after it), so the answer takes one or two looks.
+const WAIT_STATUS: Duration = Duration::from_secs(30);
+
 /// The outcome of one agent run, as the guest reported it.
 #[derive(Debug)]
 pub struct RunResult {
     pub exit: i32,
-    /// `idhal-bootstrap status --json`, parsed.
+    /// `idhal-bootstrap status --json`, parsed (for the boot run: `status --wait --json`).
     pub status: serde_json::Value,
     /// Console lines between `run-start` and `run-exit` (agent log, scriptlet markers).
     pub lines: Vec<String>,
@@ -395,7 +399,10 @@ impl Vm {
         }
     }
 
-    /// The first run after boot; prints the boot-to-agent-done figure (not asserted).
+    /// The first run after boot; prints the boot-to-agent-done figure (not asserted). Its
+    /// `status` is the agent's own verdict on this boot's work (`status --wait`, [`Vm::wait_status`]),
+    /// which must end with the boot run's exit code: a verdict that disagrees with the run
+    /// fails the test.
     pub fn wait_boot_run(&mut self) -> RunResult {
         let r = self.wait_run(1, crate::Limits::BOOT);
         let uptime = self
@@ -409,7 +416,47 @@ impl Vm {
             r.since_start.as_secs_f64(),
             r.exit
         );
-        r
+        let asked = Instant::now();
+        let (code, status) = self
+            .wait_status(WAIT_STATUS)
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "FIGURE {}: status --wait over ttyS1 answered in {:.2} s wall ({} ms in the guest), \
+             exit {code}",
+            self.name,
+            asked.elapsed().as_secs_f64(),
+            status["wait"]["waited_ms"]
+        );
+        assert_eq!(
+            code, r.exit,
+            "{}: status --wait exited {code}, the boot run {}: {status}",
+            self.name, r.exit
+        );
+        RunResult { status, ..r }
+    }
+
+    /// `idhal-bootstrap status --wait --timeout T --json` in the guest (over ttyS1: once its
+    /// init serves requests): its exit code and its JSON, whose `wait` must agree with the code.
+    /// `T` is at most 50 s, under the 60 s init gives any `sh` request.
+    pub fn wait_status(&mut self, timeout: Duration) -> Result<(i32, serde_json::Value), String> {
+        let secs = timeout.as_secs().clamp(1, 50);
+        let (code, out) = self.sh(
+            &format!("idhal-bootstrap status --wait --timeout {secs}s --json"),
+            Duration::from_secs(secs + 30),
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out).map_err(|e| {
+            format!(
+                "{}: status --wait (exit {code}) is not JSON ({e}): {out}",
+                self.name
+            )
+        })?;
+        if json["wait"]["exit"] != code {
+            return Err(format!(
+                "{}: status --wait exited {code} but says {}",
+                self.name, json["wait"]
+            ));
+        }
+        Ok((code, json))
     }
 
     /// Sends one request line to the guest's init (`run`, `poweroff`), once it has said it

@@ -2,6 +2,10 @@
 //! and reboot, refusals, a power cut during a scriptlet. Each test boots its own QEMU guest(s);
 //! names start with `vm_` so they can be selected or skipped as a group.
 use idhal_qemu_tests::env_or_skip;
+use std::time::Duration;
+
+/// `status --wait`'s deadline in the guest, after a run has ended: an answer takes two looks.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A scriptlet that announces itself on the console, so the harness can count runs per boot.
 fn marker(text: &str, freq: &str) -> String {
@@ -106,6 +110,17 @@ fn vm_tampered_or_rolled_back_manifest_is_refused_and_nothing_runs() {
     );
     assert_eq!(r.status["serial"], 1, "a refusal changes no state");
     assert_eq!(r.scriptlet_state("050-new"), None);
+    // What a tool waiting on this node learns: refused, in this boot.
+    let refused = |vm: &mut idhal_qemu_tests::Vm| {
+        let (code, json) = vm.wait_status(WAIT).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (code, &json["wait"]["result"]),
+            (5, &"refused".into()),
+            "{json}"
+        );
+        assert_eq!(json["last_run"]["this_boot"], true, "{json}");
+    };
+    refused(&mut vm);
 
     // An honest serial 3 is accepted and runs the new scriptlet once (`idhal sign` itself
     // refuses to publish over a tampered directory, so put serial 2 back first).
@@ -126,6 +141,7 @@ fn vm_tampered_or_rolled_back_manifest_is_refused_and_nothing_runs() {
     );
     assert_eq!(r.count("always-ran"), 0, "{:?}", r.lines);
     assert_eq!(r.status["serial"], 3);
+    refused(&mut vm);
     vm.poweroff();
 }
 

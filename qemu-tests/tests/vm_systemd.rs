@@ -3,12 +3,25 @@
 //! (qcow2, not mounted on the host); booted, its systemd runs idhal-bootstrap.service, which
 //! verifies the manifest and runs scriptlet 000: enrollment with a fw_cfg token, then the
 //! tunnel in a unit of its own; the node becomes Alive in the real OAR and stays Alive after the
-//! agent's unit has finished (a daemon left inside it would be killed by systemd).
+//! agent's unit has finished (a daemon left inside it would be killed by systemd). A test unit
+//! started beside the agent's runs `idhal-bootstrap status --wait`, which says when the boot's
+//! work is done.
 use idhal_image_build::bake;
 use idhal_qemu_tests::cluster::Cluster;
 use idhal_qemu_tests::enroll;
 use idhal_qemu_tests::{bins, host, rootfs, Env, EnvOptions, Limits};
 use std::time::Duration;
+
+/// A test unit baked beside the agent's: started with it (no ordering), so usually before its
+/// run, it waits for the boot's work with the agent's own `status --wait` and prints the
+/// verdict on the console, one line: `IDHAL-WAIT exit=N {json}`. `$$` is systemd's `$`.
+const WAIT_UNIT: &str = "[Unit]\n\
+Description=idhal test: wait for the first boot's work\n\
+[Service]\n\
+Type=oneshot\n\
+ExecStart=/bin/sh -c 'o=$$(/usr/local/sbin/idhal-bootstrap status --wait --timeout 120s --json); \
+echo \"IDHAL-WAIT exit=$$? $$o\" > /dev/console'\n";
+const WAIT_LINE: &str = "IDHAL-WAIT exit=";
 
 #[test]
 fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_alive() {
@@ -44,7 +57,7 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
     );
 
     let t = std::time::Instant::now();
-    let overlay = bake::bake_overlay(
+    let mut overlay = bake::bake_overlay(
         &std::fs::read(&env.shared.agent).unwrap(),
         &std::fs::read(env.project.pubkey()).unwrap(),
         &bake::baked_config(&format!(
@@ -52,6 +65,16 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
             idhal_qemu_tests::GUEST_HOST_IP,
             idhal_qemu_tests::GUEST_SERVE_PORT
         )),
+    );
+    let sys = "bake/etc/systemd/system";
+    overlay.file(
+        &format!("{sys}/idhal-test-wait.service"),
+        0o644,
+        WAIT_UNIT.as_bytes().to_vec(),
+    );
+    overlay.symlink(
+        &format!("{sys}/multi-user.target.wants/idhal-test-wait.service"),
+        "/etc/systemd/system/idhal-test-wait.service",
     );
     bake::bake(
         &env.shared.base,
@@ -83,18 +106,37 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
     // The root is on partition 1, as in Debian's cloud images.
     vm.wait_for("IDHAL-EVENT image=/dev/vda1", Limits::BOOT);
     vm.wait_for("IDHAL-EVENT switch-root", Limits::BOOT);
-    let enrolled = vm.wait_for("IDHAL-TEST enrolled ", Limits::BOOT);
-    // The scriptlet gives up after 45 s of uptime and says so, with OpenVPN's log.
-    let up = vm.wait_line(
-        "the tunnel's address (or the scriptlet giving up)",
-        Limits::RUN,
-        |l| l.starts_with("IDHAL-TEST tunnel-up ") || l.starts_with("IDHAL-TEST tunnel-failed"),
-    );
+    // The agent's own verdict on the boot's work (the scriptlet gives up on the tunnel after
+    // 45 s of uptime, with OpenVPN's log, and fails; the wait's own deadline is 120 s).
+    let verdict = vm.wait_for(WAIT_LINE, Limits::BOOT + Limits::RUN);
+    let done_at = vm.started.elapsed();
+    let (code, json) = verdict[WAIT_LINE.len()..]
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("no JSON in {verdict:?}"));
+    let wait: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("status --wait is not JSON ({e}): {json}"));
     assert!(
-        up.starts_with("IDHAL-TEST tunnel-up "),
-        "no tunnel: {up}; the guest reported:\n{}\nOpenVPN server log (tail):\n{}",
+        code == "0" && wait["wait"]["result"] == "done",
+        "status --wait exited {code}: {wait}\nthe guest reported:\n{}\nOpenVPN server log \
+         (tail):\n{}",
         vm.log().digest(80),
         idhal_test_support::tail(&env.vpn().log)
+    );
+    let row = &wait["scriptlets"][0];
+    assert!(
+        row["id"] == "000-enroll" && row["state"] == "done",
+        "{wait}"
+    );
+    assert_eq!(wait["last_run"]["exit"], 0, "{wait}");
+    // Done means the scriptlet's lines are on the console already.
+    let printed = |prefix: &str| {
+        vm.log()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("done, but no {prefix:?} line: {wait}"))
+    };
+    let (enrolled, up) = (
+        printed("IDHAL-TEST enrolled "),
+        printed("IDHAL-TEST tunnel-up "),
     );
     let field = |line: &str, key: &str| {
         line.split_whitespace()
@@ -103,6 +145,8 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
             .to_string()
     };
     let (node, address) = (field(&enrolled, "node="), field(&enrolled, "addr="));
+    assert_eq!(wait["enrollment"]["node"], node.as_str(), "{wait}");
+    assert_eq!(wait["enrollment"]["address"], address.as_str(), "{wait}");
     assert_eq!(
         field(&up, "addr="),
         address,
@@ -155,8 +199,11 @@ fn vm_debootstrap_systemd_image_with_the_agent_baked_in_enrolls_and_becomes_aliv
     assert_eq!(cluster.resources(&host)[0]["state"], "Alive");
     eprintln!(
         "FIGURE systemd-boot1: QEMU start to Alive in OAR {:.2} s wall ({node} {address} {host}), \
-         idhal-bootstrap.service finished {:.2} s",
+         status --wait done {:.2} s (waited {} ms in the guest), idhal-bootstrap.service \
+         finished {:.2} s",
         alive.as_secs_f64(),
+        done_at.as_secs_f64(),
+        wait["wait"]["waited_ms"],
         finished.as_secs_f64()
     );
 }
