@@ -9,7 +9,7 @@ use crate::log;
 use crate::random::random_u64;
 use idhal_manifest::paths;
 use idhal_manifest::rotation::{StatementFiles, MAX_STATEMENT};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Fetcher {
     pub base: Url,
@@ -88,14 +88,35 @@ impl Fetcher {
     }
 
     /// Key rotation statement `n` and its two signatures; `None` when the statement is not
-    /// published (the chain ends). A missing signature reads as empty: the check refuses it.
-    pub fn statement(&self, n: u64) -> Result<Option<StatementFiles>, AgentError> {
-        // A 404 ends the chain: not worth waiting for, unlike a manifest being published.
-        let get = |rel: String, limit| match self
-            .with_retries(HttpError::is_transient_post, &mut || self.get(&rel, limit))
-        {
-            Err((_, HttpError::Status { code: 404, .. })) => Ok(None),
-            r => r.map(Some).map_err(fetch_error),
+    /// published (the chain ends: 404, or 403/410 as object stores answer for a missing file).
+    /// A missing signature reads as empty and a statement over the cap as one byte over it:
+    /// the check refuses both. Every request of a walk ends by `deadline`.
+    pub fn statement(
+        &self,
+        n: u64,
+        deadline: Instant,
+    ) -> Result<Option<StatementFiles>, AgentError> {
+        let get = |rel: String, limit| {
+            let mut limits = self.limits.clone();
+            let attempt = &mut || {
+                let url = self.base.join(&rel);
+                limits.request_timeout = deadline.saturating_duration_since(Instant::now());
+                if limits.request_timeout.is_zero() {
+                    return Err((url, HttpError::Timeout(self.limits.request_timeout)));
+                }
+                http::get(&url, limit, &limits, &self.tls).map_err(|e| (url, e))
+            };
+            match self.with_retries(HttpError::is_transient_post, attempt) {
+                Err((
+                    _,
+                    HttpError::Status {
+                        code: 403 | 404 | 410,
+                        ..
+                    },
+                )) => Ok(None),
+                Err((_, HttpError::TooLarge { .. })) => Ok(Some(vec![0; limit])),
+                r => r.map(Some).map_err(fetch_error),
+            }
         };
         let Some(statement) = get(paths::rotation_statement(n), MAX_STATEMENT + 1)? else {
             return Ok(None);

@@ -3,8 +3,9 @@
 //! accepted. Trusting the first key offered exists only behind an explicit, loud opt-in.
 //!
 //! The one way the pinned key changes: a chain of rotation statements, each signed by the key
-//! pinned so far and by its successor (`idhal_manifest::rotation`), followed only when a manifest
-//! is signed by another key, and pinned only once that manifest verified with the chain's key.
+//! pinned so far and by its successor (`idhal_manifest::rotation`), walked to its end at every
+//! run (one 404 when nothing changed), and the chain's last key pinned only once a manifest
+//! verified with it.
 
 use crate::config::{Config, KeyTrust};
 use crate::error::AgentError;
@@ -15,9 +16,20 @@ use idhal_manifest::rotation::{self, ChainHead, Rotation, WalkError};
 use idhal_manifest::{Fingerprint, KeyId, PublicKey};
 
 pub const PINNED: &str = "server.pub";
-/// The line `server.pub` gains once a rotation was followed: the statement that made the key.
-/// minisign reads only the first two lines, so the file stays a minisign public key.
+/// The line `server.pub` gains once a rotation was followed: `idhal-rotation N ORIGIN`, the
+/// statement that made the key and the id of the key this node started from (the image's, or
+/// the one `idhal.pin` named). minisign reads only the first two lines, so the file stays a
+/// minisign public key.
 const ROTATION_LINE: &str = "idhal-rotation ";
+/// More rotations than any project makes: a larger number in `server.pub` is damage.
+const MAX_SEQUENCE: u64 = 1 << 20;
+
+/// The pinned key, where it stands in the rotation chain, and the key this node started from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pinned {
+    pub head: ChainHead,
+    pub origin: KeyId,
+}
 
 fn baked_key(cfg: &Config) -> Result<Option<PublicKey>, AgentError> {
     match std::fs::read_to_string(&cfg.key) {
@@ -31,11 +43,11 @@ fn baked_key(cfg: &Config) -> Result<Option<PublicKey>, AgentError> {
 
 /// The key already pinned in the state directory, if any.
 pub fn load_pinned(state: &StateDir) -> Result<Option<PublicKey>, AgentError> {
-    Ok(load_head(state)?.map(|h| h.key))
+    Ok(load(state)?.map(|p| p.head.key))
 }
 
-/// The pinned key and the rotation statement it came from (0: the image's or the first key).
-pub fn load_head(state: &StateDir) -> Result<Option<ChainHead>, AgentError> {
+/// What `server.pub` holds, refused unless it is what `pin` writes.
+pub fn load(state: &StateDir) -> Result<Option<Pinned>, AgentError> {
     let path = state.path(PINNED);
     let bad = |why: String| {
         AgentError::state(
@@ -47,66 +59,87 @@ pub fn load_head(state: &StateDir) -> Result<Option<ChainHead>, AgentError> {
         return Ok(None);
     };
     let key = PublicKey::parse(&text).map_err(|e| bad(e.to_string()))?;
-    let sequence = match text.lines().find_map(|l| l.strip_prefix(ROTATION_LINE)) {
-        None => 0,
-        Some(n) => n
-            .parse()
-            .map_err(|_| bad(format!("bad {ROTATION_LINE}line")))?,
+    let (sequence, origin) = match text.lines().find_map(|l| l.strip_prefix(ROTATION_LINE)) {
+        None => (0, key.id()),
+        Some(rest) => {
+            let (n, origin) = rest.split_once(' ').unwrap_or((rest, ""));
+            let n = n
+                .parse::<u64>()
+                .ok()
+                .filter(|v| (1..=MAX_SEQUENCE).contains(v) && v.to_string() == n);
+            let origin = u64::from_str_radix(origin, 16)
+                .ok()
+                .filter(|_| origin.len() == 16)
+                .map(|id| KeyId(id.to_le_bytes()));
+            match (n, origin) {
+                (Some(n), Some(o)) => (n, o),
+                _ => return Err(bad(format!("bad {ROTATION_LINE}line"))),
+            }
+        }
     };
-    Ok(Some(ChainHead { key, sequence }))
+    Ok(Some(Pinned {
+        head: ChainHead { key, sequence },
+        origin,
+    }))
 }
 
-fn pin(state: &StateDir, head: &ChainHead) -> Result<(), AgentError> {
-    let mut text = head.key.to_file_text();
-    if head.sequence > 0 {
-        text += &format!("{ROTATION_LINE}{}\n", head.sequence);
+fn pin(state: &StateDir, p: &Pinned) -> Result<(), AgentError> {
+    let mut text = p.head.key.to_file_text();
+    if p.head.sequence > 0 {
+        text += &format!("{ROTATION_LINE}{} {}\n", p.head.sequence, p.origin);
     }
     write_atomic(&state.path(PINNED), text.as_bytes(), 0o644)
 }
 
-/// Follows the published rotation chain from `head` to the key `target` that signed a manifest.
-/// Returns the new head; nothing is pinned here (see [`pin_rotated`]).
-pub fn follow(fetcher: &Fetcher, head: &ChainHead, target: KeyId) -> Result<ChainHead, AgentError> {
-    rotation::walk(head, Some(target), &mut |n| fetcher.statement(n)).map_err(|e| match e {
+/// Walks the published rotation chain from the pinned key to its end; nothing is pinned here
+/// (see [`pin_rotated`]). One request (a 404) when nothing changed.
+pub fn follow(fetcher: &Fetcher, head: &ChainHead) -> Result<ChainHead, AgentError> {
+    let deadline = std::time::Instant::now() + fetcher.limits.request_timeout;
+    rotation::walk(head, &mut |n| fetcher.statement(n, deadline)).map_err(|e| match e {
         WalkError::Refused(r) => AgentError::Pin(r.to_string()),
         WalkError::Fetch(e) => e,
     })
 }
 
-/// Pins a key reached by [`follow`], once a manifest verified with it: from now on the old key
-/// signs nothing this node accepts.
-pub fn pin_rotated(state: &StateDir, old: &ChainHead, new: &ChainHead) -> Result<(), AgentError> {
-    pin(state, new)?;
+/// Pins the chain's last key `new`, once a manifest verified with it: from now on the keys it
+/// replaced sign nothing this node accepts. A crash between this and accepting the manifest
+/// leaves the previous manifest stored under the new key: `enroll`, `peers` and `status` refuse
+/// it until the next run accepts the new one.
+pub fn pin_rotated(state: &StateDir, old: &Pinned, new: ChainHead) -> Result<(), AgentError> {
     log(&format!(
         "pinned key {} (rotation {}) in place of key {}",
         new.key.id(),
         new.sequence,
-        old.key.id()
+        old.head.key.id()
     ));
-    Ok(())
+    pin(
+        state,
+        &Pinned {
+            head: new,
+            origin: old.origin,
+        },
+    )
 }
 
 /// Returns the pinned key, pinning it first if this is the first boot.
-pub fn pinned_key(
-    cfg: &Config,
-    state: &StateDir,
-    fetcher: &Fetcher,
-) -> Result<ChainHead, AgentError> {
+pub fn pinned_key(cfg: &Config, state: &StateDir, fetcher: &Fetcher) -> Result<Pinned, AgentError> {
     let baked = baked_key(cfg)?;
-    if let Some(head) = load_head(state)? {
-        let pinned = &head.key;
-        // A rotated key differs from the image's by design: the image's was the chain's start.
-        if let Some(b) = baked.filter(|b| b != pinned && head.sequence == 0) {
+    if let Some(pinned) = load(state)? {
+        // A rotated key differs from the image's by design; the key the node started from
+        // does not.
+        if let Some(b) = baked.filter(|b| {
+            b.id() != pinned.origin || (pinned.head.sequence == 0 && *b != pinned.head.key)
+        }) {
             return Err(AgentError::Pin(format!(
-                "the image's key {} ({}) differs from the key {} pinned in {}; \
+                "the image's key {} ({}) differs from the key {} this node pinned in {}; \
                  refusing both (remove the pinned key only if you re-keyed on purpose)",
                 b.id(),
                 cfg.key.display(),
-                pinned.id(),
+                pinned.origin,
                 state.path(PINNED).display()
             )));
         }
-        return Ok(head);
+        return Ok(pinned);
     }
 
     let key = match baked {
@@ -148,7 +181,7 @@ pub fn pinned_key(
                             old.id(),
                             key.id()
                         ));
-                        return pin_head(state, old);
+                        return pin_first(state, old);
                     }
                     None => {
                         return Err(AgentError::Pin(format!(
@@ -179,14 +212,17 @@ pub fn pinned_key(
             key
         }
     };
-    pin_head(state, key)
+    pin_first(state, key)
 }
 
-/// Pins `key` as the chain's start, its place in the chain unknown (sequence 0).
-fn pin_head(state: &StateDir, key: PublicKey) -> Result<ChainHead, AgentError> {
-    let head = ChainHead { key, sequence: 0 };
-    pin(state, &head)?;
-    Ok(head)
+/// Pins `key` on first boot: the node's origin, its place in the chain unknown (sequence 0).
+fn pin_first(state: &StateDir, key: PublicKey) -> Result<Pinned, AgentError> {
+    let p = Pinned {
+        origin: key.id(),
+        head: ChainHead { key, sequence: 0 },
+    };
+    pin(state, &p)?;
+    Ok(p)
 }
 
 /// After a rotation the server offers its current key, while an image's `idhal.pin` names an
@@ -194,8 +230,9 @@ fn pin_head(state: &StateDir, key: PublicKey) -> Result<ChainHead, AgentError> {
 /// for its fingerprint alone, with no place in the chain (sequence 0): the statements are
 /// checked later, by the walk from it, like for a key baked into the image.
 fn pinned_in_chain(fetcher: &Fetcher, pin: Fingerprint) -> Result<Option<PublicKey>, AgentError> {
+    let deadline = std::time::Instant::now() + fetcher.limits.request_timeout;
     for n in 1..=rotation::MAX_CHAIN {
-        let Some(files) = fetcher.statement(n)? else {
+        let Some(files) = fetcher.statement(n, deadline)? else {
             break;
         };
         if let Ok(r) = Rotation::parse(&files.statement, n) {

@@ -11,7 +11,9 @@ use crate::state::{
 };
 use crate::{child, log, pin};
 use idhal_manifest::time::{now, rfc3339};
-use idhal_manifest::{verify, Expiry, Frequency, Manifest, Policy, Scriptlet, SignatureFile};
+use idhal_manifest::{
+    rotation, verify, Expiry, Frequency, Manifest, Policy, Scriptlet, SignatureFile,
+};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -43,29 +45,25 @@ pub fn run(cfg: &Config, proc: &Proc) -> Result<Summary, AgentError> {
         std::thread::sleep(Duration::from_secs(random_u64() % (cfg.splay + 1)));
     }
 
-    let head = pin::pinned_key(cfg, &state, &fetcher)?;
+    let pinned = pin::pinned_key(cfg, &state, &fetcher)?;
     let (bytes, sig) = fetcher.manifest()?;
-    // Unverified: only says whether a rotation chain must be followed; the chain's statements
-    // and then the manifest itself are verified before anything is pinned or run.
-    let signer = SignatureFile::parse(&sig).ok().map(|s| s.key_id);
-    let rotated = match signer {
-        Some(id) if id != head.key.id() => Some(pin::follow(&fetcher, &head, id)?),
-        _ => None,
-    };
+    // The rotation chain to its end first, then the manifest with the chain's last key only:
+    // nothing is pinned or run before both verified.
+    let end = pin::follow(&fetcher, &pinned.head)?;
+    let signer = SignatureFile::parse(&sig)
+        .map_err(AgentError::Refused)?
+        .key_id;
+    let key = rotation::manifest_key(&pinned.head, &end, signer)
+        .map_err(|e| AgentError::Pin(e.to_string()))?;
     let fetched = Instant::now();
     let policy = Policy {
         now: now(),
         expiry: Expiry::Enforce,
         last_serial: state.last_serial()?,
     };
-    let manifest = verify(
-        &rotated.as_ref().unwrap_or(&head).key,
-        &bytes,
-        &sig,
-        &policy,
-    )?;
-    if let Some(new) = &rotated {
-        pin::pin_rotated(&state, &head, new)?;
+    let manifest = verify(key, &bytes, &sig, &policy)?;
+    if end != pinned.head {
+        pin::pin_rotated(&state, &pinned, end)?;
     }
     accept(&state, &manifest, &bytes, &sig, policy.last_serial)?;
 

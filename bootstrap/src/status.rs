@@ -5,7 +5,7 @@
 use crate::config::Proc;
 use crate::enroll::enrolled;
 use crate::error::{AgentError, Exit};
-use crate::pin::load_pinned;
+use crate::pin;
 use crate::state::StateDir;
 use crate::watchdog;
 use idhal_manifest::time::rfc3339;
@@ -182,7 +182,8 @@ fn look(
     proc: &Proc,
 ) -> Result<(String, Exit, Option<Exit>), AgentError> {
     let state = StateDir::new(state_dir);
-    let key = load_pinned(&state)?;
+    let pinned = pin::load(&state)?;
+    let key = pinned.as_ref().map(|p| p.head.key.clone());
     let serial = state.last_serial()?;
     let last_run = read_report(&state)?;
     let enrollment = enrolled(&state)?;
@@ -256,13 +257,15 @@ fn look(
     let mut out = head(state_dir, json);
     if json {
         out.push(',');
-        match &key {
-            Some(k) => {
+        match &pinned {
+            Some(p) => {
                 let _ = write!(
                     out,
-                    "\"pinned_key\":{{\"id\":\"{}\",\"fingerprint\":\"{}\"}},",
-                    k.id(),
-                    k.fingerprint()
+                    "\"pinned_key\":{{\"id\":\"{}\",\"fingerprint\":\"{}\",\"rotation\":{},\"origin\":\"{}\"}},",
+                    p.head.key.id(),
+                    p.head.key.fingerprint(),
+                    p.head.sequence,
+                    p.origin
                 );
             }
             None => out.push_str("\"pinned_key\":null,"),
@@ -317,8 +320,15 @@ fn look(
         }
         out.push(']');
     } else {
-        let _ = match &key {
-            Some(k) => writeln!(out, "pinned key: {} ({})", k.id(), k.fingerprint()),
+        let _ = match &pinned {
+            Some(p) => writeln!(
+                out,
+                "pinned key: {} ({}), rotation {} from key {}",
+                p.head.key.id(),
+                p.head.key.fingerprint(),
+                p.head.sequence,
+                p.origin
+            ),
             None => writeln!(out, "pinned key: none yet"),
         };
         let _ = match (serial, expires) {

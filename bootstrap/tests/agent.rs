@@ -228,6 +228,39 @@ fn pinned_key_never_changes() {
 }
 
 #[test]
+fn a_rotated_pin_must_start_from_the_images_key_and_a_damaged_one_is_refused() {
+    let s = setup();
+    s.publish(1, &s.three());
+    s.node.run(&[]).expect(0, "pinning the image's key");
+    let pinned = s.node.read("state/server.pub").unwrap();
+    let id = s.key.public().id();
+    let with = |line: &str| {
+        std::fs::write(s.node.path("state/server.pub"), format!("{pinned}{line}\n")).unwrap();
+        s.node.run(&[])
+    };
+    // Started from another key (a state disk kept across a re-imaging with another project's
+    // key, or an edit): refused loudly, as before rotations existed.
+    with("idhal-rotation 1 0123456789ABCDEF")
+        .expect(5, "differs from the key 0123456789ABCDEF this node pinned");
+    // Damaged: a state error, never trusted.
+    for bad in [
+        "idhal-rotation 0 {id}",
+        "idhal-rotation 1048577 {id}",
+        "idhal-rotation 18446744073709551615 {id}",
+        "idhal-rotation +1 {id}",
+        "idhal-rotation 01 {id}",
+        "idhal-rotation 1",
+        "idhal-rotation 1 {id}0",
+        "idhal-rotation 1 zzzzzzzzzzzzzzzz",
+    ] {
+        with(&bad.replace("{id}", &id.to_string())).expect(8, "bad idhal-rotation line");
+    }
+    assert_eq!(s.node.read("state/serial").as_deref(), Some("1\n"));
+    // From the image's own key: fine (this node then looks for statement 2).
+    with(&format!("idhal-rotation 1 {id}")).expect(0, "ok: serial 1");
+}
+
+#[test]
 fn fetched_key_needs_matching_pin() {
     let s = setup();
     std::fs::remove_file(s.node.baked_key()).unwrap();

@@ -113,24 +113,28 @@ impl Node {
     fn new(extra_conf: &str) -> Node {
         Node::pinned(extra_conf, &data("idhal.pub"))
     }
-    /// A node whose image holds `key` and that pinned it (the file as the state dir keeps it).
-    fn pinned(extra_conf: &str, key: &Path) -> Node {
+    /// A node that pinned `pinned` (the file as the state dir keeps it) from its image's key:
+    /// that key itself, or for a key a rotation made, the golden K0 it started from.
+    fn pinned(extra_conf: &str, pinned: &Path) -> Node {
+        let text = std::fs::read_to_string(pinned).unwrap();
+        let image = if text.contains("\nidhal-rotation ") {
+            data("idhal.pub")
+        } else {
+            pinned.to_owned()
+        };
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         std::fs::create_dir_all(p.join("proc/sys/kernel/random")).unwrap();
         // The layout an earlier run left (`scriptlets/` is made before anything is fetched).
         std::fs::create_dir_all(p.join("state/scriptlets")).unwrap();
         std::fs::write(p.join("proc/cmdline"), "ro quiet\n").unwrap();
-        std::fs::copy(key, p.join("state/server.pub")).unwrap();
+        std::fs::copy(pinned, p.join("state/server.pub")).unwrap();
         std::fs::write(
             p.join("bootstrap.conf"),
             format!("retries = 0\ntimeout = 10s\n{extra_conf}"),
         )
         .unwrap();
-        let node = Node {
-            dir,
-            key: key.to_owned(),
-        };
+        let node = Node { dir, key: image };
         node.set_boot_id("boot-1");
         node
     }
@@ -233,7 +237,11 @@ fn the_golden_publication_is_accepted_and_runs() {
         last.starts_with("idhal-bootstrap: ok: serial 42, ran 2, 0 not due ("),
         "{err}"
     );
-    assert_eq!(server.requests(), ["/manifest.minisig", "/manifests/42"]);
+    // The signature, the manifest it names, and the one look for a key rotation (a 404).
+    assert_eq!(
+        server.requests(),
+        ["/manifest.minisig", "/manifests/42", "/keys/1"]
+    );
     assert_eq!(node.read("state/golden.log").as_deref(), Some(GOLDEN_LOG));
     assert_eq!(node.read("state/serial").as_deref(), Some("42\n"));
     assert_eq!(
@@ -386,10 +394,10 @@ fn statement_requests(ns: &[u64]) -> Vec<String> {
 fn the_real_agent_follows_a_key_rotation_chain_and_refuses_every_broken_one() {
     let base = data("rotate");
     let k3 = "A168025966A00312";
-    for (case, walked) in [
-        ("follow", &[1, 2, 3][..]),
-        ("at-k2", &[3][..]),
-        ("baked-k2", &[1, 2, 3][..]),
+    for (case, walked, origin) in [
+        ("follow", &[1, 2, 3][..], "6CA092AEEC2C66DD"),
+        ("at-k2", &[3][..], "6CA092AEEC2C66DD"),
+        ("baked-k2", &[1, 2, 3][..], "3B8F410569CF8F8D"),
     ] {
         let dir = base.join(case);
         let server = Server::start(&dir);
@@ -398,13 +406,16 @@ fn the_real_agent_follows_a_key_rotation_chain_and_refuses_every_broken_one() {
         assert_eq!(code, 0, "{case}: {err}");
         let mut want = vec!["/manifest.minisig".to_owned(), "/manifests/42".to_owned()];
         want.extend(statement_requests(walked));
+        // The walk goes on to the end of the chain: statement 4 is not published.
+        want.push("/keys/4".to_owned());
         assert_eq!(server.requests(), want, "{case}");
-        // Pinned atomically once the manifest verified: the new key and the rotation that made it.
+        // Pinned atomically once the manifest verified: the new key, the rotation that made it
+        // and the key this node started from.
         let pinned = node.read("state/server.pub").unwrap();
         assert_eq!(
             pinned,
             format!(
-                "untrusted comment: minisign public key {k3}\n{}\nidhal-rotation 3\n",
+                "untrusted comment: minisign public key {k3}\n{}\nidhal-rotation 3 {origin}\n",
                 pinned.lines().nth(1).unwrap()
             ),
             "{case}"
@@ -418,13 +429,13 @@ fn the_real_agent_follows_a_key_rotation_chain_and_refuses_every_broken_one() {
             Some(GOLDEN_LOG),
             "{case}"
         );
-        // The next run needs no statement: the manifest is signed by the pinned key.
+        // The next run looks for statement 4 only: the manifest is signed by the pinned key.
         server.requests.lock().unwrap().clear();
         node.set_boot_id("boot-2");
         assert_eq!(node.run(&server).0, 0, "{case}");
         assert_eq!(
             server.requests(),
-            ["/manifest.minisig", "/manifests/42"],
+            ["/manifest.minisig", "/manifests/42", "/keys/4"],
             "{case}"
         );
 

@@ -114,7 +114,10 @@ fn an_image_pinned_to_k0_follows_k0_k1_k2_k3_in_one_run_and_the_old_key_cannot_r
             pinned.starts_with(&format!("untrusted comment: minisign public key {k3}\n")),
             "{pinned}"
         );
-        assert!(pinned.ends_with("\nidhal-rotation 3\n"), "{pinned}");
+        assert!(
+            pinned.ends_with(&format!("\nidhal-rotation 3 {}\n", key_id(&keys[0].1))),
+            "{pinned}"
+        );
         assert_eq!(
             idhal_manifest::PublicKey::parse(&pinned).unwrap(),
             idhal_manifest::PublicKey::parse(&std::fs::read_to_string(&keys[3].1).unwrap())
@@ -128,6 +131,8 @@ fn an_image_pinned_to_k0_follows_k0_k1_k2_k3_in_one_run_and_the_old_key_cannot_r
     // `status --json` shows the pinned key.
     let (_, json) = old_node.status_json();
     assert_eq!(json["pinned_key"]["id"], k3, "{json}");
+    assert_eq!(json["pinned_key"]["rotation"], 3, "{json}");
+    assert_eq!(json["pinned_key"]["origin"], key_id(&keys[0].1), "{json}");
 
     // `idhal key chain` checks it as a node would, oldest first.
     let chain = ok(p.idhal(&["key", "chain", p.path("pub").to_str().unwrap()]));

@@ -2,7 +2,7 @@
 //! the one canonical encoding; a walk over fuzzed `keys/N` files never panics and never moves
 //! the pinned key (the fuzzer holds no signing key, so nothing may verify).
 #![no_main]
-use idhal_manifest::rotation::{walk, ChainHead, Rotation, StatementFiles};
+use idhal_manifest::rotation::{manifest_key, walk, ChainHead, Rotation, StatementFiles};
 use idhal_manifest::{KeyId, PublicKey};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,10 +26,9 @@ fuzz_target!(|data: &[u8]| {
         key: PublicKey::new(id, [9; 32]),
         sequence: 0,
     };
-    let got = walk(&head, Some(KeyId([1; 8])), &mut |n| {
-        Ok::<_, ()>((n <= 3).then(|| files.clone()))
-    });
-    if let Ok(h) = got {
-        assert_eq!(h, head, "a fuzzed chain moved the pinned key");
+    let got = walk(&head, &mut |n| Ok::<_, ()>((n <= 3).then(|| files.clone())));
+    if let Ok(end) = got {
+        assert_eq!(end, head, "a fuzzed chain moved the pinned key");
+        assert_eq!(manifest_key(&head, &end, KeyId([1; 8])), Ok(&head.key));
     }
 });

@@ -94,11 +94,11 @@ pub enum RotationError {
     SameKey { file: u64, key: KeyId },
     #[error("key rotation statement {file} goes back to key {key}, already replaced earlier in the chain")]
     KeyReused { file: u64, key: KeyId },
-    #[error("no key rotation chain leads from key {from} to key {target}: statement {missing} is not published")]
-    NoChain {
-        from: KeyId,
-        target: KeyId,
-        missing: u64,
+    #[error("the manifest is signed by key {signer}, but the published key rotations end at key {last} (rotation {sequence}): a manifest signed by a replaced or unknown key is refused")]
+    NotLast {
+        signer: KeyId,
+        last: KeyId,
+        sequence: u64,
     },
     #[error("key rotation chain from statement {first} is longer than {MAX_CHAIN} statements")]
     TooLong { first: u64 },
@@ -266,42 +266,30 @@ impl<E> From<RotationError> for WalkError<E> {
     }
 }
 
-/// Walks the published chain from `head`: statement `head.sequence + 1`, then the next, each
-/// checked by [`check_statement`] against the key reached so far. `fetch(n)` returns statement
-/// `n`'s files, or `None` when it is not published.
+/// Walks the published chain from `head` to its end: statement `head.sequence + 1`, then the
+/// next, each checked by [`check_statement`] against the key reached so far, until one is not
+/// published. `fetch(n)` returns statement `n`'s files, or `None` when it is not published.
 ///
-/// With `target`, stops at the first statement that reaches that key and refuses a chain that
-/// ends before, unless nothing could be followed at all: then `head` comes back unchanged and
-/// the caller's own check refuses the signature. Without, follows to the end of the chain. A head of sequence 0 (its place in the
+/// Always to the end, not to the key a manifest names: a node that has not caught up must not
+/// stop at a key replaced since (one that leaked, say). A head of sequence 0 (its place in the
 /// chain unknown) passes over statements its key did not sign until one does; past that first
-/// step every statement must continue the chain. Never looks at more than [`MAX_CHAIN`]
-/// statements. Returns the new head (`head` itself when there was nothing to follow).
+/// step every statement must continue the chain. Follows at most [`MAX_CHAIN`] statements.
+/// Returns the chain's last key (`head` itself when there was nothing to follow).
 pub fn walk<E>(
     head: &ChainHead,
-    target: Option<KeyId>,
     fetch: &mut dyn FnMut(u64) -> Result<Option<StatementFiles>, E>,
 ) -> Result<ChainHead, WalkError<E>> {
     let mut at = head.clone();
     let mut replaced: Vec<KeyId> = Vec::new();
     let first = head.sequence.saturating_add(1);
-    for file in first..first.saturating_add(MAX_CHAIN) {
-        if target == Some(at.key.id()) {
-            return Ok(at);
-        }
+    // MAX_CHAIN statements, and one more look to see that the chain ends there.
+    for file in first..=first.saturating_add(MAX_CHAIN) {
         let Some(files) = fetch(file).map_err(WalkError::Fetch)? else {
-            return match target {
-                // Nothing to follow at all: the caller's check of the signature with its own key
-                // says it best ("signed by key X, but this node pinned key Y").
-                Some(_) if at == *head => Ok(at),
-                Some(target) => Err(RotationError::NoChain {
-                    from: head.key.id(),
-                    target,
-                    missing: file,
-                }
-                .into()),
-                None => Ok(at),
-            };
+            return Ok(at);
         };
+        if file == first.saturating_add(MAX_CHAIN) {
+            break;
+        }
         let r = match check_statement(&at.key, file, &files) {
             // Before its first step, a key of unknown place passes over statements it did not
             // sign: earlier ones than its own, which prove nothing either way.
@@ -321,8 +309,23 @@ pub fn walk<E>(
             sequence: file,
         };
     }
-    if target == Some(at.key.id()) {
-        return Ok(at);
-    }
     Err(RotationError::TooLong { first }.into())
+}
+
+/// The key a manifest signed by `signer` is verified with, once the chain from `head` ended at
+/// `end`: the chain's last key, and only it. When nothing was followed, `head`'s own key: the
+/// signature check then refuses another signer as a wrong key.
+pub fn manifest_key<'a>(
+    head: &ChainHead,
+    end: &'a ChainHead,
+    signer: KeyId,
+) -> Result<&'a PublicKey, RotationError> {
+    if end != head && signer != end.key.id() {
+        return Err(RotationError::NotLast {
+            signer,
+            last: end.key.id(),
+            sequence: end.sequence,
+        });
+    }
+    Ok(&end.key)
 }

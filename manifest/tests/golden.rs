@@ -440,7 +440,8 @@ fn rotation(sequence: u64, from: u64, to: u64) -> Rotation {
 fn pinned_file(key: u64, sequence: u64) -> Vec<u8> {
     let mut text = rot_key(key).public().to_file_text();
     if sequence > 0 {
-        text += &format!("idhal-rotation {sequence}\n");
+        // The node started from K0, the image's key.
+        text += &format!("idhal-rotation {sequence} {}\n", rot_key(0).id);
     }
     text.into_bytes()
 }
@@ -453,6 +454,7 @@ fn rotation_files(put: &mut dyn FnMut(&str, Vec<u8>)) {
         steps: Vec<(Rotation, u64, u64)>,
         signer: u64,
         serial: u64,
+        expires: u64,
         pinned: (u64, u64),
     }
     let chain = |n: u64| {
@@ -465,6 +467,7 @@ fn rotation_files(put: &mut dyn FnMut(&str, Vec<u8>)) {
         steps,
         signer,
         serial: SERIAL,
+        expires: EXPIRES,
         pinned,
     };
     let cases = [
@@ -520,12 +523,17 @@ fn rotation_files(put: &mut dyn FnMut(&str, Vec<u8>)) {
         ),
         case("refuse/too-large", chain(1), 1, (0, 0)),
         case("refuse/malformed", chain(1), 1, (0, 0)),
-        case("refuse/no-chain", chain(1), 2, (0, 0)),
+        case("refuse/ends-before-signer", chain(1), 2, (0, 0)),
+        case("refuse/intermediate-key", chain(2), 1, (0, 0)),
+        Case {
+            expires: EXPIRED,
+            ..case("refuse/expired-after-chain", chain(1), 1, (0, 0))
+        },
     ];
     for c in cases {
         let d = format!("rotate/{}", c.dir);
-        let m = manifest(c.serial, EXPIRES, &[]);
-        let sig = rot_key(c.signer).idhal_sign(&m, meta(c.serial, EXPIRES));
+        let m = manifest(c.serial, c.expires, &[]);
+        let sig = rot_key(c.signer).idhal_sign(&m, meta(c.serial, c.expires));
         put(&format!("{d}/manifest"), m);
         put(&format!("{d}/manifest.minisig"), sig.into_bytes());
         put(
@@ -552,8 +560,9 @@ fn rotation_files(put: &mut dyn FnMut(&str, Vec<u8>)) {
                     o = rot_key(*old).sign(b"ED", &body, &wrong, "old");
                     n = rot_key(*new).sign(b"ED", &body, &wrong, "new");
                 }
+                // Twice the cap: over what the agent downloads, refused as too large all the same.
                 "refuse/too-large" => {
-                    body.resize(MAX_STATEMENT + 1, b'\n');
+                    body.resize(2 * MAX_STATEMENT, b'\n');
                 }
                 "refuse/malformed" => {
                     body.extend_from_slice(b"note: extra\n");
@@ -1069,7 +1078,7 @@ fn pinned_head(dir: &Path) -> ChainHead {
     let sequence = text
         .lines()
         .find_map(|l| l.strip_prefix("idhal-rotation "))
-        .map_or(0, |n| n.parse().unwrap());
+        .map_or(0, |n| n.split(' ').next().unwrap().parse().unwrap());
     ChainHead {
         key: PublicKey::parse(&text).unwrap(),
         sequence,
@@ -1105,18 +1114,21 @@ fn every_rotation_dir_gives_its_exact_result() {
         let expect = Expect::read(dir);
         let head = pinned_head(dir);
         let sig = std::fs::read_to_string(dir.join("manifest.minisig")).unwrap();
-        let target = SignatureFile::parse(&sig).unwrap().key_id;
+        let signer = SignatureFile::parse(&sig).unwrap().key_id;
         let mut fetched = Vec::new();
-        let got = rotation::walk(&head, Some(target), &mut |n| {
+        let end = rotation::walk(&head, &mut |n| {
             fetched.push(n);
             Ok::<_, ()>(statement_files(dir, n))
         });
         let m = std::fs::read(dir.join("manifest")).unwrap();
-        // What the agent does next: verify the manifest with the key the walk reached.
-        let got = match got {
-            Ok(new) => verify(&new.key, &m, &sig, &policy)
-                .map(|_| new)
-                .map_err(|e| (format!("{e:?}"), e.to_string())),
+        // What the agent does next: verify the manifest with the chain's last key.
+        let got = match end {
+            Ok(end) => rotation::manifest_key(&head, &end, signer)
+                .map_err(|e| (format!("{e:?}"), e.to_string()))
+                .and_then(|key| {
+                    verify(key, &m, &sig, &policy).map_err(|e| (format!("{e:?}"), e.to_string()))
+                })
+                .map(|_| end),
             Err(WalkError::Fetch(())) => unreachable!(),
             Err(WalkError::Refused(e)) => Err((format!("{e:?}"), e.to_string())),
         };
@@ -1132,7 +1144,10 @@ fn every_rotation_dir_gives_its_exact_result() {
             Err((debug, message)) => {
                 let variant = debug.split(|c: char| !c.is_ascii_alphanumeric()).next();
                 assert_eq!(variant, Some(expect.get("error")), "{name}: {debug}");
-                assert_eq!(message, expect.get("message"), "{name}");
+                let want = expect
+                    .get("message")
+                    .replace("{now}", &idhal_manifest::time::rfc3339(NOW));
+                assert_eq!(message, want, "{name}");
             }
         }
     }

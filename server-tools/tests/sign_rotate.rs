@@ -102,10 +102,7 @@ fn rotate_publishes_statements_a_node_follows_and_sign_accepts_the_chain() {
         sequence: 0,
     };
     let k3 = public_key(&k.key(3).1);
-    let got = rotation::walk(&head, Some(k3.id()), &mut |n| {
-        Ok::<_, ()>(statement(&k.pubdir, n))
-    })
-    .unwrap();
+    let got = rotation::walk(&head, &mut |n| Ok::<_, ()>(statement(&k.pubdir, n))).unwrap();
     assert_eq!(
         got,
         ChainHead {
@@ -216,7 +213,7 @@ fn rotate_refuses_what_would_break_the_chain() {
             "does not match its old key's signature",
         ),
         ("empty", Vec::new(), "is malformed: first line is not"),
-        ("huge", huge, "is malformed"),
+        ("huge", huge, "key rotation statement 1: over 1024 bytes"),
     ] {
         std::fs::write(k.keys_file("1"), &bytes).unwrap();
         k.rotate(2, 3).fails(
@@ -249,30 +246,41 @@ fn rotate_refuses_what_would_break_the_chain() {
 }
 
 #[test]
-fn a_key_not_in_the_chain_is_still_refused_by_sign() {
+fn after_a_rotation_only_the_chains_last_key_signs() {
     let k = Keys::new();
     k.sign(0).ok();
     k.rotate(0, 1).ok();
-    // K2 was never rotated to: publishing with it would strand every node.
+    let not_last = |n: u32, last: u32, seq: u32| {
+        format!(
+            "key rotations end at key {} (rotation {seq}): sign with that key, not {}",
+            k.id(last),
+            k.id(n)
+        )
+    };
+    // The replaced key (it may have leaked), even over its own manifest; a key never rotated to.
+    k.sign(0).fails(1, &not_last(0, 1, 1));
+    k.sign(2).fails(1, &not_last(2, 1, 1));
+    k.sign(1).ok();
+    k.sign(0).fails(1, &not_last(0, 1, 1));
+    k.rotate(1, 2).ok();
+    // A key of the chain that is not its end.
+    k.sign(1).fails(1, &not_last(1, 2, 2));
+    k.sign(2).ok();
+    let key: PublicKey = public_key(&k.key(2).1);
+    let (body, sig) = latest(&k.pubdir);
+    assert_eq!(verify(&key, &body, &sig, &policy()).unwrap().serial, 3);
+    // A manifest signed by a key outside the chain (planted): not published over.
+    let stranger = Keys::new();
+    stranger.sign(5).ok();
+    for f in [paths::SIGNATURE, paths::MANIFEST] {
+        std::fs::copy(stranger.pubdir.join(f), k.pubdir.join(f)).unwrap();
+    }
     k.sign(2).fails(
         1,
         &format!(
             "signed by key {}, but you are signing with key {}",
-            k.id(0),
+            stranger.id(5),
             k.id(2)
         ),
     );
-    k.sign(1).ok();
-    // And after moving on, the old key may not publish over the new one's manifest.
-    k.sign(0).fails(
-        1,
-        &format!(
-            "signed by key {}, but you are signing with key {}",
-            k.id(1),
-            k.id(0)
-        ),
-    );
-    let key: PublicKey = public_key(&k.key(1).1);
-    let (body, sig) = latest(&k.pubdir);
-    assert_eq!(verify(&key, &body, &sig, &policy()).unwrap().serial, 2);
 }

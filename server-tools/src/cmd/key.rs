@@ -4,6 +4,7 @@
 use crate::cmd::{Exit, Global};
 use crate::signing::rotate;
 use crate::signing::sign::load_key;
+use idhal_manifest::rotation::MAX_CHAIN;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +92,15 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
             );
             for p in &done.written {
                 println!("wrote {}", p.display());
+            }
+            if r.sequence > MAX_CHAIN {
+                eprintln!(
+                    "idhal: warning: {} statements: a node walks at most {MAX_CHAIN} at a time, so \
+                     images whose baked key is older than statement {} can no longer follow; \
+                     re-image them or bake a newer key",
+                    r.sequence,
+                    r.sequence - MAX_CHAIN
+                );
             }
             println!(
                 "Next: sign with the new key (idhal sign --key NEW.key --out {} ...); nodes pin \

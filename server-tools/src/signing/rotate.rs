@@ -161,6 +161,9 @@ pub(crate) fn chain(pubdir: &Path) -> Result<Vec<ChainHead>, RotateError> {
             Some(head) => head.key.clone(),
             // The first statement names the key it starts from; its signature by that key is
             // checked next like every other.
+            None if files.statement.len() > MAX_STATEMENT => {
+                return Err(broken(RotationError::TooLarge { file: n }))
+            }
             None => Rotation::parse(&files.statement, n)
                 .map_err(broken)?
                 .from
@@ -187,53 +190,78 @@ pub(crate) fn chain(pubdir: &Path) -> Result<Vec<ChainHead>, RotateError> {
     Ok(keys)
 }
 
-/// The key `old` that signed PUBDIR's current manifest, found in the chain before `new`: what
-/// `idhal sign` accepts to publish over after a rotation. `None` if the chain does not lead from
-/// `old` to `new`.
-pub(crate) fn predecessor(
+/// What `idhal sign` with `new` may publish over a manifest signed by `old`: nothing if PUBDIR has
+/// no rotation (`None`: the caller's own rule, same key only); else only the chain's last key
+/// signs, over a manifest of any key of the chain, whose public key is returned to check it.
+pub(crate) fn signing_over(
     pubdir: &Path,
     old: KeyId,
     new: &PublicKey,
-) -> Result<Option<PublicKey>, RotateError> {
+) -> Result<Option<Result<PublicKey, SignRefusal>>, RotateError> {
     let keys = chain(pubdir)?;
-    let pos = |id: KeyId| keys.iter().position(|h| h.key.id() == id);
-    Ok(match (pos(old), pos(new.id())) {
-        (Some(o), Some(n)) if o < n && keys[n].key == *new => Some(keys[o].key.clone()),
-        _ => None,
-    })
+    let Some(last) = keys.last() else {
+        return Ok(None);
+    };
+    if last.key != *new {
+        return Ok(Some(Err(SignRefusal::NotLast {
+            last: last.key.id(),
+            sequence: last.sequence,
+        })));
+    }
+    Ok(Some(
+        keys.iter()
+            .find(|h| h.key.id() == old)
+            .map(|h| h.key.clone())
+            .ok_or(SignRefusal::OutsideChain),
+    ))
+}
+
+/// Why `idhal sign` may not publish with a key into a PUBDIR that has rotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SignRefusal {
+    /// The chain ends at another key (nodes that followed it refuse anything else).
+    NotLast { last: KeyId, sequence: u64 },
+    /// The current manifest's key is not in the chain.
+    OutsideChain,
 }
 
 /// What `follow` found when PUBDIR's manifest is signed by a later key than `from`.
 pub(crate) enum Followed {
-    /// Signed by `from` itself (or no signature to read): nothing to follow.
+    /// No statement to follow from `from` (or no signature to read).
     Same,
-    /// The chain leads from `from` to the signing key, checked as a node checks it.
+    /// The chain leads from `from` to its last key, which signs the manifest.
     To(ChainHead),
-    /// The chain does not lead there: a node pinned to `from` refuses the manifest.
+    /// A statement is refused, or the manifest is not signed by the chain's last key: a node
+    /// pinned to `from` refuses the manifest.
     Refused(RotationError),
 }
 
-/// Follows PUBDIR's rotation chain from `from` (a node's pinned key, place unknown) to the key
-/// that signs `manifest.minisig`, with the agent's own walk (`idhal verify --pub OLD.pub`).
+/// Follows PUBDIR's rotation chain from `from` (a node's pinned key, place unknown) to its end,
+/// with the agent's own walk and rule (`idhal verify --pub OLD.pub`): the manifest must be signed
+/// by the chain's last key.
 pub(crate) fn follow(pubdir: &Path, from: &PublicKey) -> Result<Followed, RotateError> {
     let sig_path = pubdir.join(paths::SIGNATURE);
     let Some(text) = read_capped(&sig_path, MAX_SIGNATURE)? else {
         return Ok(Followed::Same);
     };
-    let target = match SignatureFile::parse(&String::from_utf8_lossy(&text)) {
-        Ok(sig) if sig.key_id != from.id() => sig.key_id,
-        _ => return Ok(Followed::Same),
+    // An unreadable signature is for `verify_pubdir` to refuse, with its own words.
+    let Ok(target) = SignatureFile::parse(&String::from_utf8_lossy(&text)).map(|s| s.key_id) else {
+        return Ok(Followed::Same);
     };
     let head = ChainHead {
         key: from.clone(),
         sequence: 0,
     };
-    match rotation::walk(&head, Some(target), &mut |n| read_statement(pubdir, n)) {
-        Ok(h) if h == head => Ok(Followed::Same),
-        Ok(h) => Ok(Followed::To(h)),
-        Err(WalkError::Refused(e)) => Ok(Followed::Refused(e)),
-        Err(WalkError::Fetch(e)) => Err(e),
-    }
+    let end = match rotation::walk(&head, &mut |n| read_statement(pubdir, n)) {
+        Ok(end) => end,
+        Err(WalkError::Refused(e)) => return Ok(Followed::Refused(e)),
+        Err(WalkError::Fetch(e)) => return Err(e),
+    };
+    Ok(match rotation::manifest_key(&head, &end, target) {
+        Ok(_) if end == head => Followed::Same,
+        Ok(_) => Followed::To(end),
+        Err(e) => Followed::Refused(e),
+    })
 }
 
 fn sign_statement(key: &SigningKey, r: &Rotation, role: &str) -> Result<String, RotateError> {

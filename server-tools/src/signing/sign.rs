@@ -3,7 +3,7 @@
 
 use crate::publish::{self, DirLock, PublishError};
 use crate::signing::keys::{KeyError, PassphraseSource, SigningKey, ENV_SIGNING_KEY};
-use crate::signing::rotate::{self, RotateError};
+use crate::signing::rotate::{self, RotateError, SignRefusal};
 use idhal_manifest::time::now;
 use idhal_manifest::{
     paths, verify, Expiry, Frequency, IdError, KeyId, Manifest, Param, ParamName, Policy,
@@ -71,6 +71,13 @@ pub(crate) enum SignError {
         path: PathBuf,
         signed_by: KeyId,
         ours: KeyId,
+    },
+    #[error("{}'s key rotations end at key {last} (rotation {sequence}): sign with that key, not {ours} (nodes that followed the chain refuse any other, and a replaced key may have leaked)", pubdir.display())]
+    NotChainEnd {
+        ours: KeyId,
+        last: KeyId,
+        sequence: u64,
+        pubdir: PathBuf,
     },
     #[error("the current {} does not verify with this key ({}); refusing to publish over a directory that may have been tampered with. Inspect it with `idhal verify`", signature.display(), manifest.display())]
     CurrentRefused {
@@ -356,14 +363,23 @@ fn read_current(pubdir: &Path, key: &SigningKey) -> Result<Current, SignError> {
         .map_err(|e| SignError::SignatureFile(sig_path.clone(), e))?;
     // Signed by an older key: fine only if the published rotation chain leads from it to ours
     // (nodes follow that chain); the current manifest is then checked with the old key.
-    let signed_by = if sig.key_id == key.public.id() {
-        key.public.clone()
-    } else {
-        rotate::predecessor(pubdir, sig.key_id, &key.public)?.ok_or(SignError::OtherKey {
-            path: sig_path.clone(),
-            signed_by: sig.key_id,
-            ours: key.public.id(),
-        })?
+    let other_key = || SignError::OtherKey {
+        path: sig_path.clone(),
+        signed_by: sig.key_id,
+        ours: key.public.id(),
+    };
+    let signed_by = match rotate::signing_over(pubdir, sig.key_id, &key.public)? {
+        None if sig.key_id == key.public.id() => key.public.clone(),
+        None | Some(Err(SignRefusal::OutsideChain)) => return Err(other_key()),
+        Some(Err(SignRefusal::NotLast { last, sequence })) => {
+            return Err(SignError::NotChainEnd {
+                ours: key.public.id(),
+                last,
+                sequence,
+                pubdir: pubdir.to_owned(),
+            })
+        }
+        Some(Ok(old)) => old,
     };
     // The versioned copy is immutable and always matches its signature; `manifest` may lag
     // behind `manifest.minisig` if a publish died between the two renames.
