@@ -159,6 +159,19 @@ fn rotate_publishes_statements_a_node_follows_and_sign_accepts_the_chain() {
         assert!(line.contains(&format!("key {}", k.id(n as u32))), "{chain}");
         assert!(line.trim_start().starts_with(&n.to_string()), "{chain}");
     }
+    // Anchored at a trusted key: from there on; a key outside the chain is refused.
+    let from1 = idhal_run(&["key", "chain", "--pub", s(&k.key(1).1), s(&k.pubdir)])
+        .ok()
+        .stdout;
+    assert_eq!(from1.lines().count(), 3, "{from1}");
+    assert!(from1.lines().next().unwrap().contains(&k.id(1)), "{from1}");
+    idhal_run(&["key", "chain", "--pub", s(&k.key(4).1), s(&k.pubdir)]).fails(
+        3,
+        &format!(
+            "refused: key {} is not in the key rotation chain of",
+            k.id(4)
+        ),
+    );
     let empty = Keys::new();
     assert!(idhal_run(&["key", "chain", s(&empty.pubdir)])
         .ok()

@@ -4,7 +4,9 @@
 use crate::cmd::{Exit, Global};
 use crate::signing::rotate;
 use crate::signing::sign::load_key;
+use anyhow::Context;
 use idhal_manifest::rotation::MAX_CHAIN;
+use idhal_manifest::PublicKey;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -63,8 +65,18 @@ pub enum Command {
         out: PathBuf,
     },
     /// Check PUBDIR's rotation chain as a node would and print it, oldest key first.
-    #[command(after_help = "Example:\n  idhal key chain /srv/idhal")]
+    #[command(
+        long_about = "Check PUBDIR's rotation chain statement by statement, as a node does, and \
+            print its keys, oldest first. Without --pub the chain is checked from the key its \
+            first statement names: consistent, but anyone who can write PUBDIR could plant a \
+            consistent chain. With --pub KEY.pub it is checked from a key you trust (the one \
+            baked into your images), and refused if that key is not in it.",
+        after_help = "Examples:\n  idhal key chain /srv/idhal\n  idhal key chain --pub keys/idhal.pub /srv/idhal"
+    )]
     Chain {
+        /// Check the chain from this public key (the one nodes were built with).
+        #[arg(long = "pub", value_name = "FILE")]
+        anchor: Option<PathBuf>,
         /// Publication directory.
         #[arg(value_name = "PUBDIR")]
         pubdir: PathBuf,
@@ -111,10 +123,33 @@ pub fn run(args: Args, _global: &Global) -> anyhow::Result<Exit> {
             );
             Ok(Exit::Ok)
         }
-        Command::Chain { pubdir } => {
-            let keys = rotate::chain(&pubdir)?;
+        Command::Chain { anchor, pubdir } => {
+            let mut keys = rotate::chain(&pubdir)?;
             if keys.is_empty() {
                 println!("{}: no key rotation published", pubdir.display());
+            }
+            match anchor {
+                None if !keys.is_empty() => eprintln!(
+                    "idhal: note: checked from the key statement 1 names; give --pub KEY.pub to \
+                     check it from a key you trust"
+                ),
+                None => {}
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let key = PublicKey::parse(&text).with_context(|| {
+                        format!("{} is not a minisign public key", path.display())
+                    })?;
+                    let Some(at) = keys.iter().position(|h| h.key == key) else {
+                        eprintln!(
+                            "idhal: refused: key {} is not in the key rotation chain of {}",
+                            key.id(),
+                            pubdir.display()
+                        );
+                        return Ok(Exit::Refused);
+                    };
+                    keys.drain(..at);
+                }
             }
             for h in &keys {
                 println!(
