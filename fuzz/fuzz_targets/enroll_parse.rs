@@ -2,14 +2,17 @@
 //! forged token signature; response bodies are signed here with a fixed key so the parser
 //! behind the signature check is exercised too, and must refuse anything not canonical.
 #![no_main]
-use idhal_manifest::enroll::{EnrollKey, KeyPair, Request, Response, Seed, Token, RESPONSE_FORMAT};
 use ct_codecs::{Base64, Encoder};
+use idhal_manifest::enroll::{EnrollKey, KeyPair, Request, Response, Seed, Token, RESPONSE_FORMAT};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(signed) = Request::parse(data) {
         let token = Token::from_random([3u8; 40]);
-        assert!(signed.verify(&token.verifier()).is_err(), "fuzzer forged a token signature");
+        assert!(
+            signed.verify(&token.verifier()).is_err(),
+            "fuzzer forged a token signature"
+        );
     }
     // Past the signature only bodies that end a line get anywhere; start them with the format
     // line so the fuzzer spends its time on the fields.

@@ -13,6 +13,8 @@ pub mod key;
 pub mod peers;
 pub mod rotation;
 pub mod sig;
+#[cfg(feature = "test-signing")]
+pub mod testsign;
 pub mod time;
 pub mod verify;
 mod wire;
