@@ -183,7 +183,9 @@ impl ServerConfig {
         for r in &cfg.openvpn.remotes {
             Remote::parse(r).map_err(|e| invalid(format!("[openvpn] remotes: {e}")))?;
         }
-        cfg.client_name.check(&cfg.limits).map_err(invalid)?;
+        cfg.client_name
+            .check(&cfg.limits, &cfg.hook)
+            .map_err(invalid)?;
         Ok(cfg)
     }
 
@@ -638,8 +640,9 @@ impl<'de> Deserialize<'de> for NameResolver {
 pub struct ClientNameSection {
     pub lookup: ClientNameLookup,
     pub resolver: NameResolver,
-    /// The whole lookup of one address (PTR, then the forward confirmation), also capped by
-    /// the connect's own budget. Past it the address is stored.
+    /// The whole lookup of one address (PTR, then the forward confirmation). At most a
+    /// quarter of the connect's budget (checked at load), and cut at run time to a quarter of
+    /// what the connect has left (`CLIENT_NAME_SHARE`). Past it the address is stored.
     pub timeout_ms: u64,
     /// How long a name found is reused without asking again.
     pub cache_secs: u64,
@@ -647,7 +650,8 @@ pub struct ClientNameSection {
     /// fixed PTR shows soon, long enough that a dead resolver costs one timeout per address
     /// per period, not one per connect.
     pub failure_cache_secs: u64,
-    /// Addresses the cache file holds at most (the soonest to expire are dropped first).
+    /// Addresses the cache file holds at most (the soonest to expire are dropped first); at
+    /// most `MAX_CLIENT_NAME_CACHE_ENTRIES`: every connect reads the whole file.
     pub cache_entries: u32,
     /// Lookups in flight at once (the worker's batches look their clients up together).
     pub parallel: u32,
@@ -670,27 +674,57 @@ impl Default for ClientNameSection {
 /// Above this a client's name would hold a connect longer than its registration.
 const MAX_CLIENT_NAME_TIMEOUT_MS: u64 = 10_000;
 
+/// A client's name may take at most 1/`CLIENT_NAME_SHARE` of a connect's time: `timeout_ms`
+/// against the budget at load, and at run time against what the connect has left. The rest is
+/// the scheduler's: the name runs first, and OAR's registration is what the connect needs
+/// (with `on_failure = "refuse"`, a registration out of time refuses the node). Docs say "a
+/// quarter".
+pub const CLIENT_NAME_SHARE: u32 = 4;
+
+/// The cache file is read whole by every connect (and merged again before it is written): at
+/// ~320 bytes a line, 65,536 lines are ~20 MiB at most.
+const MAX_CLIENT_NAME_CACHE_ENTRIES: u32 = 65_536;
+
 impl ClientNameSection {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
 
-    fn check(&self, limits: &Limits) -> Result<(), String> {
+    fn check(&self, limits: &Limits, hook: &HookSection) -> Result<(), String> {
         if !(1..=MAX_CLIENT_NAME_TIMEOUT_MS).contains(&self.timeout_ms) {
             return Err(format!(
                 "[client_name] timeout_ms = {}: 1 to {MAX_CLIENT_NAME_TIMEOUT_MS} (a name is worth less than a connect)",
                 self.timeout_ms
             ));
         }
-        if self.timeout_ms >= limits.hook_budget_ms {
+        if self.lookup == ClientNameLookup::Off {
+            // timeout_ms is not used: a short hook budget needs no change here.
+            return self.check_cache();
+        }
+        // The sync hook (and its fallback when the worker cannot take a connect) has
+        // hook_budget_ms; the worker's connects have deferred_budget_ms.
+        let mut budgets = vec![("[limits] hook_budget_ms", limits.hook_budget_ms)];
+        if hook.mode == HookMode::Deferred {
+            budgets.push(("[hook] deferred_budget_ms", hook.deferred_budget_ms));
+        }
+        let (key, budget) = budgets
+            .into_iter()
+            .min_by_key(|&(_, ms)| ms)
+            .expect("one budget at least");
+        let most = budget / u64::from(CLIENT_NAME_SHARE);
+        if self.timeout_ms > most {
             return Err(format!(
-                "[client_name] timeout_ms ({}) must be below [limits] hook_budget_ms ({}): the lookup is one step of a connect",
-                self.timeout_ms, limits.hook_budget_ms
+                "[client_name] timeout_ms ({}) is over a quarter of {key} ({budget}), {most}: the scheduler needs the rest of the connect's time",
+                self.timeout_ms
             ));
         }
-        if !(1..=1_000_000).contains(&self.cache_entries) {
+        self.check_cache()
+    }
+
+    fn check_cache(&self) -> Result<(), String> {
+        if !(1..=MAX_CLIENT_NAME_CACHE_ENTRIES).contains(&self.cache_entries) {
             return Err(format!(
-                "[client_name] cache_entries = {}: 1 to 1000000",
+                "[client_name] cache_entries = {}: 1 to {MAX_CLIENT_NAME_CACHE_ENTRIES}",
                 self.cache_entries
             ));
         }
@@ -1205,6 +1239,20 @@ mod tests {
             c.client_name.resolver,
             NameResolver::At("127.0.0.1:5353".parse().unwrap())
         );
+        // The largest allowed: a quarter of the budget, whichever binds; deferred_budget_ms
+        // only in deferred mode.
+        let ptr = "[client_name]\nlookup = \"ptr\"\n";
+        parse(&format!("{ptr}timeout_ms = 3750\ncache_entries = 65536")).unwrap();
+        parse(&format!(
+            "{ptr}timeout_ms = 3750\n[hook]\nmode = \"sync\"\ndeferred_budget_ms = 4000"
+        ))
+        .unwrap();
+        parse(&format!(
+            "{ptr}timeout_ms = 10000\n[limits]\nhook_budget_ms = 40000"
+        ))
+        .unwrap();
+        // Lookups off: timeout_ms is not used, and a short budget needs no change to it.
+        parse("[client_name]\ntimeout_ms = 2000\n[limits]\nhook_budget_ms = 2000").unwrap();
         let c = parse("[client_name]\nresolver = \"[::1]:53\"\n").unwrap();
         assert_eq!(
             c.client_name.resolver,
@@ -1227,8 +1275,22 @@ mod tests {
                 "[client_name] timeout_ms = 10001: 1 to 10000",
             ),
             (
-                "[client_name]\ntimeout_ms = 2000\n[limits]\nhook_budget_ms = 2000",
-                "[client_name] timeout_ms (2000) must be below [limits] hook_budget_ms (2000)",
+                "[client_name]\nlookup = \"ptr\"\ntimeout_ms = 2000\n[limits]\nhook_budget_ms = 2000",
+                "config t.toml: [client_name] timeout_ms (2000) is over a quarter of [limits] hook_budget_ms (2000), 500: the scheduler needs the rest of the connect's time",
+            ),
+            // The default budget (15 s) allows 3.75 s.
+            (
+                "[client_name]\nlookup = \"ptr\"\ntimeout_ms = 3751",
+                "[client_name] timeout_ms (3751) is over a quarter of [limits] hook_budget_ms (15000), 3750:",
+            ),
+            // A worker's connect has deferred_budget_ms (when it is the smaller).
+            (
+                "[client_name]\nlookup = \"ptr\"\ntimeout_ms = 1001\n[hook]\ndeferred_budget_ms = 4000",
+                "[client_name] timeout_ms (1001) is over a quarter of [hook] deferred_budget_ms (4000), 1000:",
+            ),
+            (
+                "[client_name]\ncache_entries = 65537",
+                "[client_name] cache_entries = 65537: 1 to 65536",
             ),
             (
                 "[client_name]\nresolver = \"ns1.example.org:53\"",
@@ -1241,7 +1303,7 @@ mod tests {
             ("[client_name]\nlookup = \"yes\"", "unknown variant `yes`"),
             (
                 "[client_name]\ncache_entries = 0",
-                "[client_name] cache_entries = 0: 1 to 1000000",
+                "[client_name] cache_entries = 0: 1 to 65536",
             ),
             (
                 "[client_name]\nparallel = 0",

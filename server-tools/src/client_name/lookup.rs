@@ -3,7 +3,7 @@
 //! address within its own deadline. CNAMEs are followed only inside an answer (RFC 2317
 //! classless reverse zones), a bounded number of times.
 
-use super::{host_name, Check, ClientName};
+use super::{host_name, Check, ClientName, Keep};
 use hickory_client::client::{Client, ClientHandle as _};
 use hickory_client::ClientErrorKind;
 use hickory_proto::op::ResponseCode;
@@ -14,7 +14,7 @@ use hickory_proto::xfer::DnsResponse;
 use hickory_proto::ProtoErrorKind;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// PTR records of one address looked at; more is refused (the address is stored): one
 /// machine has one name, a few at most, and every name costs a forward query.
@@ -26,11 +26,10 @@ pub const MAX_CNAMES: usize = 8;
 /// What one address's lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A checked host name; `confirmed` when its A/AAAA hold the address. `note`: why not.
+    /// A checked host name, and what its forward records said (`Forward::Holds`: confirmed).
     Named {
         name: String,
-        confirmed: bool,
-        note: Option<String>,
+        forward: Forward,
     },
     /// No PTR: why (NXDOMAIN, no record).
     NoName(String),
@@ -41,31 +40,95 @@ pub enum Outcome {
     Failed(String),
 }
 
-impl Outcome {
-    /// What the scheduler stores, and the note for the log.
-    pub fn into_name(self, ip: IpAddr, server: SocketAddr) -> (ClientName, Option<String>) {
+/// What a PTR name's forward records (A or AAAA) said about the client's address. The worst of
+/// a PTR's names counts for caching: a name that may still confirm is asked again sooner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// They hold it: confirmed.
+    Holds,
+    /// Answered, and they do not: no record, other addresses, NXDOMAIN, a CNAME loop. Why.
+    Denied(String),
+    /// An error answer or no way to ask: they may hold it. Why.
+    Failed(String),
+    /// No answer in time: they may hold it. Why.
+    Late(String),
+}
+
+impl Forward {
+    /// How much the answer could change if asked again (orders the names' results).
+    fn doubt(&self) -> u8 {
         match self {
-            Outcome::Named {
-                name,
-                confirmed,
-                note,
-            } => {
-                let check = if confirmed {
+            Forward::Holds | Forward::Denied(_) => 0,
+            Forward::Failed(_) => 1,
+            Forward::Late(_) => 2,
+        }
+    }
+
+    fn why(&self) -> Option<&str> {
+        match self {
+            Forward::Holds => None,
+            Forward::Denied(w) | Forward::Failed(w) | Forward::Late(w) => Some(w),
+        }
+    }
+}
+
+impl Outcome {
+    /// What the scheduler stores, the note for the log, and how long the cache keeps it.
+    /// `cut`: the time the lookup had when it was less than `timeout_ms` (the connect's own
+    /// deadline was nearer): a late answer then says nothing about the resolver and is not
+    /// cached.
+    pub fn into_name(
+        self,
+        ip: IpAddr,
+        server: SocketAddr,
+        cut: Option<Duration>,
+    ) -> (ClientName, Option<String>, Keep) {
+        let late = |note: String| match cut {
+            Some(had) => (
+                Some(format!(
+                    "{note}; not cached: cut to {} ms (a quarter of a waiting connect's time left)",
+                    had.as_millis()
+                )),
+                Keep::Not,
+            ),
+            None => (Some(note), Keep::Failure),
+        };
+        match self {
+            Outcome::Named { name, forward } => {
+                let check = if forward == Forward::Holds {
                     Check::Confirmed
                 } else {
                     Check::Unconfirmed
                 };
-                (ClientName::named(&name, check), note)
+                let named = ClientName::named(&name, check);
+                let note = forward.why().map(str::to_owned);
+                match forward {
+                    Forward::Holds | Forward::Denied(_) => (named, note, Keep::Name),
+                    Forward::Failed(_) => (named, note, Keep::Failure),
+                    Forward::Late(why) => {
+                        let (note, keep) = late(why);
+                        (named, note, keep)
+                    }
+                }
             }
-            Outcome::NoName(why) => (ClientName::address(ip, Check::None), Some(why)),
-            Outcome::Invalid(why) => (ClientName::address(ip, Check::Invalid), Some(why)),
-            Outcome::Timeout => (
-                ClientName::address(ip, Check::Timeout),
-                Some(format!("no answer from {server} in time")),
+            Outcome::NoName(why) => (
+                ClientName::address(ip, Check::None),
+                Some(why),
+                Keep::Failure,
             ),
+            Outcome::Invalid(why) => (
+                ClientName::address(ip, Check::Invalid),
+                Some(why),
+                Keep::Failure,
+            ),
+            Outcome::Timeout => {
+                let (note, keep) = late(format!("no answer from {server} in time"));
+                (ClientName::address(ip, Check::Timeout), note, keep)
+            }
             Outcome::Failed(why) => (
                 ClientName::address(ip, Check::Failed),
                 Some(format!("{server}: {why}")),
+                Keep::Failure,
             ),
         }
     }
@@ -178,57 +241,80 @@ pub async fn one(server: SocketAddr, ip: IpAddr, until: Instant) -> Outcome {
         let n = n.clone();
         set.spawn(async move { (k, confirm(server, &n, ip, until).await) });
     }
-    let mut checked: Vec<Result<(), String>> = names
+    let mut checked: Vec<Forward> = names
         .iter()
-        .map(|_| Err("its forward lookup did not finish".to_owned()))
+        .map(|_| Forward::Failed("its forward lookup did not finish".to_owned()))
         .collect();
     while let Some(done) = set.join_next().await {
         if let Ok((k, r)) = done {
             checked[k] = r;
         }
     }
-    match checked.iter().position(Result::is_ok) {
+    match checked.iter().position(|f| *f == Forward::Holds) {
         Some(k) => Outcome::Named {
             name: names[k].clone(),
-            confirmed: true,
-            note: None,
+            forward: Forward::Holds,
         },
-        None => Outcome::Named {
-            name: names[0].clone(),
-            confirmed: false,
-            note: checked.swap_remove(0).err(),
-        },
+        // The first name, with the reason its own query gave, and the doubt of the most
+        // doubtful name (a late one may confirm next time).
+        None => {
+            let doubt = checked.iter().map(Forward::doubt).max().unwrap_or(0);
+            let why = checked[0].why().unwrap_or_default().to_owned();
+            let forward = match doubt {
+                0 => Forward::Denied(why),
+                1 => Forward::Failed(why),
+                _ => Forward::Late(why),
+            };
+            Outcome::Named {
+                name: names[0].clone(),
+                forward,
+            }
+        }
     }
 }
 
-/// Whether `name`'s A (IPv4) or AAAA (IPv6) records hold `ip`; `Err` says why not.
-async fn confirm(server: SocketAddr, name: &str, ip: IpAddr, until: Instant) -> Result<(), String> {
+/// What `name`'s A (IPv4) or AAAA (IPv6) records say about `ip`.
+async fn confirm(server: SocketAddr, name: &str, ip: IpAddr, until: Instant) -> Forward {
     let (rtype, what) = match ip {
         IpAddr::V4(_) => (RecordType::A, "A"),
         IpAddr::V6(_) => (RecordType::AAAA, "AAAA"),
     };
-    let mut owner = Name::from_ascii(name).map_err(|e| format!("{name}: {e}"))?;
+    let mut owner = match Name::from_ascii(name) {
+        Ok(n) => n,
+        Err(e) => return Forward::Failed(clean(&format!("{name}: {e}"))),
+    };
     owner.set_fqdn(true);
     let answer = match ask(server, owner.clone(), rtype, until).await {
         Ok(a) => a,
-        Err(Asked::Timeout) => return Err(format!("no answer to its {what} query in time")),
-        Err(Asked::Failed(why)) => return Err(format!("its {what} query: {why}")),
+        Err(Asked::Timeout) => {
+            return Forward::Late(format!("no answer to its {what} query in time"))
+        }
+        Err(Asked::Failed(why)) => return Forward::Failed(format!("its {what} query: {why}")),
     };
     match answer.response_code() {
         ResponseCode::NoError => {}
-        rcode => return Err(format!("its {what} query: answered {rcode}")),
+        // The name does not exist: an answer, as final as an A record of another address.
+        ResponseCode::NXDomain => {
+            return Forward::Denied(format!(
+                "its {what} query: answered {}",
+                ResponseCode::NXDomain
+            ))
+        }
+        rcode => return Forward::Failed(format!("its {what} query: answered {rcode}")),
     }
-    let found =
-        chase(answer.answers(), &owner, rtype).map_err(|e| format!("its {what} query: {e}"))?;
+    let found = match chase(answer.answers(), &owner, rtype) {
+        Ok(f) => f,
+        Err(e) => return Forward::Denied(format!("its {what} query: {e}")),
+    };
     let holds = found.iter().any(|d| match (d, ip) {
         (RData::A(a), IpAddr::V4(v4)) => a.0 == v4,
         (RData::AAAA(a), IpAddr::V6(v6)) => a.0 == v6,
         _ => false,
     });
     match (holds, found.len()) {
-        (true, _) => Ok(()),
-        (false, 0) => Err(format!("it has no {what} record")),
-        (false, n) => Err(format!("its {n} {what} record(s) do not hold {ip}")),
+        (true, _) => Forward::Holds,
+        (false, 0) => Forward::Denied(format!("it has no {what} record")),
+        (false, n) => Forward::Denied(format!("its {n} {what} record(s) do not hold {ip}")),
     }
 }
 
@@ -307,12 +393,38 @@ fn is_timeout(kind: &ClientErrorKind) -> bool {
     }
 }
 
-/// An error text for one log line: control characters replaced, at most 160 characters.
+/// Longest error text kept for a log line, in characters.
+const MAX_TEXT: usize = 160;
+
+/// An error text for one log line: every character that is not plainly printable escaped as
+/// Rust's `escape_debug` does (`\n`, `\u{1b}`, and the invisible format characters such as
+/// the bidi override U+202E that could make a log line read as something else), at most
+/// `MAX_TEXT` characters, an escape never cut in half. Quotes stay as they are (they are
+/// printable, and error texts quote names).
 fn clean(s: &str) -> String {
-    s.chars()
-        .take(160)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    let pieces: Vec<String> = s
+        .chars()
+        .map(|c| match c {
+            '"' | '\'' => c.to_string(),
+            c => c.escape_debug().to_string(),
+        })
+        .collect();
+    let length = |p: &[String]| p.iter().map(|p| p.chars().count()).sum::<usize>();
+    if length(&pieces) <= MAX_TEXT {
+        return pieces.concat();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for p in &pieces {
+        let n = p.chars().count();
+        if used + n > MAX_TEXT - 1 {
+            break;
+        }
+        out.push_str(p);
+        used += n;
+    }
+    out.push('…');
+    out
 }
 
 #[cfg(test)]
@@ -400,7 +512,16 @@ mod tests {
 
     #[test]
     fn error_texts_fit_one_line() {
-        assert_eq!(clean("a\nb\u{1b}[31m"), "a?b?[31m");
-        assert_eq!(clean(&"x".repeat(500)).len(), 160);
+        assert_eq!(clean("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
+        // Bidi overrides and other invisible format characters cannot reorder a log line.
+        assert_eq!(
+            clean("name \"x\u{202e}gpj.exe\u{2066}\u{200b}\""),
+            "name \"x\\u{202e}gpj.exe\\u{2066}\\u{200b}\""
+        );
+        assert_eq!(clean("tab\there\\"), "tab\\there\\\\");
+        assert_eq!(clean(&"x".repeat(500)), format!("{}…", "x".repeat(159)));
+        // An escape is never cut in half.
+        let long = format!("{}\u{202e}", "x".repeat(155));
+        assert_eq!(clean(&long), format!("{}…", "x".repeat(155)));
     }
 }

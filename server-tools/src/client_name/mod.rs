@@ -9,10 +9,10 @@ mod against_dns;
 mod cache;
 mod lookup;
 
-use crate::config::{ClientNameLookup, NameResolver, ServerConfig};
+use crate::config::{ClientNameLookup, NameResolver, ServerConfig, CLIENT_NAME_SHARE};
 use crate::names::PropValue;
 use crate::process::Deadline;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read as _;
 use std::net::{IpAddr, SocketAddr};
@@ -200,81 +200,121 @@ fn shown(label: &[u8]) -> String {
     format!("{short:?}")
 }
 
+/// How long an answer is reused from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// `cache_secs`: a name, confirmed, or plainly not (its forward records answered).
+    Name,
+    /// `failure_cache_secs`: no name, a refused answer, an error, a resolver too slow for
+    /// `timeout_ms`, or a name whose forward query went unanswered (it may confirm next time).
+    Failure,
+    /// Not at all: cut short by the connect's own deadline, not by the resolver.
+    Not,
+}
+
+/// Less than this to spare and nothing is asked: a resolver's uncached answer takes tens of
+/// milliseconds, often more, and a late answer is not even cached.
+pub const MIN_LOOKUP: Duration = Duration::from_millis(100);
+
 /// The client names of `wanted` (an address and the deadline of the connect it is for), in
-/// order. One lookup per distinct address not in the cache, all at once (at most
-/// `[client_name] parallel` in flight), each within `timeout_ms` and its latest connect's
-/// deadline; the cache file is updated once. Never fails: a failure is the address, checked
-/// `timeout`, `failed`, ….
+/// order. Cached addresses are not asked again. The others are looked up all at once (each
+/// address once, at most `[client_name] parallel` in flight) within `timeout_ms`, cut to a
+/// quarter (`CLIENT_NAME_SHARE`) of the time the most pressed connect has left: every connect
+/// waits for the lookups before its scheduler call, which needs the rest. With less than
+/// `MIN_LOOKUP` to spare nothing is asked: the address, checked `timeout`, not cached. The cache
+/// file is updated once. Never fails: a failure is the address, checked `timeout`, `failed`, ….
 pub fn client_names(cfg: &ServerConfig, state_dir: &Path, wanted: &[(IpAddr, Deadline)]) -> Names {
     let started = Instant::now();
     let section = &cfg.client_name;
-    let plain = |check: Check, note: Option<String>| -> Vec<Found> {
-        wanted
-            .iter()
-            .map(|(ip, _)| Found {
-                name: ClientName::address(*ip, check),
-                note: note.clone(),
-                cached: false,
-            })
-            .collect()
-    };
     if section.lookup == ClientNameLookup::Off || wanted.is_empty() {
         return Names {
-            found: plain(Check::Off, None),
+            found: wanted
+                .iter()
+                .map(|(ip, _)| Found {
+                    name: ClientName::address(*ip, Check::Off),
+                    note: None,
+                    cached: false,
+                })
+                .collect(),
             asked: 0,
             took: started.elapsed(),
         };
     }
-    let server = match section.resolver {
-        NameResolver::At(a) => a,
-        NameResolver::System => match system_resolver(Path::new(RESOLV_CONF)) {
-            Ok(a) => a,
-            Err(why) => {
-                return Names {
-                    found: plain(Check::Failed, Some(why)),
-                    asked: 0,
-                    took: started.elapsed(),
-                }
-            }
-        },
-    };
     let now = idhal_manifest::time::now();
     let mut cache = cache::Cache::load(state_dir, section, now);
-    // Each address once, with the latest deadline of the connects that share it (many vnodes
-    // of one desktop, or behind one NAT, connect from one address).
-    let mut todo: BTreeMap<IpAddr, Deadline> = BTreeMap::new();
-    for (ip, deadline) in wanted {
-        if cache.get(*ip).is_none() {
-            let d = todo.entry(*ip).or_insert(*deadline);
-            if deadline.remaining() > d.remaining() {
-                *d = *deadline;
-            }
-        }
-    }
-    let jobs: Vec<(IpAddr, Instant)> = todo
+    // Each address once (many vnodes of one desktop, or behind one NAT, share one).
+    let misses: BTreeSet<IpAddr> = wanted
         .iter()
-        .map(|(ip, d)| (*ip, Instant::now() + d.cap(section.timeout())))
+        .map(|(ip, _)| *ip)
+        .filter(|ip| cache.get(*ip).is_none())
         .collect();
-    let looked = lookup::many(server, &jobs, section.parallel as usize);
+    let spare = wanted
+        .iter()
+        .map(|(_, d)| d.remaining())
+        .min()
+        .unwrap_or_default()
+        / CLIENT_NAME_SHARE;
+    let allowed = section.timeout().min(spare);
+    let cut = (allowed < section.timeout()).then_some(allowed);
     let mut fresh: BTreeMap<IpAddr, Found> = BTreeMap::new();
-    for ((ip, _), outcome) in jobs.iter().zip(looked) {
-        let (name, note) = outcome.into_name(*ip, server);
-        fresh.insert(
-            *ip,
-            Found {
-                name,
-                note,
-                cached: false,
-            },
-        );
-    }
-    if !fresh.is_empty() {
-        for (ip, f) in &fresh {
-            cache.put(*ip, f.name.clone(), now, section);
+    let mut asked = 0;
+    if !misses.is_empty() {
+        let looked = if allowed < MIN_LOOKUP {
+            let why = format!(
+                "not asked: {} ms to spare, under {} ms (a lookup may take a quarter of a waiting connect's time left)",
+                allowed.as_millis(),
+                MIN_LOOKUP.as_millis()
+            );
+            misses
+                .iter()
+                .map(|ip| {
+                    let name = ClientName::address(*ip, Check::Timeout);
+                    (*ip, name, Some(why.clone()), Keep::Not)
+                })
+                .collect()
+        } else {
+            match resolver(section.resolver) {
+                Ok(server) => {
+                    let until = Instant::now() + allowed;
+                    let jobs: Vec<(IpAddr, Instant)> =
+                        misses.iter().map(|ip| (*ip, until)).collect();
+                    asked = jobs.len();
+                    let outcomes = lookup::many(server, &jobs, section.parallel as usize);
+                    jobs.iter()
+                        .zip(outcomes)
+                        .map(|(&(ip, _), o)| {
+                            let (name, note, keep) = o.into_name(ip, server, cut);
+                            (ip, name, note, keep)
+                        })
+                        .collect()
+                }
+                // Nobody to ask (a resolv.conf without a nameserver): read again next time.
+                Err(why) => misses
+                    .iter()
+                    .map(|ip| {
+                        let name = ClientName::address(*ip, Check::Failed);
+                        (*ip, name, Some(why.clone()), Keep::Not)
+                    })
+                    .collect::<Vec<_>>(),
+            }
+        };
+        let mut kept = Vec::new();
+        for (ip, name, note, keep) in looked {
+            if cache.put(ip, name.clone(), keep, now, section) {
+                kept.push(ip);
+            }
+            fresh.insert(
+                ip,
+                Found {
+                    name,
+                    note,
+                    cached: false,
+                },
+            );
         }
-        if let Err(e) = cache.save(state_dir, section, now) {
+        if let Err(e) = cache.save_if_changed(state_dir, section, now) {
             // Only a cost: the next connect asks again.
-            for f in fresh.values_mut() {
+            for (_, f) in fresh.iter_mut().filter(|(ip, _)| kept.contains(ip)) {
                 let note = f.note.take();
                 f.note = Some(match note {
                     Some(n) => format!("{n}; not cached: {e}"),
@@ -296,8 +336,16 @@ pub fn client_names(cfg: &ServerConfig, state_dir: &Path, wanted: &[(IpAddr, Dea
         .collect();
     Names {
         found,
-        asked: fresh.len(),
+        asked,
         took: started.elapsed(),
+    }
+}
+
+/// The server asked: `[client_name] resolver`.
+fn resolver(r: NameResolver) -> Result<SocketAddr, String> {
+    match r {
+        NameResolver::At(a) => Ok(a),
+        NameResolver::System => system_resolver(Path::new(RESOLV_CONF)),
     }
 }
 

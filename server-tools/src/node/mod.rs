@@ -10,7 +10,7 @@ use crate::ca::db::{lookup_node, lookup_projects, DbError, NodeRow, ProjectRow};
 use crate::client_name::{client_names, ClientName, Found};
 use crate::config::{ClientNameLookup, OnDisconnect, OnFailure, ServerConfig};
 use crate::dns::{self, DnsError};
-use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId};
+use crate::names::{HostName, Ipv4Net, Label, NameError, NodeId, ServerName};
 use crate::openvpn::env::{has_pool_address, node_from_env, EnvError, NodeAddresses, Session};
 use crate::openvpn::status::StatusError;
 use crate::process::{Deadline, LockError, NodeLock};
@@ -397,15 +397,33 @@ impl Steps {
     }
 }
 
+/// What `prepare` found about a connect it accepted: what the scheduler is told besides the
+/// session and the client's name.
+struct Accepted {
+    node_type: Label,
+    server: ServerName,
+}
+
+impl Accepted {
+    fn node_up(self, session: &Session, host: &HostName, client_name: ClientName) -> NodeUp {
+        NodeUp {
+            node: session.node.clone(),
+            host: host.clone(),
+            vpn_ip: session.vpn_ip,
+            client_ip: session.client_ip,
+            client_port: session.client_port,
+            client_name,
+            since: session.since,
+            node_type: self.node_type,
+            server: self.server,
+        }
+    }
+}
+
 /// The checks a registration repeats under the worker's time (a node revoked in the database
-/// since, or since `admit`), and what the scheduler is told about the node.
-fn prepare(
-    cfg: &ServerConfig,
-    state_dir: &Path,
-    session: &Session,
-    host: &HostName,
-    client_name: ClientName,
-) -> Result<NodeUp, Failure> {
+/// since, or since `admit`). Before the client's name is looked up: a refused node costs no
+/// DNS query, and nobody waits for one.
+fn prepare(cfg: &ServerConfig, state_dir: &Path, session: &Session) -> Result<Accepted, Failure> {
     // Defence in depth behind OpenVPN's crl-verify and `admit`: a node revoked in the database
     // since is refused even if OpenVPN let it through (a stale CRL on another server).
     let record = state_view(cfg, state_dir, Some(session.node.as_str()))
@@ -417,14 +435,7 @@ fn prepare(
             at,
         }));
     }
-    Ok(NodeUp {
-        node: session.node.clone(),
-        host: host.clone(),
-        vpn_ip: session.vpn_ip,
-        client_ip: session.client_ip,
-        client_port: session.client_port,
-        client_name,
-        since: session.since,
+    Ok(Accepted {
         node_type: node_type(cfg, record.as_ref()),
         server: cfg.server_name().map_err(Failure::backend)?,
     })
@@ -474,25 +485,29 @@ pub fn connect_session(
     host: &HostName,
     deadline: Deadline,
 ) -> Result<String, Failure> {
-    // First: the name is one of the properties the scheduler's one call writes. Bounded by
-    // [client_name] timeout_ms and this connect's deadline; it never fails the connect.
+    let accepted = prepare(cfg, state_dir, session)?;
+    // Then the name: one of the properties the scheduler's one call writes. Bounded by
+    // [client_name] timeout_ms and a quarter of this connect's time left; it never fails the
+    // connect.
     let names = client_names(cfg, state_dir, &[(session.client_ip, deadline)]);
     let found = names
         .found
         .into_iter()
         .next()
         .expect("one name per address");
-    connect_named(
+    let up = accepted.node_up(session, host, found.name.clone());
+    register(
         cfg,
         state_dir,
         session,
-        host,
-        (&found, names.took),
+        &up,
+        name_step(cfg, &found, names.took),
         deadline,
     )
 }
 
-/// `connect_session` with the client's name already looked up (and how long that took).
+/// `connect_session` with the client's name already looked up (and how long that took): the
+/// checks again, then the registration.
 fn connect_named(
     cfg: &ServerConfig,
     state_dir: &Path,
@@ -501,11 +516,32 @@ fn connect_named(
     (found, took): (&Found, Duration),
     deadline: Deadline,
 ) -> Result<String, Failure> {
-    let up = prepare(cfg, state_dir, session, host, found.name.clone())?;
+    let up = prepare(cfg, state_dir, session)?.node_up(session, host, found.name.clone());
+    register(
+        cfg,
+        state_dir,
+        session,
+        &up,
+        name_step(cfg, found, took),
+        deadline,
+    )
+}
+
+/// One accepted node, under its lock: the scheduler, DNS, then its route if it will be
+/// accepted. `name`: the client-name step of its log line.
+fn register(
+    cfg: &ServerConfig,
+    state_dir: &Path,
+    session: &Session,
+    up: &NodeUp,
+    name: Option<String>,
+    deadline: Deadline,
+) -> Result<String, Failure> {
+    let host = &up.host;
     let mut steps = Steps::lock(cfg, state_dir, host, deadline)?;
-    steps.record(Ok(name_step(cfg, found, took)));
+    steps.record(Ok(name));
     if let Some(sched) = backend::open(cfg, state_dir) {
-        let r = sched.node_up(&up, deadline);
+        let r = sched.node_up(up, deadline);
         steps.record(registered_line(sched.name(), host, r));
     }
     steps.record(dns_upsert(cfg, session, host, deadline));
@@ -543,26 +579,37 @@ pub struct Batch {
 /// for its lock as `connect_session` does, so two lock holders never wait for each other.
 pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) -> Batch {
     let mut results: Vec<Option<Result<String, Failure>>> = batch.iter().map(|_| None).collect();
-    // Every client's name at once (each address once, lookups side by side), before the one
-    // scheduler call that writes them.
-    let wanted: Vec<(IpAddr, Deadline)> = batch
+    let mut accepted = Vec::new();
+    for (i, c) in batch.iter().enumerate() {
+        match prepare(cfg, state_dir, &c.session) {
+            Ok(a) => accepted.push((i, a)),
+            Err(f) => results[i] = Some(Err(f)),
+        }
+    }
+    // The accepted clients' names at once (each address once, lookups side by side), before
+    // the one scheduler call that writes them.
+    let wanted: Vec<(IpAddr, Deadline)> = accepted
         .iter()
-        .map(|c| (c.session.client_ip, c.deadline))
+        .map(|&(i, _)| (batch[i].session.client_ip, batch[i].deadline))
         .collect();
     let names = client_names(cfg, state_dir, &wanted);
     let client_names =
         (cfg.client_name.lookup != ClientNameLookup::Off).then_some((names.asked, names.took));
-    let found = names.found;
+    let mut found: Vec<Option<Found>> = batch.iter().map(|_| None).collect();
     let mut ready = Vec::new();
-    for (i, c) in batch.iter().enumerate() {
-        match prepare(cfg, state_dir, &c.session, &c.host, found[i].name.clone()) {
-            Ok(up) => ready.push((i, up)),
-            Err(f) => results[i] = Some(Err(f)),
-        }
+    for ((i, a), f) in accepted.into_iter().zip(names.found) {
+        let c = &batch[i];
+        ready.push((i, a.node_up(&c.session, &c.host, f.name.clone())));
+        found[i] = Some(f);
     }
+    let name_of = |i: usize| {
+        found[i]
+            .as_ref()
+            .expect("every accepted connect has a name")
+    };
     let (mut locked, alone) = lock_in_order(state_dir, ready, |up| &up.host, &mut results);
     for (i, _, steps) in locked.iter_mut() {
-        steps.record(Ok(name_step(cfg, &found[*i], names.took)));
+        steps.record(Ok(name_step(cfg, name_of(*i), names.took)));
     }
     let mut took = std::time::Duration::ZERO;
     if let Some(sched) = backend::open(cfg, state_dir).filter(|_| !locked.is_empty()) {
@@ -644,7 +691,7 @@ pub fn connect_batch(cfg: &ServerConfig, state_dir: &Path, batch: &[Connect]) ->
             state_dir,
             &c.session,
             &c.host,
-            (&found[i], names.took),
+            (name_of(i), names.took),
             c.deadline,
         ));
     }
@@ -994,5 +1041,65 @@ mod tests {
                 "{address}: {e}"
             );
         }
+    }
+
+    /// A connect refused by `prepare` (here: a state database that cannot be read) sends no
+    /// DNS query: the client's name is looked up only for a connect that goes on to the
+    /// scheduler, so a refused node neither leaks its address to a resolver nor waits for one.
+    #[test]
+    fn a_connect_refused_before_the_scheduler_asks_no_dns() {
+        use crate::config::{ClientNameSection, NameResolver};
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(crate::ca::db::FILE), "not a database").unwrap();
+        let resolver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = ServerConfig {
+            client_name: ClientNameSection {
+                lookup: ClientNameLookup::Ptr,
+                resolver: NameResolver::At(resolver.local_addr().unwrap()),
+                timeout_ms: 300,
+                ..ClientNameSection::default()
+            },
+            ..ServerConfig::default()
+        };
+        let env: HashMap<String, String> = [
+            ("common_name", "cn1"),
+            ("ifconfig_pool_remote_ip", "10.134.0.7"),
+            ("trusted_ip", "192.0.2.7"),
+            ("trusted_port", "40000"),
+            ("time_unix", "1700000000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let session = Session::from_env(&env, &addresses_of(&cfg, &[]).unwrap(), now()).unwrap();
+        let host = host_of(&cfg, &session).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(30));
+        let refused = |r: Result<String, Failure>| match r {
+            Err(Failure::Backend(e)) => assert!(
+                e.iter().any(|e| one_line(e).contains("not a database")),
+                "{e:?}"
+            ),
+            other => panic!("{other:?}"),
+        };
+        refused(connect_session(&cfg, d.path(), &session, &host, deadline));
+        let batch = connect_batch(
+            &cfg,
+            d.path(),
+            &[Connect {
+                session: session.clone(),
+                host: host.clone(),
+                deadline,
+            }],
+        );
+        assert_eq!(batch.client_names.map(|(asked, _)| asked), Some(0));
+        refused(batch.results.into_iter().next().unwrap());
+        resolver.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            resolver.recv_from(&mut buf).map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::WouldBlock),
+            "a DNS query was sent for a refused connect"
+        );
+        assert!(!d.path().join("client-names").exists());
     }
 }
