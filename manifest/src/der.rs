@@ -76,57 +76,51 @@ pub fn ed25519_seed_from_pkcs8(der: &[u8]) -> Option<[u8; 32]> {
     der[16..].try_into().ok()
 }
 
-/// One DER element at the start of `buf`: (tag, content, what follows). Single-byte tags and
-/// definite lengths of at most 4 bytes only; `None` for anything else or a length past the end.
-fn element(buf: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = buf.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
+/// The DER element at the start of `*buf`: its tag and content, `*buf` moved past it.
+/// Single-byte tags and definite lengths of at most 4 bytes only; `None` for anything else or
+/// a length past the end.
+fn next<'a>(buf: &mut &'a [u8]) -> Option<(u8, &'a [u8])> {
+    let &[tag, first, ref rest @ ..] = *buf else {
+        return None;
+    };
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
     } else {
         let n = usize::from(first & 0x7f);
         if n == 0 || n > 4 || rest.len() < n {
             return None; // indefinite, absurd, or cut short
         }
-        let (bytes, after) = rest.split_at(n);
-        rest = after;
-        bytes.iter().fold(0usize, |l, b| l << 8 | usize::from(*b))
+        let (bytes, rest) = rest.split_at(n);
+        (bytes.iter().fold(0, |l, b| l << 8 | usize::from(*b)), rest)
     };
-    (tag & 0x1f != 0x1f && rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// The content of the element at the start of `buf` if it has tag `tag`, and what follows.
-fn expect(buf: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    element(buf).and_then(|(t, c, rest)| (t == tag).then_some((c, rest)))
+    if tag & 0x1f == 0x1f || rest.len() < len {
+        return None;
+    }
+    let (content, after) = rest.split_at(len);
+    *buf = after;
+    Some((tag, content))
 }
 
 /// A UTCTime (`YYMMDDHHMMSSZ`, 1950-2049 as RFC 5280 reads it) or GeneralizedTime
 /// (`YYYYMMDDHHMMSSZ`) in unix seconds; `None` for any other spelling or a time before 1970.
 fn x509_time(tag: u8, text: &[u8]) -> Option<u64> {
-    let digits = match (tag, text.split_last()) {
-        (0x17, Some((b'Z', d))) if d.len() == 12 => d,
-        (0x18, Some((b'Z', d))) if d.len() == 14 => d,
+    let (off, digits) = match (tag, text.split_last()) {
+        (0x17, Some((b'Z', d))) if d.len() == 12 => (2, d),
+        (0x18, Some((b'Z', d))) if d.len() == 14 => (0, d),
         _ => return None,
     };
-    let mut n = [0u64; 7];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        for d in pair {
-            if !d.is_ascii_digit() {
-                return None;
-            }
-            n[i] = n[i] * 10 + u64::from(d - b'0');
-        }
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    // UTCTime has 6 pairs: a 2-digit year first. GeneralizedTime 7: century, year.
-    let (year, [month, day, hour, min, sec]) = if digits.len() == 12 {
-        let yy = n[0];
-        (
-            if yy < 50 { 2000 + yy } else { 1900 + yy },
-            [n[1], n[2], n[3], n[4], n[5]],
-        )
-    } else {
-        (n[0] * 100 + n[1], [n[2], n[3], n[4], n[5], n[6]])
+    // The two digits at `i` in YYYYMMDDHHMMSS (a UTCTime has no century: it starts at 2).
+    let n =
+        |i: usize| u64::from(digits[i - off] - b'0') * 10 + u64::from(digits[i + 1 - off] - b'0');
+    let year = match (off, n(2)) {
+        (0, yy) => n(0) * 100 + yy,
+        (_, yy) if yy < 50 => 2000 + yy,
+        (_, yy) => 1900 + yy,
     };
+    let (month, day, hour, min, sec) = (n(4), n(6), n(8), n(10), n(12));
     if year < 1970
         || !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
@@ -136,7 +130,7 @@ fn x509_time(tag: u8, text: &[u8]) -> Option<u64> {
     {
         return None;
     }
-    // Howard Hinnant's days_from_civil, March-based.
+    // Howard Hinnant's days_from_civil, years starting in March.
     let (y, m) = if month <= 2 {
         (year - 1, month + 9)
     } else {
@@ -150,20 +144,31 @@ fn x509_time(tag: u8, text: &[u8]) -> Option<u64> {
 /// tbsCertificate → version, serial, signature, issuer skipped → Validity). `None` for anything
 /// not shaped so, or a validity that ends before it starts. Nothing else is read or checked:
 /// the agent takes the certificate from a signed answer, this only says when to renew it.
-pub fn cert_validity(der: &[u8]) -> Option<(u64, u64)> {
-    let (cert, _) = expect(der, 0x30)?;
-    let (mut tbs, _) = expect(cert, 0x30)?;
-    if let Some((_, after_version)) = expect(tbs, 0xa0) {
-        tbs = after_version;
+pub fn cert_validity(mut der: &[u8]) -> Option<(u64, u64)> {
+    let (0x30, mut cert) = next(&mut der)? else {
+        return None;
+    };
+    let (0x30, mut tbs) = next(&mut cert)? else {
+        return None;
+    };
+    let mut field = next(&mut tbs)?;
+    if field.0 == 0xa0 {
+        field = next(&mut tbs)?; // the version
     }
     for tag in [0x02, 0x30, 0x30] {
-        tbs = expect(tbs, tag)?.1; // serial, signature algorithm, issuer
+        // serial, signature algorithm, issuer
+        if field.0 != tag {
+            return None;
+        }
+        field = next(&mut tbs)?;
     }
-    let (validity, _) = expect(tbs, 0x30)?;
-    let (t1, c1, rest) = element(validity)?;
-    let (t2, c2, rest) = element(rest)?;
+    let (0x30, mut validity) = field else {
+        return None;
+    };
+    let (t1, c1) = next(&mut validity)?;
+    let (t2, c2) = next(&mut validity)?;
     let (from, until) = (x509_time(t1, c1)?, x509_time(t2, c2)?);
-    (rest.is_empty() && from <= until).then_some((from, until))
+    (validity.is_empty() && from <= until).then_some((from, until))
 }
 
 /// The DER inside the first PEM block labelled `label`.

@@ -465,7 +465,7 @@ async fn renewal(
         }
         (Err(r), body) => {
             let node = renew::Request::parse(&body)
-                .map(|s| s.request.node)
+                .map(|s| s.request.node.to_string())
                 .unwrap_or_else(|_| "-".into());
             eprintln!("idhal serve: renewal refused for {remote} (node {node}): {r}");
             if let renew_service::Refusal::Internal(detail) = &r {

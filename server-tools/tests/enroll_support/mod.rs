@@ -248,12 +248,11 @@ pub fn renew_request(node: &str, time: u64, signer: &NodeKey) -> Vec<u8> {
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).unwrap();
     idhal_manifest::renew::Request {
-        node: node.into(),
+        node: node.parse().unwrap(),
         time,
         nonce,
     }
     .sign(&signer.kp)
-    .unwrap()
 }
 
 /// Renews through `POST /renew` (one request): the verified answer, or (status, the server's
