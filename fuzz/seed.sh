@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 data=../manifest/tests/data
 [ -f "$data/manifest" ] || { echo "seed.sh: $data/manifest missing" >&2; exit 1; }
-mkdir -p corpus/manifest_parse corpus/signature_verify corpus/enroll_parse corpus/rotation_check
+mkdir -p corpus/manifest_parse corpus/signature_verify corpus/enroll_parse corpus/rotation_check \
+    corpus/renew_parse
 
 # manifest_parse takes a manifest as is.
 cp "$data/manifest" corpus/manifest_parse/golden
@@ -68,5 +69,13 @@ for d in "$data"/rotate/*/ "$data"/rotate/refuse/*/; do
     } >"corpus/rotation_check/golden-files-$n"
 done
 
+# renew_parse: a certificate's DER (the golden one, made by openssl), and a renewal request's
+# shape (its signature by no one: the parser, not the signature check, is what runs long).
+sed '1d;$d' "$data/enroll/node.crt" | base64 -d >corpus/renew_parse/golden-cert
+printf 'idhal-renew-request 1\nnode client3\ntime 1767225600\nnonce %s\nsignature %s\n' \
+    00112233445566778899aabbccddeeff "$(head -c 64 /dev/zero | base64 -w0)" \
+    >corpus/renew_parse/golden-request
+
 echo "seed.sh: $(ls corpus/manifest_parse/golden* corpus/signature_verify/golden* \
-    corpus/enroll_parse/golden* corpus/rotation_check/golden* | wc -l) seeds from $data"
+    corpus/enroll_parse/golden* corpus/rotation_check/golden* corpus/renew_parse/golden* \
+    | wc -l) seeds from $data"

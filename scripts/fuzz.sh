@@ -9,7 +9,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Every run starts from the golden vectors and refusal fixtures (manifest/tests/data).
 ./seed.sh
-for t in manifest_parse signature_verify enroll_parse rotation_check; do
+for t in manifest_parse signature_verify enroll_parse rotation_check renew_parse; do
     if cargo fuzz run --release "$t" -- -max_total_time="$seconds" -max_len=65536 >"$log" 2>&1; then
         echo "fuzz $t: $(grep -E '^Done' "$log")"
     else

@@ -21,6 +21,7 @@ USAGE:
                                        with a one-time token (from the first scriptlet)
     idhal-bootstrap peers [OPTIONS]    register this node's WireGuard key and endpoints, get
                                        the signed list of its project's peers (from a scriptlet)
+    idhal-bootstrap renew [--force]    renew this node's certificate once it is due (a scriptlet)
     idhal-bootstrap status [--json] [--wait [--timeout DURATION]]
                                        show what was pinned, accepted, run, enrolled (no network);
                                        --wait: once this boot's work is done or failed
@@ -30,7 +31,8 @@ OPTIONS (all commands):
     --config FILE       settings file [default: /etc/idhal/bootstrap.conf]
     --state-dir DIR     node state [default: /var/lib/idhal]
     --proc DIR          where to read cmdline, boot_id, net/route [default: /proc]
-OPTIONS (run, enroll and peers; each overrides bootstrap.conf and the kernel command line):
+OPTIONS (run, enroll, peers and renew; each overrides bootstrap.conf and the kernel command
+line):
     --server URL        manifest server, e.g. http://10.0.2.100:8080/ (kernel: idhal.server=)
     --retries N         retries after a transient failure, exponential backoff with jitter
                         [default: 5]
@@ -46,6 +48,8 @@ OPTIONS (enroll only):
     --token-file FILE   the one-time token (`idhal token create`). Else, first found:
                         kernel command line idhal.token=, then QEMU fw_cfg opt/idhal/token
     --fw-cfg DIR        where fw_cfg is in sysfs [default: /sys/firmware/qemu_fw_cfg]
+OPTIONS (renew only):
+    --force             renew now, due or not
 
 ENROLL:
     Runs from a scriptlet (see 000-enroll.sh.example) of a manifest signed with
@@ -72,10 +76,15 @@ PEERS:
     address nor one in the VPN pool. Refused (exit 5), unknown (403) and revoked (410) too:
     nothing is written; the path switch drops every peer once `list` is older than 3 x refresh.
 
+RENEW:
+    Once renew_at % of enroll/node.crt's lifetime is over, gets a new one like enroll and
+    prints `renewed TIME` (then SIGHUP OpenVPN: 990-renew.sh.example), `unchanged TIME` or
+    `not-due TIME`.
+
 EXIT CODES:
     0 ok    2 usage    3 configuration    4 fetch failed (after retries)
-    5 refused (signature, key, pin, rollback, expiry; enroll, peers: the server said no, or its
-      answer is not signed by the enrollment key)    6 a scriptlet failed
+    5 refused (signature, key, pin, rollback, expiry; enroll, peers, renew: the server said no,
+      or its answer is not signed by the enrollment key)    6 a scriptlet failed
     7 a lock is held: another run, enroll or peers, or a scriptlet an earlier run started
     8 state directory error
     9 (status) nothing failed but scriptlets are pending or no manifest was accepted yet
@@ -84,7 +93,7 @@ EXIT CODES:
 FILES:
     /etc/idhal/bootstrap.conf   key = value settings: server, key, pin, state_dir,
                                 trust_first_use, ca_bundle, timeout, connect_timeout,
-                                retries, max_manifest_size, splay
+                                retries, max_manifest_size, splay, renew_at
     /var/lib/idhal/             server.pub (pinned key), serial, manifest, manifest.minisig,
                                 last-run, scriptlets/<id>/{script,log,done,failed,lock},
                                 enroll/{node.key,node.crt,ca.crt,openvpn.conf,address,node-id},
@@ -109,6 +118,10 @@ pub enum Cli {
         args: EnrollArgs,
     },
     Peers(Common),
+    Renew {
+        common: Common,
+        force: bool,
+    },
     Status {
         common: Common,
         json: bool,
@@ -130,7 +143,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         Some(other) => return Err(usage(other.unexpected())),
         None => {
             return Err(AgentError::Usage(
-                "missing command: run, enroll, peers or status (see --help)".into(),
+                "missing command: run, enroll, peers, renew or status (see --help)".into(),
             ))
         }
     };
@@ -141,12 +154,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         overrides: Vec::new(),
     };
     let (mut json, mut wait, mut timeout) = (false, false, None);
+    let mut force = false;
     let mut args = EnrollArgs {
         token_file: None,
         fw_cfg: enroll::FW_CFG.into(),
     };
     let run = cmd == "run";
-    let net = matches!(cmd.as_str(), "run" | "enroll" | "peers");
+    let net = matches!(cmd.as_str(), "run" | "enroll" | "peers" | "renew");
     while let Some(arg) = p.next().map_err(usage)? {
         let setting = match arg {
             Long("help") | Short('h') => return Ok(Cli::Help),
@@ -170,6 +184,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
             Long("timeout") if cmd == "status" => {
                 let v = p.value().map_err(usage)?.string().map_err(usage)?;
                 timeout = Some(wait_timeout(&v)?);
+                continue;
+            }
+            Long("force") if cmd == "renew" => {
+                force = true;
                 continue;
             }
             Long("token-file") if cmd == "enroll" => {
@@ -202,6 +220,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
         "run" => Ok(Cli::Run(common)),
         "enroll" => Ok(Cli::Enroll { common, args }),
         "peers" => Ok(Cli::Peers(common)),
+        "renew" => Ok(Cli::Renew { common, force }),
         "status" if timeout.is_some() && !wait => {
             Err(AgentError::Usage("status --timeout needs --wait".into()))
         }
@@ -211,7 +230,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, AgentError
             wait: wait.then_some(timeout),
         }),
         other => Err(AgentError::Usage(format!(
-            "unknown command {other:?}: expected run, enroll, peers or status (see --help)"
+            "unknown command {other:?}: expected run, enroll, peers, renew or status (see --help)"
         ))),
     }
 }
@@ -374,6 +393,30 @@ mod tests {
     }
 
     #[test]
+    fn parses_renew() {
+        let Cli::Renew { common, force } = parse(args(
+            "renew --state-dir /s --server http://a/ --retries 2 --timeout 9s --force",
+        ))
+        .unwrap() else {
+            panic!()
+        };
+        assert!(force);
+        assert_eq!(
+            common.overrides,
+            vec![
+                ("state_dir".into(), "/s".into()),
+                ("server".into(), "http://a/".into()),
+                ("retries".into(), "2".into()),
+                ("timeout".into(), "9s".into()),
+            ]
+        );
+        let Cli::Renew { force, .. } = parse(args("renew")).unwrap() else {
+            panic!()
+        };
+        assert!(!force);
+    }
+
+    #[test]
     fn refuses_bad_usage() {
         for bad in [
             "",
@@ -399,6 +442,14 @@ mod tests {
             "peers --json",
             "peers --server",
             "peers extra",
+            "run --force",
+            "peers --force",
+            "status --force",
+            "renew --json",
+            "renew --token-file /t",
+            "renew --key /k",
+            "renew --force=yes",
+            "renew now",
         ] {
             assert!(
                 matches!(parse(args(bad)), Err(AgentError::Usage(_))),

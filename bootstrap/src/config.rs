@@ -73,6 +73,8 @@ pub struct Config {
     pub ca_bundle: Option<PathBuf>,
     /// Random delay before starting, in seconds (for cron; the systemd timer randomizes itself).
     pub splay: u64,
+    /// `renew`: the percentage of its lifetime after which a certificate is renewed.
+    pub renew_at: u64,
     pub limits: Limits,
 }
 
@@ -86,6 +88,7 @@ impl Default for Config {
             state_dir: DEFAULT_STATE_DIR.into(),
             ca_bundle: None,
             splay: 0,
+            renew_at: 66,
             limits: Limits::default(),
         }
     }
@@ -177,6 +180,11 @@ impl Config {
             "retries" => {
                 self.limits.retries = u32::try_from(num()?).map_err(|_| bad("too large"))?
             }
+            "renew_at" => {
+                self.renew_at = Some(num()?)
+                    .filter(|p| *p < 100)
+                    .ok_or_else(|| bad("a percentage of the lifetime is below 100"))?
+            }
             "max_manifest_size" => {
                 self.limits.max_manifest = usize::try_from(num()?).map_err(|_| bad("too large"))?
             }
@@ -266,6 +274,28 @@ mod tests {
         c.load_file(&file, true).unwrap();
         assert_eq!(c.server.as_deref(), Some("http://10.0.2.100:8080/"));
         assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn renew_at_is_a_percentage_below_100() {
+        let mut c = Config::default();
+        assert_eq!(c.renew_at, 66);
+        for (v, want) in [("0", 0), ("99", 99), ("50", 50)] {
+            c.set("renew_at", v, "f:1").unwrap();
+            assert_eq!(c.renew_at, want);
+        }
+        for bad in ["100", "250", "2/3", "-1", "", "66%"] {
+            let e = c.set("renew_at", bad, "f:2").unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("config: f:2: renew_at = {bad:?}: ")),
+                "{e}"
+            );
+            assert_eq!(c.renew_at, 50, "{bad:?} changed it");
+        }
+        assert_eq!(
+            c.set("renew_at", "100", "f:3").unwrap_err().to_string(),
+            "config: f:3: renew_at = \"100\": a percentage of the lifetime is below 100"
+        );
     }
 
     #[test]

@@ -7,13 +7,13 @@
 
 use crate::config::{Config, Proc};
 use crate::error::AgentError;
-use crate::fetch::{fetch_error, Fetcher};
-use crate::http::HttpError;
+use crate::fetch::Fetcher;
+use crate::log;
 use crate::random::fill_random;
 use crate::state::{write_atomic, StateDir};
-use crate::{log, trust};
+use crate::trust::{self, Refusals};
+use idhal_manifest::der;
 use idhal_manifest::enroll::{self, KeyPair, Request, Response, Seed, Token};
-use idhal_manifest::{der, time::now};
 use std::fs;
 use std::io::{Error, ErrorKind};
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +25,8 @@ pub const DIR: &str = "enroll";
 pub const NODE_ID: &str = "node-id";
 pub const ADDRESS: &str = "address";
 pub const NODE_KEY: &str = "node.key";
+/// Replaced by `renew`.
+pub const NODE_CRT: &str = "node.crt";
 /// Not the run's `lock`: the run that started the scriptlet calling us holds that one.
 pub const LOCK: &str = "enroll.lock";
 /// Where QEMU's fw_cfg appears in sysfs; the token is the `opt/idhal/token` item.
@@ -33,8 +35,15 @@ const FW_CFG_TOKEN: &str = "by_name/opt/idhal/token/raw";
 /// The subject the CSR asks for; the CA ignores it and sets CN to the node id.
 const CSR_CN: &str = "idhal-node";
 /// How the server refuses a token or a request (bad signature, unknown, used up, expired,
-/// clock skew): exit 5, never retried. Any other failed exchange is a fetch failure (exit 4).
-const REFUSALS: [u16; 5] = [401, 403, 409, 410, 422];
+/// clock skew; `renew`: bad signature, unknown or revoked node, expired certificate, clock
+/// skew): exit 5, never retried. Any other failed exchange is a fetch failure (exit 4).
+pub const REFUSALS: [u16; 5] = [401, 403, 409, 410, 422];
+static REFUSED: Refusals = Refusals {
+    cmd: "enroll",
+    statuses: &REFUSALS,
+    error: AgentError::EnrollRefused,
+    suffix: "",
+};
 /// `find_token`'s name for a token from `idhal.token=` (readable by every local user).
 const CMDLINE: &str = "kernel command line idhal.token=";
 
@@ -98,37 +107,30 @@ pub fn enroll(cfg: &Config, proc: &Proc, args: &Args) -> Result<(), AgentError> 
         fetcher.base, token.id
     ));
     let csr = der::ed25519_csr(&kp, CSR_CN);
-    let mut nonce = [0u8; 16];
-    fill_random(&mut nonce)?;
-    let mut digest = [0u8; 32];
-    // Each attempt is a new request (fresh time, next nonce), so a retry after a long backoff
-    // is neither stale nor a replay; the server answers the same node for the same key.
-    let body = fetcher
-        .post(enroll::CONTENT_TYPE, enroll::MAX_RESPONSE, &mut || {
-            let request = Request {
+    // Each attempt is a new request (fresh time, next nonce); the server answers the same node
+    // for the same key.
+    let (body, digest) = trust::post(
+        &fetcher,
+        enroll::CONTENT_TYPE,
+        enroll::MAX_RESPONSE,
+        &REFUSED,
+        &mut |time, nonce| {
+            Request {
                 token: token.id,
-                time: now(),
+                time,
                 nonce,
                 csr: csr.clone(),
-            };
-            nonce = u128::from_le_bytes(nonce).wrapping_add(1).to_le_bytes();
-            let encoded = request.sign(&token);
-            digest = enroll::request_digest(&encoded);
-            encoded
-        })
-        .map_err(|(url, e)| match e {
-            HttpError::Status { code, .. } if REFUSALS.contains(&code) => {
-                AgentError::EnrollRefused(format!("enroll {url}: {e}"))
             }
-            e => fetch_error((url, e)),
-        })?;
+            .sign(&token)
+        },
+    )?;
     let r = Response::verify(&body, &enroll_key, &digest)
         .map_err(|e| AgentError::EnrollRefused(format!("enrollment response: {e}")))?;
 
     // node-id last: a crash before it leaves the node "not enrolled", and the next call asks
     // again with the same key (the server answers the same node without spending a use).
     for (name, text, mode) in [
-        ("node.crt", r.certificate, 0o644),
+        (NODE_CRT, r.certificate, 0o644),
         ("ca.crt", r.ca, 0o644),
         ("openvpn.conf", r.openvpn, 0o600),
         (ADDRESS, format!("{}\n", r.address), 0o644),
@@ -192,7 +194,9 @@ fn node_key(path: &Path) -> Result<KeyPair, AgentError> {
 }
 
 /// The node's key at `path` (`None` if there is none), refused unless it is exactly what
-/// `node_key` writes: `peers` signs with it, and nothing ever replaces it.
+/// `node_key` writes: `peers` and `renew` sign with it, and nothing ever replaces it.
+// Not inlined: enroll, peers and renew share one copy (the agent's size is budgeted).
+#[inline(never)]
 pub fn read_node_key(path: &Path) -> Result<Option<KeyPair>, AgentError> {
     match fs::read_to_string(path) {
         Ok(text) => match seed_from_pem(&text) {

@@ -34,8 +34,8 @@ pub enum AgentError {
     Refused(#[from] VerifyError),
     #[error("refused: {0}")]
     Pin(String),
-    /// The enrollment server said no (bad, unknown, used-up or expired token; clock skew), or
-    /// its answer did not verify.
+    /// The enrollment server said no (bad, unknown, used-up or expired token; clock skew;
+    /// `renew`: unknown or revoked node, expired certificate), or its answer did not verify.
     #[error("refused: {0}")]
     EnrollRefused(String),
     /// `peers`: the server refused the registration (unknown or revoked node, bad signature,

@@ -8,7 +8,7 @@ use crate::http::{self, HttpError, Method, Tls, Url};
 use crate::log;
 use crate::random::random_u64;
 use idhal_manifest::paths;
-use idhal_manifest::rotation::{StatementFiles, MAX_STATEMENT};
+use idhal_manifest::rotation::{self, StatementFiles, MAX_STATEMENT};
 use std::time::{Duration, Instant};
 
 pub struct Fetcher {
@@ -88,9 +88,9 @@ impl Fetcher {
     }
 
     /// Key rotation statement `n` and its two signatures; `None` when the statement is not
-    /// published (the chain ends: 404, or 403/410 as object stores answer for a missing file).
-    /// A missing signature reads as empty and a statement over the cap as one byte over it:
-    /// the check refuses both. Every request of a walk ends by `deadline`.
+    /// published (the chain ends: 404, or 403/410 as object stores answer for a missing file,
+    /// or a body that is no statement at all). A missing signature reads as empty: the check
+    /// refuses it. Every request of a walk ends by `deadline`.
     pub fn statement(
         &self,
         n: u64,
@@ -114,11 +114,17 @@ impl Fetcher {
                         ..
                     },
                 )) => Ok(None),
-                Err((_, HttpError::TooLarge { .. })) => Ok(Some(vec![0; limit])),
+                // Over the cap before a byte was read: not a statement this agent will ever
+                // accept, and perhaps an index page a web server answers with for a missing
+                // file. It ends the chain like a 404 (a statement at most one byte over the
+                // cap is read whole and refused as too large).
+                Err((_, HttpError::TooLarge { .. })) => Ok(None),
                 r => r.map(Some).map_err(fetch_error),
             }
         };
-        let Some(statement) = get(paths::rotation_statement(n), MAX_STATEMENT + 1)? else {
+        let Some(statement) = get(paths::rotation_statement(n), MAX_STATEMENT + 1)?
+            .filter(|s| rotation::is_statement(s))
+        else {
             return Ok(None);
         };
         let sig = |rel| {

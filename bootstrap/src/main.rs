@@ -11,6 +11,7 @@ mod http;
 mod peers;
 mod pin;
 mod random;
+mod renew;
 mod run;
 mod state;
 mod status;
@@ -109,6 +110,18 @@ fn main() -> ExitCode {
                 root: &common.proc_root,
             };
             match config(&common, &proc).and_then(|c| peers::peers(&c, &proc)) {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    log(&e.to_string());
+                    e.exit()
+                }
+            }
+        }
+        Cli::Renew { common, force } => {
+            let proc = Proc {
+                root: &common.proc_root,
+            };
+            match config(&common, &proc).and_then(|c| renew::renew(&c, force)) {
                 Ok(()) => Exit::Ok,
                 Err(e) => {
                     log(&e.to_string());

@@ -10,18 +10,11 @@
 //! not in the agent.
 
 use crate::config::{Config, Proc};
-use crate::enroll::{self, enrolled, read_node_key};
 use crate::error::AgentError;
-use crate::fetch::{fetch_error, Fetcher};
-use crate::http::HttpError;
-use crate::random::fill_random;
+use crate::log;
 use crate::state::{write_atomic, StateDir};
-use crate::{log, trust};
-use idhal_manifest::peers::{
-    self, endpoint_problem, request_digest, Net4, Peer, Request, Response, WgKey,
-};
-use idhal_manifest::time::now;
-use idhal_manifest::NodeId;
+use crate::trust::{self, NodeExchange, Refusals};
+use idhal_manifest::peers::{self, endpoint_problem, Net4, Peer, Request, Response, WgKey};
 use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -52,6 +45,14 @@ const MAX_SUBNETS: usize = 256;
 /// skew, a bad endpoint): exit 5, never retried, nothing written. Any other failed exchange
 /// is exit 4.
 const REFUSALS: [u16; 6] = [400, 401, 403, 409, 410, 422];
+/// Unknown (403) and revoked (410) too: a status is no signature, and acting on it would let
+/// anyone on the path empty a node's list. The switch expires the list instead.
+static REFUSED: Refusals = Refusals {
+    cmd: "peers",
+    statuses: &REFUSALS,
+    error: AgentError::PeersRefused,
+    suffix: "; the peer files are unchanged",
+};
 
 /// The path-switch timings a list carries, in seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,24 +69,14 @@ pub fn peers(cfg: &Config, proc: &Proc) -> Result<(), AgentError> {
     if !state.root.is_dir() {
         return Err(trust::no_manifest(cfg, "peers"));
     }
-    let not_enrolled = || {
-        AgentError::Config(format!(
-            "{}: not enrolled: `peers` runs after `idhal-bootstrap enroll` succeeded",
-            cfg.state_dir.display()
-        ))
-    };
-    let (node, address) = enrolled(&state)?.ok_or_else(not_enrolled)?;
-    let key_path = state.path(enroll::DIR).join(enroll::NODE_KEY);
-    let node_key = read_node_key(&key_path)?.ok_or_else(not_enrolled)?;
-    // The request's signer asserts a valid id: the state directory is no more trusted than
-    // the network, so a bad one is refused here, not a panic later.
-    NodeId::try_from(node.as_str()).map_err(|e| {
-        AgentError::Config(format!(
-            "{}/node-id: {e}",
-            state.path(enroll::DIR).display()
-        ))
-    })?;
-    let (enroll_key, url) = trust::exchange(cfg, &state, "peers", peers::URL_PARAM, peers::PATH)?;
+    let x = trust::node_exchange(cfg, &state, "peers", peers::URL_PARAM, peers::PATH)?;
+    let NodeExchange {
+        node,
+        address,
+        key: node_key,
+        enroll_key,
+        fetcher,
+    } = &*x;
 
     let dir = state.path(DIR);
     if !dir.is_dir() {
@@ -105,54 +96,36 @@ pub fn peers(cfg: &Config, proc: &Proc) -> Result<(), AgentError> {
         parse_endpoints(&read_input(&path)?)
             .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?
     };
-    let fetcher = Fetcher {
-        base: url,
-        limits: cfg.limits.clone(),
-        tls: cfg.tls()?,
-    };
-
-    let mut nonce = [0u8; 16];
-    fill_random(&mut nonce)?;
-    let mut digest = [0u8; 32];
     let request = Request {
-        node: node.clone(),
-        time: now(),
-        nonce,
+        node: node.as_str().to_owned(),
+        time: 0,
+        nonce: [0; 16],
         wg_key,
         endpoints: endpoints.clone(),
     };
     // Signing refuses a bad node id or endpoint, the same in every attempt: checked once,
     // before anything is sent.
     request
-        .sign(&node_key)
+        .sign(node_key)
         .map_err(|e| AgentError::Config(format!("peers request of node {node}: {e}")))?;
-    // Each attempt is a new request (fresh time, next nonce), as for `enroll`.
-    let result = fetcher.post(peers::CONTENT_TYPE, peers::MAX_RESPONSE, &mut || {
-        let encoded = Request {
-            time: now(),
-            nonce,
-            ..request.clone()
-        }
-        .sign(&node_key)
-        .unwrap_or_default(); // Cannot fail: checked above with the same node and endpoints.
-        nonce = u128::from_le_bytes(nonce).wrapping_add(1).to_le_bytes();
-        digest = request_digest(&encoded);
-        encoded
-    });
-    let body = match result {
-        Ok(body) => body,
-        // Unknown (403) and revoked (410) too: a status is no signature, and acting on it would
-        // let anyone on the path empty a node's list. The switch expires the list instead.
-        Err((url, e @ HttpError::Status { code, .. })) if REFUSALS.contains(&code) => {
-            return Err(AgentError::PeersRefused(format!(
-                "peers {url}: {e}; the peer files are unchanged"
-            )));
-        }
-        Err(e) => return Err(fetch_error(e)),
-    };
-    let r = Response::verify(&body, &enroll_key, &digest)
+    let (body, digest) = trust::post(
+        fetcher,
+        peers::CONTENT_TYPE,
+        peers::MAX_RESPONSE,
+        &REFUSED,
+        &mut |time, nonce| {
+            Request {
+                time,
+                nonce,
+                ..request.clone()
+            }
+            .sign(node_key)
+            .unwrap_or_default() // Cannot fail: checked above with the same node and endpoints.
+        },
+    )?;
+    let r = Response::verify(&body, enroll_key, &digest)
         .map_err(|e| AgentError::PeersRefused(format!("peer list from {}: {e}", fetcher.base)))?;
-    if r.node != node {
+    if r.node != node.as_str() {
         return Err(AgentError::PeersRefused(format!(
             "peer list from {}: it is for node {}, not for this node ({node})",
             fetcher.base, r.node
@@ -172,7 +145,7 @@ pub fn peers(cfg: &Config, proc: &Proc) -> Result<(), AgentError> {
         keepalive: r.keepalive,
         fallback: r.fallback,
     };
-    record(&dir, &node, &timings, &chosen)?;
+    record(&dir, node.as_str(), &timings, &chosen)?;
     log(&format!(
         "peers: {} peers (project {}), refresh {} s",
         r.peers.len(),
@@ -632,8 +605,8 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         assert_eq!(names, [LIST, WG_CONF], "temp files left behind");
     }
 
-    /// The answer names the request by the digest enrollment uses: both are SHA-256 of the
-    /// whole encoded request.
+    /// The answer names the request by the digest `trust::post` computes for every exchange
+    /// (enrollment's): all are SHA-256 of the whole encoded request.
     #[test]
     fn the_request_digest_is_the_one_the_server_computes() {
         let kp =
@@ -647,6 +620,8 @@ wg0\t0500860A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0
         }
         .sign(&kp)
         .unwrap();
-        assert_eq!(Request::parse(&enc).unwrap().digest, request_digest(&enc));
+        let digest = idhal_manifest::enroll::request_digest(&enc);
+        assert_eq!(Request::parse(&enc).unwrap().digest, digest);
+        assert_eq!(idhal_manifest::peers::request_digest(&enc), digest);
     }
 }

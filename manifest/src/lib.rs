@@ -11,6 +11,7 @@ pub mod format;
 pub mod id;
 pub mod key;
 pub mod peers;
+pub mod renew;
 pub mod rotation;
 pub mod sig;
 #[cfg(feature = "test-signing")]

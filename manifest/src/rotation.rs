@@ -21,6 +21,14 @@ pub const MAX_CHAIN: u64 = 32;
 
 const HEADER: &str = "idhal-key-rotation 1";
 
+/// Whether `bytes` claim to be a rotation statement at all (unauthenticated: only to tell a
+/// statement from what a web server answers for a missing file with 200 — an index page, an
+/// error text). What does not claim it ends the chain like a 404: that can only stop updates,
+/// which withholding the files does too; what claims it is checked whole.
+pub fn is_statement(bytes: &[u8]) -> bool {
+    bytes.starts_with(HEADER.as_bytes()) && bytes.get(HEADER.len()) == Some(&b'\n')
+}
+
 /// One rotation: at `sequence`, `from` is replaced by `to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
@@ -284,7 +292,10 @@ pub fn walk<E>(
     let first = head.sequence.saturating_add(1);
     // MAX_CHAIN statements, and one more look to see that the chain ends there.
     for file in first..=first.saturating_add(MAX_CHAIN) {
-        let Some(files) = fetch(file).map_err(WalkError::Fetch)? else {
+        let Some(files) = fetch(file)
+            .map_err(WalkError::Fetch)?
+            .filter(|f| is_statement(&f.statement))
+        else {
             return Ok(at);
         };
         if file == first.saturating_add(MAX_CHAIN) {

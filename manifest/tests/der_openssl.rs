@@ -61,3 +61,106 @@ fn a_flipped_signature_bit_fails_openssl() {
     ]);
     assert!(said.contains("self-signature verify failure"), "{said}");
 }
+
+/// `openssl x509 -dates` of a PEM certificate, as the RFC 3339 text `time::rfc3339` prints.
+fn openssl_dates(cert: &str) -> (String, String) {
+    let said = openssl(&[
+        "x509", "-in", cert, "-noout", "-dates", "-dateopt", "iso_8601",
+    ]);
+    let field = |name: &str| {
+        let line = said
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {said}"));
+        line.replacen(' ', "T", 1)
+    };
+    (field("notBefore="), field("notAfter="))
+}
+
+fn validity_of(pem_file: &std::path::Path) -> (String, String) {
+    let text = std::fs::read_to_string(pem_file).unwrap();
+    let der = der::pem_decode("CERTIFICATE", &text).expect("a PEM certificate");
+    let (from, until) = der::cert_validity(&der).expect("a validity");
+    (
+        idhal_manifest::time::rfc3339(from),
+        idhal_manifest::time::rfc3339(until),
+    )
+}
+
+/// Certificates `openssl` makes (UTCTime before 2050, GeneralizedTime after; Ed25519 and
+/// P-256, self-signed and CA-signed) and the golden one: the agent reads the dates openssl
+/// prints.
+#[test]
+fn the_validity_read_is_the_one_openssl_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let mut certs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/enroll/node.crt"
+    ))];
+    for (name, key, days) in [
+        ("ed-short", "ed25519", "1"),
+        ("ed-long", "ed25519", "36500"),
+        ("ec-short", "ec", "30"),
+    ] {
+        let cert = format!("{d}/{name}.crt");
+        let mut args = vec![
+            "req",
+            "-x509",
+            "-nodes",
+            "-subj",
+            "/CN=idhal-test",
+            "-days",
+            days,
+        ];
+        args.extend(["-newkey", key]);
+        if key == "ec" {
+            args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+        }
+        let keyfile = format!("{d}/{name}.key");
+        args.extend(["-keyout", &keyfile, "-out", &cert]);
+        openssl(&args);
+        certs.push(cert.into());
+    }
+    // A leaf signed by one of them (a v3 certificate with extensions, like the project CA's).
+    let (csr, leaf) = (format!("{d}/leaf.csr"), format!("{d}/leaf.crt"));
+    let leaf_key = format!("{d}/leaf.key");
+    openssl(&[
+        "req",
+        "-new",
+        "-nodes",
+        "-newkey",
+        "ed25519",
+        "-subj",
+        "/CN=client7",
+        "-keyout",
+        &leaf_key,
+        "-out",
+        &csr,
+    ]);
+    let (ca_cert, ca_key) = (format!("{d}/ed-short.crt"), format!("{d}/ed-short.key"));
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_cert,
+        "-CAkey",
+        &ca_key,
+        "-set_serial",
+        "77",
+        "-days",
+        "9000",
+        "-out",
+        &leaf,
+    ]);
+    certs.push(leaf.into());
+    let mut generalized = 0;
+    for c in &certs {
+        let want = openssl_dates(c.to_str().unwrap());
+        assert_eq!(validity_of(c), want, "{}", c.display());
+        generalized += usize::from(want.1.as_str() >= "2050");
+    }
+    assert!(generalized >= 1, "no GeneralizedTime case");
+}

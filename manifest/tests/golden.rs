@@ -560,9 +560,10 @@ fn rotation_files(put: &mut dyn FnMut(&str, Vec<u8>)) {
                     o = rot_key(*old).sign(b"ED", &body, &wrong, "old");
                     n = rot_key(*new).sign(b"ED", &body, &wrong, "new");
                 }
-                // Twice the cap: over what the agent downloads, refused as too large all the same.
+                // One byte over the cap: read whole by the agent (a larger body is not read at all
+                // and ends the chain like a 404), and refused.
                 "refuse/too-large" => {
-                    body.resize(2 * MAX_STATEMENT, b'\n');
+                    body.resize(MAX_STATEMENT + 1, b'\n');
                 }
                 "refuse/malformed" => {
                     body.extend_from_slice(b"note: extra\n");

@@ -120,6 +120,16 @@ impl ServerConfig {
                 Err(e) => return Err(invalid(format!("{what}: {e}"))),
             }
         }
+        let renew_min = idhal_manifest::time::parse_duration(&cfg.ca.renew_min_interval)
+            .map_err(|e| invalid(format!("[ca] renew_min_interval: {e}")))?;
+        // Nodes renew at 2/3 of the validity: a renewal inside the interval gets the same
+        // certificate back, so an interval of half the validity or more would let none renew.
+        if renew_min >= CaSection::secs(&cfg.ca.node_cert_validity) / 2 {
+            return Err(invalid(format!(
+                "[ca] renew_min_interval = {:?} is not under half of node_cert_validity ({:?}): nodes could not get a new certificate before theirs expires",
+                cfg.ca.renew_min_interval, cfg.ca.node_cert_validity
+            )));
+        }
         for p in cfg.projects.values() {
             for r in p.remotes.iter().flatten() {
                 Remote::parse(r).map_err(|e| invalid(format!("[projects] remotes: {e}")))?;
@@ -779,7 +789,8 @@ impl RoutingSection {
 pub struct CaSection {
     /// The project commands act on when `--project` is not given.
     pub project: String,
-    /// Validity of node certificates (`idhal-bootstrap enroll`).
+    /// Validity of node certificates (`idhal-bootstrap enroll` and `renew`): short, so a lost
+    /// node's certificate expires by itself; nodes renew at 2/3 of it (docs/enrollment.md).
     pub node_cert_validity: String,
     /// Validity of VPN server certificates (`idhal ca issue-server`).
     pub server_cert_validity: String,
@@ -788,16 +799,21 @@ pub struct CaSection {
     pub crl_validity: String,
     /// Enrollment requests whose time is further than this from the server's are refused.
     pub max_clock_skew_secs: u64,
+    /// A renewal within this time of the node's last certificate gets that certificate again
+    /// (`POST /renew`): a node that lost the answer gets the same one, and no node makes the CA
+    /// sign in a loop. 0: every renewal signs.
+    pub renew_min_interval: String,
 }
 
 impl Default for CaSection {
     fn default() -> Self {
         Self {
             project: "default".into(),
-            node_cert_validity: "1825d".into(),
+            node_cert_validity: "30d".into(),
             server_cert_validity: "825d".into(),
             crl_validity: "30d".into(),
             max_clock_skew_secs: 600,
+            renew_min_interval: "1h".into(),
         }
     }
 }

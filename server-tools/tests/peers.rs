@@ -376,7 +376,7 @@ fn a_node_that_stops_registering_leaves_the_lists_by_itself() {
 
 #[test]
 fn a_node_whose_certificate_expired_is_refused_like_a_revoked_one() {
-    let p = Project::new("[ca]\nnode_cert_validity = \"10s\"\n");
+    let p = Project::new("[ca]\nnode_cert_validity = \"10s\"\nrenew_min_interval = \"0\"\n");
     let server = p.serve();
     let token = p.token(&[]);
     let a = enrolled(&server, &p, &token);

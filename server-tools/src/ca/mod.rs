@@ -1,6 +1,6 @@
 //! The project CA and enrollment: keys and certificates (pki), the state database (db), creating
-//! a project and its VPN servers (project), the enrollment protocol (enroll), WireGuard
-//! peer registration (peers), CRLs (crl), tokens
+//! a project and its VPN servers (project), the enrollment protocol (enroll), certificate
+//! renewal (renew), WireGuard peer registration (peers), CRLs (crl), tokens
 //! (tokens) and revocation (revoke); here the project checks every command shares and their error.
 
 pub mod crl;
@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod peers;
 pub mod pki;
 pub mod project;
+pub mod renew;
 pub mod revoke;
 pub mod state;
 pub mod tokens;

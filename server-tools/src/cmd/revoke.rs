@@ -1,4 +1,4 @@
-//! `idhal revoke NODE`: marks the node and its certificate revoked, re-signs the project's CRL
+//! `idhal revoke NODE`: marks the node and every certificate it was given revoked, re-signs the project's CRL
 //! at once, and drops its live session from every configured OpenVPN management interface
 //! (not at the next renegotiation).
 
@@ -13,8 +13,9 @@ use idhal_manifest::time::{now, rfc3339};
 #[derive(Debug, clap::Args)]
 #[command(
     about = "Revoke a node: CRL re-signed now, session dropped now",
-    long_about = "Revokes NODE's certificate: the node is marked revoked, the project's CRL is \
-        re-signed at once (OpenVPN's crl-verify re-reads it on the next handshake; other servers \
+    long_about = "Revokes NODE's certificates: the node and every certificate it was given \
+        (a renewal leaves the earlier ones valid until they expire) are marked revoked, the \
+        project's CRL is re-signed at once (OpenVPN's crl-verify re-reads it on the next handshake; other servers \
         publish it from the state database; the connect hook refuses the node from the \
         database's mark even before that), and its \
         session is killed through each OpenVPN management interface in [openvpn] management \
@@ -47,7 +48,7 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             rfc3339(at)
         ),
         Marked::Now => println!(
-            "{id}: revoked (project {}, certificate serial {})",
+            "{id}: revoked (project {}, every certificate it was given; the current one is serial {})",
             node.project, node.cert_serial
         ),
     }

@@ -6,13 +6,14 @@ use crate::ca::crl;
 use crate::ca::db::Open;
 use crate::ca::enroll::Enroller;
 use crate::ca::peers::Peers;
+use crate::ca::renew::Renewer;
 use crate::ca::state;
 use crate::cmd::{load_config, Exit, Global};
 use crate::http::routes::App;
 use crate::http::{fit_open_files, OpenFiles, StaticFiles, Stopped};
 use anyhow::Context;
 use idhal_manifest::paths;
-use idhal_manifest::{enroll, peers};
+use idhal_manifest::{enroll, peers, renew};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,9 +27,12 @@ use std::sync::Arc;
         (lock and temp files), nothing outside PUBDIR (`..`, encoded dots and symlinks pointing out \
         are all 404). Every response has Content-Length and Cache-Control: no-cache.\n\n\
         With a CA in --state-dir (`idhal ca init`), `POST /enroll` (exactly that path) answers \
-        enrollment requests, and `POST /peers` lets enrolled nodes register their WireGuard key \
+        enrollment requests, `POST /renew` gives enrolled nodes a new certificate before theirs \
+        expires ([ca] node_cert_validity, renew_min_interval; docs/enrollment.md), and \
+        `POST /peers` lets enrolled nodes register their WireGuard key \
         and endpoints and get their project's peer list ([peers] sets the timings it carries; \
-        docs/direct-paths.md). Peer requests are at most 4 KiB (larger: 413 before reading).\n\n\
+        docs/direct-paths.md). Peer requests are at most 4 KiB, renewal requests 1 KiB (larger: \
+        413 before reading).\n\n\
         On start it prints one line, `listening on http://ADDR`, with the address actually bound \
         (useful with port 0). One access log line per request goes to stderr.\n\n\
         Limits ([limits.http] in --config, defaults in docs/server-config.md): at most 4096 \
@@ -80,16 +84,16 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
             .map(|p| p.name)
             .collect();
         eprintln!(
-            "idhal serve: enrollment on POST /{}, WireGuard peers on POST /{} for project(s) {} (state {})",
+            "idhal serve: enrollment on POST /{}, renewal on POST /{}, WireGuard peers on POST /{} for project(s) {} (state {})",
             enroll::PATH,
+            renew::PATH,
             peers::PATH,
             projects.join(", "),
             state::describe(&cfg, &global.state_dir)
         );
         crl::spawn_refresher(global.state_dir.clone(), cfg.clone())
             .context("cannot start the CRL refresh thread")?;
-        let enroller = Arc::new(Enroller::new(&global.state_dir, cfg.clone()));
-        Some((Arc::clone(&enroller), Arc::new(Peers::new(enroller))))
+        Some(Arc::new(Enroller::new(&global.state_dir, cfg.clone())))
     } else {
         eprintln!(
             "idhal serve: no state database in {}: enrollment is off (`idhal ca init` turns it on)",
@@ -106,11 +110,11 @@ pub fn run(args: Args, global: &Global) -> anyhow::Result<Exit> {
         );
         limits.max_connections = fits;
     }
-    let (enroller, peers) = enroller.unzip();
     let app = Arc::new(App {
         files,
+        peers: enroller.clone().map(|e| Arc::new(Peers::new(e))),
+        renew: enroller.clone().map(|e| Arc::new(Renewer::new(e))),
         enroller,
-        peers,
         limits,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

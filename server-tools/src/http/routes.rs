@@ -1,15 +1,16 @@
-//! What `idhal serve` answers: the routes (PUBDIR's files; `POST /enroll` and `POST /peers`
-//! when the state dir holds a CA), the one place errors become status codes, the access log, and the bodies.
+//! What `idhal serve` answers: the routes (PUBDIR's files; `POST /enroll`, `POST /renew` and
+//! `POST /peers` when the state dir holds a CA), the one place errors become status codes, the access log, and the bodies.
 
 use crate::ca::enroll::{Enroller, Refusal};
 use crate::ca::peers::{self as peers_service, Peers};
+use crate::ca::renew::{self as renew_service, Renewer};
 use crate::config::HttpLimits;
 use crate::http::io::Busy;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use idhal_manifest::{enroll, peers};
+use idhal_manifest::{enroll, peers, renew};
 use std::io::{self, Read as _};
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
@@ -200,6 +201,8 @@ pub(crate) struct App {
     pub(crate) enroller: Option<Arc<Enroller>>,
     /// `POST /peers`, beside enrollment.
     pub(crate) peers: Option<Arc<Peers>>,
+    /// `POST /renew`, beside enrollment.
+    pub(crate) renew: Option<Arc<Renewer>>,
     pub(crate) limits: HttpLimits,
 }
 
@@ -269,10 +272,14 @@ impl App {
         };
         let path = request.uri().path().to_owned();
         let peers_path = self.peers.is_some() && path == format!("/{}", peers::PATH);
+        let renew_path = self.renew.is_some() && path == format!("/{}", renew::PATH);
         let mut max = self.limits.max_body_bytes;
+        // The formats' own bounds, below the general one.
         if peers_path {
-            // The format's own bound, below the general one.
             max = max.min(peers::MAX_REQUEST as u64);
+        }
+        if renew_path {
+            max = max.min(renew::MAX_REQUEST as u64);
         }
         if declared.is_some_and(|n| n > max) {
             return Err(HttpError::TooLarge { max });
@@ -294,6 +301,14 @@ impl App {
                 }
                 let body = self.read_body(request.into_body(), max).await?;
                 registration(Arc::clone(service), body, remote).await
+            }
+            _ if renew_path => {
+                if request.method() != Method::POST {
+                    return Err(HttpError::MethodNotAllowed { allow: "POST" });
+                }
+                let body = self.read_body(request.into_body(), max).await?;
+                let service = self.renew.as_ref().expect("renew_path: mounted");
+                renewal(Arc::clone(service), body, remote).await
             }
             _ => {
                 if !matches!(*request.method(), Method::GET | Method::HEAD) {
@@ -409,6 +424,51 @@ async fn registration(
                 "idhal serve: peer registration refused for {remote} (node {node}): {r}{held}"
             );
             if let peers_service::Refusal::Internal(detail) = &r {
+                return Err(HttpError::Internal(detail.clone()));
+            }
+            Err(HttpError::Refused {
+                status: r.status(),
+                message: r.to_string(),
+            })
+        }
+    }
+}
+
+/// `POST /renew`: like enrollment, on a blocking thread and never cancelled half way. One log
+/// line per renewal, and per refusal.
+async fn renewal(
+    service: Arc<Renewer>,
+    body: Bytes,
+    remote: SocketAddr,
+) -> Result<Reply, HttpError> {
+    let result = tokio::task::spawn_blocking(move || {
+        let result = service.renew(&body, idhal_manifest::time::now());
+        (result, body)
+    })
+    .await
+    .map_err(|e| HttpError::Internal(format!("renewal task: {e}")))?;
+    match result {
+        (Ok(r), _) => {
+            let until = idhal_manifest::time::rfc3339(r.not_after);
+            if r.fresh {
+                eprintln!(
+                    "idhal serve: renewed the certificate of {} (project {}): serial {}, valid until {until}, for {remote}",
+                    r.node, r.project, r.serial
+                );
+            } else {
+                eprintln!(
+                    "idhal serve: re-sent the certificate of {} (project {}): serial {}, valid until {until}, issued within [ca] renew_min_interval, for {remote}",
+                    r.node, r.project, r.serial
+                );
+            }
+            Ok(Reply::ok(renew::CONTENT_TYPE, ReplyBody::bytes(r.response)))
+        }
+        (Err(r), body) => {
+            let node = renew::Request::parse(&body)
+                .map(|s| s.request.node.to_string())
+                .unwrap_or_else(|_| "-".into());
+            eprintln!("idhal serve: renewal refused for {remote} (node {node}): {r}");
+            if let renew_service::Refusal::Internal(detail) = &r {
                 return Err(HttpError::Internal(detail.clone()));
             }
             Err(HttpError::Refused {

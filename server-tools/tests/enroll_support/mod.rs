@@ -241,3 +241,33 @@ pub fn peers_exchange(
             .expect("a list the agent accepts"),
     )
 }
+
+/// A `POST /renew` request for enrolled `node`, as the agent makes it, signed with `signer`
+/// (the node's own key unless a test forges one), made at `time`.
+pub fn renew_request(node: &str, time: u64, signer: &NodeKey) -> Vec<u8> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).unwrap();
+    idhal_manifest::renew::Request {
+        node: node.parse().unwrap(),
+        time,
+        nonce,
+    }
+    .sign(&signer.kp)
+}
+
+/// Renews through `POST /renew` (one request): the verified answer, or (status, the server's
+/// line), which must be exactly one line.
+pub fn renew_exchange(
+    addr: &str,
+    enroll_key: &EnrollKey,
+    req: &[u8],
+) -> Result<Response, (u16, String)> {
+    let (status, body) = http(addr, "POST", "/renew", req);
+    if status != 200 {
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(text.matches('\n').count(), 1, "not one line: {text:?}");
+        return Err((status, text.trim_end().to_owned()));
+    }
+    let digest = idhal_manifest::renew::request_digest(req);
+    Ok(Response::verify(&body, enroll_key, &digest).expect("an answer the agent accepts"))
+}

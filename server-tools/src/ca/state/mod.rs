@@ -334,6 +334,43 @@ pub struct NodeKey {
     pub cert_not_after: Option<u64>,
 }
 
+/// One renewal's request to the store (`POST /renew`, checked by the caller): a new certificate
+/// for `node`, valid until `not_after`, unless its current one was issued less than
+/// `min_interval` seconds before `now`.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal<'a> {
+    pub node: &'a str,
+    pub now: u64,
+    pub not_after: u64,
+    pub min_interval: u64,
+}
+
+/// A node's certificate as a renewal hands it out, with what the answer carries besides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCert {
+    pub project: String,
+    pub address: String,
+    pub serial: u64,
+    pub issued: u64,
+    pub not_after: u64,
+    pub pem: String,
+}
+
+/// What `renew` did, decided inside its transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewed {
+    /// A new certificate, now the node's current one.
+    Issued(NodeCert),
+    /// The current one, issued less than `min_interval` ago: nothing signed.
+    Current(NodeCert),
+    /// No node has that id.
+    NoNode,
+    /// The node is revoked: nothing signed.
+    Revoked,
+    /// Its current certificate expired at this time (or it has none: 0): it must enroll again.
+    Expired(u64),
+}
+
 /// One row of a project's peer list, as stored (the caller parses and checks it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRow {
@@ -407,13 +444,21 @@ pub trait StateStore: Send {
     fn node(&mut self, id: &str) -> Result<Option<NodeRow>, StateError>;
     /// Every enrolled node, of `project` or of all, in enrollment order (read).
     fn nodes(&mut self, project: Option<&str>) -> Result<Vec<NodeRow>, StateError>;
-    /// Marks node `id` and its certificate revoked at `now`, reading and marking in one
-    /// transaction; a node already revoked keeps its time. Returns the row as it was before
-    /// (`revoked_at` set: it was revoked already), or `None` for no such node.
+    /// Marks node `id` and every certificate it was ever given revoked at `now` (a renewed node's
+    /// earlier certificates stay valid until they expire: the CRL must list them all), reading
+    /// and marking in one transaction; a node already revoked keeps its time. Returns the row as
+    /// it was before (`revoked_at` set: it was revoked already), or `None` for no such node.
     fn revoke(&mut self, id: &str, now: u64) -> Result<Option<NodeRow>, StateError>;
     /// The node `id`, the Ed25519 key its certificate certifies (what signs its `POST /peers`
     /// requests) and that certificate's `not_after`, if any (read).
     fn node_key(&mut self, id: &str) -> Result<Option<NodeKey>, StateError>;
+    /// Renews node `r.node`'s certificate, in one transaction that reads the node (unknown,
+    /// revoked, or its current certificate expired at `now`: nothing signed) and its current
+    /// certificate: issued less than `min_interval` before `now`, that one is the answer;
+    /// else takes the project's next serial, has `sign` make the certificate with it, records
+    /// it and makes it the node's current one. Same node id, key and address; the earlier
+    /// certificates stay valid until they expire.
+    fn renew(&mut self, r: &Renewal<'_>, sign: SignCert<'_>) -> Result<Renewed, ProjectError>;
     /// Stores `reg`'s key and endpoints for its node, in one transaction that reads the node
     /// (unknown or revoked: nothing stored), its last request time (later than this one's:
     /// nothing stored) and the key's holder (another node: nothing stored); a registration of

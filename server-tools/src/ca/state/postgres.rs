@@ -8,9 +8,10 @@
 
 use super::migrate::{migrate, require_current, Migration, MIGRATIONS, SET_VERSION_POSTGRES};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, NodeKey, PeerRegistration, PeerRow,
-    PublishCert, Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore,
-    StoredCert, StoredNode, StoredToken, TokenInfo, TokenRecord, CERT_NOT_AFTER,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, NodeCert, NodeKey, PeerRegistration,
+    PeerRow, PublishCert, Registered, Renewal, Renewed, Resign, SignCert, SignCrl, SignNode,
+    Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo, TokenRecord,
+    CERT_NOT_AFTER,
 };
 use crate::ca::db::{wg_key_text, NodeRow, Open, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -651,9 +652,13 @@ impl StateStore for PgStore {
                 &[&node.id, &(now as i64)],
             )
             .map_err(&err)?;
+            // Every certificate of the node, not only the current one: a renewal leaves the
+            // earlier ones valid until they expire. The node's row is locked: no renewal adds
+            // one meanwhile.
             tx.execute(
-                "UPDATE certs SET revoked_at = $3 WHERE project = $1 AND serial = $2",
-                &[&node.project, &(node.cert_serial as i64), &(now as i64)],
+                "UPDATE certs SET revoked_at = $3
+                 WHERE project = $1 AND kind = 'node' AND subject = $2 AND revoked_at IS NULL",
+                &[&node.project, &node.id, &(now as i64)],
             )
             .map_err(&err)?;
         }
@@ -674,6 +679,84 @@ impl StateStore for PgStore {
             row: node_row(&r),
             public_key: r.get(9),
             cert_not_after: r.get::<_, Option<i64>>(10).map(|t| t as u64),
+        }))
+    }
+
+    fn renew(&mut self, r: &Renewal<'_>, sign: SignCert<'_>) -> Result<Renewed, ProjectError> {
+        let err = pg_err(&self.url);
+        let mut tx = self.client.transaction().map_err(&err)?;
+        // The node's row locked until commit, then the project's (for the serial): renewals of
+        // one node queue here, so 20 at once sign once, and a revocation (which locks the same
+        // row first) either waits for this one or is seen by it.
+        let node = tx
+            .query_opt(
+                "SELECT project, address, revoked_at FROM nodes WHERE id = $1 FOR UPDATE",
+                &[&r.node],
+            )
+            .map_err(&err)?;
+        let (project, address): (String, String) = match node {
+            None => return Ok(Renewed::NoNode),
+            Some(row) if row.get::<_, Option<i64>>(2).is_some() => return Ok(Renewed::Revoked),
+            Some(row) => (row.get(0), row.get(1)),
+        };
+        let current = tx
+            .query_opt(
+                "SELECT c.serial, c.issued, c.not_after, c.pem
+                 FROM nodes n JOIN certs c ON c.project = n.project AND c.serial = n.cert_serial
+                 WHERE n.id = $1",
+                &[&r.node],
+            )
+            .map_err(&err)?
+            .map(|row| NodeCert {
+                project: project.clone(),
+                address: address.clone(),
+                serial: row.get::<_, i64>(0) as u64,
+                issued: row.get::<_, i64>(1) as u64,
+                not_after: row.get::<_, i64>(2) as u64,
+                pem: row.get(3),
+            });
+        let current = match current {
+            Some(c) if c.not_after > r.now => c,
+            other => return Ok(Renewed::Expired(other.map_or(0, |c| c.not_after))),
+        };
+        if r.now.saturating_sub(current.issued) < r.min_interval {
+            return Ok(Renewed::Current(current));
+        }
+        let serial: i64 = tx
+            .query_one(
+                "UPDATE projects SET next_serial = next_serial + 1 WHERE name = $1
+                 RETURNING next_serial - 1",
+                &[&project],
+            )
+            .map_err(&err)?
+            .get(0);
+        let pem = sign(serial as u64)?;
+        tx.execute(
+            "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+             VALUES ($1, $2, 'node', $3, $4, $5, $6)",
+            &[
+                &project,
+                &serial,
+                &r.node,
+                &(r.now as i64),
+                &(r.not_after as i64),
+                &pem,
+            ],
+        )
+        .map_err(&err)?;
+        tx.execute(
+            "UPDATE nodes SET cert_serial = $2 WHERE id = $1",
+            &[&r.node, &serial],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(Renewed::Issued(NodeCert {
+            project,
+            address,
+            serial: serial as u64,
+            issued: r.now,
+            not_after: r.not_after,
+            pem,
         }))
     }
 

@@ -2,9 +2,10 @@
 
 use super::migrate::{Migration, SET_VERSION_SQLITE};
 use super::{
-    Allocation, CheckProjects, Claim, Enrollment, NewToken, NodeKey, PeerRegistration, PeerRow,
-    PublishCert, Registered, Resign, SignCert, SignCrl, SignNode, Snapshot, StateError, StateStore,
-    StoredCert, StoredNode, StoredToken, TokenInfo, TokenRecord, CERT_NOT_AFTER,
+    Allocation, CheckProjects, Claim, Enrollment, NewToken, NodeCert, NodeKey, PeerRegistration,
+    PeerRow, PublishCert, Registered, Renewal, Renewed, Resign, SignCert, SignCrl, SignNode,
+    Snapshot, StateError, StateStore, StoredCert, StoredNode, StoredToken, TokenInfo, TokenRecord,
+    CERT_NOT_AFTER,
 };
 use crate::ca::db::{Db, NodeRow, ProjectRow};
 use crate::ca::enroll::{internal, Refusal};
@@ -366,8 +367,8 @@ impl StateStore for Db {
                 )
                 .map_err(err)?;
                 tx.execute(
-                    "UPDATE certs SET revoked_at = ?3 WHERE project = ?1 AND serial = ?2",
-                    params![node.project, node.cert_serial as i64, now as i64],
+                    REVOKE_CERTS_SQLITE,
+                    params![node.project, node.id, now as i64],
                 )
                 .map_err(err)?;
             }
@@ -390,6 +391,80 @@ impl StateStore for Db {
             })
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    fn renew(&mut self, r: &Renewal<'_>, sign: SignCert<'_>) -> Result<Renewed, ProjectError> {
+        // BEGIN IMMEDIATE: no revocation, and no other renewal of this node, in between.
+        self.immediate(|tx, err| {
+            let node: Option<(String, String, Option<i64>)> = tx
+                .query_row(
+                    "SELECT project, address, revoked_at FROM nodes WHERE id = ?1",
+                    [r.node],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()
+                .map_err(err)?;
+            let (project, address) = match node {
+                None => return Ok(Renewed::NoNode),
+                Some((_, _, Some(_))) => return Ok(Renewed::Revoked),
+                Some((project, address, None)) => (project, address),
+            };
+            let current = tx
+                .query_row(CURRENT_CERT_SQLITE, [r.node], |row| {
+                    Ok(NodeCert {
+                        project: project.clone(),
+                        address: address.clone(),
+                        serial: row.get::<_, i64>(0)? as u64,
+                        issued: row.get::<_, i64>(1)? as u64,
+                        not_after: row.get::<_, i64>(2)? as u64,
+                        pem: row.get(3)?,
+                    })
+                })
+                .optional()
+                .map_err(err)?;
+            let current = match current {
+                Some(c) if c.not_after > r.now => c,
+                other => return Ok(Renewed::Expired(other.map_or(0, |c| c.not_after))),
+            };
+            if r.now.saturating_sub(current.issued) < r.min_interval {
+                return Ok(Renewed::Current(current));
+            }
+            let serial: i64 = tx
+                .query_row(
+                    "UPDATE projects SET next_serial = next_serial + 1 WHERE name = ?1
+                     RETURNING next_serial - 1",
+                    [&project],
+                    |row| row.get(0),
+                )
+                .map_err(err)?;
+            let pem = sign(serial as u64)?;
+            tx.execute(
+                "INSERT INTO certs (project, serial, kind, subject, issued, not_after, pem)
+                 VALUES (?1, ?2, 'node', ?3, ?4, ?5, ?6)",
+                params![
+                    project,
+                    serial,
+                    r.node,
+                    r.now as i64,
+                    r.not_after as i64,
+                    pem
+                ],
+            )
+            .map_err(err)?;
+            tx.execute(
+                "UPDATE nodes SET cert_serial = ?2 WHERE id = ?1",
+                params![r.node, serial],
+            )
+            .map_err(err)?;
+            Ok(Renewed::Issued(NodeCert {
+                project,
+                address,
+                serial: serial as u64,
+                issued: r.now,
+                not_after: r.not_after,
+                pem,
+            }))
+        })
     }
 
     fn register_peer(&mut self, reg: &PeerRegistration<'_>) -> Result<Registered, StateError> {
@@ -775,6 +850,16 @@ impl StateStore for Db {
             .map_err(|e| self.err(e))
     }
 }
+
+/// Revokes every certificate of node ?2 of project ?1 not revoked yet, at ?3: the current one and
+/// those it had before a renewal (node ids are never reused, so the subject is the node's own).
+const REVOKE_CERTS_SQLITE: &str = "UPDATE certs SET revoked_at = ?3
+     WHERE project = ?1 AND kind = 'node' AND subject = ?2 AND revoked_at IS NULL";
+
+/// Serial, issue time, not_after and PEM of node ?1's current certificate.
+const CURRENT_CERT_SQLITE: &str = "SELECT c.serial, c.issued, c.not_after, c.pem
+     FROM nodes n JOIN certs c ON c.project = n.project AND c.serial = n.cert_serial
+     WHERE n.id = ?1";
 
 /// Every row of `sql`, mapped by `f`.
 fn rows<T>(

@@ -464,6 +464,173 @@ both! {
     }
 }
 
+/// Renews `node` at `now` (valid until `now + 1000`) unless its certificate is younger than
+/// `min_interval`, signing "renewed SERIAL".
+fn renew(s: &mut dyn StateStore, node: &str, now: u64, min_interval: u64) -> Renewed {
+    s.renew(
+        &Renewal {
+            node,
+            now,
+            not_after: now + 1000,
+            min_interval,
+        },
+        &mut |serial| Ok(format!("renewed {serial}")),
+    )
+    .unwrap()
+}
+
+/// Certificate renewal (`POST /renew`) and what it means for revocation.
+mod renewal {
+    use super::*;
+
+    fn cert(serial: u64, issued: u64, pem: &str) -> NodeCert {
+        NodeCert {
+            project: "p".into(),
+            address: "10.8.0.2".into(),
+            serial,
+            issued,
+            not_after: issued + 1000,
+            pem: pem.into(),
+        }
+    }
+
+    both! {
+        fn renewal_signs_a_new_serial_for_the_same_node_and_revocation_lists_them_all(s, _c) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 5)).unwrap();
+            let e = enroll(s, "t", &[1; 32], 10).unwrap();
+            assert_eq!((e.node.as_str(), e.pem.as_str()), ("client1", "pem 1"));
+            // Within the interval: the certificate it has, nothing signed.
+            let current = NodeCert { not_after: 1010, ..cert(1, 10, "pem 1") };
+            let r = s.renew(
+                &Renewal { node: "client1", now: 20, not_after: 1020, min_interval: 100 },
+                &mut |_| panic!("signed within the interval"),
+            );
+            assert_eq!(r.unwrap(), Renewed::Current(current));
+            assert_eq!(renew(s, "client1", 110, 100), Renewed::Issued(cert(2, 110, "renewed 2")));
+            // The node row points at it; same id, key and address.
+            let k = s.node_key("client1").unwrap().unwrap();
+            assert_eq!((k.row.cert_serial, k.cert_not_after, k.public_key), (2, Some(1110), vec![1; 32]));
+            assert_eq!(k.row.address, "10.8.0.2");
+            // An enrollment retry with the same key and token gets the renewed one.
+            assert_eq!(enroll(s, "t", &[1; 32], 120).unwrap().pem, "renewed 2");
+            // A signer that fails rolls everything back: the serial is not spent.
+            let failed = s.renew(
+                &Renewal { node: "client1", now: 300, not_after: 1300, min_interval: 100 },
+                &mut |_| Err(ProjectError::NoProject("signer down".into())),
+            );
+            assert!(failed.is_err());
+            assert_eq!(s.node("client1").unwrap().unwrap().cert_serial, 2);
+            assert_eq!(renew(s, "client1", 300, 100), Renewed::Issued(cert(3, 300, "renewed 3")));
+            assert_eq!(s.project("p").unwrap().unwrap().next_serial, 4);
+            assert_eq!(renew(s, "client9", 300, 0), Renewed::NoNode);
+
+            // Revoking revokes every certificate the node ever had: the old ones are still
+            // valid until they expire, and the CRL lists all three.
+            s.revoke("client1", 400).unwrap();
+            let revoked: Vec<_> = s.export().unwrap().certs.iter().map(|c| (c.serial, c.revoked_at)).collect();
+            assert_eq!(revoked, [(1, Some(400)), (2, Some(400)), (3, Some(400))]);
+            let mut listed = Vec::new();
+            s.resign_crl("p", 500, 1500, Resign::Always, &mut |_, r| {
+                listed = r.to_vec();
+                Ok(String::new())
+            })
+            .unwrap();
+            assert_eq!(listed, [(1, 400), (2, 400), (3, 400)]);
+            // Revoked: nothing more signed; a second revocation keeps the time.
+            assert_eq!(renew(s, "client1", 500, 0), Renewed::Revoked);
+            s.revoke("client1", 600).unwrap();
+            assert!(s.export().unwrap().certs.iter().all(|c| c.revoked_at == Some(400)));
+        }
+
+        fn an_expired_certificate_is_not_renewed_and_other_nodes_are_untouched(s, _c) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 5)).unwrap();
+            enroll(s, "t", &[1; 32], 10).unwrap();
+            enroll(s, "t", &[2; 32], 10).unwrap();
+            // not_after 1010 is past at 1010 (the CRL's rule).
+            assert_eq!(renew(s, "client1", 1010, 0), Renewed::Expired(1010));
+            assert_eq!(renew(s, "client1", 5000, 0), Renewed::Expired(1010));
+            assert_eq!(renew(s, "client1", 1009, 0), Renewed::Issued(cert(3, 1009, "renewed 3")));
+            // Revoking client2 touches none of client1's certificates.
+            s.revoke("client2", 1100).unwrap();
+            let certs = s.export().unwrap().certs;
+            let of = |n: &str| -> Vec<_> { certs.iter().filter(|c| c.subject == n).map(|c| c.revoked_at).collect() };
+            assert_eq!(of("client1"), [None, None]);
+            assert_eq!(of("client2"), [Some(1100)]);
+        }
+
+        fn concurrent_renewals_of_one_node_sign_once(s, connect) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 5)).unwrap();
+            enroll(s, "t", &[1; 32], 10).unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(20));
+            let threads: Vec<_> = (0..20)
+                .map(|_| {
+                    let (mut store, start) = (connect(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        store
+                            .renew(
+                                &Renewal { node: "client1", now: 500, not_after: 1500, min_interval: 100 },
+                                &mut |serial| {
+                                    // Signing takes a while: the others arrive meanwhile.
+                                    std::thread::sleep(std::time::Duration::from_millis(50));
+                                    Ok(format!("renewed {serial}"))
+                                },
+                            )
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let got: Vec<Renewed> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let issued = got.iter().filter(|r| matches!(r, Renewed::Issued(_))).count();
+            assert_eq!(issued, 1, "{got:?}");
+            let c = cert(2, 500, "renewed 2");
+            assert!(got.iter().all(|r| *r == Renewed::Issued(c.clone()) || *r == Renewed::Current(c.clone())), "{got:?}");
+            assert_eq!(s.project("p").unwrap().unwrap().next_serial, 3);
+            assert_eq!(s.export().unwrap().certs.len(), 2);
+        }
+
+        fn a_revocation_racing_renewals_still_revokes_every_certificate(s, connect) {
+            s.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(())).unwrap();
+            s.create_token(&token("t", 1, 5)).unwrap();
+            enroll(s, "t", &[1; 32], 10).unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(9));
+            let renewals: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let (mut store, start) = (connect(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        store
+                            .renew(
+                                &Renewal { node: "client1", now: 100 + i, not_after: 2000, min_interval: 0 },
+                                &mut |serial| {
+                                    std::thread::sleep(std::time::Duration::from_millis(20));
+                                    Ok(format!("renewed {serial}"))
+                                },
+                            )
+                            .unwrap()
+                    })
+                })
+                .collect();
+            let mut revoker = connect();
+            start.wait();
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            revoker.revoke("client1", 150).unwrap();
+            let got: Vec<Renewed> = renewals.into_iter().map(|t| t.join().unwrap()).collect();
+            // Each renewal either came before the revocation (and its certificate is revoked
+            // with the others) or after it (refused).
+            assert!(got.iter().all(|r| matches!(r, Renewed::Issued(_) | Renewed::Revoked)), "{got:?}");
+            let certs = s.export().unwrap().certs;
+            let issued = got.iter().filter(|r| matches!(r, Renewed::Issued(_))).count();
+            assert_eq!(certs.len(), 1 + issued);
+            assert!(certs.iter().all(|c| c.revoked_at == Some(150)), "{certs:?}");
+            println!("{issued} of 8 renewals came before the revocation");
+        }
+    }
+}
+
 /// Registers `key` (32 bytes of `k`) for `node` with `endpoints` at `now`.
 fn register(s: &mut dyn StateStore, node: &str, k: u8, endpoints: &str, now: u64) -> Registered {
     s.register_peer(&PeerRegistration {
