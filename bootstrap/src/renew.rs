@@ -85,16 +85,22 @@ fn renewal(cfg: &Config, force: bool) -> Result<(&'static str, u64), AgentError>
     )?;
     let r = Response::verify(&body, enroll_key, &digest)
         .map_err(|e| AgentError::EnrollRefused(format!("renewal answer: {e}")))?;
-    // Signed, so only a server's mistake gets these wrong; each would break the tunnel.
-    let until = match validity(&r.certificate) {
-        Some((_, until))
-            if r.node == node.as_str() && address.parse() == Ok(r.address) && until > now() =>
+    // Signed, so only a server's mistake gets these wrong; each would break the tunnel (a
+    // certificate of another key: OpenVPN refuses to start with node.key).
+    let pem = der::pem_decode("CERTIFICATE", &r.certificate).unwrap_or_default();
+    let until = match der::cert_validity_and_key(&pem) {
+        Some((_, until, spki))
+            if r.node == node.as_str()
+                && address.parse() == Ok(r.address)
+                && until > now()
+                && spki == &der::ed25519_spki(&key.pk)[2..] =>
         {
             until
         }
         _ => {
             return Err(AgentError::EnrollRefused(
-                "renewal answer: not for this node's id and address, or no validity left".into(),
+                "renewal answer: not for this node's id, address and key, or no validity left"
+                    .into(),
             ))
         }
     };

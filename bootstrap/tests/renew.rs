@@ -292,26 +292,41 @@ fn a_tampered_answer_is_refused_and_changes_nothing() {
     );
 }
 
+/// A proxy rewrite that changes the answer with `edit` and signs it again with the real
+/// enrollment key, as a server with a bug or a mixed-up database would.
+fn resigned(edit: fn(&mut Response)) -> MakeRewrite {
+    Box::new(move |project: &Project| {
+        let pem =
+            std::fs::read_to_string(project.path("state/projects/default/enroll.key")).unwrap();
+        let seed =
+            der::ed25519_seed_from_pkcs8(&der::pem_decode("PRIVATE KEY", &pem).unwrap()).unwrap();
+        let kp = KeyPair::from_seed(Seed::new(seed));
+        let key = EnrollKey(*kp.pk);
+        Arc::new(move |request: &[u8], body: Vec<u8>| {
+            let digest = idhal_manifest::renew::request_digest(request);
+            let mut r = Response::verify(&body, &key, &digest).unwrap();
+            edit(&mut r);
+            r.sign(&kp)
+        })
+    })
+}
+
 #[test]
 fn an_answer_signed_for_another_address_is_refused() {
-    // Signed by the real enrollment key (as a server with a bug, or a mixed-up database, would
-    // sign it) for this request, with another address: the tunnel would come up elsewhere.
+    // The tunnel would come up elsewhere.
     through(
-        Box::new(|project: &Project| {
-            let pem =
-                std::fs::read_to_string(project.path("state/projects/default/enroll.key")).unwrap();
-            let seed = der::ed25519_seed_from_pkcs8(&der::pem_decode("PRIVATE KEY", &pem).unwrap())
-                .unwrap();
-            let kp = KeyPair::from_seed(Seed::new(seed));
-            let key = EnrollKey(*kp.pk);
-            Arc::new(move |request: &[u8], body: Vec<u8>| {
-                let digest = idhal_manifest::renew::request_digest(request);
-                let mut r = Response::verify(&body, &key, &digest).unwrap();
-                r.address = "10.134.9.9".parse().unwrap();
-                r.sign(&kp)
-            })
-        }),
-        "not for this node's id and address, or no validity left",
+        resigned(|r| r.address = "10.134.9.9".parse().unwrap()),
+        "not for this node's id, address and key, or no validity left",
+    );
+}
+
+#[test]
+fn an_answer_signed_with_a_certificate_of_another_key_is_refused() {
+    // The CA's own certificate in place of the node's: valid, for another key. Written, OpenVPN
+    // would refuse to start with node.key, and the node would read as not due for weeks.
+    through(
+        resigned(|r| r.certificate = r.ca.clone()),
+        "not for this node's id, address and key, or no validity left",
     );
 }
 
@@ -420,17 +435,22 @@ fn the_shipped_scriptlet_renews_and_signals_the_tunnel() {
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let fake = bin.join("openvpn");
     std::os::unix::fs::symlink("/bin/sleep", &fake).unwrap();
-    let tunnel = || {
-        let child = std::process::Command::new(&fake)
+    let enroll_dir = node.state().join("enroll");
+    // `program` sleeping in `dir`, named by the pid file.
+    let started = |program: &std::path::Path, dir: &std::path::Path| {
+        let child = std::process::Command::new(program)
             .arg("600")
+            .current_dir(dir)
             .spawn()
             .unwrap();
-        std::fs::write(
-            node.state().join("enroll/openvpn.pid"),
-            format!("{}\n", child.id()),
-        )
-        .unwrap();
+        std::fs::write(enroll_dir.join("openvpn.pid"), format!("{}\n", child.id())).unwrap();
         child
+    };
+    // What 000-enroll.sh does as it starts the tunnel: the copy of what it reads, then
+    // OpenVPN working in enroll/.
+    let tunnel = || {
+        std::fs::copy(enroll_dir.join("node.crt"), enroll_dir.join("tunnel.crt")).unwrap();
+        started(&fake, &enroll_dir)
     };
     let run_with_path = |serial_note: &str| {
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
@@ -475,22 +495,47 @@ fn the_shipped_scriptlet_renews_and_signals_the_tunnel() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(1), "not SIGHUP: {status:?}");
 
-    // A pid file naming something else (a reboot since): no signal to it.
-    let mut other = std::process::Command::new("/bin/sleep")
-        .arg("600")
-        .spawn()
-        .unwrap();
-    std::fs::write(
-        node.state().join("enroll/openvpn.pid"),
-        format!("{}\n", other.id()),
-    )
-    .unwrap();
+    // Signalled once: the next run (still due) renews again and signals again, a run after a
+    // signal that reached the tunnel with nothing new does not.
+    std::fs::write(node.config(), "retries = 0\ntimeout = 5s\n").unwrap();
+    let mut child = tunnel();
+    let log = run_with_path("signalled before");
+    assert!(log.starts_with("not-due "), "{log}");
+    assert_eq!(child.try_wait().unwrap(), None, "signalled twice");
+
+    // A renewal whose signal was lost (no tunnel of ours then: here a pid naming another
+    // process, as after a reboot): no signal to that process, and the next run with the
+    // tunnel back signals it, though `renew` itself says not-due.
+    let mut other = started(std::path::Path::new("/bin/sleep"), &enroll_dir);
+    std::fs::write(node.config(), "retries = 0\ntimeout = 5s\nrenew_at = 0\n").unwrap();
     let log = run_with_path("stale pid");
     assert!(
-        log.contains("renewed ") && log.contains("no OpenVPN running"),
+        log.contains("renewed ") && log.contains("no OpenVPN of ours running"),
         "{log}"
     );
     assert_eq!(other.try_wait().unwrap(), None);
     other.kill().unwrap();
     other.wait().unwrap();
+    // An `openvpn` that is not ours (working elsewhere): not signalled either.
+    let mut foreign = started(&fake, node.dir.path());
+    std::fs::write(node.config(), "retries = 0\ntimeout = 5s\n").unwrap();
+    let log = run_with_path("foreign openvpn");
+    assert!(log.contains("no OpenVPN of ours running"), "{log}");
+    assert_eq!(
+        foreign.try_wait().unwrap(),
+        None,
+        "signalled a foreign openvpn"
+    );
+    foreign.kill().unwrap();
+    foreign.wait().unwrap();
+    // Ours back (without a new copy, as a tunnel restarted by hand): signalled now.
+    let mut child = started(&fake, &enroll_dir);
+    let log = run_with_path("lost signal");
+    assert!(log.starts_with("not-due "), "{log}");
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(1),
+        "the lost signal was not sent again: {status:?}"
+    );
 }

@@ -144,7 +144,13 @@ fn x509_time(tag: u8, text: &[u8]) -> Option<u64> {
 /// tbsCertificate → version, serial, signature, issuer skipped → Validity). `None` for anything
 /// not shaped so, or a validity that ends before it starts. Nothing else is read or checked:
 /// the agent takes the certificate from a signed answer, this only says when to renew it.
-pub fn cert_validity(mut der: &[u8]) -> Option<(u64, u64)> {
+pub fn cert_validity(der: &[u8]) -> Option<(u64, u64)> {
+    cert_validity_and_key(der).map(|(from, until, _)| (from, until))
+}
+
+/// `cert_validity`, and the content of the certificate's subjectPublicKeyInfo (after the
+/// subject), to compare with [`ed25519_spki`]'s: whose key the certificate certifies.
+pub fn cert_validity_and_key(mut der: &[u8]) -> Option<(u64, u64, &[u8])> {
     let (0x30, mut cert) = next(&mut der)? else {
         return None;
     };
@@ -168,7 +174,13 @@ pub fn cert_validity(mut der: &[u8]) -> Option<(u64, u64)> {
     let (t1, c1) = next(&mut validity)?;
     let (t2, c2) = next(&mut validity)?;
     let (from, until) = (x509_time(t1, c1)?, x509_time(t2, c2)?);
-    (validity.is_empty() && from <= until).then_some((from, until))
+    let (0x30, _subject) = next(&mut tbs)? else {
+        return None;
+    };
+    let (0x30, spki) = next(&mut tbs)? else {
+        return None;
+    };
+    (validity.is_empty() && from <= until).then_some((from, until, spki))
 }
 
 /// The DER inside the first PEM block labelled `label`.

@@ -652,16 +652,18 @@ impl StateStore for PgStore {
                 &[&node.id, &(now as i64)],
             )
             .map_err(&err)?;
-            // Every certificate of the node, not only the current one: a renewal leaves the
-            // earlier ones valid until they expire. The node's row is locked: no renewal adds
-            // one meanwhile.
-            tx.execute(
-                "UPDATE certs SET revoked_at = $3
-                 WHERE project = $1 AND kind = 'node' AND subject = $2 AND revoked_at IS NULL",
-                &[&node.project, &node.id, &(now as i64)],
-            )
-            .map_err(&err)?;
         }
+        // Every certificate of the node, not only the current one: a renewal leaves the
+        // earlier ones valid until they expire. Also for a node revoked before (by an older
+        // `idhal revoke` that marked only the current one). The node's row is locked: no
+        // renewal adds one meanwhile.
+        let at = node.revoked_at.unwrap_or(now) as i64;
+        tx.execute(
+            "UPDATE certs SET revoked_at = $3
+             WHERE project = $1 AND kind = 'node' AND subject = $2 AND revoked_at IS NULL",
+            &[&node.project, &node.id, &at],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(Some(node))
     }

@@ -366,12 +366,15 @@ impl StateStore for Db {
                     params![node.id, now as i64],
                 )
                 .map_err(err)?;
-                tx.execute(
-                    REVOKE_CERTS_SQLITE,
-                    params![node.project, node.id, now as i64],
-                )
-                .map_err(err)?;
             }
+            // Also for a node revoked before: a certificate left valid (revoked by an older
+            // `idhal revoke` that marked only the current one) goes on the CRL now.
+            let at = node.revoked_at.unwrap_or(now);
+            tx.execute(
+                REVOKE_CERTS_SQLITE,
+                params![node.project, node.id, at as i64],
+            )
+            .map_err(err)?;
             Ok::<_, StateError>(Some(node))
         })
     }
