@@ -222,6 +222,13 @@ fn every_refusal_has_its_own_status_and_message() {
     let (status, body) = http(&server.addr, "POST", "/enroll", &req);
     assert_eq!(status, 422);
     assert!(String::from_utf8_lossy(&body).contains("-3600 s away"));
+    // A signed time at the end of u64 (as i64, negative): far off, not an overflow (a 500).
+    for time in [u64::MAX, 1 << 63] {
+        let req = request(&real, NodeKey::random().csr(), time);
+        let (status, body) = http(&server.addr, "POST", "/enroll", &req);
+        assert_eq!(status, 422, "{time}: {}", String::from_utf8_lossy(&body));
+        assert!(String::from_utf8_lossy(&body).contains(" s away from the server's clock"));
+    }
 
     // Malformed, and a CSR whose self-signature is broken (no proof of possession).
     let (status, _) = http(&server.addr, "POST", "/enroll", b"hello\n");

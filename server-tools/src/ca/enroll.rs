@@ -234,7 +234,7 @@ impl Enroller {
             EnrollError::RequestSignature => Refusal::BadSignature,
             other => Refusal::Malformed(other.to_string()),
         })?;
-        let skew = req.time as i64 - now as i64;
+        let skew = crate::ca::clock_skew(req.time, now);
         if skew.unsigned_abs() > self.cfg.ca.max_clock_skew_secs {
             return Err(Refusal::ClockSkew(skew));
         }

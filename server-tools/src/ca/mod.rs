@@ -22,6 +22,18 @@ use db::DbError;
 use pki::CaError;
 use std::path::PathBuf;
 
+/// How far a request's `time` is from the server's clock `now`, in seconds (positive: ahead),
+/// saturated: a signed time near `u64::MAX` is far off, not an overflow. Enrollment, peers and
+/// renewal compare it with `[ca] max_clock_skew_secs`.
+pub fn clock_skew(time: u64, now: u64) -> i64 {
+    let off = i64::try_from(time.abs_diff(now)).unwrap_or(i64::MAX);
+    if time >= now {
+        off
+    } else {
+        -off
+    }
+}
+
 /// Why a project-level step (a check, `ca init`, `ca issue-server`, a CRL) failed or was
 /// refused: one line for the admin, naming the project, pool, server or file.
 #[derive(Debug, thiserror::Error)]
@@ -109,4 +121,17 @@ pub fn require_project(
 ) -> Result<db::ProjectRow, ProjectError> {
     db.project(project)?
         .ok_or_else(|| ProjectError::NoProject(project.to_owned()))
+}
+
+#[cfg(test)]
+mod skew_tests {
+    #[test]
+    fn clock_skew_saturates() {
+        use super::clock_skew;
+        assert_eq!(clock_skew(110, 100), 10);
+        assert_eq!(clock_skew(90, 100), -10);
+        assert_eq!(clock_skew(u64::MAX, 100), i64::MAX);
+        assert_eq!(clock_skew(0, u64::MAX), -i64::MAX);
+        assert_eq!(clock_skew(u64::MAX, 0), i64::MAX);
+    }
 }

@@ -150,7 +150,7 @@ impl Peers {
             }
         }
         let cfg = self.enroller.config();
-        let skew = req.time as i64 - now as i64;
+        let skew = crate::ca::clock_skew(req.time, now);
         if skew.unsigned_abs() > cfg.ca.max_clock_skew_secs {
             return Err(Refusal::ClockSkew(skew));
         }

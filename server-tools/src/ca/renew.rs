@@ -127,7 +127,7 @@ impl Renewer {
             at => return Err(expired(at.unwrap_or(0))),
         }
         let cfg = self.enroller.config();
-        let skew = signed.request.time as i64 - now as i64;
+        let skew = crate::ca::clock_skew(signed.request.time, now);
         if skew.unsigned_abs() > cfg.ca.max_clock_skew_secs {
             return Err(Refusal::ClockSkew(skew));
         }
