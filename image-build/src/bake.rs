@@ -101,7 +101,7 @@ pub fn bake(
         ])
         .args(["-display", "none", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
-        .arg(&base.kernel)
+        .arg(base.boot_kernel())
         .arg("-initrd")
         .arg(&initrd)
         .args([

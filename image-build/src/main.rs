@@ -15,12 +15,14 @@ small busybox initramfs holding the static agent, its config, OpenVPN with its l
 modules they need, and an ext4 state disk made without mounting anything.\n\n\
 Packages come from image-build/debian.lock (name, version, sha256), fetched with `apt-get download` \
 and refused if their hash differs. The result is reproducible (sorted archive, fixed timestamps) and \
-cached under --cache-dir by a hash of every input, so a second build takes milliseconds.",
+cached under --cache-dir by a hash of every input, so a second build takes milliseconds.\n\n\
+vmlinux is vmlinuz unpacked (an ELF with a PVH entry): QEMU boots it directly, about 0.2 s sooner \
+under TCG; either works with -kernel.",
     after_help = "Examples:\n  \
 idhal-image build --agent target/x86_64-unknown-linux-musl/release/idhal-bootstrap \\\n      \
 --key keys/idhal.pub --out vnode/\n  \
 qemu-system-x86_64 -accel tcg -cpu qemu64,+rdrand -m 256 -nodefaults -display none -serial stdio \\\n      \
--kernel vnode/vmlinuz -initrd vnode/initrd.img \\\n      \
+-kernel vnode/vmlinux -initrd vnode/initrd.img \\\n      \
 -append 'console=ttyS0 quiet idhal.server=http://10.0.2.100:8080/' \\\n      \
 -drive file=vnode/state.img,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0 \\\n      \
 -netdev 'user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8080-cmd:socat -lf /tmp/fwd.log - TCP:127.0.0.1:8080' \\\n      \
@@ -35,7 +37,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Build a vnode: OUT/vmlinuz, OUT/initrd.img (base + the baked key), OUT/state.img.
+    /// Build a vnode: OUT/vmlinuz, OUT/vmlinux (the same kernel unpacked, when it can be),
+    /// OUT/initrd.img (base + the baked key), OUT/state.img.
     Build {
         /// The static agent (x86_64 musl build of idhal-bootstrap).
         #[arg(long)]
@@ -149,6 +152,18 @@ fn main() -> Result<()> {
                 None => ib::Overlay::default(),
             };
             std::fs::copy(&base.kernel, out.join("vmlinuz")).context("copying the kernel")?;
+            let pvh = out.join(ib::kernel::PVH_KERNEL);
+            match &base.kernel_pvh {
+                Some(elf) => {
+                    std::fs::copy(elf, &pvh).context("copying the unpacked kernel")?;
+                }
+                // A stale one from an earlier kernel would be booted instead of this one.
+                None => match std::fs::remove_file(&pvh) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).context("removing the old unpacked kernel"),
+                },
+            }
             ib::node_initrd(
                 &base,
                 &overlay,
@@ -167,8 +182,13 @@ fn main() -> Result<()> {
                 if base.built { "built" } else { "cached" },
                 t.elapsed().as_secs_f64()
             );
+            let vmlinux = if base.kernel_pvh.is_some() {
+                format!(" {}/vmlinux", out.display())
+            } else {
+                String::new()
+            };
             println!(
-                "wrote {0}/vmlinuz {0}/initrd.img {0}/state.img",
+                "wrote {0}/vmlinuz{vmlinux} {0}/initrd.img {0}/state.img",
                 out.display()
             );
         }

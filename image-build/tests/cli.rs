@@ -115,7 +115,7 @@ fn build_writes_kernel_initrd_and_disk_and_caches_the_base() {
     assert!(second.status.success());
     let text = String::from_utf8_lossy(&second.stdout);
     assert!(text.contains("(cached)"), "{text}");
-    for f in ["vmlinuz", "initrd.img", "state.img"] {
+    for f in ["vmlinuz", "vmlinux", "initrd.img", "state.img"] {
         assert!(
             d.path().join("out").join(f).metadata().unwrap().len() > 0,
             "{f}"

@@ -2,7 +2,11 @@
 //! printed in this boot", "has the k-th agent run finished", never as a stream that an earlier
 //! wait could have moved past (a wait that consumed `IDHAL-EVENT ready` made the next one miss
 //! it: issue 12). The only cursor is the live view's, and no wait reads it.
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const RUN_START: &str = "IDHAL-EVENT run-start";
 pub const RUN_EXIT: &str = "IDHAL-EVENT run-exit=";
@@ -171,6 +175,81 @@ fn strip_controls(line: &str) -> String {
         }
     }
     out
+}
+
+/// When each line of a log file first appeared, on the host's clock: a thread reads what was
+/// appended every [`LineTimes::PERIOD`] and stamps each new whole line with the time it saw it.
+/// The boot breakdown puts guest events (which carry the guest's uptime) and host events
+/// (OpenVPN's log, the hook's line) on one clock with it; a line's stamp is late by at most one
+/// period plus the read.
+pub struct LineTimes {
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LineTimes {
+    pub const PERIOD: Duration = Duration::from_millis(10);
+
+    /// Starts following `path` (which may not exist yet). `view` turns a raw line into what is
+    /// kept (a console's terminal view, or the line as it is).
+    pub fn follow(path: &Path, view: fn(&str) -> String) -> LineTimes {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (out, halt, path) = (lines.clone(), stop.clone(), path.to_path_buf());
+        std::thread::spawn(move || {
+            // Bytes of whole lines taken so far, and a line's start not yet ended by '\n'.
+            let (mut offset, mut partial) = (0u64, Vec::new());
+            while !halt.load(Ordering::Relaxed) {
+                let mut chunk = Vec::new();
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    if f.seek(SeekFrom::Start(offset)).is_ok() {
+                        let _ = f.read_to_end(&mut chunk);
+                    }
+                }
+                if !chunk.is_empty() {
+                    let now = Instant::now();
+                    offset += chunk.len() as u64;
+                    partial.extend_from_slice(&chunk);
+                    if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
+                        let whole: Vec<u8> = partial.drain(..=end).collect();
+                        out.lock().unwrap().extend(
+                            String::from_utf8_lossy(&whole)
+                                .lines()
+                                .map(|l| (now, view(l))),
+                        );
+                    }
+                }
+                std::thread::sleep(Self::PERIOD);
+            }
+        });
+        LineTimes { lines, stop }
+    }
+
+    /// The first line seen at or after `since` for which `pred` holds, and when it was seen.
+    pub fn first(&self, since: Instant, pred: impl Fn(&str) -> bool) -> Option<(Instant, String)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(t, l)| *t >= since && pred(l))
+            .cloned()
+    }
+
+    /// Every line seen so far with its time.
+    pub fn all(&self) -> Vec<(Instant, String)> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for LineTimes {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A console line as a terminal shows it (for [`LineTimes::follow`]).
+pub fn terminal_view(raw: &str) -> String {
+    shown(raw)
 }
 
 #[cfg(test)]

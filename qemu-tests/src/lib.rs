@@ -9,6 +9,7 @@
 //! this boot", [`console::Console`]), never as the next line of a stream. A [`Vm`] is killed when
 //! dropped, and its console log printed if the test is failing.
 pub mod bins;
+pub mod breakdown;
 pub mod ca;
 pub mod cluster;
 pub mod console;
@@ -248,7 +249,7 @@ impl Env {
             .join(format!("initrd-{}.img", self.initrds.get()));
         ib::node_initrd(&self.shared.base, &overlay, 0, &initrd).expect("node initrd");
         VmSpec {
-            kernel: self.shared.base.kernel.clone(),
+            kernel: self.shared.base.boot_kernel().to_path_buf(),
             initrd,
             disk: self.disk.clone(),
             disk_format: "raw".into(),

@@ -4,7 +4,7 @@
 //! monitor on a third (`set_link`), and optionally a second NIC on a LAN segment shared with
 //! another guest ([`LanNic`]). Killed with SIGKILL by pid when dropped; its console log is
 //! printed when the test is failing.
-use crate::console::{Console, READY};
+use crate::console::{Console, LineTimes, READY};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -199,6 +199,8 @@ pub struct Vm {
     /// `sh` requests sent in this boot: the guest numbers them the same way, from 1.
     sh_sent: u32,
     log: Console,
+    /// Each console line with the host time it appeared (for the boot breakdown).
+    stamped: LineTimes,
     pub started: Instant,
 }
 
@@ -306,6 +308,7 @@ impl Vm {
             name: name.into(),
             child,
             log: Console::new(&console),
+            stamped: LineTimes::follow(&console, crate::console::terminal_view),
             console,
             ctl_path,
             ctl: None,
@@ -322,6 +325,11 @@ impl Vm {
 
     pub fn console_text(&self) -> String {
         self.log.text()
+    }
+
+    /// Each console line of this boot with the host time it appeared.
+    pub fn stamped(&self) -> &LineTimes {
+        &self.stamped
     }
 
     /// The console as state: `find`, `run(k)`, `runs_started`.

@@ -4,10 +4,9 @@
 //! address or route (--ifconfig-noexec/--route-noexec): the host's network is untouched and
 //! nothing can leave the tunnel on the host side.
 use crate::ca::Ca;
+use crate::console::LineTimes;
 use idhal_test_support::{openvpn, Logged};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct OpenVpnServer {
@@ -16,10 +15,9 @@ pub struct OpenVpnServer {
     pub management: u16,
     /// OpenVPN's log; the hooks' stderr lands here too (`idhal hook client-connect: …`).
     pub log: PathBuf,
-    /// Every log line with the host time it was first seen (polled every 50 ms): when a hook
-    /// finished, for the figures.
-    seen: Arc<Mutex<Vec<(Instant, String)>>>,
-    stop: Arc<AtomicBool>,
+    /// Every log line with the host time it was first seen: when a hook finished, for the
+    /// figures.
+    seen: LineTimes,
 }
 
 impl OpenVpnServer {
@@ -31,35 +29,13 @@ impl OpenVpnServer {
         std::fs::write(&conf, ca.server_config()).unwrap();
         let log = dir.join("openvpn-server.log");
         let child = openvpn::spawn(openvpn::command(&dir).arg("--config").arg(&conf), &log);
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (seen, stop, log) = (seen.clone(), stop.clone(), log.clone());
-            std::thread::spawn(move || {
-                let mut done = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let bytes = std::fs::read(&log).unwrap_or_default();
-                    if let Some(end) = bytes.iter().rposition(|&b| b == b'\n') {
-                        if end + 1 > done {
-                            let now = Instant::now();
-                            let text = String::from_utf8_lossy(&bytes[done..end + 1]);
-                            seen.lock()
-                                .unwrap()
-                                .extend(text.lines().map(|l| (now, l.to_string())));
-                            done = end + 1;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
-        }
+        let seen = LineTimes::follow(&log, str::to_owned);
         let mut s = OpenVpnServer {
             child,
             port: ca.ports.port,
             management: ca.ports.management,
             log,
             seen,
-            stop,
         };
         s.child.wait_log(openvpn::UP, crate::Limits::SERVER_START);
         s
@@ -71,12 +47,7 @@ impl OpenVpnServer {
 
     /// The first log line seen after `since` for which `pred` holds, and when it was seen.
     pub fn seen(&self, since: Instant, pred: impl Fn(&str) -> bool) -> Option<(Instant, String)> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(t, l)| *t >= since && pred(l))
-            .cloned()
+        self.seen.first(since, pred)
     }
 
     /// Each connected client's link byte counters now, `(CN, received, sent)`, from the
@@ -138,7 +109,6 @@ impl OpenVpnServer {
 
 impl Drop for OpenVpnServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         // SIGKILL, not SIGTERM: a stopping server would run client-disconnect hooks against the
         // shared OAR. The Logged child then waits for it and prints its log if the test fails.
         let _ = self.child.child.kill();

@@ -95,6 +95,9 @@ fn joins(vm: &mut Vm, vpn: &OpenVpnServer, cluster: &Cluster, node_type: &str) -
         joined.address,
         host
     );
+    let breakdown = idhal_qemu_tests::breakdown::boot_to_alive(vm, vpn, &joined.node)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("FIGURE {}: {breakdown}", vm.name);
     Member {
         joined,
         host,

@@ -40,7 +40,10 @@ fn vm_image_rebuild_from_the_same_pins_is_byte_identical() {
     assert_eq!(again.key, shared.base.key);
     let a = std::fs::read(&again.initramfs).unwrap();
     let b = std::fs::read(&shared.base.initramfs).unwrap();
-    eprintln!("FIGURE initramfs {} KiB gzip", a.len() / 1024);
+    eprintln!(
+        "FIGURE initramfs {} KiB (uncompressed cpio)",
+        a.len() / 1024
+    );
     assert!(
         a == b,
         "initramfs differs between two builds of the same inputs"
@@ -49,6 +52,20 @@ fn vm_image_rebuild_from_the_same_pins_is_byte_identical() {
         std::fs::read(&again.kernel).unwrap(),
         std::fs::read(&shared.base.kernel).unwrap()
     );
+    // The pinned kernel is LZ4 with a PVH entry: every VM test boots the unpacked ELF.
+    let pvh = again
+        .kernel_pvh
+        .as_ref()
+        .expect("the pinned kernel unpacks into a PVH ELF");
+    assert_eq!(again.boot_kernel(), pvh.as_path());
+    let elf = std::fs::read(pvh).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    eprintln!(
+        "FIGURE kernel: bzImage {} KiB, unpacked ELF {} KiB",
+        std::fs::metadata(&again.kernel).unwrap().len() / 1024,
+        elf.len() / 1024
+    );
+    assert!(elf == std::fs::read(shared.base.kernel_pvh.as_ref().unwrap()).unwrap());
 
     // A second call is a cache hit.
     let t = std::time::Instant::now();

@@ -124,7 +124,10 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
     let Some(mut env) = Env::with(
         "demo",
         EnvOptions {
-            server_toml: cluster.server_toml(),
+            // One server, one node: the hook registers the node itself. The default
+            // (`deferred`) hands it to `idhal hook worker`, which a deployment runs beside
+            // OpenVPN (docs/hooks.md); without one, each connect would say so and do the same.
+            server_toml: format!("{}\n[hook]\nmode = \"sync\"\n", cluster.server_toml()),
             pool: None,
             vpn: true,
             ..EnvOptions::default()
@@ -141,7 +144,7 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
         env.ca.enroll_key
     ));
     out.ok(&format!(
-        "idhal ca issue-server {} + openvpn server-config: OpenVPN on 127.0.0.1:{} (management :{}), hooks `idhal hook` → OAR + Knot",
+        "idhal ca issue-server {} + openvpn server-config: OpenVPN on 127.0.0.1:{} (management :{}), hooks `idhal hook` (mode sync) → OAR + Knot",
         idhal_qemu_tests::ca::VPN_SERVER_NAME,
         env.vpn().port,
         env.vpn().management
@@ -255,6 +258,15 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
         alive.as_secs_f64(),
         run.since_start.as_secs_f64()
     );
+    // Where those seconds went, step by step (guest uptime and host stamps on one clock).
+    match idhal_qemu_tests::breakdown::boot_to_alive(&vm, vpn, &joined.node) {
+        Ok(b) => {
+            for (what, secs) in &b.rows {
+                out.line(&format!("  {secs:>5.2} s  {what}"));
+            }
+        }
+        Err(e) => out.line(&format!("  (no breakdown: {e})")),
+    }
 
     out.step(6, "a tampered manifest is refused, and nothing runs");
     env.project.scriptlet(
