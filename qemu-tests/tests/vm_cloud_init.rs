@@ -218,21 +218,32 @@ fn boot(env: &mut Env, agent: Agent, base: &Path, spec: &VmSpec, k: usize) -> Bo
     let mut spec = spec.clone();
     spec.disk = disk.clone();
     let mut vm = env.boot_spec(spec);
-    let line = vm.wait_line(
-        &format!(
-            "{STEP_LINE} ({} boot {k}: runcmd/scriptlet never ran?)",
-            agent.name()
-        ),
+    let end = format!("{REPORT}end");
+    // The step, or the report's end without it (the agent finished without running the step:
+    // say so at once, with its verdict, instead of waiting out the deadline).
+    let line = vm.wait(
+        &format!("{STEP_LINE} ({} boot {k})", agent.name()),
         STEP_DEADLINE,
-        |l| l.contains(STEP_LINE),
+        |c| c.find(|l| l.contains(STEP_LINE) || l.starts_with(&end)),
     );
+    if !line.contains(STEP_LINE) {
+        panic!(
+            "{} boot {k}: the step never ran; the guest reported:\n{}",
+            agent.name(),
+            vm.log()
+                .lines()
+                .into_iter()
+                .filter(|l| l.starts_with(REPORT))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     let step = vm.started.elapsed();
     let uptime = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("uptime="))
         .unwrap_or("?")
         .to_string();
-    let end = format!("{REPORT}end");
     vm.wait_for(&end, REPORT_DEADLINE);
     let report: Vec<(String, String)> = vm
         .log()
