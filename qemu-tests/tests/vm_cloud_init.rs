@@ -84,6 +84,9 @@ for u in $units; do
 done | out cpu
 systemd-analyze 2>&1 | head -n 3 | out time
 systemd-analyze blame 2>&1 | head -n 12 | out blame
+# When the agent's last unit started (@) and how long it took (+), and what it waited for.
+last=$(echo $units | tr ' ' '\n' | tail -n 1)
+systemd-analyze critical-chain "$last" 2>&1 | tail -n +3 | out chain
 case "$1" in
 cloud-init)
     cloud-init analyze show 2>&1 | grep -E '^(Finished stage|Total Time)' | out stage
@@ -435,7 +438,7 @@ fn vm_cloud_init_and_idhal_run_the_same_first_boot_step() {
             median(cpus)
         );
         let last = mine.last().unwrap();
-        for key in ["cpu", "system", "time", "stage", "exec", "blame"] {
+        for key in ["cpu", "system", "time", "stage", "exec", "chain", "blame"] {
             for l in last.lines(key) {
                 eprintln!("  {} {key}: {l}", agent.name());
             }
