@@ -99,10 +99,18 @@ esac
 echo "$p end" > /dev/console
 "#;
 
+/// Ordered after the agent's last unit: nothing of the report runs beside the agent (a
+/// `cloud-init status --wait` started early is a Python process polling on the one vCPU, ~2.5 s
+/// of CPU to import cloudinit alone). Type=simple: it holds no target either. No default
+/// dependencies: multi-user.target would be ordered after the units it wants, and cloud-final is
+/// ordered after multi-user.target (a cycle systemd breaks by dropping the report).
 fn report_unit(agent: Agent) -> String {
     format!(
-        "[Unit]\nDescription=idhal benchmark: report on the boot\n[Service]\nType=simple\n\
-         ExecStart=/usr/local/sbin/idhal-bench-report {}\n[Install]\nWantedBy=multi-user.target\n",
+        "[Unit]\nDescription=idhal benchmark: report on the boot\nDefaultDependencies=no\n\
+         After={}\n[Service]\n\
+         Type=simple\nExecStart=/usr/local/sbin/idhal-bench-report {}\n[Install]\n\
+         WantedBy=multi-user.target\n",
+        agent.units().last().unwrap(),
         agent.name()
     )
 }
