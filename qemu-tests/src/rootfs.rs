@@ -62,14 +62,19 @@ pub fn debian_cloud_init_image(cache: &Path) -> Result<CloudInitImage, String> {
     let text =
         std::fs::read_to_string(&record).map_err(|e| format!("{}: {e}", record.display()))?;
     let img = parse_record(&out, &text).map_err(|e| format!("{}: {e}", record.display()))?;
-    if !img.version.starts_with(CLOUD_INIT_SERIES) {
-        return Err(format!(
-            "{}: cloud-init {} installed; the benchmark is about {CLOUD_INIT_SERIES}x (Debian 12)",
-            out.display(),
-            img.version
-        ));
-    }
+    check_series(&img.version).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(img)
+}
+
+/// Refuses a cloud-init other than 22.4.x: the figures would be about another program.
+fn check_series(version: &str) -> Result<(), String> {
+    if version.starts_with(CLOUD_INIT_SERIES) {
+        Ok(())
+    } else {
+        Err(format!(
+            "cloud-init {version} installed; the benchmark is about {CLOUD_INIT_SERIES}x (Debian 12)"
+        ))
+    }
 }
 
 /// `version V`, `du-before N`, `du-after N`, then `pkg NAME KIB` lines.
@@ -266,4 +271,49 @@ fn partitioned(fs: &Path, disk: &Path) -> Result<(), String> {
         return Err(format!("dd: {}", String::from_utf8_lossy(&o.stderr)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_is_read_back_and_refused_when_malformed() {
+        let p = Path::new("x.img");
+        let img = parse_record(
+            p,
+            "version 22.4.2-1+deb12u4\ndu-before 10\ndu-after 30\npkg cloud-init 2709\npkg python3 81\n",
+        )
+        .unwrap();
+        assert_eq!(img.version, "22.4.2-1+deb12u4");
+        assert_eq!((img.du_before, img.du_after), (10, 30));
+        assert_eq!(img.installed_size(), (2709 + 81) * 1024);
+        assert_eq!(
+            parse_record(p, "").unwrap_err(),
+            "no cloud-init version recorded"
+        );
+        assert_eq!(
+            parse_record(p, "version 22.4.2\npkg cloud-init many\n").unwrap_err(),
+            "bad number in \"pkg cloud-init many\""
+        );
+        assert_eq!(
+            parse_record(p, "version 22.4.2\nversion\n").unwrap_err(),
+            "unexpected line \"version\""
+        );
+        assert_eq!(
+            parse_record(p, &"x".repeat(100_000)).unwrap_err().len(),
+            100_000 + "unexpected line \"\"".len()
+        );
+    }
+
+    #[test]
+    fn only_the_22_4_series_is_measured() {
+        assert_eq!(check_series("22.4.2-1+deb12u4"), Ok(()));
+        assert_eq!(
+            check_series("23.1.1-1").unwrap_err(),
+            "cloud-init 23.1.1-1 installed; the benchmark is about 22.4.x (Debian 12)"
+        );
+        assert!(check_series("").is_err());
+        assert!(check_series("122.4.1").is_err());
+    }
 }
