@@ -1,7 +1,7 @@
 //! The kernel as an ELF that QEMU boots directly (the PVH entry point): Debian's bzImage holds
 //! the kernel compressed with LZ4, and under TCG its self-decompression and the real-mode
 //! start cost ~0.2 s of every boot (QEMU start to the kernel's uptime 0: 0.37–0.60 s with the
-//! bzImage, 0.15–0.21 s with the ELF, 2026-12-04). Unpacked once per cached base.
+//! bzImage, 0.15–0.39 s with the ELF, 2026-12-04). Unpacked once per cached base.
 //!
 //! The bzImage layout is the x86 boot protocol's (Documentation/arch/x86/boot.rst): the setup
 //! header's `payload_offset`/`payload_length` (protocol 2.08+) locate the compressed kernel in
@@ -21,8 +21,23 @@ pub const MAX_KERNEL: usize = 256 << 20;
 const PVH_NOTE: u32 = 18;
 
 fn u32_at(d: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(d.get(o..o + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        d.get(o..o.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
+fn u64_at(d: &[u8], o: usize) -> Option<usize> {
+    usize::try_from(u64::from_le_bytes(
+        d.get(o..o.checked_add(8)?)?.try_into().ok()?,
+    ))
+    .ok()
+}
+fn u16_at(d: &[u8], o: usize) -> Option<usize> {
+    Some(usize::from(u16::from_le_bytes(
+        d.get(o..o.checked_add(2)?)?.try_into().ok()?,
+    )))
+}
+/// EM_X86_64.
+const X86_64: usize = 0x3e;
 
 /// Why a bzImage gives no PVH kernel. Not an error of the build: the bzImage is booted then.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,7 +50,7 @@ pub enum NoPvh {
     NotLz4,
     #[error("the LZ4 payload is corrupt: {0}")]
     Corrupt(String),
-    #[error("the unpacked kernel is larger than {MAX_KERNEL} bytes")]
+    #[error("the unpacked kernel is larger than the limit ({MAX_KERNEL} bytes)")]
     TooLarge,
     #[error("the unpacked kernel is not an x86_64 ELF with a PVH entry note")]
     NoPvhNote,
@@ -43,6 +58,11 @@ pub enum NoPvh {
 
 /// The ELF kernel with a PVH entry inside `bzimage`, or why there is none.
 pub fn pvh_elf(bzimage: &[u8]) -> Result<Vec<u8>, NoPvh> {
+    pvh_elf_within(bzimage, MAX_KERNEL)
+}
+
+/// [`pvh_elf`] with the largest unpacked kernel accepted.
+fn pvh_elf_within(bzimage: &[u8], max: usize) -> Result<Vec<u8>, NoPvh> {
     let version = bzimage
         .get(0x206..0x208)
         .map(|v| u16::from_le_bytes([v[0], v[1]]));
@@ -62,7 +82,7 @@ pub fn pvh_elf(bzimage: &[u8]) -> Result<Vec<u8>, NoPvh> {
         .checked_add(offset)
         .and_then(|start| bzimage.get(start..start.checked_add(length)?))
         .ok_or(NoPvh::Truncated)?;
-    let elf = lz4_legacy(payload)?;
+    let elf = lz4_legacy(payload, max)?;
     if !has_pvh_note(&elf) {
         return Err(NoPvh::NoPvhNote);
     }
@@ -71,7 +91,7 @@ pub fn pvh_elf(bzimage: &[u8]) -> Result<Vec<u8>, NoPvh> {
 
 /// Decodes LZ4's legacy format: magic, then `size, block` until the payload's last four bytes
 /// (the uncompressed size the kernel build appends, checked against what was decoded).
-fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, NoPvh> {
+fn lz4_legacy(payload: &[u8], max: usize) -> Result<Vec<u8>, NoPvh> {
     if u32_at(payload, 0) != Some(LZ4_LEGACY_MAGIC) {
         return Err(NoPvh::NotLz4);
     }
@@ -94,7 +114,7 @@ fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, NoPvh> {
             .ok_or_else(|| corrupt(format!("block of {size} bytes at {at} past the end")))?;
         let n = lz4_flex::block::decompress_into(data, &mut block)
             .map_err(|e| corrupt(format!("block at {at}: {e}")))?;
-        if out.len() + n > MAX_KERNEL {
+        if out.len() + n > max {
             return Err(NoPvh::TooLarge);
         }
         out.extend_from_slice(&block[..n]);
@@ -114,24 +134,20 @@ fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, NoPvh> {
 /// where QEMU's loader looks).
 fn has_pvh_note(d: &[u8]) -> bool {
     let ok = || -> Option<bool> {
-        if d.get(0..4)? != b"\x7fELF" || d[4] != 2 || d[5] != 1 {
+        // ELF, 64-bit, little-endian, x86_64.
+        if d.get(0..4)? != b"\x7fELF" || d.get(4..6)? != [2, 1] || u16_at(d, 0x12)? != X86_64 {
             return Some(false);
         }
-        let phoff =
-            usize::try_from(u64::from_le_bytes(d.get(0x20..0x28)?.try_into().ok()?)).ok()?;
-        let phentsize = usize::from(u16::from_le_bytes(d.get(0x36..0x38)?.try_into().ok()?));
-        let phnum = usize::from(u16::from_le_bytes(d.get(0x38..0x3a)?.try_into().ok()?));
+        let (phoff, phentsize, phnum) = (u64_at(d, 0x20)?, u16_at(d, 0x36)?, u16_at(d, 0x38)?);
         for i in 0..phnum {
             let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
             if u32_at(d, ph)? != 4 {
                 continue; // not PT_NOTE
             }
-            let off = usize::try_from(u64::from_le_bytes(d.get(ph + 8..ph + 16)?.try_into().ok()?))
-                .ok()?;
-            let size = usize::try_from(u64::from_le_bytes(
-                d.get(ph + 32..ph + 40)?.try_into().ok()?,
-            ))
-            .ok()?;
+            let (off, size) = (
+                u64_at(d, ph.checked_add(8)?)?,
+                u64_at(d, ph.checked_add(32)?)?,
+            );
             let notes = d.get(off..off.checked_add(size)?)?;
             let mut n = 0;
             while n + 12 <= notes.len() {
@@ -140,12 +156,15 @@ fn has_pvh_note(d: &[u8]) -> bool {
                     u32_at(notes, n + 4)? as usize,
                     u32_at(notes, n + 8)?,
                 );
-                let name = notes.get(n + 12..n + 12 + namesz)?;
+                let name = notes.get(n + 12..(n + 12).checked_add(namesz)?)?;
                 if kind == PVH_NOTE && name.starts_with(b"Xen") {
                     return Some(true);
                 }
-                let pad = |x: usize| (x + 3) & !3;
-                n += 12 + pad(namesz) + pad(descsz);
+                let pad = |x: usize| x.checked_add(3).map(|x| x & !3);
+                n = n
+                    .checked_add(12)?
+                    .checked_add(pad(namesz)?)?
+                    .checked_add(pad(descsz)?)?;
             }
         }
         Some(false)
@@ -194,6 +213,7 @@ mod tests {
         d[0..4].copy_from_slice(b"\x7fELF");
         d[4] = 2;
         d[5] = 1;
+        d[0x12] = 0x3e;
         d[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
         d[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         d[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
@@ -230,6 +250,20 @@ mod tests {
         assert_eq!(pvh_elf(&bzimage(&legacy(&kernel, 3))).unwrap(), kernel);
     }
 
+    /// Streams concatenated by the kernel build restart with the magic.
+    #[test]
+    fn reads_concatenated_lz4_streams() {
+        let mut kernel = elf(PVH_NOTE);
+        kernel.extend((0..50_000u32).map(|i| (i % 97) as u8));
+        let (a, b) = kernel.split_at(30_000);
+        let mut p = legacy(a, 1);
+        p.truncate(p.len() - 4);
+        let second = legacy(b, 2);
+        p.extend_from_slice(&second[..second.len() - 4]);
+        p.extend_from_slice(&(kernel.len() as u32).to_le_bytes());
+        assert_eq!(pvh_elf(&bzimage(&p)).unwrap(), kernel);
+    }
+
     #[test]
     fn says_why_there_is_no_pvh_kernel() {
         let kernel = elf(PVH_NOTE);
@@ -258,6 +292,30 @@ mod tests {
         let mut b = bzimage(&legacy(&kernel, 1));
         b[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(pvh_elf(&b), Err(NoPvh::Truncated));
+        // An ELF for another machine.
+        let mut arm = elf(PVH_NOTE);
+        arm[0x12] = 0xb7;
+        assert_eq!(pvh_elf(&bzimage(&legacy(&arm, 1))), Err(NoPvh::NoPvhNote));
+        // Too short to be an ELF at all (4 and 5 bytes: the header is read bounded).
+        for short in [&b"\x7fELF"[..], b"\x7fELF\x02"] {
+            assert_eq!(pvh_elf(&bzimage(&legacy(short, 1))), Err(NoPvh::NoPvhNote));
+        }
+        // Program headers said to be at the end of the address space.
+        let mut far = elf(PVH_NOTE);
+        far[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(pvh_elf(&bzimage(&legacy(&far, 1))), Err(NoPvh::NoPvhNote));
+        // A note size that overflows.
+        let mut note = elf(PVH_NOTE);
+        let ph = 0x40;
+        note[ph + 32..ph + 40].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(pvh_elf(&bzimage(&legacy(&note, 1))), Err(NoPvh::NoPvhNote));
+        // Larger than the limit.
+        let mut big = elf(PVH_NOTE);
+        big.resize(64 << 10, 7);
+        assert_eq!(
+            pvh_elf_within(&bzimage(&legacy(&big, 4)), 32 << 10),
+            Err(NoPvh::TooLarge)
+        );
         // Garbage instead of LZ4 blocks.
         let mut p = legacy(&kernel, 1);
         for x in &mut p[8..40] {

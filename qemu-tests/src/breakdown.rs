@@ -84,10 +84,11 @@ pub fn boot_to_alive(vm: &Vm, vpn: &OpenVpnServer, node: &str) -> Result<Breakdo
     };
     let init = guest("IDHAL-EVENT init ")?;
     let run = guest(crate::console::RUN_START)?;
-    let (verified, _) = host(
-        "accepted manifest line",
-        stamped.first(started, |l| l.contains("accepted manifest serial")),
-    )?;
+    // Said only when the manifest is new to the node (its first boot, a new serial): a reboot
+    // on the same manifest has one row from the run's start to the scriptlet instead.
+    let verified = stamped
+        .first(started, |l| l.contains("accepted manifest serial"))
+        .map(|(t, _)| on_guest_clock(t));
     let enroll = guest("IDHAL-TEST enroll-start ")?;
     let enrolled = guest("IDHAL-TEST enrolled ")?;
     let (connected, _) = host(
@@ -107,11 +108,18 @@ pub fn boot_to_alive(vm: &Vm, vpn: &OpenVpnServer, node: &str) -> Result<Breakdo
         ("QEMU to kernel", offset),
         ("kernel to /init", init),
         ("/init (modules, network, state disk)", run - init),
-        ("key pinned and manifest verified", verified - run),
-        ("to the scriptlet", enroll - verified),
+    ];
+    match verified {
+        Some(v) => rows.extend([
+            ("key pinned and manifest verified", v - run),
+            ("to the scriptlet", enroll - v),
+        ]),
+        None => rows.push(("agent: manifest checked, to the scriptlet", enroll - run)),
+    }
+    rows.extend([
         ("enrolment", enrolled - enroll),
         ("OpenVPN start, TCP and TLS", connected - enrolled),
-    ];
+    ]);
     // The hook's own figures, when its line has them: its steps under the node's lock, and
     // the rest (OpenVPN calling it, its start, the state database, the checks).
     match (

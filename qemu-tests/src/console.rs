@@ -202,6 +202,10 @@ impl LineTimes {
             while !halt.load(Ordering::Relaxed) {
                 let mut chunk = Vec::new();
                 if let Ok(mut f) = std::fs::File::open(&path) {
+                    // Truncated (a file written anew): start again from its beginning.
+                    if f.metadata().map(|m| m.len() < offset).unwrap_or(false) {
+                        (offset, partial) = (0, Vec::new());
+                    }
                     if f.seek(SeekFrom::Start(offset)).is_ok() {
                         let _ = f.read_to_end(&mut chunk);
                     }
@@ -212,11 +216,11 @@ impl LineTimes {
                     partial.extend_from_slice(&chunk);
                     if let Some(end) = partial.iter().rposition(|&b| b == b'\n') {
                         let whole: Vec<u8> = partial.drain(..=end).collect();
-                        out.lock().unwrap().extend(
-                            String::from_utf8_lossy(&whole)
-                                .lines()
-                                .map(|l| (now, view(l))),
-                        );
+                        let lines: Vec<(Instant, String)> = String::from_utf8_lossy(&whole)
+                            .lines()
+                            .map(|l| (now, view(l)))
+                            .collect();
+                        out.lock().unwrap().extend(lines);
                     }
                 }
                 std::thread::sleep(Self::PERIOD);
@@ -255,6 +259,41 @@ pub fn terminal_view(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whole lines only, each stamped once, a line written in two pieces kept whole; a file
+    /// written anew (shorter) is read again from its start.
+    #[test]
+    fn line_times_stamps_whole_lines_and_follows_a_new_file() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let t = LineTimes::follow(&path, str::to_owned);
+        let wait = |n: usize| {
+            let until = Instant::now() + Duration::from_secs(10);
+            while t.all().len() < n && Instant::now() < until {
+                std::thread::sleep(LineTimes::PERIOD);
+            }
+            t.all().into_iter().map(|(_, l)| l).collect::<Vec<_>>()
+        };
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"one\ntw").unwrap();
+        assert_eq!(wait(1), ["one"]);
+        std::thread::sleep(LineTimes::PERIOD * 3);
+        assert_eq!(t.all().len(), 1, "half a line is not a line");
+        f.write_all(b"o\nthree\n").unwrap();
+        assert_eq!(wait(3), ["one", "two", "three"]);
+        drop(f);
+        std::fs::write(&path, b"new\n").unwrap();
+        assert_eq!(wait(4), ["one", "two", "three", "new"]);
+        let since = t.first(Instant::now(), |_| true);
+        assert!(since.is_none(), "nothing seen after now");
+        assert_eq!(
+            t.first(Instant::now() - Duration::from_secs(60), |l| l == "two")
+                .unwrap()
+                .1,
+            "two"
+        );
+    }
     use std::io::Write as _;
 
     fn console(text: &str) -> (tempfile::TempDir, Console) {

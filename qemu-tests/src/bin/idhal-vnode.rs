@@ -71,7 +71,7 @@ fn main() -> Result<()> {
     let initrd = work.path().join("initrd.img");
     ib::node_initrd(&shared.base, &ib::key_overlay(&key), 0, &initrd)?;
     let spec = VmSpec {
-        kernel: shared.base.kernel.clone(),
+        kernel: shared.base.boot_kernel().to_path_buf(),
         initrd,
         disk,
         disk_format: "raw".into(),
