@@ -24,9 +24,19 @@ impl fmt::Display for Breakdown {
         write!(f, "boot to Alive {:.2} s =", self.total)?;
         for (i, (what, secs)) in self.rows.iter().enumerate() {
             let sep = if i == 0 { " " } else { " + " };
-            write!(f, "{sep}{what} {secs:.2}")?;
+            write!(f, "{sep}{what} {:.2}", shown(*secs))?;
         }
         Ok(())
+    }
+}
+
+/// A row as printed: a difference of figures rounded to 10 ms can be a hair below zero; that is
+/// 0.00, not -0.00 or -0.01.
+pub fn shown(secs: f64) -> f64 {
+    if secs > -0.015 && secs < 0.005 {
+        0.0
+    } else {
+        secs
     }
 }
 
@@ -168,5 +178,9 @@ mod tests {
         assert_eq!(step_secs(hook, "DNS"), Some(0.03));
         assert_eq!(step_secs(hook, "route"), None);
         assert_eq!(step_secs("OAR resource [1] Alive", "resource"), None);
+        assert_eq!(format!("{:.2}", shown(-0.004)), "0.00");
+        assert_eq!(format!("{:.2}", shown(-0.01)), "0.00");
+        assert_eq!(format!("{:.2}", shown(0.012)), "0.01");
+        assert_eq!(format!("{:.2}", shown(-0.2)), "-0.20");
     }
 }

@@ -262,6 +262,7 @@ fn demo(cli: &Cli, out: &Out, cluster: &Cluster) -> Result<()> {
     match idhal_qemu_tests::breakdown::boot_to_alive(&vm, vpn, &joined.node) {
         Ok(b) => {
             for (what, secs) in &b.rows {
+                let secs = idhal_qemu_tests::breakdown::shown(*secs);
                 out.line(&format!("  {secs:>5.2} s  {what}"));
             }
         }
