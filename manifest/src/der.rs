@@ -121,9 +121,15 @@ fn x509_time(tag: u8, text: &[u8]) -> Option<u64> {
         (_, yy) => 1900 + yy,
     };
     let (month, day, hour, min, sec) = (n(4), n(6), n(8), n(10), n(12));
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        2 => 28 + u64::from(leap),
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     if year < 1970
         || !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
+        || !(1..=month_days).contains(&day)
         || hour > 23
         || min > 59
         || sec > 59
@@ -288,6 +294,12 @@ mod tests {
                 gen("21000301000000Z"),
                 (1_767_225_600, 4_107_542_400),
             ),
+            // 29 February of leap years: 2024, and 2400 (a century divisible by 400).
+            (
+                utc("240229000000Z"),
+                gen("24000229000000Z"),
+                (1_709_164_800, 13_574_563_200),
+            ),
             (
                 utc("000229120000Z"),
                 utc("000229120000Z"),
@@ -331,6 +343,13 @@ mod tests {
             ((0x17, "690101000000Z"), (0x17, "270101000000Z")),
             ((0x17, "270101000000Z"), (0x17, "260101000000Z")),
             ((0x0c, "260101000000Z"), (0x17, "270101000000Z")),
+            // Days a month does not have: 31 April, 30 February, 29 February out of a leap
+            // year (2026; 2100, a century not divisible by 400).
+            ((0x17, "260431000000Z"), (0x17, "270101000000Z")),
+            ((0x17, "260230000000Z"), (0x17, "270101000000Z")),
+            ((0x17, "260229000000Z"), (0x17, "270101000000Z")),
+            ((0x17, "260101000000Z"), (0x18, "21000229000000Z")),
+            ((0x17, "261131000000Z"), (0x17, "270101000000Z")),
         ] {
             assert_eq!(
                 cert_validity(&cert_with(from, until)),

@@ -629,6 +629,68 @@ mod renewal {
             println!("{issued} of 8 renewals came before the revocation");
         }
     }
+
+    /// A node revoked by an older `idhal revoke`, which marked only the current certificate:
+    /// the one it was renewed from is still valid. Revoking it again puts that one on the CRL
+    /// too, at the first revocation's time. `src` and `dst` are two empty databases.
+    fn a_second_revoke_marks_what_an_older_one_left(
+        src: &mut dyn StateStore,
+        dst: &mut dyn StateStore,
+    ) {
+        src.insert_project("p", 0, "10.8.0.0/24", &mut |_| Ok(()))
+            .unwrap();
+        src.create_token(&token("t", 1, 5)).unwrap();
+        enroll(src, "t", &[1; 32], 10).unwrap();
+        assert_eq!(
+            renew(src, "client1", 110, 0),
+            Renewed::Issued(cert(2, 110, "renewed 2"))
+        );
+        src.revoke("client1", 400).unwrap();
+        let mut snapshot = src.export().unwrap();
+        for c in &mut snapshot.certs {
+            if c.serial == 1 {
+                c.revoked_at = None;
+            }
+        }
+        dst.import(&snapshot).unwrap();
+        let revoked = |s: &mut dyn StateStore| -> Vec<_> {
+            s.export()
+                .unwrap()
+                .certs
+                .iter()
+                .map(|c| (c.serial, c.revoked_at))
+                .collect()
+        };
+        assert_eq!(revoked(dst), [(1, None), (2, Some(400))]);
+        let before = dst.revoke("client1", 600).unwrap().unwrap();
+        assert_eq!(before.revoked_at, Some(400), "already revoked");
+        assert_eq!(revoked(dst), [(1, Some(400)), (2, Some(400))]);
+        let mut listed = Vec::new();
+        dst.resign_crl("p", 700, 1700, Resign::Always, &mut |_, r| {
+            listed = r.to_vec();
+            Ok(String::new())
+        })
+        .unwrap();
+        assert_eq!(listed, [(1, 400), (2, 400)]);
+    }
+
+    #[test]
+    fn a_second_revoke_marks_what_an_older_one_left_on_sqlite() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut src = Db::open(a.path(), Open::Create).unwrap();
+        let mut dst = Db::open(b.path(), Open::Create).unwrap();
+        a_second_revoke_marks_what_an_older_one_left(&mut src, &mut dst);
+    }
+
+    #[test]
+    fn a_second_revoke_marks_what_an_older_one_left_on_postgresql() {
+        let Some(pg) = idhal_test_support::pg::shared() else {
+            return;
+        };
+        let mut src = PgStore::connect(&pg.fresh_db(), None, Open::Create).unwrap();
+        let mut dst = PgStore::connect(&pg.fresh_db(), None, Open::Create).unwrap();
+        a_second_revoke_marks_what_an_older_one_left(&mut src, &mut dst);
+    }
 }
 
 /// Registers `key` (32 bytes of `k`) for `node` with `endpoints` at `now`.
