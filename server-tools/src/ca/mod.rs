@@ -6,6 +6,7 @@
 pub mod crl;
 pub mod db;
 pub mod enroll;
+pub mod node_request;
 pub mod peers;
 pub mod pki;
 pub mod project;

@@ -10,7 +10,8 @@
 
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
-use crate::ca::state::{NodeKey, PeerRegistration, PeerRow, Registered};
+use crate::ca::node_request::{Admitted, Gate, Verify};
+use crate::ca::state::{PeerRegistration, PeerRow, Registered};
 use idhal_manifest::enroll::KeyPair;
 use idhal_manifest::id::NodeId;
 use idhal_manifest::peers::{
@@ -89,6 +90,20 @@ impl PoolFailure for Refusal {
     }
 }
 
+impl From<Gate> for Refusal {
+    fn from(g: Gate) -> Self {
+        match g {
+            Gate::Malformed(why) => Refusal::Malformed(why),
+            Gate::UnknownNode(node) => Refusal::UnknownNode(node),
+            Gate::BadSignature(node) => Refusal::BadSignature(node),
+            Gate::Revoked(node) => Refusal::Revoked(node),
+            Gate::Expired { node, at } => Refusal::Expired { node, at },
+            Gate::ClockSkew(skew) => Refusal::ClockSkew(skew),
+            Gate::Internal(why) => Refusal::Internal(why),
+        }
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::Internal(e.to_string())
 }
@@ -120,40 +135,15 @@ impl Peers {
     pub fn register(&self, body: &[u8], now: u64) -> Result<Registration, Refusal> {
         let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let req = &signed.request;
-        let NodeKey {
-            row,
-            public_key,
-            cert_not_after,
-        } = self
-            .enroller
-            .with_db(|db| Ok::<_, Refusal>(db.node_key(&req.node)?))?
-            .ok_or_else(|| Refusal::UnknownNode(req.node.clone()))?;
-        let node_key: [u8; 32] = public_key
-            .try_into()
-            .map_err(|_| internal(format!("stored key of node {} is not 32 bytes", req.node)))?;
-        signed.verify(&node_key).map_err(|e| match e {
-            PeersError::RequestSignature => Refusal::BadSignature(req.node.clone()),
-            other => Refusal::Malformed(other.to_string()),
+        // An expired certificate (revoked by the clock) gets no new key, and `peers` leaves it
+        // out of every list.
+        let Admitted { row, .. } = self.enroller.admit_node(&req.node, req.time, now, |key| {
+            signed.verify(key).map_err(|e| match e {
+                PeersError::RequestSignature => Verify::Signature,
+                other => Verify::Malformed(other.to_string()),
+            })
         })?;
-        if row.revoked_at.is_some() {
-            return Err(Refusal::Revoked(req.node.clone()));
-        }
-        // Expired is revoked by the clock (`not_after <= now`, the CRL's rule): no new key, and
-        // `peers` leaves it out of every list. No certificate row at all is the same.
-        match cert_not_after {
-            Some(at) if at > now => {}
-            at => {
-                return Err(Refusal::Expired {
-                    node: req.node.clone(),
-                    at: at.unwrap_or(0),
-                })
-            }
-        }
         let cfg = self.enroller.config();
-        let skew = crate::ca::clock_skew(req.time, now);
-        if skew.unsigned_abs() > cfg.ca.max_clock_skew_secs {
-            return Err(Refusal::ClockSkew(skew));
-        }
         let project = self
             .enroller
             .with_db(|db| Ok::<_, Refusal>(db.project(&row.project)?))?

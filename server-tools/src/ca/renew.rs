@@ -6,14 +6,16 @@
 //!
 //! Checks run in one fixed order, each with its own refusal: parse, node known, signature with
 //! the key stored at enrollment, revoked, certificate expired (a node switched off past its
-//! validity enrolls again), clock; then one transaction that checks revocation and expiry
+//! validity enrolls again), clock (those five shared with `POST /peers`: `node_request.rs`);
+//! then one transaction that checks revocation and expiry
 //! again and either signs or, within `[ca] renew_min_interval` of the last certificate, hands
 //! that one out again.
 
 use crate::ca::db::DbError;
 use crate::ca::enroll::{Enroller, PoolFailure};
+use crate::ca::node_request::{Admitted, Gate, Verify};
 use crate::ca::pki::{Leaf, NodePublicKey, Role};
-use crate::ca::state::{NodeCert, NodeKey, Renewal, Renewed};
+use crate::ca::state::{NodeCert, Renewal, Renewed};
 use crate::config::CaSection;
 use crate::openvpn::config::client_config;
 use idhal_manifest::enroll::Response;
@@ -66,6 +68,20 @@ impl PoolFailure for Refusal {
     }
 }
 
+impl From<Gate> for Refusal {
+    fn from(g: Gate) -> Self {
+        match g {
+            Gate::Malformed(why) => Refusal::Malformed(why),
+            Gate::UnknownNode(node) => Refusal::UnknownNode(node),
+            Gate::BadSignature(node) => Refusal::BadSignature(node),
+            Gate::Revoked(node) => Refusal::Revoked(node),
+            Gate::Expired { node, at } => Refusal::Expired { node, at },
+            Gate::ClockSkew(skew) => Refusal::ClockSkew(skew),
+            Gate::Internal(why) => Refusal::Internal(why),
+        }
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::Internal(e.to_string())
 }
@@ -96,41 +112,22 @@ impl Renewer {
     pub fn renew(&self, body: &[u8], now: u64) -> Result<Answered, Refusal> {
         let signed = Request::parse(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
         let node = signed.request.node.as_str();
-        let NodeKey {
-            row,
-            public_key,
-            cert_not_after,
-        } = self
-            .enroller
-            .with_db(|db| Ok::<_, Refusal>(db.node_key(node)?))?
-            .ok_or_else(|| Refusal::UnknownNode(node.to_owned()))?;
-        let key = NodePublicKey(
-            public_key
-                .try_into()
-                .map_err(|_| internal(format!("stored key of node {node} is not 32 bytes")))?,
-        );
-        signed.verify(&key.0).map_err(|e| match e {
-            RenewError::RequestSignature => Refusal::BadSignature(node.to_owned()),
-            other => Refusal::Malformed(other.to_string()),
-        })?;
-        if row.revoked_at.is_some() {
-            return Err(Refusal::Revoked(node.to_owned()));
-        }
-        // An expired certificate is revoked by the clock (`not_after <= now`, the CRL's rule): a
-        // node off for longer than its validity enrolls again, with a token an admin gives it.
+        let Admitted { row, key } =
+            self.enroller
+                .admit_node(node, signed.request.time, now, |key| {
+                    signed.verify(key).map_err(|e| match e {
+                        RenewError::RequestSignature => Verify::Signature,
+                        other => Verify::Malformed(other.to_string()),
+                    })
+                })?;
+        let key = NodePublicKey(key);
+        // An expired certificate is revoked by the clock: a node off for longer than its
+        // validity enrolls again, with a token an admin gives it.
         let expired = |at: u64| Refusal::Expired {
             node: node.to_owned(),
             at,
         };
-        match cert_not_after {
-            Some(at) if at > now => {}
-            at => return Err(expired(at.unwrap_or(0))),
-        }
         let cfg = self.enroller.config();
-        let skew = crate::ca::clock_skew(signed.request.time, now);
-        if skew.unsigned_abs() > cfg.ca.max_clock_skew_secs {
-            return Err(Refusal::ClockSkew(skew));
-        }
 
         let ca = self.enroller.ca(&row.project).map_err(|e| match e {
             crate::ca::enroll::Refusal::Internal(d) => Refusal::Internal(d),
